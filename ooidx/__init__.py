@@ -1,0 +1,1 @@
+"""The Data Exchange: DX components on the magnet bus."""

@@ -1,0 +1,767 @@
+"""The daemon's configuration: a YAML file made into a validated, frozen `Config`.
+
+    config = load("etc/dx.yaml", broker_override=options["broker"])
+
+Every problem raises `ConfigError`, whose ``str()`` is one line naming the file,
+the key path and what is wrong::
+
+    etc/dx.yaml: components.fetcher.instances: expected an integer >= 1, got 'four'
+
+Unknown keys are errors, never ignored. The broker URL comes from, in order of
+precedence: the ``broker_override`` argument (``--broker``), the ``OOIDX_BROKER``
+environment variable, the file, the default ``memory://``. Secrets (the broker
+password, the operator token) never appear in an error message, and only appear
+in `Config.to_dict` when asked for with ``redact=False``.
+
+Relative paths (``data_dir``) resolve against the directory of the config file,
+not the current directory, so a daemon started by systemd from ``/`` and one
+started by hand from a checkout read the same files. A relative sqlite path for
+the attribute store resolves against ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+__all__ = [
+    "COMPONENTS",
+    "AttributeStoreOptions",
+    "CacheOptions",
+    "ComponentConfig",
+    "Config",
+    "ConfigError",
+    "FetcherOptions",
+    "HttpConfig",
+    "ListenOptions",
+    "Listener",
+    "LoggingConfig",
+    "RetriesConfig",
+    "SecurityConfig",
+    "TimeoutsConfig",
+    "check_ports_free",
+    "load",
+    "parse",
+    "redact_url",
+]
+
+#: Every DX component a node can run, in a stable (alphabetical) order.
+COMPONENTS: Tuple[str, ...] = (
+    "attribute_store",
+    "cache",
+    "controller",
+    "csv",
+    "distributor",
+    "fetcher",
+    "notification",
+    "persister",
+    "proxyng",
+    "pub_sub",
+    "user_notification",
+    "user_pub_sub",
+    "web",
+)
+
+#: Components that listen on a TCP port (one instance per node).
+LISTENING_COMPONENTS: Tuple[str, ...] = ("proxyng", "web")
+
+BROKER_ENV = "OOIDX_BROKER"
+DEFAULT_BROKER = "memory://"
+BROKER_SCHEMES = ("memory", "amqp", "amqps")
+NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+HOST_NAME = re.compile(
+    r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
+)
+MIN_TOKEN_LENGTH = 16
+GiB = 1 << 30
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is one line: ``file: key: what is wrong``."""
+
+    def __init__(self, filename: str, key: Optional[str], message: str) -> None:
+        self.filename = filename
+        self.key = key or None
+        self.message = " ".join(str(message).split())
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.key:
+            return f"{self.filename}: {self.key}: {self.message}"
+        return f"{self.filename}: {self.message}"
+
+
+# --------------------------------------------------------------------------- #
+# The frozen configuration
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    proxy_port: int = 8100  # the DAP proxy (proxyng)
+    web_port: int = 8080  # the management page, API, /healthz, /metrics (web)
+    interface: str = "127.0.0.1"  # "" or "0.0.0.0" listens on every IPv4 address
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    rpc: float = 30.0  # an RPC call's reply
+    send: float = 30.0  # a publisher confirm
+    shutdown: float = 10.0  # graceful stop before giving up on in-flight work
+    connect: float = 10.0  # one broker connection attempt
+    heartbeat: float = 10.0  # AMQP heartbeat interval; 0 turns heartbeats off
+
+
+@dataclass(frozen=True)
+class RetriesConfig:
+    limit: int = 3  # handler retries of one message before it is dead-lettered
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    token: Optional[str] = None  # operator token; None: made at first start in data_dir
+    allow_hosts: Tuple[str, ...] = ()  # hosts the fetcher may reach; empty: any public host
+    allow_private: bool = False  # allow fetching from private / loopback addresses
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "text"  # "text" or "json" (JSON lines)
+    level: str = "info"  # "debug", "info", "warn", "error"
+
+
+@dataclass(frozen=True)
+class AttributeStoreOptions:
+    url: str  # an absolute sqlite file path, or a postgresql:// URL
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    max_bytes: int = GiB  # total size of the store
+    max_age: float = 300.0  # seconds a stored response stays fresh
+
+
+@dataclass(frozen=True)
+class FetcherOptions:
+    max_redirects: int = 5
+    max_bytes: int = 10 * GiB  # largest response fetched
+    timeout: float = 60.0  # seconds without progress before a fetch fails
+
+
+@dataclass(frozen=True)
+class ListenOptions:
+    """proxyng / web: None means "take it from the ``http`` section"."""
+
+    port: Optional[int] = None
+    interface: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    name: str
+    instances: int = 1  # consumers (inline) or processes (child)
+    process: str = "inline"  # "inline" or "child"
+    options: Any = None  # one of the *Options classes above, or None
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A TCP port a component on this node will listen on."""
+
+    component: str
+    interface: str
+    port: int
+    key: str  # the key path the port came from, for error messages
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str  # the config file's name, as given (used in error messages)
+    node: str
+    broker: Tuple[str, ...]  # one URL, or several amqp(s) URLs of one cluster
+    broker_origin: str  # "--broker", "OOIDX_BROKER", "file" or "default"
+    components: Mapping[str, ComponentConfig]  # the components this node runs
+    data_dir: str  # absolute
+    http: HttpConfig = field(default_factory=HttpConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    retries: RetriesConfig = field(default_factory=RetriesConfig)
+    prefetch: int = 10
+    queue_type: str = "classic"  # "classic" or "quorum"
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    __hash__ = None  # type: ignore[assignment]  # components is a read-only mapping
+
+    @property
+    def is_memory(self) -> bool:
+        return self.broker[0].startswith("memory:")
+
+    def runs(self, component: str) -> bool:
+        return component in self.components
+
+    def redacted_broker(self) -> str:
+        """The broker URL(s), password replaced by ``***``, comma-separated: for logs."""
+        return ", ".join(redact_url(url) for url in self.broker)
+
+    def listeners(self) -> Tuple[Listener, ...]:
+        """The TCP ports this node's components listen on."""
+        found = []
+        for name, port_key in (("proxyng", "proxy_port"), ("web", "web_port")):
+            component = self.components.get(name)
+            if component is None:
+                continue
+            options: ListenOptions = component.options
+            if options.port is not None:
+                port, key = options.port, f"components.{name}.port"
+            else:
+                port, key = getattr(self.http, port_key), f"http.{port_key}"
+            interface = options.interface if options.interface is not None else self.http.interface
+            found.append(Listener(name, interface, port, key))
+        return tuple(found)
+
+    def to_dict(self, *, redact: bool = True) -> Dict[str, Any]:
+        """Plain data (JSON / YAML friendly). Secrets are ``***`` unless ``redact=False``."""
+
+        def plain(value: Any) -> Any:
+            if hasattr(value, "__dataclass_fields__"):
+                return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+            if isinstance(value, Mapping):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, tuple):
+                return [plain(v) for v in value]
+            return value
+
+        out = {
+            f.name: plain(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in ("source", "broker_origin")
+        }
+        for settings in out["components"].values():
+            del settings["name"]
+        out["broker"] = out["broker"][0] if len(out["broker"]) == 1 else out["broker"]
+        if redact:
+            out["broker"] = (
+                [redact_url(u) for u in out["broker"]]
+                if isinstance(out["broker"], list)
+                else redact_url(out["broker"])
+            )
+            if out["security"]["token"] is not None:
+                out["security"]["token"] = "***"
+            store = out["components"].get("attribute_store")
+            if store:
+                store["options"]["url"] = redact_url(store["options"]["url"])
+        return out
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+
+
+# --------------------------------------------------------------------------- #
+# Loading and parsing
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (no arbitrary objects) that also refuses duplicate keys,
+    which plain safe_load silently resolves to the last value."""
+
+
+def _construct_mapping(loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: Dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # unhashable key: let the base constructor report it
+            break
+        if first is not None:
+            raise _DuplicateKey(
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load(
+    path: str,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    broker_override: Optional[str] = None,
+) -> Config:
+    """Read and validate the config file at ``path``; raise `ConfigError`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read config: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {e.start})") from None
+    return parse(text, path, environ=environ, broker_override=broker_override)
+
+
+def parse(
+    text: str,
+    filename: str,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    broker_override: Optional[str] = None,
+) -> Config:
+    """Validate YAML ``text``; ``filename`` names it in errors and anchors relative paths."""
+    try:
+        data = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = e.problem or e.context or "syntax error"
+        if isinstance(e, _DuplicateKey):
+            raise ConfigError(filename, None, f"{where}{what}") from None
+        raise ConfigError(filename, None, f"{where}not valid YAML ({what})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(filename, None, f"not valid YAML ({e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            filename, None, f"the top level must be a mapping of keys to values, got {_describe(data)}"
+        )
+    return _Parser(filename, environ, broker_override).config(data)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        return repr(shown)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _join(path: str, key: Any) -> str:
+    key = key if isinstance(key, str) else repr(key)
+    return f"{path}.{key}" if path else key
+
+
+class _Parser:
+    def __init__(
+        self, filename: str, environ: Mapping[str, str], broker_override: Optional[str]
+    ) -> None:
+        self.filename = filename
+        self.base_dir = os.path.dirname(os.path.abspath(filename))
+        self.environ = environ
+        self.broker_override = broker_override
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.filename, key, message)
+
+    # -- generic checks ---------------------------------------------------- #
+
+    def mapping(self, value: Any, path: str, allowed: Tuple[str, ...]) -> dict:
+        """A mapping with only ``allowed`` keys; null means an empty one."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a mapping, got {_describe(value)}")
+        for key in value:
+            if key not in allowed:
+                known = ", ".join(allowed) if allowed else "none"
+                raise self.error(_join(path, key), f"unknown key (known: {known})")
+        return value
+
+    def integer(self, value: Any, path: str, low: int, high: Optional[int] = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+            high is not None and value > high
+        ):
+            want = f"an integer >= {low}" if high is None else f"an integer {low}-{high}"
+            raise self.error(path, f"expected {want}, got {_describe(value)}")
+        return value
+
+    def number(self, value: Any, path: str, *, allow_zero: bool = False) -> float:
+        ok = (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value >= 0 if allow_zero else value > 0)
+        )
+        if not ok:
+            want = "a number >= 0" if allow_zero else "a number > 0"
+            raise self.error(path, f"expected {want} (seconds), got {_describe(value)}")
+        return float(value)
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(path, f"expected true or false, got {_describe(value)}")
+        return value
+
+    def choice(self, value: Any, path: str, choices: Tuple[str, ...]) -> str:
+        if not isinstance(value, str) or value not in choices:
+            options = " or ".join(repr(c) for c in choices)
+            raise self.error(path, f"expected {options}, got {_describe(value)}")
+        return value
+
+    def string(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(path, f"expected a non-empty string, got {_describe(value)}")
+        return value
+
+    def interface(self, value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise self.error(path, f"expected an IP address string, got {_describe(value)}")
+        if value != "":
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise self.error(
+                    path, f"expected an IP address (or \"\" for all), got {_describe(value)}"
+                ) from None
+        return value
+
+    def fields(self, data: dict, path: str, spec: Dict[str, Tuple[Any, Callable]]) -> dict:
+        """Check ``data`` against ``{key: (default, check)}``; null means the default."""
+        data = self.mapping(data, path, tuple(spec))
+        out = {}
+        for key, (default, check) in spec.items():
+            value = data.get(key)
+            out[key] = default if value is None else check(value, _join(path, key))
+        return out
+
+    # -- the sections ------------------------------------------------------ #
+
+    def config(self, data: dict) -> Config:
+        top = (
+            "node", "broker", "components", "http", "data_dir", "timeouts", "retries",
+            "prefetch", "queue_type", "security", "logging",
+        )
+        for key in data:
+            if key not in top:
+                raise self.error(_join("", key), "unknown key")
+        broker, origin = self.broker(data.get("broker"))
+        http = HttpConfig(**self.fields(data.get("http"), "http", {
+            "proxy_port": (8100, lambda v, p: self.integer(v, p, 0, 65535)),
+            "web_port": (8080, lambda v, p: self.integer(v, p, 0, 65535)),
+            "interface": ("127.0.0.1", self.interface),
+        }))
+        data_dir = self.data_dir(data.get("data_dir"))
+        components = self.components(data.get("components"), broker, origin, data_dir)
+        config = Config(
+            source=self.filename,
+            node=self.node(data.get("node")),
+            broker=broker,
+            broker_origin=origin,
+            components=components,
+            data_dir=data_dir,
+            http=http,
+            timeouts=TimeoutsConfig(**self.fields(data.get("timeouts"), "timeouts", {
+                "rpc": (30.0, self.number),
+                "send": (30.0, self.number),
+                "shutdown": (10.0, self.number),
+                "connect": (10.0, self.number),
+                "heartbeat": (10.0, lambda v, p: self.number(v, p, allow_zero=True)),
+            })),
+            retries=RetriesConfig(**self.fields(data.get("retries"), "retries", {
+                "limit": (3, lambda v, p: self.integer(v, p, 0)),
+            })),
+            prefetch=(
+                10 if data.get("prefetch") is None
+                else self.integer(data["prefetch"], "prefetch", 1)
+            ),
+            queue_type=(
+                "classic" if data.get("queue_type") is None
+                else self.choice(data["queue_type"], "queue_type", ("classic", "quorum"))
+            ),
+            security=self.security(data.get("security")),
+            logging=LoggingConfig(**self.fields(data.get("logging"), "logging", {
+                "format": ("text", lambda v, p: self.choice(v, p, ("text", "json"))),
+                "level": ("info", lambda v, p: self.choice(
+                    v, p, ("debug", "info", "warn", "error"))),
+            })),
+        )
+        self.check_listeners(config)
+        return config
+
+    def node(self, value: Any) -> str:
+        if value is None:
+            name = socket.gethostname()
+            if not NODE_NAME.match(name):
+                raise self.error(
+                    "node",
+                    f"the host name {name!r} is not a valid node name; "
+                    "set node to 1-64 characters of A-Z a-z 0-9 _ . -",
+                )
+            return name
+        if not isinstance(value, str) or not NODE_NAME.match(value):
+            raise self.error(
+                "node", f"expected 1-64 characters of A-Z a-z 0-9 _ . -, got {_describe(value)}"
+            )
+        return value
+
+    def broker(self, value: Any) -> Tuple[Tuple[str, ...], str]:
+        if self.broker_override:
+            return self.broker_urls(self.broker_override, "broker (from --broker)"), "--broker"
+        from_env = self.environ.get(BROKER_ENV)
+        if from_env:
+            return self.broker_urls(from_env, f"broker (from {BROKER_ENV})"), BROKER_ENV
+        if value is None:
+            return (DEFAULT_BROKER,), "default"
+        return self.broker_urls(value, "broker"), "file"
+
+    def broker_urls(self, value: Any, path: str) -> Tuple[str, ...]:
+        """A URL, a list of URLs, or (from the command line / environment) a comma list."""
+        if isinstance(value, str) and "," in value:
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, str):
+            return (self.broker_url(value, path),)
+        if isinstance(value, list):
+            if not value:
+                raise self.error(path, "expected a broker URL or a non-empty list of them, got []")
+            urls = tuple(self.broker_url(url, f"{path}[{i}]") for i, url in enumerate(value))
+            if len(urls) > 1 and any(url.startswith("memory:") for url in urls):
+                raise self.error(
+                    path, "a list of brokers is a cluster of amqp:// or amqps:// URLs; "
+                    "memory:// stands alone",
+                )
+            return urls
+        raise self.error(path, f"expected a broker URL such as amqp://host:5672/, got {_describe(value)}")
+
+    def broker_url(self, url: Any, path: str) -> str:
+        if not isinstance(url, str):
+            raise self.error(path, f"expected a broker URL, got {_describe(url)}")
+        shown = _describe(redact_url(url))
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:
+            raise self.error(path, f"not a URL ({e}), got {shown}") from None
+        if parts.scheme not in BROKER_SCHEMES:
+            raise self.error(
+                path, f"expected a memory://, amqp:// or amqps:// URL, got {shown}"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            raise self.error(path, f"the port must be an integer 1-65535, got {shown}") from None
+        if parts.scheme == "memory":
+            if port is not None or parts.username or parts.password or parts.query:
+                raise self.error(
+                    path, f"memory:// takes at most a name (memory://NAME), got {shown}"
+                )
+            return url
+        if not parts.hostname:
+            raise self.error(path, f"no host in the URL, got {shown}")
+        if port == 0:
+            raise self.error(path, f"the port must be an integer 1-65535, got {shown}")
+        return url
+
+    def data_dir(self, value: Any) -> str:
+        if value is None:
+            value = "var/ooidx"
+        value = self.string(value, "data_dir")
+        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+
+    def security(self, value: Any) -> SecurityConfig:
+        def token(v: Any, p: str) -> str:
+            if not isinstance(v, str):
+                raise self.error(p, f"expected a string or null, got {_describe(v)}")
+            if len(v) < MIN_TOKEN_LENGTH or any(c.isspace() for c in v):
+                # never echo the token itself
+                raise self.error(
+                    p, f"expected at least {MIN_TOKEN_LENGTH} characters without spaces "
+                    "(or null to have one generated)",
+                )
+            return v
+
+        def hosts(v: Any, p: str) -> Tuple[str, ...]:
+            if not isinstance(v, list):
+                raise self.error(p, f"expected a list of host names, got {_describe(v)}")
+            for i, host in enumerate(v):
+                if not isinstance(host, str) or len(host) > 253 or not HOST_NAME.match(host):
+                    raise self.error(f"{p}[{i}]", f"expected a host name, got {_describe(host)}")
+            return tuple(h.lower().rstrip(".") for h in v)
+
+        return SecurityConfig(**self.fields(value, "security", {
+            "token": (None, token),
+            "allow_hosts": ((), hosts),
+            "allow_private": (False, self.boolean),
+        }))
+
+    def components(
+        self, value: Any, broker: Tuple[str, ...], origin: str, data_dir: str
+    ) -> Mapping[str, ComponentConfig]:
+        if value is None:
+            value = {name: None for name in COMPONENTS}
+        elif not isinstance(value, dict):
+            raise self.error("components", f"expected a mapping of component names, got {_describe(value)}")
+        elif not value:
+            raise self.error(
+                "components",
+                "no components: name the ones this node runs, or leave the key out to run all",
+            )
+        for name in value:
+            if name not in COMPONENTS:
+                raise self.error(
+                    _join("components", name), f"unknown component (known: {', '.join(COMPONENTS)})"
+                )
+        out = {}
+        for name in COMPONENTS:  # a stable order, whatever the file's
+            if name in value:
+                out[name] = self.component(name, value[name], broker, origin, data_dir)
+        return MappingProxyType(out)
+
+    def component(
+        self, name: str, value: Any, broker: Tuple[str, ...], origin: str, data_dir: str
+    ) -> ComponentConfig:
+        path = f"components.{name}"
+        common: Dict[str, Tuple[Any, Callable]] = {
+            "instances": (1, lambda v, p: self.integer(v, p, 1)),
+            "process": ("inline", lambda v, p: self.choice(v, p, ("inline", "child"))),
+        }
+        specific: Dict[str, Tuple[Any, Callable]] = {}
+        if name == "attribute_store":
+            specific = {"url": (None, self.store_url)}
+        elif name == "cache":
+            specific = {
+                "max_bytes": (GiB, lambda v, p: self.integer(v, p, 1)),
+                "max_age": (300.0, lambda v, p: self.number(v, p, allow_zero=True)),
+            }
+        elif name == "fetcher":
+            specific = {
+                "max_redirects": (5, lambda v, p: self.integer(v, p, 0)),
+                "max_bytes": (10 * GiB, lambda v, p: self.integer(v, p, 1)),
+                "timeout": (60.0, self.number),
+            }
+        elif name in LISTENING_COMPONENTS:
+            specific = {
+                "port": (None, lambda v, p: self.integer(v, p, 0, 65535)),
+                "interface": (None, self.interface),
+            }
+        settings = self.fields(value, path, {**common, **specific})
+        instances, process = settings.pop("instances"), settings.pop("process")
+
+        if process == "child" and broker[0].startswith("memory:"):
+            via = "" if origin in ("file", "default") else f" (broker from {origin})"
+            raise self.error(
+                f"{path}.process",
+                "'child' needs a broker that processes share (amqp://); "
+                f"memory:// lives inside one process{via}",
+            )
+        if name in LISTENING_COMPONENTS and instances != 1:
+            raise self.error(
+                f"{path}.instances",
+                f"{name} listens on a TCP port and runs one instance per node, got {instances}",
+            )
+
+        options: Any = None
+        if name == "attribute_store":
+            url = settings["url"] or "attributes.sqlite3"
+            if not url.startswith(("postgresql://", "postgres://")):
+                url = os.path.normpath(os.path.join(data_dir, os.path.expanduser(url)))
+            options = AttributeStoreOptions(url=url)
+        elif name == "cache":
+            options = CacheOptions(**settings)
+        elif name == "fetcher":
+            options = FetcherOptions(**settings)
+        elif name in LISTENING_COMPONENTS:
+            options = ListenOptions(**settings)
+        return ComponentConfig(name=name, instances=instances, process=process, options=options)
+
+    def store_url(self, value: Any, path: str) -> str:
+        value = self.string(value, path)
+        if "://" in value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+                raise self.error(
+                    path,
+                    "expected a sqlite file path or a postgresql://host/db URL, "
+                    f"got {_describe(redact_url(value))}",
+                )
+        return value
+
+    def check_listeners(self, config: Config) -> None:
+        seen: Dict[Tuple[str, int], Listener] = {}
+        for listener in config.listeners():
+            if listener.port == 0:
+                continue
+            for (interface, port), other in seen.items():
+                wildcard = ("", "0.0.0.0", "::")
+                overlap = (
+                    interface == listener.interface
+                    or interface in wildcard
+                    or listener.interface in wildcard
+                )
+                if port == listener.port and overlap:
+                    raise self.error(
+                        listener.key,
+                        f"port {port} is also {other.component}'s port ({other.key})",
+                    )
+            seen[(listener.interface, listener.port)] = listener
+
+
+# --------------------------------------------------------------------------- #
+# Ports
+
+
+def check_ports_free(config: Config) -> None:
+    """Bind each port this node will listen on, briefly; raise `ConfigError` if one
+    is taken (or not ours to take). Port 0 (any free port) is never checked."""
+    for listener in config.listeners():
+        if listener.port == 0:
+            continue
+        interface = listener.interface
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        where = interface or "all interfaces"
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # as Twisted's listenTCP does, so a port in TIME_WAIT is not "in use"
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((interface, listener.port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                what = f"port {listener.port} on {where} is in use"
+            elif e.errno in (errno.EACCES, errno.EPERM):
+                what = f"port {listener.port} on {where}: permission denied (ports below 1024 need privileges)"
+            elif e.errno == errno.EADDRNOTAVAIL:
+                what = f"{where} is not an address of this host"
+            else:
+                what = f"cannot listen on port {listener.port} on {where}: {e.strerror or e}"
+            raise ConfigError(config.source, listener.key, what) from None
+        finally:
+            sock.close()
