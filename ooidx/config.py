@@ -186,10 +186,10 @@ class Listener:
 
 @dataclass(frozen=True)
 class Config:
-    source: str  # the config file's name, as given (used in error messages)
+    source: str = field(compare=False)  # the config file's name, as given (for errors)
     node: str
     broker: Tuple[str, ...]  # one URL, or several amqp(s) URLs of one cluster
-    broker_origin: str  # "--broker", "OOIDX_BROKER", "file" or "default"
+    broker_origin: str = field(compare=False)  # "--broker", "OOIDX_BROKER", "file", "default"
     components: Mapping[str, ComponentConfig]  # the components this node runs
     data_dir: str  # absolute
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -230,7 +230,9 @@ class Config:
         return tuple(found)
 
     def to_dict(self, *, redact: bool = True) -> Dict[str, Any]:
-        """Plain data (JSON / YAML friendly). Secrets are ``***`` unless ``redact=False``."""
+        """Plain data in the config file's own shape (JSON / YAML friendly): with
+        ``redact=False``, `parse` of its YAML gives back an equal Config. Secrets (broker
+        and database passwords, the token) are ``***`` unless ``redact=False``."""
 
         def plain(value: Any) -> Any:
             if hasattr(value, "__dataclass_fields__"):
@@ -246,8 +248,9 @@ class Config:
             for f in fields(self)
             if f.name not in ("source", "broker_origin")
         }
-        for settings in out["components"].values():
+        for settings in out["components"].values():  # the file's flat shape
             del settings["name"]
+            settings.update(settings.pop("options") or {})
         out["broker"] = out["broker"][0] if len(out["broker"]) == 1 else out["broker"]
         if redact:
             out["broker"] = (
@@ -259,7 +262,7 @@ class Config:
                 out["security"]["token"] = "***"
             store = out["components"].get("attribute_store")
             if store:
-                store["options"]["url"] = redact_url(store["options"]["url"])
+                store["url"] = redact_url(store["url"])
         return out
 
 
