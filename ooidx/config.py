@@ -29,7 +29,7 @@ import re
 import socket
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -357,7 +357,9 @@ def parse(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            filename, None, f"the top level must be a mapping of keys to values, got {_describe(data)}"
+            filename,
+            None,
+            f"the top level must be a mapping of keys to values, got {_describe(data)}",
         )
     return _Parser(filename, environ, broker_override).config(data)
 
@@ -563,7 +565,9 @@ class _Parser:
                     "memory:// stands alone",
                 )
             return urls
-        raise self.error(path, f"expected a broker URL such as amqp://host:5672/, got {_describe(value)}")
+        raise self.error(
+            path, f"expected a broker URL such as amqp://host:5672/, got {_describe(value)}"
+        )
 
     def broker_url(self, url: Any, path: str) -> str:
         if not isinstance(url, str):
@@ -631,7 +635,9 @@ class _Parser:
         if value is None:
             value = {name: None for name in COMPONENTS}
         elif not isinstance(value, dict):
-            raise self.error("components", f"expected a mapping of component names, got {_describe(value)}")
+            raise self.error(
+                "components", f"expected a mapping of component names, got {_describe(value)}"
+            )
         elif not value:
             raise self.error(
                 "components",
@@ -640,7 +646,8 @@ class _Parser:
         for name in value:
             if name not in COMPONENTS:
                 raise self.error(
-                    _join("components", name), f"unknown component (known: {', '.join(COMPONENTS)})"
+                    _join("components", name),
+                    f"unknown component (known: {', '.join(COMPONENTS)})",
                 )
         out = {}
         for name in COMPONENTS:  # a stable order, whatever the file's
@@ -760,7 +767,10 @@ def check_ports_free(config: Config) -> None:
             if e.errno == errno.EADDRINUSE:
                 what = f"port {listener.port} on {where} is in use"
             elif e.errno in (errno.EACCES, errno.EPERM):
-                what = f"port {listener.port} on {where}: permission denied (ports below 1024 need privileges)"
+                what = (
+                    f"port {listener.port} on {where}: permission denied "
+                    "(ports below 1024 need privileges)"
+                )
             elif e.errno == errno.EADDRNOTAVAIL:
                 what = f"{where} is not an address of this host"
             else:

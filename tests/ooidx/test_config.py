@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ooidx import config
 from ooidx.config import COMPONENTS, ConfigError, check_ports_free, load, parse
@@ -96,7 +97,9 @@ def test_components_listed_run_in_stable_order_with_settings():
     assert list(cfg.components) == ["attribute_store", "fetcher", "web"]
     fetcher = cfg.components["fetcher"]
     assert (fetcher.instances, fetcher.process) == (4, "child")
-    assert fetcher.options == config.FetcherOptions(max_redirects=0, max_bytes=10 << 30, timeout=5.0)
+    assert fetcher.options == config.FetcherOptions(
+        max_redirects=0, max_bytes=10 << 30, timeout=5.0
+    )
     assert cfg.components["attribute_store"].options.url == "postgresql://dx:pw@db/dx"
     assert cfg.listeners() == (config.Listener("web", "0.0.0.0", 9000, "components.web.port"),)
 
@@ -113,7 +116,9 @@ def test_config_is_frozen():
 
 def test_data_dir_resolves_against_the_config_files_directory(tmp_path, monkeypatch):
     (tmp_path / "etc").mkdir()
-    path = write(tmp_path / "etc", "data_dir: ../state\ncomponents: {attribute_store: {url: a.db}}\n")
+    path = write(
+        tmp_path / "etc", "data_dir: ../state\ncomponents: {attribute_store: {url: a.db}}\n"
+    )
     monkeypatch.chdir("/")
     cfg = load(path, environ={})
     assert cfg.data_dir == str(tmp_path / "state")
@@ -123,7 +128,8 @@ def test_data_dir_resolves_against_the_config_files_directory(tmp_path, monkeypa
 
 def test_full_file_round_trips_through_to_dict():
     cfg = load(str(ETC / "dx.yaml"), environ={})
-    again = parse(__import__("yaml").safe_dump(cfg.to_dict(redact=False)), str(ETC / "dx.yaml"), environ={})
+    text = yaml.safe_dump(cfg.to_dict(redact=False))
+    again = parse(text, str(ETC / "dx.yaml"), environ={})
     assert again == cfg
 
 
@@ -263,7 +269,9 @@ def test_malformed_yaml_unclosed_bracket():
 
 def test_duplicate_key_is_an_error():
     text = "components:\n  fetcher: {}\n  cache:\n  fetcher: {instances: 2}\n"
-    assert error_of(text) == "etc/dx.yaml: line 4, column 3: duplicate key 'fetcher' (first at line 2)"
+    assert error_of(text) == (
+        "etc/dx.yaml: line 4, column 3: duplicate key 'fetcher' (first at line 2)"
+    )
 
 
 def test_yaml_tags_for_python_objects_are_refused():
@@ -272,7 +280,8 @@ def test_yaml_tags_for_python_objects_are_refused():
 
 
 @pytest.mark.parametrize(
-    "text, what", [("- a\n- b\n", "a list"), ("just a string\n", "'just a string'"), ("42\n", "42")]
+    "text, what",
+    [("- a\n- b\n", "a list"), ("just a string\n", "'just a string'"), ("42\n", "42")],
 )
 def test_top_level_must_be_a_mapping(text, what):
     assert error_of(text) == (
@@ -349,7 +358,8 @@ def test_components_shape():
         ("http: {interface: localhost}",
          "http.interface: expected an IP address (or \"\" for all), got 'localhost'"),
         ("http: 8080", "http: expected a mapping, got 8080"),
-        ("http: {web_port: 8100}", "http.web_port: port 8100 is also proxyng's port (http.proxy_port)"),
+        ("http: {web_port: 8100}",
+         "http.web_port: port 8100 is also proxyng's port (http.proxy_port)"),
         ("node: 'my node'", "node: expected 1-64 characters of A-Z a-z 0-9 _ . -, got 'my node'"),
         ("node: 7", "node: expected 1-64 characters of A-Z a-z 0-9 _ . -, got 7"),
         ("data_dir: ''", "data_dir: expected a non-empty string, got ''"),
@@ -488,14 +498,23 @@ def test_interface_that_is_not_ours():
     )
     with pytest.raises(ConfigError) as info:
         check_ports_free(cfg)
-    assert str(info.value) == "etc/dx.yaml: http.proxy_port: 192.0.2.1 is not an address of this host"
+    assert str(info.value) == (
+        "etc/dx.yaml: http.proxy_port: 192.0.2.1 is not an address of this host"
+    )
 
 
 # --------------------------------------------------------------------------- #
 # The example files
 
 
-@pytest.mark.parametrize("name", ["dx.yaml", "dx-rabbitmq.yaml", "node-edge.yaml", "node-worker.yaml"])
+EXAMPLES = sorted(path.name for path in ETC.glob("*.yaml"))
+
+
+def test_the_examples_are_all_there():
+    assert {"dx.yaml", "dx-rabbitmq.yaml", "node-edge.yaml", "node-worker.yaml"} <= set(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_files_load(name):
     cfg = load(str(ETC / name), environ={})
     assert cfg.source == str(ETC / name)
