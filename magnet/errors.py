@@ -1,0 +1,59 @@
+"""Every failure magnet reports is one of these, so callers can tell them apart."""
+from __future__ import annotations
+
+
+class MagnetError(Exception):
+    """Base of all magnet errors."""
+
+
+class ConnectionLost(MagnetError):
+    """The link to the broker went down while this operation was in flight."""
+
+
+class NotConnected(MagnetError):
+    """The operation needs a broker link and none came up in time."""
+
+
+class Unroutable(MagnetError):
+    """The broker had no queue to put the message in (mandatory + basic.return)."""
+
+
+class NotConfirmed(MagnetError):
+    """The broker refused to take responsibility for a message (basic.nack)."""
+
+
+class Timeout(MagnetError):
+    """A wait on the network ran past its limit."""
+
+
+class BadMessage(MagnetError):
+    """A message could not be decoded: bad JSON, wrong content type, missing header."""
+
+
+class BadURL(MagnetError):
+    """A broker URL magnet cannot use."""
+
+
+class RemoteError(MagnetError):
+    """An operation failed on the remote side.
+
+    Carries the remote exception's type name and message, so the caller can
+    tell a KeyError in the attribute store from a timeout in a fetcher.
+    """
+
+    def __init__(self, remote_type: str, message: str) -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.message = message
+
+
+class UnknownOperation(RemoteError):
+    """The service has no operation by that name."""
+
+
+class BadArguments(RemoteError):
+    """The operation exists but the arguments do not fit its signature."""
+
+
+class StreamError(MagnetError):
+    """A stream was aborted by its sender or broke in transit."""

@@ -1,0 +1,379 @@
+"""An in-process broker with RabbitMQ's semantics, for the embedded default.
+
+The whole exchange can run in one process with no broker installed, and the
+fast test tier runs every pattern here. It keeps to what magnet relies on in
+RabbitMQ: durable queues with competing consumers and round-robin delivery,
+per-consumer prefetch, manual acks, requeue on nack or cancel (redelivered
+flag set), fanout and direct exchanges, mandatory publishes that fail when
+nothing routes, exclusive and auto-delete queues, and publisher confirms.
+
+Deliveries are always made from a later reactor turn, never from inside
+C{publish} or C{ack}, as a network broker would; that keeps handlers free of
+re-entrancy surprises that only this transport would show.
+
+Flow control: a queue holding more than L{HIGH_WATER_BYTES} of ready messages
+withholds publisher confirms until it drains, as RabbitMQ's credit flow
+slows a fast publisher. Senders that wait for confirms (streams do) therefore
+keep memory bounded whatever the size of what they send.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from magnet.errors import MagnetError, NotConnected, Unroutable
+from magnet.message import Message
+from magnet.transport import DEFAULT_EXCHANGE, LinkListener, OnDelivery
+
+HIGH_WATER_BYTES = 4 * 1024 * 1024
+LOW_WATER_BYTES = 1 * 1024 * 1024
+
+
+class ChannelError(MagnetError):
+    """What RabbitMQ would answer with a channel close (NOT_FOUND, RESOURCE_LOCKED)."""
+
+
+class MemoryDelivery:
+    __slots__ = ("message", "queue", "redelivered", "_consumer", "_tag", "_done")
+
+    def __init__(self, message: Message, queue: str, redelivered: bool, consumer: "MemoryConsumer", tag: int) -> None:
+        self.message = message
+        self.queue = queue
+        self.redelivered = redelivered
+        self._consumer = consumer
+        self._tag = tag
+        self._done = False
+
+    def ack(self) -> None:
+        if not self._done:
+            self._done = True
+            self._consumer._settle(self._tag, requeue=None)
+
+    def nack(self, requeue: bool = True) -> None:
+        if not self._done:
+            self._done = True
+            self._consumer._settle(self._tag, requeue=requeue)
+
+    def __repr__(self) -> str:
+        return f"<MemoryDelivery {self.queue} tag={self._tag}>"
+
+
+class MemoryConsumer:
+    def __init__(self, queue: "_Queue", on_delivery: OnDelivery, prefetch: int, owner: "MemoryTransport") -> None:
+        self.queue = queue.name
+        self._queue = queue
+        self._on_delivery = on_delivery
+        self.prefetch = prefetch
+        self.owner = owner
+        self.unacked: Dict[int, Tuple[Message, int]] = {}
+        self.active = True
+        self._tags = itertools.count(1)
+
+    def has_room(self) -> bool:
+        return self.active and (self.prefetch <= 0 or len(self.unacked) < self.prefetch)
+
+    def _deliver(self, message: Message, redelivered: bool, size: int) -> None:
+        tag = next(self._tags)
+        self.unacked[tag] = (message, size)
+        delivery = MemoryDelivery(message, self.queue, redelivered, self, tag)
+        try:
+            self._on_delivery(delivery)
+        except Exception:
+            self.owner.log.failure("consumer of {queue} raised from on_delivery", queue=self.queue)
+
+    def _settle(self, tag: int, requeue: Optional[bool]) -> None:
+        entry = self.unacked.pop(tag, None)
+        if entry is None:
+            return
+        if requeue:
+            self._queue.requeue([entry])
+        self._queue.schedule()
+
+    def cancel(self) -> Deferred:
+        if self.active:
+            self.active = False
+            self._queue.remove_consumer(self)
+        return succeed(None)
+
+    def disconnect(self) -> None:
+        """The connection closed: whatever it held goes back to the queue."""
+        self.active = False
+        self._queue.remove_consumer(self, requeue_unacked=True)
+
+
+class _Queue:
+    def __init__(self, broker: "MemoryBroker", name: str, durable: bool, exclusive_owner: Optional["MemoryTransport"],
+                 auto_delete: bool, arguments: Mapping[str, Any]) -> None:
+        self.broker = broker
+        self.name = name
+        self.durable = durable
+        self.exclusive_owner = exclusive_owner
+        self.auto_delete = auto_delete
+        self.arguments = dict(arguments)
+        self.ready: deque = deque()  # (message, redelivered, size)
+        self.ready_bytes = 0
+        self.consumers: List[MemoryConsumer] = []
+        self._rr = 0
+        self._scheduled = None
+        self._had_consumer = False
+        self._withheld: List[Deferred] = []
+        self.deleted = False
+
+    def put(self, message: Message) -> None:
+        size = len(message.body)
+        self.ready.append((message, False, size))
+        self.ready_bytes += size
+        self.schedule()
+
+    def requeue(self, entries: List[Tuple[Message, int]]) -> None:
+        # Requeued messages go back to the head, as in RabbitMQ, keeping their order.
+        for message, size in reversed(entries):
+            self.ready.appendleft((message, True, size))
+            self.ready_bytes += size
+        self.schedule()
+
+    def over_high_water(self) -> bool:
+        return self.ready_bytes > HIGH_WATER_BYTES
+
+    def withhold(self, d: Deferred) -> None:
+        self._withheld.append(d)
+
+    def schedule(self) -> None:
+        if self._scheduled is None and not self.deleted:
+            self._scheduled = self.broker.clock.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        self._scheduled = None
+        consumers = self.consumers
+        while self.ready and consumers:
+            consumer = self._next_with_room()
+            if consumer is None:
+                break
+            message, redelivered, size = self.ready.popleft()
+            self.ready_bytes -= size
+            consumer._deliver(message, redelivered, size)
+        if self._withheld and self.ready_bytes <= LOW_WATER_BYTES:
+            withheld, self._withheld = self._withheld, []
+            for d in withheld:
+                d.callback(None)
+
+    def _next_with_room(self) -> Optional[MemoryConsumer]:
+        n = len(self.consumers)
+        for i in range(n):
+            consumer = self.consumers[(self._rr + i) % n]
+            if consumer.has_room():
+                self._rr = (self._rr + i + 1) % n
+                return consumer
+        return None
+
+    def add_consumer(self, consumer: MemoryConsumer) -> None:
+        self.consumers.append(consumer)
+        self._had_consumer = True
+        self.schedule()
+
+    def remove_consumer(self, consumer: MemoryConsumer, requeue_unacked: bool = False) -> None:
+        """As in RabbitMQ, a cancelled consumer may still ack what it holds;
+        only closing the connection gives unacknowledged messages back."""
+        if consumer in self.consumers:
+            self.consumers.remove(consumer)
+        if requeue_unacked:
+            unacked = sorted(consumer.unacked.items())
+            consumer.unacked.clear()
+            if unacked:
+                self.requeue([entry for _, entry in unacked])
+        if self.auto_delete and self._had_consumer and not self.consumers:
+            self.broker.delete_queue(self.name)
+
+    def drop(self) -> None:
+        self.deleted = True
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        for consumer in list(self.consumers):
+            consumer.active = False
+        self.consumers = []
+        self.ready.clear()
+        withheld, self._withheld = self._withheld, []
+        for d in withheld:
+            d.callback(None)
+
+
+class MemoryBroker:
+    """The shared state of one in-process broker; transports are its connections."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.queues: Dict[str, _Queue] = {}
+        self.exchanges: Dict[str, Tuple[str, set]] = {}
+
+    def declare_queue(self, name: str, owner: "MemoryTransport", durable: bool, exclusive: bool,
+                      auto_delete: bool, arguments: Mapping[str, Any]) -> None:
+        existing = self.queues.get(name)
+        if existing is not None:
+            if existing.exclusive_owner is not None and existing.exclusive_owner is not owner:
+                raise ChannelError(f"RESOURCE_LOCKED: queue {name!r} is exclusive to another connection")
+            return
+        self.queues[name] = _Queue(self, name, durable, owner if exclusive else None, auto_delete, arguments or {})
+
+    def delete_queue(self, name: str) -> None:
+        queue = self.queues.pop(name, None)
+        if queue is None:
+            return
+        queue.drop()
+        for _, bindings in self.exchanges.values():
+            for binding in [b for b in bindings if b[0] == name]:
+                bindings.discard(binding)
+
+    def declare_exchange(self, name: str, kind: str) -> None:
+        if kind not in ("fanout", "direct"):
+            raise ChannelError(f"COMMAND_INVALID: unknown exchange type {kind!r}")
+        existing = self.exchanges.get(name)
+        if existing is not None:
+            if existing[0] != kind:
+                raise ChannelError(f"PRECONDITION_FAILED: exchange {name!r} is {existing[0]}, not {kind}")
+            return
+        self.exchanges[name] = (kind, set())
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        if queue not in self.queues:
+            raise ChannelError(f"NOT_FOUND: no queue {queue!r}")
+        if exchange not in self.exchanges:
+            raise ChannelError(f"NOT_FOUND: no exchange {exchange!r}")
+        self.exchanges[exchange][1].add((queue, routing_key))
+
+    def route(self, exchange: str, routing_key: str) -> List[_Queue]:
+        if exchange == DEFAULT_EXCHANGE:
+            queue = self.queues.get(routing_key)
+            return [queue] if queue is not None else []
+        try:
+            kind, bindings = self.exchanges[exchange]
+        except KeyError:
+            raise ChannelError(f"NOT_FOUND: no exchange {exchange!r}") from None
+        names = {q for q, key in bindings if kind == "fanout" or key == routing_key}
+        return [self.queues[n] for n in sorted(names) if n in self.queues]
+
+    def disconnect(self, owner: "MemoryTransport") -> None:
+        for consumer in owner.consumers:
+            consumer.disconnect()
+        owner.consumers.clear()
+        for name, queue in list(self.queues.items()):
+            if queue.exclusive_owner is owner:
+                self.delete_queue(name)
+
+
+_brokers: Dict[str, MemoryBroker] = {}
+
+
+def broker_for(url: str, clock: IReactorTime) -> MemoryBroker:
+    """The process-wide broker a C{memory://NAME} URL names (created on first use)."""
+    name = url.split("://", 1)[1].strip("/") if "://" in url else ""
+    broker = _brokers.get(name)
+    if broker is None:
+        broker = _brokers[name] = MemoryBroker(clock)
+    return broker
+
+
+def reset_brokers() -> None:
+    """Forget every in-process broker (tests use this between cases)."""
+    _brokers.clear()
+
+
+class MemoryTransport:
+    """One connection to a L{MemoryBroker}. It never drops unless stopped."""
+
+    log = Logger()
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+        self.connected = False
+        self._stopped = False
+        self._listeners: List[LinkListener] = []
+        self.consumers: List[MemoryConsumer] = []
+
+    # link ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopped = False
+        self.connected = True
+        for listener in list(self._listeners):
+            listener(True)
+
+    def stop(self) -> Deferred:
+        if self.connected:
+            self.connected = False
+            self._stopped = True
+            self.broker.disconnect(self)
+            for listener in list(self._listeners):
+                listener(False)
+        return succeed(None)
+
+    def when_connected(self, timeout: Optional[float] = None) -> Deferred:
+        if self.connected:
+            return succeed(None)
+        return fail(NotConnected("memory transport is not started"))
+
+    def add_link_listener(self, listener: LinkListener) -> None:
+        self._listeners.append(listener)
+
+    # topology -----------------------------------------------------------
+
+    def _do(self, action: Callable[[], Any]) -> Deferred:
+        if not self.connected:
+            return fail(NotConnected("memory transport is not started"))
+        try:
+            return succeed(action())
+        except MagnetError as e:
+            return fail(e)
+
+    def declare_queue(self, name: str, *, durable: bool = True, exclusive: bool = False,
+                      auto_delete: bool = False, arguments: Optional[Mapping[str, Any]] = None) -> Deferred:
+        return self._do(lambda: self.broker.declare_queue(name, self, durable, exclusive, auto_delete, arguments or {}))
+
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> Deferred:
+        return self._do(lambda: self.broker.declare_exchange(name, kind))
+
+    def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
+        return self._do(lambda: self.broker.bind(queue, exchange, routing_key))
+
+    def delete_queue(self, name: str) -> Deferred:
+        return self._do(lambda: self.broker.delete_queue(name))
+
+    # messages -----------------------------------------------------------
+
+    def publish(self, exchange: str, routing_key: str, message: Message, *, mandatory: bool = True) -> Deferred:
+        if not self.connected:
+            return fail(NotConnected("memory transport is not started"))
+        try:
+            queues = self.broker.route(exchange, routing_key)
+        except MagnetError as e:
+            return fail(e)
+        if not queues:
+            if mandatory:
+                where = f"exchange {exchange!r}" if exchange else f"address {routing_key!r}"
+                return fail(Unroutable(f"NO_ROUTE: nothing is bound to {where}"))
+            return succeed(None)
+        confirm = succeed(None)
+        for queue in queues:
+            queue.put(message)
+            if queue.over_high_water() and confirm.called:
+                confirm = Deferred()
+                queue.withhold(confirm)
+        return confirm
+
+    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10) -> Deferred:
+        if not self.connected:
+            return fail(NotConnected("memory transport is not started"))
+        q = self.broker.queues.get(queue)
+        if q is None:
+            return fail(ChannelError(f"NOT_FOUND: no queue {queue!r}"))
+        if q.exclusive_owner is not None and q.exclusive_owner is not self:
+            return fail(ChannelError(f"RESOURCE_LOCKED: queue {queue!r} is exclusive to another connection"))
+        consumer = MemoryConsumer(q, on_delivery, prefetch, self)
+        self.consumers.append(consumer)
+        q.add_consumer(consumer)
+        return succeed(consumer)

@@ -1,0 +1,26 @@
+"""Where the bus reports what it does, for metrics.
+
+magnet knows nothing of Prometheus or DX; the daemon hands the bus an
+observer that turns these calls into its metrics. The default does nothing.
+"""
+from __future__ import annotations
+
+
+class BusObserver:
+    def message_in(self, name: str) -> None:
+        """A message was delivered to a consumer of C{name}."""
+
+    def message_out(self, name: str) -> None:
+        """A message was sent to C{name}."""
+
+    def handler_error(self, name: str) -> None:
+        """A handler for C{name} failed."""
+
+    def dead_letter(self, name: str) -> None:
+        """A message from C{name} was dead-lettered."""
+
+    def inflight(self, name: str, delta: int) -> None:
+        """Handlers for C{name} running now changed by C{delta}."""
+
+    def rpc_latency(self, address: str, op: str, seconds: float, outcome: str) -> None:
+        """A call finished (C{outcome} is 'ok' or 'error')."""

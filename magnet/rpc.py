@@ -1,0 +1,125 @@
+"""RPC over the bus: how requests and replies are encoded, and how a service
+object's operations are found and called.
+
+A request is a message of type C{call} with the operation's name in the
+C{op} header and its keyword arguments as a JSON object. A reply has type
+C{reply} (a JSON value, or raw bytes when the operation returned bytes) or
+C{error} (a JSON object with the remote exception's type and message). The
+reply goes to the request's C{reply_to}, which need not be the caller's own
+address: that is third-party coordination.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, TypeVar
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.python.failure import Failure
+
+from magnet.errors import BadArguments, BadMessage, RemoteError, UnknownOperation
+from magnet.message import BINARY, JSON, Message
+
+CALL = "call"
+REPLY = "reply"
+ERROR = "error"
+OP_HEADER = "op"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_TYPED_ERRORS: Dict[str, type] = {
+    "UnknownOperation": UnknownOperation,
+    "BadArguments": BadArguments,
+}
+
+
+def operation(method: F) -> F:
+    """Mark a method as callable over the bus; nothing else on the object is."""
+    method.__magnet_operation__ = True  # type: ignore[attr-defined]
+    return method
+
+
+def operations(service: object) -> Dict[str, Callable[..., Any]]:
+    """The operations a service object exposes, by name."""
+    found = {}
+    for name in dir(type(service)):
+        if name.startswith("_"):
+            continue
+        attr = getattr(service, name, None)
+        if callable(attr) and getattr(attr, "__magnet_operation__", False):
+            found[name] = attr
+    return found
+
+
+def request(op: str, kwargs: Dict[str, Any], **properties: Any) -> Message:
+    return Message.of_json(kwargs, type=CALL, headers={OP_HEADER: op}, persistent=False, **properties)
+
+
+def decode_request(message: Message) -> tuple:
+    """(op, kwargs) of a request; L{BadMessage} if it is not one."""
+    op = message.header(OP_HEADER)
+    if not isinstance(op, str) or not op:
+        raise BadMessage(f"header 'op' must be a non-empty string, got {op!r}")
+    kwargs = message.json()
+    if not isinstance(kwargs, dict):
+        raise BadMessage(f"arguments must be a JSON object, got {type(kwargs).__name__}")
+    return op, kwargs
+
+
+def reply(value: Any, correlation_id: str | None) -> Message:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Message(body=bytes(value), content_type=BINARY, type=REPLY,
+                       correlation_id=correlation_id, persistent=False)
+    return Message.of_json(value, type=REPLY, correlation_id=correlation_id, persistent=False)
+
+
+def error_reply(failure: Failure, correlation_id: str | None) -> Message:
+    exc = failure.value
+    if isinstance(exc, RemoteError):
+        kind, text = exc.remote_type, exc.message
+    else:
+        kind, text = type(exc).__name__, str(exc)
+    return Message.of_json({"type": kind, "message": text}, type=ERROR,
+                           correlation_id=correlation_id, persistent=False)
+
+
+def decode_reply(message: Message) -> Any:
+    """The value a reply carries, or raise the L{RemoteError} an error reply carries.
+
+    Third parties that receive replies meant for them call this too.
+    """
+    if message.type == ERROR:
+        try:
+            info = message.json()
+            kind, text = str(info["type"]), str(info["message"])
+        except (BadMessage, KeyError, TypeError):
+            raise RemoteError("BadMessage", "undecodable error reply") from None
+        raise _TYPED_ERRORS.get(kind, RemoteError)(kind, text)
+    if message.type != REPLY:
+        raise BadMessage(f"expected a reply, got a message of type {message.type!r}")
+    if message.content_type == BINARY:
+        return message.body
+    return message.json()
+
+
+def invoke(service_ops: Dict[str, Callable[..., Any]], service_name: str, message: Message) -> Deferred:
+    """Run the operation a request names; the Deferred fails with a typed error
+    for an unknown operation, arguments that do not fit, or an undecodable request."""
+    try:
+        op, kwargs = decode_request(message)
+    except BadMessage as e:
+        return _failed(e)
+    method = service_ops.get(op)
+    if method is None:
+        known = ", ".join(sorted(service_ops)) or "none"
+        return _failed(UnknownOperation("UnknownOperation", f"{service_name} has no operation {op!r} (known: {known})"))
+    try:
+        inspect.signature(method).bind(**kwargs)
+    except TypeError as e:
+        return _failed(BadArguments("BadArguments", f"{service_name}.{op}: {e}"))
+    return maybeDeferred(method, **kwargs)
+
+
+def _failed(exc: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(Failure(exc))
+    return d

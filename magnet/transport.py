@@ -1,0 +1,113 @@
+"""What a transport must do, so that every pattern in L{magnet.bus} works on both.
+
+The interface is deliberately AMQP-shaped (queues, exchanges, the default
+exchange routing by queue name, publisher confirms, manual acks) because
+RabbitMQ is the production transport; the in-process broker
+(L{magnet.memory}) imitates exactly these semantics.
+
+Transports own reconnection: they remember every declaration and every
+consumer made through them, and after a reconnect they declare the topology
+again and resume each consumer under the same L{Consumer} object.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+from twisted.internet.defer import Deferred
+
+from magnet.message import Message
+
+DEFAULT_EXCHANGE = ""
+
+
+class Delivery(Protocol):
+    """A message handed to a consumer, to be acknowledged exactly once."""
+
+    message: Message
+    queue: str
+    redelivered: bool
+
+    def ack(self) -> None:
+        """The message is done with. A no-op if the link that brought it is gone."""
+
+    def nack(self, requeue: bool = True) -> None:
+        """Give the message back (C{requeue}) or drop it."""
+
+
+class Consumer(Protocol):
+    """A registered consumer; survives reconnects."""
+
+    queue: str
+
+    def cancel(self) -> Deferred:
+        """Stop deliveries; unacknowledged messages go back to the queue."""
+
+
+OnDelivery = Callable[[Delivery], None]
+LinkListener = Callable[[bool], None]
+
+
+class Transport(Protocol):
+    """A link to a broker.
+
+    Every method that talks to the broker returns a Deferred. When the link is
+    down, declarations and publishes wait for it up to the transport's
+    C{operation_timeout}, then fail with L{magnet.errors.NotConnected}; a
+    publish whose confirm is outstanding when the link drops fails with
+    L{magnet.errors.ConnectionLost}.
+    """
+
+    #: True while the link is up.
+    connected: bool
+
+    def start(self) -> None:
+        """Begin connecting (and keep reconnecting with backoff)."""
+
+    def stop(self) -> Deferred:
+        """Close the link cleanly; stop reconnecting."""
+
+    def when_connected(self, timeout: Optional[float] = None) -> Deferred:
+        """Fires once the link is up (at once if it already is)."""
+
+    def add_link_listener(self, listener: LinkListener) -> None:
+        """C{listener(True)} after every (re)connect and topology replay,
+        C{listener(False)} whenever the link goes down."""
+
+    def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool = True,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        arguments: Optional[Mapping[str, Any]] = None,
+    ) -> Deferred:
+        """Fires with None once the queue exists. Remembered for replay."""
+
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> Deferred:
+        """C{kind} is 'fanout' or 'direct'. Remembered for replay."""
+
+    def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
+        """Remembered for replay."""
+
+    def delete_queue(self, name: str) -> Deferred:
+        """Delete a queue and forget it (no replay)."""
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: Message,
+        *,
+        mandatory: bool = True,
+    ) -> Deferred:
+        """Fires once the broker has taken the message (publisher confirm).
+
+        Fails with L{Unroutable} if C{mandatory} and no queue took it, with
+        L{NotConfirmed} on a broker nack, with L{ConnectionLost} if the link
+        dropped before the confirm.
+        """
+
+    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10) -> Deferred:
+        """Fires with a L{Consumer}. C{on_delivery} is called synchronously for
+        every delivery, in order; at most C{prefetch} are unacknowledged at once."""
