@@ -1,0 +1,86 @@
+"""What every DX component is: a Twisted service that meets the bus under its name.
+
+A worker-queue component serves its operations (methods marked with
+L{magnet.operation}) on the queue of its name, with as many competing
+consumers as the config's C{instances}. A fanout component subscribes to the
+fanout of its name and gets every message sent to it. Either way it answers
+C{ping}, so the operator's C{ooidx call NAME ping} shows which node answered.
+
+Components that do real work subclass L{Component}, add operations, and
+override L{setUp} / L{tearDown} for what they must open and close.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.logger import Logger
+
+from magnet import Bus, Message, operation
+from magnet.bus import FANOUT
+
+from ooidx.bootstrap import COMPONENT_TABLE
+
+
+class Component(Service):
+    """One DX component on one node."""
+
+    log = Logger()
+
+    def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, config: Any = None,
+                 clock: Any = None) -> None:
+        self.name = name
+        self.bus = bus
+        self.node = node
+        self.instances = instances
+        self.config = config
+        self.clock = clock if clock is not None else bus.clock
+        self.pattern = COMPONENT_TABLE.get(name)
+        self.started = False
+        self._subscriptions: List[Any] = []
+
+    # lifecycle -----------------------------------------------------------------
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """Open what the component needs, then begin taking messages. The
+        daemon calls this (not startService) so that it can wait for it and
+        stop the whole node if it fails."""
+        yield maybeDeferred(self.setUp)
+        if self.pattern == FANOUT:
+            for _ in range(self.instances):
+                self._subscriptions.append((yield self.bus.subscribe(self.name, self.on_fanout_message)))
+        elif self.pattern is not None:
+            for _ in range(self.instances):
+                self._subscriptions.append((yield self.bus.serve(self.name, self)))
+        self.started = True
+        self.log.info("{component} started on {node} ({instances} instance(s))",
+                      component=self.name, node=self.node, instances=self.instances)
+
+    def stopService(self) -> Optional[Deferred]:
+        super().stopService()
+        self.started = False
+        subscriptions, self._subscriptions = self._subscriptions, []
+        d = DeferredList([s.cancel() for s in subscriptions], consumeErrors=True)
+        d.addCallback(lambda _: maybeDeferred(self.tearDown))
+        d.addErrback(lambda f: self.log.failure("stopping {component}", f, component=self.name))
+        return d
+
+    def setUp(self) -> Any:
+        """Open stores, listeners, HTTP ports: whatever the component needs first."""
+
+    def tearDown(self) -> Any:
+        """Close what L{setUp} opened."""
+
+    # on the bus ----------------------------------------------------------------
+
+    def on_fanout_message(self, message: Message) -> Any:
+        """A message sent to this component's fanout (fanout components only)."""
+        self.log.debug("{component} got a {type} message", component=self.name, type=message.type)
+
+    @operation
+    def ping(self) -> dict:
+        """Who answered: the component, its node and process."""
+        return {"component": self.name, "node": self.node, "pid": os.getpid()}
