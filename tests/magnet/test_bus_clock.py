@@ -1,0 +1,196 @@
+"""Unit tests of the bus on the in-process broker, with time driven by a Clock."""
+from __future__ import annotations
+
+import uuid
+from typing import Any, List
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+import magnet
+from magnet import Message, operation
+from magnet.memory import HIGH_WATER_BYTES, MemoryBroker, MemoryTransport
+
+
+def make(clock: Clock, broker: MemoryBroker = None, **options: Any) -> magnet.Bus:
+    broker = broker or MemoryBroker(clock)
+    bus = magnet.Bus(MemoryTransport(broker), clock=clock, **options)
+    bus.startService()
+    return bus
+
+
+def result_of(d: defer.Deferred) -> Any:
+    box: List[Any] = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    if isinstance(box[0], Exception) or hasattr(box[0], "raiseException"):
+        box[0].raiseException()
+    return box[0]
+
+
+class Echo:
+    @operation
+    def echo(self, value: Any) -> Any:
+        return value
+
+    @operation
+    def never(self) -> defer.Deferred:
+        return defer.Deferred()
+
+
+def test_call_times_out_exactly_at_its_limit() -> None:
+    clock = Clock()
+    bus = make(clock, rpc_timeout=7)
+    bus.serve("echo", Echo())
+    clock.advance(0)
+    d = bus.call("echo", "never")
+    failures: List[Any] = []
+    d.addErrback(failures.append)
+    clock.advance(0)
+    clock.advance(6.9)
+    assert not failures
+    clock.advance(0.2)
+    assert failures and failures[0].check(magnet.Timeout)
+    assert "echo.never" in str(failures[0].value)
+    assert bus._pending_calls == {}, "a timed-out call leaves nothing behind"
+
+
+def test_call_answers_through_the_clock() -> None:
+    clock = Clock()
+    bus = make(clock)
+    bus.serve("echo", Echo())
+    d = bus.call("echo", "echo", value=[1, "two"])
+    for _ in range(5):
+        clock.advance(0)
+    assert result_of(d) == [1, "two"]
+
+
+def test_pending_calls_fail_fast_when_the_link_drops() -> None:
+    clock = Clock()
+    bus = make(clock)
+    bus.serve("echo", Echo())
+    d = bus.call("echo", "never")
+    clock.advance(0)
+    failures: List[Any] = []
+    d.addErrback(failures.append)
+    bus._link_changed(False)
+    assert failures and failures[0].check(magnet.ConnectionLost)
+
+
+def test_stream_that_stalls_fails_after_its_idle_timeout() -> None:
+    clock = Clock()
+    broker = MemoryBroker(clock)
+    sender, receiver = make(clock, broker), make(clock, broker, stream_idle_timeout=30)
+    listener = result_of_after(clock, receiver.listen())
+    writer = sender.open_stream(listener.address, {"status": 200})
+    writer.write(b"partial")
+    s = result_of_after(clock, listener.next_stream())
+    done = s.deliver(lambda data: None)
+    failures: List[Any] = []
+    done.addErrback(failures.append)
+    clock.advance(29)
+    assert not failures
+    clock.advance(2)
+    assert failures and failures[0].check(magnet.Timeout)
+
+
+def result_of_after(clock: Clock, d: defer.Deferred) -> Any:
+    for _ in range(5):
+        clock.advance(0)
+    return result_of(d)
+
+
+def test_in_process_broker_withholds_confirms_above_high_water() -> None:
+    """Flow control: a queue nobody drains stops confirming, so a sender that
+    waits for confirms stops too, and memory stays bounded."""
+    clock = Clock()
+    bus = make(clock)
+    bus.declare_worker_queue("slow")
+    chunk = Message(b"x" * (256 * 1024))
+    confirmed: List[int] = []
+    sends = []
+    for i in range(40):  # 10 MiB in all
+        d = bus.send("slow", chunk, timeout=3600)
+        d.addCallback(lambda _, i=i: confirmed.append(i))
+        sends.append(d)
+    clock.advance(0)
+    limit = HIGH_WATER_BYTES // len(chunk.body) + 1
+    assert len(confirmed) <= limit < 40
+    taken: List[Any] = []
+    bus.consume("slow", taken.append, prefetch=0)
+    for _ in range(5):
+        clock.advance(0)
+    assert len(taken) == 40 and len(confirmed) == 40
+
+
+def test_requeued_messages_keep_their_order_and_are_flagged() -> None:
+    clock = Clock()
+    broker = MemoryBroker(clock)
+    transport = MemoryTransport(broker)
+    transport.start()
+    transport.declare_queue("q")
+    for i in range(3):
+        transport.publish("", "q", Message(str(i).encode()))
+    held: List[Any] = []
+    consumer = result_of(transport.consume("q", held.append, prefetch=3))
+    clock.advance(0)
+    assert [d.message.body for d in held] == [b"0", b"1", b"2"]
+    for d in reversed(held):
+        d.nack(requeue=True)
+    consumer.cancel()
+    again: List[Any] = []
+    transport.consume("q", again.append, prefetch=10)
+    clock.advance(0)
+    assert [d.message.body for d in again] == [b"0", b"1", b"2"]
+    assert all(d.redelivered for d in again)
+
+
+def test_closing_a_connection_gives_back_what_it_held() -> None:
+    clock = Clock()
+    broker = MemoryBroker(clock)
+    a, b = MemoryTransport(broker), MemoryTransport(broker)
+    a.start()
+    b.start()
+    a.declare_queue("jobs")
+    a.publish("", "jobs", Message(b"job"))
+    got_a: List[Any] = []
+    a.consume("jobs", got_a.append)
+    clock.advance(0)
+    assert len(got_a) == 1
+    got_b: List[Any] = []
+    b.consume("jobs", got_b.append)
+    a.stop()  # a dies holding the job unacked
+    clock.advance(0)
+    assert [d.message.body for d in got_b] == [b"job"] and got_b[0].redelivered
+
+
+def test_exclusive_queue_is_private_and_goes_with_its_connection() -> None:
+    clock = Clock()
+    broker = MemoryBroker(clock)
+    a, b = MemoryTransport(broker), MemoryTransport(broker)
+    a.start()
+    b.start()
+    a.declare_queue("mine", exclusive=True, durable=False)
+    with pytest.raises(magnet.MagnetError):
+        result_of(b.consume("mine", lambda d: None))
+    a.stop()
+    assert "mine" not in broker.queues
+
+
+def test_bad_urls_are_refused_clearly() -> None:
+    for url in ("", "nonsense", "ftp://host/", 42):
+        with pytest.raises(magnet.BadURL):
+            magnet.transport_for(url, Clock())
+
+
+def test_message_bodies_must_be_bytes() -> None:
+    with pytest.raises(TypeError):
+        Message("text")  # type: ignore[arg-type]
+    assert Message(bytearray(b"ab")).body == b"ab"
+    with pytest.raises(magnet.BadMessage):
+        Message(b"\xff\xfe", content_type=magnet.JSON).json()
+    with pytest.raises(magnet.BadMessage):
+        Message(b"{}", content_type="text/plain").json()
+    with pytest.raises(magnet.BadMessage):
+        Message(b"{}").header("op")
