@@ -45,8 +45,11 @@ def broker_url():
     try:
         url, how, node = select_broker(
             lambda: _node_dir("ooidx-broker-"), log=_log)
+        problem = None
     except BrokerUnavailable as e:
-        pytest.fail(str(e), pytrace=False)
+        problem = str(e)
+    if problem:
+        pytest.fail(problem, pytrace=False)
     _broker_used.append("%s (%s)" % (redact(url), how))
     try:
         yield url
@@ -63,8 +66,11 @@ def private_rabbitmq_factory():
     """
     try:
         bindir = ensure_rabbitmq_server(log=_log)
+        problem = None
     except BrokerUnavailable as e:
-        pytest.fail(str(e), pytrace=False)
+        problem = str(e)
+    if problem:
+        pytest.fail(problem, pytrace=False)
     nodes = []
 
     def make(name=None, start=True):
@@ -74,8 +80,11 @@ def private_rabbitmq_factory():
         if start:
             try:
                 node.start()
+                problem = None
             except BrokerUnavailable as e:
-                pytest.fail(str(e), pytrace=False)
+                problem = str(e)
+            if problem:
+                pytest.fail(problem, pytrace=False)
         return node
 
     try:
