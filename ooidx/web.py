@@ -1,0 +1,535 @@
+"""The web edge: health, metrics and the operator's API on the web port.
+
+    GET  /healthz                  200 + JSON health when the node is healthy, else 503
+    GET  /metrics                  Prometheus text format (the bus's PrometheusObserver)
+    GET  /api/status               JSON {"nodes": [...]}: every daemon on the bus and its components
+    POST /api/call/SERVICE/OP      JSON object body = keyword arguments; token required
+
+C{/api/call} answers 200 with C{{"result": ...}} (or the raw bytes, as
+C{application/octet-stream}, when the operation returns bytes), or a JSON
+error C{{"error": {"type": ..., "message": ...}}} with a status that says
+what went wrong:
+
+    400  bad JSON, a body that is not an object, a bad service or operation name
+    401  no token, or a wrong one (C{Authorization: Bearer TOKEN})
+    404  no such path, a service not in the component table or with nobody
+         serving it (Unroutable), or an unknown operation
+    405  a method the path does not take
+    413  a body larger than C{max_body}
+    422  arguments that do not fit the operation (BadArguments)
+    502  the operation failed remotely (any other remote exception)
+    503  the broker link is down (ConnectionLost, NotConnected, NotConfirmed)
+    504  no reply in time (Timeout)
+
+An optional C{?timeout=SECONDS} query parameter shortens the call's timeout.
+
+Every answer, errors included, is JSON (except /metrics and raw bytes
+results), so clients never parse an HTML error page.
+"""
+from __future__ import annotations
+
+import hmac
+import io
+import json
+import math
+import re
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from magnet import (BadArguments, ConnectionLost, NotConfirmed, NotConnected, RemoteError, Timeout,
+                    UnknownOperation, Unroutable)
+from magnet.bus import WORKER
+
+from ooidx.bootstrap import COMPONENT_TABLE
+from ooidx.component import Component
+from ooidx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ooidx.metrics import PrometheusObserver
+
+__all__ = ["Web", "NAME", "MAX_BODY", "ping_components"]
+
+#: What a service or operation name may look like.
+NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}\Z")
+#: The largest request body the API takes.
+MAX_BODY = 1024 * 1024
+#: A client that keeps sending far past the limit is cut off.
+DRAIN_FACTOR = 16
+#: Longest C{?timeout=} a caller may ask for.
+MAX_CALL_TIMEOUT = 600.0
+#: Idle HTTP connections are closed after this many seconds.
+IDLE_TIMEOUT = 60
+#: How long /api/status waits for the daemons to answer.
+STATUS_TIMEOUT = 1.5
+#: Names C{Bus.call} keeps for itself: they cannot be passed through as arguments.
+RESERVED_ARGUMENTS = ("address", "op", "timeout")
+
+JSON_TYPE = b"application/json"
+
+
+class HTTPError(Exception):
+    """An answer other than 200, with a JSON error body."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: Optional[Dict[bytes, bytes]] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.headers = headers or {}
+
+
+class _LimitedRequest(server.Request):
+    """A request that keeps at most C{max_body} bytes of its body.
+
+    Past the limit the rest is read and dropped (the request is answered 413
+    once it is all in); a client that keeps sending far past it is cut off.
+    """
+
+    max_body = MAX_BODY
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > self.max_body:
+            self.too_large = True
+            self.content = io.BytesIO()
+        else:
+            server.Request.gotLength(self, length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.max_body:
+            if not self.too_large:
+                self.too_large = True
+                self.content = io.BytesIO()
+            if self._received > self.max_body * DRAIN_FACTOR and self.channel is not None:
+                self.channel.transport.loseConnection()
+            return
+        self.content.write(data)
+
+
+class _Site(server.Site):
+    """A Site that remembers its open connections, so the web edge can close them at stop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_channels: set = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            site = self
+            lost = channel.connectionLost
+
+            def connectionLost(reason: Failure) -> None:
+                site.open_channels.discard(channel)
+                lost(reason)
+
+            channel.connectionLost = connectionLost
+            self.open_channels.add(channel)
+        return channel
+
+
+class _Api(Resource):
+    """Every path of the web edge, in one leaf resource with a route table."""
+
+    isLeaf = True
+
+    def __init__(self, web: "Web") -> None:
+        super().__init__()
+        self.web = web
+        self.routes: Dict[bytes, Dict[bytes, Callable[[server.Request], Any]]] = {
+            b"/healthz": {b"GET": web.render_healthz, b"HEAD": web.render_healthz},
+            b"/metrics": {b"GET": web.render_metrics, b"HEAD": web.render_metrics},
+            b"/api/status": {b"GET": web.render_status},
+        }
+
+    def render(self, request: server.Request) -> Any:
+        path = request.path
+        if path.startswith(b"/api/call/"):
+            methods = {b"POST": self.web.render_call}
+        else:
+            methods = self.routes.get(path)
+        try:
+            if methods is None:
+                raise HTTPError(404, "NotFound", f"no such path: {_printable(path)}")
+            handler = methods.get(request.method)
+            if handler is None:
+                allow = b", ".join(sorted(methods))
+                raise HTTPError(405, "MethodNotAllowed", f"{_printable(path)} takes {allow.decode('ascii')}",
+                                {b"Allow": allow})
+            result = handler(request)
+        except HTTPError as e:
+            result = error_answer(e)
+        return _answer(request, result)
+
+
+class Web(Component):
+    """The web edge of a node: /healthz, /metrics and the operator's /api.
+
+    It has no queue of its own (pattern None): it listens on the web port
+    (C{components.web.port} / C{.interface}, else C{http.web_port} /
+    C{http.interface}) and reaches the components through the bus.
+
+    Health and cluster status come from the daemon (C{self.parent.health()},
+    C{self.parent.cluster_status()}); tests may pass C{health} and
+    C{cluster_status} callables instead. The token comes from C{token}, else
+    from L{ooidx.token.ensure_token} at C{setUp}.
+    """
+
+    log = Logger()
+
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
+                 clock: Any = None, port: Optional[int] = None, interface: Optional[str] = None,
+                 token: Optional[str] = None, health: Optional[Callable[[], Any]] = None,
+                 cluster_status: Optional[Callable[..., Any]] = None, max_body: int = MAX_BODY,
+                 status_timeout: float = STATUS_TIMEOUT) -> None:
+        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+        self._port_number, self._interface = self._listen_address(port, interface)
+        self._token = token
+        self._health = health
+        self._cluster_status = cluster_status
+        self.max_body = max_body
+        self.status_timeout = status_timeout
+        self._listening: Any = None
+        self._site: Optional[_Site] = None
+        self._own_metrics: Optional[PrometheusObserver] = None
+
+    # where it listens ------------------------------------------------------------
+
+    def _listen_address(self, port: Optional[int], interface: Optional[str]) -> Tuple[int, str]:
+        http = getattr(self.config, "http", None)
+        options = None
+        components = getattr(self.config, "components", None)
+        if components is not None and self.name in components:
+            options = components[self.name].options
+        if port is None:
+            port = getattr(options, "port", None)
+        if port is None:
+            port = getattr(http, "web_port", 8080)
+        if interface is None:
+            interface = getattr(options, "interface", None)
+        if interface is None:
+            interface = getattr(http, "interface", "127.0.0.1")
+        return int(port), interface
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one when configured as 0)."""
+        if self._listening is None:
+            return self._port_number
+        return self._listening.getHost().port
+
+    @property
+    def url(self) -> str:
+        host = self._listening.getHost() if self._listening is not None else None
+        address = host.host if host is not None else self._interface
+        if address in ("", "0.0.0.0", "::"):
+            address = "127.0.0.1" if address != "::" else "::1"
+        if ":" in address:
+            address = f"[{address}]"
+        return f"http://{address}:{self.port}"
+
+    # lifecycle -------------------------------------------------------------------
+
+    def setUp(self) -> None:
+        if self._token is None:
+            if self.config is None:
+                raise ValueError("Web needs a token, or a config to find or make one in")
+            from ooidx.token import ensure_token
+            self._token = ensure_token(self.config, self.log)
+        request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
+        site = _Site(_Api(self), requestFactory=request_factory, parsePOSTFormSubmission=False,
+                     reactor=self.clock, timeout=IDLE_TIMEOUT)
+        site.displayTracebacks = False
+        self._listening = self.clock.listenTCP(self._port_number, site, interface=self._interface)
+        self._site = site
+        self.log.info("{component} listening on {url} (/healthz, /metrics, /api)", component=self.name, url=self.url)
+
+    def tearDown(self) -> Any:
+        listening, self._listening = self._listening, None
+        site, self._site = self._site, None
+        if site is not None:
+            for channel in list(site.open_channels):
+                channel.transport.loseConnection()
+        if listening is not None:
+            return listening.stopListening()
+        return None
+
+    # health and status -------------------------------------------------------------
+
+    def health(self) -> Deferred:
+        """The node's health, from the daemon (or the injected callable)."""
+        if self._health is not None:
+            return maybeDeferred(self._health)
+        if self.parent is not None and hasattr(self.parent, "health"):
+            return maybeDeferred(self.parent.health)
+        # Standing alone (no daemon): say only what this component knows.
+        return maybeDeferred(lambda: {"ok": self.started, "components": {self.name: self.started}})
+
+    def cluster_status(self) -> Deferred:
+        """Every daemon on the bus and its components, from the daemon (or the injected callable)."""
+        if self._cluster_status is not None:
+            return maybeDeferred(self._cluster_status, timeout=self.status_timeout)
+        if self.parent is not None and hasattr(self.parent, "cluster_status"):
+            return maybeDeferred(self.parent.cluster_status, timeout=self.status_timeout)
+        return ping_components(self.bus, timeout=self.status_timeout)
+
+    def metrics_observer(self) -> PrometheusObserver:
+        observer = getattr(self.bus, "observer", None)
+        if isinstance(observer, PrometheusObserver):
+            return observer
+        if self._own_metrics is None:
+            # The bus reports to some other observer: serve what this edge knows.
+            self._own_metrics = PrometheusObserver()
+        return self._own_metrics
+
+    # endpoints ---------------------------------------------------------------------
+
+    def render_healthz(self, request: server.Request) -> Deferred:
+        def answer(health: Any) -> Answer:
+            if not isinstance(health, dict):
+                health = {"ok": False, "error": f"health is not a mapping: {type(health).__name__}"}
+            return json_answer(health, 200 if health.get("ok") is True else 503)
+
+        def failed(failure: Failure) -> Answer:
+            self.log.failure("checking health", failure)
+            return json_answer({"ok": False, "error": failure.getErrorMessage()}, 503)
+
+        return self.health().addCallbacks(answer, failed)
+
+    def render_metrics(self, request: server.Request) -> Deferred:
+        observer = self.metrics_observer()
+
+        def answer(health: Any) -> Answer:
+            components = health.get("components") if isinstance(health, dict) else None
+            if isinstance(components, dict):
+                observer.components_up({name: up is True or (isinstance(up, dict) and up.get("started") is True)
+                                        for name, up in components.items()})
+            return Answer(200, observer.generate(), METRICS_CONTENT_TYPE.encode("ascii"))
+
+        def failed(failure: Failure) -> Answer:
+            self.log.failure("reading health for /metrics", failure)
+            return answer(None)
+
+        return self.health().addCallbacks(answer, failed)
+
+    def render_status(self, request: server.Request) -> Deferred:
+        def answer(nodes: Any) -> Answer:
+            return json_answer({"nodes": list(nodes or [])})
+
+        def failed(failure: Failure) -> Answer:
+            self.log.failure("collecting cluster status", failure)
+            return error_answer(HTTPError(503, failure.type.__name__, failure.getErrorMessage()))
+
+        return self.cluster_status().addCallbacks(answer, failed)
+
+    def render_call(self, request: server.Request) -> Deferred:
+        self._check_token(request)
+        if getattr(request, "too_large", False):
+            raise HTTPError(413, "PayloadTooLarge", f"the request body is larger than {self.max_body} bytes")
+        parts = request.path.split(b"/")
+        if len(parts) != 5:  # b"", b"api", b"call", SERVICE, OP
+            raise HTTPError(404, "NotFound", "expected /api/call/SERVICE/OP")
+        service, op = _name(parts[3], "service"), _name(parts[4], "operation")
+        if service not in COMPONENT_TABLE:
+            raise HTTPError(404, "UnknownService",
+                            f"no service {service!r} (callable: {', '.join(callable_services())})")
+        kwargs = self._arguments(request)
+        timeout = self._call_timeout(request)
+        d = self.bus.call(service, op, timeout=timeout, **kwargs)
+        return d.addCallbacks(result_answer, lambda failure: error_answer(self._call_error(service, op, failure)))
+
+    # call helpers --------------------------------------------------------------------
+
+    def _check_token(self, request: server.Request) -> None:
+        challenge = {b"WWW-Authenticate": b'Bearer realm="ooidx"'}
+        header = request.getHeader(b"authorization")
+        if not header:
+            raise HTTPError(401, "Unauthorized", "an operator token is required (Authorization: Bearer TOKEN)",
+                            challenge)
+        scheme, _, given = header.partition(b" ")
+        expected = (self._token or "").encode("utf-8")
+        if scheme.lower() != b"bearer" or not expected or not hmac.compare_digest(given.strip(), expected):
+            raise HTTPError(401, "Unauthorized", "the operator token is not valid", challenge)
+
+    def _arguments(self, request: server.Request) -> Dict[str, Any]:
+        request.content.seek(0)
+        body = request.content.read(self.max_body + 1)
+        if not body.strip():
+            return {}
+        try:
+            kwargs = json.loads(body, parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise HTTPError(400, "BadRequest", f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise HTTPError(400, "BadRequest", "the body is nested too deeply") from None
+        if not isinstance(kwargs, dict):
+            raise HTTPError(400, "BadRequest",
+                            f"the body must be a JSON object of arguments, not {_json_kind(kwargs)}")
+        reserved = sorted(set(kwargs) & set(RESERVED_ARGUMENTS))
+        if reserved:
+            raise HTTPError(422, "BadArguments",
+                            f"argument name(s) {', '.join(reserved)} cannot be passed through the bus")
+        return kwargs
+
+    def _call_timeout(self, request: server.Request) -> Optional[float]:
+        values = (request.args or {}).get(b"timeout")
+        if not values:
+            return None
+        try:
+            timeout = float(values[-1])
+        except ValueError:
+            timeout = math.nan
+        if not (0 < timeout <= MAX_CALL_TIMEOUT):
+            raise HTTPError(400, "BadRequest", f"timeout must be a number of seconds in (0, {MAX_CALL_TIMEOUT:g}]")
+        return timeout
+
+    def _call_error(self, service: str, op: str, failure: Failure) -> HTTPError:
+        exc = failure.value
+        if isinstance(exc, Unroutable):
+            return HTTPError(404, "Unroutable", f"no {service} is running to take the call ({exc})")
+        if isinstance(exc, UnknownOperation):
+            return HTTPError(404, "UnknownOperation", exc.message)
+        if isinstance(exc, BadArguments):
+            return HTTPError(422, "BadArguments", exc.message)
+        if isinstance(exc, RemoteError):
+            return HTTPError(502, exc.remote_type, exc.message)
+        if isinstance(exc, Timeout):
+            return HTTPError(504, "Timeout", str(exc))
+        if isinstance(exc, (ConnectionLost, NotConnected, NotConfirmed)):
+            return HTTPError(503, type(exc).__name__, str(exc))
+        if isinstance(exc, CancelledError):
+            return HTTPError(503, "Cancelled", "the call was cancelled")
+        self.log.failure("calling {service}.{op} for the web API", failure, service=service, op=op)
+        return HTTPError(500, "InternalError", f"{type(exc).__name__} while calling {service}.{op}")
+
+
+def callable_services() -> List[str]:
+    """The services /api/call reaches: the component table."""
+    return sorted(COMPONENT_TABLE)
+
+
+@inlineCallbacks
+def ping_components(bus: Any, timeout: float = STATUS_TIMEOUT) -> Any:
+    """Who answers: ping every worker-queue component of the table, grouped by
+    node and process. The stand-in for the daemon's cluster status where no
+    daemon is at hand (a web edge standing alone, C{ooidx --broker status}).
+    Each queue answers once, so a component running on several nodes shows
+    on the one that answered."""
+    names = sorted(name for name, pattern in COMPONENT_TABLE.items() if pattern == WORKER)
+    results = yield DeferredList([bus.call(name, "ping", timeout=timeout) for name in names], consumeErrors=True)
+    nodes: Dict[Tuple[str, Any], Dict[str, Any]] = {}
+    for name, (ok, value) in zip(names, results):
+        if not ok or not isinstance(value, dict):
+            continue
+        key = (str(value.get("node", "?")), value.get("pid"))
+        entry = nodes.setdefault(key, {"node": key[0], "pid": key[1], "components": {}, "broker": "up"})
+        entry["components"][name] = {"started": True, "instances": None, "process": None}
+    return sorted(nodes.values(), key=lambda n: (n["node"], str(n["pid"])))
+
+
+# --------------------------------------------------------------------------- #
+# answering
+
+
+class Answer:
+    """What to answer: a status, a body and its content type, more headers."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status: int, body: bytes, content_type: bytes,
+                 headers: Optional[Dict[bytes, bytes]] = None) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or {}
+
+
+def json_answer(value: Any, status: int = 200, headers: Optional[Dict[bytes, bytes]] = None) -> Answer:
+    body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    return Answer(status, body, JSON_TYPE, headers)
+
+
+def error_answer(error: HTTPError) -> Answer:
+    return json_answer({"error": {"type": error.kind, "message": error.message}}, error.status, error.headers)
+
+
+def result_answer(result: Any) -> Answer:
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return Answer(200, bytes(result), b"application/octet-stream")
+    try:
+        return json_answer({"result": result})
+    except (TypeError, ValueError) as e:
+        return error_answer(HTTPError(502, "BadReply", f"the result is not JSON: {e}"))
+
+
+def _prepare(request: server.Request, answer: Answer) -> bytes:
+    """Set the status and headers of C{answer}; its body, to be written."""
+    request.setResponseCode(answer.status)
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    request.setHeader(b"Content-Type", answer.content_type)
+    for name, value in answer.headers.items():
+        request.setHeader(name, value)
+    request.setHeader(b"Content-Length", str(len(answer.body)).encode("ascii"))
+    return answer.body
+
+
+def _answer(request: server.Request, result: Any) -> Any:
+    """Answer with an L{Answer} now, or with the one a Deferred fires with later."""
+    if isinstance(result, Answer):
+        return _prepare(request, result)
+    gone: List[bool] = []
+
+    def client_gone(_: Any) -> None:
+        gone.append(True)
+        result.cancel()
+
+    request.notifyFinish().addErrback(client_gone)
+
+    def to_answer(failure: Failure) -> Answer:
+        if failure.check(HTTPError):
+            return error_answer(failure.value)
+        if not gone:
+            Web.log.failure("answering {path}", failure, path=_printable(request.path))
+        return error_answer(HTTPError(500, "InternalError", "internal error"))
+
+    def send(answer: Answer) -> None:
+        if gone or request.finished:
+            return
+        request.write(_prepare(request, answer))
+        request.finish()
+
+    result.addErrback(to_answer).addCallback(send)
+    result.addErrback(lambda f: Web.log.failure("writing an answer to {path}", f, path=_printable(request.path)))
+    return server.NOT_DONE_YET
+
+
+def _name(raw: bytes, what: str) -> str:
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not NAME.match(text):
+        raise HTTPError(400, "BadRequest",
+                        f"bad {what} name {_printable(raw)}: expected [a-z_][a-z0-9_]{{0,63}}")
+    return text
+
+
+def _printable(raw: bytes, limit: int = 80) -> str:
+    text = raw[:limit].decode("ascii", "backslashreplace")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text + ("..." if len(raw) > limit else "")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
