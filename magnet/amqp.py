@@ -1435,6 +1435,19 @@ class AMQPTransport:
             p, lambda ch: ch.queue_delete(queue=name)))
         return d.addCallback(done)
 
+    def delete_exchange(self, name: str) -> Deferred:
+        """Delete an exchange and forget it and its bindings (not in the Transport interface)."""
+
+        def forget(_: Any = None) -> None:
+            for key in [k for k in self._topology if (k[0] == "exchange" and k[1] == name)
+                        or (k[0] == "bind" and k[2] == name)]:
+                del self._topology[key]
+
+        forget()
+        d = self._operation(f"delete exchange {name!r}", lambda p: self._control_call(
+            p, lambda ch: ch.exchange_delete(exchange=name)))
+        return d.addCallback(forget)
+
     def _forget_queue(self, name: str) -> None:
         for key in [k for k in self._topology if (k[0] == "queue" and k[1] == name)
                     or (k[0] == "bind" and k[1] == name)]:

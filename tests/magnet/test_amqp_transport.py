@@ -1,0 +1,614 @@
+"""The AMQP transport (magnet.amqp) against a real RabbitMQ.
+
+Every test uses queue and exchange names of its own and deletes them
+afterwards; every wait is bounded. A broker that cannot be reached makes the
+tests fail (the ``broker_url`` fixture fails, and so does ``when_connected``).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import uuid
+from decimal import Decimal
+from typing import Any, Callable, Dict, List
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
+
+from magnet import amqp
+from magnet.amqp import AMQPTransport, BrokerURL, ChannelError, decode_table, encode_table, parse_url
+from magnet.errors import BadURL, ConnectionLost, NotConnected, Unroutable
+from magnet.message import Message
+from tests.rabbitmq import free_port
+
+TIMEOUT = 10.0
+
+
+def wait(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
+    return d.addTimeout(seconds, reactor)
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def until(predicate: Callable[[], bool], seconds: float = TIMEOUT, what: str = "condition") -> Any:
+    deadline = reactor.seconds() + seconds
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        yield sleep(0.02)
+
+
+@pytest.fixture
+def url(request: Any) -> str:
+    """The broker for these tests: the suite's ``broker_url`` (it fails if there is none)."""
+    env = os.environ.get("OOIDX_TEST_BROKER")
+    if env:
+        return env
+    try:
+        return request.getfixturevalue("broker_url")
+    except pytest.FixtureLookupError:
+        return "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class Names:
+    def __init__(self) -> None:
+        self.queues: List[str] = []
+        self.exchanges: List[str] = []
+
+    def queue(self, prefix: str = "q") -> str:
+        name = f"test.amqp.{prefix}.{uuid.uuid4().hex[:10]}"
+        self.queues.append(name)
+        return name
+
+    def exchange(self, prefix: str = "x") -> str:
+        name = f"test.amqp.{prefix}.{uuid.uuid4().hex[:10]}"
+        self.exchanges.append(name)
+        return name
+
+
+@pytest.fixture
+def names() -> Names:
+    return Names()
+
+
+@pytest.fixture
+def make_transport(url: str, names: Names) -> Any:
+    """``make(url=..., **options)``: a started transport; all are stopped, test queues deleted."""
+    made: List[AMQPTransport] = []
+
+    def make(target: Any = None, **options: Any) -> AMQPTransport:
+        options.setdefault("heartbeat", 5.0)
+        options.setdefault("operation_timeout", 10.0)
+        options.setdefault("close_timeout", 2.0)
+        t = amqp.from_url(target or url, reactor, **options)
+        made.append(t)
+        t.start()
+        return t
+
+    yield make
+
+    @defer.inlineCallbacks
+    def cleanup() -> Any:
+        cleaner = amqp.from_url(url, reactor, operation_timeout=5.0)
+        cleaner.start()
+        try:
+            yield cleaner.when_connected(10)
+            for q in names.queues:
+                yield cleaner.delete_queue(q).addErrback(lambda _: None)
+            for x in names.exchanges:
+                yield cleaner.delete_exchange(x).addErrback(lambda _: None)
+        finally:
+            for t in made + [cleaner]:
+                yield wait(t.stop(), 10)
+
+    pytest_twisted.blockon(cleanup())
+
+
+@pytest.fixture
+def transport(make_transport: Any) -> AMQPTransport:
+    return make_transport()
+
+
+class Inbox:
+    """Collects deliveries; optionally acks them at once."""
+
+    def __init__(self, ack: bool = True) -> None:
+        self.auto_ack = ack
+        self.deliveries: List[Any] = []
+        self._waiting: List[Any] = []
+
+    def __call__(self, delivery: Any) -> None:
+        self.deliveries.append(delivery)
+        if self.auto_ack:
+            delivery.ack()
+
+    @property
+    def bodies(self) -> List[bytes]:
+        return [d.message.body for d in self.deliveries]
+
+    def wait_for(self, count: int, seconds: float = TIMEOUT) -> defer.Deferred:
+        return until(lambda: len(self.deliveries) >= count, seconds, f"{count} deliveries "
+                     f"(have {len(self.deliveries)})")
+
+
+class LogCapture:
+    def __init__(self) -> None:
+        self.events: List[Dict[str, Any]] = []
+
+    def __call__(self, event: Dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def texts(self) -> List[str]:
+        from twisted.logger import formatEvent
+        return [formatEvent(e) for e in self.events]
+
+
+@pytest.fixture
+def logs() -> Any:
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    yield capture
+    globalLogPublisher.removeObserver(capture)
+
+
+# -- pure functions (no broker) ------------------------------------------------
+
+
+def test_parse_url() -> None:
+    u = parse_url("amqp://user:p%40ss@broker.example:5673/%2F")
+    assert (u.scheme, u.host, u.port, u.username, u.password, u.vhost) == (
+        "amqp", "broker.example", 5673, "user", "p@ss", "/")
+    assert parse_url("amqp://guest:guest@localhost").vhost == "/"
+    assert parse_url("amqp://guest:guest@localhost/").vhost == "/"
+    assert parse_url("amqp://guest:guest@localhost/dx").vhost == "dx"
+    assert parse_url("amqp://guest:guest@localhost/a%2Fb").vhost == "a/b"
+    assert parse_url("amqp://h").port == 5672
+    s = parse_url("amqps://u:secret@h/")
+    assert s.tls and s.port == 5671
+    assert parse_url("amqp://h/?heartbeat=3").heartbeat == 3.0
+    for bad in ("http://h/", "amqp://h:notaport/", "amqp://h/?frobnicate=1"):
+        with pytest.raises(BadURL):
+            parse_url(bad)
+
+
+def test_url_never_shows_the_password() -> None:
+    u = parse_url("amqp://guest:s3cret@127.0.0.1:5672/%2F")
+    assert "s3cret" not in u.masked() and "s3cret" not in repr(u) and "s3cret" not in str(u)
+    assert u.masked() == "amqp://guest:***@127.0.0.1:5672/%2F"
+    t = AMQPTransport(["amqp://guest:s3cret@127.0.0.1:5672/"], reactor=reactor)
+    assert "s3cret" not in repr(t)
+
+
+def test_field_tables_round_trip() -> None:
+    table = {
+        "str": "héllo", "long_str": "x" * 70000, "bytes": b"\x00\xff\xfe binary", "empty": b"",
+        "int": 42, "neg": -7, "big": 2 ** 40, "float": 2.5, "true": True, "false": False,
+        "none": None, "nested": {"a": 1, "b": {"c": "d"}}, "list": [1, "two", b"3", None, [4.0]],
+        "decimal": Decimal("12.34"),
+    }
+    out = decode_table(encode_table(table))
+    assert out == table
+    assert isinstance(out["bytes"], bytes) and isinstance(out["str"], str)
+    assert out["true"] is True and out["int"] == 42 and not isinstance(out["int"], bool)
+    ts = datetime.datetime(2020, 1, 2, tzinfo=datetime.timezone.utc)
+    assert decode_table(encode_table({"t": ts}))["t"] == int(ts.timestamp())
+    with pytest.raises(TypeError):
+        encode_table({"x": object()})
+
+
+def test_spec_has_the_rabbitmq_extensions() -> None:
+    spec = amqp.load_spec()
+    confirm = spec.classes.byname["confirm"]
+    assert confirm.id == 85
+    assert confirm.methods.byname["select"].id == 10
+    assert confirm.methods.byname["select-ok"].id == 11
+    nack = spec.classes.byname["basic"].methods.byname["nack"]
+    assert nack.id == 120 and [f.name for f in nack.fields] == ["delivery-tag", "multiple", "requeue"]
+
+
+# -- against the broker --------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_round_trip_with_all_properties_and_header_types(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    inbox = Inbox()
+    yield wait(transport.consume(q, inbox, prefetch=5))
+    headers = {
+        "s": "text ✓", "long": "L" * 100000, "b": b"\x00\x01\xff raw", "i": -12345, "big": 2 ** 50,
+        "f": 0.125, "t": True, "n": None, "d": {"k": "v", "deep": {"x": [1, 2]}}, "l": ["a", 1, False],
+    }
+    body = bytes(range(256)) * 4  # not UTF-8: must stay bytes
+    sent = Message(body=body, headers=headers, content_type="application/octet-stream",
+                   correlation_id="corr-1", reply_to="reply.q", message_id="msg-1", type="test.kind",
+                   persistent=False, expiration="60000", timestamp=1700000000)
+    result = yield wait(transport.publish("", q, sent))
+    assert result is None
+    text_body = Message(body=b'{"a": 1}', content_type="application/json")
+    yield wait(transport.publish("", q, text_body))
+    yield inbox.wait_for(2)
+    got = inbox.deliveries[0]
+    assert got.queue == q and got.redelivered is False
+    assert got.message == sent
+    assert isinstance(got.message.body, bytes)
+    second = inbox.deliveries[1].message
+    assert second.body == b'{"a": 1}' and isinstance(second.body, bytes)
+    assert second.persistent is True and second.headers == {}
+
+
+@pytest_twisted.inlineCallbacks
+def test_large_bodies_are_split_into_frames(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    inbox = Inbox()
+    yield wait(transport.consume(q, inbox))
+    mib = os.urandom(1024 * 1024)
+    exact = os.urandom(131072 - 8)  # exactly one body frame
+    yield wait(defer.gatherResults([transport.publish("", q, Message(body=b)) for b in (mib, exact, b"")],
+                                   consumeErrors=True), 30)
+    yield inbox.wait_for(3, 30)
+    assert inbox.bodies == [mib, exact, b""]
+
+
+@pytest_twisted.inlineCallbacks
+def test_many_publishes_all_confirmed_in_order(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    ds = [transport.publish("", q, Message(body=str(i).encode())) for i in range(500)]
+    results = yield wait(defer.gatherResults(ds, consumeErrors=True), 30)
+    assert results == [None] * 500
+    inbox = Inbox()
+    yield wait(transport.consume(q, inbox, prefetch=100))
+    yield inbox.wait_for(500, 30)
+    assert inbox.bodies == [str(i).encode() for i in range(500)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_unroutable(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    missing = f"test.amqp.missing.{uuid.uuid4().hex}"
+    # routed and unrouted publishes interleaved: each gets its own outcome
+    ds = []
+    for i in range(10):
+        ds.append(transport.publish("", q, Message(body=b"ok")))
+        ds.append(transport.publish("", missing, Message(body=b"lost")))
+    outcomes = yield wait(defer.DeferredList(ds, consumeErrors=True))
+    for i, (ok, value) in enumerate(outcomes):
+        if i % 2 == 0:
+            assert ok, value
+        else:
+            assert not ok and value.check(Unroutable), value
+            assert missing in str(value.value)
+    # without mandatory, the broker drops it silently and confirms
+    yield wait(transport.publish("", missing, Message(body=b"x"), mandatory=False))
+    # a missing exchange closes the publishing channel: Unroutable, and publishing goes on
+    with pytest.raises(Unroutable):
+        yield wait(transport.publish(f"test.amqp.noexchange.{uuid.uuid4().hex}", "k", Message(body=b"x")))
+    yield wait(transport.publish("", q, Message(body=b"still works")))
+
+
+@pytest_twisted.inlineCallbacks
+def test_fanout_to_two_queues(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    x = names.exchange()
+    q1, q2 = names.queue(), names.queue()
+    yield wait(transport.declare_exchange(x, "fanout", durable=False))
+    for q in (q1, q2):
+        yield wait(transport.declare_queue(q, durable=False))
+        yield wait(transport.bind_queue(q, x))
+    in1, in2 = Inbox(), Inbox()
+    yield wait(transport.consume(q1, in1))
+    yield wait(transport.consume(q2, in2))
+    yield wait(transport.publish(x, "", Message(body=b"to all")))
+    yield in1.wait_for(1)
+    yield in2.wait_for(1)
+    assert in1.bodies == in2.bodies == [b"to all"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_direct_exchange_and_queue_arguments(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    x, dlx = names.exchange(), names.exchange("dlx")
+    q, dead = names.queue(), names.queue("dead")
+    yield wait(transport.declare_exchange(x, "direct", durable=False))
+    yield wait(transport.declare_exchange(dlx, "fanout", durable=False))
+    yield wait(transport.declare_queue(dead, durable=False))
+    yield wait(transport.bind_queue(dead, dlx))
+    yield wait(transport.declare_queue(q, durable=False, arguments={"x-dead-letter-exchange": dlx,
+                                                                     "x-max-length": 100}))
+    yield wait(transport.bind_queue(q, x, "key"))
+    rejected = Inbox(ack=False)
+    consumer = yield wait(transport.consume(q, rejected))
+    yield wait(transport.publish(x, "key", Message(body=b"to dlx")))
+    with pytest.raises(Unroutable):
+        yield wait(transport.publish(x, "other-key", Message(body=b"nowhere")))
+    yield rejected.wait_for(1)
+    rejected.deliveries[0].nack(requeue=False)
+    dead_inbox = Inbox()
+    yield wait(transport.consume(dead, dead_inbox))
+    yield dead_inbox.wait_for(1)
+    assert dead_inbox.bodies == [b"to dlx"]
+    assert dead_inbox.deliveries[0].message.headers["x-death"][0]["queue"] == q
+    yield wait(consumer.cancel())
+    # redeclaring with other arguments is refused by the broker: a typed error, link stays up
+    with pytest.raises(ChannelError) as e:
+        yield wait(transport.declare_queue(q, durable=False, arguments={"x-max-length": 5}))
+    assert e.value.reply_code == 406
+    yield wait(transport.publish(x, "key", Message(body=b"again")))
+
+
+@pytest_twisted.inlineCallbacks
+def test_prefetch_is_respected(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    for i in range(5):
+        yield wait(transport.publish("", q, Message(body=b"%d" % i)))
+    inbox = Inbox(ack=False)
+    yield wait(transport.consume(q, inbox, prefetch=2))
+    yield inbox.wait_for(2)
+    yield sleep(0.5)
+    assert inbox.bodies == [b"0", b"1"]
+    inbox.deliveries[0].ack()
+    yield inbox.wait_for(3)
+    yield sleep(0.3)
+    assert inbox.bodies == [b"0", b"1", b"2"]
+    for d in inbox.deliveries:
+        d.ack()  # the first one again: a no-op, not a channel error
+    yield inbox.wait_for(5)
+    assert inbox.bodies == [b"%d" % i for i in range(5)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_nack_requeue_redelivers(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    inbox = Inbox(ack=False)
+    yield wait(transport.consume(q, inbox, prefetch=1))
+    yield wait(transport.publish("", q, Message(body=b"again")))
+    yield inbox.wait_for(1)
+    assert inbox.deliveries[0].redelivered is False
+    inbox.deliveries[0].nack(requeue=True)
+    yield inbox.wait_for(2)
+    assert inbox.deliveries[1].redelivered is True
+    assert inbox.deliveries[1].message.body == b"again"
+    inbox.deliveries[1].ack()
+
+
+@pytest_twisted.inlineCallbacks
+def test_cancel_returns_unacked_messages(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    first = Inbox(ack=False)
+    consumer = yield wait(transport.consume(q, first, prefetch=10))
+    for i in range(3):
+        yield wait(transport.publish("", q, Message(body=b"%d" % i)))
+    yield first.wait_for(3)
+    yield wait(consumer.cancel())
+    yield wait(consumer.cancel())  # twice is fine
+    for d in first.deliveries:
+        d.ack()  # after cancel: no-op (the messages went back)
+    yield wait(transport.publish("", q, Message(body=b"3")))
+    yield sleep(0.2)
+    assert len(first.deliveries) == 3  # nothing more after cancel
+    second = Inbox()
+    yield wait(transport.consume(q, second))
+    yield second.wait_for(4)
+    assert sorted(second.bodies) == [b"0", b"1", b"2", b"3"]
+    assert [d.redelivered for d in second.deliveries if d.message.body != b"3"] == [True] * 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_consumer_of_a_deleted_queue_is_dropped_and_resumes_on_redeclare(
+        make_transport: Any, names: Names, logs: LogCapture) -> Any:
+    transport = make_transport()
+    other = make_transport()
+    yield transport.when_connected(TIMEOUT)
+    yield other.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    inbox = Inbox()
+    consumer = yield wait(transport.consume(q, inbox))
+    yield wait(other.delete_queue(q))  # the broker cancels the consumer (consumer_cancel_notify)
+    yield until(lambda: not consumer.active, what="consumer dropped")
+    assert any("cancelled the consumer" in t for t in logs.texts())
+    assert transport.connected
+    yield wait(transport.declare_queue(q, durable=False))
+    yield until(lambda: consumer.active, what="consumer resumed")
+    yield wait(other.publish("", q, Message(body=b"back")))
+    yield inbox.wait_for(1)
+    assert inbox.bodies == [b"back"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_unreachable_broker_keeps_retrying(make_transport: Any, logs: LogCapture) -> Any:
+    port = free_port()
+    t = make_transport(f"amqp://guest:sekrit@127.0.0.1:{port}/",
+                       backoff=lambda attempt: 0.2, operation_timeout=1.0)
+    events: List[bool] = []
+    t.add_link_listener(events.append)
+    with pytest.raises(NotConnected):
+        yield wait(t.publish("", "q", Message(body=b"x")))
+    with pytest.raises(NotConnected):
+        yield wait(t.declare_queue("test.amqp.never"))
+    with pytest.raises(NotConnected):
+        yield wait(t.when_connected(0.5))
+    yield sleep(2.0)
+    assert not t.connected and events == []
+    texts = [x for x in logs.texts() if "broker unreachable" in x]
+    assert len(texts) >= 3, texts  # still at it
+    assert f"amqp://guest:***@127.0.0.1:{port}" in texts[-1] and "retrying in" in texts[-1]
+    assert not any("sekrit" in x for x in logs.texts())
+    started = reactor.seconds()
+    yield wait(t.stop(), 5)
+    assert reactor.seconds() - started < 3
+    count = len(texts)
+    yield sleep(0.6)
+    assert len([x for x in logs.texts() if "broker unreachable" in x]) == count  # stopped retrying
+
+
+@pytest_twisted.inlineCallbacks
+def test_cluster_urls_tried_in_turn_and_early_operations_wait(
+        make_transport: Any, url: str, names: Names) -> Any:
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    t = amqp.from_url([dead, url], reactor, backoff=lambda attempt: 0.1, operation_timeout=10.0,
+                      heartbeat=5.0)
+    q = names.queue()
+    # issued before start: they wait for the link
+    declared = t.declare_queue(q, durable=False)
+    published = declared.addCallback(lambda _: t.publish("", q, Message(body=b"early")))
+    t.start()
+    try:
+        yield wait(published)
+        assert t.connected
+        inbox = Inbox()
+        yield wait(t.consume(q, inbox))
+        yield inbox.wait_for(1)
+        assert inbox.bodies == [b"early"]
+    finally:
+        yield wait(t.stop())
+    yield wait(t.stop())  # idempotent
+
+
+def _connection_of(t: AMQPTransport) -> Any:
+    assert t._protocol is not None
+    return t._protocol
+
+
+@defer.inlineCallbacks
+def _check_reconnect(t: AMQPTransport, names: Names, kill: Callable[[], Any], other: AMQPTransport) -> Any:
+    events: List[bool] = []
+    t.add_link_listener(events.append)
+    yield t.when_connected(TIMEOUT)
+    x = names.exchange()
+    q1, q2 = names.queue(), names.queue()
+    yield wait(t.declare_exchange(x, "fanout", durable=False))
+    yield wait(t.declare_queue(q1, durable=False, exclusive=True))  # exclusive: gone with the link
+    yield wait(t.declare_queue(q2, durable=True))
+    yield wait(t.bind_queue(q1, x))
+    yield wait(t.bind_queue(q2, x))
+    in1, in2 = Inbox(), Inbox()
+    c1 = yield wait(t.consume(q1, in1, prefetch=7))
+    c2 = yield wait(t.consume(q2, in2, prefetch=3))
+    yield wait(t.publish(x, "", Message(body=b"before")))
+    yield in1.wait_for(1)
+    yield in2.wait_for(1)
+    old = _connection_of(t)
+
+    # publishes in flight when the link goes
+    in_flight = [t.publish(x, "", Message(body=b"flight-%d" % i)) for i in range(200)]
+    yield kill()
+    outcomes = yield wait(defer.DeferredList(in_flight, consumeErrors=True), 30)
+    confirmed = set()
+    for i, (ok, value) in enumerate(outcomes):
+        if ok:
+            confirmed.add(b"flight-%d" % i)
+        else:
+            assert value.check(ConnectionLost), value
+    yield until(lambda: t.connected and t._protocol is not old, 30, "reconnect")
+    # listeners heard the link go down, then come back (after replay)
+    assert False in events and events[-1] is True
+    assert events.index(False) < len(events) - 1
+    assert c1.active and c2.active and c1.prefetch == 7
+
+    # topology is back (the exclusive queue was re-created and bound) and consumers resumed
+    yield wait(other.publish(x, "", Message(body=b"after")))
+    yield in1.wait_for(1 + 1)
+    yield until(lambda: b"after" in in1.bodies and b"after" in in2.bodies, what="'after' on both queues")
+    # nothing confirmed to the durable queue was lost
+    yield until(lambda: confirmed <= set(in2.bodies), what="all confirmed in-flight messages")
+    yield wait(t.publish("", q1, Message(body=b"direct")))
+    yield until(lambda: b"direct" in in1.bodies, what="direct publish after reconnect")
+
+
+@pytest_twisted.inlineCallbacks
+def test_reconnect_after_abrupt_tcp_loss(make_transport: Any, names: Names) -> Any:
+    t = make_transport(backoff=lambda attempt: 0.2)
+    other = make_transport()
+    yield other.when_connected(TIMEOUT)
+
+    def kill() -> Any:
+        _connection_of(t).transport.abortConnection()
+        return defer.succeed(None)
+
+    yield _check_reconnect(t, names, kill, other)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reconnect_after_broker_closes_the_connection(make_transport: Any, names: Names) -> Any:
+    t = make_transport(backoff=lambda attempt: 0.2)
+    other = make_transport()
+    yield other.when_connected(TIMEOUT)
+
+    def kill() -> Any:
+        # a protocol error: the broker answers with connection.close (504 CHANNEL_ERROR)
+        _connection_of(t).write_ack(999, 1)
+        return defer.succeed(None)
+
+    yield _check_reconnect(t, names, kill, other)
+
+
+@pytest.mark.slow
+@pytest_twisted.inlineCallbacks
+def test_reconnect_after_rabbitmqctl_close_and_broker_restart(private_rabbitmq: Any, make_transport: Any,
+                                                              names: Names, logs: LogCapture) -> Any:
+    node = private_rabbitmq
+    t = make_transport(node.url, backoff=lambda attempt: 0.3)
+    other = make_transport(node.url, backoff=lambda attempt: 0.3)
+    yield other.when_connected(TIMEOUT)
+
+    def close_all() -> Any:
+        from twisted.internet.threads import deferToThread
+        return deferToThread(node.ctl, "close_all_connections", "test")
+
+    yield _check_reconnect(t, names, close_all, other)
+    assert any("CONNECTION_FORCED" in x for x in logs.texts())
+
+    # the broker goes away altogether, then comes back: the transport waits and recovers
+    q = names.queue("durable")
+    yield wait(t.declare_queue(q, durable=True))
+    inbox = Inbox()
+    yield wait(t.consume(q, inbox))
+    yield wait(node.stop_async(), 60)
+    yield until(lambda: not t.connected, what="link down")
+    yield sleep(1.0)
+    assert any("broker unreachable" in x for x in logs.texts())
+    yield wait(node.start_async(), 120)
+    yield until(lambda: t.connected and other.connected, 30, "reconnect after broker restart")
+    yield wait(other.publish("", q, Message(body=b"after restart")))
+    yield inbox.wait_for(1)
+    assert inbox.bodies[-1] == b"after restart"
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_is_bounded_and_fails_waiters(make_transport: Any, names: Names) -> Any:
+    t = make_transport()
+    yield t.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(t.declare_queue(q, durable=False))
+    inbox = Inbox(ack=False)
+    yield wait(t.consume(q, inbox))
+    yield wait(t.publish("", q, Message(body=b"unacked")))
+    yield inbox.wait_for(1)
+    events: List[bool] = []
+    t.add_link_listener(events.append)
+    started = reactor.seconds()
+    yield wait(t.stop(), 10)
+    assert reactor.seconds() - started < 5
+    assert not t.connected and events == [False]
+    inbox.deliveries[0].ack()  # the link that brought it is gone: a no-op
+    with pytest.raises(NotConnected):
+        yield wait(t.publish("", q, Message(body=b"after stop")))
