@@ -166,7 +166,12 @@ def ensure_rabbitmq_server(log=print):
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 timeout=900,
             )
-            if r.returncode != 0:
+            if r.returncode != 0 and cmd[1] == "install" and find_rabbitmq_server():
+                # Unpacked, but its postinst could not start the system's
+                # service (no init system): the scripts are all we need.
+                log("apt-get install exited %d, but rabbitmq-server is "
+                    "there: going on" % r.returncode)
+            elif r.returncode != 0:
                 tail = r.stdout.decode("utf-8", "replace")[-3000:]
                 raise BrokerUnavailable(
                     "%s failed (exit %d):\n%s\n\n%s"
