@@ -1,0 +1,344 @@
+"""One DX node: the bus, this node's components, their child processes.
+
+    daemon = Daemon(config, reactor=reactor, config_path="etc/dx.yaml")
+    daemon.startService()      # twistd does this; see ooidx.tap
+
+Start: the bus connects (and keeps retrying, with backoff, while the broker
+is away: the node waits, it does not exit), the component table is declared,
+every inline component of this node is created and started in the config's
+order, the child processes of ``process: child`` components are spawned
+under a L{ProcessMonitor}, and the node subscribes to the control fanout to
+answer status requests. If a component fails to start, the node logs one
+critical line naming it and why, stops everything it started and asks the
+process to exit non-zero (C{on_fatal}): it never runs half-started.
+
+Stop (SIGTERM under twistd): components stop taking messages, in-flight work
+finishes (bounded by C{timeouts.shutdown}), child processes get SIGTERM
+(SIGKILL after the same bound), then the bus closes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from typing import Any, Callable, Dict, List, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, inlineCallbacks,
+                                    maybeDeferred, succeed)
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
+from twisted.runner.procmon import ProcessMonitor
+
+import magnet
+from magnet import Bus, Message
+from magnet.errors import BadMessage
+
+from ooidx.bootstrap import CONTROL_FANOUT, declare_topology
+from ooidx.config import BROKER_ENV, Config
+from ooidx.registry import component_class
+
+__all__ = ["Daemon", "ChildProcesses", "bus_for", "cluster_status", "STATUS", "STATUS_REPLY"]
+
+#: Message types on the control fanout.
+STATUS = "status"
+STATUS_REPLY = "status.reply"
+
+
+def metrics_observer() -> Optional[magnet.BusObserver]:
+    """The Prometheus bus observer of L{ooidx.metrics}, if that module is there."""
+    try:
+        from ooidx.metrics import PrometheusObserver  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return PrometheusObserver()
+
+
+def bus_for(config: Config, reactor: Any, observer: Optional[magnet.BusObserver] = None) -> Bus:
+    """A (not started) L{Bus} on the config's broker, with its timeouts and limits."""
+    broker: Any = list(config.broker) if len(config.broker) > 1 else config.broker[0]
+    return magnet.connect(
+        broker, reactor,
+        node=config.node,
+        rpc_timeout=config.timeouts.rpc,
+        send_timeout=config.timeouts.send,
+        retry_limit=config.retries.limit,
+        prefetch=config.prefetch,
+        shutdown_timeout=config.timeouts.shutdown,
+        queue_type=config.queue_type,
+        heartbeat=config.timeouts.heartbeat,
+        connect_timeout=config.timeouts.connect,
+        observer=observer,
+    )
+
+
+@inlineCallbacks
+def cluster_status(bus: Bus, timeout: float = 1.5, clock: Any = None) -> Any:
+    """Ask every node on the bus for its status; fires with their replies
+    (sorted by node) that arrived within C{timeout} seconds."""
+    clock = clock if clock is not None else bus.clock
+    request_id = uuid.uuid4().hex
+    replies: List[dict] = []
+
+    def on_reply(message: Message) -> None:
+        if message.type != STATUS_REPLY or message.correlation_id != request_id:
+            return
+        try:
+            value = message.json()
+        except BadMessage:
+            return
+        if isinstance(value, dict):
+            replies.append(value)
+
+    listener = yield bus.listen(on_reply)
+    try:
+        yield bus.declare_fanout(CONTROL_FANOUT)
+        request = Message.of_json({}, type=STATUS, reply_to=listener.address, correlation_id=request_id,
+                                  persistent=False)
+        yield bus.send(CONTROL_FANOUT, request, mandatory=False)
+        yield deferLater(clock, timeout, lambda: None)
+    finally:
+        yield listener.close().addErrback(lambda _: None)
+    return sorted(replies, key=lambda r: (str(r.get("node")), r.get("pid") or 0))
+
+
+class ChildProcesses(ProcessMonitor):
+    """A L{ProcessMonitor} whose stop waits (bounded) until its children have exited."""
+
+    log = Logger()
+
+    def startProcess(self, name: str) -> None:
+        if name in self.protocols:
+            return
+        again = name in self.timeStarted
+        self.log.info("{verb} child process {name}", verb="restarting" if again else "starting", name=name,
+                      component=name.rsplit(".", 1)[0])
+        super().startProcess(name)
+
+    def running_count(self, prefix: str) -> int:
+        return sum(1 for name in self.protocols if name.rsplit(".", 1)[0] == prefix)
+
+    def stopService(self) -> Deferred:  # type: ignore[override]
+        super().stopService()
+        if not self.protocols:
+            return succeed(None)
+        done: Deferred = Deferred()
+        deadline = self._clock.seconds() + self.killTime + 2.0
+
+        def check() -> None:
+            if not self.protocols or self._clock.seconds() > deadline:
+                if self.protocols:
+                    self.log.warn("child processes {names} did not exit", names=sorted(self.protocols))
+                poll.stop()
+
+        poll = LoopingCall(check)
+        poll.clock = self._clock
+        poll.start(0.05, now=True).addCallback(lambda _: done.callback(None))
+        return done
+
+
+class ComponentFailed(Exception):
+    def __init__(self, name: str, reason: Failure) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"component {name} failed to start: {_reason(reason)}")
+
+
+def _reason(failure: Failure) -> str:
+    text = failure.getErrorMessage()
+    kind = failure.type.__name__ if failure.type is not None else "Error"
+    return f"{kind}: {text}" if text else kind
+
+
+class Daemon(MultiService):
+    """A node of the Data Exchange.
+
+    @param config: the node's validated L{Config}.
+    @param reactor: the reactor (time, processes); tests pass their own.
+    @param config_path: the config file, for the child processes (they load it too).
+    @param bus: a ready-made (not started) bus; by default one for the config's broker.
+    @param on_fatal: C{on_fatal(exit_code)} when the node cannot run (a
+        component failed to start); by default the reactor stops.
+    @param log_observer: the log observer for the application, when run by twistd
+        (see L{setServiceParent}).
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, *, reactor: Any = None, config_path: Optional[str] = None,
+                 bus: Optional[Bus] = None, on_fatal: Optional[Callable[[int], None]] = None,
+                 log_observer: Optional[ILogObserver] = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.config_path = os.path.abspath(config_path or config.source)
+        self.bus = bus if bus is not None else bus_for(config, reactor, metrics_observer())
+        self.components: Dict[str, Any] = {}
+        self.children: Optional[ChildProcesses] = None
+        self.started = False
+        self.exit_code: Optional[int] = None
+        self.log_observer = log_observer
+        self._on_fatal = on_fatal
+        self._starting: Optional[Deferred] = None
+        self._control: Any = None
+        self._stopping: Optional[Deferred] = None
+
+    # twistd ----------------------------------------------------------------------
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd the parent is the application: hand it this node's log
+        observer (as a .tac file would, C{application.setComponent(ILogObserver, ...)})
+        so that twistd logs through it, in the config's format."""
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    # lifecycle ---------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.bus.startService()
+        self._starting = self._start()
+        self._starting.addErrback(self._start_failed)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        config = self.config
+        self.log.info("node {node} starting (pid {pid}): {components}; broker {broker}",
+                      node=config.node, pid=os.getpid(), components=", ".join(
+                          f"{name} x{c.instances}" + (" (child)" if c.process == "child" else "")
+                          for name, c in config.components.items()),
+                      broker=config.redacted_broker())
+        if not self.bus.transport.connected:
+            self.log.info("waiting for the broker at {broker}", broker=config.redacted_broker())
+            yield self.bus.transport.when_connected(None)
+        yield declare_topology(self.bus)
+        for name, settings in config.components.items():
+            if settings.process == "child":
+                continue
+            cls = component_class(name)
+            component = cls(name, self.bus, node=config.node, instances=settings.instances, config=config,
+                            clock=self.reactor)
+            component.setServiceParent(self)
+            self.components[name] = component
+            try:
+                yield component.start()
+            except CancelledError:
+                raise
+            except Exception:
+                raise ComponentFailed(name, Failure())
+        self._start_children()
+        self._control = yield self.bus.subscribe(CONTROL_FANOUT, self._on_control)
+        self.started = True
+        self.log.info("node {node} started: {count} component(s)", node=config.node,
+                      count=len(config.components))
+
+    def _start_children(self) -> None:
+        children = [(name, c) for name, c in self.config.components.items() if c.process == "child"]
+        if not children:
+            return
+        monitor = ChildProcesses(reactor=self.reactor)
+        monitor.threshold = 5.0  # a child that dies sooner than this is restarted with backoff
+        monitor.minRestartDelay = 1.0
+        monitor.maxRestartDelay = 60.0
+        monitor.killTime = self.config.timeouts.shutdown + 2.0
+        env = self._child_environment()
+        for name, settings in children:
+            for i in range(settings.instances):
+                args = [sys.executable, "-m", "ooidx.child", "--config", self.config_path, "--component", name]
+                monitor.addProcess(f"{name}.{i}", args, env=env)
+        self.children = monitor
+        monitor.setServiceParent(self)
+
+    def _child_environment(self) -> Dict[str, str]:
+        env = dict(os.environ)
+        # the broker (its password) travels in the environment, never in argv (ps)
+        env[BROKER_ENV] = ",".join(self.config.broker)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = here + (os.pathsep + path if path else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _start_failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError) or self._stopping is not None:
+            return
+        if failure.check(ComponentFailed):
+            self.log.critical("{message}; stopping node {node}", message=str(failure.value),
+                              node=self.config.node, component=failure.value.name)
+        else:
+            self.log.critical("node {node} failed to start: {reason}; stopping", node=self.config.node,
+                              reason=_reason(failure))
+        self.fatal(1)
+
+    def fatal(self, exit_code: int) -> None:
+        """The node cannot run: stop it, and the process, with C{exit_code}."""
+        self.exit_code = exit_code
+        self.stopService()  # whatever did start stops now; twistd's own stop then waits for it
+        if self._on_fatal is not None:
+            self._on_fatal(exit_code)
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    def stopService(self) -> Deferred:
+        if self._stopping is not None:
+            return self._stopping
+        self.log.info("node {node} stopping", node=self.config.node)
+        self.started = False
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        control, self._control = self._control, None
+        d = control.cancel() if control is not None else succeed(None)
+        d.addBoth(lambda _: maybeDeferred(MultiService.stopService, self))
+        d.addErrback(lambda f: self.log.failure("stopping the components", f))
+        d.addCallback(lambda _: self.bus.stopService() if self.bus.running else None)
+        d.addErrback(lambda f: self.log.failure("stopping the bus", f))
+        d.addCallback(lambda _: self.log.info("node {node} stopped cleanly", node=self.config.node))
+        self._stopping = d
+        return d
+
+    # status --------------------------------------------------------------------------
+
+    def component_started(self, name: str) -> bool:
+        settings = self.config.components[name]
+        if settings.process == "child":
+            return self.children is not None and self.children.running_count(name) == settings.instances
+        component = self.components.get(name)
+        return bool(component is not None and component.started)
+
+    def health(self) -> dict:
+        """C{ok} iff the broker link is up and every component of this node has started."""
+        broker_up = bool(self.bus.running and self.bus.transport.connected)
+        components = {name: self.component_started(name) for name in self.config.components}
+        return {"ok": broker_up and all(components.values()), "broker": "up" if broker_up else "down",
+                "components": components}
+
+    def status(self) -> dict:
+        """What this node runs, for C{ooidx status} (the answer to a status request)."""
+        components = {}
+        for name, settings in self.config.components.items():
+            entry = {"started": self.component_started(name), "instances": settings.instances,
+                     "process": settings.process}
+            if settings.process == "child":
+                entry["running"] = self.children.running_count(name) if self.children is not None else 0
+            components[name] = entry
+        return {"node": self.config.node, "pid": os.getpid(), "components": components,
+                "broker": self.config.redacted_broker()}
+
+    def cluster_status(self, timeout: float = 1.5) -> Deferred:
+        """Every node's status (this one's too), sorted by node."""
+        return cluster_status(self.bus, timeout, self.reactor)
+
+    def _on_control(self, message: Message) -> Optional[Deferred]:
+        if message.type != STATUS or not message.reply_to:
+            return None
+        reply = Message.of_json(self.status(), type=STATUS_REPLY, correlation_id=message.correlation_id,
+                                persistent=False)
+        d = self.bus.send(message.reply_to, reply, mandatory=False)
+        d.addErrback(lambda f: self.log.info("status reply to {address} not delivered: {reason}",
+                                             address=message.reply_to, reason=f.getErrorMessage()))
+        return d

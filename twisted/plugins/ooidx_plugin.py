@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+ooidx = ServiceMaker("ooidx", "ooidx.tap", "The OOI Data Exchange daemon (one node)", "ooidx")
