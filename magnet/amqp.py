@@ -206,6 +206,10 @@ def _shortstr(value: Union[str, bytes]) -> bytes:
     return _S_B.pack(len(data)) + data
 
 
+#: names (exchanges, routing keys, content types) repeat: encode each once
+_shortstr_cached = functools.lru_cache(maxsize=2048)(_shortstr)
+
+
 def _longstr(data: bytes) -> bytes:
     return _S_I.pack(len(data)) + data
 
@@ -385,7 +389,7 @@ def encode_properties(message: Message, seq: Optional[int] = None) -> bytes:
     out: List[bytes] = []
     if message.content_type is not None:
         flags |= _P_CONTENT_TYPE
-        out.append(_shortstr(message.content_type))
+        out.append(_shortstr_cached(message.content_type))
     headers = message.headers
     if seq is not None:
         headers = dict(headers)
@@ -400,7 +404,7 @@ def encode_properties(message: Message, seq: Optional[int] = None) -> bytes:
         out.append(_shortstr(message.correlation_id))
     if message.reply_to is not None:
         flags |= _P_REPLY_TO
-        out.append(_shortstr(message.reply_to))
+        out.append(_shortstr_cached(message.reply_to))
     if message.expiration is not None:
         flags |= _P_EXPIRATION
         out.append(_shortstr(str(message.expiration)))
@@ -412,7 +416,7 @@ def encode_properties(message: Message, seq: Optional[int] = None) -> bytes:
         out.append(_S_Q.pack(int(message.timestamp)))
     if message.type is not None:
         flags |= _P_TYPE
-        out.append(_shortstr(message.type))
+        out.append(_shortstr_cached(message.type))
     return _S_H.pack(flags) + b"".join(out)
 
 
@@ -486,6 +490,9 @@ def _content_frames(channel: int, message: Message, seq: Optional[int], frame_ma
     body = message.body
     props = encode_properties(message, seq)
     header = struct.pack(">HHQ", 60, 0, len(body)) + props
+    if len(header) > frame_max - 8:
+        raise ValueError(f"message properties and headers take {len(header)} bytes; they must fit one "
+                         f"frame ({frame_max - 8} bytes)")
     frames = [_FRAME_HEAD.pack(2, channel, len(header)) + header + _FRAME_END_B]
     if body:
         chunk = frame_max - 8
@@ -672,7 +679,7 @@ class _PublishChannel:
 
     def publish(self, exchange: str, routing_key: str, message: Message, mandatory: bool) -> Deferred:
         seq = self.seq + 1
-        method = (_PUBLISH_PREFIX + _shortstr(exchange) + _shortstr(routing_key)
+        method = (_PUBLISH_PREFIX + _shortstr_cached(exchange) + _shortstr_cached(routing_key)
                   + (b"\x01" if mandatory else b"\x00"))
         frames = _content_frames(self.id, message, seq if mandatory else None, self.protocol.frame_max)
         frames.insert(0, _method_frame(self.id, method))
@@ -883,9 +890,14 @@ class _AMQPProtocol(AMQClient):
             return _method_frame(frame.channel, buf.getvalue())
         return AMQClient._pack_frame(self, frame)
 
+    def send_init_string(self) -> None:
+        # the AMQP 0-9-1 protocol header (txAMQP sends the 0-8 style "AMQP 1 1 0 9")
+        self._sent = True
+        self.transport.write(b"AMQP\x00\x00\x09\x01")
+
     def write_frames(self, frames: List[bytes]) -> None:
         self._sent = True
-        self.transport.writeSequence(frames)
+        self.transport.write(b"".join(frames))
 
     def write_ack(self, channel: int, tag: int) -> None:
         self._sent = True
@@ -995,6 +1007,14 @@ class _AMQPProtocol(AMQClient):
         ch = self.channels.pop(channel_id, None)
         del ch
         self.owner._channel_closed(self, channel_id, fast, code, text)
+
+    def do_close(self, reason: Any) -> None:
+        # as AMQClient's, but closing a channel may remove it from the map
+        for ch in list(self.channels.values()):
+            ch.close(reason)
+        for q in list(self.queues.values()):
+            q.close()
+        self.delegate.close(reason)
 
     # -- heartbeats
 

@@ -612,3 +612,64 @@ def test_stop_is_bounded_and_fails_waiters(make_transport: Any, names: Names) ->
     inbox.deliveries[0].ack()  # the link that brought it is gone: a no-op
     with pytest.raises(NotConnected):
         yield wait(t.publish("", q, Message(body=b"after stop")))
+
+
+@pytest_twisted.inlineCallbacks
+def test_headers_too_large_for_a_frame_fail_the_publish_only(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    with pytest.raises(ValueError):
+        yield wait(transport.publish("", q, Message(body=b"x", headers={"big": "x" * 200000})))
+    with pytest.raises(ValueError):
+        yield wait(transport.publish("", q, Message(body=b"x", correlation_id="c" * 300)))
+    yield wait(transport.publish("", q, Message(body=b"fine")))
+    assert transport.connected
+
+
+def test_heartbeats_sent_when_idle_and_silent_broker_dropped() -> None:
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    clock = Clock()
+    owner = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=clock)
+    proto = amqp._AMQPProtocol(owner, owner.urls[0], owner.spec, clock, 10.0)
+    wire = StringTransport()
+    proto.makeConnection(wire)
+    assert wire.value() == b"AMQP\x00\x00\x09\x01"
+    wire.clear()
+    proto.start_heartbeat(10)
+    clock.advance(5)
+    assert wire.value() == b""  # the protocol header counted as traffic
+    clock.advance(5)
+    assert wire.value() == b"\x08\x00\x00\x00\x00\x00\x00\xce"  # idle: a heartbeat frame
+    proto.dataReceived(b"\x08\x00\x00\x00\x00\x00\x00\xce")  # the broker's heartbeat
+    for _ in range(4):  # 20 s of silence: not yet
+        clock.advance(5)
+    assert not wire.disconnecting
+    clock.advance(5)  # nothing from the broker for two full intervals (checked every half interval)
+    assert wire.disconnecting
+
+
+@pytest_twisted.inlineCallbacks
+def test_silent_server_times_out_the_handshake_and_retries(make_transport: Any, logs: LogCapture) -> Any:
+    from twisted.internet.protocol import Factory, Protocol
+
+    connections: List[Any] = []
+
+    class Silent(Protocol):
+        def connectionMade(self) -> None:
+            connections.append(self)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+    try:
+        t = make_transport(f"amqp://guest:guest@127.0.0.1:{port.getHost().port}/", connect_timeout=0.5,
+                           operation_timeout=0.5, backoff=lambda attempt: 0.1)
+        yield until(lambda: len(connections) >= 2, 10, "a second attempt")
+        assert not t.connected
+        assert any("did not complete the connection setup" in x for x in logs.texts())
+        yield wait(t.stop(), 5)
+    finally:
+        for c in connections:
+            c.transport.abortConnection()
+        yield port.stopListening()
