@@ -2,6 +2,7 @@
 for a log line (every wait bounded), signal, and always clean up."""
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import socket
@@ -136,7 +137,7 @@ async def eventually(check: Callable[[], Any], timeout: float, what: str, interv
     while True:
         try:
             result = check()
-            if hasattr(result, "addCallback"):
+            if inspect.isawaitable(result):
                 result = await result
             if result:
                 return result

@@ -1,0 +1,210 @@
+"""Nodes as separate `twistd -n ooidx` processes on RabbitMQ, doing real work
+across them: child processes supervised and restarted, two nodes with
+different component sets seen from outside (bus, status, HTTP).
+
+The component queues have fixed names (fetcher, cache, ...), so each test
+runs in a RabbitMQ virtual host of its own, made for it and deleted after
+(or, when the test broker is not the local one rabbitmqctl manages, on a
+private RabbitMQ node of its own): nothing else consumes its queues.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, List
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+import magnet
+from ooidx.daemon import cluster_status
+
+from tests.rabbitmq import url_host_port
+from twistd_helpers import Daemon, environment, eventually, free_port, write_config
+
+pytestmark = [pytest.mark.rabbitmq]
+
+TOKEN = "multinode-token-" + uuid.uuid4().hex
+
+
+def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def isolated_broker(request: Any) -> Any:
+    """The amqp:// URL of a virtual host of this test's own."""
+    base = request.getfixturevalue("broker_url")
+    parts = urlsplit(base)
+    local = url_host_port(base) in (("127.0.0.1", 5672), ("localhost", 5672))
+    if local and shutil.which("rabbitmqctl") and _rabbitmqctl("list_vhosts").returncode == 0:
+        vhost = f"ooidx-test-{uuid.uuid4().hex[:10]}"
+        made = _rabbitmqctl("add_vhost", vhost)
+        assert made.returncode == 0, made.stderr
+        try:
+            user = parts.username or "guest"
+            allowed = _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+            assert allowed.returncode == 0, allowed.stderr
+            yield urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
+        finally:
+            _rabbitmqctl("delete_vhost", vhost)
+    else:
+        yield request.getfixturevalue("private_rabbitmq").url
+
+
+@pytest.fixture
+def daemons() -> Any:
+    made: List[Daemon] = []
+    yield made
+    for d in made:
+        d.kill()
+
+
+@pytest.fixture
+def test_bus(isolated_broker: str) -> Any:
+    bus = magnet.connect(isolated_broker, reactor, node="tester", rpc_timeout=5, send_timeout=5,
+                         shutdown_timeout=2, heartbeat=5)
+    bus.startService()
+    yield bus
+    pytest_twisted.blockon(bus.stopService())
+
+
+def start_node(tmp_path: Path, broker: str, name: str, components: dict, **settings: Any) -> Daemon:
+    settings.setdefault("http", {"web_port": 0, "proxy_port": 0})
+    settings.setdefault("timeouts", {"shutdown": 3, "rpc": 5})
+    settings.setdefault("security", {"token": TOKEN})
+    # the broker (with its password) comes from the environment, as in production
+    config = write_config(tmp_path / f"{name}.yaml", node=name, broker="amqp://guest@127.0.0.1:5672/",
+                          components=components, **settings)
+    return Daemon(config, env=environment(OOIDX_BROKER=broker))
+
+
+async def pings(bus: magnet.Bus, count: int) -> List[dict]:
+    return [await bus.call("fetcher", "ping", timeout=5) for _ in range(count)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_child_processes_are_supervised_and_restarted(tmp_path: Path, isolated_broker: str,
+                                                            test_bus: magnet.Bus, daemons: List[Daemon]) -> None:
+    d = start_node(tmp_path, isolated_broker, "worker",
+                   {"fetcher": {"instances": 2, "process": "child"}, "cache": None})
+    daemons.append(d)
+    await eventually(lambda: d.has("node worker started"), 60, "node started")
+    await eventually(lambda: d.log().count("serving fetcher") >= 2, 60, "two fetcher children serving")
+
+    answers = await pings(test_bus, 10)
+    pids = {a["pid"] for a in answers}
+    assert {a["node"] for a in answers} == {"worker"}
+    assert d.pid not in pids, "fetcher must answer from a child process, not the daemon"
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode()
+        assert "ooidx.child" in argv and "fetcher" in argv
+        assert "guest:guest" not in argv and isolated_broker not in argv  # the broker is not in ps
+    cache = await test_bus.call("cache", "ping", timeout=5)
+    assert cache["pid"] == d.pid  # inline
+
+    # status shows the children
+    replies = await cluster_status(test_bus, timeout=1.5)
+    assert [r["node"] for r in replies] == ["worker"]
+    assert replies[0]["components"]["fetcher"] == {"started": True, "instances": 2, "process": "child",
+                                                   "running": 2}
+    assert replies[0]["broker"].startswith("amqp://guest:***@")
+
+    # kill -9 one child: it comes back, and answers
+    victim = sorted(pids)[0]
+    os.kill(victim, signal.SIGKILL)
+    await eventually(lambda: not alive(victim) or open(f"/proc/{victim}/stat").read().split()[2] == "Z", 10,
+                     "the child died")
+
+    async def new_child_answers() -> bool:
+        seen = {a["pid"] for a in await pings(test_bus, 6)}
+        return bool(seen - pids)
+
+    await eventually(new_child_answers, 45, "a restarted fetcher child answers", interval=0.5)
+    assert d.has("restarting child process fetcher.")
+
+    # SIGTERM: the daemon stops its children and exits 0
+    children = {a["pid"] for a in await pings(test_bus, 6)}
+    d.terminate()
+    assert d.wait_exit(30) == 0, d.describe()
+    for pid in children:
+        await eventually(lambda: not alive(pid), 10, f"child {pid} gone")
+    log = d.log()
+    assert "node worker stopped cleanly" in log
+    assert "child process" in log and "stopped" in log
+    assert "guest:guest@" not in log and "Traceback" not in log, d.describe()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_share_the_work(tmp_path: Path, isolated_broker: str, test_bus: magnet.Bus,
+                                        daemons: List[Daemon]) -> None:
+    web_port = free_port()
+    a = start_node(tmp_path, isolated_broker, "node-a",
+                   {"controller": None, "attribute_store": None, "pub_sub": None, "notification": None,
+                    "web": {"port": web_port}},
+                   logging={"format": "json", "level": "info"})
+    b = start_node(tmp_path, isolated_broker, "node-b", {"fetcher": {"instances": 2}, "cache": None})
+    daemons += [a, b]
+    for d, name in ((a, "node-a"), (b, "node-b")):
+        await eventually(lambda: d.has(f"node {name} started"), 60, f"{name} started")
+
+    # work for fetcher goes to node B only, whoever sends it
+    answers = await pings(test_bus, 20)
+    assert {x["node"] for x in answers} == {"node-b"}
+    assert {x["pid"] for x in answers} == {b.pid}
+    assert (await test_bus.call("controller", "ping", timeout=5))["node"] == "node-a"
+    assert (await test_bus.call("attribute_store", "ping", timeout=5))["pid"] == a.pid
+
+    # every node answers the status request, with what it runs
+    replies = await cluster_status(test_bus, timeout=1.5)
+    assert [r["node"] for r in replies] == ["node-a", "node-b"]
+    assert set(replies[0]["components"]) == {"attribute_store", "controller", "notification", "pub_sub", "web"}
+    assert replies[1]["components"] == {
+        "cache": {"started": True, "instances": 1, "process": "inline"},
+        "fetcher": {"started": True, "instances": 2, "process": "inline"},
+    }
+    assert [r["pid"] for r in replies] == [a.pid, b.pid]
+
+    # and through node A's web edge, over HTTP
+    import treq
+
+    base = f"http://127.0.0.1:{web_port}"
+    response = await treq.post(f"{base}/api/call/fetcher/ping", json={},
+                               headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    body = json.loads(await response.content())
+    assert response.code == 200, body
+    assert body["result"]["node"] == "node-b" and body["result"]["pid"] == b.pid
+    response = await treq.get(f"{base}/healthz", timeout=10)
+    health = json.loads(await response.content())
+    assert response.code == 200 and health["ok"] is True, health
+    response = await treq.get(f"{base}/api/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert response.code == 200
+    status = json.loads(await response.content())
+    assert "node-b" in json.dumps(status)
+
+    # node A logs JSON lines, no secret in them
+    for d in (a, b):
+        d.terminate()
+    for d in (a, b):
+        assert d.wait_exit(30) == 0, d.describe()
+    records = [json.loads(line) for line in a.log().splitlines()]
+    assert {r["node"] for r in records} == {"node-a"}
+    assert "web" in {r["component"] for r in records}
+    for d in (a, b):
+        assert TOKEN not in d.log() and "guest:guest@" not in d.log()
