@@ -13,7 +13,8 @@ Run::
 
 Options: ``--broker URL`` (or ``OOIDX_BENCH_BROKER``), ``--seconds N``
 (measured time per run, default 3, after ``--warmup`` 0.5 s), ``--rounds N``
-(runs per side, default 2), ``--json PATH`` (the rows as a JSON list of
+(runs per side, default 3), ``--row TEXT`` (only
+the rows whose name contains TEXT), ``--json PATH`` (the rows as a JSON list of
 ``{name, value, unit, baseline, baseline_value, ratio}``), ``--plot DIR``
 (one PNG per group of the ratios; needs matplotlib, the ``bench`` extra),
 ``-v`` (every run's figure, tracebacks).

@@ -25,8 +25,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="AMQP broker URL (default: $OOIDX_BENCH_BROKER or %(default)s)")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run (default 3)")
     parser.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds before each run (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="runs per side, alternating order; the best counts (default 2)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs per side, alternating order; the best counts (default 3)")
+    parser.add_argument("--row", metavar="TEXT", action="append", default=[],
+                        help="only the rows whose name contains TEXT (repeatable)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
     parser.add_argument("--plot", metavar="DIR", help="also write a PNG of each group's ratios to DIR (matplotlib)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every run's figure and tracebacks")
@@ -44,6 +46,13 @@ def main(argv: List[str]) -> int:
     settings = harness.Settings(broker=args.broker, seconds=args.seconds, warmup=args.warmup,
                                 rounds=args.rounds, verbose=args.verbose)
     groups = [importlib.import_module(GROUPS[name]).group() for name in (args.groups or list(GROUPS))]
+    if args.row:
+        for group in groups:
+            group.benchmarks = [b for b in group.benchmarks if any(t.lower() in b.name.lower() for t in args.row)]
+        groups = [g for g in groups if g.benchmarks]
+        if not groups:
+            harness.log(f"no row matches {args.row}")
+            return 2
     outcome: Dict[str, Any] = {"rows": [], "failed": False}
 
     def run(reactor: Any) -> Any:

@@ -57,7 +57,7 @@ class Settings:
     broker: str = DEFAULT_BROKER
     seconds: float = 3.0
     warmup: float = 0.5
-    rounds: int = 2
+    rounds: int = 3
     setup_timeout: float = 30.0
     drain_timeout: float = 15.0
     verbose: bool = False
