@@ -1,0 +1,507 @@
+"""ooidx: the operator's command line.
+
+    ooidx call fetcher ping
+    ooidx call attribute_store get key=datasets/foo
+    ooidx status
+    ooidx --broker amqp://user:pass@rabbit/ status
+
+It reaches the components through a running daemon's web port (C{--url},
+default http://127.0.0.1:8080, or C{OOIDX_URL}) with the operator token
+(C{--token}, else C{OOIDX_TOKEN}, else the token file the daemon keeps in the
+data directory of C{--config}), or, with C{--broker amqp://...}, straight
+through the broker.
+
+Exit status: 0 done; 1 the daemon or a component answered with an error;
+2 a usage error; 3 the daemon (or broker) cannot be reached.
+
+Adding a subcommand is one function and one registration::
+
+    @command("datasets", "list the registered datasets",
+             arg("--pattern", default=".*", help="..."))
+    @inlineCallbacks
+    def datasets(ctx: Context) -> Any:
+        result = yield ctx.client.call("controller", "datasets", {"pattern": ctx.args.pattern})
+        ctx.print_json(result)
+
+Commands talk to the daemon only through C{ctx.client}, whose methods return
+Deferreds. Over HTTP they are already fired (the client is a plain blocking
+urllib one; no reactor runs for a short command); with C{--broker} the
+command runs in the reactor under L{twisted.internet.task.react}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
+
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.python.failure import Failure
+
+__all__ = ["main", "run", "command", "arg", "Context", "COMMANDS", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE",
+           "EXIT_UNREACHABLE"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # the daemon or a component answered with an error
+EXIT_USAGE = 2  # argparse's own
+EXIT_UNREACHABLE = 3  # no daemon (or broker) answered at all
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_CONFIG = os.path.join("etc", "dx.yaml")
+URL_ENV = "OOIDX_URL"
+TOKEN_ENV = "OOIDX_TOKEN"
+#: How much longer than the call's own timeout the HTTP client waits for the daemon's answer.
+HTTP_GRACE = 5.0
+
+
+# --------------------------------------------------------------------------- #
+# errors
+
+
+class CliError(Exception):
+    """Ends the command with C{code}; C{str()} is printed after C{error: }."""
+
+    code = EXIT_ERROR
+
+
+class UsageError(CliError):
+    code = EXIT_USAGE
+
+
+class Unreachable(CliError):
+    code = EXIT_UNREACHABLE
+
+
+class RemoteFailure(CliError):
+    """The daemon or a component answered with an error."""
+
+    code = EXIT_ERROR
+
+    def __init__(self, kind: str, message: str, status: Optional[int] = None) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+        self.status = status
+
+
+# --------------------------------------------------------------------------- #
+# the subcommand registry
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    run: Callable[["Context"], Any]
+    arguments: Tuple[Tuple[tuple, dict], ...] = ()
+
+
+#: Every subcommand, by name, in the order registered.
+COMMANDS: Dict[str, Command] = {}
+
+
+def arg(*flags: str, **options: Any) -> Tuple[tuple, dict]:
+    """One argument of a subcommand: what C{ArgumentParser.add_argument} takes."""
+    return flags, options
+
+
+def command(name: str, help: str, *arguments: Tuple[tuple, dict]) -> Callable[[Callable], Callable]:
+    """Register C{function(ctx)} as the subcommand C{name}. It returns a
+    Deferred (write it with C{@inlineCallbacks}) and talks to the daemon
+    through C{ctx.client}; raise L{CliError} (or let the client's raise) to
+    fail with its exit status."""
+
+    def register(function: Callable[["Context"], Any]) -> Callable[["Context"], Any]:
+        if name in COMMANDS:
+            raise ValueError(f"subcommand {name!r} registered twice")
+        COMMANDS[name] = Command(name, help, function, tuple(arguments))
+        return function
+
+    return register
+
+
+@dataclass
+class Context:
+    """What a subcommand gets: its arguments, a client, where to write."""
+
+    args: argparse.Namespace
+    client: Any
+    stdout: TextIO
+    stderr: TextIO
+    environ: Dict[str, str] = field(default_factory=dict)
+
+    def print(self, text: str = "") -> None:
+        self.stdout.write(text + "\n")
+
+    def print_json(self, value: Any) -> None:
+        self.print(json.dumps(value, indent=2, ensure_ascii=False))
+
+    def print_result(self, value: Any) -> None:
+        """A call's result: JSON pretty-printed; bytes as they are."""
+        if isinstance(value, (bytes, bytearray)):
+            self.stdout.flush()
+            out = getattr(self.stdout, "buffer", None)
+            if out is not None:
+                out.write(value)
+                out.flush()
+            else:  # a text-only stream (tests): show the bytes readably
+                self.stdout.write(bytes(value).decode("utf-8", "backslashreplace"))
+            return
+        self.print_json(value)
+
+
+# --------------------------------------------------------------------------- #
+# subcommands
+
+
+@command(
+    "call", "call an operation of a component and print its JSON result",
+    arg("service", help="the component, e.g. fetcher, attribute_store"),
+    arg("op", help="the operation, e.g. ping"),
+    arg("params", nargs="*", metavar="KEY=VALUE",
+        help="keyword arguments; a value is JSON if it parses as JSON (1, true, null, [1,2], "
+             "'\"text\"'), else a string"),
+)
+@inlineCallbacks
+def call(ctx: Context) -> Any:
+    kwargs = parse_params(ctx.args.params)
+    result = yield ctx.client.call(ctx.args.service, ctx.args.op, kwargs)
+    ctx.print_result(result)
+
+
+@command(
+    "status", "which components answer, and where (node, process)",
+    arg("--json", action="store_true", help="print the daemons' status replies as JSON"),
+)
+@inlineCallbacks
+def status(ctx: Context) -> Any:
+    nodes = yield ctx.client.status()
+    if ctx.args.json:
+        ctx.print_json(nodes)
+        return
+    if not nodes:
+        raise CliError("no daemon answered the status request")
+    ctx.print(format_status(nodes))
+
+
+def format_status(nodes: List[Dict[str, Any]]) -> str:
+    """The status replies as a table: one row a component a node."""
+    rows = [("NODE", "COMPONENT", "STARTED", "INSTANCES", "PROCESS", "PID")]
+    for node in nodes:
+        components = node.get("components") or {}
+        for name in sorted(components):
+            info = components[name]
+            if not isinstance(info, dict):
+                info = {"started": bool(info)}
+            instances = info.get("instances")
+            if "running" in info and instances is not None:
+                instances = f"{info['running']}/{instances}"
+            rows.append((str(node.get("node", "?")), name, "yes" if info.get("started") else "NO",
+                         "-" if instances is None else str(instances), str(info.get("process") or "-"),
+                         str(node.get("pid", "-"))))
+        if not components:
+            rows.append((str(node.get("node", "?")), "-", "-", "-", "-", str(node.get("pid", "-"))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def parse_params(params: List[str]) -> Dict[str, Any]:
+    """C{["key=value", ...]} as keyword arguments: each value JSON if it parses, else a string."""
+    kwargs: Dict[str, Any] = {}
+    for param in params:
+        key, sep, raw = param.partition("=")
+        if not sep or not key:
+            raise UsageError(f"expected KEY=VALUE, got {param!r}")
+        if key in kwargs:
+            raise UsageError(f"{key} given twice")
+        try:
+            kwargs[key] = json.loads(raw, parse_constant=_no_constant)
+        except ValueError:
+            kwargs[key] = raw
+    return kwargs
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+# --------------------------------------------------------------------------- #
+# clients
+
+
+class HttpClient:
+    """The daemon's web API, with a blocking urllib client. Its methods
+    return already-fired Deferreds, so commands run without a reactor."""
+
+    def __init__(self, url: str, token: Optional[str], timeout: Optional[float] = None) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, service: str, op: str, kwargs: Dict[str, Any]) -> Deferred:
+        path = "/api/call/{}/{}".format(urllib.parse.quote(service, safe=""), urllib.parse.quote(op, safe=""))
+        if self.timeout is not None:
+            path += "?" + urllib.parse.urlencode({"timeout": f"{self.timeout:g}"})
+        body = json.dumps(kwargs).encode("utf-8")
+        return self._request("POST", path, body, authorize=True).addCallback(self._result)
+
+    def status(self) -> Deferred:
+        def nodes(answer: Tuple[str, bytes]) -> Any:
+            value = _json_of(answer[1], "/api/status")
+            if not isinstance(value, dict) or not isinstance(value.get("nodes"), list):
+                raise RemoteFailure("BadReply", "the status answer has no list of nodes")
+            return value["nodes"]
+
+        return self._request("GET", "/api/status", None, authorize=False).addCallback(nodes)
+
+    def _result(self, answer: Tuple[str, bytes]) -> Any:
+        content_type, body = answer
+        if content_type.split(";")[0].strip() == "application/octet-stream":
+            return body
+        value = _json_of(body, "the call")
+        if not isinstance(value, dict) or "result" not in value:
+            raise RemoteFailure("BadReply", "the answer has no result")
+        return value["result"]
+
+    def _request(self, method: str, path: str, body: Optional[bytes], *, authorize: bool) -> Deferred:
+        """(content type, body) of a 200 answer, as a fired Deferred."""
+        headers = {"Accept": "application/json", "User-Agent": "ooidx-cli"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if authorize and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        url = self.url + path
+        request = urllib.request.Request(url, data=body, headers=headers, method=method)
+        wait = None if self.timeout is None else self.timeout + HTTP_GRACE
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+        try:
+            with opener.open(request, timeout=wait if wait is not None else 60.0) as response:
+                return succeed((response.headers.get("Content-Type", ""), response.read()))
+        except urllib.error.HTTPError as e:
+            try:
+                return fail(self._http_error(e, authorize))
+            finally:
+                e.close()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, socket.timeout) or isinstance(e, socket.timeout):
+                reason = f"no answer within {wait or 60.0:g} s"
+            return fail(Unreachable(f"cannot reach the daemon at {self.url}: {reason}"))
+
+    def _http_error(self, e: urllib.error.HTTPError, authorize: bool) -> CliError:
+        try:
+            info = json.loads(e.read(64 * 1024))["error"]
+            kind, message = str(info["type"]), str(info["message"])
+        except (ValueError, KeyError, TypeError, OSError):
+            kind, message = f"HTTP {e.code}", str(e.reason)
+        if e.code == 401 and authorize and not self.token:
+            message += (f" (no token found: set {TOKEN_ENV}, pass --token, or run on the daemon's machine "
+                        "with --config pointing at its config)")
+        return RemoteFailure(kind, message, e.code)
+
+
+def _json_of(body: bytes, what: str) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise RemoteFailure("BadReply", f"the answer to {what} is not JSON") from None
+
+
+class BrokerClient:
+    """Straight through the broker with magnet: for RabbitMQ, where the bus
+    does not live inside one daemon."""
+
+    def __init__(self, bus: Any, timeout: Optional[float] = None, status_timeout: float = 1.5) -> None:
+        self.bus = bus
+        self.timeout = timeout
+        self.status_timeout = status_timeout
+
+    def call(self, service: str, op: str, kwargs: Dict[str, Any]) -> Deferred:
+        return self.bus.call(service, op, timeout=self.timeout, **kwargs).addErrback(self._translate)
+
+    def status(self) -> Deferred:
+        from ooidx.daemon import cluster_status
+        return cluster_status(self.bus, self.status_timeout).addErrback(self._translate)
+
+    @staticmethod
+    def _translate(failure: Failure) -> Any:
+        import magnet
+        exc = failure.value
+        if isinstance(exc, magnet.RemoteError):
+            raise RemoteFailure(exc.remote_type, exc.message)
+        if isinstance(exc, (magnet.NotConnected, magnet.ConnectionLost)):
+            raise Unreachable(f"cannot reach the broker: {exc}")
+        if isinstance(exc, magnet.MagnetError):
+            raise RemoteFailure(type(exc).__name__, str(exc))
+        if isinstance(exc, TypeError):
+            raise UsageError(str(exc))
+        return failure
+
+
+# --------------------------------------------------------------------------- #
+# the parser and the run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ooidx", description="Operate a Data Exchange: call its components, see what runs where.",
+        epilog="exit status: 0 done, 1 an error answer, 2 usage, 3 the daemon or broker cannot be reached")
+    p.add_argument("--url", help=f"the daemon's web port (default: ${URL_ENV}, else {DEFAULT_URL})")
+    p.add_argument("--token", help=f"the operator token (default: ${TOKEN_ENV}, else the token file "
+                                   "in the data directory of --config)")
+    p.add_argument("--config", help=f"the daemon's config, to find the token file (default: {DEFAULT_CONFIG} "
+                                    "if it exists)")
+    p.add_argument("--broker", metavar="AMQP_URL",
+                   help="go straight to this amqp:// broker instead of through the web port")
+    p.add_argument("--timeout", type=_positive, metavar="SECONDS",
+                   help="how long a call may take (default: the daemon's RPC timeout)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for flags, options in cmd.arguments:
+            sp.add_argument(*flags, **options)
+    return p
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def find_cli_token(args: argparse.Namespace, environ: Dict[str, str]) -> Optional[str]:
+    """--token, else OOIDX_TOKEN, else the daemon's token file (via --config or etc/dx.yaml)."""
+    if args.token:
+        return args.token
+    if environ.get(TOKEN_ENV):
+        return environ[TOKEN_ENV]
+    config_path = args.config
+    if config_path is None:
+        if not os.path.exists(DEFAULT_CONFIG):
+            return None
+        config_path = DEFAULT_CONFIG
+    from ooidx.config import ConfigError
+    from ooidx.token import TokenError, find_token
+    try:
+        return find_token(config_path)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except TokenError as e:
+        raise CliError(str(e)) from None
+
+
+def run(argv: Optional[List[str]] = None, stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None,
+        environ: Optional[Dict[str, str]] = None) -> int:
+    """Run one command; its exit status."""
+    stdout = stdout if stdout is not None else sys.stdout
+    stderr = stderr if stderr is not None else sys.stderr
+    environ = dict(os.environ if environ is None else environ)
+    p = parser()
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return int(e.code or 0)
+    cmd = COMMANDS[args.command]
+    try:
+        if args.broker:
+            return _run_on_broker(cmd, args, stdout, stderr, environ)
+        url = args.url or environ.get(URL_ENV) or DEFAULT_URL
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
+        token = find_cli_token(args, environ) if _needs_token(cmd) else None
+        ctx = Context(args, HttpClient(url, token, args.timeout), stdout, stderr, environ)
+        d = cmd.run(ctx)
+        outcome: List[Any] = []
+        d.addBoth(outcome.append)
+        if not outcome:  # pragma: no cover - an HTTP command waited on something that is not the client
+            raise CliError("the command did not finish")
+        return _exit_status(outcome[0], stderr)
+    except CliError as e:
+        return _report(e, stderr)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _needs_token(cmd: Command) -> bool:
+    # Reading (status) is open; anything else asks for the token, and the
+    # token file is only looked for when it is needed.
+    return cmd.name != "status"
+
+
+def _run_on_broker(cmd: Command, args: argparse.Namespace, stdout: TextIO, stderr: TextIO,
+                   environ: Dict[str, str]) -> int:
+    scheme = args.broker.split("://", 1)[0].lower() if "://" in args.broker else ""
+    if scheme not in ("amqp", "amqps"):
+        raise UsageError("--broker takes an amqp:// or amqps:// URL; a memory:// bus lives inside its daemon, "
+                         "reach it with --url")
+    from twisted.internet import task
+
+    import magnet
+
+    codes: List[int] = []
+
+    @inlineCallbacks
+    def main(reactor: Any) -> Any:
+        options: Dict[str, Any] = {"node": "ooidx-cli"}
+        if args.timeout is not None:
+            options.update(rpc_timeout=args.timeout, connect_timeout=args.timeout)
+        try:
+            bus = magnet.connect(args.broker, reactor, **options)
+        except magnet.BadURL as e:
+            codes.append(_report(UsageError(str(e)), stderr))
+            return
+        bus.startService()
+        try:
+            try:
+                yield bus.when_connected(args.timeout if args.timeout is not None else 10.0)
+            except magnet.MagnetError as e:
+                raise Unreachable(f"cannot reach the broker: {e}") from None
+            ctx = Context(args, BrokerClient(bus, args.timeout), stdout, stderr, environ)
+            yield cmd.run(ctx)
+            codes.append(EXIT_OK)
+        except CliError as e:
+            codes.append(_report(e, stderr))
+        except Exception:
+            codes.append(_exit_status(Failure(), stderr))
+        finally:
+            yield bus.stopService()
+
+    try:
+        task.react(main)
+    except SystemExit as e:
+        if not codes:
+            return int(e.code or 0) or EXIT_ERROR
+    return codes[0] if codes else EXIT_ERROR
+
+
+def _exit_status(outcome: Any, stderr: TextIO) -> int:
+    if not isinstance(outcome, Failure):
+        return EXIT_OK
+    if outcome.check(CliError):
+        return _report(outcome.value, stderr)
+    stderr.write(f"error: unexpected {outcome.type.__name__}: {outcome.getErrorMessage()}\n")
+    return EXIT_ERROR
+
+
+def _report(error: CliError, stderr: TextIO) -> int:
+    stderr.write(f"error: {error}\n")
+    return error.code
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """The C{ooidx} console script."""
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()
