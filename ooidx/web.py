@@ -245,6 +245,7 @@ class Web(Component):
         site = _Site(_Api(self), requestFactory=request_factory, parsePOSTFormSubmission=False,
                      reactor=self.clock, timeout=IDLE_TIMEOUT)
         site.displayTracebacks = False
+        site.noisy = False
         self._listening = self.clock.listenTCP(self._port_number, site, interface=self._interface)
         self._site = site
         self.log.info("{component} listening on {url} (/healthz, /metrics, /api)", component=self.name, url=self.url)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task, threads, utils
+from twisted.internet import defer, reactor, threads, utils
 
 import magnet
 from magnet import operation
