@@ -37,6 +37,7 @@ from magnet.errors import BadMessage
 
 from ooidx.bootstrap import CONTROL_FANOUT, declare_topology
 from ooidx.config import BROKER_ENV, Config
+from ooidx.logs import add_secret
 from ooidx.registry import component_class
 
 __all__ = ["Daemon", "ChildProcesses", "bus_for", "cluster_status", "STATUS", "STATUS_REPLY"]
@@ -231,11 +232,21 @@ class Daemon(MultiService):
                 raise
             except Exception:
                 raise ComponentFailed(name, Failure())
+        self._hide_generated_token()
         self._start_children()
         self._control = yield self.bus.subscribe(CONTROL_FANOUT, self._on_control)
         self.started = True
         self.log.info("node {node} started: {count} component(s)", node=config.node,
                       count=len(config.components))
+
+    def _hide_generated_token(self) -> None:
+        """A token the web edge made at first start (in the data directory) is a
+        secret the config did not know of: keep it out of the logs too."""
+        try:
+            from ooidx.token import read_token_file, token_path
+            add_secret(read_token_file(token_path(self.config.data_dir)))
+        except Exception:  # noqa: BLE001 - no token module or file: nothing to hide
+            pass
 
     def _start_children(self) -> None:
         children = [(name, c) for name, c in self.config.components.items() if c.process == "child"]

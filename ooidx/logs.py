@@ -138,7 +138,11 @@ class LineObserver:
     def fields(self, event: dict) -> dict:
         level = event.get("log_level")
         namespace = event.get("log_namespace") or "-"
-        component = event.get("component") or self.component or _short_namespace(namespace)
+        component = event.get("component") or self.component
+        if not component and namespace == CHILD_OUTPUT_NAMESPACE and event.get("tag"):
+            component = str(event["tag"]).rsplit(".", 1)[0]  # a child's stderr: fetcher.0 -> fetcher
+        if not component:
+            component = _short_namespace(namespace)
         message = formatEvent(event) if event.get("log_format") is not None or "log_text" in event else ""
         if not message and "message" in event:  # legacy log.msg
             message = " ".join(str(m) for m in event["message"])
@@ -172,10 +176,14 @@ class LineObserver:
         return text.replace("\n", "\\n").replace("\r", "\\r")
 
     def __call__(self, event: dict) -> None:
-        if _is_child_line(event):
-            self.out.write(self.redact(str(event["line"])).replace("\r", "") + "\n")
-            self.out.flush()
-            return
+        if event.get("log_namespace") == CHILD_OUTPUT_NAMESPACE and "line" in event:
+            line = str(event["line"]).rstrip("\r")
+            if not line.strip():  # procmon ends every child's output with an empty line
+                return
+            if _is_child_line(event):
+                self.out.write(self.redact(line) + "\n")
+                self.out.flush()
+                return
         self.out.write(self.line(event) + "\n")
         self.out.flush()
 

@@ -19,7 +19,9 @@ from twisted.python import usage
 
 from ooidx.config import ConfigError, check_ports_free, load
 from ooidx.daemon import Daemon
-from ooidx.logs import make_observer
+from magnet.errors import MagnetError
+
+from ooidx.logs import make_observer, redactor
 
 DEFAULT_CONFIG = "etc/dx.yaml"
 
@@ -45,8 +47,11 @@ def makeService(options: Options) -> Daemon:
         # twistd has not started logging yet: this line goes to stderr, status 1
         raise SystemExit(f"ooidx: {e}") from None
     observer = make_observer(config, _log_output(options))
-    daemon = Daemon(config, reactor=reactor, config_path=options["config"], log_observer=observer,
-                    on_fatal=lambda code: reactor.callWhenRunning(reactor.stop))
+    try:
+        daemon = Daemon(config, reactor=reactor, config_path=options["config"], log_observer=observer,
+                        on_fatal=lambda code: reactor.callWhenRunning(reactor.stop))
+    except MagnetError as e:  # a broker URL the transport cannot use
+        raise SystemExit(f"ooidx: {config.source}: broker: {redactor(str(e))}") from None
     reactor.addSystemEventTrigger("after", "shutdown", exit_status_after_twistd,
                                   lambda: daemon.exit_code or 0)
     return daemon

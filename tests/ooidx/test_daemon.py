@@ -409,3 +409,13 @@ def test_a_failed_start_exits_nonzero_with_one_clear_line(tmp_path: Path, daemon
     assert "node n1 stopped cleanly" in d.log()
     assert "Server Shut Down." in d.log()
     assert "Traceback" not in d.log() + d.stderr()
+
+
+def test_child_stderr_names_its_component_and_empty_lines_are_dropped() -> None:
+    out = io.StringIO()
+    observer = LineObserver(out, node="n")
+    for line, stream in (("", "stdout"), ("", "stderr"), ("ImportError: no module x", "stderr")):
+        observer({"log_format": "[{tag}] {line}", "tag": "fetcher.1", "line": line, "stream": stream,
+                  "log_level": LogLevel.info, "log_namespace": CHILD_OUTPUT_NAMESPACE, "log_time": 1.0})
+    assert out.getvalue().splitlines() == [
+        "1970-01-01T00:00:01.000Z info     n fetcher: [fetcher.1] ImportError: no module x"]
