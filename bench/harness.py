@@ -313,8 +313,12 @@ def measure(reactor: Any, load: Load, settings: Settings) -> Any:
     c0, t0 = load.completed, time.perf_counter()
     yield deferLater(reactor, settings.seconds, lambda: None)
     c1, t1 = load.completed, time.perf_counter()
-    yield load.pause()
-    if load.error is not None:
+    try:
+        yield load.pause()
+    except Exception:
+        if load.error is None:
+            raise
+    if load.error is not None:  # the first failure, not a drain timeout it caused
         load.error.raiseException()
     if c1 == c0:
         raise BenchError("no operation completed during the measurement")
