@@ -312,3 +312,25 @@ def test_adding_a_subcommand_is_one_function_and_one_registration() -> None:
             cli.command("hello", "again")(hello)
     finally:
         del cli.COMMANDS["hello"]
+
+
+@pytest.mark.rabbitmq
+@pytest_twisted.ensureDeferred
+async def test_call_straight_through_rabbitmq_subprocess(broker_url: str) -> None:
+    node = f"cli-{uuid.uuid4().hex[:8]}"
+    bus = magnet.connect(broker_url, reactor, node=node, rpc_timeout=5)
+    bus.startService()
+    csv = Component("csv", bus, node=node)
+    try:
+        await bus.when_connected(10)
+        await declare_topology(bus)
+        await csv.start()
+        out, err, code = await run_process(["--broker", broker_url, "--timeout", "10", "call", "csv", "ping"])
+        assert code == 0, err
+        assert json.loads(out) == {"component": "csv", "node": node, "pid": os.getpid()}
+        out, err, code = await run_process(["--broker", broker_url, "--timeout", "10", "call", "csv", "nope"])
+        assert code == 1
+        assert err.startswith(b"error: UnknownOperation: ")
+    finally:
+        await csv.stopService()
+        await bus.stopService()
