@@ -13,6 +13,7 @@ Only the standard library is used here, so that this module works under
 pytest and under trial alike, and before anything is installed.
 """
 
+import atexit
 import os
 import random
 import shutil
@@ -337,6 +338,10 @@ class PrivateRabbitMQ:
         self._logfile = open(self.console_log, "ab")
         self._logfile.write(b"\n=== start %s ===\n" % time.ctime().encode())
         self._logfile.flush()
+        if not getattr(self, "_atexit_registered", False):
+            # A node must not outlive the test run, even an interrupted one.
+            atexit.register(self.kill)
+            self._atexit_registered = True
         self.process = subprocess.Popen(
             [os.path.join(self.bindir, "rabbitmq-server")],
             cwd=self.basedir, env=self.env(),
