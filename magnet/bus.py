@@ -426,9 +426,15 @@ class Bus(Service):
 
         return result.addCallbacks(succeeded, failed)
 
-    def call(self, address: str, op: str, *, timeout: Optional[float] = None, **kwargs: Any) -> Deferred:
-        """Call C{op} on the service at C{address}; fires with its result, or
-        fails with L{RemoteError}, L{Timeout}, L{ConnectionLost} or L{Unroutable}."""
+    def call(self, address: str, op: str, /, *, timeout: Optional[float] = None, **kwargs: Any) -> Deferred:
+        """Call C{op} on the service at C{address} with keyword arguments; fires
+        with its result, or fails with L{RemoteError}, L{Timeout},
+        L{ConnectionLost} or L{Unroutable}."""
+        return self.call_with(address, op, kwargs, timeout=timeout)
+
+    def call_with(self, address: str, op: str, kwargs: Dict[str, Any], *, timeout: Optional[float] = None) -> Deferred:
+        """L{call} with the arguments as a dict, for callers that relay
+        arguments they did not write (any name, C{timeout} included)."""
         timeout = self.rpc_timeout if timeout is None else timeout
         correlation_id = uuid.uuid4().hex
         started = time.monotonic()
@@ -465,7 +471,7 @@ class Bus(Service):
         d.addBoth(measured)
         return d
 
-    def tell(self, address: str, op: str, reply_to: str, *, correlation_id: Optional[str] = None,
+    def tell(self, address: str, op: str, reply_to: str, /, *, correlation_id: Optional[str] = None,
              **kwargs: Any) -> Deferred:
         """Third-party coordination: ask C{address} to do C{op} and send the
         answer to C{reply_to}, someone else's address. Fires once the broker has

@@ -116,7 +116,8 @@ def invoke(service_ops: Dict[str, Callable[..., Any]], service_name: str, messag
         inspect.signature(method).bind(**kwargs)
     except TypeError as e:
         return _failed(BadArguments("BadArguments", f"{service_name}.{op}: {e}"))
-    return maybeDeferred(method, **kwargs)
+    # A lambda, so that an argument named like maybeDeferred's own parameters still reaches the method.
+    return maybeDeferred(lambda: method(**kwargs))
 
 
 def _failed(exc: Exception) -> Deferred:

@@ -323,7 +323,7 @@ class BrokerClient:
         self.status_timeout = status_timeout
 
     def call(self, service: str, op: str, kwargs: Dict[str, Any]) -> Deferred:
-        return self.bus.call(service, op, timeout=self.timeout, **kwargs).addErrback(self._translate)
+        return self.bus.call_with(service, op, kwargs, timeout=self.timeout).addErrback(self._translate)
 
     def status(self) -> Deferred:
         from ooidx.daemon import cluster_status

@@ -64,8 +64,6 @@ MAX_CALL_TIMEOUT = 600.0
 IDLE_TIMEOUT = 60
 #: How long /api/status waits for the daemons to answer.
 STATUS_TIMEOUT = 1.5
-#: Names C{Bus.call} keeps for itself: they cannot be passed through as arguments.
-RESERVED_ARGUMENTS = ("address", "op", "timeout")
 
 JSON_TYPE = b"application/json"
 
@@ -341,7 +339,7 @@ class Web(Component):
                             f"no service {service!r} (callable: {', '.join(callable_services())})")
         kwargs = self._arguments(request)
         timeout = self._call_timeout(request)
-        d = self.bus.call(service, op, timeout=timeout, **kwargs)
+        d = self.bus.call_with(service, op, kwargs, timeout=timeout)
         return d.addCallbacks(result_answer, lambda failure: error_answer(self._call_error(service, op, failure)))
 
     # call helpers --------------------------------------------------------------------
@@ -371,10 +369,6 @@ class Web(Component):
         if not isinstance(kwargs, dict):
             raise HTTPError(400, "BadRequest",
                             f"the body must be a JSON object of arguments, not {_json_kind(kwargs)}")
-        reserved = sorted(set(kwargs) & set(RESERVED_ARGUMENTS))
-        if reserved:
-            raise HTTPError(422, "BadArguments",
-                            f"argument name(s) {', '.join(reserved)} cannot be passed through the bus")
         return kwargs
 
     def _call_timeout(self, request: server.Request) -> Optional[float]:
