@@ -214,6 +214,11 @@ class Daemon(MultiService):
                           f"{name} x{c.instances}" + (" (child)" if c.process == "child" else "")
                           for name, c in config.components.items()),
                       broker=config.redacted_broker())
+        when_running = getattr(self.reactor, "callWhenRunning", None)
+        if when_running is not None:  # "started" means the reactor runs (signal handlers and all)
+            running: Deferred = Deferred()
+            when_running(lambda: running.called or running.callback(None))
+            yield running
         if not self.bus.transport.connected:
             self.log.info("waiting for the broker at {broker}", broker=config.redacted_broker())
             yield self.bus.transport.when_connected(None)

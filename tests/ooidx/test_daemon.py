@@ -358,8 +358,7 @@ def node_config(tmp_path: Path, name: str = "n1", **settings: Any) -> Path:
 def test_sigterm_stops_cleanly_with_status_zero(tmp_path: Path, daemons: List[DaemonProcess]) -> None:
     d = DaemonProcess(node_config(tmp_path))
     daemons.append(d)
-    d.wait_log("node n1 started: 3 component(s)")
-    time.sleep(0.5)  # twistd installs its signal handlers once the reactor runs
+    d.wait_log("node n1 started: 3 component(s)")  # logged once the reactor runs
     began = time.monotonic()
     d.terminate()
     assert d.wait_exit(3 + 10) == 0, d.describe()
