@@ -538,6 +538,7 @@ class AMQPDelivery:
         channel = self._channel
         if channel.open:
             channel.protocol.write_ack(channel.id, self._tag)
+            channel.settled()
 
     def nack(self, requeue: bool = True) -> None:
         """Give it back to the queue (C{requeue}) or drop it (or dead-letter it)."""
@@ -547,6 +548,7 @@ class AMQPDelivery:
         channel = self._channel
         if channel.open:
             channel.protocol.write_nack(channel.id, self._tag, requeue)
+            channel.settled()
 
     def __repr__(self) -> str:
         return f"<AMQPDelivery {self.queue!r} tag={self._tag} redelivered={self.redelivered}>"
@@ -590,6 +592,9 @@ class _ConsumerChannel:
         self.tag = tag
         self.open = True  # acks go out only while True
         self.delivering = True  # deliveries reach the consumer only while True
+        self.cancelled = False  # basic.cancel sent: close the channel once all is settled
+        self.unsettled = 0
+        self.txchannel: Any = None
         self.expecting = 0  # 0: a method, 2: a content header, 3: body frames
         self._delivery_tag = 0
         self._redelivered = False
@@ -636,9 +641,27 @@ class _ConsumerChannel:
             assert header is not None
             self._deliver(header[0], header[1], body)
 
+    def settled(self) -> None:
+        self.unsettled -= 1
+        if self.cancelled and self.unsettled <= 0:
+            self.release()
+
+    def release(self) -> None:
+        """Close the channel (whatever is still unacknowledged goes back to the queue)."""
+        if not self.open:
+            return
+        self.open = False
+        self.delivering = False
+        if self.txchannel is not None and not self.protocol.lost:
+            self.protocol.close_channel(self.txchannel).addErrback(lambda _: None)
+
     def _deliver(self, buf: bytes, pos: int, body: bytes) -> None:
         if not self.delivering:
-            return  # cancelled: the broker requeues it when the channel closes
+            # arrived after basic.cancel was sent: straight back to the queue
+            if self.open:
+                self.protocol.write_nack(self.id, self._delivery_tag, True)
+            return
+        self.unsettled += 1
         message, _ = decode_properties(buf, pos, body)
         consumer = self.consumer
         delivery = AMQPDelivery(message, consumer.queue, self._redelivered, self._exchange,
@@ -1529,6 +1552,7 @@ class AMQPTransport:
                            self.operation_timeout, self.reactor, protocol)
             tag = f"{self._tag_prefix}.{next(self._tags)}"
             state = _ConsumerChannel(protocol, ch.id, consumer, tag)
+            state.txchannel = ch
             protocol.fast[ch.id] = state
             yield _bounded(ch.basic_consume(queue=consumer.queue, consumer_tag=tag, no_ack=False),
                            self.operation_timeout, self.reactor, protocol)
@@ -1562,27 +1586,24 @@ class AMQPTransport:
             yield _bounded(ch.basic_cancel(consumer_tag=state.tag), self.close_timeout, self.reactor)
         except Exception:
             pass
-        state.open = False
-        try:
-            yield _bounded(protocol.close_channel(ch), self.close_timeout, self.reactor)
-        except Exception:
-            pass
+        # As in RabbitMQ, what the consumer holds may still be acked: the
+        # channel closes once all of it is settled (or with the link), and
+        # whatever is still unacknowledged then goes back to the queue.
+        state.cancelled = True
+        if state.unsettled <= 0:
+            state.release()
         return None
 
     def _broker_cancelled(self, state: _ConsumerChannel, tag: str) -> None:
         consumer = state.consumer
         state.delivering = False
-        state.open = False
         if consumer._channel is state:
             consumer._channel = None
             consumer.active = False
         if not consumer.cancelled:
             self.log.warn("broker cancelled the consumer of queue {queue!r} (queue deleted?); it resumes "
                           "if the queue is declared again", queue=consumer.queue)
-        protocol = state.protocol
-        ch = protocol.channels.get(state.id)
-        if ch is not None and not protocol.lost:
-            protocol.close_channel(ch).addErrback(lambda _: None)
+        state.release()
 
     def _resume_consumers_of(self, queue: str) -> None:
         protocol = self._protocol
@@ -1658,28 +1679,42 @@ class AMQPTransport:
     def _replay(self, protocol: _AMQPProtocol) -> Any:
         """Declare the remembered topology again, then resume every consumer."""
         for entry in list(self._topology.values()):
-            try:
-                if entry[0] == "queue":
-                    yield self._declare_queue_on(protocol, entry[1], entry[2])
-                elif entry[0] == "exchange":
-                    yield self._declare_exchange_on(protocol, entry[1], entry[2], entry[3])
-                else:
-                    yield self._bind_on(protocol, entry[1], entry[2], entry[3])
-            except Closed as e:
-                if protocol.lost:
-                    raise
-                self.log.error("replaying {entry}: broker refused: {reason}", entry=entry[:2],
-                               reason=_channel_error(e))
+            if entry[0] == "queue":
+                step = functools.partial(self._declare_queue_on, protocol, entry[1], entry[2])
+            elif entry[0] == "exchange":
+                step = functools.partial(self._declare_exchange_on, protocol, entry[1], entry[2], entry[3])
+            else:
+                step = functools.partial(self._bind_on, protocol, entry[1], entry[2], entry[3])
+            yield self._replay_step(protocol, step, f"{entry[0]} {entry[1]!r}")
         for consumer in list(self._consumers.values()):
             if consumer.cancelled:
                 continue
+            yield self._replay_step(protocol, functools.partial(self._start_consumer, protocol, consumer),
+                                    f"consumer of {consumer.queue!r}")
+
+    @defer.inlineCallbacks
+    def _replay_step(self, protocol: _AMQPProtocol, step: Callable[[], Deferred], what: str) -> Any:
+        """One replay step; a refusal is logged (the link stays), 405 RESOURCE_LOCKED is retried.
+
+        After an abrupt loss the broker may not yet have noticed that the old
+        connection is gone, and still hold its exclusive queues for a moment.
+        """
+        deadline = self.reactor.seconds() + min(self.operation_timeout, 10.0)
+        while True:
             try:
-                yield self._start_consumer(protocol, consumer)
+                yield step()
+                return
             except Closed as e:
                 if protocol.lost:
                     raise
-                self.log.error("resuming the consumer of {queue!r}: broker refused: {reason}",
-                               queue=consumer.queue, reason=_channel_error(e))
+                error = _channel_error(e)
+            locked = isinstance(error, ChannelError) and error.reply_code == 405
+            if locked and self.reactor.seconds() < deadline:
+                yield _sleep(self.reactor, 0.2)
+                continue
+            self.log.error("after reconnecting, the broker refused the {what}: {reason}", what=what,
+                           reason=error)
+            return
 
 
 def from_url(url: Union[str, Sequence[str]], reactor: Any, **options: Any) -> AMQPTransport:

@@ -388,27 +388,54 @@ def test_nack_requeue_redelivers(transport: AMQPTransport, names: Names) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_cancel_returns_unacked_messages(transport: AMQPTransport, names: Names) -> Any:
+def test_cancel_stops_deliveries_and_unacked_messages_go_back(make_transport: Any, names: Names) -> Any:
+    # As in RabbitMQ (and the memory transport): after cancel() the consumer may
+    # still ack what it holds; what it nacks, or still holds when its link
+    # closes, goes back to the queue.
+    transport = make_transport()
     yield transport.when_connected(TIMEOUT)
     q = names.queue()
     yield wait(transport.declare_queue(q, durable=False))
     first = Inbox(ack=False)
     consumer = yield wait(transport.consume(q, first, prefetch=10))
-    for i in range(3):
+    for i in range(4):
         yield wait(transport.publish("", q, Message(body=b"%d" % i)))
-    yield first.wait_for(3)
+    yield first.wait_for(4)
     yield wait(consumer.cancel())
     yield wait(consumer.cancel())  # twice is fine
-    for d in first.deliveries:
-        d.ack()  # after cancel: no-op (the messages went back)
-    yield wait(transport.publish("", q, Message(body=b"3")))
-    yield sleep(0.2)
-    assert len(first.deliveries) == 3  # nothing more after cancel
+    assert not consumer.active
+    yield wait(transport.publish("", q, Message(body=b"4")))
+    yield sleep(0.3)
+    assert len(first.deliveries) == 4  # nothing more after cancel
+    first.deliveries[0].ack()  # still allowed: "0" is done
+    first.deliveries[1].nack(requeue=True)  # "1" goes back now
     second = Inbox()
-    yield wait(transport.consume(q, second))
+    yield wait(make_transport().consume(q, second))
+    yield second.wait_for(2)
+    assert sorted(second.bodies) == [b"1", b"4"]
+    yield wait(transport.stop())  # "2" and "3" were still held: they go back with the link
     yield second.wait_for(4)
-    assert sorted(second.bodies) == [b"0", b"1", b"2", b"3"]
-    assert [d.redelivered for d in second.deliveries if d.message.body != b"3"] == [True] * 3
+    assert sorted(second.bodies) == [b"1", b"2", b"3", b"4"]
+    assert {d.message.body: d.redelivered for d in second.deliveries} == {
+        b"1": True, b"2": True, b"3": True, b"4": False}
+
+
+@pytest_twisted.inlineCallbacks
+def test_cancelled_consumer_channel_closes_once_all_is_settled(transport: AMQPTransport, names: Names) -> Any:
+    yield transport.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(transport.declare_queue(q, durable=False))
+    inbox = Inbox(ack=False)
+    consumer = yield wait(transport.consume(q, inbox, prefetch=5))
+    yield wait(transport.publish("", q, Message(body=b"a")))
+    yield inbox.wait_for(1)
+    protocol = transport._protocol
+    assert protocol is not None
+    channel_id = consumer._channel.id
+    yield wait(consumer.cancel())
+    assert channel_id in protocol.channels  # still held: the channel stays
+    inbox.deliveries[0].ack()
+    yield until(lambda: channel_id not in protocol.channels, what="channel closed")
 
 
 @pytest_twisted.inlineCallbacks
