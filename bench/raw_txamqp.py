@@ -26,7 +26,6 @@ from importlib import resources
 from typing import Any, Callable, Dict, List, Optional
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ClientCreator
 from twisted.python.failure import Failure
