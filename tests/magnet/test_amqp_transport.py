@@ -94,6 +94,9 @@ def make_transport(url: str, names: Names) -> Any:
 
     @defer.inlineCallbacks
     def cleanup() -> Any:
+        for t in made:
+            yield wait(t.stop(), 10)
+        # test queues live on the suite's broker (a test on a node of its own has removed it)
         cleaner = amqp.from_url(url, reactor, operation_timeout=5.0)
         cleaner.start()
         try:
@@ -103,8 +106,7 @@ def make_transport(url: str, names: Names) -> Any:
             for x in names.exchanges:
                 yield cleaner.delete_exchange(x).addErrback(lambda _: None)
         finally:
-            for t in made + [cleaner]:
-                yield wait(t.stop(), 10)
+            yield wait(cleaner.stop(), 10)
 
     pytest_twisted.blockon(cleanup())
 
@@ -700,3 +702,25 @@ def test_silent_server_times_out_the_handshake_and_retries(make_transport: Any, 
         for c in connections:
             c.transport.abortConnection()
         yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_amqplain_login(make_transport: Any, url: str, names: Names) -> Any:
+    t = make_transport(url, auth_mechanism="AMQPLAIN")
+    yield t.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(t.declare_queue(q, durable=False))
+    yield wait(t.publish("", q, Message(body=b"x")))
+
+
+@pytest_twisted.inlineCallbacks
+def test_refused_login_is_logged_and_retried_without_the_password(make_transport: Any, url: str,
+                                                                  logs: LogCapture) -> Any:
+    u = parse_url(url)
+    bad = f"amqp://{u.username}:not-the-Passw0rd@{u.host}:{u.port}/"
+    t = make_transport(bad, backoff=lambda attempt: 0.2)
+    yield until(lambda: len([x for x in logs.texts() if "broker unreachable" in x]) >= 2, 10, "two attempts")
+    assert not t.connected
+    texts = [x for x in logs.texts() if "broker unreachable" in x]
+    assert "403" in texts[-1] or "ACCESS_REFUSED" in texts[-1], texts[-1]
+    assert not any("not-the-Passw0rd" in x for x in logs.texts())
