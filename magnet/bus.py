@@ -69,8 +69,10 @@ class Listener:
     message stays unacknowledged, so the prefetch bounds what is held here.
     """
 
-    def __init__(self, bus: "Bus", address: str, handler: Optional[Handler], idle_timeout: float) -> None:
+    def __init__(self, bus: "Bus", address: str, handler: Optional[Handler], idle_timeout: float,
+                 on_stream: Optional[Callable[[stream.Stream], Any]] = None) -> None:
         self.bus = bus
+        self._on_stream = on_stream
         self.address = address
         self._handler = handler
         self._idle_timeout = idle_timeout
@@ -133,6 +135,9 @@ class Listener:
                               self._idle_timeout, self._streams.pop)
             s._expected = message.headers.get(stream.SEQ_HEADER, 0) + 1
             self._streams[sid] = s
+            if self._on_stream is not None:
+                return maybeDeferred(self._on_stream, s).addErrback(
+                    lambda f: self.bus.log.failure("stream handler at {address} failed", f, address=self.address))
             if self._stream_getters:
                 self._stream_getters.popleft().callback(s)
             else:
@@ -479,6 +484,12 @@ class Bus(Service):
         message = rpc.request(op, kwargs, reply_to=reply_to, correlation_id=correlation_id or uuid.uuid4().hex)
         return self.send(address, message)
 
+    def post(self, address: str, op: str, /, **kwargs: Any) -> Deferred:
+        """Send-only: ask C{address} to do C{op} and want no answer. Fires once
+        the broker has the request. A failing operation is retried and then
+        dead-lettered like any worker-queue message, since nobody waits for it."""
+        return self.send(address, rpc.request(op, kwargs))
+
     def _reply_address(self) -> Deferred:
         if self._reply_listener is None:
             self._reply_listener = self.listen(self._on_reply, prefetch=0)
@@ -505,15 +516,18 @@ class Bus(Service):
     # listen addresses and streams --------------------------------------------
 
     def listen(self, handler: Optional[Handler] = None, *, name: Optional[str] = None, shared: bool = False,
-               durable: bool = False, prefetch: Optional[int] = None) -> Deferred:
+               durable: bool = False, prefetch: Optional[int] = None,
+               on_stream: Optional[Callable[[stream.Stream], Any]] = None) -> Deferred:
         """Make an address others can send to; fires with a L{Listener}.
 
         Private by default (only this connection consumes it; it goes when the
         bus stops). C{shared}: other consumers may join it as a worker queue.
         C{durable}: it outlives its consumers, so what arrives while they are
-        away is kept (a named durable subscription)."""
+        away is kept (a named durable subscription). C{on_stream} is called
+        with each stream as it starts; without it, take streams with
+        L{Listener.next_stream}."""
         address = name or f"magnet.listen.{self.node}.{uuid.uuid4().hex}"
-        listener = Listener(self, address, handler, self.stream_idle_timeout)
+        listener = Listener(self, address, handler, self.stream_idle_timeout, on_stream)
         if durable:
             d = self.transport.declare_queue(address, durable=True)
         else:

@@ -365,3 +365,23 @@ def test_clean_shutdown_waits_for_inflight_handler(make_bus: Any, names: Any) ->
     yield checker.consume(q, lambda m: late.append(m))
     yield settle(0.5)
     assert late == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_post_is_send_only_and_streams_can_be_handled_as_they_start(make_bus: Any, names: Any) -> Any:
+    q = names("posted")
+    server, client = make_bus(), make_bus()
+    store = Store()
+    yield server.serve(q, store)
+    yield client.post(q, "set", key="k", value="v")
+    assert (yield client.call(q, "get", key="k")) == "v"
+    bodies: List[bytes] = []
+    arrived = defer.Deferred()
+
+    def on_stream(s: Any) -> None:
+        s.read_all().addCallback(bodies.append).addCallback(arrived.callback)
+
+    listener = yield server.listen(on_stream=on_stream)
+    yield client.send_stream(listener.address, {}, [b"ab", b"cd"])
+    yield wait(arrived)
+    assert bodies == [b"abcd"]
