@@ -15,6 +15,12 @@ from ooidx.component import Component
 #: component name -> "module:Class" of its implementation, imported on demand.
 IMPLEMENTATIONS: Dict[str, str] = {
     "web": "ooidx.web:Web",
+    "attribute_store": "ooidx.attribute_store:AttributeStore",
+    "controller": "ooidx.controller:Controller",
+    "fetcher": "ooidx.fetcher:Fetcher",
+    "cache": "ooidx.cache:Cache",
+    "proxyng": "ooidx.proxyng:Proxy",
+    "csv": "ooidx.csv:CSV",
 }
 
 
