@@ -1,32 +1,54 @@
-"""The errors of the data path (docs/data-path.md), as they cross the bus.
+"""The errors of the data path (docs/data-path.md).
 
-Each travels as an error reply (L{magnet.rpc.error_reply}) whose type is the
-class name; the proxy maps it to an HTTP status (404, 403, 400, 502, 504).
+Plain exceptions: raised by an operation, their class name travels over the
+bus as the remote type of the error reply (``RemoteError.remote_type``), and
+the proxy maps that name to an HTTP status. Keep the names stable.
 """
 from __future__ import annotations
 
-
-class UnknownDataset(Exception):
-    """No dataset is registered under that name (404)."""
-
-
-class Forbidden(Exception):
-    """The URL is not under a registered base URL, its host is not allowed, or it
-    resolves to a private / loopback address (403)."""
+__all__ = ["DXError", "UnknownDataset", "Forbidden", "InvalidName", "InvalidURL", "UpstreamError",
+           "UpstreamTimeout", "HTTP_STATUS", "http_status"]
 
 
-class InvalidName(Exception):
+class DXError(Exception):
+    """Base of the data-path errors."""
+
+
+class UnknownDataset(DXError):
+    """No such registered dataset (404)."""
+
+
+class Forbidden(DXError):
+    """URL not under a registered base URL, host not allowed, or private address (403)."""
+
+
+class InvalidName(DXError):
     """A dataset name outside the safe character set (400)."""
 
 
-class InvalidURL(Exception):
-    """A malformed URL (400)."""
+class InvalidURL(DXError):
+    """A malformed URL, or one with a scheme other than http(s) (400)."""
 
 
-class UpstreamError(Exception):
-    """The upstream was unreachable, refused, reset, redirected badly, sent too
-    much or broke off mid-body (502)."""
+class UpstreamError(DXError):
+    """Upstream unreachable, refused, reset, bad redirect, too large, broke mid-body (502)."""
 
 
-class UpstreamTimeout(Exception):
-    """The upstream did not answer within the fetcher's timeout (504)."""
+class UpstreamTimeout(DXError):
+    """Upstream did not answer within the fetcher's timeout (504)."""
+
+
+#: error type name -> the HTTP status the proxy answers with.
+HTTP_STATUS = {
+    "UnknownDataset": 404,
+    "Forbidden": 403,
+    "InvalidName": 400,
+    "InvalidURL": 400,
+    "UpstreamError": 502,
+    "UpstreamTimeout": 504,
+}
+
+
+def http_status(error_type: str) -> int:
+    """The HTTP status for a remote error type (502 for anything not listed)."""
+    return HTTP_STATUS.get(error_type, 502)
