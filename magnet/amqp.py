@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -52,7 +52,7 @@ from txamqp.protocol import AMQClient
 from magnet.errors import (BadURL, ConnectionLost, MagnetError, NotConfirmed, NotConnected, Timeout,
                            Unroutable)
 from magnet.message import Message
-from magnet.transport import DEFAULT_EXCHANGE, LinkListener, OnDelivery
+from magnet.transport import LinkListener, OnDelivery
 
 __all__ = ["AMQPTransport", "AMQPConsumer", "AMQPDelivery", "BrokerURL", "ChannelError", "from_url",
            "load_spec", "parse_url"]
@@ -912,6 +912,18 @@ class _AMQPProtocol(AMQClient):
             c.flush()
             return _method_frame(frame.channel, buf.getvalue())
         return AMQClient._pack_frame(self, frame)
+
+    def connectionMade(self) -> None:
+        # small frames (acks, RPC requests) must not wait for Nagle's algorithm
+        for transport in (self.transport, getattr(self.transport, "transport", None)):
+            setter = getattr(transport, "setTcpNoDelay", None)
+            if setter is not None:
+                try:
+                    setter(True)
+                except Exception:
+                    pass
+                break
+        AMQClient.connectionMade(self)
 
     def send_init_string(self) -> None:
         # the AMQP 0-9-1 protocol header (txAMQP sends the 0-8 style "AMQP 1 1 0 9")

@@ -18,7 +18,7 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 
 from magnet import amqp
-from magnet.amqp import AMQPTransport, BrokerURL, ChannelError, decode_table, encode_table, parse_url
+from magnet.amqp import AMQPTransport, ChannelError, decode_table, encode_table, parse_url
 from magnet.errors import BadURL, ConnectionLost, NotConnected, Unroutable
 from magnet.message import Message
 from tests.rabbitmq import free_port
