@@ -343,6 +343,9 @@ class MemoryTransport:
     def delete_queue(self, name: str) -> Deferred:
         return self._do(lambda: self.broker.delete_queue(name))
 
+    def delete_exchange(self, name: str) -> Deferred:
+        return self._do(lambda: self.broker.exchanges.pop(name, None) and None)
+
     # messages -----------------------------------------------------------
 
     def publish(self, exchange: str, routing_key: str, message: Message, *, mandatory: bool = True) -> Deferred:

@@ -40,7 +40,9 @@ class Consumer(Protocol):
     queue: str
 
     def cancel(self) -> Deferred:
-        """Stop deliveries; unacknowledged messages go back to the queue."""
+        """Stop deliveries. As in RabbitMQ, what the consumer holds stays its
+        own to ack or nack; only what is still unacknowledged when the link
+        closes goes back to the queue."""
 
 
 OnDelivery = Callable[[Delivery], None]
@@ -92,6 +94,9 @@ class Transport(Protocol):
 
     def delete_queue(self, name: str) -> Deferred:
         """Delete a queue and forget it (no replay)."""
+
+    def delete_exchange(self, name: str) -> Deferred:
+        """Delete an exchange and forget it (no replay)."""
 
     def publish(
         self,

@@ -172,7 +172,7 @@ def test_unroutable_send_fails_loudly(make_bus: Any, names: Any) -> Any:
     with pytest.raises(magnet.Unroutable):
         yield bus.send_json(f, "nobody listens")
     yield bus.send(f, Message(b"ok to drop"), mandatory=False)
-    yield bus.transport.delete_queue(f)  # names cleanup deletes queues; the exchange is left, harmless
+    yield bus.transport.delete_exchange(f)
 
 
 @pytest_twisted.inlineCallbacks
