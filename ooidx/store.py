@@ -1,0 +1,600 @@
+"""The cache's disk store: HTTP responses kept under ``DATA_DIR/cache``.
+
+No bus and no reactor here: plain blocking file operations, safe to call from
+several threads at once (the cache component runs them in a small thread
+pool) and from several processes sharing one directory.
+
+Layout (one flat directory)::
+
+    KEY.json                 the entry's metadata (url, status, reason, headers,
+                             validators, stored, size, dataset, last_access, body)
+    KEY-TOKEN.body           its body; TOKEN changes with every write
+    .tmp-PID-RANDOM          a write in progress (PID: the writing process)
+    .lock                    flock'd while entries are committed, evicted, scanned
+
+``KEY`` is the SHA-256 of the URL in hex: no file name is ever made from what
+a client sends, so no URL can place a file outside the directory.
+
+Atomicity: a body is written to a temporary file chunk by chunk (bounded
+memory), fsync'd, renamed to ``KEY-TOKEN.body``; then the metadata is written
+the same way and renamed over ``KEY.json``. The rename of the metadata is the
+moment the entry (or its new version) becomes visible; readers open the body
+the metadata names, so a reader never pairs one write's metadata with
+another's body, and a reader that has the body open keeps reading it even if
+a newer write or an eviction unlinks it. Concurrent writers of one URL: the
+last to commit wins, whole. A crash leaves temporary files (removed at the
+next start when their process is gone) or an unreferenced body (removed by
+the start-up scan); never a visible half entry.
+
+Size: the total of bodies and metadata stays under ``max_bytes``; committing
+evicts the least recently used entries first. Access times live in memory
+and reach the metadata files lazily (L{DiskStore.flush}), so a read costs no
+write.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Set
+
+from twisted.logger import Logger
+
+__all__ = ["DiskStore", "Entry", "Writer", "StoreError", "EntryTooLarge", "key_for"]
+
+TEMP_PREFIX = ".tmp-"
+LOCK_NAME = ".lock"
+META_SUFFIX = ".json"
+BODY_SUFFIX = ".body"
+_KEY_LENGTH = 64
+
+
+class StoreError(Exception):
+    """The store cannot take this entry (disk full, read-only, truncated body)."""
+
+
+class EntryTooLarge(StoreError):
+    """The body is larger than the whole store may hold."""
+
+
+def key_for(url: str) -> str:
+    """The file-name key of a URL: its SHA-256 in hex."""
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass
+class Entry:
+    """One stored response, as its metadata file describes it."""
+
+    url: str
+    status: int
+    reason: str
+    headers: List[List[str]]
+    validators: Dict[str, Optional[str]]
+    stored: float
+    size: int
+    body: str  # the body file's name, inside the store directory
+    dataset: Optional[str] = None
+    last_access: float = 0.0
+    meta_size: int = field(default=0, compare=False)
+
+    @property
+    def key(self) -> str:
+        return key_for(self.url)
+
+    @property
+    def footprint(self) -> int:
+        """Bytes this entry takes on disk (body and metadata)."""
+        return self.size + self.meta_size
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        del data["meta_size"]
+        return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Entry":
+        """An entry from its metadata file; ValueError if it is not a sound one."""
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("metadata is not an object")
+        entry = cls(
+            url=_typed(data, "url", str), status=_typed(data, "status", int), reason=_typed(data, "reason", str),
+            headers=_headers(data.get("headers")), validators=_validators(data.get("validators")),
+            stored=float(_typed(data, "stored", (int, float))), size=_typed(data, "size", int),
+            body=_typed(data, "body", str), dataset=data.get("dataset"),
+            last_access=float(data.get("last_access") or 0.0), meta_size=len(raw))
+        key = entry.key
+        if not (entry.body.startswith(key + "-") and entry.body.endswith(BODY_SUFFIX) and "/" not in entry.body):
+            raise ValueError(f"body name {entry.body!r} does not belong to this entry")
+        if entry.size < 0 or not (100 <= entry.status <= 599):
+            raise ValueError("size or status out of range")
+        if entry.dataset is not None and not isinstance(entry.dataset, str):
+            raise ValueError("dataset is not a string")
+        return entry
+
+
+def _typed(data: Dict[str, Any], name: str, kind: Any) -> Any:
+    value = data.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{name}: expected {kind}, got {type(value).__name__}")
+    return value
+
+
+def _headers(value: Any) -> List[List[str]]:
+    """HTTP headers as a list of [name, value] pairs; ValueError otherwise."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError("headers: expected a list of pairs")
+    out = []
+    for pair in value:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise ValueError(f"headers: not a [name, value] pair of strings: {pair!r}")
+        out.append([pair[0], pair[1]])
+    return out
+
+
+def _validators(value: Any) -> Dict[str, Optional[str]]:
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if k in ("etag", "last_modified") and isinstance(v, str)}
+
+
+def validators_of(headers: List[List[str]], given: Any = None) -> Dict[str, Optional[str]]:
+    """The revalidation validators of a response: those given, else its ETag and Last-Modified headers."""
+    found = _validators(given)
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "etag":
+            found.setdefault("etag", value)
+        elif lower == "last-modified":
+            found.setdefault("last_modified", value)
+    return found
+
+
+class DiskStore:
+    """Responses on disk under C{root}, at most C{max_bytes} of them."""
+
+    log = Logger()
+
+    def __init__(self, root: str, max_bytes: int, *, now: Callable[[], float] = time.time) -> None:
+        self.root = os.path.abspath(root)
+        self.max_bytes = max_bytes
+        self.now = now
+        self.evictions = 0
+        self._lock = threading.RLock()
+        self._lock_fd: Optional[int] = None
+        self._index: "OrderedDict[str, Entry]" = OrderedDict()  # least recently used first
+        self._dirty: Set[str] = set()  # keys whose last access is not on disk yet
+        self._bytes = 0
+
+    # opening and closing -----------------------------------------------------------
+
+    def open(self) -> None:
+        """Make the directory if need be, remove what crashed writes left, build the index."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with self._locked():
+            self._scan()
+
+    def close(self) -> None:
+        """Write the access times out and let go of the lock file."""
+        try:
+            self.flush()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _scan(self) -> None:
+        entries: List[Entry] = []
+        bodies: Set[str] = set()
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            if name.startswith(TEMP_PREFIX):
+                if not _writer_alive(name):
+                    self.log.info("removing {name}, left by a write that did not finish", name=name, component="cache")
+                    _unlink(path)
+            elif name.endswith(BODY_SUFFIX):
+                bodies.add(name)
+            elif name.endswith(META_SUFFIX) and len(name) == _KEY_LENGTH + len(META_SUFFIX):
+                entry = self._read_meta(name[:_KEY_LENGTH])
+                if entry is None:
+                    continue
+                try:
+                    size = os.stat(os.path.join(self.root, entry.body)).st_size
+                except FileNotFoundError:
+                    size = -1
+                if size != entry.size:
+                    self.log.warn("removing the entry for {url}: its body is missing or of the wrong size",
+                                  url=entry.url, component="cache")
+                    _unlink(path)
+                    continue
+                entries.append(entry)
+        referenced = {e.body for e in entries}
+        for name in bodies - referenced:
+            _unlink(os.path.join(self.root, name))
+        entries.sort(key=lambda e: e.last_access)
+        self._index.clear()
+        self._bytes = 0
+        for entry in entries:
+            self._index[entry.key] = entry
+            self._bytes += entry.footprint
+        self._evict(0)
+        self.log.info("cache store at {root}: {count} entries, {bytes} bytes", root=self.root,
+                      count=len(self._index), bytes=self._bytes, component="cache")
+
+    # reading -------------------------------------------------------------------------
+
+    def get(self, url: str, *, touch: bool = True) -> Optional[Entry]:
+        """The entry for C{url}, as its metadata file has it now, or None.
+
+        C{touch} counts this as a use for the least-recently-used order."""
+        key = key_for(url)
+        entry = self._read_meta(key)
+        with self._lock:
+            known = self._index.pop(key, None)
+            if known is not None:
+                self._bytes -= known.footprint
+            if entry is None or entry.url != url:
+                self._dirty.discard(key)
+                return None
+            if known is not None:
+                entry.last_access = max(entry.last_access, known.last_access)
+            if touch:
+                entry.last_access = self.now()
+                self._dirty.add(key)
+            self._index[key] = entry
+            self._bytes += entry.footprint
+            return replace(entry)
+
+    def open_body(self, entry: Entry) -> Any:
+        """The entry's body, open for reading (binary, unbuffered); FileNotFoundError if it has gone."""
+        return open(os.path.join(self.root, entry.body), "rb", buffering=0)
+
+    def __contains__(self, url: str) -> bool:
+        with self._lock:
+            return key_for(url) in self._index
+
+    def entries(self) -> List[Entry]:
+        """The entries this process knows, least recently used first."""
+        with self._lock:
+            return [replace(e) for e in self._index.values()]
+
+    def stats(self) -> Dict[str, int]:
+        with self._lock:
+            return {"entries": len(self._index), "bytes": self._bytes, "evictions": self.evictions,
+                    "max_bytes": self.max_bytes}
+
+    # writing -------------------------------------------------------------------------
+
+    def writer(self, url: str, *, status: int, reason: str, headers: Any, validators: Any = None,
+               dataset: Optional[str] = None, length: Optional[int] = None) -> "Writer":
+        """Begin storing a response; write its body to the writer, then commit or abort.
+
+        Raises L{EntryTooLarge} at once when C{length} says it cannot fit,
+        L{StoreError} when the temporary file cannot be made."""
+        if not isinstance(url, str) or not url:
+            raise StoreError("no URL to store under")
+        if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+            raise StoreError(f"not an HTTP status: {status!r}")
+        try:
+            pairs = _headers(headers)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+        if length is not None and length > self.max_bytes:
+            raise EntryTooLarge(f"{length} bytes will not fit in a store of {self.max_bytes}")
+        entry = Entry(url=url, status=status, reason=str(reason or ""), headers=pairs,
+                      validators=validators_of(pairs, validators), stored=0.0, size=0, body="",
+                      dataset=dataset if isinstance(dataset, str) else None)
+        return Writer(self, entry, length)
+
+    def _commit(self, entry: Entry, temp_path: str) -> Entry:
+        key = entry.key
+        entry.body = f"{key}-{uuid.uuid4().hex}{BODY_SUFFIX}"
+        entry.stored = entry.last_access = self.now()
+        raw = entry.to_json()
+        entry.meta_size = len(raw)
+        if entry.footprint > self.max_bytes:
+            raise EntryTooLarge(f"{entry.footprint} bytes will not fit in a store of {self.max_bytes}")
+        meta_temp = _write_temp(self.root, raw)
+        try:
+            with self._locked():
+                self._evict(entry.footprint, keep=key)
+                old = self._read_meta(key)
+                body_path = os.path.join(self.root, entry.body)
+                os.rename(temp_path, body_path)
+                try:
+                    os.rename(meta_temp, os.path.join(self.root, key + META_SUFFIX))
+                except BaseException:
+                    _unlink(body_path)
+                    raise
+                _fsync_dir(self.root)
+                if old is not None and old.body != entry.body:
+                    _unlink(os.path.join(self.root, old.body))
+                known = self._index.pop(key, None)
+                if known is not None:
+                    self._bytes -= known.footprint
+                self._index[key] = entry
+                self._bytes += entry.footprint
+                self._dirty.discard(key)
+        except BaseException:
+            _unlink(meta_temp)
+            raise
+        return replace(entry)
+
+    def refresh(self, url: str) -> Optional[Entry]:
+        """Mark C{url}'s entry as stored just now (the upstream said 304); None if it has gone."""
+        return self._rewrite(url, lambda e: setattr(e, "stored", self.now()) or setattr(e, "last_access", self.now()))
+
+    def set_dataset(self, url: str, dataset: str) -> Optional[Entry]:
+        """Remember which dataset C{url}'s entry belongs to."""
+        return self._rewrite(url, lambda e: setattr(e, "dataset", dataset))
+
+    def _rewrite(self, url: str, change: Callable[[Entry], Any]) -> Optional[Entry]:
+        key = key_for(url)
+        with self._locked():
+            entry = self._read_meta(key)
+            if entry is None or entry.url != url:
+                return None
+            known = self._index.get(key)
+            if known is not None:
+                entry.last_access = max(entry.last_access, known.last_access)
+            change(entry)
+            raw = entry.to_json()
+            os.rename(_write_temp(self.root, raw), os.path.join(self.root, key + META_SUFFIX))
+            known = self._index.pop(key, None)
+            if known is not None:
+                self._bytes -= known.footprint
+            entry.meta_size = len(raw)
+            self._index[key] = entry
+            self._bytes += entry.footprint
+            self._dirty.discard(key)
+            return replace(entry)
+
+    def flush(self) -> int:
+        """Write the access times kept in memory to the metadata files; how many were written."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            wanted = {k: self._index[k].last_access for k in dirty if k in self._index}
+        written = 0
+        for key, last_access in wanted.items():
+            try:
+                with self._locked():
+                    entry = self._read_meta(key)
+                    if entry is None or entry.last_access >= last_access:
+                        continue
+                    entry.last_access = last_access
+                    os.rename(_write_temp(self.root, entry.to_json()), os.path.join(self.root, key + META_SUFFIX))
+                    written += 1
+            except OSError as e:
+                self.log.warn("could not save the access time of an entry: {error}", error=e, component="cache")
+        return written
+
+    # removing ------------------------------------------------------------------------
+
+    def remove(self, url: str) -> bool:
+        with self._locked():
+            return self._remove_key(key_for(url))
+
+    def purge(self, *, dataset: Optional[str] = None, base_url: Optional[str] = None) -> int:
+        """Remove every entry of C{dataset}, and every entry with no dataset
+        recorded whose URL is C{base_url} or lies under it; how many went."""
+        removed = 0
+        with self._locked():
+            for key, entry in list(self._index.items()):
+                if _belongs(entry, dataset, base_url):
+                    removed += self._remove_key(key)
+        return removed
+
+    def _remove_key(self, key: str) -> bool:
+        entry = self._read_meta(key)
+        known = self._index.pop(key, None)
+        if known is not None:
+            self._bytes -= known.footprint
+        self._dirty.discard(key)
+        if entry is None:
+            return known is not None
+        _unlink(os.path.join(self.root, key + META_SUFFIX))
+        _unlink(os.path.join(self.root, entry.body))
+        if known is not None and known.body != entry.body:
+            _unlink(os.path.join(self.root, known.body))
+        return True
+
+    def _evict(self, incoming: int, keep: Optional[str] = None) -> None:
+        """Remove least recently used entries until C{incoming} more bytes fit. Caller holds the lock."""
+        for key in list(self._index):
+            if self._bytes + incoming <= self.max_bytes:
+                break
+            if key == keep:
+                continue
+            url = self._index[key].url
+            if self._remove_key(key):
+                self.evictions += 1
+                self.log.debug("evicted {url}", url=url, component="cache")
+
+    # helpers -------------------------------------------------------------------------
+
+    def _read_meta(self, key: str) -> Optional[Entry]:
+        path = os.path.join(self.root, key + META_SUFFIX)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(1 << 20)
+        except FileNotFoundError:
+            return None
+        try:
+            entry = Entry.from_json(raw)
+            if entry.key != key:
+                raise ValueError("the URL does not hash to the file's name")
+        except (ValueError, TypeError, KeyError) as e:
+            self.log.warn("removing unreadable cache metadata {path}: {error}", path=path, error=e, component="cache")
+            _unlink(path)
+            return None
+        return entry
+
+    def _locked(self) -> "_Locked":
+        return _Locked(self._lock, self._lock_fd)
+
+
+class Writer:
+    """One response being stored. Not thread-safe: one thread at a time, in order."""
+
+    def __init__(self, store: DiskStore, entry: Entry, length: Optional[int]) -> None:
+        self.store = store
+        self.entry = entry
+        self.length = length
+        self.size = 0
+        self.done = False
+        self.path = _temp_path(store.root)
+        try:
+            self._fd: Optional[int] = os.open(
+                self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot store {entry.url}: {e.strerror or e}") from e
+
+    def write(self, data: bytes) -> None:
+        if self.done or self._fd is None:
+            raise StoreError("write to a finished entry")
+        if self.size + len(data) > self.store.max_bytes:
+            self.abort()
+            raise EntryTooLarge(f"{self.entry.url}: body larger than the store ({self.store.max_bytes} bytes)")
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            self.abort()
+            raise StoreError(f"cannot store {self.entry.url}: {e.strerror or e}") from e
+        self.size += len(data)
+
+    def commit(self) -> Entry:
+        """Make the entry visible, whole; the previous version of the URL goes."""
+        if self.done or self._fd is None:
+            raise StoreError("commit of a finished entry")
+        if self.length is not None and self.length != self.size:
+            self.abort()
+            raise StoreError(f"{self.entry.url}: {self.size} bytes arrived of the {self.length} announced")
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            self.entry.size = self.size
+            entry = self.store._commit(self.entry, self.path)
+        except OSError as e:
+            self.abort()
+            raise StoreError(f"cannot store {self.entry.url}: {e.strerror or e}") from e
+        except BaseException:
+            self.abort()
+            raise
+        self.done = True
+        return entry
+
+    def abort(self) -> None:
+        """Give up; nothing of this write remains."""
+        self.done = True
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+        _unlink(self.path)
+
+
+class _Locked:
+    """The store's thread lock and, across processes, an flock on its lock file."""
+
+    def __init__(self, lock: Any, fd: Optional[int]) -> None:
+        self.lock = lock
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            except BaseException:
+                self.lock.release()
+                raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.fd is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.lock.release()
+
+
+def _belongs(entry: Entry, dataset: Optional[str], base_url: Optional[str]) -> bool:
+    if dataset is not None and entry.dataset == dataset:
+        return True
+    if base_url and (entry.dataset is None or entry.dataset == dataset):
+        url = entry.url
+        return url == base_url or (url.startswith(base_url) and
+                                   (base_url[-1] in "/?" or url[len(base_url)] in "./?"))
+    return False
+
+
+def _temp_path(root: str) -> str:
+    return os.path.join(root, f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+
+
+def _write_temp(root: str, data: bytes) -> str:
+    """A temporary file in C{root} holding C{data}, on disk (fsync'd); its path."""
+    path = _temp_path(root)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink(path)
+        raise
+    os.close(fd)
+    return path
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        Logger(namespace=__name__).warn("could not remove {path}: {error}", path=path, error=e, component="cache")
+
+
+def _writer_alive(temp_name: str) -> bool:
+    """Whether the process that made a temporary file still runs (and is not this one)."""
+    try:
+        pid = int(temp_name[len(TEMP_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
