@@ -1,0 +1,623 @@
+"""proxyng: the HTTP edge DAP clients point at (issue 4, docs/data-path.md).
+
+Two ways in, on C{http.proxy_port} (or C{components.proxyng.port}):
+
+  - forward proxy: an absolute-URI request line, C{GET http://host/path?query
+    HTTP/1.1}, which is what DAP clients send with C{http_proxy} set or
+    C{HTTP.PROXY.SERVER} in C{.dodsrc}. The URL goes to the controller as it
+    came, query string byte for byte.
+  - by name: C{GET /datasets/NAME.SUFFIX?CONSTRAINT}. The proxy reads the
+    dataset record (C{attribute_store.get(key="dataset:NAME")}) for its base
+    URL and asks for C{BASE + SUFFIX + "?" + CONSTRAINT}. C{.csv} goes to the
+    csv component instead (C{BASE.dods?CONSTRAINT} as CSV).
+
+For each request the proxy makes a listen address C{L} of its own, asks
+(C{controller.get_url} or C{csv.render}) for the answer to be sent there,
+waits (bounded) for the stream or an error reply, and closes C{L}.
+
+What the client gets:
+
+  - the upstream's status and headers (hop-by-hop ones removed), the body
+    streamed with backpressure: the stream waits while the client's
+    transport is paused, so nothing is buffered whole;
+  - if the stream breaks (stream-error, a stall, fewer bytes than the
+    declared Content-Length) after the headers went out: the connection
+    is closed short of the declared length, or without the final chunk; the
+    client sees a failed transfer, never a clean end;
+  - errors before the headers, as C{text/plain}: 400 (InvalidName,
+    InvalidURL, malformed requests), 403 (Forbidden), 404 (UnknownDataset,
+    no such path), 405 (methods other than GET and HEAD), 502
+    (UpstreamError, any other remote error), 503 (the bus or the controller
+    is not there), 504 (UpstreamTimeout, no answer within C{answer_timeout}).
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from magnet import (ConnectionLost, MagnetError, NotConfirmed, NotConnected, RemoteError, StreamError, Timeout,
+                    Unroutable, decode_reply)
+from magnet.rpc import ERROR, REPLY
+
+from ooidx.component import Component
+from ooidx.errors import http_status
+
+__all__ = ["Proxy", "ProxyError", "DAP_SUFFIXES", "HOP_BY_HOP", "parse_target", "Target"]
+
+#: A dataset name (docs/data-path.md; the same as ooidx.dap.valid_name).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+#: The suffixes a by-name path may end in; the longest match wins.
+DAP_SUFFIXES = (".dods", ".das", ".dds", ".asc", ".ascii", ".html", ".info", ".ver", ".csv", ".nc")
+#: Headers that concern one connection only; never passed on.
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+                        b"proxy-authenticate", b"proxy-authorization", b"proxy-connection"))
+#: What the datasets path looks like.
+DATASETS_PREFIX = b"/datasets/"
+#: How long the proxy waits for the answer to start (the fetcher's own timeout is shorter).
+DEFAULT_ANSWER_TIMEOUT = 75.0
+#: How long a by-name base URL is remembered (a purge reaches the controller anyway).
+BASE_TTL = 5.0
+IDLE_TIMEOUT = 60
+MAX_URI = 8192
+
+
+class ProxyError(Exception):
+    """An answer other than the upstream's, before any header went out."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: Optional[Dict[bytes, bytes]] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.headers = headers or {}
+
+
+class ClientGone(Exception):
+    """The HTTP client went away while its answer was streaming."""
+
+
+class Target:
+    """What a request asks for: a URL (forward proxy) or a dataset by name."""
+
+    __slots__ = ("url", "name", "suffix", "query", "csv")
+
+    def __init__(self, url: Optional[str] = None, name: Optional[str] = None, suffix: str = "",
+                 query: Optional[str] = None) -> None:
+        self.url = url
+        self.name = name
+        self.suffix = suffix
+        self.query = query  # None: no "?" at all; "" : a "?" with nothing after it
+        self.csv = suffix == ".csv"
+
+    def __repr__(self) -> str:
+        return f"Target(url={self.url!r}, name={self.name!r}, suffix={self.suffix!r}, query={self.query!r})"
+
+
+def _printable(raw: bytes, limit: int = 120) -> str:
+    text = raw[:limit].decode("ascii", "backslashreplace")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text + ("..." if len(raw) > limit else "")
+
+
+def _ascii(raw: bytes, what: str) -> str:
+    """Bytes of a URI as text: printable ASCII only (clients percent-encode the rest)."""
+    if any(b < 0x21 or b > 0x7E for b in raw):
+        raise ProxyError(400, "InvalidURL", f"{what} has bytes that must be percent-encoded: {_printable(raw)}")
+    return raw.decode("ascii")
+
+
+def parse_target(uri: bytes, own: Tuple[str, ...] = ()) -> Target:
+    """The target of a request line's URI. C{own}: host:port spellings of this
+    proxy, so that an absolute URI naming the proxy itself is served by name."""
+    if len(uri) > MAX_URI:
+        raise ProxyError(414, "URITooLong", f"the request target is longer than {MAX_URI} bytes")
+    if uri.startswith(b"/"):
+        return _by_name(uri)
+    scheme, sep, rest = uri.partition(b"://")
+    if not sep:
+        raise ProxyError(400, "InvalidURL", f"not a path or an absolute http:// URL: {_printable(uri)}")
+    if scheme.lower() not in (b"http", b"https"):
+        raise ProxyError(400, "InvalidURL", f"scheme {_printable(scheme)!r} is not proxied (http and https only)")
+    authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+    if not authority or authority.startswith(b":") or b"@" in authority:
+        raise ProxyError(400, "InvalidURL", f"no host (or userinfo given) in {_printable(uri)}")
+    text = _ascii(uri, "the URL")
+    if authority.decode("ascii").lower() in own:
+        path = rest[len(authority):] or b"/"
+        return _by_name(path)
+    return Target(url=text)
+
+
+def _by_name(path_and_query: bytes) -> Target:
+    path, sep, query = path_and_query.partition(b"?")
+    if not path.startswith(DATASETS_PREFIX):
+        raise ProxyError(404, "NotFound", f"no such path: {_printable(path)} (datasets are under /datasets/NAME.SUFFIX)")
+    rest = path[len(DATASETS_PREFIX):]
+    suffix = b""
+    for candidate in sorted(DAP_SUFFIXES, key=len, reverse=True):
+        if rest.endswith(candidate.encode("ascii")) and len(rest) > len(candidate):
+            suffix = candidate.encode("ascii")
+            rest = rest[: -len(candidate)]
+            break
+    try:
+        name = rest.decode("ascii")
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not NAME.match(name):
+        raise ProxyError(400, "InvalidName", f"bad dataset name {_printable(rest)}: expected "
+                                             "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+    return Target(name=name, suffix=suffix.decode("ascii"),
+                  query=_ascii(query, "the constraint expression") if sep else None)
+
+
+@implementer(IPushProducer)
+class _Pump:
+    """Between a stream and an HTTP response: the sink returns a Deferred
+    while the client's transport is paused, which holds the stream back."""
+
+    def __init__(self, request: server.Request, proxy: "Proxy") -> None:
+        self.request = request
+        self.proxy = proxy
+        self.paused = False
+        self.stopped = False
+        self._waiting: Optional[Deferred] = None
+        self.written = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.errback(Failure(ClientGone("the client went away")))
+
+    def sink(self, data: bytes) -> Optional[Deferred]:
+        if self.stopped or self.request.finished or self.request.channel is None:
+            raise ClientGone("the client went away")
+        self.written += len(data)
+        self.proxy.relayed += len(data)
+        self.request.write(data)
+        if self.paused and not self.stopped:
+            self._waiting = Deferred()
+            return self._waiting
+        return None
+
+
+class _ProxyRequest(server.Request):
+    """No default Content-Type: a passed-on answer keeps exactly the upstream's."""
+
+    defaultContentType = None
+
+
+class _Site(server.Site):
+    """A Site that remembers its open connections, so the proxy can close them at stop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_channels: set = set()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        if channel is not None:
+            site = self
+            lost = channel.connectionLost
+
+            def connectionLost(reason: Failure) -> None:
+                site.open_channels.discard(channel)
+                lost(reason)
+
+            channel.connectionLost = connectionLost
+            self.open_channels.add(channel)
+        return channel
+
+
+class _Root(Resource):
+    isLeaf = True
+
+    def __init__(self, proxy: "Proxy") -> None:
+        super().__init__()
+        self.proxy = proxy
+
+    def render(self, request: server.Request) -> Any:
+        return self.proxy.render(request)
+
+
+class _Exchange:
+    """One request's listen address and what arrives at it."""
+
+    def __init__(self, proxy: "Proxy", request_id: str) -> None:
+        self.proxy = proxy
+        self.request_id = request_id
+        self.listener: Any = None
+        self.answer: Deferred = Deferred()  # fires with a Stream, or fails with ProxyError
+        self.via: Optional[str] = None
+
+    def on_message(self, message: Any) -> None:
+        if message.correlation_id != self.request_id:
+            self.proxy.log.info("{component}: dropping a message for another request at {address}",
+                                component=self.proxy.name, address=self.listener.address if self.listener else "?")
+            return
+        if message.type == ERROR:
+            try:
+                decode_reply(message)
+            except RemoteError as e:
+                self._fail(ProxyError(http_status(e.remote_type), e.remote_type, e.message))
+            except MagnetError as e:
+                self._fail(ProxyError(502, type(e).__name__, str(e)))
+            return
+        if message.type == REPLY:
+            try:
+                value = decode_reply(message)
+            except MagnetError:
+                value = None
+            if isinstance(value, dict):
+                self.via = str(value.get("via"))
+            self.proxy.log.debug("{component}: request {rid} goes via {via}", component=self.proxy.name,
+                                 rid=self.request_id, via=self.via)
+            return
+        self.proxy.log.info("{component}: ignoring a {type} message at a request address",
+                            component=self.proxy.name, type=message.type)
+
+    def on_stream(self, stream: Any) -> None:
+        if stream.correlation_id != self.request_id or self.answer.called:
+            # not ours, or a second answer: take it and drop it
+            stream.deliver(lambda data: None).addErrback(lambda _: None)
+            return
+        self.answer.callback(stream)
+
+    def _fail(self, error: ProxyError) -> None:
+        if not self.answer.called:
+            self.answer.errback(Failure(error))
+
+
+class Proxy(Component):
+    """The HTTP edge for DAP clients: forward proxy and datasets by name."""
+
+    log = Logger()
+
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
+                 clock: Any = None, port: Optional[int] = None, interface: Optional[str] = None,
+                 answer_timeout: Optional[float] = None, lookup_timeout: Optional[float] = None,
+                 base_ttl: float = BASE_TTL) -> None:
+        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+        self._port_number, self._interface = self._listen_address(port, interface)
+        if answer_timeout is None:
+            fetcher = getattr(getattr(config, "components", None) or {}, "get", lambda _: None)("fetcher")
+            fetch_timeout = getattr(getattr(fetcher, "options", None), "timeout", None)
+            answer_timeout = max(DEFAULT_ANSWER_TIMEOUT, (fetch_timeout or 0) + 15.0)
+        self.answer_timeout = answer_timeout
+        rpc = getattr(getattr(config, "timeouts", None), "rpc", None)
+        self.lookup_timeout = lookup_timeout if lookup_timeout is not None else (rpc or 30.0)
+        self.base_ttl = base_ttl
+        self._bases: Dict[str, Tuple[float, str]] = {}
+        self._listening: Any = None
+        self._site: Optional[_Site] = None
+        self._own: Tuple[str, ...] = ()
+        self.active = 0  # requests in progress
+        self.relayed = 0  # body bytes handed to HTTP transports, in all
+
+    # where it listens ----------------------------------------------------------------
+
+    def _listen_address(self, port: Optional[int], interface: Optional[str]) -> Tuple[int, str]:
+        http_config = getattr(self.config, "http", None)
+        options = None
+        components = getattr(self.config, "components", None)
+        if components is not None and self.name in components:
+            options = components[self.name].options
+        if port is None:
+            port = getattr(options, "port", None)
+        if port is None:
+            port = getattr(http_config, "proxy_port", 8100)
+        if interface is None:
+            interface = getattr(options, "interface", None)
+        if interface is None:
+            interface = getattr(http_config, "interface", "127.0.0.1")
+        return int(port), interface
+
+    @property
+    def port(self) -> int:
+        if self._listening is None:
+            return self._port_number
+        return self._listening.getHost().port
+
+    @property
+    def url(self) -> str:
+        address = self._interface
+        if address in ("", "0.0.0.0", "::"):
+            address = "127.0.0.1" if address != "::" else "::1"
+        if ":" in address:
+            address = f"[{address}]"
+        return f"http://{address}:{self.port}"
+
+    # lifecycle -------------------------------------------------------------------------
+
+    def setUp(self) -> None:
+        site = _Site(_Root(self), requestFactory=_ProxyRequest, reactor=self.clock, timeout=IDLE_TIMEOUT)
+        site.displayTracebacks = False
+        site.noisy = False
+        self._listening = self.clock.listenTCP(self._port_number, site, interface=self._interface)
+        self._site = site
+        port = self.port
+        hosts = {"127.0.0.1", "localhost", self._interface.lower()} - {"", "0.0.0.0", "::"}
+        self._own = tuple(sorted(f"{h}:{port}" for h in hosts))
+        self.log.info("{component} listening on {url} (forward proxy; /datasets/NAME.SUFFIX)",
+                      component=self.name, url=self.url)
+
+    def tearDown(self) -> Any:
+        listening, self._listening = self._listening, None
+        site, self._site = self._site, None
+        if site is not None:
+            for channel in list(site.open_channels):
+                transport = getattr(channel, "transport", None)
+                if transport is not None:
+                    transport.loseConnection()
+        if listening is not None:
+            return listening.stopListening()
+        return None
+
+    # HTTP ------------------------------------------------------------------------------
+
+    def render(self, request: server.Request) -> Any:
+        if request.method not in (b"GET", b"HEAD"):
+            return self._error_now(request, ProxyError(405, "MethodNotAllowed", "only GET and HEAD are proxied",
+                                                       {b"Allow": b"GET, HEAD"}))
+        try:
+            target = parse_target(request.uri, self._own)
+        except ProxyError as e:
+            return self._error_now(request, e)
+        d = self._serve(request, target)
+        d.addErrback(self._unexpected, request)
+        return server.NOT_DONE_YET
+
+    def _error_now(self, request: server.Request, error: ProxyError) -> bytes:
+        body = self._prepare_error(request, error)
+        return body
+
+    def _prepare_error(self, request: server.Request, error: ProxyError) -> bytes:
+        request.setResponseCode(error.status)
+        request.responseHeaders.removeHeader(b"content-type")
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Ooidx-Error", error.kind.encode("ascii", "replace"))
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
+        phrase = http.RESPONSES.get(error.status, b"Error").decode("ascii")
+        body = f"{error.status} {phrase}: {error.kind}: {error.message}\n".encode("utf-8", "replace")
+        request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+        return body
+
+    def _send_error(self, request: server.Request, error: ProxyError) -> None:
+        if request.finished or request.channel is None:
+            return
+        body = self._prepare_error(request, error)
+        request.write(body)
+        request.finish()
+
+    def _unexpected(self, failure: Failure, request: server.Request) -> None:
+        self.log.failure("{component}: answering {uri}", failure, component=self.name,
+                         uri=_printable(request.uri))
+        if request.startedWriting:
+            _abort(request)
+        else:
+            self._send_error(request, ProxyError(500, "InternalError", "internal error"))
+
+    @inlineCallbacks
+    def _serve(self, request: server.Request, target: Target) -> Any:
+        gone: List[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        request_id = uuid.uuid4().hex
+        exchange = _Exchange(self, request_id)
+        method = request.method.decode("ascii")
+        self.active += 1
+        started = time.monotonic()
+        try:
+            try:
+                url = yield self._resolve(target)
+                exchange.listener = yield _bounded(
+                    self.bus.listen(exchange.on_message, on_stream=exchange.on_stream),
+                    self.lookup_timeout, self.clock, "making a listen address")
+                address = exchange.listener.address
+                if target.csv:
+                    yield _bounded(self.bus.post("csv", "render", url=url, dataset=target.name, method=method,
+                                                 address=address, request_id=request_id),
+                                   self.lookup_timeout, self.clock, "asking csv")
+                else:
+                    yield _bounded(self.bus.tell("controller", "get_url", address, correlation_id=request_id,
+                                                 url=url, method=method, dataset=target.name,
+                                                 address=address, request_id=request_id),
+                                   self.lookup_timeout, self.clock, "asking the controller")
+                stream = yield _bounded(exchange.answer, self.answer_timeout, self.clock, "waiting for the answer",
+                                        status=504, kind="GatewayTimeout")
+            except Exception as e:  # noqa: BLE001 - every failure before the headers is an HTTP error
+                error = self._as_http_error(e)
+                if not gone:
+                    self._send_error(request, error)
+                self.log.info("{component} {method} {uri} -> {status} {kind}: {message}", component=self.name,
+                              method=method, uri=_printable(request.uri), status=error.status, kind=error.kind,
+                              message=error.message)
+                return
+            if gone:
+                stream.deliver(lambda data: None).addErrback(lambda _: None)
+                return
+            yield self._relay(request, stream, method, exchange.via, started)
+        finally:
+            self.active -= 1
+            if exchange.listener is not None:
+                exchange.listener.close().addErrback(
+                    lambda f: self.log.info("{component}: closing {address}: {reason}", component=self.name,
+                                            address=exchange.listener.address, reason=f.getErrorMessage()))
+
+    def _as_http_error(self, e: BaseException) -> ProxyError:
+        if isinstance(e, ProxyError):
+            return e
+        if isinstance(e, RemoteError):
+            return ProxyError(http_status(e.remote_type), e.remote_type, e.message)
+        if isinstance(e, Unroutable):
+            return ProxyError(503, "Unavailable", f"nobody serves the request now ({e})")
+        if isinstance(e, (ConnectionLost, NotConnected, NotConfirmed)):
+            return ProxyError(503, "Unavailable", f"the message bus is not reachable ({e})")
+        if isinstance(e, Timeout):
+            return ProxyError(504, "GatewayTimeout", str(e))
+        if isinstance(e, CancelledError):
+            return ProxyError(503, "Unavailable", "cancelled")
+        self.log.failure("{component}: unexpected error", Failure(e), component=self.name)
+        return ProxyError(502, type(e).__name__, str(e))
+
+    @inlineCallbacks
+    def _resolve(self, target: Target) -> Any:
+        """The URL to ask for: as given, or the dataset's base + suffix + query."""
+        if target.url is not None:
+            return target.url
+        base = yield self._base(target.name)
+        suffix = ".dods" if target.csv else target.suffix
+        return base + suffix + ("?" + target.query if target.query is not None else "")
+
+    @inlineCallbacks
+    def _base(self, name: str) -> Any:
+        now = self.clock.seconds()
+        known = self._bases.get(name)
+        if known is not None and known[0] > now:
+            return known[1]
+        try:
+            record = yield self.bus.call("attribute_store", "get", key=f"dataset:{name}",
+                                         timeout=self.lookup_timeout)
+        except RemoteError as e:
+            if e.remote_type in ("KeyError", "NotFound", "UnknownKey", "UnknownDataset"):
+                raise ProxyError(404, "UnknownDataset", f"no dataset named {name!r}") from None
+            raise
+        if isinstance(record, str):
+            import json
+            try:
+                record = json.loads(record)
+            except ValueError:
+                record = None
+        if not isinstance(record, dict) or not isinstance(record.get("url"), str) \
+                or record.get("status") == "purged":
+            raise ProxyError(404, "UnknownDataset", f"no dataset named {name!r}")
+        base = record["url"]
+        self._bases[name] = (now + self.base_ttl, base)
+        if len(self._bases) > 4096:
+            self._bases = {k: v for k, v in self._bases.items() if v[0] > now}
+        return base
+
+    def forget(self, name: Optional[str] = None) -> None:
+        """Drop remembered base URLs (one dataset's, or all)."""
+        if name is None:
+            self._bases.clear()
+        else:
+            self._bases.pop(name, None)
+
+    # relaying an answer -------------------------------------------------------------
+
+    @inlineCallbacks
+    def _relay(self, request: server.Request, stream: Any, method: str, via: Optional[str], started: float) -> Any:
+        meta = stream.metadata if isinstance(stream.metadata, dict) else {}
+        status = meta.get("status")
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            stream.deliver(lambda data: None).addErrback(lambda _: None)
+            self._send_error(request, ProxyError(502, "BadAnswer", f"the answer has no valid status ({status!r})"))
+            return
+        reason = meta.get("reason")
+        request.setResponseCode(status, reason.encode("latin-1", "replace") if isinstance(reason, str) and reason
+                                else None)
+        declared: Optional[int] = None
+        grouped: Dict[bytes, List[bytes]] = {}
+        for pair in meta.get("headers") or []:
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                continue
+            name, value = (str(pair[0]).encode("latin-1", "replace"), str(pair[1]).encode("latin-1", "replace"))
+            if name.lower() in HOP_BY_HOP or b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
+                continue
+            grouped.setdefault(name.lower(), []).append(value)
+            if name.lower() == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+        for name, values in grouped.items():
+            request.responseHeaders.setRawHeaders(name, values)
+        if declared is None and isinstance(meta.get("length"), int) and status not in (204, 304) \
+                and status >= 200:
+            declared = meta["length"]
+            request.responseHeaders.setRawHeaders(b"content-length", [str(declared).encode("ascii")])
+        if grouped.get(b"content-length") and declared is None:
+            request.responseHeaders.removeHeader(b"content-length")  # unusable: let it be chunked
+        request.setHeader(b"Via", f"1.1 ooidx-{self.node}".encode("ascii", "replace"))
+        source = meta.get("source") or via
+        if source:
+            request.setHeader(b"X-Ooidx-Source", str(source).encode("ascii", "replace"))
+        pump = _Pump(request, self)
+        request.registerProducer(pump, True)
+        ok = False
+        try:
+            count = yield stream.deliver(pump.sink)
+            ok = True
+        except (StreamError, Timeout) as e:
+            why = str(e)
+        except ClientGone:
+            why = "the client went away"
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {e}"
+        if ok and method != "HEAD" and declared is not None and count != declared and status not in (204, 304):
+            ok = False
+            why = f"the body has {count} bytes, {declared} were declared"
+        if request.producer is pump:
+            request.unregisterProducer()
+        elapsed = time.monotonic() - started
+        if ok:
+            if not request.finished and request.channel is not None:
+                request.finish()
+            self.log.info("{component} {method} {uri} -> {status} ({bytes} bytes, {source}, {elapsed:.3f} s)",
+                          component=self.name, method=method, uri=_printable(request.uri), status=status,
+                          bytes=pump.written, source=source or "?", elapsed=elapsed)
+        elif not request.startedWriting and request.channel is not None and not request.finished:
+            # nothing went out yet: the client can still be told properly
+            request.responseHeaders = Headers()
+            self._send_error(request, ProxyError(502, "UpstreamError", f"the answer broke: {why}"))
+            self.log.warn("{component} {method} {uri} -> 502: the answer broke before its body: {why}",
+                          component=self.name, method=method, uri=_printable(request.uri), why=why)
+        else:
+            _abort(request)
+            self.log.warn("{component} {method} {uri}: transfer failed after {bytes} bytes: {why}",
+                          component=self.name, method=method, uri=_printable(request.uri), bytes=pump.written,
+                          why=why)
+
+
+def _abort(request: server.Request) -> None:
+    """End a response that went wrong after its headers: the connection
+    closes without the rest of the body or the final chunk."""
+    channel = request.channel
+    transport = getattr(channel, "transport", None)
+    if transport is not None:
+        # FIN, not RST: what was sent stays readable, and the client sees the
+        # connection end short of the declared length (or of the last chunk).
+        transport.loseConnection()
+
+
+def _bounded(d: Deferred, timeout: float, clock: Any, what: str, status: int = 504,
+             kind: str = "GatewayTimeout") -> Deferred:
+    """C{d}, failing with a L{ProxyError} if it has not fired within C{timeout}."""
+
+    def timed_out(result: Any, t: float) -> None:
+        raise ProxyError(status, kind, f"no answer within {t:g} s ({what})")
+
+    d.addTimeout(timeout, clock, onTimeoutCancel=timed_out)
+    return d
