@@ -1,0 +1,522 @@
+"""The cache: responses kept on this node's disk, served to whoever asks.
+
+Two ways in (docs/data-path.md):
+
+- the worker queue C{cache} (RPC): L{Cache.lookup}, L{Cache.purge},
+  L{Cache.stats}, C{ping}. Any node's cache may answer a lookup; its answer
+  names that node's address, where the rest happens.
+- the node address C{cache.node.NODE}, a shared listen address every cache
+  instance of this node consumes (one listener per process):
+  - posts of C{serve(url, method, address, request_id, revalidated=False,
+    dataset=None)}: stream the stored response to C{address};
+  - streams whose metadata has C{"store": true} (the fetcher's copy of a GET
+    200): written to the store, kept only after a complete stream-end.
+
+Purges reach every node: C{purge} on the worker queue purges the node that
+took it and tells the others on the fanout C{cache.purge}.
+
+Disk work runs in a small thread pool of its own, never on the reactor
+thread; the store module (L{ooidx.store}) knows nothing of the bus.
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Any, Dict, Optional, Set
+
+from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from magnet import BadMessage, Message, operation, rpc
+from magnet.errors import MagnetError
+
+from ooidx.component import Component
+from ooidx.config import CacheOptions
+from ooidx.errors import DXError, InvalidName, InvalidURL, UpstreamError
+from ooidx.store import DiskStore, EntryTooLarge, StoreError, Writer
+
+__all__ = ["Cache", "node_address", "PURGE_FANOUT"]
+
+#: The fanout every cache node listens on for purges.
+PURGE_FANOUT = "cache.purge"
+#: Bytes read from disk per step while serving (the stream chunks them further).
+READ_SIZE = 256 * 1024
+#: Streams served at once by one process; further serves wait their turn.
+MAX_SERVING = 32
+#: Seconds between writes of the in-memory access times to disk.
+FLUSH_INTERVAL = 60.0
+#: Disk threads of one cache process.
+THREADS = 4
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_METHODS = ("GET", "HEAD")
+
+
+def node_address(node: str) -> str:
+    """The address of a node's cache (docs/data-path.md: C{cache.node.NODE})."""
+    return f"cache.node.{node}"
+
+
+class Cache(Component):
+    """The cache component of one node."""
+
+    log = Logger()
+
+    def __init__(self, name: str, bus: Any, **kwargs: Any) -> None:
+        super().__init__(name, bus, **kwargs)
+        options = None
+        if self.config is not None:
+            settings = self.config.components.get(name)
+            options = settings.options if settings is not None else None
+        self.options: CacheOptions = options if isinstance(options, CacheOptions) else CacheOptions()
+        data_dir = self.config.data_dir if self.config is not None else os.path.abspath("var")
+        self.address = node_address(self.node)
+        self.store = DiskStore(os.path.join(data_dir, "cache"), self.options.max_bytes, now=self.clock.seconds)
+        self.counters: Dict[str, int] = {"lookups": 0, "hits": 0, "misses": 0, "stale": 0, "served_bytes": 0,
+                                         "stores": 0, "store_failures": 0, "gone": 0}
+        self._id = uuid.uuid4().hex
+        self._pool: Optional[ThreadPool] = None
+        self._reactor: Any = None
+        self._listener: Any = None
+        self._purge_subscription: Any = None
+        self._flusher: Optional[LoopingCall] = None
+        self._serving = DeferredSemaphore(MAX_SERVING)
+        self._active: Set[Deferred] = set()
+        self._writers: Dict[str, "_Incoming"] = {}
+        self._recent_datasets: Dict[str, str] = {}
+        self._node_ops = rpc.operations(_NodeOperations(self))
+
+    # lifecycle ---------------------------------------------------------------------
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self._reactor = self.bus.clock if IReactorThreads.providedBy(self.bus.clock) else _global_reactor()
+        self._pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="ooidx-cache-io")
+        self._pool.start()
+        yield self._io(self.store.open)
+        self._listener = yield self.bus.listen(self._on_node_message, name=self.address, shared=True,
+                                               on_stream=self._on_stream)
+        self._purge_subscription = yield self.bus.subscribe(PURGE_FANOUT, self._on_purge_broadcast)
+        self._flusher = LoopingCall(self._flush)
+        self._flusher.clock = self.clock
+        self._flusher.start(FLUSH_INTERVAL, now=False)
+
+    @inlineCallbacks
+    def tearDown(self) -> Any:
+        if self._flusher is not None and self._flusher.running:
+            self._flusher.stop()
+        # Cancel, not delete: other processes of this node may consume the same
+        # shared address; the broker removes it when its last consumer goes.
+        subscriptions = [self._purge_subscription, self._listener.subscription if self._listener else None]
+        for subscription in subscriptions:
+            if subscription is not None:
+                try:
+                    yield subscription.cancel()
+                except Exception as e:  # the bus may already be gone
+                    self.log.debug("cancelling {what}: {error}", what=subscription.name, error=e,
+                                   component=self.name)
+        self._listener = self._purge_subscription = None
+        for incoming in list(self._writers.values()):
+            incoming.cancel("the cache is stopping")
+        # Let running serves and writes finish their disk work (they end quickly once the bus is gone).
+        active = list(self._active)
+        for d in active:
+            try:
+                yield _bounded(d, 10.0, self._reactor)
+            except Exception:
+                pass
+        if self._pool is not None:
+            try:
+                yield self._io(self.store.close)
+            except Exception as e:
+                self.log.warn("closing the cache store: {error}", error=e, component=self.name)
+            self._pool.stop()
+            self._pool = None
+
+    def _io(self, f: Any, *args: Any, **kwargs: Any) -> Deferred:
+        """Run blocking disk work in the cache's threads."""
+        if self._pool is None:
+            return _failed(StoreError("the cache is not running"))
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    def _flush(self) -> Deferred:
+        d = self._io(self.store.flush)
+        d.addErrback(lambda f: self.log.warn("saving access times: {error}", error=f.getErrorMessage(),
+                                             component=self.name))
+        return d
+
+    def _track(self, d: Deferred) -> Deferred:
+        self._active.add(d)
+
+        def done(result: Any) -> Any:
+            self._active.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    # the worker queue ------------------------------------------------------------
+
+    @operation
+    @inlineCallbacks
+    def lookup(self, url: str, dataset: Optional[str] = None) -> Any:
+        """Whether this node has C{url}: C{{"state": "fresh"|"stale"|"miss", "node": ADDRESS,
+        "validators": {"etag", "last_modified"}}} (fresh: younger than max_age)."""
+        _check_url(url)
+        if dataset is not None:
+            _check_name(dataset)
+            self._remember_dataset(url, dataset)
+        self.counters["lookups"] += 1
+        entry = yield self._io(self.store.get, url, touch=False)
+        answer: Dict[str, Any] = {"node": self.address}
+        if entry is None:
+            self.counters["misses"] += 1
+            answer.update(state="miss", validators={})
+            return answer
+        age = self.clock.seconds() - entry.stored
+        fresh = age < self.options.max_age
+        if not fresh:
+            self.counters["stale"] += 1
+        if dataset is not None and entry.dataset is None:
+            self._io(self.store.set_dataset, url, dataset).addErrback(lambda _: None)
+        answer.update(state="fresh" if fresh else "stale", validators=dict(entry.validators),
+                      age=max(age, 0.0), size=entry.size)
+        return answer
+
+    @operation
+    @inlineCallbacks
+    def purge(self, name: str, base_url: Optional[str] = None) -> Any:
+        """Remove the entries of dataset C{name} (and those under C{base_url} with no
+        dataset recorded) on every node; the count removed on this one."""
+        _check_name(name)
+        if base_url is not None:
+            _check_url(base_url)
+        count = yield self._purge_here(name, base_url)
+        message = rpc.request("purge", {"name": name, "base_url": base_url, "origin": self._id})
+        try:
+            yield self.bus.send(PURGE_FANOUT, message)
+        except MagnetError as e:
+            self.log.warn("purge of {dataset} not passed on to the other nodes: {error}", dataset=name, error=e,
+                          component=self.name)
+        return count
+
+    @operation
+    @inlineCallbacks
+    def stats(self) -> Any:
+        """Entries, bytes and counters of this node's cache."""
+        store = yield self._io(self.store.stats)
+        return {**store, **self.counters, "node": self.node, "max_age": self.options.max_age}
+
+    def _purge_here(self, name: str, base_url: Optional[str]) -> Deferred:
+        for incoming in list(self._writers.values()):
+            if incoming.belongs(name, base_url):
+                incoming.cancel(f"dataset {name} purged")
+        self._recent_datasets = {u: d for u, d in self._recent_datasets.items() if d != name}
+        d = self._io(self.store.purge, dataset=name, base_url=base_url)
+
+        def done(count: int) -> int:
+            self.log.info("purged {count} entries of {dataset}", count=count, dataset=name, component=self.name)
+            return count
+
+        return d.addCallback(done)
+
+    def _on_purge_broadcast(self, message: Message) -> Any:
+        try:
+            op, kwargs = rpc.decode_request(message)
+        except BadMessage as e:
+            self.log.warn("ignoring a malformed purge broadcast: {error}", error=e, component=self.name)
+            return None
+        if op != "purge" or kwargs.get("origin") == self._id:
+            return None
+        name, base_url = kwargs.get("name"), kwargs.get("base_url")
+        if not isinstance(name, str) or not _NAME.match(name) or not (base_url is None or isinstance(base_url, str)):
+            self.log.warn("ignoring a purge broadcast with bad arguments", component=self.name)
+            return None
+        d = self._purge_here(name, base_url)
+        d.addErrback(lambda f: self.log.warn("purge of {dataset}: {error}", dataset=name,
+                                             error=f.getErrorMessage(), component=self.name))
+        return d
+
+    def _remember_dataset(self, url: str, dataset: str) -> None:
+        self._recent_datasets.pop(url, None)
+        self._recent_datasets[url] = dataset
+        while len(self._recent_datasets) > 10000:
+            self._recent_datasets.pop(next(iter(self._recent_datasets)))
+
+    # the node address: posts ------------------------------------------------------
+
+    def _on_node_message(self, message: Message) -> Any:
+        """A plain message at the node address: a posted request (serve)."""
+        if message.type != rpc.CALL:
+            self.log.warn("ignoring a {type!r} message at {address}", type=message.type, address=self.address,
+                          component=self.name)
+            return None
+        d = rpc.invoke(self._node_ops, self.address, message)
+
+        def failed(failure: Failure) -> Any:
+            # Retrying cannot mend a request that does not fit: dead-letter it at once,
+            # and tell the caller when it asked for an answer.
+            if message.reply_to:
+                self.bus.transport.publish("", message.reply_to, rpc.error_reply(failure, message.correlation_id),
+                                           mandatory=True).addErrback(lambda _: None)
+            raise BadMessage(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+
+        return d.addErrback(failed)
+
+    def serve(self, url: Any = None, method: Any = "GET", address: Any = None, request_id: Any = None,
+              revalidated: Any = False, dataset: Any = None) -> Any:
+        """Stream the stored response for C{url} to C{address}; the post is taken at
+        once, the streaming goes on (bounded to L{MAX_SERVING} at a time)."""
+        if not isinstance(address, str) or not address:
+            raise BadMessage("serve needs an address to stream to")
+        if not isinstance(request_id, (str, type(None))):
+            raise BadMessage("request_id must be a string")
+        problem = None
+        try:
+            _check_url(url)
+            if method not in _METHODS:
+                raise InvalidURL(f"method {method!r} is not served (GET or HEAD)")
+            if dataset is not None:
+                _check_name(dataset)
+        except (InvalidURL, InvalidName) as e:
+            problem = e
+        if problem is not None:
+            self.log.warn("refusing serve of {url!r}: {error}", url=url, error=problem, component=self.name)
+            return self._error_to(address, request_id, problem)
+        d = self._serving.run(self._serve, url, method, address, request_id, bool(revalidated), dataset)
+        d.addErrback(lambda f: self.log.failure("serving {url}", f, url=url, component=self.name))
+        self._track(d)
+        return None
+
+    @inlineCallbacks
+    def _serve(self, url: str, method: str, address: str, request_id: Optional[str], revalidated: bool,
+               dataset: Optional[str]) -> Any:
+        entry = None
+        try:
+            if revalidated:
+                entry = yield self._io(self.store.refresh, url)
+            else:
+                entry = yield self._io(self.store.get, url)
+        except (OSError, StoreError) as e:
+            self.log.warn("cannot refresh {url} ({error}); serving what is stored", url=url, error=e,
+                          component=self.name)
+            entry = yield self._io(self.store.get, url)
+        body = None
+        if entry is not None:
+            try:
+                body = yield self._io(self.store.open_body, entry)
+            except FileNotFoundError:
+                entry = None
+        if entry is None:
+            yield self._gone(url, method, address, request_id)
+            return
+        metadata = {"status": entry.status, "reason": entry.reason, "headers": entry.headers, "url": entry.url,
+                    "source": "cache", "length": entry.size}
+        writer = self.bus.open_stream(address, metadata, correlation_id=request_id)
+        sent = 0
+        try:
+            if method != "HEAD":
+                while True:
+                    data = yield self._io(body.read, READ_SIZE)
+                    if not data:
+                        break
+                    sent += len(data)
+                    yield writer.write(data)
+                if sent != entry.size:
+                    raise StoreError(f"stored body of {url} is {sent} bytes, not {entry.size}")
+            yield writer.finish()
+        except Exception as e:
+            self.log.warn("serving {url} to {address} failed after {bytes} bytes: {error}", url=url,
+                          address=address, bytes=sent, error=e, component=self.name)
+            writer.abort(e)
+            return
+        finally:
+            self._io(body.close).addErrback(lambda _: None)
+        self.counters["hits"] += 1
+        self.counters["served_bytes"] += sent
+        self.log.debug("served {url} ({bytes} bytes) to {address}", url=url, bytes=sent, address=address,
+                       component=self.name)
+        self._record(url, entry.dataset or dataset, sent, entry.status)
+
+    def _gone(self, url: str, method: str, address: str, request_id: Optional[str]) -> Deferred:
+        """The entry went between lookup and serve: have a fetcher get it (and store it
+        here again); if no fetcher can be reached, answer UpstreamError."""
+        self.counters["gone"] += 1
+        self.log.info("{url} left the cache before it was served; asking a fetcher", url=url, component=self.name)
+        d = self.bus.post("fetcher", "fetch", url=url, method=method, address=address, request_id=request_id,
+                          store=self.address, validators={})
+        d.addErrback(lambda f: self._error_to(address, request_id, UpstreamError("cache entry gone")))
+        return d
+
+    def _error_to(self, address: str, request_id: Optional[str], exc: Exception) -> Deferred:
+        d = self.bus.send(address, rpc.error_reply(Failure(exc), request_id))
+        d.addErrback(lambda f: self.log.info("error reply to {address} not delivered: {error}", address=address,
+                                             error=f.getErrorMessage(), component=self.name))
+        return d
+
+    def _record(self, url: str, dataset: Optional[str], size: int, status: int) -> None:
+        d = self.bus.post("controller", "record", dataset=dataset, url=url, hit=True, bytes=size, status=status)
+        d.addErrback(lambda f: self.log.debug("record not delivered: {error}", error=f.getErrorMessage(),
+                                              component=self.name))
+
+    # the node address: streams to store ----------------------------------------------
+
+    def _on_stream(self, stream: Any) -> None:
+        """A stream at the node address: a response to keep. Returns at once (the
+        stream's start must be acknowledged for its chunks to arrive)."""
+        incoming = _Incoming(self, stream)
+        self._writers[incoming.id] = incoming
+        d = incoming.run()
+
+        def finished(result: Any) -> Any:
+            self._writers.pop(incoming.id, None)
+            return result
+
+        d.addBoth(finished)
+        d.addErrback(lambda f: self.log.failure("storing a stream", f, component=self.name))
+        self._track(d)
+
+
+class _NodeOperations:
+    """What posts to the node address may ask for."""
+
+    def __init__(self, cache: Cache) -> None:
+        self._cache = cache
+
+    @operation
+    def serve(self, url: Any = None, method: Any = "GET", address: Any = None, request_id: Any = None,
+              revalidated: Any = False, dataset: Any = None) -> Any:
+        return self._cache.serve(url=url, method=method, address=address, request_id=request_id,
+                                 revalidated=revalidated, dataset=dataset)
+
+
+class _Incoming:
+    """One stream being written to the store. Its sink never fails (so the
+    stream is always drained and acknowledged); a problem switches it to
+    discarding, and the entry is dropped at the end."""
+
+    def __init__(self, cache: Cache, stream: Any) -> None:
+        self.cache = cache
+        self.stream = stream
+        self.id = uuid.uuid4().hex
+        self.writer: Optional[Writer] = None
+        self.problem: Optional[str] = None
+        self.url: Optional[str] = None
+        self.dataset: Optional[str] = None
+
+    def belongs(self, name: str, base_url: Optional[str]) -> bool:
+        if self.url is None:
+            return False
+        if self.dataset is not None:
+            return self.dataset == name
+        return bool(base_url) and self.url.startswith(base_url)
+
+    def cancel(self, reason: str) -> None:
+        if self.problem is None:
+            self.problem = reason
+
+    @inlineCallbacks
+    def run(self) -> Any:
+        cache, log = self.cache, self.cache.log
+        metadata = self.stream.metadata
+        try:
+            self.writer = yield self._open(metadata)
+        except (StoreError, DXError, ValueError, TypeError) as e:
+            self.problem = str(e)
+        if self.problem is not None:
+            log.warn("not storing a stream: {reason}", reason=self.problem, component=cache.name)
+        try:
+            yield self.stream.deliver(self._sink)
+        except Exception as e:
+            self.cancel(f"stream broke: {e}")
+        writer = self.writer
+        if writer is None:
+            return None
+        if self.problem is not None:
+            cache.counters["store_failures"] += 1
+            log.warn("not keeping {url}: {reason}", url=self.url, reason=self.problem, component=cache.name)
+            yield cache._io(writer.abort)
+            return None
+        try:
+            entry = yield cache._io(writer.commit)
+        except (StoreError, OSError) as e:
+            cache.counters["store_failures"] += 1
+            log.warn("not keeping {url}: {error}", url=self.url, error=e, component=cache.name)
+            return None
+        cache.counters["stores"] += 1
+        log.info("stored {url} ({bytes} bytes)", url=entry.url, bytes=entry.size, component=cache.name)
+        return entry
+
+    def _open(self, metadata: Any) -> Deferred:
+        if not isinstance(metadata, dict) or metadata.get("store") is not True:
+            raise ValueError("a stream at the cache's address without \"store\": true")
+        url = metadata.get("url")
+        _check_url(url)
+        self.url = url
+        length = metadata.get("length")
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 0):
+            raise ValueError(f"bad length {length!r}")
+        if metadata.get("status") != 200:
+            raise ValueError(f"only 200 answers are kept, not {metadata.get('status')!r}")
+        dataset = metadata.get("dataset")
+        if not (isinstance(dataset, str) and _NAME.match(dataset)):
+            dataset = self.cache._recent_datasets.get(url)
+        self.dataset = dataset
+        return self.cache._io(self.cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
+                              headers=metadata.get("headers") or [], validators=metadata.get("validators"),
+                              dataset=dataset, length=length)
+
+    def _sink(self, data: bytes) -> Optional[Deferred]:
+        if self.problem is not None or self.writer is None:
+            return None
+        d = self.cache._io(self.writer.write, data)
+        d.addErrback(self._write_failed)
+        return d
+
+    def _write_failed(self, failure: Failure) -> None:
+        if failure.check(EntryTooLarge):
+            self.cancel(failure.getErrorMessage())
+        else:
+            self.cancel(f"cannot write: {failure.getErrorMessage()}")
+
+
+def _check_url(url: Any) -> None:
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 8192:
+        raise InvalidURL(f"not an http(s) URL: {str(url)[:200]!r}")
+
+
+def _check_name(name: Any) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidName(f"not a dataset name: {str(name)[:100]!r}")
+
+
+def _bounded(d: Deferred, seconds: float, clock: Any) -> Deferred:
+    """A Deferred that fires with C{d}'s result, or fails after C{seconds}; C{d} itself is left alone."""
+    out: Deferred = Deferred()
+    timer = clock.callLater(seconds, lambda: out.called or out.errback(Failure(TimeoutError("still running"))))
+
+    def both(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if not out.called:
+            out.callback(None)
+        return result
+
+    d.addBoth(both)
+    return out
+
+
+def _failed(exc: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(Failure(exc))
+    return d
+
+
+def _global_reactor() -> Any:
+    from twisted.internet import reactor
+    return reactor
