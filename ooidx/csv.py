@@ -1,0 +1,298 @@
+"""csv: a dataset, or its constrained part, as CSV (issue 4; docs/data-path.md).
+
+proxyng posts C{render(url=BASE.dods?CE, dataset=NAME, address=L,
+request_id=RID)} for C{GET /datasets/NAME.csv?CE}. The csv component gets
+the C{.dods} through the data path like any client (C{controller.get_url}
+to a listen address of its own, so cache hits count), decodes it with
+pydap's own parsers (C{pydap.parsers.dds.dds_to_dataset},
+C{pydap.handlers.dap.unpack_dap2_data}), and streams CSV to C{L}: status
+200, C{Content-Type: text/csv; charset=utf-8}, a header row of variable
+names, then one row per element.
+
+Layout: every variable is laid out over the dimensions of the variable
+with the most dimensions (a Grid counts as its array and its maps). The
+others must use a subset of those dimensions (by name, with the same sizes)
+and are repeated along the rest, so a 2-D C{sst(time, lat)} with its
+coordinates C{time} and C{lat} gives rows C{time,lat,sst}; 1-D variables of
+one dimension sit side by side. Variables that do not share dimensions that
+way are refused (C{InvalidURL}: ask for them separately).
+
+The C{.dods} is spooled to a temporary file (at most C{max_bytes}), and the
+CSV goes out in blocks of rows with the stream's backpressure. Every
+failure is answered as an error reply to C{L} (render never raises, so the
+post is not retried).
+"""
+from __future__ import annotations
+
+import csv as _csv
+import io
+import tempfile
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from magnet import MagnetError, RemoteError, StreamError, Timeout, decode_reply, operation
+from magnet.rpc import ERROR, REPLY, error_reply
+
+from ooidx.component import Component
+from ooidx.errors import InvalidURL, UpstreamError, UpstreamTimeout
+
+__all__ = ["CSV", "to_rows", "decode_dods"]
+
+#: The largest .dods the csv component decodes.
+MAX_BYTES = 256 * 1024 * 1024
+#: Rows per block written to the stream.
+BLOCK_ROWS = 2048
+#: How long to wait for the .dods to start arriving.
+DEFAULT_ANSWER_TIMEOUT = 75.0
+DATA_MARKER = b"\nData:\n"
+
+
+def decode_dods(dods: Any) -> Tuple[Any, List[Any]]:
+    """(pydap dataset, unpacked data) of a .dods response in a binary file."""
+    from pydap.handlers.dap import unpack_dap2_data
+    from pydap.parsers.dds import dds_to_dataset
+
+    dods.seek(0)
+    head = dods.read(1024 * 1024)
+    at = head.find(DATA_MARKER)
+    if at < 0:
+        raise UpstreamError("the .dods answer has no 'Data:' marker (not a DAP 2 data response)")
+    dds = head[:at].decode("utf-8", "replace")
+    try:
+        dataset = dds_to_dataset(dds)
+    except Exception as e:  # noqa: BLE001 - pydap raises what it raises
+        raise UpstreamError(f"the .dods answer's DDS does not parse: {e}") from None
+    dods.seek(at + len(DATA_MARKER))
+    try:
+        data = unpack_dap2_data(dods, dataset)
+    except Exception as e:  # noqa: BLE001
+        raise UpstreamError(f"the .dods answer's data does not decode: {e}") from None
+    return dataset, data
+
+
+def _columns(dataset: Any, data: List[Any]) -> List[Tuple[str, Any, Tuple[str, ...]]]:
+    """(name, numpy array, dimension names) of every variable, Grids as array + maps."""
+    import numpy as np
+    from pydap.model import BaseType, GridType, SequenceType, StructureType
+
+    columns: List[Tuple[str, Any, Tuple[str, ...]]] = []
+    for var, value in zip(dataset.children(), data):
+        if isinstance(var, GridType):
+            parts = list(var.children())
+            for part, part_value in zip(parts, value):
+                columns.append((part.name, np.asarray(part_value), tuple(part.dims or ())))
+        elif isinstance(var, BaseType):
+            columns.append((var.name, np.asarray(value), tuple(var.dims or ())))
+        elif isinstance(var, (SequenceType, StructureType)):
+            raise InvalidURL(f"{var.name} is a {type(var).__name__[:-4].lower()}: CSV takes arrays and grids only")
+        else:
+            raise InvalidURL(f"{getattr(var, 'name', '?')}: not a variable CSV can lay out")
+    return columns
+
+
+def to_rows(dataset: Any, data: List[Any]) -> Tuple[List[str], Any, int]:
+    """(header, an iterator of row blocks (lists of lists of str), row count)."""
+    import numpy as np
+
+    columns = _columns(dataset, data)
+    if not columns:
+        raise InvalidURL("the constraint selects no variable")
+    # the same name twice (a map asked for on its own too): keep the first
+    seen: Dict[str, int] = {}
+    unique = []
+    for name, array, dims in columns:
+        if name in seen:
+            continue
+        seen[name] = len(unique)
+        if len(dims) != array.ndim:
+            dims = tuple(f"{name}_dim{i}" for i in range(array.ndim))
+        unique.append((name, array, dims))
+    widest = max(unique, key=lambda c: c[1].ndim)
+    dims, shape = widest[2], widest[1].shape
+    sizes = dict(zip(dims, shape))
+    laid_out = []
+    for name, array, own in unique:
+        if any(d not in sizes or sizes[d] != n for d, n in zip(own, array.shape)):
+            raise InvalidURL(f"{name}{list(own)} does not share the dimensions of {widest[0]}{list(dims)}: "
+                             "ask for them separately")
+        # put the array's axes in the order of dims, with length-1 axes for the others
+        order = sorted(range(len(own)), key=lambda i: dims.index(own[i]))
+        moved = np.transpose(array, order) if own else array
+        present = [own[i] for i in order]
+        reshape = [sizes[d] if d in present else 1 for d in dims]
+        laid_out.append(np.reshape(moved, reshape) if dims else np.reshape(moved, ()))
+    total = int(np.prod(shape)) if dims else 1
+    header = [name for name, _, _ in unique]
+
+    def blocks() -> Any:
+        flat = [np.broadcast_to(a, shape).reshape(-1) if dims else np.reshape(a, (1,)) for a in laid_out]
+        for start in range(0, total, BLOCK_ROWS):
+            texts = [_as_text(column[start:start + BLOCK_ROWS]) for column in flat]
+            yield [list(row) for row in zip(*texts)]
+
+    return header, blocks(), total
+
+
+def _as_text(values: Any) -> List[str]:
+    if values.dtype.kind == "S":
+        return [v.decode("utf-8", "replace") for v in values.tolist()]
+    return values.astype(str).tolist()
+
+
+def _csv_bytes(rows: List[List[str]]) -> bytes:
+    out = io.StringIO()
+    writer = _csv.writer(out, lineterminator="\r\n")
+    writer.writerows(rows)
+    return out.getvalue().encode("utf-8")
+
+
+class _Answer:
+    """The .dods answer at csv's own listen address: a stream or an error reply."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.answer: Deferred = Deferred()
+
+    def on_message(self, message: Any) -> None:
+        if message.correlation_id != self.request_id or message.type not in (ERROR, REPLY):
+            return
+        if message.type == ERROR:
+            try:
+                decode_reply(message)
+            except MagnetError as e:
+                if not self.answer.called:
+                    self.answer.errback(Failure(e))
+
+    def on_stream(self, stream: Any) -> None:
+        if stream.correlation_id != self.request_id or self.answer.called:
+            stream.deliver(lambda data: None).addErrback(lambda _: None)
+            return
+        self.answer.callback(stream)
+
+
+class CSV(Component):
+    """Datasets as CSV, decoded with pydap's parsers."""
+
+    log = Logger()
+
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
+                 clock: Any = None, max_bytes: int = MAX_BYTES, answer_timeout: Optional[float] = None) -> None:
+        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+        self.max_bytes = max_bytes
+        if answer_timeout is None:
+            fetcher = getattr(getattr(config, "components", None) or {}, "get", lambda _: None)("fetcher")
+            fetch_timeout = getattr(getattr(fetcher, "options", None), "timeout", None)
+            answer_timeout = max(DEFAULT_ANSWER_TIMEOUT, (fetch_timeout or 0) + 15.0)
+        self.answer_timeout = answer_timeout
+        self.rendered = 0
+
+    @operation
+    def render(self, url: Any = None, address: Any = None, request_id: Any = None, dataset: Any = None,
+               method: Any = "GET") -> Deferred:
+        """Stream C{url} (a .dods URL) as CSV to C{address}; errors go there as error replies."""
+        if not isinstance(address, str) or not address:
+            self.log.warn("{component}: render without an address; dropped", component=self.name)
+            return _done()
+        d = self._render(url, address, request_id, dataset, method)
+        d.addErrback(self._failed, address, request_id, url)
+        return d
+
+    def _failed(self, failure: Failure, address: str, request_id: Optional[str], url: Any) -> Deferred:
+        exc = failure.value
+        if isinstance(exc, Timeout):
+            failure = Failure(UpstreamTimeout(f"no .dods answer within {self.answer_timeout:g} s"))
+        elif isinstance(exc, StreamError):
+            failure = Failure(UpstreamError(f"the .dods answer broke: {exc}"))
+        elif not isinstance(exc, (RemoteError, InvalidURL, UpstreamError, UpstreamTimeout)):
+            self.log.failure("{component}: rendering {url}", failure, component=self.name, url=url)
+        else:
+            self.log.info("{component}: {url} not rendered: {kind}: {reason}", component=self.name, url=url,
+                          kind=getattr(exc, "remote_type", type(exc).__name__), reason=failure.getErrorMessage())
+        d = self.bus.send(address, error_reply(failure, request_id), mandatory=False)
+        d.addErrback(lambda f: self.log.info("{component}: error reply to {address} lost: {reason}",
+                                             component=self.name, address=address, reason=f.getErrorMessage()))
+        return d
+
+    @inlineCallbacks
+    def _render(self, url: Any, address: str, request_id: Optional[str], dataset: Optional[str],
+                method: Any) -> Any:
+        if not isinstance(url, str) or ".dods" not in url.split("?", 1)[0]:
+            raise InvalidURL(f"csv renders .dods URLs, got {url!r}")
+        spool = tempfile.SpooledTemporaryFile(max_size=4 * 1024 * 1024)
+        try:
+            status, size = yield self._fetch(url, dataset, spool)
+            if status != 200:
+                spool.seek(0)
+                first = spool.read(200).decode("utf-8", "replace").strip().splitlines()
+                raise UpstreamError(f"the upstream answered {status} for the .dods"
+                                    + (f": {first[0]}" if first else ""))
+            dataset_model, data = yield self._decode(spool)
+            header, blocks, total = to_rows(dataset_model, data)
+        finally:
+            spool.close()
+        meta = {"status": 200, "reason": "OK",
+                "headers": [["Content-Type", "text/csv; charset=utf-8"],
+                            ["Content-Disposition", f'inline; filename="{dataset or "dataset"}.csv"']],
+                "url": url, "source": "csv", "length": None}
+        writer = self.bus.open_stream(address, meta, correlation_id=request_id)
+        try:
+            if method != "HEAD":
+                yield writer.write(_csv_bytes([header]))
+                for block in blocks:
+                    yield writer.write(_csv_bytes(block))
+            yield writer.finish()
+        except Exception as e:
+            writer.abort(e)
+            self.log.info("{component}: CSV stream to {address} broke: {reason}", component=self.name,
+                          address=address, reason=str(e))
+            return None
+        self.rendered += 1
+        self.log.info("{component}: {url} as CSV ({rows} rows, {bytes} bytes of .dods)", component=self.name,
+                      url=url, rows=total, bytes=size)
+        return None
+
+    def _decode(self, spool: Any) -> Deferred:
+        pool = getattr(self.clock, "getThreadPool", None)
+        if pool is not None:
+            from twisted.internet.threads import deferToThreadPool
+            return deferToThreadPool(self.clock, pool(), decode_dods, spool)
+        from twisted.internet.defer import maybeDeferred
+        return maybeDeferred(decode_dods, spool)
+
+    @inlineCallbacks
+    def _fetch(self, url: str, dataset: Optional[str], spool: Any) -> Any:
+        """Get C{url} through the data path into C{spool}; (status, bytes)."""
+        request_id = uuid.uuid4().hex
+        answer = _Answer(request_id)
+        listener = yield self.bus.listen(answer.on_message, on_stream=answer.on_stream)
+        try:
+            yield self.bus.tell("controller", "get_url", listener.address, correlation_id=request_id, url=url,
+                                method="GET", dataset=dataset, address=listener.address, request_id=request_id)
+            def timed_out(result: Any, t: float) -> None:
+                raise UpstreamTimeout(f"no .dods answer within {t:g} s")
+
+            answer.answer.addTimeout(self.answer_timeout, self.clock, onTimeoutCancel=timed_out)
+            stream = yield answer.answer
+            status = stream.metadata.get("status") if isinstance(stream.metadata, dict) else None
+            size = [0]
+
+            def sink(data: bytes) -> None:
+                size[0] += len(data)
+                if size[0] > self.max_bytes:
+                    raise UpstreamError(f"the .dods is larger than {self.max_bytes} bytes, too large for CSV")
+                spool.write(data)
+
+            yield stream.deliver(sink)
+            return status, size[0]
+        finally:
+            listener.close().addErrback(lambda _: None)
+
+
+def _done() -> Deferred:
+    d: Deferred = Deferred()
+    d.callback(None)
+    return d
