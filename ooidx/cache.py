@@ -53,6 +53,8 @@ MAX_SERVING = 32
 FLUSH_INTERVAL = 60.0
 #: Disk threads of one cache process.
 THREADS = 4
+#: Seconds a purge waits for the attribute store's record of the dataset.
+ATTRIBUTE_TIMEOUT = 5.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _METHODS = ("GET", "HEAD")
@@ -194,7 +196,9 @@ class Cache(Component):
         """Remove the entries of dataset C{name} (and those under C{base_url} with no
         dataset recorded) on every node; the count removed on this one."""
         _check_name(name)
-        if base_url is not None:
+        if base_url is None:
+            base_url = yield self._base_url_of(name)
+        else:
             _check_url(base_url)
         count = yield self._purge_here(name, base_url)
         message = rpc.request("purge", {"name": name, "base_url": base_url, "origin": self._id})
@@ -204,6 +208,21 @@ class Cache(Component):
             self.log.warn("purge of {dataset} not passed on to the other nodes: {error}", dataset=name, error=e,
                           component=self.name)
         return count
+
+    @inlineCallbacks
+    def _base_url_of(self, name: str) -> Any:
+        """The base URL of dataset C{name} in the attribute store (a purged record keeps
+        it), or None: entries whose dataset is not recorded are found by it."""
+        try:
+            record = yield self.bus.call("attribute_store", "get", key=f"dataset:{name}", timeout=ATTRIBUTE_TIMEOUT)
+        except MagnetError as e:
+            self.log.info("purge of {dataset}: no base URL from the attribute store ({error}); purging by name",
+                          dataset=name, error=e, component=self.name)
+            return None
+        url = record.get("url") if isinstance(record, dict) else None
+        if isinstance(url, str) and url.startswith(("http://", "https://")):
+            return url
+        return None
 
     @operation
     @inlineCallbacks

@@ -345,6 +345,32 @@ def test_purge_by_dataset_and_base_url(env: Env) -> Any:
     assert info.value.remote_type == "InvalidName"
 
 
+class FakeAttributeStore:
+    def __init__(self, records: Dict[str, Any]) -> None:
+        self.records = records
+
+    @magnet.operation
+    def get(self, key: str) -> Any:
+        if key not in self.records:
+            raise KeyError(key)
+        return self.records[key]
+
+
+@pytest_twisted.inlineCallbacks
+def test_purge_by_name_finds_the_base_url_in_the_attribute_store(env: Env) -> Any:
+    base = "http://upstream.example/opendap/sst.nc"
+    yield env.store(url=base + ".dds")
+    yield env.store(url=base + ".dods?time[0:1]")
+    yield env.store(url="http://upstream.example/opendap/other.nc.dds")
+    # no attribute store yet: purge by name alone finds nothing recorded under it
+    assert (yield env.client.call("cache", "purge", name="sst")) == 0
+    yield env.client.serve("attribute_store", FakeAttributeStore(
+        {"dataset:sst": {"name": "sst", "url": base, "status": "purged"}}))
+    assert (yield env.client.call("cache", "purge", name="sst")) == 2
+    assert (yield env.client.call("cache", "purge", name="unknown")) == 0  # KeyError: by name only
+    assert (yield env.lookup(url="http://upstream.example/opendap/other.nc.dds"))["state"] == "fresh"
+
+
 @pytest_twisted.inlineCallbacks
 def test_purge_reaches_every_node(tmp_path: Any) -> Any:
     url = f"memory://cache-{uuid.uuid4().hex}"
