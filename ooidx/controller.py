@@ -1,0 +1,486 @@
+"""The controller: the dataset registry, the routing of proxied requests, the statistics.
+
+Operations (docs/data-path.md is the contract):
+
+- C{register(name, url, refresh=None)} -> the dataset record
+- C{purge(name)} -> the record, marked C{purged}; the cache is told to drop the dataset
+- C{list(pattern=None)} -> records (sorted by name); C{pattern} a regex on names
+- C{get(name)} -> one record
+- C{get_url(url, method="GET", dataset=None, address=, request_id=)}: sent with
+  L{magnet.Bus.tell} by the proxy. Checks the URL, asks the cache, and posts
+  C{serve} to the cache node (fresh) or C{fetch} to the fetchers (stale, miss)
+  with the proxy's address; its own return value, C{{"via": ...}}, reaches the
+  proxy as a reply, and its errors (C{UnknownDataset}, C{Forbidden},
+  C{InvalidURL}, C{InvalidName}) as an error reply.
+- C{record(dataset, url, hit, bytes, status)}: counts what the cache and fetchers served
+- C{get_dataset(name)}: has a fetcher fetch the dataset's .das/.dds/.dods for pub_sub
+- C{get_stats()} -> usage statistics, summed over every controller
+
+The registry lives in the attribute store (C{dataset:NAME}); each controller
+keeps it in memory too, so that C{get_url} needs no store round trip. Several
+controllers (several nodes) see each other's registrations: a name the
+memory copy lacks is looked up in the store before the answer is "unknown",
+and a URL under no known base URL reloads the registry (at most once per
+L{Controller.reload_interval}) before it is refused.
+
+Not an open proxy: a URL is served only when it is under a registered
+dataset's base URL (L{ooidx.urlpolicy.check_registered}), or its host is in
+C{security.allow_hosts}.
+
+Statistics are counted in memory and saved to the attribute store under one
+key per controller process (C{stats:controller:NODE:ID}) every
+L{Controller.stats_interval} seconds and at stop; C{get_stats} adds up every
+such key, this controller's own live counters in place of its saved ones.
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from magnet import MagnetError, RemoteError, Unroutable, operation
+
+from ooidx import dap, urlpolicy
+from ooidx.component import Component
+from ooidx.errors import Forbidden, InvalidName, InvalidURL, UnknownDataset
+
+__all__ = ["Controller", "DATASET_PREFIX", "STATS_PREFIX", "dataset_key", "check_name", "check_base_url"]
+
+DATASET_PREFIX = "dataset:"
+STATS_PREFIX = "stats:"
+STATUSES = ("registered", "fetched", "failed", "purged")
+METHODS = ("GET", "HEAD")
+MAX_PATTERN_LENGTH = 256
+MAX_REFRESH = 366 * 24 * 3600.0
+MIN_REFRESH = 1.0
+COUNTERS = ("requests", "hits", "misses", "bytes", "errors")
+
+
+def dataset_key(name: str) -> str:
+    return DATASET_PREFIX + name
+
+
+def check_name(name: Any) -> str:
+    """C{name} if it is a safe dataset name, else L{InvalidName}."""
+    if not dap.valid_name(name):
+        shown = repr(name)[:80] if isinstance(name, str) else type(name).__name__
+        raise InvalidName(f"a dataset name is 1-64 characters of A-Z a-z 0-9 _ . - starting with a letter or "
+                          f"digit, got {shown}")
+    return name
+
+
+def check_base_url(url: Any, allow_hosts: Any = (), allow_private: bool = False) -> str:
+    """A dataset's base URL: http(s), a host, no credentials, no query or
+    fragment, no dot segments; a DAP suffix (C{.dds}, ...) is taken off.
+    L{InvalidURL} if it is malformed, L{Forbidden} if its host is an address the
+    exchange may not reach."""
+    target = urlpolicy.check_url(url, allow_private=allow_private, allow_hosts=allow_hosts)
+    if "?" in url or "#" in url:
+        raise InvalidURL("a base URL has no query or fragment (register the dataset's URL, not a request)")
+    split = dap.split_url(target.url)
+    base = split.base if split.suffix in dap.DAP_SUFFIXES else target.url
+    path = base.split("://", 1)[1].partition("/")[2]
+    if any(segment in (".", "..") or segment.lower() in ("%2e", "%2e%2e", ".%2e", "%2e.")
+           for segment in path.split("/")):
+        raise InvalidURL("a base URL has no . or .. segments")
+    return base
+
+
+def _counters() -> Dict[str, int]:
+    return {k: 0 for k in COUNTERS}
+
+
+class Controller(Component):
+    """Registers datasets and routes every proxied request to the cache or a fetcher."""
+
+    log = Logger()
+
+    #: seconds between two full reloads of the registry caused by unknown URLs
+    reload_interval = 1.0
+    #: seconds between two saves of the statistics
+    stats_interval = 60.0
+    #: seconds between two reloads of the whole registry (purges made by other controllers)
+    registry_interval = 10.0
+    #: how long get_url waits for the cache's lookup before it goes to a fetcher without one
+    lookup_timeout = 5.0
+
+    def __init__(self, name: str, bus: Any, *, peers: Optional[Dict[str, str]] = None, **kwargs: Any) -> None:
+        super().__init__(name, bus, **kwargs)
+        #: the names of the components this one talks to (tests rename them)
+        self.peers = {"attribute_store": "attribute_store", "cache": "cache", "fetcher": "fetcher",
+                      "pub_sub": "pub_sub"}
+        self.peers.update(peers or {})
+        self.datasets: Dict[str, Dict[str, Any]] = {}
+        self.instance_id = f"{self.node}:{uuid.uuid4().hex[:12]}"
+        self.stats_key = f"{STATS_PREFIX}controller:{self.instance_id}"
+        self.since = time.time()
+        self.totals = _counters()
+        self.per_dataset: Dict[str, Dict[str, int]] = {}
+        self._stats_dirty = False
+        self._loops: List[LoopingCall] = []
+        self._reloading: Optional[List[Deferred]] = None
+        self._last_reload = -float("inf")
+
+    # configuration -------------------------------------------------------------------
+
+    @property
+    def allow_hosts(self) -> Tuple[str, ...]:
+        security = getattr(self.config, "security", None)
+        return tuple(getattr(security, "allow_hosts", ()) or ())
+
+    @property
+    def allow_private(self) -> bool:
+        security = getattr(self.config, "security", None)
+        return bool(getattr(security, "allow_private", False))
+
+    # lifecycle -----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self.since = time.time()
+        try:
+            yield self.reload()
+        except MagnetError as e:
+            # The store may be on a node still starting: the registry loads on the first miss.
+            self.log.warn("{component}: could not load the registry yet ({reason}); it loads on first use",
+                          component=self.name, reason=e)
+        self._every(self.stats_interval, self.save_stats, "saving statistics")
+        self._every(self.registry_interval, self.reload, "reloading the registry")
+
+    def _every(self, interval: float, work: Any, what: str) -> None:
+        """Run C{work} every C{interval} seconds; a failure is logged, the loop goes on."""
+        def run() -> Deferred:
+            d = work()
+            d.addErrback(lambda f: self.log.warn("{component}: {what} failed: {reason}", component=self.name,
+                                                 what=what, reason=f.getErrorMessage()))
+            return d
+
+        loop = LoopingCall(run)
+        loop.clock = self.clock
+        loop.start(interval, now=False)
+        self._loops.append(loop)
+
+    @inlineCallbacks
+    def tearDown(self) -> Any:
+        loops, self._loops = self._loops, []
+        for loop in loops:
+            if loop.running:
+                loop.stop()
+        try:
+            yield self.save_stats(timeout=self.lookup_timeout)
+        except Exception as e:
+            self.log.warn("{component}: statistics not saved at stop: {reason}", component=self.name, reason=e)
+
+    # the store -----------------------------------------------------------------------
+
+    def _store(self, op: str, timeout: Optional[float] = None, **kwargs: Any) -> Deferred:
+        return self.bus.call(self.peers["attribute_store"], op, timeout=timeout, **kwargs)
+
+    def reload(self) -> Deferred:
+        """Load every dataset record from the store into memory. One query at a
+        time: callers that come while one runs get its result."""
+        if self._reloading is not None:
+            waiter: Deferred = Deferred()
+            self._reloading.append(waiter)
+            return waiter
+        waiters: List[Deferred] = []
+        self._reloading = waiters
+        self._last_reload = self._now()
+
+        def loaded(found: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+            datasets = {}
+            for key, record in found.items():
+                name = key[len(DATASET_PREFIX):]
+                if isinstance(record, dict) and dap.valid_name(name):
+                    datasets[name] = record
+            self.datasets = datasets
+            return datasets
+
+        def done(result: Any) -> Any:
+            self._reloading = None
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+            return result
+
+        d = self._store("query", regex="^" + re.escape(DATASET_PREFIX))
+        d.addCallback(loaded)
+        d.addBoth(done)  # may run at once: a call can fail before it is sent
+        return d
+
+    def _now(self) -> float:
+        return self.clock.seconds() if hasattr(self.clock, "seconds") else time.time()
+
+    @inlineCallbacks
+    def _lookup(self, name: str) -> Any:
+        """The record of C{name}: from memory, else from the store (another
+        controller may have registered it); None if there is none."""
+        record = self.datasets.get(name)
+        if record is not None:
+            return record
+        try:
+            record = yield self._store("get", key=dataset_key(name))
+        except RemoteError as e:
+            if e.remote_type != "KeyError":
+                raise
+            return None
+        if isinstance(record, dict):
+            self.datasets[name] = record
+            return record
+        return None
+
+    @inlineCallbacks
+    def _live(self, name: str) -> Any:
+        """The record of a dataset that is registered and not purged, else L{UnknownDataset}."""
+        record = yield self._lookup(check_name(name))
+        if record is not None and record.get("status") == "purged":
+            # it may have been registered again elsewhere since
+            self.datasets.pop(name, None)
+            record = yield self._lookup(name)
+        if record is None or record.get("status") == "purged":
+            raise UnknownDataset(f"no dataset {name!r} is registered")
+        return record
+
+    # the registry --------------------------------------------------------------------
+
+    @operation
+    @inlineCallbacks
+    def register(self, name: str, url: str, refresh: Optional[float] = None) -> Any:
+        """Register (or re-register) dataset C{name} at base URL C{url}; C{refresh}
+        is a period in seconds for issue 5's periodic fetch, kept in the record."""
+        check_name(name)
+        base = check_base_url(url, self.allow_hosts, self.allow_private)
+        if refresh is not None:
+            if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or \
+                    not (MIN_REFRESH <= refresh <= MAX_REFRESH):
+                raise ValueError(f"refresh is a number of seconds in [{MIN_REFRESH:g}, {MAX_REFRESH:g}] or null, "
+                                 f"got {refresh!r}")
+            refresh = float(refresh)
+        existing = yield self._lookup(name)
+        if existing is not None and existing.get("status") != "purged":
+            record = dict(existing, url=base, refresh=refresh)
+            if existing.get("url") != base:  # a new upstream: what was fetched is no longer known
+                record.update(status="registered", last_fetch=None, size=0, versions=0)
+        else:
+            record = {"name": name, "url": base, "status": "registered", "registered": time.time(),
+                      "last_fetch": None, "size": 0, "versions": 0, "hits": 0, "misses": 0, "refresh": refresh}
+        yield self._store("set", key=dataset_key(name), value=record)
+        self.datasets[name] = record
+        self.log.info("{component}: dataset {name} registered at {url}", component=self.name, name=name, url=base)
+        return record
+
+    @operation
+    @inlineCallbacks
+    def purge(self, name: str) -> Any:
+        """Take dataset C{name} out of the exchange: its record is marked
+        C{purged} (requests for it are refused) and the cache drops what it holds."""
+        record = yield self._live(name)
+        record = dict(record, status="purged", purged=time.time())
+        yield self._store("set", key=dataset_key(name), value=record)
+        self.datasets[name] = record
+        try:
+            yield self.bus.post(self.peers["cache"], "purge", name=name)
+        except Unroutable:
+            self.log.info("{component}: no cache to purge {name} from", component=self.name, name=name)
+        except MagnetError as e:
+            self.log.warn("{component}: could not ask the cache to purge {name}: {reason}",
+                          component=self.name, name=name, reason=e)
+        self.log.info("{component}: dataset {name} purged", component=self.name, name=name)
+        return record
+
+    @operation
+    @inlineCallbacks
+    def list(self, pattern: Optional[str] = None) -> Any:
+        """Every dataset record (purged ones included, by their status), sorted by
+        name; C{pattern}: a regular expression the name must match (C{re.search})."""
+        matcher = None
+        if pattern is not None:
+            if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_LENGTH:
+                raise ValueError(f"pattern is a regular expression of at most {MAX_PATTERN_LENGTH} characters")
+            try:
+                matcher = re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression: {pattern!r}: {e}") from None
+        datasets = yield self.reload()
+        return [self._with_counts(record) for name, record in sorted(datasets.items())
+                if matcher is None or matcher.search(name)]
+
+    @operation
+    @inlineCallbacks
+    def get(self, name: str) -> Any:
+        """The record of dataset C{name} (C{UnknownDataset} if there is none)."""
+        check_name(name)
+        self.datasets.pop(name, None)  # an operator asks rarely: take the store's word
+        record = yield self._lookup(name)
+        if record is None:
+            raise UnknownDataset(f"no dataset {name!r} is registered")
+        return self._with_counts(record)
+
+    def _with_counts(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The record with this controller's counts for it (hits, misses since it started)."""
+        counts = self.per_dataset.get(record.get("name", ""))
+        if not counts:
+            return record
+        return dict(record, hits=record.get("hits", 0) + counts["hits"],
+                    misses=record.get("misses", 0) + counts["misses"])
+
+    # the data path -------------------------------------------------------------------
+
+    @operation
+    @inlineCallbacks
+    def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
+                request_id: Optional[str] = None) -> Any:
+        """Route one proxied request: the cache serves it (fresh) or a fetcher
+        fetches it (stale, miss), either way to C{address} with C{request_id}."""
+        try:
+            if method not in METHODS:
+                raise InvalidURL(f"method {str(method)[:16]!r} is not supported (GET or HEAD)")
+            if not isinstance(address, str) or not address:
+                raise ValueError("get_url needs the address to answer at")
+            name = yield self._route(url, dataset)
+        except Exception:
+            self._count(None, errors=1)
+            raise
+        self._count(name, requests=1)
+        try:
+            via = yield self._deliver(url, method, address, request_id)
+        except Exception:
+            self._count(name, errors=1)
+            raise
+        return {"via": via, "dataset": name}
+
+    @inlineCallbacks
+    def _route(self, url: Any, dataset: Optional[str]) -> Any:
+        """The dataset C{url} belongs to (None for an allowed host), or the error to answer."""
+        if dataset is not None:
+            record = yield self._live(dataset)
+            bases = {dataset: record.get("url")}
+            return urlpolicy.check_registered(url, bases, self.allow_hosts, self.allow_private) and dataset
+        try:
+            return urlpolicy.check_registered(url, self._bases(), self.allow_hosts, self.allow_private)
+        except Forbidden:
+            # perhaps registered on another node since: reload (not too often) and look again
+            if self._now() - self._last_reload < self.reload_interval and self._reloading is None:
+                raise
+            yield self.reload()
+            return urlpolicy.check_registered(url, self._bases(), self.allow_hosts, self.allow_private)
+
+    def _bases(self) -> Dict[str, str]:
+        return {name: record.get("url") for name, record in self.datasets.items()
+                if record.get("status") != "purged" and isinstance(record.get("url"), str)}
+
+    @inlineCallbacks
+    def _deliver(self, url: str, method: str, address: str, request_id: Optional[str]) -> Any:
+        try:
+            found = yield self.bus.call(self.peers["cache"], "lookup", url=url, timeout=self.lookup_timeout)
+        except MagnetError as e:
+            self.log.warn("{component}: cache lookup failed ({reason}); fetching {url} without the cache",
+                          component=self.name, reason=e, url=url)
+            found = {"state": "miss", "node": None, "validators": None}
+        if not isinstance(found, dict):
+            found = {"state": "miss", "node": None, "validators": None}
+        node = found.get("node")
+        if found.get("state") == "fresh" and isinstance(node, str) and node:
+            try:
+                yield self.bus.post(node, "serve", url=url, method=method, address=address, request_id=request_id)
+                return "cache"
+            except MagnetError as e:
+                self.log.warn("{component}: cache node {node} did not take {url} ({reason}); fetching it",
+                              component=self.name, node=node, url=url, reason=e)
+                node = None
+        yield self.bus.post(self.peers["fetcher"], "fetch", url=url, method=method, address=address,
+                            request_id=request_id, store=node if isinstance(node, str) and node else None,
+                            validators=found.get("validators") or None)
+        return "fetcher"
+
+    @operation
+    @inlineCallbacks
+    def get_dataset(self, name: str) -> Any:
+        """Have a fetcher fetch dataset C{name} (.das, .dds, .dods) and send it to pub_sub."""
+        record = yield self._live(name)
+        yield self.bus.post(self.peers["fetcher"], "fetch_dataset", name=name, url=record["url"],
+                            address=self.peers["pub_sub"])
+        return {"name": name, "url": record["url"], "address": self.peers["pub_sub"]}
+
+    # statistics ----------------------------------------------------------------------
+
+    @operation
+    def record(self, dataset: Optional[str] = None, url: Optional[str] = None, hit: bool = False, bytes: int = 0,
+               status: Optional[int] = None, **extra: Any) -> None:
+        """Count one answered request (posted by the cache and the fetchers).
+        Without a dataset name, the dataset is the one whose base URL C{url} is under."""
+        name = dataset if dap.valid_name(dataset) else None
+        if name is None and isinstance(url, str):
+            try:
+                name = urlpolicy.check_registered(url, self._bases(), self.allow_hosts, self.allow_private)
+            except Exception:
+                name = None
+        size = bytes if isinstance(bytes, int) and not isinstance(bytes, bool) and bytes > 0 else 0
+        failed = isinstance(status, int) and not isinstance(status, bool) and status >= 400
+        self._count(name, hits=1 if hit else 0, misses=0 if hit else 1, bytes=size, errors=1 if failed else 0)
+
+    def _count(self, name: Optional[str], **counts: int) -> None:
+        for key, n in counts.items():
+            self.totals[key] += n
+        if name is not None:
+            per = self.per_dataset.setdefault(name, _counters())
+            for key, n in counts.items():
+                per[key] += n
+        self._stats_dirty = True
+
+    def _snapshot(self) -> Dict[str, Any]:
+        return {"node": self.node, "since": self.since, "totals": dict(self.totals),
+                "datasets": {k: dict(v) for k, v in self.per_dataset.items()}}
+
+    def save_stats(self, timeout: Optional[float] = None) -> Deferred:
+        """Write this controller's counters to the store (if they changed)."""
+        if not self._stats_dirty:
+            return succeed(None)
+        self._stats_dirty = False
+        d = self._store("set", timeout=timeout, key=self.stats_key, value=self._snapshot())
+
+        def failed(failure: Any) -> Any:
+            self._stats_dirty = True
+            return failure
+
+        return d.addErrback(failed)
+
+    @operation
+    @inlineCallbacks
+    def get_stats(self) -> Any:
+        """Requests, hits, misses, bytes and errors, in total and per dataset,
+        of every controller since it started (C{since}: the earliest start)."""
+        snapshots = [self._snapshot()]
+        try:
+            saved = yield self._store("query", regex="^" + re.escape(STATS_PREFIX + "controller:"))
+        except MagnetError as e:
+            self.log.warn("{component}: other controllers' statistics unavailable: {reason}",
+                          component=self.name, reason=e)
+            saved = {}
+        snapshots += [v for k, v in saved.items() if k != self.stats_key and isinstance(v, dict)]
+        out: Dict[str, Any] = dict(_counters(), datasets={}, since=self.since)
+        for snap in snapshots:
+            totals = snap.get("totals") or {}
+            for key in COUNTERS:
+                out[key] += _int(totals.get(key))
+            if isinstance(snap.get("since"), (int, float)):
+                out["since"] = min(out["since"], snap["since"])
+            for name, counts in (snap.get("datasets") or {}).items():
+                if not isinstance(counts, dict):
+                    continue
+                per = out["datasets"].setdefault(name, {k: 0 for k in ("requests", "hits", "misses", "bytes")})
+                for key in per:
+                    per[key] += _int(counts.get(key))
+        return out
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
