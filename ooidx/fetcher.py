@@ -1,0 +1,606 @@
+"""The fetcher: GET / HEAD a URL upstream and stream the answer to an address.
+
+Many fetchers share the C{fetcher} worker queue. Each request names the
+address to answer (the proxy's per-request listen address) and, for a cache
+miss, the cache node to store the response at. See docs/data-path.md, the
+contract this module keeps:
+
+- C{fetch(url, method, address, request_id, store, validators)}: the status
+  and headers become the start of a magnet stream to C{address}, the body
+  its chunks as they arrive, with backpressure: while the stream writer has
+  no room the upstream connection is paused, so memory stays bounded
+  whatever the size of the body. A 200 to a GET with C{store} set goes to
+  the cache as a second stream. A body that breaks off aborts the streams;
+  a failure before the first byte is an error reply to C{address}.
+- C{fetch_dataset(name, url, address)}: the C{.das}, C{.dds} and C{.dods} of
+  a dataset, as three streams to C{address}.
+
+Every connection goes through L{ooidx.urlpolicy.PolicyEndpointFactory}:
+the host is resolved once, refused if any address is forbidden, and the
+connection made to the checked address; redirects are followed here, one
+checked hop at a time.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import quote, urljoin
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, TimeoutError as DeferredTimeout,
+                                    inlineCallbacks, succeed)
+from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from magnet import operation
+from magnet.errors import BadArguments, MagnetError, Unroutable
+from magnet.rpc import error_reply
+
+from ooidx import dap, urlpolicy
+from ooidx.component import Component
+from ooidx.config import FetcherOptions, SecurityConfig
+from ooidx.errors import Forbidden, InvalidName, InvalidURL, UpstreamError, UpstreamTimeout
+
+METHODS = ("GET", "HEAD")
+REDIRECTS = (301, 302, 303, 307, 308)
+#: Removed from every answer (RFC 9110 section 7.6.1), with what Connection names.
+HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer", "trailers", "upgrade",
+                        "proxy-connection", "proxy-authenticate", "proxy-authorization"))
+USER_AGENT = b"ooidx-fetcher/0.1"
+#: The HTTP status the proxy answers for each error type (for the record).
+_ERROR_STATUS = {"Forbidden": 403, "InvalidURL": 400, "InvalidName": 400, "BadArguments": 400,
+                 "UpstreamTimeout": 504}
+#: Characters left as they are when a URL is made ASCII for the request line.
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~-._\"<>^`{|}\\"
+
+
+class _Refused(Exception):
+    """A transfer that ended with an error reply (nothing was streamed)."""
+
+
+class Fetcher(Component):
+    """The C{fetcher} component: see the module docstring."""
+
+    log = Logger()
+
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
+                 clock: Any = None, resolver: Optional[urlpolicy.Resolver] = None, reactor: Any = None,
+                 tls_policy: Any = None) -> None:
+        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+        component = config.components.get(name) if config is not None else None
+        options = getattr(component, "options", None)
+        self.options: FetcherOptions = options if isinstance(options, FetcherOptions) else FetcherOptions()
+        security = getattr(config, "security", None) or SecurityConfig()
+        self.allow_private: bool = security.allow_private
+        self.allow_hosts: Tuple[str, ...] = tuple(security.allow_hosts)
+        self._resolver = resolver
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._pool: Optional[HTTPConnectionPool] = None
+        self._agent: Optional[Agent] = None
+        self.active = 0  # transfers in progress
+        self.pauses = 0  # times an upstream was paused for want of room downstream
+
+    # lifecycle ---------------------------------------------------------------
+
+    def setUp(self) -> None:
+        self._make_agent()
+
+    def tearDown(self) -> Any:
+        pool, self._pool, self._agent = self._pool, None, None
+        if pool is not None:
+            return pool.closeCachedConnections()
+        return None
+
+    def _make_agent(self) -> Agent:
+        if self._agent is None:
+            reactor = self._reactor
+            if reactor is None:
+                if IReactorTCP.providedBy(self.clock):
+                    reactor = self.clock
+                else:
+                    from twisted.internet import reactor as global_reactor
+                    reactor = global_reactor
+            self._reactor = reactor
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool.maxPersistentPerHost = 4
+            self._pool.cachedConnectionTimeout = 30
+            self.endpoints = urlpolicy.PolicyEndpointFactory(
+                reactor, allow_private=self.allow_private, allow_hosts=self.allow_hosts,
+                timeout=self.options.timeout, resolver=self._resolver, tls_policy=self._tls_policy)
+            self._agent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=self._pool)
+        return self._agent
+
+    # operations ------------------------------------------------------------------
+
+    @operation
+    def fetch(self, url: Any = None, method: Any = "GET", address: Any = None, request_id: Any = None,
+              store: Any = None, validators: Any = None) -> Deferred:
+        """GET or HEAD C{url} and stream the answer to C{address} (and a 200
+        GET's to C{store} too). Never fails: problems are answered at C{address}.
+        Fires, once the transfer is over, with a summary (for RPC callers)."""
+        if not isinstance(address, str) or not address:
+            self.log.error("{component}: fetch without an address to answer (url {url!r}); dropped",
+                           component=self.name, url=url)
+            return succeed({"error": "BadArguments", "message": "no address"})
+        try:
+            method, validators = self._check_fetch(url, method, request_id, store, validators)
+        except (InvalidURL, BadArguments) as e:
+            return self._refuse(address, request_id, url, e, record=False)
+        transfer = _Transfer(self, url, method, address, request_id, store=store, validators=validators)
+        return transfer.run().addCallback(self._recorded, url, transfer)
+
+    @operation
+    def fetch_dataset(self, name: Any = None, url: Any = None, address: Any = None,
+                      request_id: Any = None) -> Deferred:
+        """GET the C{.das}, C{.dds} and C{.dods} of the dataset at base URL C{url}
+        and stream each to C{address} (metadata C{dataset}, C{part})."""
+        if not isinstance(address, str) or not address:
+            self.log.error("{component}: fetch_dataset without an address (dataset {name!r}); dropped",
+                           component=self.name, name=name)
+            return succeed({"error": "BadArguments", "message": "no address"})
+        try:
+            if request_id is not None and not isinstance(request_id, str):
+                raise BadArguments("BadArguments", "request_id must be a string or null")
+            if not dap.valid_name(name):
+                raise InvalidName(f"not a valid dataset name: {name!r}"[:200])
+            urlpolicy.parse_url(url)
+            if dap.split_url(url).constraint is not None:
+                raise InvalidURL("a dataset's base URL has no query string")
+        except (InvalidURL, InvalidName, BadArguments) as e:
+            return self._refuse(address, request_id, url, e, record=False)
+        return self._fetch_parts(name, url, address, request_id)
+
+    @inlineCallbacks
+    def _fetch_parts(self, name: str, base: str, address: str, request_id: Optional[str]) -> Any:
+        parts: Dict[str, Any] = {}
+        for part in dap.DATASET_PARTS:
+            part_url = dap.dataset_url(base, part)
+            transfer = _Transfer(self, part_url, "GET", address, request_id,
+                                 extra={"dataset": name, "part": part})
+            outcome = yield transfer.run()
+            parts[part] = outcome
+            if "error" in outcome:
+                self.log.warn("{component}: dataset {dataset}: {part} failed ({error}: {message})",
+                              component=self.name, dataset=name, part=part, error=outcome["error"],
+                              message=outcome.get("message"))
+                break
+        return {"dataset": name, "parts": parts}
+
+    # helpers -----------------------------------------------------------------------
+
+    def _check_fetch(self, url: Any, method: Any, request_id: Any, store: Any,
+                     validators: Any) -> Tuple[str, Dict[str, Optional[str]]]:
+        if not isinstance(url, str) or not url:
+            raise InvalidURL(f"fetch needs a url, got {url!r}"[:200])
+        urlpolicy.parse_url(url)
+        if not isinstance(method, str) or method.upper() not in METHODS:
+            raise BadArguments("BadArguments", f"method must be GET or HEAD, got {method!r}"[:200])
+        if request_id is not None and not isinstance(request_id, str):
+            raise BadArguments("BadArguments", "request_id must be a string or null")
+        if store is not None and (not isinstance(store, str) or not store):
+            raise BadArguments("BadArguments", "store must be an address (string) or null")
+        checked: Dict[str, Optional[str]] = {}
+        if validators is not None:
+            if not isinstance(validators, dict):
+                raise BadArguments("BadArguments", "validators must be an object or null")
+            for key in ("etag", "last_modified"):
+                value = validators.get(key)
+                if value is not None and (not isinstance(value, str) or "\n" in value or "\r" in value):
+                    raise BadArguments("BadArguments", f"validators.{key} must be a string or null")
+                checked[key] = value
+        return method.upper(), checked
+
+    def _refuse(self, address: str, request_id: Optional[str], url: Any, exc: Exception,
+                *, record: bool = True) -> Deferred:
+        """Answer C{address} with an error reply; fires with the summary."""
+        kind = exc.remote_type if isinstance(exc, MagnetError) and hasattr(exc, "remote_type") else type(exc).__name__
+        message = exc.message if hasattr(exc, "remote_type") else str(exc)
+        self.log.info("{component}: {url} refused: {kind}: {message}", component=self.name, url=url,
+                      kind=kind, message=message)
+        d = self.bus.send(address, error_reply(Failure(exc), request_id))
+        d.addErrback(lambda f: self.log.info("{component}: error reply to {address} not delivered: {reason}",
+                                             component=self.name, address=address,
+                                             reason=f.getErrorMessage()))
+        summary = {"error": kind, "message": message, "status": _ERROR_STATUS.get(kind, 502), "bytes": 0}
+        if record and isinstance(url, str):
+            d.addCallback(lambda _: self._record(url, summary))
+        return d.addCallback(lambda _: summary)
+
+    def _recorded(self, summary: Dict[str, Any], url: str, transfer: "_Transfer") -> Any:
+        if transfer.revalidated:
+            return summary
+        return self._record(url, summary).addCallback(lambda _: summary)
+
+    def _record(self, url: str, summary: Dict[str, Any]) -> Deferred:
+        d = self.bus.post("controller", "record", dataset=None, url=url, hit=False,
+                          bytes=summary.get("bytes", 0), status=summary.get("status"))
+
+        def failed(f: Failure) -> None:
+            if not f.check(Unroutable):
+                self.log.warn("{component}: record for {url} not sent: {reason}", component=self.name, url=url,
+                              reason=f.getErrorMessage())
+
+        return d.addErrback(failed)
+
+
+class _Sink:
+    """One stream being written (to the client's address, or the store)."""
+
+    def __init__(self, writer: Any, role: str) -> None:
+        self.writer = writer
+        self.role = role
+        self.failure: Optional[Failure] = None
+
+    def write(self, data: bytes) -> Optional[Deferred]:
+        """Write; a Deferred if the writer has no room yet, else None."""
+        if self.failure is not None:
+            return None
+        d = self.writer.write(data)
+        d.addErrback(self._broken)
+        if d.called:
+            return None
+        return d
+
+    def _broken(self, failure: Failure) -> None:
+        if self.failure is None:
+            self.failure = failure
+
+    def finish(self) -> Deferred:
+        if self.failure is not None:
+            return succeed(None)
+        return self.writer.finish().addErrback(self._broken)
+
+    def abort(self, exc: BaseException) -> Deferred:
+        return self.writer.abort(exc)
+
+
+class _Transfer:
+    """One fetch: request (following redirects), then stream the answer."""
+
+    def __init__(self, fetcher: Fetcher, url: str, method: str, address: str, request_id: Optional[str], *,
+                 store: Optional[str] = None, validators: Optional[Dict[str, Optional[str]]] = None,
+                 extra: Optional[Dict[str, Any]] = None) -> None:
+        self.fetcher = fetcher
+        self.log = fetcher.log
+        self.name = fetcher.name
+        self.url = url
+        self.method = method
+        self.address = address
+        self.request_id = request_id
+        self.store = store
+        self.validators = validators or {}
+        self.extra = extra or {}
+        self.options = fetcher.options
+        self.clock = fetcher.clock
+        self.revalidated = False
+
+    @inlineCallbacks
+    def run(self) -> Any:
+        self.fetcher.active += 1
+        try:
+            try:
+                response = yield self._request()
+            except Exception as e:  # noqa: BLE001 - every failure is answered
+                exc = _classify(Failure(), self.url, self.options.timeout)
+                result = yield self.fetcher._refuse(self.address, self.request_id, self.url, exc, record=False)
+                return result
+            result = yield self._answer(response)
+            return result
+        finally:
+            self.fetcher.active -= 1
+
+    # the request -------------------------------------------------------------------
+
+    @inlineCallbacks
+    def _request(self) -> Any:
+        agent = self.fetcher._make_agent()
+        current = self.url
+        method = self.method
+        for hop in range(self.options.max_redirects + 1):
+            urlpolicy.check_url(current, self.fetcher.allow_private, self.fetcher.allow_hosts)
+            headers = Headers({b"User-Agent": [USER_AGENT]})
+            if self.validators.get("etag"):
+                headers.addRawHeader(b"If-None-Match", self.validators["etag"].encode("latin-1"))
+            if self.validators.get("last_modified"):
+                headers.addRawHeader(b"If-Modified-Since", self.validators["last_modified"].encode("latin-1"))
+            response = yield self._with_timeout(agent.request(method.encode("ascii"), _ascii(current), headers))
+            location = response.headers.getRawHeaders(b"location")
+            if response.code not in REDIRECTS or not location:
+                self.final_url = current
+                return response
+            _discard(response)
+            if hop == self.options.max_redirects:
+                raise UpstreamError(f"more than {self.options.max_redirects} redirects")
+            target = urljoin(current, location[0].decode("latin-1").strip())
+            try:
+                urlpolicy.check_url(target, self.fetcher.allow_private, self.fetcher.allow_hosts)
+            except InvalidURL as e:
+                raise UpstreamError(f"bad redirect to {target[:200]}: {e}") from None
+            except Forbidden as e:
+                raise Forbidden(f"redirect to {target[:200]} refused: {e}") from None
+            self.log.debug("{component}: {url} redirects ({status}) to {target}", component=self.name,
+                           url=current, status=response.code, target=target)
+            if response.code == 303 and method != "HEAD":
+                method = "GET"
+            current = target
+        raise UpstreamError("redirect loop")  # not reached
+
+    def _with_timeout(self, d: Deferred) -> Deferred:
+        timer = self.clock.callLater(self.options.timeout, d.cancel)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            elif isinstance(result, Failure):
+                return Failure(UpstreamTimeout(f"no answer within {self.options.timeout:g} s"))
+            return result
+
+        return d.addBoth(done)
+
+    # the answer ---------------------------------------------------------------------
+
+    def _answer(self, response: Any) -> Deferred:
+        status = response.code
+        if status == 304 and self.store and self.validators and any(self.validators.values()):
+            _discard(response)
+            self.revalidated = True
+            d = self.fetcher.bus.post(self.store, "serve", url=self.url, method=self.method, address=self.address,
+                                      request_id=self.request_id, revalidated=True)
+
+            def not_sent(f: Failure) -> Deferred:
+                self.revalidated = False
+                self.log.warn("{component}: cache {store} unreachable after a 304 for {url}: {reason}",
+                              component=self.name, store=self.store, url=self.url, reason=f.getErrorMessage())
+                return self.fetcher._refuse(self.address, self.request_id, self.url,
+                                            UpstreamError("cache unreachable after revalidation"), record=False)
+
+            return d.addCallbacks(lambda _: {"status": 304, "bytes": 0, "revalidated": True}, not_sent)
+        headers = _end_to_end(response.headers, _connection_header(response))
+        declared = _content_length(response.headers)
+        length = declared if self.method == "HEAD" else (
+            None if response.length is UNKNOWN_LENGTH else response.length)
+        if self.method == "GET" and length is not None and declared is None:
+            # Twisted's client keeps Content-Length to itself (a connection
+            # header to it); the upstream declared it, so pass it on.
+            headers.append(["Content-Length", str(length)])
+        if self.method == "GET" and length is not None and length > self.options.max_bytes:
+            _discard(response)
+            return self.fetcher._refuse(self.address, self.request_id, self.url, UpstreamError(
+                f"response of {length} bytes is over the limit of {self.options.max_bytes}"), record=False)
+        metadata = {"status": status, "reason": response.phrase.decode("latin-1", "replace"),
+                    "headers": headers, "url": self.url, "source": "fetcher", "length": length, **self.extra}
+        bus = self.fetcher.bus
+        sinks = [_Sink(bus.open_stream(self.address, metadata, correlation_id=self.request_id), "client")]
+        if self.store and self.method == "GET" and status == 200:
+            validators = {"etag": _header(response.headers, b"etag"),
+                          "last_modified": _header(response.headers, b"last-modified")}
+            store_metadata = {**metadata, "store": True, "validators": validators}
+            sinks.append(_Sink(bus.open_stream(self.store, store_metadata, correlation_id=self.request_id), "store"))
+        pump = _BodyPump(self, sinks, status)
+        response.deliverBody(pump)
+        return pump.done
+
+
+class _BodyPump(Protocol):
+    """Receives the body; writes each chunk to the streams, pausing the
+    upstream while they have no room, and ends or aborts them."""
+
+    def __init__(self, transfer: _Transfer, sinks: List[_Sink], status: int) -> None:
+        self.transfer = transfer
+        self.status = status
+        self.sinks = sinks
+        self.client = sinks[0]
+        self.clock = transfer.clock
+        self.timeout = transfer.options.timeout
+        self.max_bytes = transfer.options.max_bytes
+        self.bytes = 0
+        self.finished = False
+        self.paused = False
+        self.done: Deferred = Deferred()
+        self._idle: Any = None
+
+    # the upstream side -----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.bytes += len(data)
+        if self.bytes > self.max_bytes:
+            self._fail(UpstreamError(f"body over the limit of {self.max_bytes} bytes"))
+            return
+        waits = [d for d in (sink.write(data) for sink in self.sinks) if d is not None]
+        if self._check_sinks():
+            return
+        if waits:
+            self._disarm()
+            if not self.paused:
+                self.paused = True
+                self.transfer.fetcher.pauses += 1
+                self.transport.pauseProducing()
+            DeferredList(waits, consumeErrors=True).addCallback(self._room)
+        else:
+            self._arm()
+
+    def _room(self, _: Any) -> None:
+        if self.finished or self._check_sinks():
+            return
+        if self.paused:
+            self.paused = False
+            self._arm()
+            self.transport.resumeProducing()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.finished:
+            return
+        if reason is None or reason.check(ResponseDone):
+            self._finish()
+        elif reason.check(PotentialDataLoss):
+            # Delimited by the connection's close: what the upstream sent, but
+            # unverifiable; the client gets it, the cache does not keep it.
+            for sink in self.sinks[1:]:
+                sink.abort(UpstreamError("body delimited by connection close (unverifiable)"))
+            self.sinks = self.sinks[:1]
+            self._finish()
+        else:
+            self._fail(UpstreamError(f"upstream broke off the body after {self.bytes} bytes: {_reason(reason)}"),
+                       stop=False)
+
+    # the streams' side ---------------------------------------------------------------
+
+    def _check_sinks(self) -> bool:
+        """Drop a broken store stream; give up if the client's broke. True if given up."""
+        for sink in self.sinks[1:]:
+            if sink.failure is not None:
+                self.transfer.log.warn("{component}: store stream for {url} broke: {reason}",
+                                       component=self.transfer.name, url=self.transfer.url,
+                                       reason=sink.failure.getErrorMessage())
+                sink.abort(UpstreamError("store stream broke"))
+                self.sinks.remove(sink)
+        if self.client.failure is not None:
+            self._fail(UpstreamError(f"stream to the client broke: {self.client.failure.getErrorMessage()}"))
+            return True
+        return False
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._disarm()
+        d = DeferredList([sink.finish() for sink in self.sinks], consumeErrors=True)
+
+        def ended(_: Any) -> Dict[str, Any]:
+            if self.client.failure is not None:
+                return {"error": "UpstreamError", "message": "stream to the client broke", "status": 502,
+                        "bytes": self.bytes}
+            return {"status": self.status, "bytes": self.bytes}
+
+        d.addCallback(ended).chainDeferred(self.done)
+
+    def _fail(self, exc: Exception, stop: bool = True) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._disarm()
+        self.transfer.log.info("{component}: {url}: {kind}: {message}", component=self.transfer.name,
+                               url=self.transfer.url, kind=type(exc).__name__, message=str(exc))
+        if stop and self.transport is not None:
+            self.transport.stopProducing()
+        d = DeferredList([sink.abort(exc) for sink in self.sinks], consumeErrors=True)
+        kind = type(exc).__name__
+        d.addCallback(lambda _: {"error": kind, "message": str(exc), "status": _ERROR_STATUS.get(kind, 502),
+                                 "bytes": self.bytes})
+        d.chainDeferred(self.done)
+
+    # idle timeout -------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.timeout)
+        else:
+            self._idle = self.clock.callLater(self.timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _timed_out(self) -> None:
+        self._idle = None
+        self._fail(UpstreamTimeout(f"no data from upstream for {self.timeout:g} s after {self.bytes} bytes"))
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+
+
+def _ascii(url: str) -> bytes:
+    return quote(url, safe=_URL_SAFE).encode("ascii")
+
+
+def _discard(response: Any) -> None:
+    """Drop a response's body (redirects, 304, refusals) by closing its connection."""
+
+    class Discard(Protocol):
+        def connectionMade(self) -> None:
+            self.transport.stopProducing()
+
+        def connectionLost(self, reason: Any = None) -> None:
+            pass
+
+    response.deliverBody(Discard())
+
+
+def _header(headers: Headers, name: bytes) -> Optional[str]:
+    values = headers.getRawHeaders(name)
+    return values[-1].decode("latin-1") if values else None
+
+
+def _content_length(headers: Headers) -> Optional[int]:
+    value = _header(headers, b"content-length")
+    if value is not None and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def _connection_header(response: Any) -> List[bytes]:
+    """The response's Connection header values. Twisted's client keeps
+    connection headers to itself, off C{response.headers}; the parser has
+    them. Best effort: an empty list if Twisted's insides have moved."""
+    try:
+        protocol = response._transport._producer.protocol
+        protocol = getattr(protocol, "_wrappedProtocol", protocol)  # endpoints wrap it
+        return list(protocol._parser.connHeaders.getRawHeaders(b"connection") or [])
+    except AttributeError:
+        return []
+
+
+def _end_to_end(headers: Headers, connection: List[bytes] = ()) -> List[List[str]]:  # type: ignore[assignment]
+    """The headers as [name, value] pairs, repeats kept, hop-by-hop ones
+    removed, and those the Connection header names."""
+    drop = set(HOP_BY_HOP)
+    for value in list(headers.getRawHeaders(b"connection") or []) + list(connection):
+        drop.update(token.strip().lower() for token in value.decode("latin-1").split(","))
+    pairs = []
+    for name, values in headers.getAllRawHeaders():
+        text = name.decode("latin-1")
+        lowered = text.lower()
+        if lowered in drop or lowered.startswith("proxy-"):
+            continue
+        for value in values:
+            pairs.append([text, value.decode("latin-1")])
+    return pairs
+
+
+def _reason(failure: Failure) -> str:
+    if failure.check(ResponseFailed):
+        reasons = getattr(failure.value, "reasons", None) or []
+        return "; ".join(r.getErrorMessage() or type(r.value).__name__ for r in reasons) or "response failed"
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+def _classify(failure: Failure, url: str, timeout: float) -> Exception:
+    """The data-path error for a failure before the first byte."""
+    if failure.check(Forbidden, InvalidURL, InvalidName, UpstreamError, UpstreamTimeout):
+        return failure.value
+    if failure.check(DeferredTimeout, net_error.TimeoutError, CancelledError):
+        return UpstreamTimeout(f"no answer within {timeout:g} s")
+    if failure.check(net_error.ConnectionRefusedError):
+        return UpstreamError("connection refused")
+    if failure.check(net_error.DNSLookupError):
+        return UpstreamError("cannot resolve the host")
+    if failure.check(ResponseFailed):
+        reasons = getattr(failure.value, "reasons", None) or []
+        for r in reasons:
+            if r.check(Forbidden, UpstreamError, UpstreamTimeout):
+                return r.value
+        return UpstreamError(f"no valid answer: {_reason(failure)}")
+    if failure.check(OSError, net_error.ConnectError, net_error.ConnectionLost):
+        return UpstreamError(f"cannot connect: {failure.getErrorMessage() or failure.type.__name__}")
+    return UpstreamError(f"{failure.type.__name__}: {failure.getErrorMessage()}"[:300])
