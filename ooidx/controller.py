@@ -287,7 +287,7 @@ class Controller(Component):
         yield self._store("set", key=dataset_key(name), value=record)
         self.datasets[name] = record
         try:
-            yield self.bus.post(self.peers["cache"], "purge", name=name)
+            yield self.bus.post(self.peers["cache"], "purge", name=name, base_url=record.get("url"))
         except Unroutable:
             self.log.info("{component}: no cache to purge {name} from", component=self.name, name=name)
         except MagnetError as e:
@@ -351,7 +351,7 @@ class Controller(Component):
             raise
         self._count(name, requests=1)
         try:
-            via = yield self._deliver(url, method, address, request_id)
+            via = yield self._deliver(url, method, address, request_id, name)
         except Exception:
             self._count(name, errors=1)
             raise
@@ -378,9 +378,10 @@ class Controller(Component):
                 if record.get("status") != "purged" and isinstance(record.get("url"), str)}
 
     @inlineCallbacks
-    def _deliver(self, url: str, method: str, address: str, request_id: Optional[str]) -> Any:
+    def _deliver(self, url: str, method: str, address: str, request_id: Optional[str], name: Optional[str]) -> Any:
         try:
-            found = yield self.bus.call(self.peers["cache"], "lookup", url=url, timeout=self.lookup_timeout)
+            found = yield self.bus.call(self.peers["cache"], "lookup", url=url, dataset=name,
+                                        timeout=self.lookup_timeout)
         except MagnetError as e:
             self.log.warn("{component}: cache lookup failed ({reason}); fetching {url} without the cache",
                           component=self.name, reason=e, url=url)
@@ -390,7 +391,8 @@ class Controller(Component):
         node = found.get("node")
         if found.get("state") == "fresh" and isinstance(node, str) and node:
             try:
-                yield self.bus.post(node, "serve", url=url, method=method, address=address, request_id=request_id)
+                yield self.bus.post(node, "serve", url=url, method=method, address=address, request_id=request_id,
+                                    dataset=name)
                 return "cache"
             except MagnetError as e:
                 self.log.warn("{component}: cache node {node} did not take {url} ({reason}); fetching it",

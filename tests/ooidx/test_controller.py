@@ -61,14 +61,14 @@ class FakeCache:
         self.calls = Calls()
 
     @operation
-    def lookup(self, url: str) -> Dict[str, Any]:
-        self.calls.add("lookup", {"url": url})
+    def lookup(self, url: str, dataset: Optional[str] = None) -> Dict[str, Any]:
+        self.calls.add("lookup", {"url": url, "dataset": dataset})
         return {"state": self.state, "node": self.node_address,
                 "validators": self.validators if self.state != "miss" else None}
 
     @operation
-    def purge(self, name: str) -> None:
-        self.calls.add("purge", {"name": name})
+    def purge(self, name: str, base_url: Optional[str] = None) -> None:
+        self.calls.add("purge", {"name": name, "base_url": base_url})
 
     @operation
     def serve(self, **kwargs: Any) -> None:
@@ -207,7 +207,7 @@ async def test_register_get_list_purge(node: Node) -> None:
 
     purged = await node.call("purge", name="sst")
     assert purged["status"] == "purged"
-    assert await node.cache.calls.next("purge") == {"name": "sst"}
+    assert await node.cache.calls.next("purge") == {"name": "sst", "base_url": BASE}
     assert (await node.call("get", name="sst"))["status"] == "purged"
     assert (await node.bus.call("attribute_store", "get", key="dataset:sst"))["status"] == "purged"
     assert (await remote_error(node.call("purge", name="sst"))).remote_type == "UnknownDataset"
@@ -334,9 +334,9 @@ async def test_fresh_goes_to_the_cache_node(node: Node) -> None:
     reply, address, rid = await node.get_url(BASE + ".dds?time[0:1:2]")
     assert decode_reply(reply) == {"via": "cache", "dataset": "sst"}
     assert await node.cache.calls.next("serve") == {"url": BASE + ".dds?time[0:1:2]", "method": "GET",
-                                                    "address": address, "request_id": rid}
+                                                    "address": address, "request_id": rid, "dataset": "sst"}
     assert node.fetcher.calls.count("fetch") == 0
-    assert await node.cache.calls.next("lookup") == {"url": BASE + ".dds?time[0:1:2]"}
+    assert await node.cache.calls.next("lookup") == {"url": BASE + ".dds?time[0:1:2]", "dataset": "sst"}
 
 
 @pytest.mark.parametrize("state", ["stale", "miss"])
@@ -681,7 +681,7 @@ async def test_register_and_get_url_over_rabbitmq(broker_url: str, db: str) -> N
         reply, address, rid = await n.get_url(BASE + ".dds")
         assert decode_reply(reply) == {"via": "cache", "dataset": "sst"}
         assert await n.cache.calls.next("serve") == {"url": BASE + ".dds", "method": "GET", "address": address,
-                                                     "request_id": rid}
+                                                     "request_id": rid, "dataset": "sst"}
         n.cache.state = "miss"
         reply, address, rid = await n.get_url(BASE + ".dds", dataset="sst")
         assert decode_reply(reply) == {"via": "fetcher", "dataset": "sst"}
@@ -763,7 +763,7 @@ async def test_cli_datasets(edge: Edge) -> None:
 
     code, out, err = await run_cli(edge, "datasets", "purge", "sst")
     assert (code, out) == (0, "purged sst\n")
-    assert await edge.node.cache.calls.next("purge") == {"name": "sst"}
+    assert await edge.node.cache.calls.next("purge") == {"name": "sst", "base_url": BASE}
     code, out, err = await run_cli(edge, "datasets", "list", "--json")
     assert {r["name"]: r["status"] for r in json.loads(out)} == {"chl": "registered", "sst": "purged"}
 
