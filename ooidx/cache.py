@@ -186,7 +186,8 @@ class Cache(Component):
             self.counters["stale"] += 1
         if dataset is not None and entry.dataset is None:
             self._io(self.store.set_dataset, url, dataset).addErrback(lambda _: None)
-        answer.update(state="fresh" if fresh else "stale", validators=dict(entry.validators),
+        answer.update(state="fresh" if fresh else "stale", validators={"etag": entry.validators.get("etag"),
+                                                                 "last_modified": entry.validators.get("last_modified")},
                       age=max(age, 0.0), size=entry.size)
         return answer
 
