@@ -94,7 +94,7 @@ def _inet_aton(host: str) -> Optional[ipaddress.IPv4Address]:
                 numbers.append(int(part[2:] or "0", 16))
             elif re.fullmatch(r"0[0-7]+", part):
                 numbers.append(int(part, 8))
-            elif re.fullmatch(r"[0-9]+", part):
+            elif re.fullmatch(r"0|[1-9][0-9]*", part):
                 numbers.append(int(part, 10))
             else:
                 return None
