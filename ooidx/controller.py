@@ -141,15 +141,13 @@ class Controller(Component):
 
     # lifecycle -----------------------------------------------------------------------
 
-    @inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> None:
         self.since = time.time()
-        try:
-            yield self.reload()
-        except MagnetError as e:
-            # The store may be on a node still starting: the registry loads on the first miss.
-            self.log.warn("{component}: could not load the registry yet ({reason}); it loads on first use",
-                          component=self.name, reason=e)
+        # Not waited for: the store may be on a node still starting. A request
+        # that comes before the registry is loaded waits for this same load.
+        self.reload().addErrback(lambda f: self.log.warn(
+            "{component}: could not load the registry yet ({reason}); it loads on first use",
+            component=self.name, reason=f.getErrorMessage()))
         self._every(self.stats_interval, self.save_stats, "saving statistics")
         self._every(self.registry_interval, self.reload, "reloading the registry")
 

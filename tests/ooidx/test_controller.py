@@ -799,3 +799,28 @@ def test_cli_datasets_usage_errors(argv: List[str], capsys: Any) -> None:
     code = cli.run(["--url", "http://127.0.0.1:9", "--token", TOKEN, *argv], stdout=out, stderr=err, environ={})
     assert code == 2, (out.getvalue(), err.getvalue())
     assert err.getvalue() or capsys.readouterr().err  # ours, or argparse's own (on sys.stderr)
+
+
+# --------------------------------------------------------------------------- #
+# with the real cache (ooidx.cache)
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_the_real_cache(broker: str, tmp_path: Any) -> None:
+    from ooidx.cache import Cache
+    config = make_config(f"node: n1\ndata_dir: {tmp_path}\n")
+    n = Node(broker, str(tmp_path / "attributes.sqlite3"), config=config, cache=False)
+    cache = Cache("cache", n.bus, node="n1", config=config, clock=reactor)
+    await n.start()
+    await cache.start()
+    try:
+        await n.call("register", name="sst", url=BASE)
+        reply, address, rid = await n.get_url(BASE + ".dds")
+        assert decode_reply(reply) == {"via": "fetcher", "dataset": "sst"}
+        fetch = await n.fetcher.calls.next("fetch")
+        assert (fetch["store"], fetch["address"], fetch["request_id"]) == (cache.address, address, rid)
+        assert (await n.call("purge", name="sst"))["status"] == "purged"
+        assert (await n.bus.call("cache", "stats"))["lookups"] == 1
+    finally:
+        await cache.stopService()
+        await n.stop()
