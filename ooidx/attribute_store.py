@@ -28,7 +28,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, inlineCallbacks

@@ -39,7 +39,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, inlineCallbacks, returnValue, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
