@@ -133,7 +133,13 @@ class Fetcher(Component):
         except (InvalidURL, BadArguments) as e:
             return self._refuse(address, request_id, url, e, record=False)
         transfer = _Transfer(self, url, method, address, request_id, store=store, validators=validators)
-        return transfer.run().addCallback(self._recorded, url, transfer)
+        d = transfer.run().addCallback(self._recorded, url, transfer)
+        return d.addErrback(self._bug, url)
+
+    def _bug(self, failure: Failure, url: Any) -> Dict[str, Any]:
+        """A failure nothing else caught: logged, never retried (the request was answered or aborted)."""
+        self.log.failure("{component}: fetch of {url} failed", failure, component=self.name, url=url)
+        return {"error": failure.type.__name__, "message": failure.getErrorMessage(), "status": 502, "bytes": 0}
 
     @operation
     def fetch_dataset(self, name: Any = None, url: Any = None, address: Any = None,
@@ -154,7 +160,7 @@ class Fetcher(Component):
                 raise InvalidURL("a dataset's base URL has no query string")
         except (InvalidURL, InvalidName, BadArguments) as e:
             return self._refuse(address, request_id, url, e, record=False)
-        return self._fetch_parts(name, url, address, request_id)
+        return self._fetch_parts(name, url, address, request_id).addErrback(self._bug, url)
 
     @inlineCallbacks
     def _fetch_parts(self, name: str, base: str, address: str, request_id: Optional[str]) -> Any:
@@ -286,11 +292,16 @@ class _Transfer:
         try:
             try:
                 response = yield self._request()
-            except Exception as e:  # noqa: BLE001 - every failure is answered
+            except Exception:  # noqa: BLE001 - every failure is answered
                 exc = _classify(Failure(), self.url, self.options.timeout)
                 result = yield self.fetcher._refuse(self.address, self.request_id, self.url, exc, record=False)
                 return result
-            result = yield self._answer(response)
+            try:
+                result = yield self._answer(response)
+            except Exception:  # noqa: BLE001 - a bug: say so at the address rather than leave it waiting
+                self.log.failure("{component}: answering {url} failed", component=self.name, url=self.url)
+                result = yield self.fetcher._refuse(self.address, self.request_id, self.url,
+                                                    UpstreamError("internal error in the fetcher"), record=False)
             return result
         finally:
             self.fetcher.active -= 1

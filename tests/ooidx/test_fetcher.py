@@ -12,7 +12,7 @@ from urllib.parse import quote
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent
 
 import magnet
 from magnet import operation
@@ -597,7 +597,7 @@ def dap_upstream(tmp_path_factory: Any) -> Any:
 @defer.inlineCallbacks
 def direct(url: str) -> Any:
     response = yield Agent(reactor).request(b"GET", url.encode())
-    body = yield readBody(response)
+    body = yield up.read_body(response)
     return response.code, body
 
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, List
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent
 
 from ooidx.errors import Forbidden, InvalidURL
 from ooidx.urlpolicy import (PolicyEndpointFactory, check_address, check_registered, check_url, forbidden_reason,
@@ -251,7 +251,7 @@ def test_no_dns_rebinding_connects_to_the_checked_address(servers: Any) -> Any:
     resolver = Resolver({"upstream.test": [["127.0.0.1"], ["10.9.9.9"]]})
     a = agent(resolver, allow_hosts=(f"upstream.test:{port}",))
     response = yield a.request(b"GET", f"http://upstream.test:{port}/host".encode())
-    body = yield readBody(response)
+    body = yield up.read_body(response)
     assert body == f"upstream.test:{port}".encode()  # the Host header keeps the name
     assert resolver.asked == ["upstream.test"]
 
@@ -260,7 +260,7 @@ def test_no_dns_rebinding_connects_to_the_checked_address(servers: Any) -> Any:
 def test_allowed_port_only(servers: Any) -> Any:
     a = agent(Resolver({}), allow_hosts=(f"127.0.0.1:{servers['web']}",))
     response = yield a.request(b"GET", f"http://127.0.0.1:{servers['web']}/small".encode())
-    assert (yield readBody(response)) == up.SMALL_BODY
+    assert (yield up.read_body(response)) == up.SMALL_BODY
     before = len(servers["recorder"].connections)
     with pytest.raises(Forbidden):
         yield a.request(b"GET", f"http://127.0.0.1:{servers['rec']}/".encode())

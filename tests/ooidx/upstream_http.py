@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any, List
 from urllib.parse import unquote
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.web import resource, server
+from twisted.web.client import ResponseDone
 
 SMALL_BODY = b"hello from upstream\n" * 10
 ETAG = b'"v1"'
@@ -223,3 +224,25 @@ class _CloseDelimitedProtocol(protocol.Protocol):
 class CloseDelimited(protocol.Factory):
     noisy = False
     protocol = _CloseDelimitedProtocol
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self, done: defer.Deferred) -> None:
+        self.done = done
+        self.parts: List[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if reason is None or reason.check(ResponseDone):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+def read_body(response: Any) -> defer.Deferred:
+    """A client response's whole body (test sizes only)."""
+    d: defer.Deferred = defer.Deferred()
+    response.deliverBody(_Collect(d))
+    return d
