@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve()
 #: What the made files hold (so that the tests can compare with netCDF4).
 TIME = 5
 LAT = 4
+LONG = 200_000
 
 
 def make_files(directory: Path) -> Dict[str, Path]:
@@ -42,6 +43,8 @@ def make_files(directory: Path) -> Dict[str, Path]:
       coordinate variable ``lat`` (float32, 4) and a 2-D variable
       ``sst(time, lat)`` (float32), with attributes.
     - ``series.nc``: ``time`` (5) and a 1-D variable ``depth(time)`` (int32).
+    - ``long.nc``: ``time`` (float64, LONG): a .dods of about 1.6 MB, whose
+      broken copy fails well after the first bytes have reached a client.
     """
     import netCDF4
     import numpy as np
@@ -68,7 +71,12 @@ def make_files(directory: Path) -> Dict[str, Path]:
         t[:] = np.arange(TIME, dtype="f8")
         depth = ds.createVariable("depth", "i4", ("time",))
         depth[:] = np.arange(TIME, dtype="i4") * 10 - 3
-    return {"sst": sst_path, "series": series_path}
+    long_path = directory / "long.nc"
+    with netCDF4.Dataset(long_path, "w") as ds:
+        ds.createDimension("time", LONG)
+        t = ds.createVariable("time", "f8", ("time",))
+        t[:] = np.arange(LONG, dtype="f8")
+    return {"sst": sst_path, "series": series_path, "long": long_path}
 
 
 class Upstream:
