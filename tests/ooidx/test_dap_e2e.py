@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,8 +36,8 @@ from dap_upstream import Upstream, make_files  # noqa: E402
 from twistd_helpers import ROOT, Daemon, environment, free_port, write_config  # noqa: E402
 
 TOKEN = "e2e-token-" + uuid.uuid4().hex
-NCDUMP = "/usr/bin/ncdump"
-CURL = "/usr/bin/curl"
+NCDUMP = shutil.which("ncdump") or "/usr/bin/ncdump"
+CURL = shutil.which("curl") or "/usr/bin/curl"
 
 
 # --------------------------------------------------------------------------- #
