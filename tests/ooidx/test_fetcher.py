@@ -96,14 +96,14 @@ def make_fetcher(upstream: Any) -> Any:
     made: List[Any] = []
 
     def make(*, allow_hosts: Any = None, allow_private: bool = False, resolver: Any = None,
-             url: str = "", **options: Any) -> Any:
+             url: str = "", tls_policy: Any = None, **options: Any) -> Any:
         options.setdefault("timeout", 5.0)
         hosts = (f"127.0.0.1:{upstream['port']}",) if allow_hosts is None else allow_hosts
         bus = magnet.connect(url or f"memory://fetcher-{uuid.uuid4().hex}", reactor, rpc_timeout=10,
                              send_timeout=10, shutdown_timeout=2, stream_idle_timeout=30)
         bus.startService()
         fetcher = Fetcher("fetcher", bus, node="test", config=make_config(
-            allow_hosts=hosts, allow_private=allow_private, **options), resolver=resolver)
+            allow_hosts=hosts, allow_private=allow_private, **options), resolver=resolver, tls_policy=tls_policy)
         made.append((bus, fetcher))
         return fetcher.start().addCallback(lambda _: (bus, fetcher))
 
@@ -694,3 +694,54 @@ def _rabbit_error(bus: Any, name: str, url: str) -> Any:
     except StreamError as e:
         return s.metadata, e
     raise AssertionError("the stream completed")
+
+
+# --------------------------------------------------------------------------- #
+# HTTPS: the connection goes to the checked address, TLS verifies the host name
+
+
+def _self_signed(name: str) -> Any:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+@pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")  # Twisted's server side
+@pytest_twisted.inlineCallbacks
+def test_https_verifies_the_name_and_connects_to_the_checked_address(make_fetcher: Any) -> Any:
+    from twisted.internet import ssl
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    cert_pem, key_pem = _self_signed("secure.test")
+    server_cert = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
+    port = reactor.listenSSL(0, up.make_site(), server_cert.options(), interface="127.0.0.1")
+    number = port.getHost().port
+    try:
+        policy = BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(cert_pem))
+        resolver = FakeResolver({"secure.test": ["127.0.0.1"], "wrong.test": ["127.0.0.1"]})
+        bus, _ = yield make_fetcher(resolver=resolver, tls_policy=policy,
+                                    allow_hosts=(f"secure.test:{number}", f"wrong.test:{number}"))
+        metadata, body, _ = yield fetch_body(bus, f"https://secure.test:{number}/host")
+        assert metadata["status"] == 200 and body == f"secure.test:{number}".encode()
+        e = yield fetch_error(bus, f"https://wrong.test:{number}/host")  # the certificate is not for it
+        assert e.remote_type == "UpstreamError"
+        e = yield fetch_error(bus, f"https://127.0.0.1:{number}/host")  # loopback without an entry
+        assert e.remote_type == "Forbidden"
+    finally:
+        yield port.stopListening()
