@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from magnet.bus import Bus, Listener, Subscription
 from magnet.errors import (BadArguments, BadMessage, BadURL, ConnectionLost, MagnetError, NotConfirmed,
-                           NotConnected, RemoteError, StreamError, Timeout, UnknownOperation, Unroutable)
+                           NotConnected, Refusal, RemoteError, StreamError, Timeout, UnknownOperation, Unroutable)
 from magnet.message import BINARY, JSON, Message
 from magnet.observer import BusObserver
 from magnet.rpc import decode_reply, operation
@@ -26,7 +26,7 @@ from magnet.rpc import decode_reply, operation
 __all__ = [
     "connect", "transport_for", "Bus", "Listener", "Subscription", "Message", "JSON", "BINARY", "operation",
     "decode_reply", "BusObserver", "MagnetError", "ConnectionLost", "NotConnected", "Unroutable",
-    "NotConfirmed", "Timeout", "BadMessage", "BadURL", "RemoteError", "UnknownOperation", "BadArguments",
+    "NotConfirmed", "Refusal", "Timeout", "BadMessage", "BadURL", "RemoteError", "UnknownOperation", "BadArguments",
     "StreamError",
 ]
 

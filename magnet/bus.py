@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from magnet import rpc, stream
-from magnet.errors import BadMessage, ConnectionLost, MagnetError, RemoteError, Timeout
+from magnet.errors import BadMessage, ConnectionLost, MagnetError, Refusal, RemoteError, Timeout
 from magnet.message import Message
 from magnet.observer import BusObserver
 from magnet.transport import DEFAULT_EXCHANGE, Delivery, Transport
@@ -418,7 +418,10 @@ class Bus(Service):
 
         def failed(failure: Failure) -> Deferred:
             self.observer.handler_error(name)
-            if not failure.check(RemoteError, BadMessage):
+            if failure.check(RemoteError, BadMessage, Refusal, LookupError, ValueError):
+                self.log.info("{name}: {op} refused: {error}", name=name, op=message.headers.get(rpc.OP_HEADER),
+                              error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
+            else:
                 self.log.failure("operation on {name} failed", failure, name=name)
             return answer(rpc.error_reply(failure, message.correlation_id))
 

@@ -6,6 +6,15 @@ class MagnetError(Exception):
     """Base of all magnet errors."""
 
 
+class Refusal(Exception):
+    """An operation declining a request (not found, not allowed, invalid).
+
+    Raise a subclass from an operation to answer the caller with an error
+    that is part of the service's contract: the bus logs it as one line, not
+    as a traceback, since nothing is broken.
+    """
+
+
 class ConnectionLost(MagnetError):
     """The link to the broker went down while this operation was in flight."""
 

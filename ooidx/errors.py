@@ -10,8 +10,11 @@ __all__ = ["DXError", "UnknownDataset", "Forbidden", "InvalidName", "InvalidURL"
            "UpstreamTimeout", "HTTP_STATUS", "http_status"]
 
 
-class DXError(Exception):
-    """Base of the data-path errors."""
+from magnet.errors import Refusal
+
+
+class DXError(Refusal):
+    """Base of the data-path errors: refusals the caller is answered with."""
 
 
 class UnknownDataset(DXError):
