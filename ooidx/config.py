@@ -84,6 +84,36 @@ HOST_NAME = re.compile(
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
 )
 MIN_TOKEN_LENGTH = 16
+
+
+def _allow_host_entry(entry: str) -> bool:
+    """host, *.domain, IPv4, IPv6 (bare or [v6]), each optionally with :PORT."""
+    port = ""
+    if entry.startswith("["):
+        inside, bracket, rest = entry[1:].partition("]")
+        if not bracket:
+            return False
+        host, is_v6 = inside, True
+        if rest:
+            if not rest.startswith(":"):
+                return False
+            port = rest[1:]
+    elif entry.count(":") > 1:
+        host, is_v6 = entry, True
+    else:
+        host, _, port = entry.partition(":")
+        is_v6 = False
+        if ":" in entry and not port:
+            return False
+    if port and not (port.isdigit() and 0 < int(port) <= 65535):
+        return False
+    if is_v6:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    return len(host) <= 253 and bool(HOST_NAME.match(host))
 GiB = 1 << 30
 
 
@@ -619,8 +649,9 @@ class _Parser:
             if not isinstance(v, list):
                 raise self.error(p, f"expected a list of host names, got {_describe(v)}")
             for i, host in enumerate(v):
-                if not isinstance(host, str) or len(host) > 253 or not HOST_NAME.match(host):
-                    raise self.error(f"{p}[{i}]", f"expected a host name, got {_describe(host)}")
+                if not isinstance(host, str) or len(host) > 260 or not _allow_host_entry(host):
+                    raise self.error(f"{p}[{i}]", "expected a host name, *.domain or IP address, "
+                                     f"optionally with :PORT, got {_describe(host)}")
             return tuple(h.lower().rstrip(".") for h in v)
 
         return SecurityConfig(**self.fields(value, "security", {

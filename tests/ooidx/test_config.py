@@ -376,7 +376,7 @@ def test_components_shape():
         ("security: {allow_hosts: example.org}",
          "security.allow_hosts: expected a list of host names, got 'example.org'"),
         ("security: {allow_hosts: [ok.example.org, 'bad host']}",
-         "security.allow_hosts[1]: expected a host name, got 'bad host'"),
+         "security.allow_hosts[1]: expected a host name, *.domain or IP address, optionally with :PORT, got 'bad host'"),
         ("security: {token: 12345}", "security.token: expected a string or null, got 12345"),
         ("logging: {format: xml}", "logging.format: expected 'text' or 'json', got 'xml'"),
         ("logging: {level: verbose}",
@@ -611,3 +611,18 @@ def test_systemd_analyze_verify_does_catch_a_broken_unit(tmp_path):
         [SYSTEMD_ANALYZE, "verify", str(broken)], capture_output=True, text=True
     )
     assert "ooidx@" in result.stderr and "sometimes" in result.stderr
+
+
+@pytest.mark.parametrize("entry", ["data.example.org", "*.example.org", "127.0.0.1:8080", "10.0.0.5",
+                                   "[::1]:8080", "::1", "host.example:443"])
+def test_allow_hosts_accepts_hosts_and_ports(entry: str) -> None:
+    config = parse(f"security: {{allow_hosts: ['{entry}']}}\n", "x.yaml")
+    assert config.security.allow_hosts == (entry.lower(),)
+
+
+@pytest.mark.parametrize("entry", ["host:", "host:0", "host:70000", "host:http", "[::1", "[zz::1]:80",
+                                   "a b", "http://host/", "[::1]x"])
+def test_allow_hosts_refuses_bad_entries(entry: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(f"security: {{allow_hosts: ['{entry}']}}\n", "x.yaml")
+    assert "security.allow_hosts[0]" in str(info.value)
