@@ -12,6 +12,7 @@ from bench import harness
 #: group name -> module defining group() -> harness.Group
 GROUPS: Dict[str, str] = {
     "magnet": "bench.magnet_bench",
+    "proxy": "bench.proxy_bench",
 }
 
 

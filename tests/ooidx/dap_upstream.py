@@ -215,15 +215,28 @@ def _serve(directory: str, port: int) -> None:  # pragma: no cover - runs in the
                 sent = 0
                 paused = False
 
+                scheduled = False
+
                 def resumeProducing(self) -> None:
                     self.paused = False
-                    while not self.paused and self.sent < size:
+                    self._more()
+
+                def _more(self) -> None:
+                    # a few blocks a turn of the reactor, so that the transport gets to say "pause"
+                    self.scheduled = False
+                    for _ in range(16):
+                        if self.paused or self.sent >= size:
+                            break
                         piece = block[: min(len(block), size - self.sent)]
                         self.sent += len(piece)
                         request.write(piece)
-                    if self.sent >= size and not request.finished:
-                        request.unregisterProducer()
-                        request.finish()
+                    if self.sent >= size:
+                        if not request.finished and request.channel is not None:
+                            request.unregisterProducer()
+                            request.finish()
+                    elif not self.paused and not self.scheduled:
+                        self.scheduled = True
+                        reactor.callLater(0, self._more)
 
                 def pauseProducing(self) -> None:
                     self.paused = True
