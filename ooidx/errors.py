@@ -7,7 +7,7 @@ the proxy maps that name to an HTTP status. Keep the names stable.
 from __future__ import annotations
 
 __all__ = ["DXError", "UnknownDataset", "Forbidden", "InvalidName", "InvalidURL", "UpstreamError",
-           "UpstreamTimeout", "HTTP_STATUS", "http_status"]
+           "UpstreamTimeout", "InvalidRegex", "HTTP_STATUS", "http_status"]
 
 
 from magnet.errors import Refusal
@@ -41,12 +41,17 @@ class UpstreamTimeout(DXError):
     """Upstream did not answer within the fetcher's timeout (504)."""
 
 
+class InvalidRegex(DXError):
+    """A subscription or filter regex that is too long, invalid, or outside RE2's syntax (400)."""
+
+
 #: error type name -> the HTTP status the proxy answers with.
 HTTP_STATUS = {
     "UnknownDataset": 404,
     "Forbidden": 403,
     "InvalidName": 400,
     "InvalidURL": 400,
+    "InvalidRegex": 400,
     "UpstreamError": 502,
     "UpstreamTimeout": 504,
 }
