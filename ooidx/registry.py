@@ -21,6 +21,8 @@ IMPLEMENTATIONS: Dict[str, str] = {
     "cache": "ooidx.cache:Cache",
     "proxyng": "ooidx.proxyng:Proxy",
     "csv": "ooidx.csv:CSV",
+    "pub_sub": "ooidx.pub_sub:PubSub",
+    "distributor": "ooidx.distributor:Distributor",
 }
 
 

@@ -1,0 +1,357 @@
+"""pub_sub: regex subscriptions to topics, each with a durable address.
+
+Operations on the worker queue C{pub_sub} (docs/dissemination.md):
+
+    sub = yield bus.call("pub_sub", "subscribe", regex=r"^dataset\\.", name="persister")
+    # sub == {"name": "persister", "regex": "^dataset\\.", "address": "pubsub.sub.persister"}
+    addresses = yield bus.call("pub_sub", "route", topic="dataset.sst")
+    yield bus.call("pub_sub", "publish", topic="dataset.sst", message={...})
+    yield bus.call("pub_sub", "unsubscribe", name="persister")
+    subs = yield bus.call("pub_sub", "list")
+
+A subscription's address is a durable queue C{pubsub.sub.NAME}, declared
+as C{bus.listen(name=ADDRESS, durable=True)} declares it (durable, no
+arguments), so a subscriber may consume it either way and what arrives while
+it is away is kept. Subscriptions live in the attribute store
+(C{subscription:NAME}); every pub_sub instance keeps them in memory in an
+L{ooidx.routing.Router} (one RE2 Set pass per topic), loads them at start,
+applies the change a C{pubsub.changed} fanout message names, and reloads
+them all every C{reload_interval} seconds (to catch changes sent while its
+link was down).
+
+C{publish} does not send to the subscribers itself: it hands the list of
+addresses to the distributor (L{ooidx.distributor.distribute}).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Set
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from magnet import Bus, Message, RemoteError, operation
+
+from ooidx.component import Component
+from ooidx.distributor import distribute, declare_work_queue
+from ooidx.errors import DXError, InvalidName
+from ooidx.routing import Router, validate
+
+__all__ = ["PubSub", "InvalidTopic", "MessageTooLarge", "UnknownSubscription", "CHANGED", "PUBLICATION",
+           "address_of", "check_name", "KEY_PREFIX"]
+
+CHANGED = "pubsub.changed"
+PUBLICATION = "publication"
+TOPIC_HEADER = "topic"
+KEY_PREFIX = "subscription:"
+ADDRESS_PREFIX = "pubsub.sub."
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+MAX_TOPIC_BYTES = 1024
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class InvalidTopic(DXError):
+    """A topic that is not a non-empty string of at most 1024 UTF-8 bytes without NUL."""
+
+
+class MessageTooLarge(DXError):
+    """A published message larger than 1 MiB as JSON, or not JSON at all."""
+
+
+class UnknownSubscription(DXError):
+    """No subscription by that name."""
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise InvalidName(f"a subscription name is 1 to 64 of A-Z a-z 0-9 _ . -, got {name!r}")
+    return name
+
+
+def check_topic(topic: Any) -> str:
+    if not isinstance(topic, str) or not topic:
+        raise InvalidTopic(f"a topic must be a non-empty string, got {topic!r}")
+    if "\x00" in topic or len(topic.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
+        raise InvalidTopic(f"a topic must be at most {MAX_TOPIC_BYTES} UTF-8 bytes without NUL")
+    return topic
+
+
+def address_of(name: str) -> str:
+    return ADDRESS_PREFIX + name
+
+
+def publication(topic: str, message: Any) -> Message:
+    """What a subscriber receives for C{publish(topic, message)}."""
+    try:
+        body = json.dumps({"topic": topic, "message": message}, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise MessageTooLarge(f"the message is not JSON: {e}") from None
+    data = body.encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageTooLarge(f"the message is {len(data)} bytes as JSON (at most {MAX_MESSAGE_BYTES})")
+    return Message(body=data, content_type="application/json", type=PUBLICATION,
+                   headers={TOPIC_HEADER: topic}, message_id=uuid.uuid4().hex, persistent=True)
+
+
+class PubSub(Component):
+    """One pub_sub instance; any number of them share the C{pub_sub} queue."""
+
+    log = Logger()
+
+    def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, config: Any = None,
+                 clock: Any = None, store: str = "attribute_store", reload_interval: float = 60.0,
+                 store_timeout: float = 10.0, retry_delay: float = 1.0) -> None:
+        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+        self.store = store
+        self.reload_interval = reload_interval
+        self.store_timeout = store_timeout
+        self.retry_delay = retry_delay
+        self.router = Router()
+        self.records: Dict[str, dict] = {}
+        self._loaded: Optional[Deferred] = None
+        self._waiting: List[Deferred] = []
+        self._is_loaded = False
+        self._loading = False
+        self._touched: Set[str] = set()
+        self._reloader: Optional[LoopingCall] = None
+        self._retry_call: Any = None
+        self._changed_subscription: Any = None
+        self._stopping = False
+
+    # lifecycle -------------------------------------------------------------------
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        self._stopping = False
+        yield declare_work_queue(self.bus)
+        yield self.bus.declare_fanout(CHANGED)
+        self._changed_subscription = yield self.bus.subscribe(CHANGED, self._on_changed)
+        # The first load does not hold up the start; operations wait for it.
+        self._reload()
+        if self.reload_interval:
+            self._reloader = LoopingCall(self._reload)
+            self._reloader.clock = self.clock
+            self._reloader.start(self.reload_interval, now=False).addErrback(
+                lambda f: self.log.failure("{component}: periodic reload", f, component=self.name))
+
+    def tearDown(self) -> Any:
+        self._stopping = True
+        if self._reloader is not None and self._reloader.running:
+            self._reloader.stop()
+        self._reloader = None
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(Failure(DXError("pub_sub is stopping")))
+        subscription, self._changed_subscription = self._changed_subscription, None
+        return subscription.cancel() if subscription is not None else None
+
+    # loading ---------------------------------------------------------------------
+
+    def loaded(self) -> Deferred:
+        """Fires once the subscriptions have been loaded from the store."""
+        if self._is_loaded:
+            return succeed(None)
+        d: Deferred = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        self._waiting.append(d)
+        return d
+
+    def _reload(self) -> Optional[Deferred]:
+        """Load every subscription from the store (retried until it answers, the first time)."""
+        if self._loading or self._stopping:
+            return None
+        self._loading = True
+        self._touched = set()
+        d = self.bus.call(self.store, "query", regex="^" + re.escape(KEY_PREFIX), timeout=self.store_timeout)
+        d.addCallbacks(self._apply_all, self._load_failed)
+        return d
+
+    def _apply_all(self, found: Dict[str, Any]) -> Optional[Deferred]:
+        self._loading = False
+        records: Dict[str, dict] = {}
+        for key, record in found.items():
+            name = key[len(KEY_PREFIX):]
+            if not self._usable(name, record):
+                self.log.warn("{component}: ignoring the malformed subscription record {key}",
+                              component=self.name, key=key)
+                continue
+            records[name] = record
+        touched, self._touched = self._touched, set()
+        # Changes made while the query ran win over what it read: read them again.
+        for name in touched:
+            records.pop(name, None)
+            if name in self.records:
+                records[name] = self.records[name]
+        self.records = records
+        self.router.replace({name: r["regex"] for name, r in records.items()})
+        first = not self._is_loaded
+        self._is_loaded = True
+        if first:
+            self.log.info("{component}: {count} subscription(s) loaded", component=self.name, count=len(records))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+        for name in touched:
+            self._refresh(name)
+        return None
+
+    def _load_failed(self, failure: Failure) -> None:
+        self._loading = False
+        if self._stopping:
+            return
+        self.log.warn("{component}: could not load subscriptions ({error}); trying again in {delay} s",
+                      component=self.name, error=failure.getErrorMessage(), delay=self.retry_delay)
+        if not self._is_loaded:
+            self._retry_call = self.clock.callLater(self.retry_delay, self._reload)
+
+    @staticmethod
+    def _usable(name: str, record: Any) -> bool:
+        return (isinstance(record, dict) and NAME.match(name) is not None and record.get("name") == name
+                and isinstance(record.get("regex"), str) and record.get("address") == address_of(name))
+
+    def _on_changed(self, message: Message) -> Optional[Deferred]:
+        """Another instance (or this one) changed a subscription: read it again from the store."""
+        try:
+            body = message.json()
+            name = check_name(body.get("name")) if isinstance(body, dict) else None
+        except Exception:
+            name = None
+        if name is None:
+            self.log.warn("{component}: a {changed} message without a usable name; reloading everything",
+                          component=self.name, changed=CHANGED)
+            self._reload()
+            return None
+        return self._refresh(name)
+
+    def _refresh(self, name: str) -> Deferred:
+        if self._loading:
+            self._touched.add(name)
+        d = self.bus.call(self.store, "get", key=KEY_PREFIX + name, timeout=self.store_timeout)
+
+        def got(record: Any) -> None:
+            if self._usable(name, record):
+                self._apply(name, record)
+            else:
+                self._apply(name, None)
+
+        def missing(failure: Failure) -> None:
+            if failure.check(RemoteError) and failure.value.remote_type == "KeyError":
+                self._apply(name, None)
+                return
+            self.log.warn("{component}: could not read subscription {name} ({error}); the next reload will",
+                          component=self.name, name=name, error=failure.getErrorMessage())
+
+        return d.addCallbacks(got, missing)
+
+    def _apply(self, name: str, record: Optional[dict]) -> None:
+        if self._loading:
+            self._touched.add(name)
+        if record is None:
+            self.records.pop(name, None)
+            self.router.remove(name)
+        else:
+            self.router.add(name, record["regex"])
+            self.records[name] = record
+
+    def _announce(self, name: str) -> Deferred:
+        d = self.bus.send(CHANGED, Message.of_json({"name": name, "node": self.node}, persistent=False),
+                          mandatory=False)
+        d.addErrback(lambda f: self.log.warn("{component}: {changed} for {name} not sent: {error}",
+                                             component=self.name, changed=CHANGED, name=name,
+                                             error=f.getErrorMessage()))
+        return d
+
+    # operations -------------------------------------------------------------------
+
+    @operation
+    @inlineCallbacks
+    def subscribe(self, regex: str, name: Optional[str] = None) -> Any:
+        """Subscribe C{regex}; the durable address to consume. The same name
+        gives the same address (its regex replaced when it differs)."""
+        validate(regex)
+        if name is None:
+            name = "s-" + uuid.uuid4().hex[:16]
+        check_name(name)
+        yield self.loaded()
+        address = address_of(name)
+        yield self.bus.transport.declare_queue(address, durable=True)
+        key = KEY_PREFIX + name
+        try:
+            old = yield self.bus.call(self.store, "get", key=key, timeout=self.store_timeout)
+        except RemoteError as e:
+            if e.remote_type != "KeyError":
+                raise
+            old = None
+        created = old.get("created") if isinstance(old, dict) else None
+        record = {"name": name, "regex": regex, "address": address,
+                  "created": created if isinstance(created, (int, float)) else time.time()}
+        if old != record:
+            yield self.bus.call(self.store, "set", key=key, value=record, timeout=self.store_timeout)
+        self._apply(name, record)
+        yield self._announce(name)
+        self.log.info("{component}: subscription {name} -> {address} for {regex!r}", component=self.name,
+                      name=name, address=address, regex=regex)
+        return {"name": name, "regex": regex, "address": address}
+
+    @operation
+    @inlineCallbacks
+    def unsubscribe(self, name: str) -> Any:
+        """Remove the subscription and delete its address; whether it existed."""
+        check_name(name)
+        yield self.loaded()
+        existed = yield self.bus.call(self.store, "delete", key=KEY_PREFIX + name, timeout=self.store_timeout)
+        self._apply(name, None)
+        yield self._announce(name)
+        try:
+            yield self.bus.transport.delete_queue(address_of(name))
+        except Exception as e:
+            self.log.warn("{component}: could not delete {address}: {error}", component=self.name,
+                          address=address_of(name), error=e)
+        if existed:
+            self.log.info("{component}: subscription {name} removed", component=self.name, name=name)
+        return bool(existed)
+
+    @operation
+    @inlineCallbacks
+    def list(self) -> Any:
+        """Every subscription, by name: C{[{"name", "regex", "address"}]} (read from the store)."""
+        found = yield self.bus.call(self.store, "query", regex="^" + re.escape(KEY_PREFIX),
+                                    timeout=self.store_timeout)
+        out = []
+        for key, record in sorted(found.items()):
+            name = key[len(KEY_PREFIX):]
+            if self._usable(name, record):
+                out.append({"name": name, "regex": record["regex"], "address": record["address"]})
+        return out
+
+    def addresses_for(self, topic: str) -> List[str]:
+        """The addresses of every subscription matching C{topic}, each once (no waiting)."""
+        return sorted({self.records[name]["address"] for name in self.router.match(topic) if name in self.records})
+
+    @operation
+    @inlineCallbacks
+    def route(self, topic: str) -> Any:
+        """The address of every subscription whose regex matches C{topic}, each once."""
+        check_topic(topic)
+        yield self.loaded()
+        return self.addresses_for(topic)
+
+    @operation
+    @inlineCallbacks
+    def publish(self, topic: str, message: Any = None) -> Any:
+        """Deliver C{message} to every subscription matching C{topic}, once each
+        (through the distributor). Fires with C{{"topic", "addresses"}} (the count)."""
+        check_topic(topic)
+        out = publication(topic, message)
+        yield self.loaded()
+        addresses = self.addresses_for(topic)
+        if addresses:
+            yield distribute(self.bus, addresses, out)
+        return {"topic": topic, "addresses": len(addresses)}
