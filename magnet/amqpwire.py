@@ -1,0 +1,450 @@
+"""AMQP 0-9-1 on the wire: the spec file, broker URLs, field tables, content
+properties and frames.
+
+Kept apart from L{magnet.amqp} (the protocol and the transport) because it is
+pure data handling: no reactor, no state. txAMQP's own codec writes only
+strings and 32-bit integers in field tables and miscounts non-ASCII string
+lengths, so tables and properties are encoded here; txAMQP still supplies the
+spec loader and the frame classes.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import struct
+from decimal import Decimal
+from importlib import resources
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from txamqp import spec as txspec
+from txamqp.codec import Codec
+
+from magnet.errors import BadURL
+from magnet.message import Message
+
+SPEC_RESOURCE = "amqp0-9-1-rabbitmq.xml"
+
+#: Header carrying a publish's sequence number on the publishing channel, so
+#: that a basic.return is matched to its publish exactly; consumers on this
+#: transport never see it.
+PUBLISH_SEQ_HEADER = "x-magnet-publish-seq"
+
+# ---------------------------------------------------------------------------
+# spec
+
+
+@functools.lru_cache(maxsize=None)
+def load_spec() -> Any:
+    """The AMQP 0-9-1 spec (with RabbitMQ's extensions) shipped with magnet."""
+    resource = resources.files("magnet") / "spec" / SPEC_RESOURCE
+    with resources.as_file(resource) as path:
+        return txspec.load(str(path))
+
+
+# ---------------------------------------------------------------------------
+# URLs
+
+
+class BrokerURL:
+    """One parsed C{amqp://} or C{amqps://} URL; its repr never shows the password."""
+
+    __slots__ = ("scheme", "host", "port", "vhost", "username", "password", "heartbeat", "mechanism")
+
+    def __init__(self, scheme: str, host: str, port: int, vhost: str, username: str, password: str,
+                 heartbeat: Optional[float] = None, mechanism: Optional[str] = None) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.vhost = vhost
+        self.username = username
+        self.password = password
+        self.heartbeat = heartbeat
+        self.mechanism = mechanism
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "amqps"
+
+    def masked(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{quote(self.username, safe='')}:***@{host}:{self.port}/{quote(self.vhost, safe='')}"
+
+    __str__ = masked
+
+    def __repr__(self) -> str:
+        return f"<BrokerURL {self.masked()}>"
+
+
+def parse_url(url: str) -> BrokerURL:
+    """Parse C{amqp://user:pass@host:port/vhost} (or C{amqps://}); L{BadURL} if unusable.
+
+    The vhost is URL-decoded (C{%2F} is C{/}); an empty path means C{/}.
+    Query options: C{heartbeat} (seconds) and C{auth_mechanism} (PLAIN or AMQPLAIN).
+    """
+    if not isinstance(url, str):
+        raise BadURL(f"broker URL must be a string, not {type(url).__name__}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise BadURL(f"bad broker URL: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("amqp", "amqps"):
+        raise BadURL(f"not an AMQP URL (scheme {scheme!r}, expected amqp or amqps)")
+    host = parts.hostname or "localhost"
+    if port is None:
+        port = 5671 if scheme == "amqps" else 5672
+    username = unquote(parts.username) if parts.username is not None else "guest"
+    password = unquote(parts.password) if parts.password is not None else "guest"
+    path = parts.path
+    if path in ("", "/"):
+        vhost = "/"
+    else:
+        vhost = unquote(path[1:])
+    heartbeat: Optional[float] = None
+    mechanism: Optional[str] = None
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "heartbeat":
+            try:
+                heartbeat = float(value)
+            except ValueError:
+                raise BadURL(f"heartbeat must be a number of seconds, got {value!r}") from None
+        elif key == "auth_mechanism":
+            mechanism = value.upper()
+            if mechanism not in ("PLAIN", "AMQPLAIN"):
+                raise BadURL(f"auth_mechanism must be PLAIN or AMQPLAIN, got {value!r}")
+        else:
+            raise BadURL(f"unknown option {key!r} in broker URL (known: heartbeat, auth_mechanism)")
+    return BrokerURL(scheme, host, port, vhost, username, password, heartbeat, mechanism)
+
+
+# ---------------------------------------------------------------------------
+# field tables (RabbitMQ's field types, which txAMQP's codec mostly lacks)
+
+_S_B = struct.Struct(">B")
+_S_b = struct.Struct(">b")
+_S_H = struct.Struct(">H")
+_S_h = struct.Struct(">h")
+_S_I = struct.Struct(">I")
+_S_i = struct.Struct(">i")
+_S_Q = struct.Struct(">Q")
+_S_q = struct.Struct(">q")
+_S_f = struct.Struct(">f")
+_S_d = struct.Struct(">d")
+_S_HH = struct.Struct(">HH")
+_FRAME_HEAD = struct.Struct(">BHI")
+_FRAME_END = 0xCE
+_FRAME_END_B = b"\xce"
+
+
+def _shortstr(value: Union[str, bytes]) -> bytes:
+    data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    if len(data) > 255:
+        raise ValueError(f"AMQP short string longer than 255 bytes: {data[:40]!r}...")
+    return _S_B.pack(len(data)) + data
+
+
+#: names (exchanges, routing keys, content types) repeat: encode each once
+_shortstr_cached = functools.lru_cache(maxsize=2048)(_shortstr)
+
+
+def _longstr(data: bytes) -> bytes:
+    return _S_I.pack(len(data)) + data
+
+
+def _encode_value(value: Any, out: List[bytes]) -> None:
+    if value is None:
+        out.append(b"V")
+    elif value is True or value is False:
+        out.append(b"t\x01" if value else b"t\x00")
+    elif isinstance(value, int):
+        if -0x80000000 <= value <= 0x7FFFFFFF:
+            out.append(b"I" + _S_i.pack(value))
+        elif -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF:
+            out.append(b"l" + _S_q.pack(value))
+        else:
+            raise ValueError(f"integer {value} does not fit an AMQP field (64 bits)")
+    elif isinstance(value, float):
+        out.append(b"d" + _S_d.pack(value))
+    elif isinstance(value, str):
+        out.append(b"S" + _longstr(value.encode("utf-8")))
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        out.append(b"x" + _longstr(bytes(value)))
+    elif isinstance(value, Mapping):
+        out.append(b"F" + encode_table(value))
+    elif isinstance(value, (list, tuple)):
+        items: List[bytes] = []
+        for item in value:
+            _encode_value(item, items)
+        data = b"".join(items)
+        out.append(b"A" + _longstr(data))
+    elif isinstance(value, Decimal):
+        sign, digits, exponent = value.as_tuple()
+        if not isinstance(exponent, int) or exponent > 0:
+            value = value.quantize(Decimal(1))
+            sign, digits, exponent = value.as_tuple()
+        scale = -exponent  # type: ignore[operator]
+        unscaled = int(value.scaleb(scale))
+        out.append(b"D" + _S_B.pack(scale) + _S_i.pack(unscaled))
+    elif isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        out.append(b"T" + _S_Q.pack(int(value.timestamp())))
+    else:
+        raise TypeError(f"cannot put a {type(value).__name__} in an AMQP header table")
+
+
+def encode_table(table: Mapping[str, Any]) -> bytes:
+    """A field table, with its 4-byte length prefix."""
+    out: List[bytes] = []
+    for key, value in table.items():
+        out.append(_shortstr(key))
+        _encode_value(value, out)
+    data = b"".join(out)
+    return _S_I.pack(len(data)) + data
+
+
+def _decode_text(data: bytes) -> Union[str, bytes]:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+
+
+def _decode_value(buf: bytes, pos: int) -> Tuple[Any, int]:
+    kind = buf[pos]
+    pos += 1
+    if kind == 0x53:  # S
+        n = _S_I.unpack_from(buf, pos)[0]
+        pos += 4
+        return _decode_text(buf[pos:pos + n]), pos + n
+    if kind == 0x49:  # I
+        return _S_i.unpack_from(buf, pos)[0], pos + 4
+    if kind == 0x6C:  # l
+        return _S_q.unpack_from(buf, pos)[0], pos + 8
+    if kind == 0x74:  # t
+        return buf[pos] != 0, pos + 1
+    if kind == 0x46:  # F
+        return _decode_table(buf, pos)
+    if kind == 0x41:  # A
+        n = _S_I.unpack_from(buf, pos)[0]
+        pos += 4
+        end = pos + n
+        items = []
+        while pos < end:
+            item, pos = _decode_value(buf, pos)
+            items.append(item)
+        return items, end
+    if kind == 0x78:  # x
+        n = _S_I.unpack_from(buf, pos)[0]
+        pos += 4
+        return buf[pos:pos + n], pos + n
+    if kind == 0x56:  # V
+        return None, pos
+    if kind == 0x64:  # d
+        return _S_d.unpack_from(buf, pos)[0], pos + 8
+    if kind == 0x66:  # f
+        return _S_f.unpack_from(buf, pos)[0], pos + 4
+    if kind == 0x54:  # T
+        return _S_Q.unpack_from(buf, pos)[0], pos + 8
+    if kind == 0x62:  # b
+        return _S_b.unpack_from(buf, pos)[0], pos + 1
+    if kind == 0x42:  # B
+        return buf[pos], pos + 1
+    if kind == 0x73:  # s
+        return _S_h.unpack_from(buf, pos)[0], pos + 2
+    if kind == 0x75:  # u
+        return _S_H.unpack_from(buf, pos)[0], pos + 2
+    if kind == 0x69:  # i
+        return _S_I.unpack_from(buf, pos)[0], pos + 4
+    if kind == 0x4C:  # L
+        return _S_Q.unpack_from(buf, pos)[0], pos + 8
+    if kind == 0x44:  # D
+        scale = buf[pos]
+        unscaled = _S_i.unpack_from(buf, pos + 1)[0]
+        return Decimal(unscaled).scaleb(-scale), pos + 5
+    raise ValueError(f"unknown AMQP field type {chr(kind)!r}")
+
+
+def _decode_table(buf: bytes, pos: int) -> Tuple[Dict[str, Any], int]:
+    n = _S_I.unpack_from(buf, pos)[0]
+    pos += 4
+    end = pos + n
+    table: Dict[str, Any] = {}
+    while pos < end:
+        klen = buf[pos]
+        key = buf[pos + 1:pos + 1 + klen].decode("utf-8", "replace")
+        value, pos = _decode_value(buf, pos + 1 + klen)
+        table[key] = value
+    return table, end
+
+
+def decode_table(data: bytes) -> Dict[str, Any]:
+    """Inverse of L{encode_table} (C{data} includes the length prefix)."""
+    return _decode_table(data, 0)[0]
+
+
+class _Codec(Codec):
+    """txAMQP's codec with full field tables and correct UTF-8 string lengths."""
+
+    def enc_str(self, fmt: str, s: Any) -> None:
+        if isinstance(s, str):
+            s = s.encode("utf-8")
+        self.pack(fmt, len(s))
+        self.write(s)
+
+    def encode_table(self, tbl: Mapping[str, Any]) -> None:
+        self.write(encode_table(tbl or {}))
+
+    def decode_table(self) -> Dict[str, Any]:
+        size = self.decode_long()
+        data = self.read(size)
+        return _decode_table(_S_I.pack(size) + data, 0)[0]
+
+
+# ---------------------------------------------------------------------------
+# content properties (class basic)
+
+_P_CONTENT_TYPE = 1 << 15
+_P_CONTENT_ENCODING = 1 << 14
+_P_HEADERS = 1 << 13
+_P_DELIVERY_MODE = 1 << 12
+_P_PRIORITY = 1 << 11
+_P_CORRELATION_ID = 1 << 10
+_P_REPLY_TO = 1 << 9
+_P_EXPIRATION = 1 << 8
+_P_MESSAGE_ID = 1 << 7
+_P_TIMESTAMP = 1 << 6
+_P_TYPE = 1 << 5
+_P_USER_ID = 1 << 4
+_P_APP_ID = 1 << 3
+_P_CLUSTER_ID = 1 << 2
+
+
+def encode_properties(message: Message, seq: Optional[int] = None) -> bytes:
+    """The property flags and property list of a content header for C{message}."""
+    flags = 0
+    out: List[bytes] = []
+    if message.content_type is not None:
+        flags |= _P_CONTENT_TYPE
+        out.append(_shortstr_cached(message.content_type))
+    headers = message.headers
+    if seq is not None:
+        headers = dict(headers)
+        headers[PUBLISH_SEQ_HEADER] = seq
+    if headers:
+        flags |= _P_HEADERS
+        out.append(encode_table(headers))
+    flags |= _P_DELIVERY_MODE
+    out.append(b"\x02" if message.persistent else b"\x01")
+    if message.correlation_id is not None:
+        flags |= _P_CORRELATION_ID
+        out.append(_shortstr(message.correlation_id))
+    if message.reply_to is not None:
+        flags |= _P_REPLY_TO
+        out.append(_shortstr_cached(message.reply_to))
+    if message.expiration is not None:
+        flags |= _P_EXPIRATION
+        out.append(_shortstr(str(message.expiration)))
+    if message.message_id is not None:
+        flags |= _P_MESSAGE_ID
+        out.append(_shortstr(message.message_id))
+    if message.timestamp is not None:
+        flags |= _P_TIMESTAMP
+        out.append(_S_Q.pack(int(message.timestamp)))
+    if message.type is not None:
+        flags |= _P_TYPE
+        out.append(_shortstr_cached(message.type))
+    return _S_H.pack(flags) + b"".join(out)
+
+
+def _read_shortstr(buf: bytes, pos: int) -> Tuple[str, int]:
+    n = buf[pos]
+    pos += 1
+    return buf[pos:pos + n].decode("utf-8", "replace"), pos + n
+
+
+def decode_properties(buf: bytes, pos: int, body: bytes) -> Tuple[Message, Optional[int]]:
+    """A L{Message} from a content header's property flags and list at C{pos}.
+
+    Also returns the publish sequence header (if any), removed from the headers.
+    """
+    flags = _S_H.unpack_from(buf, pos)[0]
+    pos += 2
+    extra = flags
+    while extra & 1:  # continuation flag words (none in class basic, but be lenient)
+        extra = _S_H.unpack_from(buf, pos)[0]
+        pos += 2
+    content_type = correlation_id = reply_to = expiration = message_id = mtype = None
+    headers: Dict[str, Any] = {}
+    persistent = False
+    timestamp = None
+    seq = None
+    if flags & _P_CONTENT_TYPE:
+        content_type, pos = _read_shortstr(buf, pos)
+    if flags & _P_CONTENT_ENCODING:
+        _, pos = _read_shortstr(buf, pos)
+    if flags & _P_HEADERS:
+        headers, pos = _decode_table(buf, pos)
+        if PUBLISH_SEQ_HEADER in headers:
+            seq = headers.pop(PUBLISH_SEQ_HEADER)
+    if flags & _P_DELIVERY_MODE:
+        persistent = buf[pos] == 2
+        pos += 1
+    if flags & _P_PRIORITY:
+        pos += 1
+    if flags & _P_CORRELATION_ID:
+        correlation_id, pos = _read_shortstr(buf, pos)
+    if flags & _P_REPLY_TO:
+        reply_to, pos = _read_shortstr(buf, pos)
+    if flags & _P_EXPIRATION:
+        expiration, pos = _read_shortstr(buf, pos)
+    if flags & _P_MESSAGE_ID:
+        message_id, pos = _read_shortstr(buf, pos)
+    if flags & _P_TIMESTAMP:
+        timestamp = _S_Q.unpack_from(buf, pos)[0]
+        pos += 8
+    if flags & _P_TYPE:
+        mtype, pos = _read_shortstr(buf, pos)
+    message = Message(body=body, headers=headers, content_type=content_type,
+                      correlation_id=correlation_id, reply_to=reply_to, message_id=message_id,
+                      type=mtype, persistent=persistent, expiration=expiration, timestamp=timestamp)
+    return message, seq
+
+
+# ---------------------------------------------------------------------------
+# frames written directly
+
+_ACK = struct.Struct(">BHIHHQBB")  # method frame: basic.ack / basic.nack with one bits octet
+_HEARTBEAT_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+_PUBLISH_PREFIX = struct.pack(">HHH", 60, 40, 0)
+
+
+def _method_frame(channel: int, payload: bytes) -> bytes:
+    return _FRAME_HEAD.pack(1, channel, len(payload)) + payload + _FRAME_END_B
+
+
+def _content_frames(channel: int, message: Message, seq: Optional[int], frame_max: int) -> List[bytes]:
+    body = message.body
+    props = encode_properties(message, seq)
+    header = struct.pack(">HHQ", 60, 0, len(body)) + props
+    if len(header) > frame_max - 8:
+        raise ValueError(f"message properties and headers take {len(header)} bytes; they must fit one "
+                         f"frame ({frame_max - 8} bytes)")
+    frames = [_FRAME_HEAD.pack(2, channel, len(header)) + header + _FRAME_END_B]
+    if body:
+        chunk = frame_max - 8
+        if len(body) <= chunk:
+            frames.append(_FRAME_HEAD.pack(3, channel, len(body)))
+            frames.append(body)
+            frames.append(_FRAME_END_B)
+        else:
+            for i in range(0, len(body), chunk):
+                part = body[i:i + chunk]
+                frames.append(_FRAME_HEAD.pack(3, channel, len(part)))
+                frames.append(part)
+                frames.append(_FRAME_END_B)
+    return frames
+
+
