@@ -148,7 +148,8 @@ def _serve(directory: str, port: int) -> None:  # pragma: no cover - runs in the
 
     from pydap.wsgi.app import DapServer
 
-    pool = ThreadPool(minthreads=1, maxthreads=8, name="pydap")
+    # one thread: netCDF4 (HDF5) is not thread-safe, and concurrent reads crash the server
+    pool = ThreadPool(minthreads=1, maxthreads=1, name="pydap")
     pool.start()
     reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
     app = DapServer(directory)
