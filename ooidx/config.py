@@ -162,6 +162,7 @@ class SecurityConfig:
     token: Optional[str] = None  # operator token; None: made at first start in data_dir
     allow_hosts: Tuple[str, ...] = ()  # hosts the fetcher may reach; empty: any public host
     allow_private: bool = False  # allow fetching from private / loopback addresses
+    read_token: bool = False  # reading the management API (/api/datasets, ...) needs the token too
 
 
 @dataclass(frozen=True)
@@ -658,6 +659,7 @@ class _Parser:
             "token": (None, token),
             "allow_hosts": ((), hosts),
             "allow_private": (False, self.boolean),
+            "read_token": (False, self.boolean),
         }))
 
     def components(

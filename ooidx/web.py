@@ -144,13 +144,16 @@ class _Api(Resource):
             b"/metrics": {b"GET": web.render_metrics, b"HEAD": web.render_metrics},
             b"/api/status": {b"GET": web.render_status},
         }
+        # The management page: /, /static/..., /api/datasets..., /api/stats, /api/events, ...
+        from ooidx.webpage import ManagementPage
+        self.page = ManagementPage(web)
 
     def render(self, request: server.Request) -> Any:
         path = request.path
         if path.startswith(b"/api/call/"):
             methods = {b"POST": self.web.render_call}
         else:
-            methods = self.routes.get(path)
+            methods = self.routes.get(path) or self.page.methods(path)
         try:
             if methods is None:
                 raise HTTPError(404, "NotFound", f"no such path: {_printable(path)}")

@@ -394,7 +394,7 @@ async def test_wrong_method_is_405(stack: Stack, method: str, path: str, allow: 
     assert error_of(json.loads(content))[0] == "MethodNotAllowed"
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/api", "/api/", "/api/call", "/healthz/", "/api/status/x",
+@pytest.mark.parametrize("path", ["/static/nope", "/nope", "/api", "/api/", "/api/call", "/healthz/", "/api/status/x",
                                   "//healthz", "/%00"])
 @pytest_twisted.ensureDeferred
 async def test_unknown_path_is_404(stack: Stack, path: str) -> None:
