@@ -1,0 +1,444 @@
+"""pub_sub (with the attribute store and the distributor) on the bus: durable
+regex subscriptions, routing, publish exactly once per subscription, restarts,
+several instances, bad input. memory:// throughout, and once over RabbitMQ."""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Dict, List, Optional
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+import magnet
+from magnet import Message, RemoteError, rpc
+
+from ooidx.attribute_store import AttributeStore
+from ooidx.distributor import Distributor, WORK_QUEUE
+from ooidx.pub_sub import CHANGED, KEY_PREFIX, PUBLICATION, PubSub
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def eventually(predicate: Any, timeout: float = 10.0) -> Any:
+    waited = 0.0
+    while True:
+        value = yield defer.maybeDeferred(predicate)
+        if value:
+            return value
+        if waited > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        yield sleep(0.01)
+        waited += 0.01
+
+
+class Node:
+    """A bus with any of: the attribute store, pub_sub, the distributor."""
+
+    def __init__(self, url: str, tmp_path: Any, *, store: bool = True, pubsub: bool = True,
+                 distributor: bool = True, node: str = "n1", table: str = "attrs", **bus_options: Any) -> None:
+        self.url = url
+        self.tmp_path = tmp_path
+        self.table = table
+        self.node = node
+        self.bus = magnet.connect(url, reactor, node=node, rpc_timeout=10, **bus_options)
+        self.store = self.make_store() if store else None
+        self.pubsub = self.make_pubsub() if pubsub else None
+        self.distributor = Distributor("distributor", self.bus, node=node, clock=reactor) if distributor else None
+
+    def make_store(self) -> AttributeStore:
+        return AttributeStore("attribute_store", self.bus, node=self.node,
+                              url=str(self.tmp_path / "attributes.sqlite3"), table=self.table, clock=reactor)
+
+    def make_pubsub(self) -> PubSub:
+        return PubSub("pub_sub", self.bus, node=self.node, clock=reactor)
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        self.bus.startService()
+        yield self.bus.when_connected()
+        for c in (self.store, self.distributor, self.pubsub):
+            if c is not None:
+                yield c.start()
+        if self.pubsub is not None:
+            yield self.pubsub.loaded()
+
+    @defer.inlineCallbacks
+    def restart_pubsub(self) -> Any:
+        yield self.pubsub.stopService()
+        self.pubsub = self.make_pubsub()
+        yield self.pubsub.start()
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        for c in (self.pubsub, self.distributor, self.store):
+            if c is not None and c.started:
+                yield c.stopService()
+        yield self.bus.stopService()
+
+    def call(self, op: str, **kwargs: Any) -> defer.Deferred:
+        return self.bus.call("pub_sub", op, **kwargs)
+
+
+class Inbox:
+    """What arrives at a subscription's address."""
+
+    def __init__(self) -> None:
+        self.messages: List[Message] = []
+        self.listener: Any = None
+
+    def on_message(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def topics(self) -> List[str]:
+        return [m.headers["topic"] for m in self.messages]
+
+
+@defer.inlineCallbacks
+def consume(bus: magnet.Bus, address: str) -> Any:
+    inbox = Inbox()
+    inbox.listener = yield bus.listen(inbox.on_message, name=address, durable=True)
+    return inbox
+
+
+@pytest_twisted.async_yield_fixture
+async def node(tmp_path: Any) -> Any:
+    n = Node(f"memory://pubsub-{uuid.uuid4().hex}", tmp_path)
+    await n.start()
+    yield n
+    await n.stop()
+
+
+async def error_of(d: defer.Deferred) -> str:
+    try:
+        result = await d
+    except RemoteError as e:
+        return e.remote_type
+    raise AssertionError(f"expected an error, got {result!r}")
+
+
+# subscribe / list / route / unsubscribe ----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscribe_gives_a_durable_address_and_the_same_one_again(node: Node) -> None:
+    sub = await node.call("subscribe", regex=r"^dataset\.", name="persister")
+    assert sub == {"name": "persister", "regex": r"^dataset\.", "address": "pubsub.sub.persister"}
+    again = await node.call("subscribe", regex=r"^dataset\.", name="persister")
+    assert again == sub
+    anonymous = await node.call("subscribe", regex="x")
+    assert anonymous["address"] == "pubsub.sub." + anonymous["name"] and anonymous["name"] != "persister"
+    record = await node.bus.call("attribute_store", "get", key=KEY_PREFIX + "persister")
+    assert record["regex"] == r"^dataset\." and record["address"] == sub["address"]
+    assert isinstance(record["created"], float)
+    listed = await node.call("list")
+    assert [s["name"] for s in listed] == sorted(["persister", anonymous["name"]])
+    assert listed[[s["name"] for s in listed].index("persister")] == sub
+
+
+@pytest_twisted.ensureDeferred
+async def test_route_and_replace_and_unsubscribe(node: Node) -> None:
+    await node.call("subscribe", regex=r"^dataset\.", name="all")
+    await node.call("subscribe", regex=r"sst", name="sst")
+    await node.call("subscribe", regex=r"^event\.", name="events")
+    assert await node.call("route", topic="dataset.sst") == ["pubsub.sub.all", "pubsub.sub.sst"]
+    assert await node.call("route", topic="event.saved.ctd") == ["pubsub.sub.events"]
+    assert await node.call("route", topic="nothing") == []
+    created = (await node.bus.call("attribute_store", "get", key=KEY_PREFIX + "sst"))["created"]
+    await node.call("subscribe", regex=r"^nope$", name="sst")  # same name, new regex: replaced
+    assert await node.call("route", topic="dataset.sst") == ["pubsub.sub.all"]
+    assert (await node.bus.call("attribute_store", "get", key=KEY_PREFIX + "sst"))["created"] == created
+    assert await node.call("unsubscribe", name="all") is True
+    assert await node.call("unsubscribe", name="all") is False
+    assert await node.call("route", topic="dataset.sst") == []
+    assert [s["name"] for s in await node.call("list")] == ["events", "sst"]
+
+
+@pytest.mark.parametrize("regex, expected", [
+    (r"(a)\1", "InvalidRegex"),
+    (r"(?=dataset)", "InvalidRegex"),
+    ("[", "InvalidRegex"),
+    ("a" * 5000, "InvalidRegex"),
+    (r"((a{100}){100}){100}", "InvalidRegex"),
+    (42, "InvalidRegex"),
+])
+@pytest_twisted.ensureDeferred
+async def test_invalid_regex_refused_at_subscribe(node: Node, regex: Any, expected: str) -> None:
+    assert await error_of(node.call("subscribe", regex=regex, name="bad")) == expected
+    assert await node.call("list") == []
+
+
+@pytest.mark.parametrize("name", ["", "a" * 65, "a/b", "a b", "é", 7])
+@pytest_twisted.ensureDeferred
+async def test_invalid_subscription_name_refused(node: Node, name: Any) -> None:
+    assert await error_of(node.call("subscribe", regex="x", name=name)) == "InvalidName"
+
+
+@pytest_twisted.ensureDeferred
+async def test_pathological_regex_is_harmless(node: Node) -> None:
+    await node.call("subscribe", regex=r"(a+)+$", name="evil1")
+    await node.call("subscribe", regex=r"(a|a)*b", name="evil2")
+    topic = "a" * 1000 + "!"
+    assert await node.call("route", topic=topic) == []
+    assert await node.call("route", topic="a" * 1000) == ["pubsub.sub.evil1"]
+    assert await error_of(node.call("route", topic="a" * 2000)) == "InvalidTopic"
+
+
+@pytest.mark.parametrize("topic", ["", None, 5, "a\x00b"])
+@pytest_twisted.ensureDeferred
+async def test_bad_topics_refused(node: Node, topic: Any) -> None:
+    assert await error_of(node.call("route", topic=topic)) == "InvalidTopic"
+    assert await error_of(node.call("publish", topic=topic, message={})) == "InvalidTopic"
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_too_large_or_not_json_refused(node: Node) -> None:
+    assert await error_of(node.call("publish", topic="t", message="x" * (1 << 20))) == "MessageTooLarge"
+
+
+# publish ---------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_reaches_each_matching_subscription_exactly_once(node: Node) -> None:
+    a = await node.call("subscribe", regex=r"^dataset\.", name="a")
+    b = await node.call("subscribe", regex=r"sst", name="b")      # overlaps a on dataset.sst
+    c = await node.call("subscribe", regex=r"^event\.", name="c")  # does not match
+    inboxes = {s["name"]: await consume(node.bus, s["address"]) for s in (a, b, c)}
+    result = await node.call("publish", topic="dataset.sst", message={"v": 1})
+    assert result == {"topic": "dataset.sst", "addresses": 2}
+    await eventually(lambda: len(inboxes["a"].messages) == 1 and len(inboxes["b"].messages) == 1)
+    await sleep(0.2)
+    assert [len(inboxes[n].messages) for n in "abc"] == [1, 1, 0]
+    m = inboxes["a"].messages[0]
+    assert m.type == PUBLICATION and m.headers == {"topic": "dataset.sst"}
+    assert m.content_type == "application/json"
+    assert m.json() == {"topic": "dataset.sst", "message": {"v": 1}}
+    assert inboxes["b"].messages[0].body == m.body
+    assert (await node.call("publish", topic="nothing.matches", message=None))["addresses"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_publications_exactly_once_with_two_distributors(node: Node, tmp_path: Any) -> None:
+    other = Node(node.url, tmp_path, store=False, pubsub=False, node="n2")
+    await other.start()
+    try:
+        subs = [await node.call("subscribe", regex=regex, name=f"s{i}")
+                for i, regex in enumerate([r"^dataset\.", r"\.sst", r"^dataset\.sst$"])]
+        inboxes = [await consume(node.bus, s["address"]) for s in subs]
+        for i in range(30):
+            await node.call("publish", topic="dataset.sst", message=i)
+        await eventually(lambda: all(len(inbox.messages) >= 30 for inbox in inboxes))
+        await sleep(0.2)
+        for inbox in inboxes:
+            assert sorted(m.json()["message"] for m in inbox.messages) == list(range(30))
+        shares = (node.distributor.stats["messages"], other.distributor.stats["messages"])
+        assert sum(shares) == 30 and all(shares), shares  # competing consumers, each message once
+    finally:
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_published_while_the_subscriber_is_away_is_kept(node: Node) -> None:
+    sub = await node.call("subscribe", regex=r"^dataset\.", name="away")
+    inbox = await consume(node.bus, sub["address"])
+    await node.call("publish", topic="dataset.one", message=1)
+    await eventually(lambda: len(inbox.messages) == 1)
+    await inbox.listener.subscription.cancel()  # the subscriber goes away (its queue stays)
+    await node.call("publish", topic="dataset.two", message=2)
+    await node.call("publish", topic="dataset.three", message=3)
+    await sleep(0.1)
+    again = await node.call("subscribe", regex=r"^dataset\.", name="away")  # it comes back
+    assert again["address"] == sub["address"]
+    back = await consume(node.bus, again["address"])
+    await eventually(lambda: len(back.messages) == 2)
+    assert back.topics() == ["dataset.two", "dataset.three"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsubscribe_stops_delivery(node: Node) -> None:
+    keep = await node.call("subscribe", regex="x", name="keep")
+    inbox = await consume(node.bus, keep["address"])
+    await node.call("subscribe", regex="x", name="gone")
+    assert await node.call("unsubscribe", name="gone") is True
+    assert (await node.call("publish", topic="x", message=1))["addresses"] == 1
+    await eventually(lambda: len(inbox.messages) == 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_address_gone_is_skipped_and_the_others_served(node: Node) -> None:
+    a = await node.call("subscribe", regex="x", name="a")
+    b = await node.call("subscribe", regex="x", name="b")
+    inbox_a = await consume(node.bus, a["address"])
+    # b's queue vanishes behind pub_sub's back (deleted by an operator)
+    await node.bus.transport.delete_queue(b["address"])
+    await node.call("publish", topic="x", message=1)
+    await eventually(lambda: len(inbox_a.messages) == 1 and node.distributor.stats["unroutable"] == 1)
+
+
+# restarts and several instances ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_pub_sub_still_routes(node: Node) -> None:
+    sub = await node.call("subscribe", regex=r"^dataset\.", name="durable")
+    inbox = await consume(node.bus, sub["address"])
+    await node.restart_pubsub()
+    assert node.pubsub.records == {} or "durable" in node.pubsub.records
+    assert await node.call("route", topic="dataset.x") == [sub["address"]]
+    await node.call("publish", topic="dataset.x", message="after restart")
+    await eventually(lambda: len(inbox.messages) == 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_store_and_pub_sub_keep_subscriptions(tmp_path: Any) -> None:
+    url = f"memory://pubsub-{uuid.uuid4().hex}"
+    first = Node(url, tmp_path)
+    await first.start()
+    await first.call("subscribe", regex="a", name="one")
+    await first.stop()
+    second = Node(url, tmp_path)
+    await second.start()
+    try:
+        assert await second.call("route", topic="a") == ["pubsub.sub.one"]
+    finally:
+        await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_pub_sub_instances_see_each_others_subscriptions(node: Node, tmp_path: Any) -> None:
+    other = Node(node.url, tmp_path, store=False, distributor=False, node="n2")
+    await other.start()
+    try:
+        await node.pubsub.subscribe(regex=r"^dataset\.", name="from-n1")
+        await other.pubsub.subscribe(regex=r"^event\.", name="from-n2")
+        for ps in (node.pubsub, other.pubsub):
+            await eventually(lambda: set(ps.records) == {"from-n1", "from-n2"})
+            assert await ps.route(topic="dataset.x") == ["pubsub.sub.from-n1"]
+            assert await ps.route(topic="event.x") == ["pubsub.sub.from-n2"]
+        await node.pubsub.unsubscribe(name="from-n2")
+        await eventually(lambda: set(other.pubsub.records) == {"from-n1"})
+        assert await other.pubsub.route(topic="event.x") == []
+    finally:
+        await other.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_operations_wait_for_the_first_load(tmp_path: Any) -> None:
+    url = f"memory://pubsub-{uuid.uuid4().hex}"
+    seed = Node(url, tmp_path, pubsub=False, distributor=False)
+    await seed.start()
+    await seed.bus.call("attribute_store", "set", key=KEY_PREFIX + "early",
+                        value={"name": "early", "regex": "x", "address": "pubsub.sub.early", "created": 1.0})
+    await seed.bus.call("attribute_store", "set", key=KEY_PREFIX + "broken", value={"name": "other"})
+    await seed.store.stopService()  # the store is down while pub_sub starts
+    late = Node(url, tmp_path, store=False, distributor=False, node="n2")
+    late.pubsub.retry_delay = 0.05
+    late.pubsub.store_timeout = 0.2
+    late.bus.startService()
+    await late.pubsub.start()
+    routed = late.call("route", topic="x")
+    await sleep(0.3)
+    assert not routed.called
+    seed.store = seed.make_store()
+    await seed.store.start()
+    assert await routed == ["pubsub.sub.early"]  # the malformed record is left out
+    await late.stop()
+    await seed.stop()
+
+
+# bad input on the queues -----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_requests_are_answered_or_dead_lettered(node: Node) -> None:
+    replies = await node.bus.listen()
+    dead: List[Message] = []
+    await node.bus.consume("pub_sub.dead", dead.append)
+    bad = [
+        Message(body=b"{not json", content_type="application/json", type=rpc.CALL,
+                headers={rpc.OP_HEADER: "route"}, reply_to=replies.address, correlation_id="1"),
+        Message(body=b"{}", content_type="application/json", type=rpc.CALL, reply_to=replies.address,
+                correlation_id="2"),  # no op header
+        Message(body=b"[1, 2]", content_type="application/json", type=rpc.CALL,
+                headers={rpc.OP_HEADER: "route"}, reply_to=replies.address, correlation_id="3"),
+        Message(body=b'{"topic": "x", "extra": 1}', content_type="application/json", type=rpc.CALL,
+                headers={rpc.OP_HEADER: "route"}, reply_to=replies.address, correlation_id="4"),
+    ]
+    for m in bad:
+        await node.bus.send("pub_sub", m)
+    errors = {}
+    for _ in bad:
+        reply = await replies.get(timeout=5)
+        with pytest.raises(RemoteError) as e:
+            rpc.decode_reply(reply)
+        errors[reply.correlation_id] = e.value.remote_type
+    assert errors == {"1": "BadMessage", "2": "BadMessage", "3": "BadMessage", "4": "BadArguments"}
+    # with nowhere to answer: dead-lettered
+    await node.bus.send("pub_sub", Message(body=b"\xff\xfe", content_type="application/json", type=rpc.CALL,
+                                           headers={rpc.OP_HEADER: "publish"}))
+    await eventually(lambda: len(dead) == 1)
+    # the consumer keeps running
+    assert await node.call("route", topic="x") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_changed_message_reloads_everything(node: Node) -> None:
+    await node.bus.call("attribute_store", "set", key=KEY_PREFIX + "sneaky",
+                        value={"name": "sneaky", "regex": "x", "address": "pubsub.sub.sneaky", "created": 1.0})
+    await node.bus.send(CHANGED, Message(body=b"not json", content_type="application/json"), mandatory=False)
+    await eventually(lambda: "sneaky" in node.pubsub.records)
+    assert await node.call("route", topic="x") == ["pubsub.sub.sneaky"]
+
+
+# over RabbitMQ ---------------------------------------------------------------------------
+
+
+@pytest.mark.rabbitmq
+@pytest_twisted.ensureDeferred
+async def test_subscribe_publish_over_rabbitmq(tmp_path: Any, broker_url: str) -> None:
+    tag = uuid.uuid4().hex[:10]
+    service = f"test.pub_sub.{tag}"  # a queue of this test's own, so that no other pub_sub answers
+    # the store and pub_sub on queues of this test's own, so that no other instance on the broker answers
+    n = Node(broker_url, tmp_path, store=False, pubsub=False, node=f"test-{tag}", table=f"attrs_{tag}")
+    await n.start()
+    store_queue = f"test.attrs.{tag}"
+    n.store = n.make_store()
+    await n.store.setUp()
+    await n.bus.serve(store_queue, n.store)
+    n.pubsub = PubSub(service, n.bus, node=n.node, clock=reactor, store=store_queue)
+    await n.pubsub.setUp()
+    await n.bus.serve(service, n.pubsub)
+    n.pubsub.started = n.store.started = True
+    names = [f"t{tag}-{i}" for i in range(3)]
+    try:
+        await n.pubsub.loaded()
+        subs = [await n.bus.call(service, "subscribe", regex=regex, name=name)
+                for name, regex in zip(names, [rf"^dataset\.{tag}", rf"^dataset\.{tag}$", rf"^event\.{tag}"])]
+        inboxes = [await consume(n.bus, s["address"]) for s in subs[:2]]
+        # the third subscriber is away
+        topic = f"dataset.{tag}"
+        for i in range(5):
+            assert (await n.bus.call(service, "publish", topic=topic, message={"i": i}))["addresses"] == 2
+        await n.bus.call(service, "publish", topic=f"event.{tag}", message="while away")
+        await eventually(lambda: all(len(inbox.messages) == 5 for inbox in inboxes))
+        await sleep(0.3)
+        for inbox in inboxes:
+            assert [m.json()["message"]["i"] for m in inbox.messages] == list(range(5))
+            assert inbox.messages[0].type == PUBLICATION and inbox.messages[0].headers["topic"] == topic
+        away = await consume(n.bus, subs[2]["address"])
+        await eventually(lambda: len(away.messages) == 1)
+        assert away.messages[0].json() == {"topic": f"event.{tag}", "message": "while away"}
+        for inbox in inboxes + [away]:
+            await inbox.listener.subscription.cancel()
+    finally:
+        for name in names:
+            await n.bus.call(service, "unsubscribe", name=name)
+        for queue in (service, service + ".dead", store_queue, store_queue + ".dead"):
+            await n.bus.transport.delete_queue(queue).addErrback(lambda _: None)
+        await n.pubsub.stopService()
+        await n.stop()
