@@ -128,7 +128,18 @@ class _Queue:
         size = len(message.body)
         self.ready.append((message, False, size))
         self.ready_bytes += size
+        self._bound()
         self.schedule()
+
+    def _bound(self) -> None:
+        # RabbitMQ's x-max-length counts ready messages; with x-overflow
+        # drop-head (its default) the oldest ready ones are dropped.
+        limit = self.arguments.get("x-max-length")
+        if not isinstance(limit, int) or self.arguments.get("x-overflow", "drop-head") != "drop-head":
+            return
+        while len(self.ready) > max(limit, 0):
+            _, _, dropped = self.ready.popleft()
+            self.ready_bytes -= dropped
 
     def requeue(self, entries: List[Tuple[Message, int]]) -> None:
         # Requeued messages go back to the head, as in RabbitMQ, keeping their order.

@@ -23,6 +23,9 @@ IMPLEMENTATIONS: Dict[str, str] = {
     "csv": "ooidx.csv:CSV",
     "pub_sub": "ooidx.pub_sub:PubSub",
     "distributor": "ooidx.distributor:Distributor",
+    "notification": "ooidx.notification:Notification",
+    "user_pub_sub": "ooidx.user_pub_sub:UserPubSub",
+    "user_notification": "ooidx.user_notification:UserNotification",
 }
 
 

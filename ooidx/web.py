@@ -4,6 +4,9 @@
     GET  /metrics                  Prometheus text format (the bus's PrometheusObserver)
     GET  /api/status               JSON {"nodes": [...]}: every daemon on the bus and its components
     POST /api/call/SERVICE/OP      JSON object body = keyword arguments; token required
+    /api/people, /api/subscriptions, /api/events/stream
+                                   people's subscriptions and the event tail:
+                                   L{ooidx.user_subscriptions.SubscriptionsApi}
 
 C{/api/call} answers 200 with C{{"result": ...}} (or the raw bytes, as
 C{application/octet-stream}, when the operation returns bytes), or a JSON
@@ -150,6 +153,13 @@ class _Api(Resource):
 
     def render(self, request: server.Request) -> Any:
         path = request.path
+        people = self.web.subscriptions
+        if people is not None and people.handles(path):
+            try:
+                result = people.render(request)
+            except HTTPError as e:
+                result = error_answer(e)
+            return _answer(request, result)
         if path.startswith(b"/api/call/"):
             methods = {b"POST": self.web.render_call}
         else:
@@ -198,6 +208,8 @@ class Web(Component):
         self._listening: Any = None
         self._site: Optional[_Site] = None
         self._own_metrics: Optional[PrometheusObserver] = None
+        #: People's subscriptions and the event tail (ooidx.user_subscriptions), mounted at setUp.
+        self.subscriptions: Any = None
 
     # where it listens ------------------------------------------------------------
 
@@ -242,6 +254,8 @@ class Web(Component):
                 raise ValueError("Web needs a token, or a config to find or make one in")
             from ooidx.token import ensure_token
             self._token = ensure_token(self.config, self.log)
+        from ooidx.user_subscriptions import SubscriptionsApi
+        self.subscriptions = SubscriptionsApi(self)
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
         site = _Site(_Api(self), requestFactory=request_factory, parsePOSTFormSubmission=False,
                      reactor=self.clock, timeout=IDLE_TIMEOUT)
@@ -497,8 +511,8 @@ def _answer(request: server.Request, result: Any) -> Any:
         return error_answer(HTTPError(500, "InternalError", "internal error"))
 
     def send(answer: Answer) -> None:
-        if gone or request.finished:
-            return
+        if gone or request.finished or not isinstance(answer, Answer):
+            return  # not an Answer: a stream (server-sent events) already under way
         request.write(_prepare(request, answer))
         request.finish()
 

@@ -1,0 +1,666 @@
+"""People's subscriptions over real HTTP on loopback: a memory:// bus (and
+once RabbitMQ), the real Web edge on port 0, user_notification and
+user_pub_sub, real HTTP clients (treq, an Agent reading SSE) and a real
+webhook receiver that can succeed, fail, hang or be gone."""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import uuid
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor, task, threads
+from twisted.internet.protocol import Protocol
+from twisted.web import server
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+
+import magnet
+from magnet import operation
+
+from ooidx import cli, events
+from ooidx.bootstrap import declare_topology
+from ooidx.notification import Notification
+from ooidx.user_notification import UserNotification
+from ooidx.user_pub_sub import UserPubSub
+from ooidx.user_subscriptions import CHANGED_FANOUT, WebhookDelivery
+from ooidx.web import Web
+
+TOKEN = "operator-token-" + "y" * 20
+
+
+@defer.inlineCallbacks
+def eventually(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
+    waited = 0.0
+    while not predicate():
+        if waited > timeout:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        yield task.deferLater(reactor, 0.02, lambda: None)
+        waited += 0.02
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+class FakeStore:
+    """The attribute store's four operations, in memory."""
+
+    def __init__(self) -> None:
+        self.data: Dict[str, Any] = {}
+
+    @operation
+    def get(self, key: str) -> Any:
+        return self.data[key]
+
+    @operation
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = json.loads(json.dumps(value))
+
+    @operation
+    def query(self, regex: str) -> Dict[str, Any]:
+        return {k: v for k, v in self.data.items() if re.search(regex, k)}
+
+    @operation
+    def delete(self, key: str) -> bool:
+        return self.data.pop(key, None) is not None
+
+
+class FakePubSub:
+    """pub_sub's subscribe/unsubscribe: a durable address per name."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        self.subscriptions: Dict[str, str] = {}
+
+    @operation
+    @defer.inlineCallbacks
+    def subscribe(self, regex: str, name: str) -> Any:
+        address = f"pubsub.sub.{name}"
+        yield self.bus.transport.declare_queue(address, durable=True)
+        self.subscriptions[name] = regex
+        return {"name": name, "regex": regex, "address": address}
+
+    @operation
+    @defer.inlineCallbacks
+    def unsubscribe(self, name: str) -> Any:
+        self.subscriptions.pop(name, None)
+        yield self.bus.transport.delete_queue(f"pubsub.sub.{name}")
+        return True
+
+
+class Receiver(Resource):
+    """A webhook receiver: mode "ok" (200), "fail" (500) or "slow" (never answers)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "ok"
+        self.requests: List[Dict[str, Any]] = []
+        self.hanging: List[Any] = []
+
+    def render_POST(self, request: server.Request) -> Any:
+        self.requests.append({"headers": {k.decode().lower(): v[0].decode() for k, v in
+                                          request.requestHeaders.getAllRawHeaders()},
+                              "body": json.loads(request.content.read())})
+        if self.mode == "slow":
+            self.hanging.append(request)
+            return server.NOT_DONE_YET
+        request.setResponseCode(200 if self.mode == "ok" else 500)
+        return b"ok" if self.mode == "ok" else b"broken"
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class SSE(Protocol):
+    """Reads a text/event-stream: events (id, data) and comments."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.events: List[Dict[str, Any]] = []
+        self.comments: List[str] = []
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n\n" in self.buffer:
+            block, self.buffer = self.buffer.split(b"\n\n", 1)
+            event: Dict[str, Any] = {}
+            for line in block.decode().split("\n"):
+                if line.startswith(":"):
+                    self.comments.append(line[1:].strip())
+                elif line.startswith("id: "):
+                    event["id"] = line[4:]
+                elif line.startswith("data: "):
+                    event["data"] = json.loads(line[6:])
+            if "data" in event:
+                self.events.append(event)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed.callback(None)
+
+    def close(self) -> None:
+        self.transport.stopProducing()
+
+    @defer.inlineCallbacks
+    def wait_for(self, count: int, timeout: float = 10.0) -> Any:
+        yield eventually(lambda: len(self.events) >= count, timeout, f"{count} events")
+        return self.events
+
+
+class Stack:
+    def __init__(self, url: Optional[str] = None, **options: Any) -> None:
+        self.bus = magnet.connect(url or f"memory://people-{uuid.uuid4().hex}", reactor, rpc_timeout=5)
+        self.receiver = Receiver()
+        self.receiver_port = reactor.listenTCP(0, server.Site(self.receiver), interface="127.0.0.1")
+        self.hook = f"http://127.0.0.1:{self.receiver_port.getHost().port}/hook"
+        self.dead_port = free_port()
+        self.config = SimpleNamespace(security=SimpleNamespace(
+            allow_private=False, allow_hosts=(f"127.0.0.1:{self.receiver_port.getHost().port}",
+                                              f"127.0.0.1:{self.dead_port}")))
+        self.store = FakeStore()
+        self.notification = Notification("notification", self.bus, node="n")
+        common = dict(node="n", config=self.config, webhook_attempts=options.get("attempts", 3),
+                      webhook_base_delay=options.get("base_delay", 0.05), webhook_timeout=options.get("timeout", 1.0))
+        self.user_notification = UserNotification("user_notification", self.bus, **common)
+        self.user_pub_sub = UserPubSub("user_pub_sub", self.bus, **common)
+        self.web = Web("web", self.bus, node="n", port=0, interface="127.0.0.1", token=TOKEN)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.failures: List[Dict[str, Any]] = []
+        self.streams: List[SSE] = []
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        self.bus.startService()
+        yield declare_topology(self.bus)
+        yield self.bus.serve("attribute_store", self.store)
+        self.pub_sub = FakePubSub(self.bus)
+        yield self.bus.serve("pub_sub", self.pub_sub)
+        self.failure_tail = yield events.subscribe(self.bus, r"^event\.failed\.", self.failures.append)
+        for component in (self.notification, self.user_notification, self.user_pub_sub, self.web):
+            yield component.start()
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        for s in self.streams:
+            if s.transport is not None:
+                s.close()
+        for request in self.receiver.hanging:
+            if not request.finished and not request._disconnected:
+                request.finish()
+        for component in (self.web, self.user_pub_sub, self.user_notification, self.notification):
+            yield component.stopService()
+        yield self.bus.stopService()
+        yield self.receiver_port.stopListening()
+        yield self.pool.closeCachedConnections()
+
+    def url(self, path: str) -> str:
+        return self.web.url + path
+
+    @defer.inlineCallbacks
+    def request(self, method: str, path: str, body: Any = None, *, token: Optional[str] = None,
+                raw: Optional[bytes] = None) -> Any:
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        response = yield treq.request(method, self.url(path), data=data, headers=headers, pool=self.pool)
+        content = yield response.content()
+        value = json.loads(content) if content else None
+        return response.code, value
+
+    @defer.inlineCallbacks
+    def person(self, name: Optional[str] = None) -> Any:
+        name = name or "p" + uuid.uuid4().hex[:8]
+        code, answer = yield self.request("POST", "/api/people", {"name": name}, token=TOKEN)
+        assert code == 201, answer
+        return answer["token"]
+
+    @defer.inlineCallbacks
+    def subscribe(self, token: str, **body: Any) -> Any:
+        code, answer = yield self.request("POST", "/api/subscriptions", body, token=token)
+        assert code == 201, answer
+        return answer
+
+    @defer.inlineCallbacks
+    def open_stream(self, path: str, token: str, last_id: Optional[str] = None) -> Any:
+        headers = {b"Authorization": [f"Bearer {token}".encode()]}
+        if last_id:
+            headers[b"Last-Event-ID"] = [last_id.encode()]
+        agent = Agent(reactor, pool=self.pool)
+        response = yield agent.request(b"GET", self.url(path).encode(), Headers(headers))
+        assert response.code == 200, response.code
+        assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/event-stream")
+        client = SSE()
+        response.deliverBody(client)
+        self.streams.append(client)
+        yield eventually(lambda: client.comments, 5, "the stream's first comment")
+        return client
+
+    @defer.inlineCallbacks
+    def close_stream(self, client: SSE) -> Any:
+        client.close()
+        yield client.closed
+        yield eventually(lambda: not self.web.subscriptions.streams, 5, "the server to see the client go")
+
+    def emit(self, kind: str, dataset: Optional[str], **details: Any) -> defer.Deferred:
+        return events.emit(self.bus, kind, dataset, **details)
+
+
+@pytest_twisted.async_yield_fixture
+async def stack() -> Any:
+    s = Stack()
+    await s.start()
+    yield s
+    await s.stop()
+
+
+def error_type(answer: Any) -> str:
+    assert set(answer) == {"error"} and set(answer["error"]) == {"type", "message"}, answer
+    assert answer["error"]["message"]
+    return answer["error"]["type"]
+
+
+# --------------------------------------------------------------------------- #
+# people and tokens
+
+
+@pytest_twisted.inlineCallbacks
+def test_people_made_by_the_operator_only(stack: Stack) -> Any:
+    code, answer = yield stack.request("POST", "/api/people", {"name": "alice"})
+    assert code == 401 and error_type(answer) == "Unauthorized"
+    code, answer = yield stack.request("POST", "/api/people", {"name": "alice"}, token="wrong-" + "x" * 20)
+    assert code == 401
+    code, answer = yield stack.request("POST", "/api/people", {"name": "alice"}, token=TOKEN)
+    assert code == 201 and answer["name"] == "alice" and answer["token"].startswith("alice.")
+    token = answer["token"]
+    stored = stack.store.data["person:alice"]
+    assert token not in json.dumps(stored) and len(stored["token_sha256"]) == 64
+    code, answer = yield stack.request("POST", "/api/people", {"name": "alice"}, token=TOKEN)
+    assert code == 409 and error_type(answer) == "Conflict"
+    for bad in ({"name": "Alice!"}, {"name": ""}, {"name": "x" * 40}, {"name": 5}, {"nom": "bob"}, {}):
+        code, answer = yield stack.request("POST", "/api/people", bad, token=TOKEN)
+        assert code == 400, (bad, answer)
+    code, answer = yield stack.request("POST", "/api/people", raw=b"{not json", token=TOKEN)
+    assert code == 400 and error_type(answer) == "BadRequest"
+    code, answer = yield stack.request("GET", "/api/people", token=TOKEN)
+    assert code == 200 and [p["name"] for p in answer["people"]] == ["alice"]
+
+    # the person's token works for their subscriptions; others do not
+    code, answer = yield stack.request("GET", "/api/subscriptions", token=token)
+    assert code == 200 and answer == {"subscriptions": []}
+    for wrong in (None, TOKEN, token[:-1] + ("A" if token[-1] != "A" else "B"), "bob." + token.split(".", 1)[1],
+                  "nodot", "alice."):
+        code, answer = yield stack.request("GET", "/api/subscriptions", token=wrong)
+        assert code == 401 and error_type(answer) == "Unauthorized", wrong
+    code, answer = yield stack.request("PUT", "/api/subscriptions", {}, token=token)
+    assert code == 405
+    code, answer = yield stack.request("GET", "/api/subscriptions/a/b/c", token=token)
+    assert code == 404
+
+
+@pytest_twisted.inlineCallbacks
+def test_subscription_requests_are_checked(stack: Stack) -> Any:
+    token = yield stack.person()
+    cases = [
+        (b"[1, 2]", 400, "BadRequest"),
+        (b"{bad", 400, "BadRequest"),
+        (json.dumps({"kind": "things", "regex": "x"}).encode(), 400, "BadRequest"),
+        (json.dumps({"regex": "x"}).encode(), 400, "BadRequest"),
+        (json.dumps({"kind": "events"}).encode(), 400, "InvalidRegex"),
+        (json.dumps({"kind": "events", "regex": "(?=x)y"}).encode(), 400, "InvalidRegex"),
+        (json.dumps({"kind": "events", "regex": "a" * 5000}).encode(), 400, "InvalidRegex"),
+        (json.dumps({"kind": "events", "regex": "x", "extra": 1}).encode(), 400, "BadRequest"),
+        (json.dumps({"kind": "events", "regex": "x", "webhook": 5}).encode(), 400, "InvalidURL"),
+        (json.dumps({"kind": "events", "regex": "x", "max_length": 0}).encode(), 400, "InvalidSubscription"),
+        (json.dumps({"kind": "events", "regex": "x", "max_length": "many"}).encode(), 400, "InvalidSubscription"),
+    ]
+    for raw, status, kind in cases:
+        code, answer = yield stack.request("POST", "/api/subscriptions", raw=raw, token=token)
+        assert (code, error_type(answer)) == (status, kind), (raw[:60], answer)
+    assert not [k for k in stack.store.data if k.startswith("user_subscription:")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_forbidden_webhook_targets_are_refused_and_never_requested(stack: Stack) -> Any:
+    token = yield stack.person()
+    other = free_port()
+    cases = [
+        ("file:///etc/passwd", 400, "InvalidURL"),
+        ("ftp://example.org/x", 400, "InvalidURL"),
+        ("http://user:pw@example.org/x", 400, "InvalidURL"),
+        (f"http://127.0.0.1:{other}/hook", 403, "Forbidden"),  # loopback, port not allowed
+        (f"http://2130706433:{other}/hook", 403, "Forbidden"),  # the same, numerically
+        ("http://10.1.2.3/hook", 403, "Forbidden"),
+        ("http://192.168.0.10:8080/hook", 403, "Forbidden"),
+        ("http://169.254.169.254/latest/meta-data", 403, "Forbidden"),
+        ("http://[::1]/hook", 403, "Forbidden"),
+        (f"http://localhost:{other}/hook", 403, "Forbidden"),  # a name that resolves to loopback
+    ]
+    for url, status, kind in cases:
+        code, answer = yield stack.request("POST", "/api/subscriptions",
+                                           {"kind": "events", "regex": ".", "webhook": url}, token=token)
+        assert (code, error_type(answer)) == (status, kind), (url, answer)
+    yield stack.emit("saved", "sst")
+    yield sleep(0.2)
+    assert stack.receiver.requests == []
+    assert not [k for k in stack.store.data if k.startswith("user_subscription:")]
+
+
+# --------------------------------------------------------------------------- #
+# streams
+
+
+@pytest_twisted.inlineCallbacks
+def test_sse_stream_and_what_is_kept_while_away(stack: Stack) -> Any:
+    token = yield stack.person()
+    sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.")
+    assert sub["kind"] == "events" and sub["queue"].startswith("user.") and sub["max_length"] == 10_000
+    assert sub["events"] == f"/api/subscriptions/{sub['id']}/events"
+    code, listed = yield stack.request("GET", "/api/subscriptions", token=token)
+    assert [s["id"] for s in listed["subscriptions"]] == [sub["id"]]
+
+    client = yield stack.open_stream(sub["events"], token)
+    yield stack.emit("fetched", "sst")
+    yield stack.emit("saved", "sst", version="v1")
+    events_ = yield client.wait_for(1)
+    assert events_[0]["data"]["topic"] == "event.saved.sst" and events_[0]["data"]["version"] == "v1"
+    assert events_[0]["id"]
+    yield sleep(0.1)
+    assert len(client.events) == 1  # the fetched event did not match
+    yield stack.close_stream(client)
+
+    # away: these are kept in the person's durable queue
+    for n in range(3):
+        yield stack.emit("saved", f"ds{n}")
+    yield sleep(0.1)
+    again = yield stack.open_stream(sub["events"], token, last_id=events_[0]["id"])
+    got = yield again.wait_for(3)
+    assert [e["data"]["dataset"] for e in got] == ["ds0", "ds1", "ds2"]
+    ids = [e["id"] for e in got]
+    assert ids == sorted(ids) and ids[0] > events_[0]["id"]
+    yield stack.close_stream(again)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_bound_drops_the_oldest(stack: Stack) -> Any:
+    token = yield stack.person()
+    sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.", max_length=5)
+    for n in range(12):
+        yield stack.emit("saved", f"ds{n}")
+    yield eventually(lambda: stack.user_notification.routed >= 12, 5, "routing")
+    yield sleep(0.1)
+    client = yield stack.open_stream(sub["events"], token)
+    got = yield client.wait_for(5)
+    yield sleep(0.2)
+    assert [e["data"]["dataset"] for e in client.events] == [f"ds{n}" for n in range(7, 12)]
+    yield stack.close_stream(client)
+
+
+@pytest_twisted.inlineCallbacks
+def test_keep_alive_comments(stack: Stack) -> Any:
+    stack.web.subscriptions.keepalive = 0.1
+    token = yield stack.person()
+    sub = yield stack.subscribe(token, kind="events", regex="x")
+    client = yield stack.open_stream(sub["events"], token)
+    yield eventually(lambda: client.comments.count("keep-alive") >= 2, 5, "keep-alive comments")
+    yield stack.close_stream(client)
+    # the consumer is gone with the client: the queue keeps what comes next
+    yield stack.emit("saved", "x1")
+    yield sleep(0.1)
+    queue = stack.bus.transport.broker.queues[sub["queue"]]
+    assert len(queue.ready) == 1 and not queue.consumers
+
+
+@pytest_twisted.inlineCallbacks
+def test_delete_and_other_peoples_subscriptions(stack: Stack) -> Any:
+    alice = yield stack.person()
+    bob = yield stack.person()
+    sub = yield stack.subscribe(alice, kind="events", regex=".")
+    for path in (f"/api/subscriptions/{sub['id']}", f"/api/subscriptions/{sub['id']}/events"):
+        code, answer = yield stack.request("GET", path, token=bob)
+        assert code == 404 and error_type(answer) == "NotFound"
+    code, answer = yield stack.request("DELETE", f"/api/subscriptions/{sub['id']}", token=bob)
+    assert code == 404
+    code, answer = yield stack.request("GET", f"/api/subscriptions/{sub['id']}", token=alice)
+    assert code == 200 and answer["regex"] == "."
+    code, answer = yield stack.request("DELETE", f"/api/subscriptions/{sub['id']}", token=alice)
+    assert code == 200 and answer == {"deleted": sub["id"]}
+    assert sub["queue"] not in stack.bus.transport.broker.queues
+    code, answer = yield stack.request("DELETE", f"/api/subscriptions/{sub['id']}", token=alice)
+    assert code == 404
+    code, answer = yield stack.request("GET", "/api/subscriptions/../../x", token=alice)
+    assert code == 404
+    yield eventually(lambda: not stack.user_notification.records, 5, "the subscription to go")
+
+
+@pytest_twisted.inlineCallbacks
+def test_dataset_versions_reach_people_as_small_notices(stack: Stack) -> Any:
+    token = yield stack.person()
+    sub = yield stack.subscribe(token, kind="datasets", regex=r"^dataset\.sst$")
+    assert stack.pub_sub.subscriptions == {sub["queue"]: r"^dataset\.sst$"}
+    client = yield stack.open_stream(sub["events"], token)
+    metadata = {"topic": "dataset.sst", "dataset": "sst", "url": "http://dap.example.org/sst.nc",
+                "fetched": 1700000000.0, "das": "Attributes {}", "dds": "Dataset {}", "status": 200,
+                "headers": [], "length": 3 * 65536}
+    sent = yield stack.bus.send_stream(f"pubsub.sub.{sub['queue']}", metadata, [b"\x00" * 65536] * 3)
+    assert sent == 3 * 65536
+    got = yield client.wait_for(1)
+    assert got[0]["data"] == {"topic": "dataset.sst", "dataset": "sst", "url": "http://dap.example.org/sst.nc",
+                              "fetched": 1700000000.0, "length": 196608}
+    yield sleep(0.1)
+    assert len(client.events) == 1
+    yield stack.close_stream(client)
+    code, _ = yield stack.request("DELETE", f"/api/subscriptions/{sub['id']}", token=token)
+    assert code == 200 and stack.pub_sub.subscriptions == {}
+
+
+# --------------------------------------------------------------------------- #
+# webhooks
+
+
+@pytest_twisted.inlineCallbacks
+def test_webhook_delivery_and_its_failures(stack: Stack) -> Any:
+    token = yield stack.person()
+    sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.", webhook=stack.hook)
+    assert sub["events"] is None
+    code, answer = yield stack.request("GET", f"/api/subscriptions/{sub['id']}/events", token=token)
+    assert code == 409 and error_type(answer) == "Conflict"
+
+    yield stack.emit("saved", "ok1")
+    yield eventually(lambda: stack.receiver.requests, 5, "the webhook POST")
+    request = stack.receiver.requests[0]
+    assert request["body"]["topic"] == "event.saved.ok1"
+    assert request["headers"]["content-type"] == "application/json"
+    assert request["headers"]["x-ooidx-subscription"] == sub["id"]
+
+    # failing: retried (3 attempts), each failure an event, then given up and acked
+    stack.receiver.mode = "fail"
+    yield stack.emit("saved", "bad1")
+    yield eventually(lambda: len([f for f in stack.failures if f.get("given_up")]) == 1, 5, "giving up")
+    mine = [f for f in stack.failures if f.get("webhook_subscription") == sub["id"]]
+    assert [f["attempt"] for f in mine] == [1, 2, 3] and mine[0]["topic"] == "event.failed.-"
+    assert "HTTP 500" in mine[0]["reason"]
+    assert len(stack.receiver.requests) == 4
+    queue = stack.bus.transport.broker.queues[sub["queue"]]
+    yield eventually(lambda: not queue.ready and not any(c.unacked for c in queue.consumers), 5, "the ack")
+
+    # slow: each attempt times out
+    stack.failures.clear()
+    stack.receiver.mode = "slow"
+    yield stack.emit("saved", "slow1")
+    yield eventually(lambda: any(f.get("given_up") for f in stack.failures), 10, "giving up on a slow webhook")
+    assert all("in time" in f["reason"] for f in stack.failures), [f["reason"] for f in stack.failures]
+
+    # and the next message is delivered once the receiver is well again
+    stack.receiver.mode = "ok"
+    before = len(stack.receiver.requests)
+    yield stack.emit("saved", "ok2")
+    yield eventually(lambda: len(stack.receiver.requests) > before, 5, "delivery after the failures")
+    assert stack.receiver.requests[-1]["body"]["dataset"] == "ok2"
+    # failures of a webhook never went to a webhook subscription
+    assert not [r for r in stack.receiver.requests if r["body"]["topic"].startswith("event.failed")]
+
+
+@pytest_twisted.inlineCallbacks
+def test_unreachable_webhook(stack: Stack) -> Any:
+    token = yield stack.person()
+    sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.",
+                                webhook=f"http://127.0.0.1:{stack.dead_port}/hook")
+    yield stack.emit("saved", "x")
+    yield eventually(lambda: any(f.get("given_up") for f in stack.failures), 5, "giving up")
+    assert all(f["webhook_subscription"] == sub["id"] for f in stack.failures)
+    assert "ConnectionRefused" in stack.failures[0]["reason"]
+
+
+class _Delivery:
+    def __init__(self) -> None:
+        self.acked = 0
+        self.nacked = 0
+
+    def ack(self) -> None:
+        self.acked += 1
+
+    def nack(self, requeue: bool = True) -> None:
+        self.nacked += 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_webhook_backoff_with_a_clock() -> Any:
+    bus = magnet.connect(f"memory://clock-{uuid.uuid4().hex}", reactor)
+    bus.startService()
+    sent: List[Any] = []
+    bus.send = lambda address, message, **kw: (sent.append(message.json()), defer.succeed(None))[1]
+    clock = task.Clock()
+    answers = [500, 503, defer.fail(ConnectionRefusedError("refused")), 204]
+    posts: List[float] = []
+
+    def post(url: str, body: bytes, headers: Dict[str, str]) -> Any:
+        posts.append(clock.seconds())
+        answer = answers.pop(0)
+        return answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
+
+    record = {"id": "abcdef012345", "person": "p", "queue": "user.p.abcdef012345", "webhook": "https://h.example/"}
+    delivery = WebhookDelivery(bus, record, post, clock, attempts=5, base_delay=1.0, max_delay=3.0)
+    message = magnet.Message.of_json({"topic": "event.saved.x"})
+    settled = _Delivery()
+    delivery._on_message(message, settled)
+    assert posts == [0.0] and settled.acked == 0
+    clock.advance(0.99)
+    assert len(posts) == 1
+    clock.advance(0.01)
+    assert posts == [0.0, 1.0]
+    clock.advance(1.99)
+    assert len(posts) == 2
+    clock.advance(0.01)
+    assert posts == [0.0, 1.0, 3.0]
+    clock.advance(3.0)  # 4 s would be next, but max_delay is 3
+    assert posts == [0.0, 1.0, 3.0, 6.0] and settled.acked == 1 and delivery.delivered == 1
+    assert [e["attempt"] for e in sent] == [1, 2, 3] and not any(e["given_up"] for e in sent)
+
+    # given up after the limit, acked, one event each failure
+    sent.clear()
+    answers[:] = [500, 500]
+    delivery.attempts = 2
+    settled = _Delivery()
+    delivery._on_message(message, settled)
+    clock.advance(1.0)
+    assert settled.acked == 1 and delivery.given_up == 1 and [e["given_up"] for e in sent] == [False, True]
+
+    # stopping mid-backoff gives the message back and never posts again
+    answers[:] = [500, 200]
+    settled = _Delivery()
+    delivery._on_message(message, settled)
+    yield delivery.stop()
+    clock.advance(100)
+    assert settled.nacked == 1 and settled.acked == 0 and answers == [200]
+    yield bus.stopService()
+
+
+# --------------------------------------------------------------------------- #
+# the operator's tail
+
+
+@pytest_twisted.inlineCallbacks
+def test_event_tail_over_sse(stack: Stack) -> Any:
+    code, answer = yield stack.request("GET", "/api/events/stream")
+    assert code == 401
+    code, answer = yield stack.request("GET", "/api/events/stream?regex=(%3F%3Dx)", token=TOKEN)
+    assert code == 400 and error_type(answer) == "InvalidRegex"
+    yield stack.emit("registered", "old")
+    yield eventually(lambda: stack.notification.ring, 5, "the ring")
+    client = yield stack.open_stream("/api/events/stream?regex=%5Eevent%5C.(saved|registered)&recent=5", TOKEN)
+    yield stack.emit("fetched", "a")
+    yield stack.emit("saved", "b")
+    got = yield client.wait_for(2)
+    assert [e["data"]["topic"] for e in got] == ["event.registered.old", "event.saved.b"]
+    yield stack.close_stream(client)
+
+
+@pytest_twisted.inlineCallbacks
+def test_ooidx_events_command(stack: Stack) -> Any:
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    run = threads.deferToThread(cli.run, ["--url", stack.web.url, "--token", TOKEN, "events", "--count", "2",
+                                          r"^event\.saved\."], out, err, {})
+    yield eventually(lambda: stack.web.subscriptions.streams, 5, "the command's stream")
+    yield sleep(0.1)
+    yield stack.emit("fetched", "no")
+    yield stack.emit("saved", "one")
+    yield stack.emit("saved", "two")
+    code = yield run
+    assert code == 0, err.getvalue()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "event.saved.one" in lines[0] and "event.saved.two" in lines[1]
+
+    out, err = io.StringIO(), io.StringIO()
+    code = yield threads.deferToThread(cli.run, ["--url", stack.web.url, "--token", "bad" * 8, "events"], out, err, {})
+    assert code == 1 and "Unauthorized" in err.getvalue()
+
+
+# --------------------------------------------------------------------------- #
+# RabbitMQ
+
+
+@pytest_twisted.inlineCallbacks
+def test_kept_and_bounded_on_rabbitmq(broker_url: str) -> Any:
+    s = Stack(broker_url)
+    yield s.start()
+    queue = None
+    try:
+        token = yield s.person()
+        sub = yield s.subscribe(token, kind="events", regex=r"^event\.saved\.rmq", max_length=3)
+        queue = sub["queue"]
+        for n in range(6):
+            yield s.emit("saved", f"rmq{n}")
+        yield eventually(lambda: s.user_notification.routed >= 6, 10, "routing")
+        yield sleep(0.3)
+        client = yield s.open_stream(sub["events"], token)
+        yield client.wait_for(3)
+        yield sleep(0.3)
+        assert [e["data"]["dataset"] for e in client.events] == ["rmq3", "rmq4", "rmq5"]
+        yield s.close_stream(client)
+        code, _ = yield s.request("DELETE", f"/api/subscriptions/{sub['id']}", token=token)
+        assert code == 200
+        queue = None
+    finally:
+        if queue is not None:
+            yield s.bus.transport.delete_queue(queue)
+        yield s.stop()
+
+
+def test_changed_fanout_name() -> None:
+    assert CHANGED_FANOUT == "user_subscriptions.changed"
