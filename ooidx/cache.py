@@ -36,6 +36,7 @@ from twisted.python.threadpool import ThreadPool
 from magnet import BadMessage, Message, operation, rpc
 from magnet.errors import MagnetError
 
+from ooidx import events
 from ooidx.component import Component
 from ooidx.config import CacheOptions
 from ooidx.errors import DXError, InvalidName, InvalidURL, UpstreamError
@@ -470,6 +471,7 @@ class _Incoming:
             return None
         cache.counters["stores"] += 1
         log.info("stored {url} ({bytes} bytes)", url=entry.url, bytes=entry.size, component=cache.name)
+        events.emit(cache.bus, "cached", entry.dataset, component=cache.name, url=entry.url, bytes=entry.size)
         return entry
 
     def _open(self, metadata: Any) -> Deferred:

@@ -16,6 +16,15 @@ Operations (docs/data-path.md is the contract):
 - C{get_dataset(name)}: has a fetcher fetch the dataset's .das/.dds/.dods for pub_sub
 - C{get_stats()} -> usage statistics, summed over every controller
 
+Periodic refresh (issue 5): a dataset registered with C{refresh: SECONDS} is
+asked for (C{get_dataset}) every that many seconds, on a timer of the
+component's clock; the timers follow the registry (registered, changed,
+purged, reloaded). With several controllers, the one whose timer fires first
+marks the record (C{refreshed}) and the others skip that round. The record's
+C{status}, C{last_fetch}, C{size} and C{versions} follow the C{fetched},
+C{saved} and C{failed} events (docs/dissemination.md); the controller emits
+C{registered} and C{purged}.
+
 The registry lives in the attribute store (C{dataset:NAME}); each controller
 keeps it in memory too, so that C{get_url} needs no store round trip. Several
 controllers (several nodes) see each other's registrations: a name the
@@ -46,7 +55,7 @@ from twisted.python.failure import Failure
 
 from magnet import MagnetError, RemoteError, Unroutable, operation
 
-from ooidx import dap, urlpolicy
+from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
 from ooidx.errors import Forbidden, InvalidName, InvalidURL, UnknownDataset
 
@@ -126,6 +135,9 @@ class Controller(Component):
         self._loops: List[LoopingCall] = []
         self._reloading: Optional[List[Deferred]] = None
         self._last_reload = -float("inf")
+        #: dataset -> (interval, LoopingCall) of the periodic refreshes this controller runs
+        self.refreshers: Dict[str, Tuple[float, LoopingCall]] = {}
+        self._events: Any = None
 
     # configuration -------------------------------------------------------------------
 
@@ -150,6 +162,11 @@ class Controller(Component):
             component=self.name, reason=f.getErrorMessage()))
         self._every(self.stats_interval, self.save_stats, "saving statistics")
         self._every(self.registry_interval, self.reload, "reloading the registry")
+        d = self.bus.subscribe(events.NOTIFICATION, self._on_event)
+        d.addCallback(lambda subscription: setattr(self, "_events", subscription))
+        return d.addErrback(lambda f: self.log.warn(
+            "{component}: not following dataset events ({reason}); records will not show fetches and versions",
+            component=self.name, reason=f.getErrorMessage()))
 
     def _every(self, interval: float, work: Any, what: str) -> None:
         """Run C{work} every C{interval} seconds; a failure is logged, the loop goes on."""
@@ -167,9 +184,18 @@ class Controller(Component):
     @inlineCallbacks
     def tearDown(self) -> Any:
         loops, self._loops = self._loops, []
+        loops += [loop for _, loop in self.refreshers.values()]
+        self.refreshers = {}
         for loop in loops:
             if loop.running:
                 loop.stop()
+        subscription, self._events = self._events, None
+        if subscription is not None:
+            try:
+                yield subscription.cancel()
+            except Exception as e:
+                self.log.debug("{component}: cancelling the event subscription: {reason}", component=self.name,
+                               reason=e)
         try:
             yield self.save_stats(timeout=self.lookup_timeout)
         except Exception as e:
@@ -198,6 +224,7 @@ class Controller(Component):
                 if isinstance(record, dict) and dap.valid_name(name):
                     datasets[name] = record
             self.datasets = datasets
+            self._schedule_refreshes()
             return datasets
 
         def done(result: Any) -> Any:
@@ -272,7 +299,9 @@ class Controller(Component):
                       "last_fetch": None, "size": 0, "versions": 0, "hits": 0, "misses": 0, "refresh": refresh}
         yield self._store("set", key=dataset_key(name), value=record)
         self.datasets[name] = record
+        self._schedule_refreshes()
         self.log.info("{component}: dataset {name} registered at {url}", component=self.name, name=name, url=base)
+        yield events.emit(self.bus, "registered", name, component=self.name, url=base, refresh=refresh)
         return record
 
     @operation
@@ -291,7 +320,9 @@ class Controller(Component):
         except MagnetError as e:
             self.log.warn("{component}: could not ask the cache to purge {name}: {reason}",
                           component=self.name, name=name, reason=e)
+        self._schedule_refreshes()
         self.log.info("{component}: dataset {name} purged", component=self.name, name=name)
+        yield events.emit(self.bus, "purged", name, component=self.name, url=record.get("url"))
         return record
 
     @operation
@@ -409,6 +440,133 @@ class Controller(Component):
         yield self.bus.post(self.peers["fetcher"], "fetch_dataset", name=name, url=record["url"],
                             address=self.peers["pub_sub"])
         return {"name": name, "url": record["url"], "address": self.peers["pub_sub"]}
+
+    # periodic refresh ----------------------------------------------------------------
+
+    def _schedule_refreshes(self) -> None:
+        """Make the refresh timers match the registry: one per live dataset with a
+        C{refresh} interval; a changed interval restarts its timer."""
+        if not self.running and not self._loops:
+            return  # not started (or stopped): no timers
+        wanted: Dict[str, float] = {}
+        for name, record in self.datasets.items():
+            interval = record.get("refresh")
+            if record.get("status") != "purged" and isinstance(interval, (int, float)) and \
+                    not isinstance(interval, bool) and MIN_REFRESH <= interval <= MAX_REFRESH:
+                wanted[name] = float(interval)
+        for name, (interval, loop) in list(self.refreshers.items()):
+            if wanted.get(name) != interval:
+                if loop.running:
+                    loop.stop()
+                del self.refreshers[name]
+        for name, interval in wanted.items():
+            if name not in self.refreshers:
+                loop = LoopingCall(self._refresh, name, interval)
+                loop.clock = self.clock
+                loop.start(interval, now=False)
+                self.refreshers[name] = (interval, loop)
+                self.log.info("{component}: dataset {name} refreshed every {interval} s", component=self.name,
+                              name=name, interval=interval)
+
+    def _refresh(self, name: str, interval: float) -> Deferred:
+        """One scheduled refresh of C{name}. Never fails (the timer goes on)."""
+        d = self._claim_refresh(name, interval)
+
+        def failed(failure: Failure) -> None:
+            self.log.warn("{component}: scheduled refresh of {name} failed: {reason}", component=self.name,
+                          name=name, reason=failure.getErrorMessage())
+
+        return d.addErrback(failed)
+
+    @inlineCallbacks
+    def _claim_refresh(self, name: str, interval: float) -> Any:
+        now = self._now()
+        try:
+            record = yield self._store("get", key=dataset_key(name))
+        except RemoteError as e:
+            if e.remote_type != "KeyError":
+                raise
+            return None
+        if not isinstance(record, dict) or record.get("status") == "purged" or record.get("refresh") != interval:
+            return None  # purged or changed elsewhere; the next reload fixes the timers
+        refreshed = record.get("refreshed")
+        if isinstance(refreshed, (int, float)) and 0 <= now - refreshed < interval / 2:
+            self.log.debug("{component}: {name} was refreshed by another controller", component=self.name,
+                           name=name)
+            return None
+        record = dict(record, refreshed=now)
+        yield self._store("set", key=dataset_key(name), value=record)
+        self.datasets[name] = record
+        self.log.info("{component}: refreshing dataset {name}", component=self.name, name=name)
+        result = yield self.get_dataset(name)
+        return result
+
+    # following events ----------------------------------------------------------------
+
+    def _on_event(self, message: Any) -> Any:
+        """An event on the notification fanout: C{fetched}, C{saved} and
+        C{failed} of a dataset update its record. Never fails (an event is a report)."""
+        topic = message.headers.get(events.TOPIC_HEADER) if isinstance(message.headers, dict) else None
+        if message.type != events.EVENT or not isinstance(topic, str):
+            return None
+        parts = topic.split(".", 2)
+        if len(parts) != 3 or parts[1] not in ("fetched", "saved", "failed") or not dap.valid_name(parts[2]):
+            return None
+        try:
+            body = message.json()
+        except MagnetError:
+            return None
+        if not isinstance(body, dict):
+            return None
+        d = self._apply_event(parts[1], parts[2], body)
+        d.addErrback(lambda f: self.log.warn("{component}: record of {name} not updated after {kind}: {reason}",
+                                             component=self.name, name=parts[2], kind=parts[1],
+                                             reason=f.getErrorMessage()))
+        return d
+
+    @inlineCallbacks
+    def _apply_event(self, kind: str, name: str, event: Dict[str, Any]) -> Any:
+        try:
+            record = yield self._store("get", key=dataset_key(name))
+        except RemoteError as e:
+            if e.remote_type == "KeyError":
+                return None
+            raise
+        if not isinstance(record, dict) or record.get("status") == "purged":
+            return None
+        if isinstance(event.get("url"), str) and record.get("url") not in (None, event["url"]):
+            return None  # an event of the dataset's former upstream
+        updated = dict(record)
+
+        def number(key: str) -> Optional[float]:
+            value = event.get(key)
+            return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+        def later(value: Optional[float]) -> None:
+            if value is not None and (not isinstance(updated.get("last_fetch"), (int, float))
+                                      or value > updated["last_fetch"]):
+                updated["last_fetch"] = value
+
+        if kind == "fetched":
+            updated["status"] = "fetched"
+            later(number("time"))
+            if number("bytes") is not None and event.get("addresses"):
+                updated["size"] = int(event["bytes"])
+        elif kind == "saved":
+            later(number("fetched"))
+            if number("bytes") is not None:
+                updated["size"] = int(event["bytes"])
+            versions = number("versions")
+            if versions is not None:
+                updated["versions"] = max(int(versions), int(updated.get("versions") or 0))
+        else:
+            updated["status"] = "failed"
+        if updated == record:
+            return None
+        yield self._store("set", key=dataset_key(name), value=updated)
+        if name in self.datasets:
+            self.datasets[name] = updated
+        return updated
 
     # statistics ----------------------------------------------------------------------
 

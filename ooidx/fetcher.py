@@ -12,8 +12,12 @@ contract this module keeps:
   whatever the size of the body. A 200 to a GET with C{store} set goes to
   the cache as a second stream. A body that breaks off aborts the streams;
   a failure before the first byte is an error reply to C{address}.
-- C{fetch_dataset(name, url, address)}: the C{.das}, C{.dds} and C{.dods} of
-  a dataset, as three streams to C{address}.
+- C{fetch_dataset(name, url)}: a dataset for its subscribers
+  (docs/dissemination.md): the C{.das} and C{.dds} whole, the addresses
+  from C{pub_sub.route(topic="dataset.NAME")}, then the C{.dods} streamed to
+  all of them at once (one stream each, the same chunks; the upstream is
+  paused until every stream has room, so the slowest sets the pace). Events
+  C{fetched} / C{failed} tell how it went.
 
 Every connection goes through L{ooidx.urlpolicy.PolicyEndpointFactory}:
 the host is resolved once, refused if any address is forbidden, and the
@@ -38,10 +42,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from magnet import operation
-from magnet.errors import BadArguments, MagnetError, Unroutable
+from magnet.errors import BadArguments, MagnetError, RemoteError, Unroutable
 from magnet.rpc import error_reply
 
-from ooidx import dap, urlpolicy
+from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
 from ooidx.config import FetcherOptions, SecurityConfig
 from ooidx.errors import Forbidden, InvalidName, InvalidURL, UpstreamError, UpstreamTimeout
@@ -52,6 +56,10 @@ REDIRECTS = (301, 302, 303, 307, 308)
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer", "trailers", "upgrade",
                         "proxy-connection", "proxy-authenticate", "proxy-authorization"))
 USER_AGENT = b"ooidx-fetcher/0.1"
+#: The pub_sub component fetch_dataset routes with, unless told another.
+PUB_SUB = "pub_sub"
+#: The largest .das / .dds fetch_dataset reads (they travel whole, in the stream's start).
+MAX_METADATA_BYTES = 16 * 1024 * 1024
 #: The HTTP status the proxy answers for each error type (for the record).
 _ERROR_STATUS = {"Forbidden": 403, "InvalidURL": 400, "InvalidName": 400, "BadArguments": 400,
                  "UpstreamTimeout": 504}
@@ -144,39 +152,35 @@ class Fetcher(Component):
     @operation
     def fetch_dataset(self, name: Any = None, url: Any = None, address: Any = None,
                       request_id: Any = None) -> Deferred:
-        """GET the C{.das}, C{.dds} and C{.dods} of the dataset at base URL C{url}
-        and stream each to C{address} (metadata C{dataset}, C{part})."""
-        if not isinstance(address, str) or not address:
-            self.log.error("{component}: fetch_dataset without an address (dataset {name!r}); dropped",
-                           component=self.name, name=name)
-            return succeed({"error": "BadArguments", "message": "no address"})
+        """Fetch dataset C{name} at base URL C{url} for its subscribers
+        (docs/dissemination.md): the C{.das} and C{.dds} whole, then
+        C{route(topic="dataset.NAME")} on pub_sub, then the C{.dods} streamed to
+        every routed address at once. C{address} names the pub_sub component
+        to route with (default C{pub_sub}). Never fails (a post is not retried
+        for an upstream's fault): the outcome is an event, C{fetched} or
+        C{failed}, and the summary this returns."""
+        pub_sub = address if isinstance(address, str) and address else PUB_SUB
         try:
             if request_id is not None and not isinstance(request_id, str):
                 raise BadArguments("BadArguments", "request_id must be a string or null")
             if not dap.valid_name(name):
                 raise InvalidName(f"not a valid dataset name: {name!r}"[:200])
+            if not isinstance(url, str):
+                raise InvalidURL(f"fetch_dataset needs a base url, got {url!r}"[:200])
             urlpolicy.parse_url(url)
             if dap.split_url(url).constraint is not None:
                 raise InvalidURL("a dataset's base URL has no query string")
         except (InvalidURL, InvalidName, BadArguments) as e:
-            return self._refuse(address, request_id, url, e, record=False)
-        return self._fetch_parts(name, url, address, request_id).addErrback(self._bug, url)
-
-    @inlineCallbacks
-    def _fetch_parts(self, name: str, base: str, address: str, request_id: Optional[str]) -> Any:
-        parts: Dict[str, Any] = {}
-        for part in dap.DATASET_PARTS:
-            part_url = dap.dataset_url(base, part)
-            transfer = _Transfer(self, part_url, "GET", address, request_id,
-                                 extra={"dataset": name, "part": part})
-            outcome = yield transfer.run()
-            parts[part] = outcome
-            if "error" in outcome:
-                self.log.warn("{component}: dataset {dataset}: {part} failed ({error}: {message})",
-                              component=self.name, dataset=name, part=part, error=outcome["error"],
-                              message=outcome.get("message"))
-                break
-        return {"dataset": name, "parts": parts}
+            kind = e.remote_type if isinstance(e, BadArguments) else type(e).__name__
+            message = e.message if isinstance(e, BadArguments) else str(e)
+            self.log.warn("{component}: fetch_dataset refused: {kind}: {message}", component=self.name, kind=kind,
+                          message=message)
+            summary = {"dataset": name if dap.valid_name(name) else None, "error": kind, "message": message}
+            d = events.emit(self.bus, "failed", summary["dataset"], component=self.name, stage="request",
+                            url=url if isinstance(url, str) else None, error=kind, reason=message[:500])
+            return d.addCallback(lambda _: summary)
+        fetch = _DatasetFetch(self, name, url, pub_sub, request_id)
+        return fetch.run().addErrback(self._bug, url)
 
     # helpers -----------------------------------------------------------------------
 
@@ -525,6 +529,219 @@ class _BodyPump(Protocol):
     def _timed_out(self) -> None:
         self._idle = None
         self._fail(UpstreamTimeout(f"no data from upstream for {self.timeout:g} s after {self.bytes} bytes"))
+
+
+class _DatasetFetch:
+    """One fetch_dataset: .das and .dds whole, route, .dods to every address."""
+
+    def __init__(self, fetcher: Fetcher, name: str, base: str, pub_sub: str, request_id: Optional[str]) -> None:
+        self.fetcher = fetcher
+        self.log = fetcher.log
+        self.name = name
+        self.base = base
+        self.pub_sub = pub_sub
+        self.request_id = request_id
+        self.topic = f"dataset.{name}"
+        self.stage = "das"
+
+    @inlineCallbacks
+    def run(self) -> Any:
+        fetcher = self.fetcher
+        fetcher.active += 1
+        try:
+            try:
+                texts = {}
+                for part in ("das", "dds"):
+                    self.stage = part
+                    texts[part] = yield self._whole(dap.dataset_url(self.base, part))
+                self.stage = "route"
+                addresses = yield self._route()
+                if not addresses:
+                    self.log.info("{component}: dataset {dataset}: no subscription matches {topic}; "
+                                  ".dods not fetched", component=fetcher.name, dataset=self.name, topic=self.topic)
+                    summary = {"dataset": self.name, "addresses": [], "bytes": 0, "status": None}
+                    yield self._event("fetched", url=self.base, addresses=0, delivered=0, bytes=0)
+                    return summary
+                self.stage = "dods"
+                summary = yield self._stream_dods(texts, addresses)
+            except Exception:  # noqa: BLE001 - every failure becomes an event
+                failure = Failure()
+                exc = failure.value if failure.check(RemoteError, Unroutable, MagnetError) and \
+                    self.stage == "route" else _classify(failure, self.base, fetcher.options.timeout)
+                summary = {"dataset": self.name, "error": type(exc).__name__, "message": str(exc),
+                           "stage": self.stage}
+            if "error" in summary:
+                self.log.warn("{component}: dataset {dataset} not fetched ({stage}): {error}: {message}",
+                              component=fetcher.name, dataset=self.name, stage=summary.get("stage", self.stage),
+                              error=summary["error"], message=summary["message"])
+                yield self._event("failed", url=self.base, stage=summary.get("stage", self.stage),
+                                  error=summary["error"], reason=summary["message"][:500],
+                                  bytes=summary.get("bytes", 0))
+            else:
+                self.log.info("{component}: dataset {dataset} fetched: {bytes} bytes of .dods to {count} "
+                              "address(es)", component=fetcher.name, dataset=self.name, bytes=summary["bytes"],
+                              count=len(summary["addresses"]))
+                yield self._event("fetched", url=self.base, addresses=len(summary["addresses"]),
+                                  delivered=len(summary["delivered"]), bytes=summary["bytes"],
+                                  length=summary.get("length"))
+            return summary
+        finally:
+            fetcher.active -= 1
+
+    def _event(self, kind: str, **details: Any) -> Deferred:
+        return events.emit(self.fetcher.bus, kind, self.name, component=self.fetcher.name, **details)
+
+    def _transfer(self, url: str) -> "_Transfer":
+        return _Transfer(self.fetcher, url, "GET", "", self.request_id)
+
+    @inlineCallbacks
+    def _whole(self, url: str) -> Any:
+        """The text of a small answer (.das, .dds): 200 only, at most 16 MiB."""
+        transfer = self._transfer(url)
+        response = yield transfer._request()
+        if response.code != 200:
+            _discard(response)
+            raise UpstreamError(f"{url[-200:]} answered {response.code}")
+        limit = min(MAX_METADATA_BYTES, self.fetcher.options.max_bytes)
+        if response.length is not UNKNOWN_LENGTH and response.length > limit:
+            _discard(response)
+            raise UpstreamError(f"{url[-200:]} is {response.length} bytes, over the limit of {limit}")
+        collect = _Collect(limit, self.fetcher.options.timeout, transfer.clock)
+        response.deliverBody(collect)
+        body = yield collect.done
+        return body.decode("utf-8", "replace")
+
+    def _route(self) -> Deferred:
+        d = self.fetcher.bus.call(self.pub_sub, "route", topic=self.topic)
+
+        def check(addresses: Any) -> List[str]:
+            if not isinstance(addresses, list) or not all(isinstance(a, str) and a for a in addresses):
+                raise UpstreamError(f"{self.pub_sub}.route answered {str(addresses)[:200]}, not a list of addresses")
+            unique: List[str] = []
+            for a in addresses:
+                if a not in unique:
+                    unique.append(a)
+            return unique
+
+        return d.addCallback(check)
+
+    @inlineCallbacks
+    def _stream_dods(self, texts: Dict[str, str], addresses: List[str]) -> Any:
+        url = dap.dataset_url(self.base, "dods")
+        transfer = self._transfer(url)
+        response = yield transfer._request()
+        if response.code != 200:
+            _discard(response)
+            raise UpstreamError(f"{url[-200:]} answered {response.code}")
+        max_bytes = self.fetcher.options.max_bytes
+        length = None if response.length is UNKNOWN_LENGTH else response.length
+        if length is not None and length > max_bytes:
+            _discard(response)
+            raise UpstreamError(f"{url[-200:]} is {length} bytes, over the limit of {max_bytes}")
+        headers = _end_to_end(response.headers, _connection_header(response))
+        if length is not None and _content_length(response.headers) is None:
+            headers.append(["Content-Length", str(length)])
+        metadata = {"topic": self.topic, "dataset": self.name, "url": self.base,
+                    "fetched": self.fetcher.clock.seconds(), "das": texts["das"], "dds": texts["dds"],
+                    "status": response.code, "headers": headers, "length": length}
+        bus = self.fetcher.bus
+        sinks = [_Sink(bus.open_stream(a, metadata, correlation_id=self.request_id), a) for a in addresses]
+        pump = _DodsPump(transfer, sinks, response.code)
+        response.deliverBody(pump)
+        summary = yield pump.done
+        summary.update(dataset=self.name, addresses=addresses, length=length)
+        if "error" in summary:
+            summary["stage"] = "dods"
+        return summary
+
+
+class _Collect(Protocol):
+    """A small body, whole: at most C{limit} bytes, each piece within C{timeout} of the last."""
+
+    def __init__(self, limit: int, timeout: float, clock: Any) -> None:
+        self.limit = limit
+        self.timeout = timeout
+        self.clock = clock
+        self.parts: List[bytes] = []
+        self.size = 0
+        self.done: Deferred = Deferred()
+        self._idle: Any = None
+
+    def connectionMade(self) -> None:
+        self._idle = self.clock.callLater(self.timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self._end(UpstreamError(f"body over the limit of {self.limit} bytes"))
+            self.transport.stopProducing()
+            return
+        self.parts.append(data)
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.timeout)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self._end(None)
+        else:
+            self._end(UpstreamError(f"upstream broke off the body after {self.size} bytes: {_reason(reason)}"))
+
+    def _timed_out(self) -> None:
+        self._end(UpstreamTimeout(f"no data from upstream for {self.timeout:g} s after {self.size} bytes"))
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _end(self, exc: Optional[Exception]) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.done.called:
+            return
+        if exc is None:
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(Failure(exc))
+
+
+class _DodsPump(_BodyPump):
+    """The .dods to every subscriber's stream: a stream that breaks is
+    dropped (the others go on); the transfer fails when none is left. A body
+    the upstream delimits by closing the connection cannot be verified, so
+    every stream is aborted (nothing half is passed as whole)."""
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self.finished and reason is not None and reason.check(PotentialDataLoss):
+            self._fail(UpstreamError("body delimited by connection close (unverifiable)"), stop=False)
+            return
+        super().connectionLost(reason)
+
+    def _check_sinks(self) -> bool:
+        for sink in list(self.sinks):
+            if sink.failure is not None:
+                self.transfer.log.warn("{component}: dataset stream to {address} broke: {reason}",
+                                       component=self.transfer.name, address=sink.role,
+                                       reason=sink.failure.getErrorMessage())
+                sink.abort(UpstreamError("stream broke"))
+                self.sinks.remove(sink)
+        if not self.sinks:
+            self._fail(UpstreamError("every subscriber's stream broke"))
+            return True
+        return False
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._disarm()
+        d = DeferredList([sink.finish() for sink in self.sinks], consumeErrors=True)
+
+        def ended(_: Any) -> Dict[str, Any]:
+            delivered = [sink.role for sink in self.sinks if sink.failure is None]
+            if not delivered:
+                return {"error": "UpstreamError", "message": "every subscriber's stream broke", "status": 502,
+                        "bytes": self.bytes}
+            return {"status": self.status, "bytes": self.bytes, "delivered": delivered}
+
+        d.addCallback(ended).chainDeferred(self.done)
 
 
 # --------------------------------------------------------------------------- #

@@ -21,6 +21,7 @@ IMPLEMENTATIONS: Dict[str, str] = {
     "cache": "ooidx.cache:Cache",
     "proxyng": "ooidx.proxyng:Proxy",
     "csv": "ooidx.csv:CSV",
+    "persister": "ooidx.persister:Persister",
     "pub_sub": "ooidx.pub_sub:PubSub",
     "distributor": "ooidx.distributor:Distributor",
     "notification": "ooidx.notification:Notification",

@@ -615,36 +615,151 @@ def test_dap_responses_equal_direct(make_fetcher: Any, dap_upstream: Any) -> Any
     assert b"Float32 sst[time = 5][lat = 4]" in dds
 
 
+@defer.inlineCallbacks
+def _with_pub_sub(bus: Any, *regexes: str) -> Any:
+    """A fake pub_sub on the bus's "pub_sub" queue, with subscriptions; (fake, listeners, events)."""
+    from tests.ooidx.dissemination_helpers import EventLog, FakePubSub
+    fake = FakePubSub(bus)
+    yield bus.serve("pub_sub", fake)
+    listeners = []
+    for i, regex in enumerate(regexes):
+        answer = yield bus.call("pub_sub", "subscribe", regex=regex, name=f"s{i}")
+        listeners.append((yield bus.listen(name=answer["address"], durable=True)))
+    log = yield EventLog.on(bus)
+    return fake, listeners, log
+
+
 @pytest_twisted.inlineCallbacks
-def test_fetch_dataset_three_streams(make_fetcher: Any, dap_upstream: Any) -> Any:
+def test_fetch_dataset_to_every_routed_address(make_fetcher: Any, dap_upstream: Any) -> Any:
+    """.das and .dds whole in the start metadata, .dods streamed to each matching subscription."""
     bus, _ = yield make_fetcher(allow_hosts=(f"127.0.0.1:{dap_upstream['port']}",))
-    listener = yield bus.listen()
+    fake, (one, two, other), log = yield _with_pub_sub(bus, r"^dataset\.", r"^dataset\.ss", r"^dataset\.chl")
     base = dap_upstream["url"]
-    yield bus.post("fetcher", "fetch_dataset", name="sst", url=base, address=listener.address)
+    yield bus.post("fetcher", "fetch_dataset", name="sst", url=base)
+    expected = {}
     for part in ("das", "dds", "dods"):
+        expected[part] = (yield direct(f"{base}.{part}"))[1]
+    for listener in (one, two):
         s = yield listener.next_stream(timeout=10)
         body = yield s.read_all()
-        assert s.metadata["dataset"] == "sst"
-        assert s.metadata["part"] == part
-        assert s.metadata["url"] == f"{base}.{part}"
-        assert s.metadata["status"] == 200
-        assert body == (yield direct(f"{base}.{part}"))[1]
+        assert body == expected["dods"]
+        m = s.metadata
+        assert m["topic"] == "dataset.sst" and m["dataset"] == "sst" and m["url"] == base
+        assert m["das"] == expected["das"].decode() and m["dds"] == expected["dds"].decode()
+        assert m["status"] == 200 and m["length"] == len(expected["dods"])
+        assert isinstance(m["fetched"], float) and isinstance(m["headers"], list)
+    assert fake.routed == ["dataset.sst"]
+    event = yield log.next("fetched", "sst")
+    assert event["topic"] == "event.fetched.sst" and event["bytes"] == len(expected["dods"])
+    assert event["addresses"] == 2 and event["delivered"] == 2
+    with pytest.raises(magnet.Timeout):
+        yield other.next_stream(timeout=0.3)
+
+
+@pytest_twisted.inlineCallbacks
+def test_fetch_dataset_without_subscribers(make_fetcher: Any, dap_upstream: Any) -> Any:
+    """No subscription matches: no .dods is fetched, the fetched event still goes out."""
+    bus, fetcher = yield make_fetcher(allow_hosts=(f"127.0.0.1:{dap_upstream['port']}",))
+    _, _, log = yield _with_pub_sub(bus, r"^dataset\.other$")
+    yield bus.post("fetcher", "fetch_dataset", name="sst", url=dap_upstream["url"])
+    event = yield log.next("fetched", "sst")
+    assert event["addresses"] == 0 and event["bytes"] == 0
 
 
 @pytest_twisted.inlineCallbacks
 def test_fetch_dataset_refusals(make_fetcher: Any, recorder: Any) -> Any:
+    """Bad arguments and forbidden upstreams: a failed event, no connection anywhere, no retry."""
     bus, _ = yield make_fetcher()
+    _, (listener,), log = yield _with_pub_sub(bus, r"^dataset\.")
     before = len(recorder.connections)
-    for kwargs, kind in [(dict(name="../x", url="http://example.org/a.nc"), "InvalidName"),
-                         (dict(name="sst", url="file:///etc/passwd"), "InvalidURL"),
-                         (dict(name="sst", url=f"http://127.0.0.1:{recorder.port}/sst.nc"), "Forbidden")]:
-        listener = yield bus.listen()
-        yield bus.post("fetcher", "fetch_dataset", address=listener.address, **kwargs)
-        message = yield listener.get(timeout=10)
-        with pytest.raises(RemoteError) as info:
-            decode_reply(message)
-        assert info.value.remote_type == kind
+    cases = [(dict(name="../x", url="http://example.org/a.nc"), "InvalidName", None),
+             (dict(name="sst", url="file:///etc/passwd"), "InvalidURL", "sst"),
+             (dict(name="sst", url="http://example.org/a.nc?x=1"), "InvalidURL", "sst"),
+             (dict(name="sst", url=f"http://127.0.0.1:{recorder.port}/sst.nc"), "Forbidden", "sst")]
+    for n, (kwargs, kind, dataset) in enumerate(cases):
+        yield bus.post("fetcher", "fetch_dataset", **kwargs)
+        event = yield log.next("failed", timeout=10, skip=n)
+        assert event["error"] == kind and event["dataset"] == dataset
     assert len(recorder.connections) == before
+    with pytest.raises(magnet.Timeout):
+        yield listener.next_stream(timeout=0.2)
+
+
+@pytest.fixture(scope="module")
+def made_datasets() -> Any:
+    """A twisted.web upstream of made-up datasets: whole, broken mid-.dods, big, missing .dds."""
+    from tests.ooidx.dissemination_helpers import dataset_site
+    big = up.pattern(6 * 1024 * 1024)
+    site = dataset_site({"whole": {"dods": b"x" * 5000}, "broken": {"dods": b"y" * 400_000, "mode": "broken"},
+                         "big": {"dods": big, "mode": "big"}, "nodds": {"dods": b"z", "dds_status": 404}})
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    number = port.getHost().port
+    yield {"url": f"http://127.0.0.1:{number}", "port": number, "big": big}
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest_twisted.inlineCallbacks
+def test_fetch_dataset_broken_dods_aborts_every_stream(make_fetcher: Any, made_datasets: Any) -> Any:
+    bus, _ = yield make_fetcher(allow_hosts=(f"127.0.0.1:{made_datasets['port']}",))
+    _, listeners, log = yield _with_pub_sub(bus, r"^dataset\.", r"broken")
+    yield bus.post("fetcher", "fetch_dataset", name="broken", url=made_datasets["url"] + "/broken")
+    for listener in listeners:
+        s = yield listener.next_stream(timeout=10)
+        with pytest.raises(StreamError):
+            yield s.read_all()
+    event = yield log.next("failed", "broken")
+    assert event["stage"] == "dods" and event["error"] == "UpstreamError"
+    assert not log.of("fetched", "broken")
+
+
+@pytest_twisted.inlineCallbacks
+def test_fetch_dataset_failed_dds(make_fetcher: Any, made_datasets: Any) -> Any:
+    bus, _ = yield make_fetcher(allow_hosts=(f"127.0.0.1:{made_datasets['port']}",))
+    fake, (listener,), log = yield _with_pub_sub(bus, r"^dataset\.")
+    yield bus.post("fetcher", "fetch_dataset", name="nodds", url=made_datasets["url"] + "/nodds")
+    event = yield log.next("failed", "nodds")
+    assert event["stage"] == "dds" and "404" in event["reason"]
+    assert fake.routed == []  # no route asked, no stream started
+    with pytest.raises(magnet.Timeout):
+        yield listener.next_stream(timeout=0.2)
+
+
+@pytest_twisted.inlineCallbacks
+def test_fetch_dataset_slowest_subscriber_sets_the_pace(make_fetcher: Any, made_datasets: Any) -> Any:
+    """Two subscribers, the broker slow to take one's messages: the upstream is
+    paused until both streams have room, so what was sent to the fast address is
+    never more than a stream window ahead of the slow one (the fetcher holds a
+    bounded amount, whatever the size of the .dods).
+
+    (A stream's backpressure is the broker's confirm: a consumer that is slow
+    to read lets its queue grow in the broker, not in the fetcher.)"""
+    bus, fetcher = yield make_fetcher(allow_hosts=(f"127.0.0.1:{made_datasets['port']}",))
+    _, (fast, slow), log = yield _with_pub_sub(bus, r"^dataset\.", r"^dataset\.big$")
+    sent = {fast.address: 0, slow.address: 0}
+    lead = [0]
+    real_send = bus.send
+
+    def send(address: str, message: Any, **kwargs: Any) -> defer.Deferred:
+        if address in sent and message.type == "stream-data":
+            sent[address] += len(message.body)
+            lead[0] = max(lead[0], sent[fast.address] - sent[slow.address])
+        d = real_send(address, message, **kwargs)
+        if address == slow.address:
+            d.addCallback(lambda r: task.deferLater(reactor, 0.003, lambda: r))
+        return d
+
+    bus.send = send  # type: ignore[method-assign]
+    yield bus.post("fetcher", "fetch_dataset", name="big", url=made_datasets["url"] + "/big")
+    streams = []
+    for listener in (fast, slow):
+        streams.append((yield listener.next_stream(timeout=10)))
+    bodies = yield defer.gatherResults([s.read_all() for s in streams])
+    assert bodies[0] == bodies[1] == made_datasets["big"]
+    assert fetcher.pauses > 0
+    # one stream window (8 chunks of 64 KiB) plus what one read of the upstream brings
+    assert lead[0] <= 8 * 64 * 1024 + 256 * 1024, lead[0]
+    event = yield log.next("fetched", "big")
+    assert event["bytes"] == len(made_datasets["big"]) and event["delivered"] == 2
 
 
 # --------------------------------------------------------------------------- #

@@ -1,0 +1,226 @@
+"""A DAP 2 dataset (.das + .dods) as a netCDF4 file, decoded with pydap's parsers.
+
+No bus and no reactor here: blocking work for a thread (the persister runs it
+in its disk threads). The DDS is the one at the head of the C{.dods} (it
+describes exactly the data that follows; the separate C{.dds} answer is the
+same text for an unconstrained request), parsed by
+C{pydap.parsers.dds.dds_to_dataset}; the data is unpacked by
+C{pydap.handlers.dap.unpack_dap2_data}; the attributes come from the C{.das}
+(C{pydap.parsers.das.parse_das} / C{add_attributes}).
+
+What is written:
+
+- every array (C{BaseType}) as a variable with its DDS dimensions (a
+  dimension name met again with another size gets a suffix, C{time_1});
+- a Grid as its array and its maps (maps once, as coordinate variables);
+- a Structure's members as C{STRUCT.MEMBER} variables;
+- Sequences cannot be laid out as netCDF arrays: they are left out and
+  named in the result's C{skipped};
+- attributes: the DAS's top-level scalars and C{NC_GLOBAL} as global
+  attributes, each variable's scalars and lists as its attributes
+  (C{_FillValue} at creation); nested containers are left out.
+
+pydap loads the whole data into memory (its unpacker takes it all at once),
+so the caller bounds the size it converts.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import unquote
+
+__all__ = ["DATA_MARKER", "DecodeError", "decode", "to_netcdf", "write_netcdf"]
+
+DATA_MARKER = b"\nData:\n"
+#: How far into the .dods its DDS may reach.
+MAX_DDS = 16 * 1024 * 1024
+
+
+class DecodeError(ValueError):
+    """The DAP responses cannot be decoded (not a DAP 2 data response, a DDS
+    pydap cannot parse, data that does not match it)."""
+
+
+def decode(dods: Any, das: Optional[str] = None) -> Tuple[Any, List[Any]]:
+    """(pydap dataset with the DAS's attributes, unpacked data) of a C{.dods}
+    response in a binary file object."""
+    from pydap.handlers.dap import unpack_dap2_data
+    from pydap.parsers.das import add_attributes, parse_das
+    from pydap.parsers.dds import dds_to_dataset
+
+    dods.seek(0)
+    head = dods.read(MAX_DDS)
+    at = head.find(DATA_MARKER)
+    if at < 0:
+        raise DecodeError("the .dods has no 'Data:' marker (not a DAP 2 data response)")
+    try:
+        dataset = dds_to_dataset(head[:at].decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - pydap raises what it raises
+        raise DecodeError(f"the .dods's DDS does not parse: {e}") from None
+    if das:
+        try:
+            add_attributes(dataset, parse_das(das))
+        except Exception as e:  # noqa: BLE001 - attributes are a nicety; the data is what counts
+            dataset.attributes["ooidx_das_error"] = f"the .das does not parse: {e}"[:500]
+    dods.seek(at + len(DATA_MARKER))
+    try:
+        data = unpack_dap2_data(dods, dataset)
+    except Exception as e:  # noqa: BLE001
+        raise DecodeError(f"the .dods's data does not decode: {e}") from None
+    return dataset, data
+
+
+def to_netcdf(dods_path: str, nc_path: str, das: Optional[str] = None) -> Dict[str, Any]:
+    """Decode the C{.dods} file at C{dods_path} and write C{nc_path}.
+
+    L{DecodeError} if the responses do not decode (nothing is written then);
+    any other exception is a failure to write (the caller removes the file).
+    Returns C{{"variables": [...], "skipped": [...]}}."""
+    with open(dods_path, "rb") as f:
+        dataset, data = decode(f, das)
+    return write_netcdf(dataset, data, nc_path)
+
+
+def write_netcdf(dataset: Any, data: List[Any], nc_path: str) -> Dict[str, Any]:
+    """Write a decoded dataset (L{decode}'s result) as netCDF4 at C{nc_path}."""
+    import netCDF4
+
+    arrays, skipped = _arrays(dataset, data)
+    written: List[str] = []
+    with netCDF4.Dataset(nc_path, "w", format="NETCDF4") as nc:
+        for key, value in _global_attributes(dataset.attributes).items():
+            _set_attribute(nc, key, value)
+        sizes: Dict[str, int] = {}
+        for name, array, dims, attributes in arrays:
+            dims = _dimensions(nc, sizes, name, array.shape, dims)
+            fill = attributes.get("_FillValue")
+            kind = str if array.dtype.kind in "SUO" else array.dtype.newbyteorder("=")
+            fill_value = _fill(fill, array) if kind is not str else None
+            var = nc.createVariable(name, kind, dims, fill_value=fill_value if fill_value is not None else False)
+            var.set_auto_maskandscale(False)
+            for key, value in attributes.items():
+                if key != "_FillValue":
+                    _set_attribute(var, key, value)
+            if kind is str:
+                var[...] = _as_text(array)
+            else:
+                var[...] = array.astype(kind, copy=False)
+            written.append(name)
+    return {"variables": written, "skipped": skipped}
+
+
+# --------------------------------------------------------------------------- #
+# laying out the dataset
+
+
+def _arrays(dataset: Any, data: List[Any]) -> Tuple[List[Tuple[str, Any, Tuple[str, ...], Dict[str, Any]]],
+                                                     List[str]]:
+    """(name, numpy array, dimension names, attributes) of every variable; names skipped."""
+    import numpy as np
+    from pydap.model import BaseType, GridType, SequenceType, StructureType
+
+    out: List[Tuple[str, Any, Tuple[str, ...], Dict[str, Any]]] = []
+    seen: set = set()
+    skipped: List[str] = []
+
+    def add(var: Any, value: Any, prefix: str = "") -> None:
+        name = prefix + unquote(var.name)
+        if isinstance(var, SequenceType):
+            skipped.append(name)
+        elif isinstance(var, GridType):
+            for part, part_value in zip(var.children(), value):
+                part_name = unquote(part.name)
+                if part_name in seen:
+                    continue
+                add(part, part_value, prefix)
+        elif isinstance(var, StructureType):
+            for child, child_value in zip(var.children(), value):
+                add(child, child_value, name + ".")
+        elif isinstance(var, BaseType):
+            if name in seen:
+                return
+            seen.add(name)
+            array = np.asarray(value)
+            dims = tuple(unquote(d) for d in (var.dims or ()))
+            if len(dims) != array.ndim:
+                dims = tuple(f"{name}_dim{i}" for i in range(array.ndim))
+            out.append((name, array, dims, dict(var.attributes or {})))
+        else:
+            skipped.append(name)
+
+    for var, value in zip(dataset.children(), data):
+        add(var, value)
+    return out, skipped
+
+
+def _dimensions(nc: Any, sizes: Dict[str, int], name: str, shape: Tuple[int, ...],
+                dims: Tuple[str, ...]) -> Tuple[str, ...]:
+    """The netCDF dimensions for an array, created as needed; a name already
+    used with another size gets a suffix."""
+    out = []
+    for dim, size in zip(dims, shape):
+        candidate, n = dim, 0
+        while candidate in sizes and sizes[candidate] != size:
+            n += 1
+            candidate = f"{dim}_{n}"
+        if candidate not in sizes:
+            nc.createDimension(candidate, size)
+            sizes[candidate] = size
+        out.append(candidate)
+    return tuple(out)
+
+
+def _global_attributes(attributes: Dict[str, Any]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in (attributes or {}).items():
+        if key in ("NC_GLOBAL", "DODS_EXTRA") and isinstance(value, dict):
+            out.update({k: v for k, v in value.items() if not isinstance(v, dict)})
+        elif not isinstance(value, dict):
+            out[key] = value
+    return out
+
+
+def _set_attribute(target: Any, key: str, value: Any) -> None:
+    import numpy as np
+
+    if isinstance(value, dict) or value is None or not key:
+        return
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return
+        if all(isinstance(v, str) for v in value):
+            value = "\n".join(value)
+        else:
+            try:
+                value = np.asarray(value)
+            except (TypeError, ValueError):
+                return
+            if value.dtype.kind not in "iufb":
+                return
+    try:
+        target.setncattr(key, value)
+    except (TypeError, ValueError, AttributeError, RuntimeError):
+        # an attribute netCDF cannot hold (or a reserved name): keep it as text
+        try:
+            target.setncattr(key, str(value))
+        except Exception:  # noqa: BLE001 - an attribute is not worth failing the file for
+            pass
+
+
+def _fill(value: Any, array: Any) -> Any:
+    import numpy as np
+
+    if value is None or isinstance(value, (dict, str)):
+        return None
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    try:
+        return np.asarray(value).astype(array.dtype.newbyteorder("=")).item()
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _as_text(array: Any) -> Any:
+    import numpy as np
+
+    flat = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+    return np.array(flat, dtype=object).reshape(array.shape)

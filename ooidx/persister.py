@@ -1,0 +1,605 @@
+"""The persister: every version of every dataset, on disk (docs/dissemination.md).
+
+At start it subscribes through pub_sub (C{subscribe(regex="^dataset\\.",
+name=SUBSCRIPTION)}, default name C{persister}) and consumes the address it
+gets back: persisters with one name share that address, different names
+each get a copy of every dataset ("send a copy to the west coast
+repository"). Each dataset arrives as one magnet stream from a fetcher
+(start metadata: topic, dataset, url, fetched, das, dds, status, headers,
+length; body: the C{.dods} as received) and becomes a version directory:
+
+    DATA_DIR/datasets/NAME/VERSION/         VERSION = YYYYmmddTHHMMSSZ-SHA12 (UTC save time,
+        NAME.das                                       first 12 hex digits of the .dods sha256)
+        NAME.dds
+        NAME.dods
+        NAME.nc                             netCDF4, from pydap decoding the .dods (ooidx.netcdf)
+        manifest.json                       {"dataset", "url", "topic", "version", "sequence",
+                                             "fetched", "saved", "files": {FILE: {"bytes", "sha256"}},
+                                             "netcdf": {"variables", "skipped"} or {"error"}}
+
+Atomicity: the version is built in C{NAME/.tmp-PID-RANDOM/}; each file is
+written to a C{.part-} file there, fsync'd and renamed; then the directory
+is fsync'd and renamed to C{VERSION} (the moment the version exists) and
+its parent fsync'd. A failure at any step removes the temporary directory,
+so no half version is ever visible; a crash leaves a C{.tmp-} directory,
+removed at the next start when its process is gone.
+
+A version whose C{.dods} sha256 equals the last saved one (highest
+C{sequence}) is not written again and produces no event. When a version is
+saved: C{event.saved.NAME}. When one cannot be saved (a full disk, a broken
+stream, bad metadata): C{event.failed.NAME} with the reason; the version is
+not recorded, so the next delivery of the dataset is written in full.
+
+The .dods streams to disk chunk by chunk (bounded memory); the netCDF
+conversion needs the decoded data in memory (pydap unpacks it whole), so a
+C{.dods} over L{Persister.max_netcdf_bytes} is kept without its C{.nc}
+(the manifest says why). A C{.dods} pydap cannot decode is kept the same way.
+
+Blocking disk work runs in a small thread pool of the persister's own.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from magnet import BadMessage, MagnetError, Message, operation
+
+from ooidx import dap, events
+from ooidx.component import Component
+from ooidx.netcdf import DecodeError, to_netcdf
+
+__all__ = ["Persister", "DATASETS", "MANIFEST", "version_name", "read_manifest", "list_versions"]
+
+DATASETS = "datasets"
+MANIFEST = "manifest.json"
+TEMP_PREFIX = ".tmp-"
+PART_PREFIX = ".part-"
+DEFAULT_SUBSCRIPTION = "persister"
+SUBSCRIBE_REGEX = r"^dataset\."
+THREADS = 2
+_CHUNK_WRITE = 1024 * 1024
+
+
+def version_name(saved: float, sha256: str) -> str:
+    """C{YYYYmmddTHHMMSSZ-SHA12}: the UTC save time and the .dods's short sha256."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(saved)) + "-" + sha256[:12]
+
+
+def read_manifest(version_dir: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(os.path.join(version_dir, MANIFEST), "rb") as f:
+            manifest = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def list_versions(dataset_dir: str) -> List[str]:
+    """The version directory names under a dataset's directory (no temporaries), sorted."""
+    try:
+        names = os.listdir(dataset_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(dataset_dir, n)))
+
+
+class Persister(Component):
+    """The C{persister} component: see the module docstring."""
+
+    log = Logger()
+
+    #: the largest .dods converted to netCDF (pydap decodes it whole in memory)
+    max_netcdf_bytes = 2 * 1024 * 1024 * 1024
+    #: seconds between two attempts to subscribe while pub_sub does not answer
+    subscribe_retry = (1.0, 30.0)
+
+    def __init__(self, name: str, bus: Any, *, subscription: Optional[str] = None, data_dir: Optional[str] = None,
+                 pub_sub: str = "pub_sub", reactor: Any = None, **kwargs: Any) -> None:
+        super().__init__(name, bus, **kwargs)
+        options = getattr(getattr(self.config, "components", {}).get(name), "options", None) \
+            if self.config is not None else None
+        self.subscription = subscription or getattr(options, "subscription", None) or DEFAULT_SUBSCRIPTION
+        root = data_dir or getattr(self.config, "data_dir", None)
+        if not root:
+            raise ValueError("the persister needs a data directory (config data_dir)")
+        self.data_dir = os.path.abspath(root)
+        self.root = os.path.join(self.data_dir, DATASETS)
+        self.pub_sub = pub_sub
+        self._reactor = reactor
+        self._pool: Optional[ThreadPool] = None
+        self._listener: Any = None
+        self._subscribing: Any = None
+        self._stopping = False
+        self._last: Dict[str, Tuple[int, str]] = {}  # dataset -> (sequence, .dods sha256) of the last saved
+        self._locks: Dict[str, DeferredLock] = {}
+        self._active: set = set()
+        #: the address this persister consumes, once subscribed
+        self.address: Optional[str] = None
+        #: fires with the address once subscribed (tests wait for it)
+        self.ready: Deferred = Deferred()
+        self.counters = {"saved": 0, "unchanged": 0, "failed": 0, "bytes": 0}
+
+    # lifecycle ---------------------------------------------------------------------
+
+    def setUp(self) -> Any:
+        self._stopping = False
+        reactor = self._reactor
+        if reactor is None:
+            reactor = self.bus.clock if IReactorThreads.providedBy(self.bus.clock) else _global_reactor()
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="ooidx-persister-io")
+        self._pool.start()
+        d = self._io(_prepare, self.root)
+        d.addCallback(lambda removed: removed and self.log.info(
+            "{component}: removed {count} unfinished version(s) of earlier runs", component=self.name,
+            count=removed))
+        d.addCallback(lambda _: self._subscribe(self.subscribe_retry[0]))
+        return d
+
+    def _subscribe(self, delay: float) -> None:
+        """Subscribe through pub_sub and consume the address; retried with
+        backoff while pub_sub does not answer (it may be on a node still starting)."""
+        self._subscribing = None
+        if self._stopping:
+            return
+        d = self.bus.call(self.pub_sub, "subscribe", regex=SUBSCRIBE_REGEX, name=self.subscription)
+
+        def subscribed(answer: Any) -> Deferred:
+            address = answer.get("address") if isinstance(answer, dict) else None
+            if not isinstance(address, str) or not address:
+                raise BadMessage(f"{self.pub_sub}.subscribe answered {str(answer)[:200]}, without an address")
+            return self.bus.listen(self._on_message, name=address, durable=True, on_stream=self._on_stream)
+
+        def listening(listener: Any) -> None:
+            if self._stopping:
+                listener.subscription.cancel()
+                return
+            self._listener = listener
+            self.address = listener.address
+            self.log.info("{component}: subscription {subscription} -> {address}; saving under {root}",
+                          component=self.name, subscription=self.subscription, address=listener.address,
+                          root=self.root)
+            if not self.ready.called:
+                self.ready.callback(listener.address)
+
+        def failed(failure: Failure) -> None:
+            if self._stopping:
+                return
+            if failure.check(MagnetError):
+                self.log.warn("{component}: cannot subscribe through {pub_sub} yet ({reason}); again in {delay} s",
+                              component=self.name, pub_sub=self.pub_sub, reason=failure.getErrorMessage(),
+                              delay=delay)
+            else:
+                self.log.failure("{component}: subscribing failed; again in {delay} s", failure,
+                                 component=self.name, delay=delay)
+            self._subscribing = self.clock.callLater(delay, self._subscribe,
+                                                     min(delay * 2, self.subscribe_retry[1]))
+
+        d.addCallback(subscribed)
+        d.addCallbacks(listening, failed)
+
+    @inlineCallbacks
+    def tearDown(self) -> Any:
+        self._stopping = True
+        if self._subscribing is not None and self._subscribing.active():
+            self._subscribing.cancel()
+        self._subscribing = None
+        listener, self._listener = self._listener, None
+        if listener is not None and listener.subscription is not None:
+            try:
+                yield listener.subscription.cancel()  # cancel, never delete: the subscription is durable
+            except Exception as e:  # noqa: BLE001 - the bus may already be gone
+                self.log.debug("{component}: cancelling {address}: {error}", component=self.name,
+                               address=listener.address, error=e)
+        for d in list(self._active):
+            try:
+                yield d
+            except Exception:  # noqa: BLE001 - already logged
+                pass
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
+
+    def _io(self, f: Any, *args: Any, **kwargs: Any) -> Deferred:
+        if self._pool is None:
+            return _failed(OSError(errno.ESHUTDOWN, "the persister is not running"))
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    # operations ------------------------------------------------------------------------
+
+    @operation
+    def versions(self, name: str) -> Deferred:
+        """The manifests of dataset C{name}'s saved versions, oldest first."""
+        if not dap.valid_name(name):
+            raise ValueError(f"not a dataset name: {str(name)[:80]!r}")
+        return self._io(_manifests, os.path.join(self.root, name))
+
+    @operation
+    def stats(self) -> Dict[str, Any]:
+        return dict(self.counters, subscription=self.subscription, address=self.address, node=self.node)
+
+    # the subscription address ------------------------------------------------------------
+
+    def _on_message(self, message: Message) -> None:
+        raise BadMessage(f"a {message.type or 'plain'} message at the persister's address; only dataset "
+                         "streams belong here")
+
+    def _on_stream(self, stream: Any) -> None:
+        """A dataset stream. Returns at once: its start must be acknowledged for its chunks to come."""
+        version = _Version(self, stream)
+        d = version.run()
+        self._active.add(d)
+
+        def done(result: Any) -> Any:
+            self._active.discard(d)
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: self.log.failure("{component}: saving a version", f, component=self.name))
+
+    def _lock(self, name: str) -> DeferredLock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = DeferredLock()
+        return lock
+
+    def _last_saved(self, name: str) -> Deferred:
+        """(sequence, .dods sha256) of the last saved version of C{name}, or (0, "")."""
+        if name in self._last:
+            return succeed(self._last[name])
+        d = self._io(_last_saved, os.path.join(self.root, name), name)
+
+        def found(last: Tuple[int, str]) -> Tuple[int, str]:
+            self._last[name] = last
+            return last
+
+        return d.addCallback(found)
+
+
+class _Version:
+    """One dataset stream becoming one version directory (or nothing)."""
+
+    def __init__(self, persister: Persister, stream: Any) -> None:
+        self.persister = persister
+        self.stream = stream
+        self.log = persister.log
+        self.name: Optional[str] = None
+        self.temp: Optional[str] = None
+        self.fd: Optional[int] = None
+        self.hasher = hashlib.sha256()
+        self.bytes = 0
+        self.problem: Optional[str] = None
+        self.stage = "message"
+
+    @inlineCallbacks
+    def run(self) -> Any:
+        p = self.persister
+        metadata = self.stream.metadata
+        try:
+            self.name = self._check(metadata)
+        except ValueError as e:
+            self.problem = str(e)
+            yield self._drain()
+            return (yield self._failed())
+        dataset_dir = os.path.join(p.root, self.name)
+        try:
+            self.stage = "disk"
+            self.temp = yield p._io(_make_temp, dataset_dir)
+            yield p._io(_write_file, self.temp, self.name + ".das", metadata["das"].encode("utf-8"))
+            yield p._io(_write_file, self.temp, self.name + ".dds", metadata["dds"].encode("utf-8"))
+            self.fd = yield p._io(_open_part, self.temp, self.name + ".dods")
+        except Exception as e:  # noqa: BLE001 - a disk problem: the version is not saved
+            self.problem = f"cannot write under {p.root}: {_describe(e)}"
+        self.stage = "stream" if self.problem is None else self.stage
+        try:
+            yield self.stream.deliver(self._sink)
+        except Exception as e:  # noqa: BLE001
+            if self.problem is None:
+                self.stage = "stream"
+                self.problem = f"the stream broke: {e}"
+        length = metadata.get("length")
+        if self.problem is None and length is not None and length != self.bytes:
+            self.problem = f"{self.bytes} bytes arrived, the upstream declared {length}"
+        if self.problem is not None:
+            yield self._discard()
+            return (yield self._failed())
+        lock = p._lock(self.name)
+        yield lock.acquire()
+        try:
+            return (yield self._commit(metadata, dataset_dir))
+        finally:
+            lock.release()
+
+    def _check(self, metadata: Any) -> str:
+        if not isinstance(metadata, dict):
+            raise ValueError("stream metadata is not an object")
+        name = metadata.get("dataset")
+        if not dap.valid_name(name):
+            raise ValueError(f"not a dataset name: {str(name)[:80]!r}")
+        self.name = name
+        if metadata.get("topic") not in (None, f"dataset.{name}"):
+            raise ValueError(f"topic {str(metadata.get('topic'))[:100]!r} does not name dataset {name}")
+        for key in ("das", "dds", "url"):
+            if not isinstance(metadata.get(key), str):
+                raise ValueError(f"stream metadata without {key!r} text")
+        if metadata.get("status") != 200:
+            raise ValueError(f"status {metadata.get('status')!r}: only a 200 .dods is a dataset version")
+        length = metadata.get("length")
+        if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 0):
+            raise ValueError(f"bad length {length!r}")
+        return name
+
+    def _sink(self, data: bytes) -> Optional[Deferred]:
+        if self.problem is not None or self.fd is None:
+            return None  # drained and dropped: the stream must be consumed either way
+        self.bytes += len(data)
+        self.hasher.update(data)
+        d = self.persister._io(_write_all, self.fd, data)
+
+        def failed(failure: Failure) -> None:
+            if self.problem is None:
+                self.stage = "disk"
+                self.problem = f"cannot write under {self.persister.root}: {_describe(failure.value)}"
+
+        return d.addErrback(failed)
+
+    def _drain(self) -> Deferred:
+        d = self.stream.deliver(lambda data: None)
+        return d.addErrback(lambda _: None)
+
+    @inlineCallbacks
+    def _discard(self) -> Any:
+        p = self.persister
+        fd, self.fd = self.fd, None
+        temp, self.temp = self.temp, None
+        try:
+            yield p._io(_cleanup, fd, temp)
+        except Exception as e:  # noqa: BLE001
+            self.log.warn("{component}: cannot remove {temp}: {error}", component=p.name, temp=temp, error=e)
+
+    @inlineCallbacks
+    def _commit(self, metadata: Dict[str, Any], dataset_dir: str) -> Any:
+        p = self.persister
+        name = self.name
+        sha = self.hasher.hexdigest()
+        try:
+            sequence, last_sha = yield p._last_saved(name)
+        except Exception as e:  # noqa: BLE001
+            self.stage, self.problem = "disk", f"cannot read the versions of {name}: {_describe(e)}"
+            yield self._discard()
+            return (yield self._failed())
+        if sha == last_sha:
+            p.counters["unchanged"] += 1
+            self.log.info("{component}: dataset {dataset} unchanged (sha256 {sha}); no new version",
+                          component=p.name, dataset=name, sha=sha[:12])
+            yield self._discard()
+            return None
+        saved = p.clock.seconds()
+        version = version_name(saved, sha)
+        manifest = {"dataset": name, "url": metadata["url"], "topic": f"dataset.{name}", "version": version,
+                    "sequence": sequence + 1, "fetched": metadata.get("fetched"), "saved": saved,
+                    "subscription": p.subscription, "node": p.node}
+        fd, self.fd = self.fd, None
+        try:
+            self.stage = "disk"
+            result = yield p._io(_finish_version, fd, self.temp, dataset_dir, version, name, manifest,
+                                 metadata.get("das"), self.bytes <= p.max_netcdf_bytes)
+        except Exception as e:  # noqa: BLE001 - the version is not saved; nothing of it is left
+            self.problem = f"cannot save under {p.root}: {_describe(e)}"
+            yield self._discard()
+            return (yield self._failed())
+        self.temp = None
+        p._last[name] = (sequence + 1, sha)
+        p.counters["saved"] += 1
+        p.counters["bytes"] += self.bytes
+        self.log.info("{component}: dataset {dataset} saved as version {version} ({bytes} bytes of .dods)",
+                      component=p.name, dataset=name, version=version, bytes=self.bytes)
+        files = {f: info["bytes"] for f, info in result["files"].items()}
+        yield events.emit(p.bus, "saved", name, component=p.name, subscription=p.subscription, version=version,
+                          path=os.path.join(DATASETS, name, version), url=metadata["url"], sha256=sha,
+                          bytes=self.bytes, fetched=metadata.get("fetched"), saved=saved,
+                          versions=result["versions"], files=files, netcdf="error" not in result["netcdf"])
+        return version
+
+    def _failed(self) -> Deferred:
+        p = self.persister
+        p.counters["failed"] += 1
+        self.log.warn("{component}: dataset {dataset} not saved ({stage}): {reason}", component=p.name,
+                      dataset=self.name, stage=self.stage, reason=self.problem)
+        d = events.emit(p.bus, "failed", self.name, component=p.name, subscription=p.subscription,
+                        stage=self.stage, reason=(self.problem or "")[:500])
+        return d.addCallback(lambda _: None)
+
+
+# --------------------------------------------------------------------------- #
+# blocking disk work (in the persister's threads)
+
+
+def _prepare(root: str) -> int:
+    """Make the datasets directory; remove temporary versions of processes gone. How many removed."""
+    os.makedirs(root, exist_ok=True)
+    removed = 0
+    for dataset in os.listdir(root):
+        dataset_dir = os.path.join(root, dataset)
+        if not os.path.isdir(dataset_dir):
+            continue
+        for entry in os.listdir(dataset_dir):
+            if entry.startswith(TEMP_PREFIX) and not _writer_alive(entry):
+                shutil.rmtree(os.path.join(dataset_dir, entry), ignore_errors=True)
+                removed += 1
+    return removed
+
+
+def _writer_alive(temp_name: str) -> bool:
+    try:
+        pid = int(temp_name[len(TEMP_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _make_temp(dataset_dir: str) -> str:
+    os.makedirs(dataset_dir, exist_ok=True)
+    temp = os.path.join(dataset_dir, f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+    os.mkdir(temp)
+    return temp
+
+
+def _open_part(directory: str, name: str) -> int:
+    return os.open(os.path.join(directory, PART_PREFIX + name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view[:_CHUNK_WRITE])
+        view = view[written:]
+
+
+def _close_part(fd: int, directory: str, name: str) -> None:
+    """fsync and close a part file, and rename it to its name."""
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(os.path.join(directory, PART_PREFIX + name), os.path.join(directory, name))
+
+
+def _write_file(directory: str, name: str, data: bytes) -> None:
+    fd = _open_part(directory, name)
+    try:
+        _write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        raise
+    _close_part(fd, directory, name)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cleanup(fd: Optional[int], temp: Optional[str]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    if temp is not None:
+        shutil.rmtree(temp)
+
+
+def _digest(path: str) -> Tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1024 * 1024)
+            if not block:
+                break
+            size += len(block)
+            h.update(block)
+    return size, h.hexdigest()
+
+
+def _finish_version(fd: int, temp: str, dataset_dir: str, version: str, name: str, manifest: Dict[str, Any],
+                    das: Optional[str], convert: bool) -> Dict[str, Any]:
+    """Close the .dods, write the .nc and the manifest, and rename the version into place."""
+    _close_part(fd, temp, name + ".dods")
+    nc_name = name + ".nc"
+    if not convert:
+        netcdf: Dict[str, Any] = {"error": "the .dods is larger than the persister converts to netCDF"}
+    else:
+        part = os.path.join(temp, PART_PREFIX + nc_name)
+        try:
+            netcdf = to_netcdf(os.path.join(temp, name + ".dods"), part, das)
+        except DecodeError as e:
+            netcdf = {"error": str(e)[:1000]}
+            if os.path.exists(part):
+                os.unlink(part)
+        else:
+            nc_fd = os.open(part, os.O_RDONLY)
+            _close_part(nc_fd, temp, nc_name)
+    files = {}
+    for file in sorted(os.listdir(temp)):
+        if file.startswith(PART_PREFIX):
+            continue
+        size, sha = _digest(os.path.join(temp, file))
+        files[file] = {"bytes": size, "sha256": sha}
+    manifest = dict(manifest, files=files, netcdf=netcdf)
+    _write_file(temp, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
+    _fsync_dir(temp)
+    target = os.path.join(dataset_dir, version)
+    if os.path.exists(target):
+        raise FileExistsError(errno.EEXIST, f"version {version} exists already")
+    os.rename(temp, target)
+    _fsync_dir(dataset_dir)
+    return {"files": files, "netcdf": netcdf, "versions": len(list_versions(dataset_dir))}
+
+
+def _last_saved(dataset_dir: str, name: str) -> Tuple[int, str]:
+    best: Tuple[int, float, str] = (0, 0.0, "")
+    for version in list_versions(dataset_dir):
+        manifest = read_manifest(os.path.join(dataset_dir, version))
+        if manifest is None:
+            continue
+        sequence = manifest.get("sequence")
+        saved = manifest.get("saved")
+        sha = ((manifest.get("files") or {}).get(name + ".dods") or {}).get("sha256")
+        if isinstance(sequence, int) and isinstance(sha, str):
+            key = (sequence, saved if isinstance(saved, (int, float)) else 0.0, sha)
+            if key[:2] > best[:2]:
+                best = key
+    return best[0], best[2]
+
+
+def _manifests(dataset_dir: str) -> List[Dict[str, Any]]:
+    out = []
+    for version in list_versions(dataset_dir):
+        manifest = read_manifest(os.path.join(dataset_dir, version))
+        if manifest is not None:
+            out.append(manifest)
+    out.sort(key=lambda m: (m.get("sequence") or 0, m.get("saved") or 0))
+    return out
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _failed(exc: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(Failure(exc))
+    return d
+
+
+def _global_reactor() -> Any:
+    from twisted.internet import reactor
+    return reactor
