@@ -9,6 +9,8 @@
     POST   /api/datasets/NAME/refresh  202 {"refresh": {...}}                (controller.get_dataset) token
     GET    /api/stats                  controller.get_stats + "time" (the server's clock)
     GET    /api/pub_sub/subscriptions  {"subscriptions": [...]}              (pub_sub.list)
+    GET    /api/user_subscriptions     {"subscriptions": [...], "unavailable": [...]}  token
+                                       people's subscriptions (user_pub_sub.list + user_notification.list)
     GET    /api/events?limit=&regex=   {"events": [...]}                     (notification.api recent)
 
 Reading is open unless the config says C{security: {read_token: true}};
@@ -28,7 +30,7 @@ from importlib import resources
 from typing import Any, Callable, Dict, Optional
 from urllib.parse import unquote, urlsplit
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -76,8 +78,18 @@ SECURITY_HEADERS = {
 UNAVAILABLE = {
     "controller": "The dataset registry (controller) is not available on this node: no controller is running.",
     "pub_sub": "Subscriptions (pub_sub) are not available on this node: no pub_sub is running.",
+    "user_pub_sub": "People's dataset subscriptions (user_pub_sub) are not available on this node.",
+    "user_notification": "People's event subscriptions (user_notification) are not available on this node.",
     EVENTS_SERVICE: "Recent events are not available on this node: no notification service is running.",
 }
+
+
+#: What the page shows of a person's subscription.
+PERSON_FIELDS = ("person", "id", "kind", "regex", "webhook", "max_length", "created")
+
+
+def person_row(record: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: record.get(k) for k in PERSON_FIELDS}
 
 
 def _load_static() -> Dict[str, bytes]:
@@ -126,6 +138,8 @@ class ManagementPage:
             return {b"GET": self.render_stats}
         if path == b"/api/pub_sub/subscriptions":
             return {b"GET": self.render_pub_sub}
+        if path == b"/api/user_subscriptions":
+            return {b"GET": self.render_user_subscriptions}
         if path == b"/api/events":
             return {b"GET": self.render_events}
         return None
@@ -197,6 +211,34 @@ class ManagementPage:
     def render_pub_sub(self, request: server.Request) -> Deferred:
         self._check_read(request)
         return self._call("pub_sub", "list", {}, lambda subs: {"subscriptions": list(subs or [])})
+
+    def render_user_subscriptions(self, request: server.Request) -> Deferred:
+        """Every person's subscriptions, of both kinds. Always behind the
+        token: a webhook URL may carry the person's secret."""
+        from ooidx.web import error_answer, json_answer
+
+        self.web._check_token(request)
+        services = ("user_pub_sub", "user_notification")
+        calls = [self.web.bus.call_with(service, "list", {}, timeout=CALL_TIMEOUT) for service in services]
+
+        def merged(results: Any) -> Any:
+            found, missing = [], []
+            for service, (ok, value) in zip(services, results):
+                if ok:
+                    found.extend(person_row(r) for r in (value or []) if isinstance(r, dict))
+                    continue
+                error = self._failed(service, "list", value)
+                if getattr(error, "status", None) != 503:
+                    return error_answer(error)
+                missing.append(service)
+            if len(missing) == len(services):
+                return error_answer(self._error(503, "Unavailable", "People's subscriptions are not available on "
+                                                                    "this node: no user_pub_sub or "
+                                                                    "user_notification is running."))
+            found.sort(key=lambda r: (str(r.get("person")), r.get("created") or 0))
+            return json_answer({"subscriptions": found, "unavailable": missing})
+
+        return DeferredList(calls, consumeErrors=True).addCallback(merged)
 
     def render_events(self, request: server.Request) -> Deferred:
         self._check_read(request)

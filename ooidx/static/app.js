@@ -89,7 +89,8 @@ function fullTime(t) {
 }
 
 function clock(t) {
-  return new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit",
+                                                     hourCycle: "h23" });
 }
 
 function make(tag, { text, cls, attrs } = {}) {
@@ -186,7 +187,8 @@ let lastDatasetStats = {};
 
 function drawCharts() {
   lineChart($("chart-requests"), series.requests, { format: rate, label: "Requests per second" });
-  lineChart($("chart-bytes"), series.bytes, { format: (v) => `${bytes(v)}/s`, label: "Bytes per second" });
+  lineChart($("chart-bytes"), series.bytes, { format: (v) => `${bytes(v)}/s`, axis: (v) => `${bytes(v)}/s`,
+                                              label: "Bytes per second" });
   const rows = Object.entries(lastDatasetStats)
     .map(([label, s]) => ({ label, hits: s.hits || 0, misses: s.misses || 0 }))
     .filter((r) => r.hits + r.misses > 0)
@@ -445,30 +447,30 @@ async function loadPubSub() {
 }
 
 function delivery(s) {
-  const ways = [];
-  if (s.sse !== false) ways.push("live stream");
-  if (s.webhook) ways.push(`webhook ${s.webhook}`);
-  return ways.join(", ") || "–";
+  if (!s.webhook) return "live stream (SSE)";
+  try { return `webhook to ${new URL(s.webhook).host}`; } catch { return "webhook"; }
 }
 
 async function loadPeople() {
+  if (!token()) {
+    unavailable("people-unavailable", new ApiError(
+      "Listing people's subscriptions needs the operator token: enter it at the top.", "Unauthorized", 403));
+    hideTable("people-table", "people-empty");
+    return SUBSCRIPTIONS_EVERY;
+  }
   try {
-    const answer = await api("GET", "/api/people/subscriptions");
-    unavailable("people-unavailable", null);
+    const answer = await api("GET", "/api/user_subscriptions");
+    const missing = answer.unavailable || [];
+    unavailable("people-unavailable", missing.length
+      ? new ApiError(`Not available on this node: ${missing.join(", ")}.`, "Unavailable", 503) : null);
     fillTable("people-table", "people-empty", answer.subscriptions || [],
-              [(s) => s.person || "–", (s) => s.name || s.id || "–", (s) => s.regex || "–", delivery]);
+              [(s) => s.person || "–", (s) => `${s.kind || "?"} ${s.id || ""}`.trim(), (s) => s.regex || "–", delivery]);
     return SUBSCRIPTIONS_EVERY;
   } catch (e) {
-    let error = e;
-    if (e.status === 404 && e.type === "NotFound") {
-      error = new ApiError("People's subscriptions are not available on this node.", "Unavailable", 503);
-    } else if (e.status === 401 && !token()) {
-      error = new ApiError("Listing people's subscriptions needs the operator token: enter it at the top.",
-                           "Unauthorized", 403);
-    }
-    unavailable("people-unavailable", error);
+    unavailable("people-unavailable", e.status === 401
+      ? new ApiError(`People's subscriptions: ${e.message}.`, e.type, 403) : e);
     hideTable("people-table", "people-empty");
-    return error.type === "Unavailable" ? UNAVAILABLE_EVERY : SUBSCRIPTIONS_EVERY;
+    return e.type === "Unavailable" ? UNAVAILABLE_EVERY : SUBSCRIPTIONS_EVERY;
   }
 }
 
@@ -476,7 +478,7 @@ let eventsRegex = "";
 
 function eventDetails(ev) {
   const skip = new Set(["topic", "kind", "dataset", "time", "node"]);
-  return Object.entries(ev).filter(([k]) => !skip.has(k))
+  return Object.entries(ev).filter(([k, v]) => !skip.has(k) && v !== null && v !== undefined && v !== "")
     .map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ");
 }
 

@@ -28,11 +28,19 @@ export function niceMax(value) {
 }
 
 function clock(t) {
-  return new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit",
+                                                     hourCycle: "h23" });
+}
+
+// An axis label: whole numbers as they are, fractions with the digits the scale needs.
+function tick(value, max, format) {
+  if (format) return format(value);
+  if (Number.isInteger(value)) return String(value);
+  return value.toFixed(max < 1 ? 2 : 1);
 }
 
 // points: [{t: seconds, v: number}], oldest first.
-export function lineChart(container, points, { format = String, label = "", height = 170 } = {}) {
+export function lineChart(container, points, { format = String, axis = null, label = "", height = 170 } = {}) {
   const latest = points.length ? points[points.length - 1].v : null;
   const peak = points.reduce((m, p) => Math.max(m, p.v), 0);
   const summary = points.length
@@ -46,7 +54,7 @@ export function lineChart(container, points, { format = String, label = "", heig
   for (const fraction of [0, 0.5, 1]) {
     const y = top + plotH - fraction * plotH;
     svg.appendChild(el("line", { x1: left, x2: width - right, y1: y, y2: y, class: "grid" }));
-    svg.appendChild(el("text", { x: left - 8, y: y + 4, class: "axis", "text-anchor": "end" }, format(max * fraction)));
+    svg.appendChild(el("text", { x: left - 8, y: y + 4, class: "axis", "text-anchor": "end" }, tick(max * fraction, max, axis)));
   }
   if (points.length < 2) {
     svg.appendChild(el("text", { x: left + plotW / 2, y: top + plotH / 2, class: "axis waiting",
