@@ -11,7 +11,6 @@ import uuid
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
-import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task, threads
@@ -404,7 +403,7 @@ def test_the_bound_drops_the_oldest(stack: Stack) -> Any:
     yield eventually(lambda: stack.user_notification.routed >= 12, 5, "routing")
     yield sleep(0.1)
     client = yield stack.open_stream(sub["events"], token)
-    got = yield client.wait_for(5)
+    yield client.wait_for(5)
     yield sleep(0.2)
     assert [e["data"]["dataset"] for e in client.events] == [f"ds{n}" for n in range(7, 12)]
     yield stack.close_stream(client)
