@@ -76,12 +76,15 @@ SECURITY_HEADERS = {
 
 #: What a person is told when a component does not run anywhere on the bus.
 UNAVAILABLE = {
-    "controller": "The dataset registry (controller) is not available on this node: no controller is running.",
-    "pub_sub": "Subscriptions (pub_sub) are not available on this node: no pub_sub is running.",
-    "user_pub_sub": "People's dataset subscriptions (user_pub_sub) are not available on this node.",
-    "user_notification": "People's event subscriptions (user_notification) are not available on this node.",
-    EVENTS_SERVICE: "Recent events are not available on this node: no notification service is running.",
+    "controller": "The dataset registry (controller) is not available on this node",
+    "pub_sub": "Subscriptions (pub_sub) are not available on this node",
+    "user_pub_sub": "People's dataset subscriptions (user_pub_sub) are not available on this node",
+    "user_notification": "People's event subscriptions (user_notification) are not available on this node",
+    EVENTS_SERVICE: "Recent events are not available on this node",
 }
+#: Services the page can do without: asked with a short timeout, since a
+#: declared queue nobody consumes holds a call until it times out.
+OPTIONAL_TIMEOUT = 3.0
 
 
 #: What the page shows of a person's subscription.
@@ -219,7 +222,7 @@ class ManagementPage:
 
         self.web._check_token(request)
         services = ("user_pub_sub", "user_notification")
-        calls = [self.web.bus.call_with(service, "list", {}, timeout=CALL_TIMEOUT) for service in services]
+        calls = [self.web.bus.call_with(service, "list", {}, timeout=_timeout(service)) for service in services]
 
         def merged(results: Any) -> Any:
             found, missing = [], []
@@ -233,8 +236,8 @@ class ManagementPage:
                 missing.append(service)
             if len(missing) == len(services):
                 return error_answer(self._error(503, "Unavailable", "People's subscriptions are not available on "
-                                                                    "this node: no user_pub_sub or "
-                                                                    "user_notification is running."))
+                                                                    "this node: neither user_pub_sub nor "
+                                                                    "user_notification answered."))
             found.sort(key=lambda r: (str(r.get("person")), r.get("created") or 0))
             return json_answer({"subscriptions": found, "unavailable": missing})
 
@@ -295,7 +298,7 @@ class ManagementPage:
               status: int = 200) -> Deferred:
         from ooidx.web import error_answer, json_answer
 
-        d = self.web.bus.call_with(service, op, kwargs, timeout=CALL_TIMEOUT)
+        d = self.web.bus.call_with(service, op, kwargs, timeout=_timeout(service))
 
         def answer(result: Any) -> Any:
             try:
@@ -308,8 +311,12 @@ class ManagementPage:
 
     def _failed(self, service: str, op: str, failure: Failure) -> Exception:
         exc = failure.value
+        what = UNAVAILABLE.get(service, f"{service} is not available on this node")
         if isinstance(exc, Unroutable) or (isinstance(exc, UnknownOperation) and service != "controller"):
-            return self._error(503, "Unavailable", UNAVAILABLE.get(service, f"{service} is not available on this node."))
+            return self._error(503, "Unavailable", f"{what}: no {service.split('.')[0]} is running.")
+        if isinstance(exc, Timeout) and service != "controller":
+            return self._error(503, "Unavailable", f"{what}: {service} did not answer within "
+                                                   f"{_timeout(service):g} seconds.")
         if isinstance(exc, BadArguments):
             return self._error(400, "BadRequest", exc.message)
         if isinstance(exc, RemoteError):
@@ -318,13 +325,17 @@ class ManagementPage:
                 status = 400 if exc.remote_type in ("ValueError", "TypeError") else 502
             return self._error(status, exc.remote_type, exc.message)
         if isinstance(exc, Timeout):
-            return self._error(504, "Timeout", f"{service} did not answer within {CALL_TIMEOUT:g} seconds")
+            return self._error(504, "Timeout", f"{service} did not answer within {_timeout(service):g} seconds")
         if isinstance(exc, (ConnectionLost, NotConnected, NotConfirmed)):
             return self._error(503, type(exc).__name__, f"the message bus is not reachable: {exc}")
         if isinstance(exc, CancelledError):
             return self._error(503, "Cancelled", "the request was cancelled")
         log.failure("web page: calling {service}.{op}", failure, service=service, op=op)
         return self._error(500, "InternalError", f"{type(exc).__name__} while calling {service}.{op}")
+
+
+def _timeout(service: str) -> float:
+    return CALL_TIMEOUT if service == "controller" else OPTIONAL_TIMEOUT
 
 
 # --------------------------------------------------------------------------- #
