@@ -322,6 +322,11 @@ class Stream:
             self._idle.reset(self._idle_timeout)
 
     def _timed_out(self) -> None:
+        if self._busy or self._pending:
+            # The wait is ours (a slow sink holds the chunks unacknowledged),
+            # not the sender's: only silence while we are ready is a stall.
+            self._idle = self._clock.callLater(self._idle_timeout, self._timed_out)
+            return
         self._fail(Timeout(f"stream {self.stream_id}: nothing arrived for {self._idle_timeout} s"))
 
 

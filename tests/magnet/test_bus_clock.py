@@ -194,3 +194,26 @@ def test_message_bodies_must_be_bytes() -> None:
         Message(b"{}", content_type="text/plain").json()
     with pytest.raises(magnet.BadMessage):
         Message(b"{}").header("op")
+
+
+def test_a_slow_sink_is_not_taken_for_a_stalled_sender() -> None:
+    clock = Clock()
+    broker = MemoryBroker(clock)
+    sender, receiver = make(clock, broker), make(clock, broker, stream_idle_timeout=30)
+    listener = result_of_after(clock, receiver.listen())
+    writer = sender.open_stream(listener.address, {}, chunk_size=4)
+    writer.write(b"abcd")
+    s = result_of_after(clock, listener.next_stream())
+    gate = defer.Deferred()
+    done = s.deliver(lambda data: gate)
+    outcome: List[Any] = []
+    done.addBoth(outcome.append)
+    for _ in range(5):
+        clock.advance(0)
+    clock.advance(120)  # the sink holds its chunk for minutes
+    assert not outcome
+    gate.callback(None)
+    writer.finish()
+    for _ in range(5):
+        clock.advance(0)
+    assert outcome == [4]
