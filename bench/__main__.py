@@ -13,6 +13,7 @@ from bench import harness
 GROUPS: Dict[str, str] = {
     "magnet": "bench.magnet_bench",
     "proxy": "bench.proxy_bench",
+    "pubsub": "bench.pubsub_bench",
 }
 
 

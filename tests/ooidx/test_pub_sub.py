@@ -442,3 +442,32 @@ async def test_subscribe_publish_over_rabbitmq(tmp_path: Any, broker_url: str) -
             await n.bus.transport.delete_queue(queue).addErrback(lambda _: None)
         await n.pubsub.stopService()
         await n.stop()
+
+
+# the command line ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_ooidx_subscriptions_lists_them(node: Node) -> None:
+    import io
+
+    from ooidx import cli
+
+    await node.call("subscribe", regex=r"^dataset\.", name="persister")
+    await node.call("subscribe", regex=r"^event\.saved\.", name="west-coast")
+    client = cli.BrokerClient(node.bus, timeout=2)
+
+    async def run(*argv: str) -> tuple:
+        out, err = io.StringIO(), io.StringIO()
+        args = cli.parser().parse_args(list(argv))
+        await cli.COMMANDS["subscriptions"].run(cli.Context(args, client, out, err))
+        return out.getvalue(), err.getvalue()
+
+    out, err = await run("subscriptions")
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "REGEX", "ADDRESS"]
+    assert lines[1].split() == ["persister", r"^dataset\.", "pubsub.sub.persister"]
+    assert lines[2].split() == ["west-coast", r"^event\.saved\.", "pubsub.sub.west-coast"]
+    assert "user_pub_sub" in err  # not running on this bus: noted, not fatal
+    out, _ = await run("subscriptions", "--json", "--no-people")
+    assert json.loads(out) == {"pub_sub": await node.call("list"), "people": []}

@@ -1,0 +1,315 @@
+"""Group C{pubsub}: routing topics to regex subscriptions, and publish to delivery.
+
+Rows:
+
+  1-3. topics routed per second with 1,000 / 10,000 / 100,000 subscriptions:
+       L{ooidx.routing.Router} (RE2 Sets, one pass per topic) against the
+       naive loop over every compiled Python C{re} pattern (C{search}). The
+       subscriptions are realistic per-dataset patterns (five shapes, see
+       L{patterns}: anchored names with digit classes and alternations, and
+       unanchored C{event\\.saved\\.NAME\\b} ones); 20,000 topics over all
+       the datasets, five in seven matching one subscription, two in seven
+       none, routed round and round (RE2's lazily built DFA is warm after
+       the first pass; see the report for the first pass after a rebuild).
+       Both sides check they find the same keys before timing.
+       The work is CPU-bound, in batches of about 20 ms between reactor turns.
+  4.   end to end over RabbitMQ: events per second from C{publish} (posted to
+       pub_sub) to delivery at 10 subscriber addresses, through the
+       distributor (the subject), against plain magnet fanout to 10
+       subscribers (the baseline), at most 100 events outstanding. Unit:
+       deliveries per second (events x 10), as the magnet group's fanout row.
+
+Everything runs in this one process (one reactor): publisher, pub_sub, the
+attribute store (SQLite in a temporary directory), the distributor and the
+consumers; on the subject side of row 4 pub_sub and the store are served on
+queues of this run's own, and the subscriptions are removed afterwards.
+"""
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from bench.harness import Benchmark, Group, Load, Pipeline, Settings
+from bench.raw_txamqp import delete
+
+#: Seconds of routing between two reactor turns.
+BATCH_SECONDS = 0.02
+
+
+def patterns(n: int) -> Dict[int, str]:
+    """C{n} subscription regexes of five realistic shapes, one dataset each."""
+    out = {}
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            out[i] = rf"^dataset\.sst_{i}$"
+        elif kind == 1:
+            out[i] = rf"^dataset\.ctd_{i}_\d+$"
+        elif kind == 2:
+            out[i] = rf"event\.saved\.ds{i}\b"  # unanchored
+        elif kind == 3:
+            out[i] = rf"^event\.(fetched|saved)\.glider{i}$"
+        else:
+            out[i] = rf"^dataset\.(sst|ctd)_{i}\..*"
+    return out
+
+
+def topics(n: int, count: int = 20_000, seed: int = 1) -> List[str]:
+    """A mix of topics over all C{n} datasets: five in seven match one
+    subscription (of the shape its dataset number gives), two in seven none."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        i = rng.randrange(n)
+        shape = rng.randrange(7)
+        if shape < 5:
+            i = i - i % 5 + shape
+            if i >= n:
+                i -= 5
+        if shape == 0:
+            out.append(f"dataset.sst_{i}")
+        elif shape == 1:
+            out.append(f"dataset.ctd_{i}_{rng.randrange(100)}")
+        elif shape == 2:
+            out.append(f"event.saved.ds{i}")
+        elif shape == 3:
+            out.append(f"event.fetched.glider{i}")
+        elif shape == 4:
+            out.append(f"dataset.sst_{i}.v{rng.randrange(9)}")
+        elif shape == 5:
+            out.append(f"event.purged.sst_{i}")  # no subscription
+        else:
+            out.append(f"dataset.unknown_{rng.randrange(10 ** 6)}")  # no subscription
+    return out
+
+
+class CPULoop(Load):
+    """Call C{route(topic)} over a topic list in batches between reactor turns."""
+
+    def __init__(self, clock: Any, route: Callable[[str], Any], corpus: List[str], drain_timeout: float) -> None:
+        super().__init__(clock, drain_timeout)
+        self.route = route
+        self.corpus = corpus
+        self.position = 0
+        self._call: Any = None
+
+    def _begin(self) -> None:
+        self._call = self.clock.callLater(0, self._batch)
+
+    def _batch(self) -> None:
+        self._call = None
+        if not self.running:
+            return
+        route, corpus, n = self.route, self.corpus, len(self.corpus)
+        deadline = time.perf_counter() + BATCH_SECONDS
+        i = self.position
+        done = 0
+        while True:
+            route(corpus[i])
+            i = i + 1 if i + 1 < n else 0
+            done += 1
+            if done % 16 == 0 and time.perf_counter() >= deadline:
+                break
+        self.position = i
+        self.completed += done
+        self._call = self.clock.callLater(0, self._batch)
+
+    def _drained(self) -> Deferred:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return defer.succeed(None)
+
+
+class _Side:
+    def __init__(self, reactor: Any, settings: Settings) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.buses: List[Any] = []
+
+    def open(self) -> Any:
+        return None
+
+    @inlineCallbacks
+    def close(self) -> Any:
+        for bus in self.buses:
+            if bus.running:
+                yield bus.stopService()
+
+    @inlineCallbacks
+    def _bus(self, node: str) -> Any:
+        import magnet
+
+        timeout = self.settings.setup_timeout
+        bus = magnet.connect(self.settings.broker, self.reactor, node=node, rpc_timeout=timeout,
+                             send_timeout=timeout)
+        bus.startService()
+        yield bus.when_connected(timeout)
+        self.buses.append(bus)
+        return bus
+
+    def _routing_load(self, route: Callable[[str], Any], n: int) -> Load:
+        corpus = topics(n)
+        return CPULoop(self.reactor, route, corpus, self.settings.drain_timeout)
+
+
+def _router(n: int) -> Any:
+    from ooidx.routing import Router
+
+    router = Router()
+    for key, regex in patterns(n).items():
+        router.add(key, regex)
+    return router
+
+
+def _naive(n: int) -> List[Tuple[int, Any]]:
+    return [(key, re.compile(regex)) for key, regex in patterns(n).items()]
+
+
+def _naive_route(compiled: List[Tuple[int, Any]]) -> Callable[[str], set]:
+    def route(topic: str) -> set:
+        return {key for key, p in compiled if p.search(topic)}
+    return route
+
+
+def _check(route: Callable[[str], set], n: int) -> None:
+    """Both sides must find the same keys: compare with the naive loop on a sample."""
+    reference = _naive_route(_naive(n))
+    for topic in topics(n, count=50, seed=99):
+        got, want = route(topic), reference(topic)
+        if got != want:
+            raise AssertionError(f"routing {topic!r}: {sorted(got)} != {sorted(want)}")
+
+
+class PubSubSide(_Side):
+    """The subject: ooidx.routing.Router; pub_sub + distributor end to end."""
+
+    def routing(self, n: int) -> Any:
+        started = time.perf_counter()
+        router = _router(n)
+        router.match("warm.up")  # builds the Set(s)
+        from bench.harness import log
+        log(f"  Router: {n:,} patterns added and compiled into {router.set_count} RE2 Set(s) in "
+            f"{time.perf_counter() - started:.2f} s")
+        _check(router.match, n)
+        return self._routing_load(router.match, n)
+
+    @inlineCallbacks
+    def end_to_end(self, subscribers: int = 10, window: int = 100) -> Any:
+        import magnet
+
+        from ooidx.attribute_store import AttributeStore
+        from ooidx.distributor import Distributor
+        from ooidx.pub_sub import PubSub
+
+        tag = uuid.uuid4().hex[:10]
+        service, store_queue = f"bench.pub_sub.{tag}", f"bench.attrs.{tag}"
+        bus = yield self._bus(f"bench-pubsub-{tag}")
+        consumers = yield self._bus(f"bench-consumers-{tag}")
+        directory = tempfile.mkdtemp(prefix="ooidx-bench-")
+        store = AttributeStore("attribute_store", bus, node=bus.node, url=f"{directory}/attrs.sqlite3",
+                               clock=self.reactor)
+        yield store.setUp()
+        yield bus.serve(store_queue, store)
+        distributor = Distributor("distributor", bus, node=bus.node, clock=self.reactor)
+        yield distributor.start()
+        pubsub = PubSub(service, bus, node=bus.node, clock=self.reactor, store=store_queue)
+        yield pubsub.setUp()
+        yield bus.serve(service, pubsub)
+        yield pubsub.loaded()
+        topic = f"event.saved.bench{tag}"
+        message = {"kind": "saved", "dataset": f"bench{tag}", "pad": "x" * 40}
+        names = [f"bench-{tag}-{i}" for i in range(subscribers)]
+        regexes = [rf"^event\.saved\.bench{tag}$", rf"bench{tag}", r"^event\.saved\."]
+
+        def publish() -> Deferred:
+            return bus.post(service, "publish", topic=topic, message=message)
+
+        load = Pipeline(self.reactor, publish, copies=subscribers, window=window,
+                        drain_timeout=self.settings.drain_timeout)
+        listeners = []
+        for i, name in enumerate(names):
+            sub = yield bus.call(service, "subscribe", regex=regexes[i % len(regexes)], name=name)
+            listeners.append((yield consumers.listen(lambda _m: load.delivered(), name=sub["address"],
+                                                     durable=True)))
+        routed = yield bus.call(service, "route", topic=topic)
+        assert len(routed) == subscribers, routed
+
+        @inlineCallbacks
+        def cleanup() -> Any:
+            for listener in listeners:
+                yield listener.subscription.cancel()
+            for name in names:
+                yield bus.call(service, "unsubscribe", name=name)
+            yield pubsub.tearDown()
+            yield distributor.stopService()
+            yield store.tearDown()
+            yield delete(self.reactor, self.settings.broker,
+                         queues=[service, service + ".dead", store_queue, store_queue + ".dead"])
+            shutil.rmtree(directory, ignore_errors=True)
+
+        load.on_close(cleanup)
+        return load
+
+
+class NaiveSide(_Side):
+    """The baseline: a loop over compiled C{re} patterns; plain magnet fanout."""
+
+    def routing(self, n: int) -> Any:
+        compiled = _naive(n)
+        return self._routing_load(_naive_route(compiled), n)
+
+    @inlineCallbacks
+    def end_to_end(self, subscribers: int = 10, window: int = 100) -> Any:
+        import magnet
+
+        tag = uuid.uuid4().hex[:10]
+        name = f"bench.pubsub.fanout.{tag}"
+        front = yield self._bus(f"bench-front-{tag}")
+        back = yield self._bus(f"bench-back-{tag}")
+        yield front.declare_fanout(name)
+        body = {"topic": f"event.saved.bench{tag}",
+                "message": {"kind": "saved", "dataset": f"bench{tag}", "pad": "x" * 40}}
+        message = magnet.Message.of_json(body, type="publication", headers={"topic": body["topic"]})
+
+        def publish() -> Deferred:
+            return front.send(name, message)
+
+        load = Pipeline(self.reactor, publish, copies=subscribers, window=window,
+                        drain_timeout=self.settings.drain_timeout)
+        subscriptions = []
+        for _ in range(subscribers):
+            subscriptions.append((yield back.subscribe(name, lambda _m: load.delivered())))
+
+        @inlineCallbacks
+        def cleanup() -> Any:
+            yield defer.gatherResults([s.cancel() for s in subscriptions], consumeErrors=True)
+            yield delete(self.reactor, self.settings.broker, exchanges=[name])
+
+        load.on_close(cleanup)
+        return load
+
+
+def group() -> Group:
+    return Group(
+        name="pubsub",
+        description="regex routing (RE2 Set vs a loop over Python re) and publish -> delivery (vs plain fanout)",
+        subject="pub_sub",
+        baselines=["naive"],
+        sides={"pub_sub": PubSubSide, "naive": NaiveSide},
+        benchmarks=[
+            Benchmark("route, 1,000 subscriptions", "topics/s", lambda side: side.routing(1_000)),
+            Benchmark("route, 10,000 subscriptions", "topics/s", lambda side: side.routing(10_000)),
+            Benchmark("route, 100,000 subscriptions", "topics/s", lambda side: side.routing(100_000)),
+            Benchmark("publish -> 10 subscriber addresses (RabbitMQ)", "deliveries/s",
+                      lambda side: side.end_to_end(subscribers=10, window=100)),
+        ],
+    )
