@@ -59,8 +59,9 @@ EVENTS_SERVICE = "notification.api"
 MAX_URL_LENGTH = 2048
 #: Most events one request may ask for.
 MAX_EVENTS = 1000
-#: Longest event filter regex.
-MAX_REGEX = 4096
+#: Longest event filter regex (in characters; percent-encoded it stays
+#: within twisted.web's 16 KiB request line).
+MAX_REGEX = 1024
 #: Refresh periods the controller takes (seconds).
 MIN_REFRESH, MAX_REFRESH = 1.0, 366 * 86400.0
 #: How long the API waits for a component.
