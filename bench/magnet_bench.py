@@ -1,4 +1,5 @@
-"""Group C{magnet}: the messaging layer against raw txAMQP doing the same work.
+"""Group C{magnet}: the messaging layer against pika's Twisted adapter and raw
+txAMQP doing the same work (L{bench.pika_baseline}, L{bench.raw_txamqp}).
 
 Rows (100-byte messages, local broker, each side on two connections of its
 own: callers / producers on one, servers / consumers on the other):
@@ -28,6 +29,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from bench.harness import Benchmark, ClosedLoop, Group, Pipeline, Settings
+from bench.pika_baseline import PikaTwisted
 from bench.raw_txamqp import RawTxAMQP, delete
 
 SIZE = 100
@@ -156,10 +158,10 @@ class Magnet:
 def group() -> Group:
     return Group(
         name="magnet",
-        description="magnet's patterns against raw txAMQP doing the same work",
+        description="magnet's patterns against pika's Twisted adapter and raw txAMQP doing the same work",
         subject="magnet",
-        baselines=["raw txAMQP"],
-        sides={"magnet": Magnet, "raw txAMQP": RawTxAMQP},
+        baselines=["pika (Twisted)", "raw txAMQP"],
+        sides={"magnet": Magnet, "pika (Twisted)": PikaTwisted, "raw txAMQP": RawTxAMQP},
         benchmarks=[
             Benchmark("sequential RPC", "calls/s", lambda side: side.rpc(concurrency=1)),
             Benchmark("RPC, 10 in flight", "calls/s", lambda side: side.rpc(concurrency=10)),
