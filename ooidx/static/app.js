@@ -85,7 +85,7 @@ function ago(t) {
 }
 
 function fullTime(t) {
-  return typeof t === "number" ? new Date(t * 1000).toLocaleString() : "";
+  return typeof t === "number" ? new Date(t * 1000).toLocaleString([], { hourCycle: "h23" }) : "";
 }
 
 function clock(t) {
