@@ -14,13 +14,16 @@ C{retry_limit} attempts, then put on the name's dead-letter queue
 """
 from __future__ import annotations
 
+import itertools
+import math
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional
+from types import CoroutineType
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -119,7 +122,7 @@ class Listener:
         if message.type in stream.STREAM_TYPES:
             return self._on_stream_message(message)
         if self._handler is not None:
-            return maybeDeferred(self._handler, message)
+            return _run(self._handler, message)
         if self._getters:
             self._getters.popleft().callback(message)
             return None
@@ -188,10 +191,15 @@ class Bus(Service):
         self.observer = observer or BusObserver()
         self._kinds: Dict[str, str] = {}
         self._subscriptions: set = set()
-        self._inflight: Dict[int, Deferred] = {}
-        self._inflight_ids = 0
-        self._pending_calls: Dict[str, Deferred] = {}
+        self._inflight = 0  # handlers running now
+        self._idle_waiters: List[Deferred] = []  # fired when no handler runs
+        self._pending_calls: Dict[str, "_Call"] = {}
+        self._deadlines = _Deadlines(clock)
+        self._timed_out_sends: set = set()
+        self._call_ids = itertools.count(1)
+        self._call_prefix = uuid.uuid4().hex[:16] + "."
         self._reply_listener: Optional[Deferred] = None
+        self._reply_to: Optional[str] = None
         self._dead_letters_declared: Optional[Deferred] = None
         self._accepting = True
         transport.add_link_listener(self._link_changed)
@@ -219,13 +227,22 @@ class Bus(Service):
         if not self._inflight:
             return succeed(None)
         self.log.info("waiting up to {timeout} s for {count} in-flight handlers",
-                      timeout=self.shutdown_timeout, count=len(self._inflight))
-        waits = DeferredList([_observe(d) for d in self._inflight.values()], consumeErrors=True)
+                      timeout=self.shutdown_timeout, count=self._inflight)
+        waits: Deferred = Deferred(lambda d: self._idle_waiters.remove(d) if d in self._idle_waiters else None)
+        self._idle_waiters.append(waits)
         waits.addTimeout(self.shutdown_timeout, self.clock)
         waits.addErrback(lambda _: self.log.warn(
             "{count} handlers still running after {timeout} s; their messages will be redelivered",
-            count=len(self._inflight), timeout=self.shutdown_timeout))
+            count=self._inflight, timeout=self.shutdown_timeout))
         return waits
+
+    def _handler_done(self, name: str) -> None:
+        self._inflight -= 1
+        self.observer.inflight(name, -1)
+        if self._inflight == 0 and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
 
     def _link_changed(self, up: bool) -> None:
         if not up:
@@ -233,8 +250,9 @@ class Bus(Service):
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending_calls = self._pending_calls, {}
-        for d in pending.values():
-            d.errback(Failure(exc))
+        for cid, call in pending.items():
+            self._deadlines.remove(cid)
+            call.finish(self, Failure(exc))
 
     def when_connected(self, timeout: Optional[float] = None) -> Deferred:
         return self.transport.when_connected(self.send_timeout if timeout is None else timeout)
@@ -267,11 +285,26 @@ class Bus(Service):
         else:
             exchange, key = DEFAULT_EXCHANGE, address
         d = self.transport.publish(exchange, key, message, mandatory=mandatory)
-        timeout = self.send_timeout if timeout is None else timeout
-        d.addTimeout(timeout, self.clock, onTimeoutCancel=lambda r, t: _raise(
-            Timeout(f"send to {address!r} not confirmed within {t} s")))
         self.observer.message_out(address)
+        if d.called:  # the in-process broker confirms at once
+            return d
+        # One timer for all sends (L{_Deadlines}), not a DelayedCall each.
+        timeout = self.send_timeout if timeout is None else timeout
+        self._deadlines.add(d, timeout, self._send_expired, d)
+        d.addBoth(self._send_settled, d, address, timeout)
         return d
+
+    def _send_expired(self, d: Deferred) -> None:
+        self._timed_out_sends.add(d)
+        d.cancel()  # the transport's late confirm is then ignored
+
+    def _send_settled(self, result: Any, d: Deferred, address: str, timeout: float) -> Any:
+        self._deadlines.remove(d)
+        if self._timed_out_sends and d in self._timed_out_sends:
+            self._timed_out_sends.discard(d)
+            if isinstance(result, Failure) and result.check(CancelledError):
+                raise Timeout(f"send to {address!r} not confirmed within {timeout} s")
+        return result
 
     def send_json(self, address: str, value: Any, **properties: Any) -> Deferred:
         return self.send(address, Message.of_json(value, **properties))
@@ -280,7 +313,7 @@ class Bus(Service):
 
     def consume(self, name: str, handler: Handler, *, prefetch: Optional[int] = None) -> Deferred:
         """Compete for the messages of worker queue C{name}; fires with a L{Subscription}."""
-        return self._consume(name, lambda m, _d: maybeDeferred(handler, m), prefetch)
+        return self._consume(name, lambda m, _d: _run(handler, m), prefetch)
 
     def subscribe(self, fanout: str, handler: Handler, *, prefetch: Optional[int] = None) -> Deferred:
         """Receive a copy of every message sent to fanout C{fanout} from now on."""
@@ -313,7 +346,6 @@ class Bus(Service):
         return d.addCallbacks(started, failed)
 
     def _handle(self, subscription: Subscription, delivery: Delivery, handle: Callable[[Message, Delivery], Any]) -> None:
-        message = delivery.message
         name = subscription.name
         self.observer.message_in(name)
         if not self._accepting or subscription.cancelled:
@@ -321,34 +353,37 @@ class Bus(Service):
             return
         # Count the handler as in flight before it runs: it may call back into
         # code that stops the bus before it even returns.
-        key = self._inflight_ids = self._inflight_ids + 1
-        tracker: Deferred = Deferred()
-        self._inflight[key] = tracker
+        self._inflight += 1
         self.observer.inflight(name, +1)
-
-        def finally_(_: Any) -> None:
-            del self._inflight[key]
-            self.observer.inflight(name, -1)
-            tracker.callback(None)
-
         try:
-            result = handle(message, delivery)
+            result = handle(delivery.message, delivery)
         except Exception:
             result = fail()
         if result is _HELD:
-            finally_(None)
+            self._handler_done(name)
             return
-        if result is None:
+        if not isinstance(result, Deferred):
+            # finished synchronously (the common case): no Deferred at all
             delivery.ack()
-            finally_(None)
+            self._handler_done(name)
             return
+        result.addBoth(self._settle, name, delivery)
 
-        def failed(failure: Failure) -> Optional[Deferred]:
-            return self._handler_failed(name, delivery, failure)
-
-        result.addCallbacks(lambda _: delivery.ack(), failed)
-        result.addErrback(lambda f: self.log.failure("settling a message from {name}", f, name=name))
-        result.addBoth(finally_)
+    def _settle(self, result: Any, name: str, delivery: Delivery) -> None:
+        """A handler's Deferred fired: ack, or retry / dead-letter, then it is no longer in flight."""
+        if not isinstance(result, Failure):
+            delivery.ack()
+            self._handler_done(name)
+            return
+        try:
+            d = self._handler_failed(name, delivery, result)
+        except Exception:
+            d = fail()
+        if d is None:
+            self._handler_done(name)
+            return
+        d.addErrback(lambda f: self.log.failure("settling a message from {name}", f, name=name))
+        d.addBoth(lambda _: self._handler_done(name))
 
     def _handler_failed(self, name: str, delivery: Delivery, failure: Failure) -> Optional[Deferred]:
         message = delivery.message
@@ -404,35 +439,57 @@ class Bus(Service):
         d.addCallback(lambda _: self._consume(name, lambda m, _d: self._answer(name, ops, m), prefetch))
         return d
 
-    def _answer(self, name: str, ops: Dict[str, Callable[..., Any]], message: Message) -> Deferred:
-        result = rpc.invoke(ops, name, message)
+    def _answer(self, name: str, ops: Dict[str, Callable[..., Any]], message: Message) -> Any:
+        """Run a request's operation and answer it; a value (nothing to wait
+        for: ack now) or a Deferred that fires once the reply is confirmed."""
+        try:
+            method, kwargs = rpc.resolve(ops, name, message)
+            result = method(**kwargs)
+        except Exception:
+            return self._answer_failed(Failure(), name, message)
+        if isinstance(result, Deferred):
+            return result.addCallbacks(self._answer_value, self._answer_failed,
+                                       callbackArgs=(name, message), errbackArgs=(name, message))
+        if isinstance(result, (CoroutineType, Failure)):
+            return maybeDeferred(lambda: result).addCallbacks(
+                self._answer_value, self._answer_failed, callbackArgs=(name, message),
+                errbackArgs=(name, message))
+        return self._answer_value(result, name, message)
+
+    def _answer_value(self, value: Any, name: str, message: Message) -> Any:
         if not message.reply_to:
-            return result.addCallback(lambda _: None)
+            return None
+        try:
+            reply = rpc.reply(value, message.correlation_id)
+        except (TypeError, ValueError) as e:
+            return self._answer_failed(Failure(TypeError(f"result is not JSON-serializable: {e}")), name, message)
+        return self._send_reply(name, message, reply)
 
-        def answer(reply: Message) -> Deferred:
-            d = self.transport.publish(DEFAULT_EXCHANGE, message.reply_to, reply, mandatory=True)
-            d.addErrback(lambda f: self.log.warn(
-                "reply from {name} to {reply_to} could not be delivered: {reason}",
-                name=name, reply_to=message.reply_to, reason=f.getErrorMessage()))
+    def _answer_failed(self, failure: Failure, name: str, message: Message) -> Any:
+        if not message.reply_to:
+            return fail(failure)  # send-only: retried, then dead-lettered, like any worker-queue message
+        self.observer.handler_error(name)
+        if failure.check(RemoteError, BadMessage, Refusal, LookupError, ValueError):
+            self.log.info("{name}: {op} refused: {error}", name=name, op=message.headers.get(rpc.OP_HEADER),
+                          error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        else:
+            self.log.failure("operation on {name} failed", failure, name=name)
+        return self._send_reply(name, message, rpc.error_reply(failure, message.correlation_id))
+
+    def _send_reply(self, name: str, message: Message, reply: Message) -> Deferred:
+        d = self.transport.publish(DEFAULT_EXCHANGE, message.reply_to, reply, mandatory=True)
+        if not d.called:
+            d.addErrback(self._reply_failed, name, message.reply_to)
             return d
+        result: List[Any] = []
+        d.addBoth(result.append)
+        if isinstance(result[0], Failure):
+            self._reply_failed(result[0], name, message.reply_to)
+        return None  # type: ignore[return-value]
 
-        def failed(failure: Failure) -> Deferred:
-            self.observer.handler_error(name)
-            if failure.check(RemoteError, BadMessage, Refusal, LookupError, ValueError):
-                self.log.info("{name}: {op} refused: {error}", name=name, op=message.headers.get(rpc.OP_HEADER),
-                              error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
-            else:
-                self.log.failure("operation on {name} failed", failure, name=name)
-            return answer(rpc.error_reply(failure, message.correlation_id))
-
-        def succeeded(value: Any) -> Deferred:
-            try:
-                reply = rpc.reply(value, message.correlation_id)
-            except (TypeError, ValueError) as e:
-                return failed(Failure(TypeError(f"result is not JSON-serializable: {e}")))
-            return answer(reply)
-
-        return result.addCallbacks(succeeded, failed)
+    def _reply_failed(self, failure: Failure, name: str, reply_to: str) -> None:
+        self.log.warn("reply from {name} to {reply_to} could not be delivered: {reason}",
+                      name=name, reply_to=reply_to, reason=failure.getErrorMessage())
 
     def call(self, address: str, op: str, /, *, timeout: Optional[float] = None, **kwargs: Any) -> Deferred:
         """Call C{op} on the service at C{address} with keyword arguments; fires
@@ -444,40 +501,49 @@ class Bus(Service):
         """L{call} with the arguments as a dict, for callers that relay
         arguments they did not write (any name, C{timeout} included)."""
         timeout = self.rpc_timeout if timeout is None else timeout
-        correlation_id = uuid.uuid4().hex
-        started = time.monotonic()
-        d: Deferred = Deferred(lambda _: self._pending_calls.pop(correlation_id, None))
-        self._pending_calls[correlation_id] = d
-
-        def publish(reply_to: str) -> Deferred:
-            try:
-                message = rpc.request(op, kwargs, reply_to=reply_to, correlation_id=correlation_id)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"arguments of {address}.{op} are not JSON-serializable: {e}") from None
-            return self.transport.publish(DEFAULT_EXCHANGE, address, message, mandatory=True)
-
-        def not_sent(failure: Failure) -> None:
-            pending = self._pending_calls.pop(correlation_id, None)
-            if pending is not None:
-                pending.errback(failure)
-
-        sent = self._reply_address()
-        sent.addCallback(publish)
-        sent.addErrback(not_sent)
+        # unique on this bus (the reply address is this bus's own): no uuid4 per call
+        correlation_id = f"{self._call_prefix}{next(self._call_ids)}"
+        d: Deferred = Deferred(lambda _: self._call_cancelled(correlation_id))
+        call = _Call(d, address, op, time.monotonic())
+        self._pending_calls[correlation_id] = call
+        self._deadlines.add(correlation_id, timeout, self._call_expired, correlation_id, timeout)
         self.observer.message_out(address)
-
-        def timed_out(result: Any, t: float) -> None:
-            self._pending_calls.pop(correlation_id, None)
-            raise Timeout(f"{address}.{op} got no reply within {t} s")
-
-        def measured(result: Any) -> Any:
-            outcome = "error" if isinstance(result, Failure) else "ok"
-            self.observer.rpc_latency(address, op, time.monotonic() - started, outcome)
-            return result
-
-        d.addTimeout(timeout, self.clock, onTimeoutCancel=timed_out)
-        d.addBoth(measured)
+        reply_to = self._reply_to
+        if reply_to is not None:
+            self._publish_call(reply_to, address, op, kwargs, correlation_id)
+        else:
+            sent = self._reply_address()
+            sent.addCallback(self._publish_call, address, op, kwargs, correlation_id)
+            sent.addErrback(self._call_not_sent, correlation_id)
         return d
+
+    def _publish_call(self, reply_to: str, address: str, op: str, kwargs: Dict[str, Any],
+                      correlation_id: str) -> None:
+        try:
+            message = rpc.request(op, kwargs, reply_to=reply_to, correlation_id=correlation_id)
+        except (TypeError, ValueError) as e:
+            self._call_not_sent(Failure(TypeError(f"arguments of {address}.{op} are not JSON-serializable: {e}")),
+                                correlation_id)
+            return
+        sent = self.transport.publish(DEFAULT_EXCHANGE, address, message, mandatory=True)
+        sent.addErrback(self._call_not_sent, correlation_id)
+
+    def _call_not_sent(self, failure: Failure, correlation_id: str) -> None:
+        call = self._pending_calls.pop(correlation_id, None)
+        if call is not None:
+            self._deadlines.remove(correlation_id)
+            call.finish(self, failure)
+
+    def _call_expired(self, correlation_id: str, timeout: float) -> None:
+        call = self._pending_calls.pop(correlation_id, None)
+        if call is not None:
+            call.finish(self, Failure(Timeout(f"{call.address}.{call.op} got no reply within {timeout} s")))
+
+    def _call_cancelled(self, correlation_id: str) -> None:
+        call = self._pending_calls.pop(correlation_id, None)
+        if call is not None:
+            self._deadlines.remove(correlation_id)
+            self.observer.rpc_latency(call.address, call.op, time.monotonic() - call.started, "error")
 
     def tell(self, address: str, op: str, reply_to: str, /, *, correlation_id: Optional[str] = None,
              **kwargs: Any) -> Deferred:
@@ -496,25 +562,32 @@ class Bus(Service):
     def _reply_address(self) -> Deferred:
         if self._reply_listener is None:
             self._reply_listener = self.listen(self._on_reply, prefetch=0)
-            self._reply_listener.addCallback(lambda listener: listener.address)
+            self._reply_listener.addCallback(self._reply_listener_ready)
             self._reply_listener.addErrback(self._forget_reply_listener)
         return _observe(self._reply_listener)
 
+    def _reply_listener_ready(self, listener: Listener) -> str:
+        self._reply_to = listener.address
+        return listener.address
+
     def _forget_reply_listener(self, failure: Failure) -> Failure:
         self._reply_listener = None
+        self._reply_to = None
         return failure
 
     def _on_reply(self, message: Message) -> None:
-        d = self._pending_calls.pop(message.correlation_id or "", None)
-        if d is None:
+        cid = message.correlation_id or ""
+        call = self._pending_calls.pop(cid, None)
+        if call is None:
             self.log.debug("reply {cid} arrived after its call ended", cid=message.correlation_id)
             return
+        self._deadlines.remove(cid)
         try:
             value = rpc.decode_reply(message)
         except MagnetError:
-            d.errback(Failure())
+            call.finish(self, Failure())
         else:
-            d.callback(value)
+            call.finish(self, value)
 
     # listen addresses and streams --------------------------------------------
 
@@ -552,6 +625,95 @@ class Bus(Service):
     def send_stream(self, address: str, metadata: Dict[str, Any], chunks: Iterable[bytes], **options: Any) -> Deferred:
         """Stream every chunk of an iterable to C{address}; fires with the byte count."""
         return stream.send_stream(self.open_stream(address, metadata, **options), chunks)
+
+
+class _Call:
+    """A call waiting for its reply."""
+
+    __slots__ = ("deferred", "address", "op", "started")
+
+    def __init__(self, deferred: Deferred, address: str, op: str, started: float) -> None:
+        self.deferred = deferred
+        self.address = address
+        self.op = op
+        self.started = started
+
+    def finish(self, bus: Bus, result: Any) -> None:
+        failed = isinstance(result, Failure)
+        bus.observer.rpc_latency(self.address, self.op, time.monotonic() - self.started,
+                                 "error" if failed else "ok")
+        if failed:
+            self.deferred.errback(result)
+        else:
+            self.deferred.callback(result)
+
+
+class _Deadlines:
+    """Many timeouts on one timer.
+
+    An entry expires at its deadline: the timer is set for the earliest
+    deadline among the entries, and when it fires every overdue entry
+    expires. Adding or removing an entry costs a dict operation, not a
+    DelayedCall (a heap push and a cancellation) per send or call.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.entries: Dict[Any, Tuple[float, Callable[..., None], tuple]] = {}
+        self._timer: Any = None
+        self._at = math.inf
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, key: Any, seconds: float, expire: Callable[..., None], *args: Any) -> None:
+        deadline = self.clock.seconds() + seconds
+        self.entries[key] = (deadline, expire, args)
+        if deadline < self._at:
+            self._schedule(deadline)
+
+    def remove(self, key: Any) -> None:
+        self.entries.pop(key, None)
+        # the timer stays: when it fires with nothing overdue it is set again
+
+    def _schedule(self, at: float) -> None:
+        delay = max(0.0, at - self.clock.seconds())
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._timer = self.clock.callLater(delay, self._fire)
+        self._at = at
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._at = math.inf
+        now = self.clock.seconds() + 1e-9  # float rounding of now + (deadline - now)
+        entries = self.entries
+        overdue = [key for key, (deadline, _, _) in entries.items() if deadline <= now]
+        for key in overdue:
+            entry = entries.pop(key, None)
+            if entry is not None:
+                try:
+                    entry[1](*entry[2])
+                except Exception:
+                    Bus.log.failure("expiring a wait")
+        if entries and self._timer is None:
+            self._schedule(min(deadline for deadline, _, _ in entries.values()))
+
+
+def _run(handler: Handler, message: Message) -> Any:
+    """C{handler(message)}: its value if it finished synchronously, else a
+    Deferred (what it returned, a failed one if it raised, or one for a
+    coroutine), as C{maybeDeferred} would but without a Deferred for a
+    plain value."""
+    try:
+        result = handler(message)
+    except Exception:
+        return fail()
+    if isinstance(result, (Deferred, CoroutineType, Failure)):
+        return maybeDeferred(lambda: result)
+    return result
 
 
 def _observe(d: Deferred) -> Deferred:

@@ -15,6 +15,11 @@ from magnet.errors import BadMessage
 JSON = "application/json"
 BINARY = "application/octet-stream"
 
+#: one encoder for every message: json.dumps with options builds a new
+#: JSONEncoder on each call, which costs more than encoding a small value
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+_decode_json = json.JSONDecoder().decode
+
 
 @dataclass(frozen=True)
 class Message:
@@ -41,7 +46,7 @@ class Message:
     @classmethod
     def of_json(cls, value: Any, **properties: Any) -> "Message":
         """A message whose body is C{value} encoded as JSON."""
-        body = json.dumps(value, separators=(",", ":")).encode("utf-8")
+        body = _encode_json(value).encode("utf-8")
         return cls(body=body, content_type=JSON, **properties)
 
     def json(self) -> Any:
@@ -51,9 +56,28 @@ class Message:
                 f"expected content type {JSON}, got {self.content_type!r}"
             )
         try:
+            # the common case (UTF-8 text) without json.loads' encoding detection
+            return _decode_json(self.body.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError too: let json.loads decide (BOMs, UTF-16/32)
+            pass
+        try:
             return json.loads(self.body)
         except (UnicodeDecodeError, ValueError) as e:
             raise BadMessage(f"body is not valid JSON: {e}") from None
+
+    @classmethod
+    def _trusted(cls, body: bytes, headers: Mapping[str, Any], content_type: Optional[str],
+                 correlation_id: Optional[str], reply_to: Optional[str], message_id: Optional[str],
+                 type: Optional[str], persistent: bool, expiration: Optional[str],
+                 timestamp: Optional[int]) -> "Message":
+        """A message from a decoder that already checked every field (C{body} is
+        bytes): the frozen dataclass's C{__init__} sets each field through
+        C{object.__setattr__}, which costs a delivery more than decoding it."""
+        m = object.__new__(cls)
+        m.__dict__.update(body=body, headers=headers, content_type=content_type,
+                          correlation_id=correlation_id, reply_to=reply_to, message_id=message_id,
+                          type=type, persistent=persistent, expiration=expiration, timestamp=timestamp)
+        return m
 
     def header(self, name: str) -> Any:
         """A header that must be present; L{BadMessage} names it otherwise."""

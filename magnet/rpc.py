@@ -11,7 +11,8 @@ address: that is third-party coordination.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, TypeVar
+import weakref
+from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
@@ -105,19 +106,78 @@ def invoke(service_ops: Dict[str, Callable[..., Any]], service_name: str, messag
     """Run the operation a request names; the Deferred fails with a typed error
     for an unknown operation, arguments that do not fit, or an undecodable request."""
     try:
-        op, kwargs = decode_request(message)
-    except BadMessage as e:
+        method, kwargs = resolve(service_ops, service_name, message)
+    except (BadMessage, UnknownOperation, BadArguments) as e:
         return _failed(e)
+    # A lambda, so that an argument named like maybeDeferred's own parameters still reaches the method.
+    return maybeDeferred(lambda: method(**kwargs))
+
+
+def resolve(service_ops: Dict[str, Callable[..., Any]], service_name: str,
+            message: Message) -> Tuple[Callable[..., Any], Dict[str, Any]]:
+    """The method a request names and the keyword arguments to call it with;
+    raises L{BadMessage}, L{UnknownOperation} or L{BadArguments} (what
+    L{invoke}'s Deferred fails with)."""
+    op, kwargs = decode_request(message)
     method = service_ops.get(op)
     if method is None:
         known = ", ".join(sorted(service_ops)) or "none"
-        return _failed(UnknownOperation("UnknownOperation", f"{service_name} has no operation {op!r} (known: {known})"))
+        raise UnknownOperation("UnknownOperation", f"{service_name} has no operation {op!r} (known: {known})")
+    if not _fits(method, kwargs):
+        try:
+            inspect.signature(method).bind(**kwargs)
+        except TypeError as e:
+            raise BadArguments("BadArguments", f"{service_name}.{op}: {e}") from None
+    return method, kwargs
+
+
+#: function -> (names it takes by keyword, names it requires, takes **kwargs), or None
+#: when only Signature.bind can tell (positional-only parameters without defaults)
+_SHAPES: "weakref.WeakKeyDictionary[Any, Optional[Tuple[FrozenSet[str], FrozenSet[str], bool]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _fits(method: Callable[..., Any], kwargs: Dict[str, Any]) -> bool:
+    """True if C{method(**kwargs)} binds, decided from the method's parameters
+    computed once per function (inspect.signature on every call costs more
+    than a small operation). False means "ask Signature.bind", which then
+    either binds or names what is wrong."""
+    func = getattr(method, "__func__", method)
     try:
-        inspect.signature(method).bind(**kwargs)
-    except TypeError as e:
-        return _failed(BadArguments("BadArguments", f"{service_name}.{op}: {e}"))
-    # A lambda, so that an argument named like maybeDeferred's own parameters still reaches the method.
-    return maybeDeferred(lambda: method(**kwargs))
+        shape = _SHAPES[func]
+    except KeyError:
+        shape = _shape(method)
+        try:
+            _SHAPES[func] = shape
+        except TypeError:  # not weak-referenceable: no cache
+            pass
+    except TypeError:
+        shape = _shape(method)
+    if shape is None:
+        return False
+    names, required, var_keyword = shape
+    if not required.issubset(kwargs):
+        return False
+    return var_keyword or names.issuperset(kwargs)
+
+
+def _shape(method: Callable[..., Any]) -> Optional[Tuple[FrozenSet[str], FrozenSet[str], bool]]:
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names, required, var_keyword = set(), set(), False
+    for p in parameters:
+        if p.kind is p.POSITIONAL_ONLY:
+            if p.default is p.empty:
+                return None
+        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            names.add(p.name)
+            if p.default is p.empty:
+                required.add(p.name)
+        elif p.kind is p.VAR_KEYWORD:
+            var_keyword = True
+    return frozenset(names), frozenset(required), var_keyword
 
 
 def _failed(exc: Exception) -> Deferred:
