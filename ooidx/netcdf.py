@@ -22,13 +22,23 @@ What is written:
 
 pydap loads the whole data into memory (its unpacker takes it all at once),
 so the caller bounds the size it converts.
+
+netCDF-C / HDF5 are not thread-safe: two threads writing files at once crash
+the process. Every netCDF4 call here holds L{NETCDF_LOCK}, one lock for the
+whole process (several persisters in one process, each with its threads,
+share it); other code of the process that opens netCDF files in a thread
+should hold it too.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
-__all__ = ["DATA_MARKER", "DecodeError", "decode", "to_netcdf", "write_netcdf"]
+__all__ = ["DATA_MARKER", "NETCDF_LOCK", "DecodeError", "decode", "to_netcdf", "write_netcdf"]
+
+#: Held around every use of the netCDF4 library (it is not thread-safe).
+NETCDF_LOCK = threading.Lock()
 
 DATA_MARKER = b"\nData:\n"
 #: How far into the .dods its DDS may reach.
@@ -85,19 +95,25 @@ def write_netcdf(dataset: Any, data: List[Any], nc_path: str) -> Dict[str, Any]:
     import netCDF4
 
     arrays, skipped = _arrays(dataset, data)
+    with NETCDF_LOCK:
+        return _write(netCDF4, arrays, skipped, dataset.attributes, nc_path)
+
+
+def _write(netCDF4: Any, arrays: List[Any], skipped: List[str], attributes: Dict[str, Any],
+           nc_path: str) -> Dict[str, Any]:
     written: List[str] = []
     with netCDF4.Dataset(nc_path, "w", format="NETCDF4") as nc:
-        for key, value in _global_attributes(dataset.attributes).items():
+        for key, value in _global_attributes(attributes).items():
             _set_attribute(nc, key, value)
         sizes: Dict[str, int] = {}
-        for name, array, dims, attributes in arrays:
+        for name, array, dims, var_attributes in arrays:
             dims = _dimensions(nc, sizes, name, array.shape, dims)
-            fill = attributes.get("_FillValue")
+            fill = var_attributes.get("_FillValue")
             kind = str if array.dtype.kind in "SUO" else array.dtype.newbyteorder("=")
             fill_value = _fill(fill, array) if kind is not str else None
             var = nc.createVariable(name, kind, dims, fill_value=fill_value if fill_value is not None else False)
             var.set_auto_maskandscale(False)
-            for key, value in attributes.items():
+            for key, value in var_attributes.items():
                 if key != "_FillValue":
                     _set_attribute(var, key, value)
             if kind is str:

@@ -382,10 +382,10 @@ class _Version:
             yield self._discard()
             return (yield self._failed())
         if sha == last_sha:
+            yield self._discard()
             p.counters["unchanged"] += 1
             self.log.info("{component}: dataset {dataset} unchanged (sha256 {sha}); no new version",
                           component=p.name, dataset=name, sha=sha[:12])
-            yield self._discard()
             return None
         saved = p.clock.seconds()
         version = version_name(saved, sha)

@@ -276,3 +276,15 @@ async def test_waits_for_pub_sub(tmp_path: Path) -> None:
     finally:
         await persister.stopService()
         await bus.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_datasets_at_once(rig: Rig, answers: Dict[str, Any]) -> None:
+    """Several versions converted at the same time (netCDF-C is not thread-safe:
+    ooidx.netcdf serializes it; without that this crashed the process)."""
+    names = [f"ds{n}" for n in range(8)]
+    await defer.gatherResults([rig.send(answers, name=name, topic=f"dataset.{name}") for name in names])
+    for n, name in enumerate(names):
+        await rig.events.next("saved", name)
+    for name in names:
+        assert len(rig.versions(name)) == 1
