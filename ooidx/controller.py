@@ -572,9 +572,12 @@ class Controller(Component):
 
     @operation
     def record(self, dataset: Optional[str] = None, url: Optional[str] = None, hit: bool = False, bytes: int = 0,
-               status: Optional[int] = None, **extra: Any) -> None:
+               status: Optional[int] = None, count: int = 1, requests: int = 0, **extra: Any) -> None:
         """Count one answered request (posted by the cache and the fetchers).
-        Without a dataset name, the dataset is the one whose base URL C{url} is under."""
+        Without a dataset name, the dataset is the one whose base URL C{url} is under.
+        C{count}: how many answered requests this stands for (the proxy posts its
+        held answers once a second); C{requests}: how many of them to add to the
+        routed requests too (they never reached get_url)."""
         name = dataset if dap.valid_name(dataset) else None
         if name is None and isinstance(url, str):
             try:
@@ -583,7 +586,11 @@ class Controller(Component):
                 name = None
         size = bytes if isinstance(bytes, int) and not isinstance(bytes, bool) and bytes > 0 else 0
         failed = isinstance(status, int) and not isinstance(status, bool) and status >= 400
-        self._count(name, hits=1 if hit else 0, misses=0 if hit else 1, bytes=size, errors=1 if failed else 0)
+        # proxyng (hot answers held at the proxy): one record for many requests
+        n = count if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= 10**9 else 1
+        routed = requests if isinstance(requests, int) and not isinstance(requests, bool) and 0 < requests <= n else 0
+        self._count(name, hits=n if hit else 0, misses=0 if hit else n, bytes=size, errors=n if failed else 0,
+                    requests=routed)
 
     def _count(self, name: Optional[str], **counts: int) -> None:
         for key, n in counts.items():

@@ -15,6 +15,17 @@ For each request the proxy makes a listen address C{L} of its own, asks
 (C{controller.get_url} or C{csv.render}) for the answer to be sent there,
 waits (bounded) for the stream or an error reply, and closes C{L}.
 
+Hot responses: a small answer the cache served (status 200, at most
+C{HOT_ENTRY_BYTES}) is also held here, in memory (at most C{HOT_BYTES} in
+all, least recently used dropped first), keyed by method and URL, for at most
+C{hot_ttl} seconds (never more than the cache's C{max_age}). A request for it
+is answered at once, without the bus. Held answers are dropped when the
+dataset changes: the events C{event.purged|registered|fetched|refreshed.NAME}
+and C{event.cached.NAME} (its URL) on the C{notification} fanout, and the
+cache's purge broadcast on C{cache.purge}. The requests answered here are
+counted in the controller's statistics all the same: one C{record} post a
+second with their count (C{count}, C{requests}), per dataset and URL.
+
 What the client gets:
 
   - the upstream's status and headers (hop-by-hop ones removed), the body
@@ -35,10 +46,12 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -48,7 +61,9 @@ from zope.interface import implementer
 
 from magnet import (ConnectionLost, MagnetError, NotConfirmed, NotConnected, RemoteError, StreamError, Timeout,
                     Unroutable, decode_reply)
-from magnet.rpc import ERROR, REPLY
+from magnet.rpc import ERROR, REPLY, decode_request
+
+from ooidx import events
 
 from ooidx.component import Component
 from ooidx.errors import http_status
@@ -70,6 +85,21 @@ DEFAULT_ANSWER_TIMEOUT = 75.0
 BASE_TTL = 5.0
 IDLE_TIMEOUT = 60
 MAX_URI = 8192
+#: Seconds a hot response is held at the proxy (capped by the cache's max_age).
+HOT_TTL = 10.0
+#: Largest body held at the proxy, and all held bodies together.
+HOT_ENTRY_BYTES = 256 * 1024
+HOT_BYTES = 32 * 1024 * 1024
+#: Seconds between the posts that count the requests answered at the proxy.
+RECORD_INTERVAL = 1.0
+#: The fanout the caches tell each other about purges on (ooidx.cache.PURGE_FANOUT).
+CACHE_PURGE_FANOUT = "cache.purge"
+#: Events after which what the proxy holds for a dataset may be out of date.
+_INVALIDATING = frozenset(("purged", "registered", "fetched", "refreshed", "cached"))
+#: Response headers never held: the connection's own, and those Twisted sets on each request.
+_NOT_HELD = HOP_BY_HOP | {b"date", b"server"}
+#: by-name suffixes, longest first
+_SUFFIXES_LONGEST_FIRST = tuple(s.encode("ascii") for s in sorted(DAP_SUFFIXES, key=len, reverse=True))
 
 
 class ProxyError(Exception):
@@ -145,9 +175,9 @@ def _by_name(path_and_query: bytes) -> Target:
         raise ProxyError(404, "NotFound", f"no such path: {_printable(path)} (datasets are under /datasets/NAME.SUFFIX)")
     rest = path[len(DATASETS_PREFIX):]
     suffix = b""
-    for candidate in sorted(DAP_SUFFIXES, key=len, reverse=True):
-        if rest.endswith(candidate.encode("ascii")) and len(rest) > len(candidate):
-            suffix = candidate.encode("ascii")
+    for candidate in _SUFFIXES_LONGEST_FIRST:
+        if rest.endswith(candidate) and len(rest) > len(candidate):
+            suffix = candidate
             rest = rest[: -len(candidate)]
             break
     try:
@@ -173,6 +203,8 @@ class _Pump:
         self.stopped = False
         self._waiting: Optional[Deferred] = None
         self.written = 0
+        #: the body so far, while it may still be held as a hot response
+        self.kept: Optional[List[bytes]] = None
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -194,6 +226,11 @@ class _Pump:
             raise ClientGone("the client went away")
         self.written += len(data)
         self.proxy.relayed += len(data)
+        if self.kept is not None:
+            if self.written <= HOT_ENTRY_BYTES:
+                self.kept.append(data)
+            else:
+                self.kept = None
         self.request.write(data)
         if self.paused and not self.stopped:
             self._waiting = Deferred()
@@ -288,6 +325,89 @@ class _Exchange:
             self.answer.errback(Failure(error))
 
 
+class _Held:
+    """One answer held at the proxy."""
+
+    __slots__ = ("status", "reason", "headers", "body", "dataset", "url", "expires")
+
+    def __init__(self, status: int, reason: Optional[bytes], headers: List[Tuple[bytes, List[bytes]]], body: bytes,
+                 dataset: Optional[str], url: str, expires: float) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.dataset = dataset
+        self.url = url
+        self.expires = expires
+
+
+class HotResponses:
+    """Small answers held in memory: bounded bytes, least recently used out first."""
+
+    def __init__(self, max_bytes: int = HOT_BYTES, max_entry: int = HOT_ENTRY_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.max_entry = max_entry
+        self.size = 0
+        self.hits = 0
+        self._entries: "OrderedDict[Tuple[bytes, str], _Held]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, method: bytes, url: str, now: float) -> Optional[_Held]:
+        key = (method, url)
+        held = self._entries.get(key)
+        if held is None:
+            return None
+        if held.expires <= now:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return held
+
+    def put(self, method: bytes, url: str, held: _Held) -> None:
+        if len(held.body) > self.max_entry:
+            return
+        key = (method, url)
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = held
+        self.size += len(held.body) + 256
+        while self.size > self.max_bytes and self._entries:
+            self._drop(next(iter(self._entries)))
+
+    def drop_url(self, url: str) -> int:
+        return self._drop_where(lambda held: held.url == url)
+
+    def drop_dataset(self, name: Optional[str], base_url: Optional[str]) -> int:
+        """Drop what belongs to dataset C{name} or lies under C{base_url}."""
+        def under(held: _Held) -> bool:
+            if name is not None and held.dataset == name:
+                return True
+            if base_url:
+                url = held.url
+                return url == base_url or (url.startswith(base_url) and url[len(base_url)] in "./?")
+            return False
+
+        return self._drop_where(under)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.size = 0
+
+    def _drop_where(self, test: Any) -> int:
+        keys = [key for key, held in self._entries.items() if test(held)]
+        for key in keys:
+            self._drop(key)
+        return len(keys)
+
+    def _drop(self, key: Tuple[bytes, str]) -> None:
+        held = self._entries.pop(key, None)
+        if held is not None:
+            self.size -= len(held.body) + 256
+
+
 class Proxy(Component):
     """The HTTP edge for DAP clients: forward proxy and datasets by name."""
 
@@ -296,7 +416,8 @@ class Proxy(Component):
     def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
                  clock: Any = None, port: Optional[int] = None, interface: Optional[str] = None,
                  answer_timeout: Optional[float] = None, lookup_timeout: Optional[float] = None,
-                 base_ttl: float = BASE_TTL) -> None:
+                 base_ttl: float = BASE_TTL, hot_ttl: Optional[float] = None, hot_bytes: int = HOT_BYTES,
+                 record_interval: float = RECORD_INTERVAL) -> None:
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
         self._port_number, self._interface = self._listen_address(port, interface)
         if answer_timeout is None:
@@ -313,6 +434,14 @@ class Proxy(Component):
         self._own: Tuple[str, ...] = ()
         self.active = 0  # requests in progress
         self.relayed = 0  # body bytes handed to HTTP transports, in all
+        # hot responses: held no longer than the cache keeps an answer fresh
+        max_age = _cache_max_age(config)
+        self.hot_ttl = min(HOT_TTL if hot_ttl is None else hot_ttl, max_age)
+        self.hot = HotResponses(hot_bytes) if self.hot_ttl > 0 and hot_bytes > 0 else None
+        self.record_interval = record_interval
+        self._answered: Dict[Tuple[Optional[str], str], List[int]] = {}  # (dataset, url) -> [count, bytes]
+        self._recorder: Optional[LoopingCall] = None
+        self._hot_subscriptions: List[Any] = []
 
     # where it listens ----------------------------------------------------------------
 
@@ -360,8 +489,22 @@ class Proxy(Component):
         self._own = tuple(sorted(f"{h}:{port}" for h in hosts))
         self.log.info("{component} listening on {url} (forward proxy; /datasets/NAME.SUFFIX)",
                       component=self.name, url=self.url)
+        if self.hot is not None:
+            self._follow_changes()
+            self._recorder = LoopingCall(self._record_answered)
+            self._recorder.clock = self.clock
+            self._recorder.start(self.record_interval, now=False)
 
     def tearDown(self) -> Any:
+        if self._recorder is not None and self._recorder.running:
+            self._recorder.stop()
+        self._recorder = None
+        self._record_answered()
+        subscriptions, self._hot_subscriptions = self._hot_subscriptions, []
+        for subscription in subscriptions:
+            subscription.cancel().addErrback(lambda _: None)
+        if self.hot is not None:
+            self.hot.clear()
         listening, self._listening = self._listening, None
         site, self._site = self._site, None
         if site is not None:
@@ -383,6 +526,13 @@ class Proxy(Component):
             target = parse_target(request.uri, self._own)
         except ProxyError as e:
             return self._error_now(request, e)
+        hot = self.hot
+        if hot is not None and not target.csv:
+            url = target.url if target.url is not None else self._url_now(target)
+            if url is not None:
+                held = hot.get(request.method, url, self.clock.seconds())
+                if held is not None:
+                    return self._answer_held(request, held)
         d = self._serve(request, target)
         d.addErrback(self._unexpected, request)
         return server.NOT_DONE_YET
@@ -457,7 +607,7 @@ class Proxy(Component):
             if gone:
                 stream.deliver(lambda data: None).addErrback(lambda _: None)
                 return
-            yield self._relay(request, stream, method, exchange.via, started)
+            yield self._relay(request, stream, method, exchange.via, started, url, target.name)
         finally:
             self.active -= 1
             if exchange.listener is not None:
@@ -525,10 +675,109 @@ class Proxy(Component):
         else:
             self._bases.pop(name, None)
 
+    # hot responses ----------------------------------------------------------------------
+
+    def _url_now(self, target: Target) -> Optional[str]:
+        """The URL of a by-name target if its base URL is remembered, else None."""
+        known = self._bases.get(target.name)  # type: ignore[arg-type]
+        if known is None or known[0] <= self.clock.seconds():
+            return None
+        return known[1] + target.suffix + ("?" + target.query if target.query is not None else "")
+
+    def _hold(self, request: server.Request, method: str, url: str, dataset: Optional[str], body: bytes) -> None:
+        headers = [(name, list(values)) for name, values in request.responseHeaders.getAllRawHeaders()
+                   if name.lower() not in _NOT_HELD]
+        self.hot.put(method.encode("ascii"), url, _Held(  # type: ignore[union-attr]
+            request.code, request.code_message, headers, body, dataset, url,
+            self.clock.seconds() + self.hot_ttl))
+
+    def _answer_held(self, request: server.Request, held: _Held) -> bytes:
+        request.setResponseCode(held.status, held.reason)
+        headers = request.responseHeaders
+        for name, values in held.headers:
+            headers.setRawHeaders(name, values)
+        key = (held.dataset, held.url)
+        counts = self._answered.get(key)
+        size = len(held.body) if request.method != b"HEAD" else 0
+        if counts is None:
+            self._answered[key] = [1, size]
+        else:
+            counts[0] += 1
+            counts[1] += size
+        self.relayed += size
+        return held.body
+
+    def _record_answered(self) -> None:
+        """Count the requests answered here in the controller's statistics."""
+        answered, self._answered = self._answered, {}
+        for (dataset, url), (count, size) in answered.items():
+            d = self.bus.post("controller", "record", dataset=dataset, url=url, hit=True, bytes=size, status=200,
+                              count=count, requests=count)
+            d.addErrback(lambda f: self.log.debug("{component}: record not delivered: {reason}",
+                                                  component=self.name, reason=f.getErrorMessage()))
+
+    def _follow_changes(self) -> None:
+        def subscribed(subscription: Any) -> None:
+            if self._listening is None:
+                subscription.cancel().addErrback(lambda _: None)
+            else:
+                self._hot_subscriptions.append(subscription)
+
+        def not_subscribed(failure: Failure, fanout: str) -> None:
+            # without the change notices nothing may be held
+            self.log.warn("{component}: not following {fanout} ({reason}); answers are not held at the proxy",
+                          component=self.name, fanout=fanout, reason=failure.getErrorMessage())
+            self.hot = None
+
+        for fanout, handler in ((events.NOTIFICATION, self._on_event), (CACHE_PURGE_FANOUT, self._on_cache_purge)):
+            self.bus.subscribe(fanout, handler).addCallbacks(subscribed, not_subscribed, errbackArgs=(fanout,))
+
+    def _on_event(self, message: Any) -> None:
+        hot = self.hot
+        if hot is None or message.type != events.EVENT:
+            return
+        topic = message.headers.get(events.TOPIC_HEADER)
+        if not isinstance(topic, str):
+            return
+        parts = topic.split(".", 2)
+        if len(parts) != 3 or parts[1] not in _INVALIDATING:
+            return
+        name = parts[2] if parts[2] != "-" else None
+        try:
+            body = message.json()
+        except MagnetError:
+            body = None
+        url = body.get("url") if isinstance(body, dict) and isinstance(body.get("url"), str) else None
+        if parts[1] == "cached":
+            if url is not None:
+                hot.drop_url(url)
+            return
+        if name is not None:
+            self.forget(name)
+        hot.drop_dataset(name, url)
+
+    def _on_cache_purge(self, message: Any) -> None:
+        hot = self.hot
+        if hot is None:
+            return
+        try:
+            op, kwargs = decode_request(message)
+        except MagnetError:
+            hot.clear()  # cannot tell what went: drop it all
+            return
+        if op != "purge":
+            return
+        name = kwargs.get("name") if isinstance(kwargs.get("name"), str) else None
+        base_url = kwargs.get("base_url") if isinstance(kwargs.get("base_url"), str) else None
+        if name is not None:
+            self.forget(name)
+        hot.drop_dataset(name, base_url)
+
     # relaying an answer -------------------------------------------------------------
 
     @inlineCallbacks
-    def _relay(self, request: server.Request, stream: Any, method: str, via: Optional[str], started: float) -> Any:
+    def _relay(self, request: server.Request, stream: Any, method: str, via: Optional[str], started: float,
+               url: Optional[str] = None, dataset: Optional[str] = None) -> Any:
         meta = stream.metadata if isinstance(stream.metadata, dict) else {}
         status = meta.get("status")
         if not isinstance(status, int) or not 100 <= status <= 599:
@@ -565,6 +814,10 @@ class Proxy(Component):
         if source:
             request.setHeader(b"X-Ooidx-Source", str(source).encode("ascii", "replace"))
         pump = _Pump(request, self)
+        keep = (self.hot is not None and url is not None and status == 200 and meta.get("source") == "cache"
+                and (declared is None or declared <= HOT_ENTRY_BYTES or method == "HEAD"))
+        if keep:
+            pump.kept = []
         request.registerProducer(pump, True)
         ok = False
         try:
@@ -583,6 +836,8 @@ class Proxy(Component):
             request.unregisterProducer()
         elapsed = time.monotonic() - started
         if ok:
+            if keep and pump.kept is not None and (method == "HEAD" or declared is not None):
+                self._hold(request, method, url, dataset, b"".join(pump.kept))
             if not request.finished and request.channel is not None:
                 request.finish()
             self.log.info("{component} {method} {uri} -> {status} ({bytes} bytes, {source}, {elapsed:.3f} s)",
@@ -599,6 +854,19 @@ class Proxy(Component):
             self.log.warn("{component} {method} {uri}: transfer failed after {bytes} bytes: {why}",
                           component=self.name, method=method, uri=_printable(request.uri), bytes=pump.written,
                           why=why)
+
+
+def _cache_max_age(config: Any) -> float:
+    """The cache's max_age from the config (the default when the config has no cache)."""
+    from ooidx.config import CacheOptions
+
+    components = getattr(config, "components", None)
+    settings = components.get("cache") if hasattr(components, "get") else None
+    options = getattr(settings, "options", None)
+    max_age = getattr(options, "max_age", None)
+    if isinstance(max_age, (int, float)) and not isinstance(max_age, bool):
+        return float(max_age)
+    return CacheOptions().max_age
 
 
 def _abort(request: server.Request) -> None:

@@ -38,6 +38,11 @@ class FakeController:
         self.bus = bus
         self.calls: List[Dict[str, Any]] = []
         self.writers: List[Any] = []
+        self.records: List[Dict[str, Any]] = []
+
+    @operation
+    def record(self, **kwargs: Any) -> None:
+        self.records.append(kwargs)
 
     @operation
     def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None,
@@ -63,7 +68,8 @@ class FakeController:
         if path.startswith("/ok"):
             body = DDS + path.encode()
             return self._stream(address, request_id, 200, headers + [["Content-Length", str(len(body))]],
-                                [] if method == "HEAD" else [body], length=len(body))
+                                [] if method == "HEAD" else [body], length=len(body),
+                                source="cache" if "cached" in path else "fetcher")
         if path.startswith("/notfound"):
             return self._stream(address, request_id, 404, headers + [["Content-Length", "9"]], [b"not there"],
                                 reason="Not Found Here")
@@ -94,8 +100,8 @@ class FakeController:
 
     @defer.inlineCallbacks
     def _stream(self, address: str, request_id: str, status: int, headers: list, chunks: list,
-                length: Optional[int] = None, reason: str = "", abort: bool = False) -> Any:
-        meta = {"status": status, "reason": reason, "headers": headers, "url": "x", "source": "fetcher",
+                length: Optional[int] = None, reason: str = "", abort: bool = False, source: str = "fetcher") -> Any:
+        meta = {"status": status, "reason": reason, "headers": headers, "url": "x", "source": source,
                 "length": length}
         writer = self.bus.open_stream(address, meta, correlation_id=request_id)
         self.writers.append(writer)
@@ -111,7 +117,8 @@ class FakeStore:
     def __init__(self) -> None:
         self.records = {"dataset:sst": {"name": "sst", "url": UP + "/ok/sst.nc", "status": "registered"},
                         "dataset:gone": {"name": "gone", "url": UP + "/ok/gone", "status": "purged"},
-                        "dataset:with.dots": {"name": "with.dots", "url": UP + "/ok/dots", "status": "fetched"}}
+                        "dataset:with.dots": {"name": "with.dots", "url": UP + "/ok/dots", "status": "fetched"},
+                        "dataset:hot": {"name": "hot", "url": UP + "/ok/cached/hot", "status": "fetched"}}
         self.gets = 0
 
     @operation
@@ -559,3 +566,63 @@ async def test_client_gone_mid_body_releases_the_request(stack: Stack) -> None:
             break
         await task.deferLater(reactor, 0.05, lambda: None)
     assert stack.proxy.active == 0
+
+
+# --------------------------------------------------------------------------- #
+# hot answers held at the proxy
+
+
+async def _ticks(n: int = 5) -> None:
+    for _ in range(n):
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_small_cache_answer_is_held_and_counted(stack: Stack) -> None:
+    first = await stack.get("/datasets/hot.dds?x")
+    assert first[0] == 200 and len(stack.controller.calls) == 1
+    second = await stack.get("/datasets/hot.dds?x")
+    assert len(stack.controller.calls) == 1, "the second request is answered at the proxy"
+    assert second[0] == 200 and second[2] == first[2]
+    for name in (b"Content-Type", b"X-Upstream", b"X-Ooidx-Source", b"Via", b"Content-Length"):
+        assert second[1].getRawHeaders(name) == first[1].getRawHeaders(name), name
+    head = await stack.get("/datasets/hot.dds?x", method="HEAD")  # a HEAD is its own answer
+    assert head[0] == 200 and len(stack.controller.calls) == 2
+    # not a cache answer: never held
+    await stack.get("/datasets/sst.dds")
+    await stack.get("/datasets/sst.dds")
+    assert len(stack.controller.calls) == 4
+    stack.proxy._record_answered()
+    await _ticks()
+    records = [r for r in stack.controller.records if r.get("count")]
+    assert records == [dict(dataset="hot", url=UP + "/ok/cached/hot.dds?x", hit=True, bytes=len(first[2]),
+                            status=200, count=1, requests=1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_answers_go_with_purge_and_change_events(stack: Stack) -> None:
+    from ooidx import events
+
+    async def asked(path: str) -> int:
+        before = len(stack.controller.calls)
+        response = await stack.get(path)
+        assert response[0] == 200
+        return len(stack.controller.calls) - before
+
+    await asked("/datasets/hot.dds")
+    assert await asked("/datasets/hot.dds") == 0
+    await events.emit(stack.bus, "purged", "hot", url=UP + "/ok/cached/hot")
+    await _ticks()
+    assert await asked("/datasets/hot.dds") == 1, "dropped on event.purged"
+    assert await asked("/datasets/hot.dds") == 0
+    await events.emit(stack.bus, "cached", "hot", url=UP + "/ok/cached/hot.dds")
+    await _ticks()
+    assert await asked("/datasets/hot.dds") == 1, "dropped on event.cached of its URL"
+    await stack.bus.send("cache.purge", magnet.rpc.request("purge", {"name": "hot", "base_url": None,
+                                                                     "origin": "x"}))
+    await _ticks()
+    assert await asked("/datasets/hot.dds") == 1, "dropped on the caches' purge broadcast"
+    stack.proxy.hot_ttl = 0.05
+    await asked("/datasets/hot.dds?ttl")
+    await task.deferLater(reactor, 0.1, lambda: None)
+    assert await asked("/datasets/hot.dds?ttl") == 1, "held no longer than hot_ttl"
