@@ -50,12 +50,55 @@ def broker_url():
         problem = str(e)
     if problem:
         pytest.fail(problem, pytrace=False)
+    vhost = _session_vhost(url) if node is None else None
+    if vhost is not None:
+        url = vhost[0]
+        how += ", in a virtual host of this run's own"
     _broker_used.append("%s (%s)" % (redact(url), how))
     try:
         yield url
     finally:
+        if vhost is not None:
+            vhost[1]()
         if node is not None:
             node.remove()
+
+
+def _session_vhost(url):
+    """On the machine's shared broker, a virtual host for this run, deleted at
+    its end: whatever a test leaves behind (durable queues, messages for a
+    component nobody ran) cannot reach another test run. Returns
+    ``(url, delete)``, or None where rabbitmqctl cannot manage the broker
+    (a remote OOIDX_TEST_BROKER): then the URL is used as it is."""
+    import shutil
+    import subprocess
+    import uuid
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    from tests.rabbitmq import url_host_port
+
+    if url_host_port(url)[0] not in ("127.0.0.1", "localhost") or not shutil.which("rabbitmqctl"):
+        return None
+
+    def ctl(*args):
+        return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=90)
+
+    parts = urlsplit(url)
+    name = "ooidx-run-%d-%s" % (os.getpid(), uuid.uuid4().hex[:8])
+    try:
+        if ctl("add_vhost", name).returncode != 0:
+            return None
+        ctl("set_permissions", "-p", name, parts.username or "guest", ".*", ".*", ".*")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+    def delete():
+        try:
+            ctl("delete_vhost", name)
+        except (OSError, subprocess.TimeoutExpired):
+            _log("could not delete the test virtual host %s" % name)
+
+    return urlunsplit(parts._replace(path="/" + quote(name, safe=""))), delete
 
 
 @pytest.fixture
