@@ -44,6 +44,11 @@ ORIGIN_HEADER = "x-magnet-origin"
 DEAD_SUFFIX = ".dead"
 SHARED_DEAD_LETTERS = "magnet.dead-letters"
 
+#: Durable addresses carry streams, and a stream must reach one consumer
+#: whole: several consumers of one durable address take turns as RabbitMQ's
+#: single active consumer (failover), never splitting a stream's chunks.
+DURABLE_ADDRESS_ARGUMENTS = {"x-single-active-consumer": True}
+
 
 class Subscription:
     """A running consumer made through the bus; C{cancel} stops it."""
@@ -599,13 +604,14 @@ class Bus(Service):
         Private by default (only this connection consumes it; it goes when the
         bus stops). C{shared}: other consumers may join it as a worker queue.
         C{durable}: it outlives its consumers, so what arrives while they are
-        away is kept (a named durable subscription). C{on_stream} is called
+        away is kept (a named durable subscription); its consumers take turns
+        as a single active consumer, so streams arrive whole. C{on_stream} is called
         with each stream as it starts; without it, take streams with
         L{Listener.next_stream}."""
         address = name or f"magnet.listen.{self.node}.{uuid.uuid4().hex}"
         listener = Listener(self, address, handler, self.stream_idle_timeout, on_stream)
         if durable:
-            d = self.transport.declare_queue(address, durable=True)
+            d = self.declare_address(address)
         else:
             d = self.transport.declare_queue(address, durable=False, exclusive=not shared, auto_delete=True)
         d.addCallback(lambda _: self._consume(address, listener._on_message, prefetch))
@@ -615,6 +621,13 @@ class Bus(Service):
             return listener
 
         return d.addCallback(ready)
+
+    def declare_address(self, name: str) -> Deferred:
+        """A durable address (as L{listen} with C{durable=True} makes it), for
+        a service that hands out addresses others will consume, such as a
+        named subscription. Everyone declaring it must use this, since RabbitMQ
+        refuses a redeclaration with other arguments."""
+        return self.transport.declare_queue(name, durable=True, arguments=DURABLE_ADDRESS_ARGUMENTS)
 
     def open_stream(self, address: str, metadata: Dict[str, Any], *, correlation_id: Optional[str] = None,
                     chunk_size: int = stream.DEFAULT_CHUNK_SIZE, window: int = stream.DEFAULT_WINDOW) -> stream.StreamWriter:

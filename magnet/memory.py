@@ -174,6 +174,11 @@ class _Queue:
                 d.callback(None)
 
     def _next_with_room(self) -> Optional[MemoryConsumer]:
+        if self.arguments.get("x-single-active-consumer"):
+            # RabbitMQ's single active consumer: the earliest consumer gets
+            # everything; the next one takes over only when it goes.
+            first = self.consumers[0]
+            return first if first.has_room() else None
         n = len(self.consumers)
         for i in range(n):
             consumer = self.consumers[(self._rr + i) % n]

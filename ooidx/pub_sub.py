@@ -10,8 +10,8 @@ Operations on the worker queue C{pub_sub} (docs/dissemination.md):
     subs = yield bus.call("pub_sub", "list")
 
 A subscription's address is a durable queue C{pubsub.sub.NAME}, declared
-as C{bus.listen(name=ADDRESS, durable=True)} declares it (durable, no
-arguments), so a subscriber may consume it either way and what arrives while
+with L{magnet.Bus.declare_address}, as C{bus.listen(name=ADDRESS, durable=True)}
+declares it (durable, single active consumer, so streams arrive whole), so a subscriber may consume it either way and what arrives while
 it is away is kept. Subscriptions live in the attribute store
 (C{subscription:NAME}); every pub_sub instance keeps them in memory in an
 L{ooidx.routing.Router} (one RE2 Set pass per topic), loads them at start,
@@ -281,7 +281,7 @@ class PubSub(Component):
         check_name(name)
         yield self.loaded()
         address = address_of(name)
-        yield self.bus.transport.declare_queue(address, durable=True)
+        yield self.bus.declare_address(address)
         key = KEY_PREFIX + name
         try:
             old = yield self.bus.call(self.store, "get", key=key, timeout=self.store_timeout)

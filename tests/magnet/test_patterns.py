@@ -385,3 +385,36 @@ def test_post_is_send_only_and_streams_can_be_handled_as_they_start(make_bus: An
     yield client.send_stream(listener.address, {}, [b"ab", b"cd"])
     yield wait(arrived)
     assert bodies == [b"abcd"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_durable_address_gives_each_stream_whole_to_one_consumer(make_bus: Any, names: Any) -> Any:
+    """Two consumers of one durable address never split a stream: one is
+    active, the other takes over when it goes."""
+    address = names("durable")
+    sender, first, second = make_bus(), make_bus(), make_bus()
+    got: List[tuple] = []
+    done = defer.Deferred()
+
+    def receiver(who: str) -> Any:
+        def on_stream(s: Any) -> None:
+            def finished(body: bytes) -> None:
+                got.append((who, body))
+                if len(got) == 3 and not done.called:
+                    done.callback(None)
+            s.read_all().addCallbacks(finished, lambda f: got.append((who, f.value)))
+        return on_stream
+
+    a = yield first.listen(name=address, durable=True, on_stream=receiver("first"))
+    yield second.listen(name=address, durable=True, on_stream=receiver("second"))
+    for i in range(3):
+        yield sender.send_stream(address, {}, [bytes([i]) * 1000] * 20, chunk_size=1000)
+    yield wait(done)
+    assert got == [("first", bytes([i]) * 20000) for i in range(3)]
+    yield a.subscription.cancel()
+    yield sender.send_stream(address, {}, [b"z" * 1000] * 5, chunk_size=1000)
+    for _ in range(50):
+        if len(got) == 4:
+            break
+        yield settle(0.1)
+    assert got[3] == ("second", b"z" * 5000)
