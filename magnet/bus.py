@@ -320,6 +320,19 @@ class Bus(Service):
         """Compete for the messages of worker queue C{name}; fires with a L{Subscription}."""
         return self._consume(name, lambda m, _d: _run(handler, m), prefetch)
 
+    def consume_deliveries(self, name: str, on_delivery: Callable[[Message, Delivery], None], *,
+                           prefetch: Optional[int] = None) -> Deferred:
+        """Consume C{name}, settling each message yourself (C{delivery.ack()} or
+        C{delivery.nack()}), for consumers whose work on a message ends long
+        after the call returns (a webhook retried with backoff, a browser
+        reading a stream). If C{on_delivery} raises, the message is retried and
+        dead-lettered as with L{consume}."""
+        def handle(message: Message, delivery: Delivery) -> Any:
+            on_delivery(message, delivery)
+            return _HELD
+
+        return self._consume(name, handle, prefetch)
+
     def subscribe(self, fanout: str, handler: Handler, *, prefetch: Optional[int] = None) -> Deferred:
         """Receive a copy of every message sent to fanout C{fanout} from now on."""
         queue = f"{fanout}.sub.{self.node}.{uuid.uuid4().hex[:12]}"

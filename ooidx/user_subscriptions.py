@@ -45,7 +45,6 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
 from magnet import Message, Refusal, RemoteError, Timeout, Unroutable, operation
-from magnet.bus import _HELD
 
 from ooidx import events, urlpolicy
 from ooidx.component import Component
@@ -228,7 +227,7 @@ class WebhookDelivery:
         return self.record["queue"]
 
     def start(self) -> Deferred:
-        d = self.bus._consume(self.queue, self._on_message, 1)
+        d = self.bus.consume_deliveries(self.queue, self._on_message, prefetch=1)
 
         def started(subscription: Any) -> None:
             self.subscription = subscription
@@ -237,12 +236,11 @@ class WebhookDelivery:
 
         return d.addCallback(started)
 
-    def _on_message(self, message: Message, delivery: Any) -> Any:
+    def _on_message(self, message: Message, delivery: Any) -> None:
         if self.stopped:
             delivery.nack(requeue=True)
-            return _HELD
+            return
         self._attempt(message, delivery, 1)
-        return _HELD
 
     def _attempt(self, message: Message, delivery: Any, attempt: int) -> None:
         self._timer = None
@@ -958,16 +956,15 @@ class SubscriptionsApi:
             if held and sse.paused and not sse.closed:
                 sse.when_resumed(drain)
 
-        def on_message(message: Message, delivery: Any) -> Any:
+        def on_message(message: Message, delivery: Any) -> None:
             if sse.closed:
                 delivery.nack(requeue=True)
-                return _HELD
+                return
             held.append((message, delivery))
             drain()
-            return _HELD
 
         try:
-            subscription = yield self.bus._consume(record["queue"], on_message, self.prefetch)
+            subscription = yield self.bus.consume_deliveries(record["queue"], on_message, prefetch=self.prefetch)
         except Exception as e:
             self.log.warn("cannot read {queue}: {error}", queue=record["queue"], error=e)
             sse.finish()
