@@ -34,7 +34,7 @@ STREAM_TYPES = frozenset((START, DATA, END, ABORT))
 STREAM_HEADER = "x-stream"
 SEQ_HEADER = "x-seq"
 
-DEFAULT_CHUNK_SIZE = 64 * 1024
+DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_WINDOW = 8
 
 Publish = Callable[[Message], Deferred]
@@ -53,7 +53,8 @@ class StreamWriter:
         self._chunk_size = chunk_size
         self._window = window
         self._seq = 0
-        self._buffer = bytearray()
+        self._buffer: list = []  # pieces written, not yet a whole chunk
+        self._buffered = 0
         self._unconfirmed = 0
         self._waiting: Deque[Deferred] = deque()
         self._drained: list = []
@@ -112,11 +113,20 @@ class StreamWriter:
             return _failed(Failure(StreamError("write to a finished stream")))
         if self._failure is not None:
             return _failed(self._failure)
-        self._buffer += data
-        while len(self._buffer) >= self._chunk_size:
-            chunk = bytes(self._buffer[: self._chunk_size])
-            del self._buffer[: self._chunk_size]
-            self._send_chunk(chunk)
+        if data:
+            # pieces are joined once per chunk (one copy), not appended to a growing buffer
+            self._buffer.append(bytes(data))
+            self._buffered += len(data)
+            size = self._chunk_size
+            if self._buffered >= size:
+                joined = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+                pos = 0
+                while len(joined) - pos >= size:
+                    self._send_chunk(joined[pos:pos + size] if pos or len(joined) > size else joined)
+                    pos += size
+                rest = joined[pos:]
+                self._buffer = [rest] if rest else []
+                self._buffered = len(rest)
         return self._room()
 
     def _send_chunk(self, chunk: bytes) -> None:
@@ -130,8 +140,9 @@ class StreamWriter:
             return _failed(Failure(StreamError("stream already finished")))
         self.closed = True
         if self._buffer and self._failure is None:
-            self._send_chunk(bytes(self._buffer))
-            self._buffer.clear()
+            self._send_chunk(b"".join(self._buffer))
+        self._buffer = []
+        self._buffered = 0
         if self._failure is None:
             chunks = self._seq - 1
             self._send(Message.of_json({"chunks": chunks, "bytes": self.bytes_sent}, **self._properties(END)))
@@ -143,6 +154,7 @@ class StreamWriter:
             return succeed(None)
         self.closed = True
         self._buffer.clear()
+        self._buffered = 0
         self._send(Message.of_json({"type": type(reason).__name__, "message": str(reason)},
                                    **self._properties(ABORT)))
         d = self._all_confirmed()
