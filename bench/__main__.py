@@ -14,6 +14,7 @@ GROUPS: Dict[str, str] = {
     "magnet": "bench.magnet_bench",
     "proxy": "bench.proxy_bench",
     "pubsub": "bench.pubsub_bench",
+    "memory": "bench.memory_bench",
 }
 
 
