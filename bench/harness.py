@@ -464,7 +464,9 @@ def plot(group: Group, rows: Sequence[Row], directory: str) -> Optional[str]:
                             ha="center", va="bottom", fontsize=8)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, fontsize=8)
+    import textwrap
+
+    ax.set_xticklabels([textwrap.fill(n, 20) for n in names], fontsize=8)  # long row names on a few lines
     ax.set_ylabel("ratio (same run)")
     ax.set_title(f"{group.name}: {group.subject} as a ratio of each baseline")
     ax.legend(fontsize=8)
