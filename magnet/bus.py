@@ -119,9 +119,18 @@ class Listener:
 
     def close(self) -> Deferred:
         """Stop listening and delete the address."""
+        self.bus._private_listeners.discard(self)
         d = self.subscription.cancel() if self.subscription else succeed(None)
         d.addCallback(lambda _: self.bus.transport.delete_queue(self.address))
         return d
+
+    def _link_lost(self, exc: Exception) -> None:
+        """The link went down: a private address lost what was on its way (the
+        broker deletes an exclusive queue with its connection), so the streams
+        arriving here can never end: fail them now rather than at their idle timeout."""
+        streams, self._streams = list(self._streams.values()), {}
+        for s in streams:
+            s._fail(exc)
 
     def _on_message(self, message: Message, delivery: Delivery) -> Optional[Deferred]:
         if message.type in stream.STREAM_TYPES:
@@ -206,6 +215,7 @@ class Bus(Service):
         self._reply_listener: Optional[Deferred] = None
         self._reply_to: Optional[str] = None
         self._dead_letters_declared: Optional[Deferred] = None
+        self._private_listeners: set = set()  # listen addresses that die with the link
         self._accepting = True
         transport.add_link_listener(self._link_changed)
 
@@ -252,6 +262,8 @@ class Bus(Service):
     def _link_changed(self, up: bool) -> None:
         if not up:
             self._fail_pending(ConnectionLost("connection to the broker lost while waiting for a reply"))
+            for listener in list(self._private_listeners):
+                listener._link_lost(ConnectionLost("connection to the broker lost during the stream"))
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending_calls = self._pending_calls, {}
@@ -575,7 +587,8 @@ class Bus(Service):
         """Send-only: ask C{address} to do C{op} and want no answer. Fires once
         the broker has the request. A failing operation is retried and then
         dead-lettered like any worker-queue message, since nobody waits for it."""
-        return self.send(address, rpc.request(op, kwargs))
+        # persistent: nobody waits for a post, so a broker restart must not lose it
+        return self.send(address, rpc.request(op, kwargs, persistent=True))
 
     def _reply_address(self) -> Deferred:
         if self._reply_listener is None:
@@ -631,6 +644,8 @@ class Bus(Service):
 
         def ready(subscription: Subscription) -> Listener:
             listener.subscription = subscription
+            if not durable and not shared:
+                self._private_listeners.add(listener)
             return listener
 
         return d.addCallback(ready)

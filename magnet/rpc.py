@@ -52,7 +52,8 @@ def operations(service: object) -> Dict[str, Callable[..., Any]]:
 
 
 def request(op: str, kwargs: Dict[str, Any], **properties: Any) -> Message:
-    return Message.of_json(kwargs, type=CALL, headers={OP_HEADER: op}, persistent=False, **properties)
+    properties.setdefault("persistent", False)
+    return Message.of_json(kwargs, type=CALL, headers={OP_HEADER: op}, **properties)
 
 
 def decode_request(message: Message) -> tuple:

@@ -314,6 +314,11 @@ class Stream:
             text = "aborted"
         self._fail(StreamError(f"sender aborted the stream: {text}"))
 
+    def fail(self, exc: BaseException) -> None:
+        """Give up on this stream (say, its sender is known to be gone): the
+        Deferred of L{deliver} fails with C{exc}; what arrives later is dropped."""
+        self._fail(exc)
+
     def _fail(self, exc: BaseException) -> None:
         if self._finished:
             return

@@ -285,6 +285,7 @@ class _Exchange:
         self.request_id = request_id
         self.listener: Any = None
         self.answer: Deferred = Deferred()  # fires with a Stream, or fails with ProxyError
+        self.stream: Any = None  # the answer being relayed
         self.via: Optional[str] = None
 
     def on_message(self, message: Any) -> None:
@@ -317,7 +318,14 @@ class _Exchange:
         if stream.correlation_id != self.request_id or self.answer.called:
             # not ours, or a second answer: take it and drop it
             stream.deliver(lambda data: None).addErrback(lambda _: None)
+            if stream.correlation_id == self.request_id and self.stream is not None:
+                # A second answer to one request is the request delivered again:
+                # the sender of the first died (its node was killed), so the first
+                # stream will never end. Cut the client's transfer now, not at the
+                # stream's idle timeout; the client's retry is served whole.
+                self.stream.fail(StreamError("the sender of the answer is gone (the request was delivered again)"))
             return
+        self.stream = stream
         self.answer.callback(stream)
 
     def _fail(self, error: ProxyError) -> None:
@@ -433,6 +441,8 @@ class Proxy(Component):
         self._site: Optional[_Site] = None
         self._own: Tuple[str, ...] = ()
         self.active = 0  # requests in progress
+        self._waiting: set = set()  # exchanges waiting for their answer to start
+        self._following_link = False
         self.relayed = 0  # body bytes handed to HTTP transports, in all
         # hot responses: held no longer than the cache keeps an answer fresh
         max_age = _cache_max_age(config)
@@ -489,6 +499,9 @@ class Proxy(Component):
         self._own = tuple(sorted(f"{h}:{port}" for h in hosts))
         self.log.info("{component} listening on {url} (forward proxy; /datasets/NAME.SUFFIX)",
                       component=self.name, url=self.url)
+        if not self._following_link:
+            self._following_link = True
+            self.bus.transport.add_link_listener(self._link_changed)
         if self.hot is not None:
             self._follow_changes()
             self._recorder = LoopingCall(self._record_answered)
@@ -594,8 +607,12 @@ class Proxy(Component):
                                                  url=url, method=method, dataset=target.name,
                                                  address=address, request_id=request_id),
                                    self.lookup_timeout, self.clock, "asking the controller")
-                stream = yield _bounded(exchange.answer, self.answer_timeout, self.clock, "waiting for the answer",
-                                        status=504, kind="GatewayTimeout")
+                self._waiting.add(exchange)
+                try:
+                    stream = yield _bounded(exchange.answer, self.answer_timeout, self.clock,
+                                            "waiting for the answer", status=504, kind="GatewayTimeout")
+                finally:
+                    self._waiting.discard(exchange)
             except Exception as e:  # noqa: BLE001 - every failure before the headers is an HTTP error
                 error = self._as_http_error(e)
                 if not gone:
@@ -614,6 +631,18 @@ class Proxy(Component):
                 exchange.listener.close().addErrback(
                     lambda f: self.log.info("{component}: closing {address}: {reason}", component=self.name,
                                             address=exchange.listener.address, reason=f.getErrorMessage()))
+
+    def _link_changed(self, up: bool) -> None:
+        """The bus link went down: the private addresses of the requests waiting
+        for an answer went with it (and with them whatever was on its way), so
+        they are answered 503 now, not at the answer timeout. (Streams already
+        being relayed fail in magnet, and the client's transfer is cut.)"""
+        if up:
+            return
+        waiting, self._waiting = self._waiting, set()
+        for exchange in waiting:
+            exchange._fail(ProxyError(503, "Unavailable",
+                                      "the link to the message bus was lost while waiting for the answer"))
 
     def _as_http_error(self, e: BaseException) -> ProxyError:
         if isinstance(e, ProxyError):
