@@ -12,7 +12,11 @@ Besides pydap's answers, the server has two paths of its own:
     full Content-Length declared, but the connection is closed after half
     of the body (an upstream that fails mid-body);
   - ``/big/SIZE.bin``: SIZE bytes (a static-looking large file, streamed
-    from a generator with backpressure), for the benchmark.
+    from a generator with backpressure), for the benchmark;
+  - ``/pattern/SIZE.bin``: the same, but byte i is ``i % 251``
+    (L{pattern_bytes}), so a body spliced from two transfers shows.
+    ``?rate=N`` (on /big/ and /pattern/) sends at about N bytes a second
+    (a slow upstream, so that a download is long in progress).
 
 Run as a script it serves DIR and prints ``PORT <n>`` once listening:
 
@@ -34,6 +38,13 @@ HERE = Path(__file__).resolve()
 TIME = 5
 LAT = 4
 LONG = 200_000
+
+
+def pattern_bytes(size: int, offset: int = 0) -> bytes:
+    """The body of ``/pattern/SIZE.bin`` (from C{offset}): byte i is i % 251."""
+    start = offset % 251
+    reps = (start + size) // 251 + 1
+    return (bytes(range(251)) * reps)[start:start + size]
 
 
 def make_files(directory: Path) -> Dict[str, Path]:
@@ -201,6 +212,10 @@ def _serve(directory: str, port: int) -> None:  # pragma: no cover - runs in the
     class Big(resource.Resource):
         isLeaf = True
 
+        def __init__(self, pattern: bool = False) -> None:
+            super().__init__()
+            self.pattern = pattern
+
         def render_GET(self, request: server.Request) -> Any:
             name = request.postpath[-1] if request.postpath else b""
             try:
@@ -211,6 +226,11 @@ def _serve(directory: str, port: int) -> None:  # pragma: no cover - runs in the
             request.setHeader(b"content-type", b"application/octet-stream")
             request.setHeader(b"content-length", str(size).encode())
             block = b"\xab" * (256 * 1024)
+            pattern = self.pattern
+            try:
+                rate = float(request.args.get(b"rate", [b"0"])[0])
+            except ValueError:
+                rate = 0.0
 
             class Producer:
                 sent = 0
@@ -220,15 +240,20 @@ def _serve(directory: str, port: int) -> None:  # pragma: no cover - runs in the
 
                 def resumeProducing(self) -> None:
                     self.paused = False
+                    if rate > 0 and self.scheduled:
+                        return  # the next slow piece is already timed
                     self._more()
 
                 def _more(self) -> None:
                     # a few blocks a turn of the reactor, so that the transport gets to say "pause"
                     self.scheduled = False
+                    if rate > 0:
+                        return self._slow()
                     for _ in range(16):
                         if self.paused or self.sent >= size:
                             break
-                        piece = block[: min(len(block), size - self.sent)]
+                        n = min(len(block), size - self.sent)
+                        piece = pattern_bytes(n, self.sent) if pattern else block[:n]
                         self.sent += len(piece)
                         request.write(piece)
                     if self.sent >= size:
@@ -238,6 +263,20 @@ def _serve(directory: str, port: int) -> None:  # pragma: no cover - runs in the
                     elif not self.paused and not self.scheduled:
                         self.scheduled = True
                         reactor.callLater(0, self._more)
+
+                def _slow(self) -> None:
+                    # one 64 KiB piece, then a pause that keeps to the rate
+                    if self.paused or request.finished or request.channel is None:
+                        return
+                    n = min(65536, size - self.sent)
+                    request.write(pattern_bytes(n, self.sent) if pattern else block[:n])
+                    self.sent += n
+                    if self.sent >= size:
+                        request.unregisterProducer()
+                        request.finish()
+                    elif not self.scheduled:
+                        self.scheduled = True
+                        reactor.callLater(n / rate, self._more)
 
                 def pauseProducing(self) -> None:
                     self.paused = True
@@ -259,6 +298,8 @@ def _serve(directory: str, port: int) -> None:  # pragma: no cover - runs in the
                 return Broken()
             if path == b"big":
                 return Big()
+            if path == b"pattern":
+                return Big(pattern=True)
             request.prepath.pop()
             request.postpath.insert(0, path)
             return pydap

@@ -163,7 +163,7 @@ def _died(node: Node) -> bool:
     return False
 
 
-def metric_value(text: str, name: str, **labels: str) -> float:
+def metric_value(text: str, metric_name: str, **labels: str) -> float:
     """The value of one sample in Prometheus text (0 when absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     for line in text.splitlines():
@@ -171,7 +171,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
             continue
         key, _, value = line.rpartition(" ")
         metric, _, rest = key.partition("{")
-        if metric != name:
+        if metric != metric_name:
             continue
         got = ",".join(sorted(p for p in rest.rstrip("}").split(",") if p))
         if got == want:
