@@ -23,7 +23,7 @@ import sys
 import uuid
 from typing import Any, Callable, Dict, List, Optional
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (CancelledError, Deferred, DeferredList, inlineCallbacks,
                                     maybeDeferred, succeed)
 from twisted.internet.task import LoopingCall, deferLater
@@ -309,13 +309,26 @@ class Daemon(MultiService):
             self._starting.cancel()
         control, self._control = self._control, None
         d = control.cancel() if control is not None else succeed(None)
-        d.addBoth(lambda _: maybeDeferred(MultiService.stopService, self))
+        d.addBoth(lambda _: self._stop_components())
         d.addErrback(lambda f: self.log.failure("stopping the components", f))
         d.addCallback(lambda _: self.bus.stopService() if self.bus.running else None)
         d.addErrback(lambda f: self.log.failure("stopping the bus", f))
         d.addCallback(lambda _: self.log.info("node {node} stopped cleanly", node=self.config.node))
         self._stopping = d
         return d
+
+    @inlineCallbacks
+    def _stop_components(self) -> Any:
+        """Stop the components one at a time, in the reverse of the config's order,
+        so that what a component does on its way out (the controller saving its
+        statistics in the attribute store) still finds the components it started
+        after. (MultiService stops them all at once.)"""
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield maybeDeferred(service.stopService)
+            except Exception:  # noqa: BLE001 - the others must stop all the same
+                self.log.failure("stopping {service}", service=getattr(service, "name", service))
 
     # status --------------------------------------------------------------------------
 

@@ -268,10 +268,13 @@ class HttpLoad:
 
 
 def classify(results: List[Dict[str, Any]]) -> Dict[str, int]:
-    """Counts of outcomes: ok, 5xx (502/503/504), failed transfer (cut short), wrong."""
-    out = {"ok": 0, "5xx": 0, "cut": 0, "wrong": 0}
+    """Counts of outcomes: ok, 5xx (502/503/504), failed transfer (cut short),
+    refused (no node listening), wrong (anything else: a hang, a bad body, a 4xx)."""
+    out = {"ok": 0, "5xx": 0, "cut": 0, "refused": 0, "wrong": 0}
     for r in results:
-        if r["ok"]:
+        if r["status"] is None and "ConnectionRefused" in (r["error"] or ""):
+            out["refused"] += 1  # nothing listens (the node is stopped): the client knows at once
+        elif r["ok"]:
             out["ok"] += 1
         elif r["status"] in (502, 503, 504) and not (r["complete"] and r["error"] is None and r["status"] == 200):
             out["5xx"] += 1

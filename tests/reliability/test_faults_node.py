@@ -88,3 +88,58 @@ async def test_fetcher_node_killed_mid_download(tmp_path: Path, vhost: str, upst
     assert outcomes["wrong"] == 0, first
     assert retried["ok"] == 3, retries
     assert t_clients < 30, f"the cut transfers took {t_clients:.1f} s to end after the fetcher died"
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_sigterm_under_load_stops_cleanly_and_loses_nothing(tmp_path: Path, private_rabbitmq: Any,
+                                                                   upstream: Any, nodes: list, buses: Any,
+                                                                   record: Any) -> None:
+    broker = private_rabbitmq
+    shutdown = 5
+    node = start_node(tmp_path, "dx", broker.url, {"attribute_store": None, "controller": None,
+                                                   "fetcher": {"instances": 2, "timeout": 10}, "cache": None,
+                                                   "proxyng": None}, proxy=True, timeouts={"shutdown": shutdown})
+    nodes.append(node)
+    await wait_started(node)
+    await deferToThread(node.api, "controller", "register", name="sst", url=upstream.url("sst.nc"))
+    bus = buses(broker.url)
+    await bus.when_connected(20)
+    producer = TaskProducer(bus, rate=150, concurrency=10).start()
+    load = HttpLoad(node.proxy_port, [upstream.url("sst.nc.dods?time"), upstream.url("sst.nc.das")],
+                    clients=3, timeout=30).start()
+    await sleep(3)
+
+    t_term = time.monotonic()
+    node.daemon.terminate()
+    code = await deferToThread(node.daemon.wait_exit, shutdown + 20)
+    stop_seconds = time.monotonic() - t_term
+    load.stop()
+    http_outcomes = classify(load.results)
+    # tasks go on being sent while the node is down: they wait in the broker,
+    # and must survive a broker crash there too (kill -9 and restart)
+    await sleep(2)
+    backlog_before_crash = len(producer.confirmed)
+    await deferToThread(broker.kill)
+    await broker.start_async()
+    await bus.when_connected(30)
+    await sleep(2)
+    await producer.stop()
+    node.restart()
+    await wait_started(node)
+    figures = await producer.settle(bus, timeout=60)
+    clean = "node dx stopped cleanly" in node.log() or "stopped cleanly" in open(
+        node.daemon.log_path.parent / "dx.out").read()
+    notes = (f"SIGTERM: exit {code} after {stop_seconds:.1f} s (shutdown bound {shutdown} s); HTTP during the "
+             f"load {http_outcomes}; tasks queued while the node was down, then the broker was killed (-9) and "
+             f"restarted with them queued ({backlog_before_crash} confirmed by then); after the node's restart: "
+             f"{figures['processed']} processed, {figures['lost']} lost, {figures['duplicated']} duplicates; "
+             f"failed sends {figures['failed_sends']}")
+    record("SIGTERM under load, restart", faults_injected=2, sent=figures["sent"], confirmed=figures["confirmed"],
+           processed=figures["processed"], lost=figures["lost"], duplicated=figures["duplicated"],
+           errors=http_outcomes["wrong"] + (code != 0), notes=notes)
+    assert code == 0, node.describe()
+    assert stop_seconds < shutdown + 5, notes
+    assert clean, node.describe()
+    assert figures["lost"] == 0, (figures, [line for line in node.log().splitlines() if "statistic" in line])
+    assert http_outcomes["wrong"] == 0, [r for r in load.results if not r["ok"]]
