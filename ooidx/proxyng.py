@@ -43,6 +43,7 @@ What the client gets:
 """
 from __future__ import annotations
 
+import io
 import re
 import time
 import uuid
@@ -85,6 +86,8 @@ DEFAULT_ANSWER_TIMEOUT = 75.0
 BASE_TTL = 5.0
 IDLE_TIMEOUT = 60
 MAX_URI = 8192
+#: Most request-body bytes the proxy reads (and drops) before it answers 413 and closes.
+MAX_REQUEST_BODY = 64 * 1024
 #: Seconds a hot response is held at the proxy (capped by the cache's max_age).
 HOT_TTL = 10.0
 #: Largest body held at the proxy, and all held bodies together.
@@ -239,9 +242,36 @@ class _Pump:
 
 
 class _ProxyRequest(server.Request):
-    """No default Content-Type: a passed-on answer keeps exactly the upstream's."""
+    """No default Content-Type: a passed-on answer keeps exactly the upstream's.
+
+    The proxy takes GET and HEAD, which carry no body: a request body is never
+    kept (twisted.web would spool one over 100 kB to a temporary file, and
+    answer only once all of it arrived), and a body longer than
+    C{MAX_REQUEST_BODY} is answered 413 at once and the connection closed."""
 
     defaultContentType = None
+    _body_seen = 0
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self.content = io.BytesIO()
+        if length is not None and length > MAX_REQUEST_BODY:
+            self._refuse_body()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._body_seen += len(data)
+        if self._body_seen > MAX_REQUEST_BODY:
+            self._refuse_body()
+
+    def _refuse_body(self) -> None:
+        transport = getattr(self.channel, "transport", None)
+        if transport is None or getattr(self, "_body_refused", False):
+            return
+        self._body_refused = True
+        body = b"413 Payload Too Large: the proxy takes no request body (GET and HEAD only)\n"
+        transport.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                        b"X-Ooidx-Error: PayloadTooLarge\r\nConnection: close\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        transport.loseConnection()
 
 
 class _Site(server.Site):
