@@ -384,6 +384,8 @@ def parse(
         raise ConfigError(filename, None, f"{where}not valid YAML ({what})") from None
     except yaml.YAMLError as e:
         raise ConfigError(filename, None, f"not valid YAML ({e})") from None
+    except RecursionError:
+        raise ConfigError(filename, None, "not valid YAML (nested too deeply)") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -392,7 +394,10 @@ def parse(
             None,
             f"the top level must be a mapping of keys to values, got {_describe(data)}",
         )
-    return _Parser(filename, environ, broker_override).config(data)
+    try:
+        return _Parser(filename, environ, broker_override).config(data)
+    except RecursionError:  # a value that contains itself (YAML aliases), or nested beyond reason
+        raise ConfigError(filename, None, "a value is nested too deeply (or contains itself)") from None
 
 
 def _describe(value: Any) -> str:
