@@ -237,12 +237,17 @@ class HttpLoad:
     """C{clients} threads fetching C{urls} (round robin) through a proxy until stopped."""
 
     def __init__(self, proxy_port: int, urls: List[str], clients: int = 4, timeout: float = 60.0,
-                 expect: Optional[Dict[str, bytes]] = None, pause: float = 0.02) -> None:
+                 expect: Optional[Dict[str, bytes]] = None, pause: float = 0.02, unique_every: int = 0) -> None:
+        """C{unique_every}: every so many requests gets a query of its own
+        (C{u=N}; the test upstream ignores it), so it misses every cache and
+        crosses the bus to a fetcher."""
         self.proxy_port = proxy_port
         self.urls = urls
         self.timeout = timeout
         self.expect = expect or {}
         self.pause = pause
+        self.unique_every = unique_every
+        self._unique = 0
         self.results: List[Dict[str, Any]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
@@ -257,7 +262,12 @@ class HttpLoad:
         while not self._stop.is_set():
             url = self.urls[n % len(self.urls)]
             n += 1
-            self.results.append(http_fetch(self.proxy_port, url, timeout=self.timeout, expect=self.expect.get(url)))
+            asked = url
+            if self.unique_every and n % self.unique_every == 0:
+                self._unique += 1
+                asked = f"{url}{'&' if '?' in url else '?'}u={i}.{self._unique}"
+            self.results.append(http_fetch(self.proxy_port, asked, timeout=self.timeout,
+                                           expect=self.expect.get(url)))
             time.sleep(self.pause)
 
     def stop(self, timeout: float = 90.0) -> None:

@@ -50,7 +50,7 @@ async def test_broker_kill9_and_restart_under_load(tmp_path: Path, private_rabbi
     await bus.when_connected(20)
     producer = TaskProducer(bus, rate=150, concurrency=10).start()
     load = HttpLoad(node.proxy_port, [small, big, upstream.url("sst.nc.das")], clients=4, timeout=60,
-                    expect=expect).start()
+                    expect=expect, unique_every=2).start()
     await sleep(4)
     before_kill = len(load.results)
 
