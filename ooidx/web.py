@@ -270,7 +270,11 @@ class Web(Component):
         site, self._site = self._site, None
         if site is not None:
             for channel in list(site.open_channels):
-                channel.transport.loseConnection()
+                # twisted.web's Site builds a _GenericHTTPChannelProtocol, a proxy
+                # without a transport of its own: the transport is its channel's
+                transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+                if transport is not None:
+                    transport.loseConnection()
         if listening is not None:
             return listening.stopListening()
         return None
