@@ -60,10 +60,14 @@ class Message:
             return _decode_json(self.body.decode("utf-8"))
         except ValueError:  # UnicodeDecodeError too: let json.loads decide (BOMs, UTF-16/32)
             pass
+        except RecursionError:
+            raise BadMessage("body is not valid JSON: nested too deeply") from None
         try:
             return json.loads(self.body)
         except (UnicodeDecodeError, ValueError) as e:
             raise BadMessage(f"body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise BadMessage("body is not valid JSON: nested too deeply") from None
 
     @classmethod
     def _trusted(cls, body: bytes, headers: Mapping[str, Any], content_type: Optional[str],
