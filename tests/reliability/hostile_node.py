@@ -281,6 +281,8 @@ def snapshot(root: Path, skip: Tuple[Path, ...] = ()) -> Dict[str, Tuple[int, in
         dirnames[:] = [d for d in dirnames if not os.path.join(dirpath, d).startswith(skip_s)]
         for f in filenames:
             p = os.path.join(dirpath, f)
+            if p.startswith(skip_s):
+                continue
             try:
                 st = os.lstat(p)
             except OSError:
