@@ -356,7 +356,21 @@ class Daemon(MultiService):
                 entry["running"] = self.children.running_count(name) if self.children is not None else 0
             components[name] = entry
         return {"node": self.config.node, "pid": os.getpid(), "components": components,
-                "broker": self.config.redacted_broker()}
+                "broker": self.config.redacted_broker(), "dead_letters": self.dead_letters()}
+
+    def dead_letters(self) -> Dict[str, int]:
+        """Messages this process dead-lettered since it started, by the name they came from
+        (from the bus's metrics; empty without them)."""
+        counter = getattr(getattr(self.bus, "observer", None), "dead_letters", None)
+        out: Dict[str, int] = {}
+        try:
+            for metric in counter.collect():
+                for sample in metric.samples:
+                    if sample.name.endswith("_total"):
+                        out[sample.labels.get("name", "?")] = int(sample.value)
+        except Exception:  # noqa: BLE001 - no metrics: no counts
+            return {}
+        return out
 
     def cluster_status(self, timeout: float = 1.5) -> Deferred:
         """Every node's status (this one's too), sorted by node."""

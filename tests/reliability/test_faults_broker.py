@@ -9,6 +9,7 @@ broker's return with no operator action; proxy requests in flight end as a
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,47 @@ def _direct(url: str) -> bytes:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(url, timeout=30) as r:
         return r.read()
+
+
+@pytest_twisted.ensureDeferred
+async def test_poison_messages_are_dead_lettered_counted_and_the_component_keeps_serving(
+        tmp_path: Path, vhost: str, nodes: list, buses: Any, record: Any) -> None:
+    """Scenario 6: an undecodable message (dead-lettered at once) and a request
+    that always fails (retried up to retries.limit, then dead-lettered) to the
+    attribute store: both land in attribute_store.dead with the error, are
+    counted in /metrics and in the node's status, and the store keeps serving."""
+    import magnet
+    from tests.reliability.faultlib import metric_value
+    limit = 2
+    node = start_node(tmp_path, "dx", vhost, {"attribute_store": None}, retries={"limit": limit})
+    nodes.append(node)
+    await wait_started(node)
+    bus = buses(vhost)
+    await bus.when_connected(20)
+    poisons = [magnet.Message(b"\xff\x00 not json at all", content_type="application/json",
+                              headers={"x-magnet-op": "set"}),
+               magnet.Message(b'{"key": "", "value": 1}', content_type="application/json",
+                              headers={"x-magnet-op": "set"}, type="call"),  # InvalidKey, every time
+               ]
+    for message in poisons:
+        await bus.send("attribute_store", message)
+    await bus.post("attribute_store", "set", key="", value=1)  # the same through the API: InvalidKey
+    await eventually(lambda: metric_value(node.metrics(), "magnet_dead_letters_total", name="attribute_store") >= 3,
+                     30, "three dead letters")
+    dead: list = []
+    await bus.consume("attribute_store.dead", lambda m: dead.append(m))
+    await eventually(lambda: len(dead) >= 3, 20, "the dead letters in attribute_store.dead")
+    errors = [m.headers.get("x-magnet-error") for m in dead]
+    # the component keeps serving
+    await bus.call("attribute_store", "set", key="after-poison", value={"ok": True}, timeout=10)
+    assert await bus.call("attribute_store", "get", key="after-poison", timeout=10) == {"ok": True}
+    status = await deferToThread(node.status)
+    metrics = node.metrics()
+    handled = metric_value(metrics, "magnet_handler_errors_total", name="attribute_store")
+    record("poison messages dead-lettered", faults_injected=3, sent=3, confirmed=3, processed=len(dead), lost=0,
+           notes=f"retries.limit {limit}; dead letters {len(dead)} with errors {errors}; handler errors "
+                 f"{handled:.0f}; status {json.dumps(status)[:300]}")
+    assert len(dead) == 3 and all(errors), errors
+    assert any("InvalidKey" in (e or "") for e in errors) and any("BadMessage" in (e or "") for e in errors), errors
+    assert handled >= 3, metrics
+    assert '"attribute_store": 3' in json.dumps(status), status

@@ -58,6 +58,7 @@ def node(tmp_path_factory: Any, vhost: str) -> Iterator[Node]:
 
 class Publisher:
     def __init__(self, url: str) -> None:
+        self.url = url
         self.conn = pika.BlockingConnection(pika.URLParameters(url))
         self.channel = self.conn.channel()
         self.sent = 0
@@ -72,6 +73,10 @@ class Publisher:
             self.refused += 1  # pika cannot encode it
         except (pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError):
             self.refused += 1  # the broker itself refused it (not the node's business)
+            self.channel = self.conn.channel()
+        except (pika.exceptions.ConnectionClosed, pika.exceptions.StreamLostError):
+            self.refused += 1  # e.g. headers larger than the broker's frame_max: it drops the connection
+            self.conn = pika.BlockingConnection(pika.URLParameters(self.url))
             self.channel = self.conn.channel()
 
     def depth(self, queue: str) -> Optional[int]:
