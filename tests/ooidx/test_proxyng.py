@@ -25,6 +25,9 @@ from ooidx.proxyng import Proxy, ProxyError, parse_target
 UP = "http://up.example.org/data"
 DDS = b"Dataset {\n    Float64 time[time = 5];\n} sst;\n"
 BIG = 24 * 1024 * 1024
+#: The fake fetcher's stream chunks: small, so a stream that breaks after
+#: 200 KB has sent body bytes (the default chunk would still be holding them).
+CHUNK = 64 * 1024
 
 
 def body_of(size: int) -> bytes:
@@ -93,7 +96,7 @@ class FakeController:
             return self._stream(address, request_id, 200, headers + [["Content-Length", "100"]], [b"x" * 50])
         if path.startswith("/stall"):
             writer = self.bus.open_stream(address, {"status": 200, "headers": [["Content-Length", "100000"]]},
-                                          correlation_id=request_id)
+                                          correlation_id=request_id, chunk_size=CHUNK)
             self.writers.append(writer)
             return writer.write(b"y" * 70000)
         raise UpstreamError(f"fake: nothing at {path}")
@@ -103,7 +106,7 @@ class FakeController:
                 length: Optional[int] = None, reason: str = "", abort: bool = False, source: str = "fetcher") -> Any:
         meta = {"status": status, "reason": reason, "headers": headers, "url": "x", "source": source,
                 "length": length}
-        writer = self.bus.open_stream(address, meta, correlation_id=request_id)
+        writer = self.bus.open_stream(address, meta, correlation_id=request_id, chunk_size=CHUNK)
         self.writers.append(writer)
         for chunk in chunks:
             yield writer.write(chunk)
