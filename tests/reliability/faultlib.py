@@ -441,29 +441,50 @@ class TcpFaultProxy:
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        # the reader stamps each chunk; the writer sends it once its latency has passed
+        # (latency, not a bandwidth limit: chunks in flight overlap)
+        import queue
+        pending: "queue.Queue" = queue.Queue()
+
+        def write() -> None:
+            try:
+                while True:
+                    item = pending.get()
+                    if item is None:
+                        break
+                    due, data = item
+                    while (self.stalled and not self._closed) or time.monotonic() < due:
+                        time.sleep(0.005)
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                self._close_pair(src, dst)
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                while self.stalled and not self._closed:
-                    time.sleep(0.02)
-                if self.delay:
-                    time.sleep(self.delay)
-                dst.sendall(data)
+                pending.put((time.monotonic() + self.delay, data))
         except OSError:
             pass
         finally:
+            pending.put(None)
+
+    def _close_pair(self, src: socket.socket, dst: socket.socket) -> None:
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        with self._lock:
             for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-            with self._lock:
-                for s in (src, dst):
-                    if s in self._conns:
-                        self._conns.remove(s)
+                if s in self._conns:
+                    self._conns.remove(s)
 
     def drop(self) -> int:
         """Close every connection now; returns how many links were cut."""
