@@ -114,7 +114,8 @@ def test_failing_handler_retried_then_dead_lettered_and_consumer_keeps_running(m
         good.callback(body)
 
     yield bus.consume(q, handle)
-    dead = yield bus.listen(name=q + ".dead", durable=True)
+    dead: defer.DeferredQueue = defer.DeferredQueue()
+    yield bus.consume(q + ".dead", dead.put)
     yield bus.send_json(q, "poison")
     letter = yield wait(dead.get())
     assert letter.json() == "poison"
@@ -136,7 +137,8 @@ def test_undecodable_message_dead_lettered_at_once(make_bus: Any, names: Any) ->
         message.json()
 
     yield bus.consume(q, handle)
-    dead = yield bus.listen(name=q + ".dead", durable=True)
+    dead: defer.DeferredQueue = defer.DeferredQueue()
+    yield bus.consume(q + ".dead", dead.put)
     yield bus.send(q, Message(body=b"{not json", content_type="application/json"))
     letter = yield wait(dead.get())
     assert letter.body == b"{not json"
