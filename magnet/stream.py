@@ -36,6 +36,11 @@ SEQ_HEADER = "x-seq"
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 DEFAULT_WINDOW = 8
+#: A piece written while nothing is buffered, of at least C{chunk_size /
+#: MIN_PIECE_DIVISOR} and at most C{chunk_size} bytes, goes out as a chunk as it
+#: is: no join, no copy (on the memory transport the receiver gets the very bytes
+#: object that was written). Smaller pieces are joined (one copy) into chunks.
+MIN_PIECE_DIVISOR = 4
 
 Publish = Callable[[Message], Deferred]
 Sink = Callable[[bytes], Optional[Deferred]]
@@ -55,6 +60,7 @@ class StreamWriter:
         self._seq = 0
         self._buffer: list = []  # pieces written, not yet a whole chunk
         self._buffered = 0
+        self._min_piece = max(1, chunk_size // MIN_PIECE_DIVISOR)
         self._unconfirmed = 0
         self._waiting: Deque[Deferred] = deque()
         self._drained: list = []
@@ -114,10 +120,18 @@ class StreamWriter:
         if self._failure is not None:
             return _failed(self._failure)
         if data:
+            size = self._chunk_size
+            n = len(data)
+            if self._buffer and self._min_piece <= n <= size and type(data) is bytes:
+                # what is buffered goes first, as a chunk of its own, so that this
+                # piece is not copied onto it
+                self._flush()
+            if not self._buffer and self._min_piece <= n <= size and type(data) is bytes:
+                self._send_chunk(data)  # a chunk as it is
+                return self._room()
             # pieces are joined once per chunk (one copy), not appended to a growing buffer
             self._buffer.append(bytes(data))
-            self._buffered += len(data)
-            size = self._chunk_size
+            self._buffered += n
             if self._buffered >= size:
                 joined = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
                 pos = 0
@@ -128,6 +142,11 @@ class StreamWriter:
                 self._buffer = [rest] if rest else []
                 self._buffered = len(rest)
         return self._room()
+
+    def _flush(self) -> None:
+        self._send_chunk(self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer))
+        self._buffer = []
+        self._buffered = 0
 
     def _send_chunk(self, chunk: bytes) -> None:
         self.bytes_sent += len(chunk)
@@ -140,7 +159,7 @@ class StreamWriter:
             return _failed(Failure(StreamError("stream already finished")))
         self.closed = True
         if self._buffer and self._failure is None:
-            self._send_chunk(b"".join(self._buffer))
+            self._flush()
         self._buffer = []
         self._buffered = 0
         if self._failure is None:

@@ -40,7 +40,7 @@ from ooidx import events
 from ooidx.component import Component
 from ooidx.config import CacheOptions
 from ooidx.errors import DXError, InvalidName, InvalidURL, UpstreamError
-from ooidx.store import DiskStore, EntryTooLarge, StoreError, Writer
+from ooidx.store import DiskStore, Entry, EntryTooLarge, StoreError, Writer
 
 __all__ = ["Cache", "node_address", "PURGE_FANOUT"]
 
@@ -59,6 +59,8 @@ ATTRIBUTE_TIMEOUT = 5.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _METHODS = ("GET", "HEAD")
+#: A stored body's file name: the URL's SHA-256 (64), "-", a uuid4 (32), ".body".
+_BODY_NAME_LENGTH = 64 + 1 + 32 + 5
 
 
 def node_address(node: str) -> str:
@@ -176,7 +178,7 @@ class Cache(Component):
             self._remember_dataset(url, dataset)
         self.counters["lookups"] += 1
         entry = yield self._io(self.store.get, url, touch=False)
-        answer: Dict[str, Any] = {"node": self.address}
+        answer: Dict[str, Any] = {"node": self.address, "max_entry_bytes": self.max_entry_bytes(url)}
         if entry is None:
             self.counters["misses"] += 1
             answer.update(state="miss", validators={})
@@ -191,6 +193,13 @@ class Cache(Component):
                                                                  "last_modified": entry.validators.get("last_modified")},
                       age=max(age, 0.0), size=entry.size)
         return answer
+
+    def max_entry_bytes(self, url: str) -> int:
+        """The largest body of C{url} this node could keep: the store's size less the
+        smallest metadata an entry of that URL has (a larger body never fits)."""
+        smallest = Entry(url=url, status=200, reason="", headers=[], validators={}, stored=0.0, size=0,
+                         body="x" * _BODY_NAME_LENGTH)
+        return max(0, self.store.max_bytes - len(smallest.to_json()))
 
     @operation
     @inlineCallbacks
@@ -485,6 +494,9 @@ class _Incoming:
             raise ValueError(f"bad length {length!r}")
         if metadata.get("status") != 200:
             raise ValueError(f"only 200 answers are kept, not {metadata.get('status')!r}")
+        if length is not None and length > self.cache.max_entry_bytes(url):
+            # would be refused at commit: drain the stream without writing it
+            raise EntryTooLarge(f"{length} bytes will not fit in a store of {self.cache.store.max_bytes}")
         dataset = metadata.get("dataset")
         if not (isinstance(dataset, str) and _NAME.match(dataset)):
             dataset = self.cache._recent_datasets.get(url)

@@ -427,9 +427,11 @@ class Controller(Component):
                 self.log.warn("{component}: cache node {node} did not take {url} ({reason}); fetching it",
                               component=self.name, node=node, url=url, reason=e)
                 node = None
+        store = node if isinstance(node, str) and node else None
+        limit = found.get("max_entry_bytes")
+        extra = {"store_limit": limit} if store and isinstance(limit, int) and not isinstance(limit, bool) else {}
         yield self.bus.post(self.peers["fetcher"], "fetch", url=url, method=method, address=address,
-                            request_id=request_id, store=node if isinstance(node, str) and node else None,
-                            validators=found.get("validators") or None)
+                            request_id=request_id, store=store, validators=found.get("validators") or None, **extra)
         return "fetcher"
 
     @operation

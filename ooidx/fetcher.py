@@ -10,7 +10,10 @@ contract this module keeps:
   its chunks as they arrive, with backpressure: while the stream writer has
   no room the upstream connection is paused, so memory stays bounded
   whatever the size of the body. A 200 to a GET with C{store} set goes to
-  the cache as a second stream. A body that breaks off aborts the streams;
+  the cache as a second stream, unless it is larger than C{store_limit}
+  (the largest body the cache will keep): then there is no second stream
+  (a declared length over it), or the second stream is aborted as soon as
+  the body passes it (length unknown). A body that breaks off aborts the streams;
   a failure before the first byte is an error reply to C{address}.
 - C{fetch_dataset(name, url)}: a dataset for its subscribers
   (docs/dissemination.md): the C{.das} and C{.dds} whole, the addresses
@@ -29,7 +32,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote, urljoin
 
-from twisted.internet import error as net_error
+from twisted.internet import error as net_error, tcp
 from twisted.internet.defer import (CancelledError, Deferred, DeferredList, TimeoutError as DeferredTimeout,
                                     inlineCallbacks, succeed)
 from twisted.internet.interfaces import IReactorTCP
@@ -63,6 +66,12 @@ MAX_METADATA_BYTES = 16 * 1024 * 1024
 #: The HTTP status the proxy answers for each error type (for the record).
 _ERROR_STATUS = {"Forbidden": 403, "InvalidURL": 400, "InvalidName": 400, "BadArguments": 400,
                  "UpstreamTimeout": 504}
+#: Bytes asked of the upstream's socket per read while a body streams (Twisted reads
+#: 64 KiB at a time; each read costs a trip through the HTTP client's parser).
+UPSTREAM_READ_SIZE = 1024 * 1024
+#: The largest chunk of a fetch's streams: a piece read from the upstream (at
+#: most UPSTREAM_READ_SIZE) goes on as one chunk, not copied into smaller ones.
+STREAM_CHUNK_SIZE = UPSTREAM_READ_SIZE
 #: Characters left as they are when a URL is made ASCII for the request line.
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~-._\"<>^`{|}\\"
 
@@ -128,19 +137,25 @@ class Fetcher(Component):
 
     @operation
     def fetch(self, url: Any = None, method: Any = "GET", address: Any = None, request_id: Any = None,
-              store: Any = None, validators: Any = None) -> Deferred:
+              store: Any = None, validators: Any = None, store_limit: Any = None) -> Deferred:
         """GET or HEAD C{url} and stream the answer to C{address} (and a 200
-        GET's to C{store} too). Never fails: problems are answered at C{address}.
-        Fires, once the transfer is over, with a summary (for RPC callers)."""
+        GET's to C{store} too, when the body is at most C{store_limit} bytes, the
+        largest the cache will keep; null: no limit known). Never fails: problems
+        are answered at C{address}. Fires, once the transfer is over, with a
+        summary (for RPC callers)."""
         if not isinstance(address, str) or not address:
             self.log.error("{component}: fetch without an address to answer (url {url!r}); dropped",
                            component=self.name, url=url)
             return succeed({"error": "BadArguments", "message": "no address"})
         try:
             method, validators = self._check_fetch(url, method, request_id, store, validators)
+            if store_limit is not None and (not isinstance(store_limit, int) or isinstance(store_limit, bool)
+                                            or store_limit < 0):
+                raise BadArguments("BadArguments", "store_limit must be a byte count (integer >= 0) or null")
         except (InvalidURL, BadArguments) as e:
             return self._refuse(address, request_id, url, e, record=False)
-        transfer = _Transfer(self, url, method, address, request_id, store=store, validators=validators)
+        transfer = _Transfer(self, url, method, address, request_id, store=store, validators=validators,
+                             store_limit=store_limit)
         d = transfer.run().addCallback(self._recorded, url, transfer)
         return d.addErrback(self._bug, url)
 
@@ -275,7 +290,7 @@ class _Transfer:
 
     def __init__(self, fetcher: Fetcher, url: str, method: str, address: str, request_id: Optional[str], *,
                  store: Optional[str] = None, validators: Optional[Dict[str, Optional[str]]] = None,
-                 extra: Optional[Dict[str, Any]] = None) -> None:
+                 extra: Optional[Dict[str, Any]] = None, store_limit: Optional[int] = None) -> None:
         self.fetcher = fetcher
         self.log = fetcher.log
         self.name = fetcher.name
@@ -284,6 +299,7 @@ class _Transfer:
         self.address = address
         self.request_id = request_id
         self.store = store
+        self.store_limit = store_limit
         self.validators = validators or {}
         self.extra = extra or {}
         self.options = fetcher.options
@@ -391,13 +407,19 @@ class _Transfer:
         metadata = {"status": status, "reason": response.phrase.decode("latin-1", "replace"),
                     "headers": headers, "url": self.url, "source": "fetcher", "length": length, **self.extra}
         bus = self.fetcher.bus
-        sinks = [_Sink(bus.open_stream(self.address, metadata, correlation_id=self.request_id), "client")]
-        if self.store and self.method == "GET" and status == 200:
+        sinks = [_Sink(bus.open_stream(self.address, metadata, correlation_id=self.request_id,
+                                       chunk_size=STREAM_CHUNK_SIZE), "client")]
+        if self.store and self.method == "GET" and status == 200 and not (
+                self.store_limit is not None and length is not None and length > self.store_limit):
             validators = {"etag": _header(response.headers, b"etag"),
                           "last_modified": _header(response.headers, b"last-modified")}
             store_metadata = {**metadata, "store": True, "validators": validators}
-            sinks.append(_Sink(bus.open_stream(self.store, store_metadata, correlation_id=self.request_id), "store"))
-        pump = _BodyPump(self, sinks, status)
+            sinks.append(_Sink(bus.open_stream(self.store, store_metadata, correlation_id=self.request_id,
+                                               chunk_size=STREAM_CHUNK_SIZE), "store"))
+        elif self.store and self.method == "GET" and status == 200:
+            self.log.debug("{component}: {url}: {length} bytes, over the cache's limit of {limit}; not stored",
+                           component=self.name, url=self.url, length=length, limit=self.store_limit)
+        pump = _BodyPump(self, sinks, status, store_limit=self.store_limit)
         response.deliverBody(pump)
         return pump.done
 
@@ -406,11 +428,14 @@ class _BodyPump(Protocol):
     """Receives the body; writes each chunk to the streams, pausing the
     upstream while they have no room, and ends or aborts them."""
 
-    def __init__(self, transfer: _Transfer, sinks: List[_Sink], status: int) -> None:
+    def __init__(self, transfer: _Transfer, sinks: List[_Sink], status: int, *,
+                 store_limit: Optional[int] = None) -> None:
         self.transfer = transfer
         self.status = status
         self.sinks = sinks
         self.client = sinks[0]
+        #: past this many bytes the store streams (sinks[1:]) are aborted: the cache would not keep them
+        self.store_limit = store_limit
         self.clock = transfer.clock
         self.timeout = transfer.options.timeout
         self.max_bytes = transfer.options.max_bytes
@@ -423,6 +448,7 @@ class _BodyPump(Protocol):
     # the upstream side -----------------------------------------------------------
 
     def connectionMade(self) -> None:
+        _widen_reads(self.transport)
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
@@ -432,6 +458,8 @@ class _BodyPump(Protocol):
         if self.bytes > self.max_bytes:
             self._fail(UpstreamError(f"body over the limit of {self.max_bytes} bytes"))
             return
+        if self.store_limit is not None and self.bytes > self.store_limit and len(self.sinks) > 1:
+            self._drop_stores(f"body over the cache's limit of {self.store_limit} bytes")
         waits = [d for d in (sink.write(data) for sink in self.sinks) if d is not None]
         if self._check_sinks():
             return
@@ -470,6 +498,14 @@ class _BodyPump(Protocol):
                        stop=False)
 
     # the streams' side ---------------------------------------------------------------
+
+    def _drop_stores(self, why: str) -> None:
+        """Stop feeding the store streams: aborted, so the cache drops what it got."""
+        self.transfer.log.debug("{component}: {url}: store stream aborted: {why}", component=self.transfer.name,
+                                url=self.transfer.url, why=why)
+        for sink in self.sinks[1:]:
+            sink.abort(UpstreamError(why))
+        self.sinks = self.sinks[:1]
 
     def _check_sinks(self) -> bool:
         """Drop a broken store stream; give up if the client's broke. True if given up."""
@@ -763,6 +799,21 @@ def _discard(response: Any) -> None:
             pass
 
     response.deliverBody(Discard())
+
+
+def _widen_reads(transport: Any, size: int = UPSTREAM_READ_SIZE) -> None:
+    """Have the TCP connection under a response's body read up to C{size} bytes at a
+    time (fewer, larger pieces for the pump). Best effort: Twisted's client wraps the
+    connection in a producer proxy (and TLS); if its insides have moved, nothing changes."""
+    current = getattr(transport, "_producer", transport)
+    for _ in range(3):
+        if isinstance(current, tcp.Connection):
+            if current.bufferSize < size:
+                current.bufferSize = size
+            return
+        current = getattr(current, "transport", None)
+        if current is None:
+            return
 
 
 def _header(headers: Headers, name: bytes) -> Optional[str]:

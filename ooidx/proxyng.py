@@ -50,6 +50,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
@@ -92,6 +93,12 @@ MAX_REQUEST_BODY = 64 * 1024
 HOT_TTL = 10.0
 #: Largest body held at the proxy, and all held bodies together.
 HOT_ENTRY_BYTES = 256 * 1024
+#: For a big body, the client's connection buffers up to this much before it
+#: pauses the stream (Twisted's default is 64 KiB, less than one stream chunk:
+#: every chunk paused the stream and the socket went idle until the next), and
+#: hands the kernel up to STREAM_SEND_LIMIT per send (Twisted's: 128 KiB).
+STREAM_WRITE_BUFFER = 1024 * 1024
+STREAM_SEND_LIMIT = 1024 * 1024
 HOT_BYTES = 32 * 1024 * 1024
 #: Seconds between the posts that count the requests answered at the proxy.
 RECORD_INTERVAL = 1.0
@@ -877,6 +884,8 @@ class Proxy(Component):
                 and (declared is None or declared <= HOT_ENTRY_BYTES or method == "HEAD"))
         if keep:
             pump.kept = []
+        if method != "HEAD" and (declared is None or declared > HOT_ENTRY_BYTES):
+            _widen_writes(request)
         request.registerProducer(pump, True)
         ok = False
         try:
@@ -926,6 +935,18 @@ def _cache_max_age(config: Any) -> float:
     if isinstance(max_age, (int, float)) and not isinstance(max_age, bool):
         return float(max_age)
     return CacheOptions().max_age
+
+
+def _widen_writes(request: server.Request) -> None:
+    """Fewer, larger writes to the client for a big body (see STREAM_WRITE_BUFFER).
+    Best effort: only a plain TCP connection is changed (it keeps the setting for
+    the rest of its life; memory per connection stays bounded by it)."""
+    transport = getattr(request.channel, "transport", None)
+    if isinstance(transport, tcp.Connection):
+        if transport.bufferSize < STREAM_WRITE_BUFFER:
+            transport.bufferSize = STREAM_WRITE_BUFFER
+        if transport.SEND_LIMIT < STREAM_SEND_LIMIT:
+            transport.SEND_LIMIT = STREAM_SEND_LIMIT
 
 
 def _abort(request: server.Request) -> None:

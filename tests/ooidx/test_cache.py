@@ -165,6 +165,8 @@ def env(tmp_path: Any) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_miss_then_store_then_fresh(env: Env) -> Any:
     answer = yield env.lookup()
+    limit = answer.pop("max_entry_bytes")  # the largest body it would keep: under the store's size
+    assert isinstance(limit, int) and 0 < limit < (yield env.client.call("cache", "stats"))["max_bytes"]
     assert answer == {"state": "miss", "node": "cache.node.n1", "validators": {}}
     yield env.store(body=b"x" * 5000)
     answer = yield env.lookup()
