@@ -195,8 +195,9 @@ class Cache(Component):
         return answer
 
     def max_entry_bytes(self, url: str) -> int:
-        """The largest body of C{url} this node could keep: the store's size less the
-        smallest metadata an entry of that URL has (a larger body never fits)."""
+        """A bound on the body of C{url} this node could keep: the store's size less
+        the smallest metadata an entry of that URL can have (a larger body never fits;
+        one this size may still not, with its headers)."""
         smallest = Entry(url=url, status=200, reason="", headers=[], validators={}, stored=0.0, size=0,
                          body="x" * _BODY_NAME_LENGTH)
         return max(0, self.store.max_bytes - len(smallest.to_json()))

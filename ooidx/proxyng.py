@@ -93,13 +93,13 @@ MAX_REQUEST_BODY = 64 * 1024
 HOT_TTL = 10.0
 #: Largest body held at the proxy, and all held bodies together.
 HOT_ENTRY_BYTES = 256 * 1024
+HOT_BYTES = 32 * 1024 * 1024
 #: For a big body, the client's connection buffers up to this much before it
 #: pauses the stream (Twisted's default is 64 KiB, less than one stream chunk:
 #: every chunk paused the stream and the socket went idle until the next), and
 #: hands the kernel up to STREAM_SEND_LIMIT per send (Twisted's: 128 KiB).
 STREAM_WRITE_BUFFER = 1024 * 1024
 STREAM_SEND_LIMIT = 1024 * 1024
-HOT_BYTES = 32 * 1024 * 1024
 #: Seconds between the posts that count the requests answered at the proxy.
 RECORD_INTERVAL = 1.0
 #: The fanout the caches tell each other about purges on (ooidx.cache.PURGE_FANOUT).

@@ -217,3 +217,29 @@ def test_a_slow_sink_is_not_taken_for_a_stalled_sender() -> None:
     for _ in range(5):
         clock.advance(0)
     assert outcome == [4]
+
+
+def test_stream_pieces_go_as_chunks_without_copies() -> None:
+    """A piece of a quarter chunk or more, written while nothing is buffered, is a
+    chunk as it is: on the memory transport the sink gets that very object.
+    Smaller pieces are joined; chunks are never larger than chunk_size."""
+    clock = Clock()
+    broker = MemoryBroker(clock)
+    sender, receiver = make(clock, broker), make(clock, broker)
+    listener = result_of_after(clock, receiver.listen())
+    writer = sender.open_stream(listener.address, {}, chunk_size=1024)
+    s = result_of_after(clock, listener.next_stream())
+    got: List[bytes] = []
+    done = s.deliver(got.append)
+    whole = b"a" * 1000
+    writer.write(whole)
+    for _ in range(3):
+        writer.write(b"b" * 100)  # buffered...
+    writer.write(b"c" * 600)  # ...sent as a chunk of their own first, then this one as it is
+    writer.write(b"d" * 3000)  # over a chunk: split
+    writer.finish()
+    total = result_of_after(clock, done)
+    assert total == 1000 + 300 + 600 + 3000
+    assert got[0] is whole
+    assert [len(c) for c in got] == [1000, 300, 600, 1024, 1024, 952]
+    assert b"".join(got) == whole + b"b" * 300 + b"c" * 600 + b"d" * 3000

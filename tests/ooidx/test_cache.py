@@ -415,6 +415,37 @@ def test_size_bound_evicts_least_recently_used(tmp_path: Any) -> Any:
         yield e.stop()
 
 
+@pytest_twisted.inlineCallbacks
+def test_max_entry_bytes_is_what_fits(tmp_path: Any) -> Any:
+    """lookup's max_entry_bytes: a body one byte over it is drained without being
+    written (it could never fit with its metadata); one a little under it is kept."""
+    e = Env(tmp_path, max_bytes=4000)
+    yield e.start()
+    try:
+        url = "http://h/fits"
+        limit = (yield e.lookup(url=url))["max_entry_bytes"]
+        assert 0 < limit < 4000
+        writes: List[int] = []
+        real_writer = e.cache.store.writer
+
+        def writer(*args: Any, **kwargs: Any) -> Any:
+            made = real_writer(*args, **kwargs)
+            real_write = made.write
+            made.write = lambda data: (writes.append(len(data)), real_write(data))[1]
+            return made
+
+        e.cache.store.writer = writer
+        yield e.store(url=url, body=b"x" * (limit + 1), headers=[])
+        assert writes == [] and (yield e.lookup(url=url))["state"] == "miss"
+        # what is left for the metadata (no headers here) is a few hundred bytes at most
+        yield e.store(url=url, body=b"x" * (limit - 300), headers=[])
+        assert sum(writes) == limit - 300
+        stats = yield e.client.call("cache", "stats")
+        assert stats["stores"] == 1, stats
+    finally:
+        yield e.stop()
+
+
 # malformed requests and faults -------------------------------------------------------------
 
 

@@ -245,6 +245,46 @@ def test_no_store_stream_for_head_or_non_200(make_fetcher: Any, upstream: Any) -
 
 
 @pytest_twisted.inlineCallbacks
+def test_no_store_stream_for_a_body_over_store_limit(make_fetcher: Any, upstream: Any) -> Any:
+    """A Content-Length over what the cache will keep: the client's stream only."""
+    bus, _ = yield make_fetcher()
+    store = yield bus.listen()
+    metadata, body, _ = yield fetch_body(bus, upstream["url"] + "/big?size=300000", store=store.address,
+                                         store_limit=299999)
+    assert metadata["length"] == len(body) == 300000
+    with pytest.raises(magnet.Timeout):
+        yield store.next_stream(timeout=0.5)
+    # at the limit it is still stored
+    _, body, _ = yield fetch_body(bus, upstream["url"] + "/big?size=300000", store=store.address,
+                                  store_limit=300000)
+    stored = yield store.next_stream(timeout=10)
+    assert (yield stored.read_all()) == body
+
+
+@pytest_twisted.inlineCallbacks
+def test_store_stream_aborted_past_store_limit_unknown_length(make_fetcher: Any, upstream: Any) -> Any:
+    """No Content-Length: the store stream is aborted once the body passes the
+    limit; the client still gets the whole body."""
+    bus, _ = yield make_fetcher()
+    store = yield bus.listen()
+    metadata, body, _ = yield fetch_body(bus, upstream["url"] + "/chunked?size=3000000", store=store.address,
+                                         store_limit=100000)
+    assert metadata["length"] is None and len(body) == 3000000
+    stored = yield store.next_stream(timeout=10)
+    with pytest.raises(StreamError) as info:
+        yield stored.read_all()
+    assert "limit" in str(info.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_store_limit_must_be_a_byte_count(make_fetcher: Any, upstream: Any) -> Any:
+    bus, _ = yield make_fetcher()
+    for bad in (-1, "10", True, 1.5):
+        e = yield fetch_error(bus, upstream["url"] + "/small", store="somewhere", store_limit=bad)
+        assert e.remote_type == "BadArguments"
+
+
+@pytest_twisted.inlineCallbacks
 def test_revalidation_304_tells_the_cache_to_serve(make_fetcher: Any, upstream: Any) -> Any:
     bus, _ = yield make_fetcher()
     store = yield bus.listen()
