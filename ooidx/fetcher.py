@@ -68,10 +68,13 @@ _ERROR_STATUS = {"Forbidden": 403, "InvalidURL": 400, "InvalidName": 400, "BadAr
                  "UpstreamTimeout": 504}
 #: Bytes asked of the upstream's socket per read while a body streams (Twisted reads
 #: 64 KiB at a time; each read costs a trip through the HTTP client's parser).
-UPSTREAM_READ_SIZE = 1024 * 1024
+UPSTREAM_READ_SIZE = 512 * 1024
 #: The largest chunk of a fetch's streams: a piece read from the upstream (at
 #: most UPSTREAM_READ_SIZE) goes on as one chunk, not copied into smaller ones.
 STREAM_CHUNK_SIZE = UPSTREAM_READ_SIZE
+#: Chunks of a fetch's stream awaiting the broker's confirm (the bytes in
+#: flight: STREAM_WINDOW times STREAM_CHUNK_SIZE at most).
+STREAM_WINDOW = 4
 #: Characters left as they are when a URL is made ASCII for the request line.
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~-._\"<>^`{|}\\"
 
@@ -408,14 +411,14 @@ class _Transfer:
                     "headers": headers, "url": self.url, "source": "fetcher", "length": length, **self.extra}
         bus = self.fetcher.bus
         sinks = [_Sink(bus.open_stream(self.address, metadata, correlation_id=self.request_id,
-                                       chunk_size=STREAM_CHUNK_SIZE), "client")]
+                                       chunk_size=STREAM_CHUNK_SIZE, window=STREAM_WINDOW), "client")]
         if self.store and self.method == "GET" and status == 200 and not (
                 self.store_limit is not None and length is not None and length > self.store_limit):
             validators = {"etag": _header(response.headers, b"etag"),
                           "last_modified": _header(response.headers, b"last-modified")}
             store_metadata = {**metadata, "store": True, "validators": validators}
             sinks.append(_Sink(bus.open_stream(self.store, store_metadata, correlation_id=self.request_id,
-                                               chunk_size=STREAM_CHUNK_SIZE), "store"))
+                                               chunk_size=STREAM_CHUNK_SIZE, window=STREAM_WINDOW), "store"))
         elif self.store and self.method == "GET" and status == 200:
             self.log.debug("{component}: {url}: {length} bytes, over the cache's limit of {limit}; not stored",
                            component=self.name, url=self.url, length=length, limit=self.store_limit)
