@@ -18,7 +18,9 @@ Sides:
 Rows:
   1. cached .dds, 10 connections: requests/s (wrk, keep-alive; another process)
   2. cached .dds, 50 connections
-  3. 1 GiB stream: MB/s of one download (a client process reading and dropping)
+  3. 1 GiB stream: MB/s of one download (a client process reading and dropping).
+     1 GiB is more than the node's cache (1 GiB with its metadata) can keep, so
+     this is the path without the cache's copy (the fetcher's store_limit).
   4. 1 GiB stream, peak RSS: the server process's resident size during that
      download (for C{proxy} the whole node: proxy, fetcher and cache), in MB.
      The harness measures rates, so this row's load counts the running peak
