@@ -785,7 +785,7 @@ def test_fetch_dataset_slowest_subscriber_sets_the_pace(make_fetcher: Any, made_
             lead[0] = max(lead[0], sent[fast.address] - sent[slow.address])
         d = real_send(address, message, **kwargs)
         if address == slow.address:
-            d.addCallback(lambda r: task.deferLater(reactor, 0.003, lambda: r))
+            d.addCallback(lambda r: task.deferLater(reactor, 0.02, lambda: r))
         return d
 
     bus.send = send  # type: ignore[method-assign]
@@ -796,8 +796,9 @@ def test_fetch_dataset_slowest_subscriber_sets_the_pace(make_fetcher: Any, made_
     bodies = yield defer.gatherResults([s.read_all() for s in streams])
     assert bodies[0] == bodies[1] == made_datasets["big"]
     assert fetcher.pauses > 0
-    # one stream window (8 chunks of 64 KiB) plus what one read of the upstream brings
-    assert lead[0] <= 8 * 64 * 1024 + 256 * 1024, lead[0]
+    # one stream window plus what one read of the upstream brings
+    from ooidx.fetcher import STREAM_CHUNK_SIZE, STREAM_WINDOW, UPSTREAM_READ_SIZE
+    assert lead[0] <= STREAM_WINDOW * STREAM_CHUNK_SIZE + UPSTREAM_READ_SIZE, lead[0]
     event = yield log.next("fetched", "big")
     assert event["bytes"] == len(made_datasets["big"]) and event["delivered"] == 2
 
