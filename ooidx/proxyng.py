@@ -68,6 +68,7 @@ from magnet.rpc import ERROR, REPLY, decode_request
 from ooidx import events
 
 from ooidx.component import Component
+from ooidx.httpedge import TrackingSite
 from ooidx.errors import http_status
 
 __all__ = ["Proxy", "ProxyError", "DAP_SUFFIXES", "HOP_BY_HOP", "parse_target", "Target"]
@@ -281,26 +282,6 @@ class _ProxyRequest(server.Request):
         transport.loseConnection()
 
 
-class _Site(server.Site):
-    """A Site that remembers its open connections, so the proxy can close them at stop."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.open_channels: set = set()
-
-    def buildProtocol(self, addr: Any) -> Any:
-        channel = super().buildProtocol(addr)
-        if channel is not None:
-            site = self
-            lost = channel.connectionLost
-
-            def connectionLost(reason: Failure) -> None:
-                site.open_channels.discard(channel)
-                lost(reason)
-
-            channel.connectionLost = connectionLost
-            self.open_channels.add(channel)
-        return channel
 
 
 class _Root(Resource):
@@ -475,7 +456,7 @@ class Proxy(Component):
         self.base_ttl = base_ttl
         self._bases: Dict[str, Tuple[float, str]] = {}
         self._listening: Any = None
-        self._site: Optional[_Site] = None
+        self._site: Optional[TrackingSite] = None
         self._own: Tuple[str, ...] = ()
         self.active = 0  # requests in progress
         self._waiting: set = set()  # exchanges waiting for their answer to start
@@ -526,7 +507,7 @@ class Proxy(Component):
     # lifecycle -------------------------------------------------------------------------
 
     def setUp(self) -> None:
-        site = _Site(_Root(self), requestFactory=_ProxyRequest, reactor=self.clock, timeout=IDLE_TIMEOUT)
+        site = TrackingSite(_Root(self), requestFactory=_ProxyRequest, reactor=self.clock, timeout=IDLE_TIMEOUT)
         site.displayTracebacks = False
         site.noisy = False
         self._listening = self.clock.listenTCP(self._port_number, site, interface=self._interface)
@@ -558,10 +539,7 @@ class Proxy(Component):
         listening, self._listening = self._listening, None
         site, self._site = self._site, None
         if site is not None:
-            for channel in list(site.open_channels):
-                transport = getattr(channel, "transport", None)
-                if transport is not None:
-                    transport.loseConnection()
+            site.close_connections()
         if listening is not None:
             return listening.stopListening()
         return None

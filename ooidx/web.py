@@ -50,6 +50,7 @@ from magnet.bus import WORKER
 
 from ooidx.bootstrap import COMPONENT_TABLE
 from ooidx.component import Component
+from ooidx.httpedge import TrackingSite
 from ooidx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ooidx.metrics import PrometheusObserver
 
@@ -112,26 +113,6 @@ class _LimitedRequest(server.Request):
         self.content.write(data)
 
 
-class _Site(server.Site):
-    """A Site that remembers its open connections, so the web edge can close them at stop."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.open_channels: set = set()
-
-    def buildProtocol(self, addr: Any) -> Any:
-        channel = super().buildProtocol(addr)
-        if channel is not None:
-            site = self
-            lost = channel.connectionLost
-
-            def connectionLost(reason: Failure) -> None:
-                site.open_channels.discard(channel)
-                lost(reason)
-
-            channel.connectionLost = connectionLost
-            self.open_channels.add(channel)
-        return channel
 
 
 class _Api(Resource):
@@ -206,7 +187,7 @@ class Web(Component):
         self.max_body = max_body
         self.status_timeout = status_timeout
         self._listening: Any = None
-        self._site: Optional[_Site] = None
+        self._site: Optional[TrackingSite] = None
         self._own_metrics: Optional[PrometheusObserver] = None
         #: People's subscriptions and the event tail (ooidx.user_subscriptions), mounted at setUp.
         self.subscriptions: Any = None
@@ -257,7 +238,7 @@ class Web(Component):
         from ooidx.user_subscriptions import SubscriptionsApi
         self.subscriptions = SubscriptionsApi(self)
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
-        site = _Site(_Api(self), requestFactory=request_factory, parsePOSTFormSubmission=False,
+        site = TrackingSite(_Api(self), requestFactory=request_factory, parsePOSTFormSubmission=False,
                      reactor=self.clock, timeout=IDLE_TIMEOUT)
         site.displayTracebacks = False
         site.noisy = False
@@ -269,12 +250,7 @@ class Web(Component):
         listening, self._listening = self._listening, None
         site, self._site = self._site, None
         if site is not None:
-            for channel in list(site.open_channels):
-                # twisted.web's Site builds a _GenericHTTPChannelProtocol, a proxy
-                # without a transport of its own: the transport is its channel's
-                transport = getattr(getattr(channel, "_channel", channel), "transport", None)
-                if transport is not None:
-                    transport.loseConnection()
+            site.close_connections()
         if listening is not None:
             return listening.stopListening()
         return None

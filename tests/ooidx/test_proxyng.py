@@ -629,3 +629,22 @@ async def test_held_answers_go_with_purge_and_change_events(stack: Stack) -> Non
     await asked("/datasets/hot.dds?ttl")
     await task.deferLater(reactor, 0.1, lambda: None)
     assert await asked("/datasets/hot.dds?ttl") == 1, "held no longer than hot_ttl"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_keep_alive_connections() -> None:
+    """A client holding a keep-alive connection does not keep a stopping proxy
+    waiting: stop closes it (a Site's channels are wrappers whose transport is
+    their wrapped channel's)."""
+    stack = Stack()
+    await stack.start()
+    request = f"GET {UP}/ok HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    reading = raw(stack.port, request, timeout=20)
+    await task.deferLater(reactor, 0.5, lambda: None)  # answered; the connection stays open
+    assert stack.proxy._site is not None and stack.proxy._site.open_channels
+    started = reactor.seconds()
+    await stack.stop()
+    data = await reading
+    assert not data.endswith(b"<<timeout>>")
+    assert data.startswith(b"HTTP/1.1 200")
+    assert reactor.seconds() - started < 5
