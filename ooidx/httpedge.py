@@ -6,7 +6,7 @@ daemon's stop waits on clients that never hang up.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Tuple
 
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -41,3 +41,24 @@ class TrackingSite(server.Site):
             transport = getattr(getattr(channel, "_channel", channel), "transport", None)
             if transport is not None:
                 transport.loseConnection()
+
+
+def listen_address(config: Any, component: str, port: Optional[int], interface: Optional[str], *,
+                   http_port: str, default_port: int) -> Tuple[int, str]:
+    """Where an edge listens: the arguments if given, else the component's own
+    options (C{components.NAME.port} / C{interface}), else the C{http} section
+    (C{http_port} names its key), else the defaults."""
+    http = getattr(config, "http", None)
+    options = None
+    components = getattr(config, "components", None)
+    if components is not None and component in components:
+        options = components[component].options
+    if port is None:
+        port = getattr(options, "port", None)
+    if port is None:
+        port = getattr(http, http_port, default_port)
+    if interface is None:
+        interface = getattr(options, "interface", None)
+    if interface is None:
+        interface = getattr(http, "interface", "127.0.0.1")
+    return int(port), interface

@@ -68,7 +68,7 @@ from magnet.rpc import ERROR, REPLY, decode_request
 from ooidx import events
 
 from ooidx.component import Component
-from ooidx.httpedge import TrackingSite
+from ooidx.httpedge import TrackingSite, listen_address
 from ooidx.errors import http_status
 
 __all__ = ["Proxy", "ProxyError", "DAP_SUFFIXES", "HOP_BY_HOP", "parse_target", "Target"]
@@ -445,7 +445,8 @@ class Proxy(Component):
                  base_ttl: float = BASE_TTL, hot_ttl: Optional[float] = None, hot_bytes: int = HOT_BYTES,
                  record_interval: float = RECORD_INTERVAL) -> None:
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
-        self._port_number, self._interface = self._listen_address(port, interface)
+        self._port_number, self._interface = listen_address(self.config, self.name, port, interface,
+                                                              http_port="proxy_port", default_port=8100)
         if answer_timeout is None:
             fetcher = getattr(getattr(config, "components", None) or {}, "get", lambda _: None)("fetcher")
             fetch_timeout = getattr(getattr(fetcher, "options", None), "timeout", None)
@@ -473,21 +474,6 @@ class Proxy(Component):
 
     # where it listens ----------------------------------------------------------------
 
-    def _listen_address(self, port: Optional[int], interface: Optional[str]) -> Tuple[int, str]:
-        http_config = getattr(self.config, "http", None)
-        options = None
-        components = getattr(self.config, "components", None)
-        if components is not None and self.name in components:
-            options = components[self.name].options
-        if port is None:
-            port = getattr(options, "port", None)
-        if port is None:
-            port = getattr(http_config, "proxy_port", 8100)
-        if interface is None:
-            interface = getattr(options, "interface", None)
-        if interface is None:
-            interface = getattr(http_config, "interface", "127.0.0.1")
-        return int(port), interface
 
     @property
     def port(self) -> int:

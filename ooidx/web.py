@@ -50,7 +50,7 @@ from magnet.bus import WORKER
 
 from ooidx.bootstrap import COMPONENT_TABLE
 from ooidx.component import Component
-from ooidx.httpedge import TrackingSite
+from ooidx.httpedge import TrackingSite, listen_address
 from ooidx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ooidx.metrics import PrometheusObserver
 
@@ -180,7 +180,8 @@ class Web(Component):
                  cluster_status: Optional[Callable[..., Any]] = None, max_body: int = MAX_BODY,
                  status_timeout: float = STATUS_TIMEOUT) -> None:
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
-        self._port_number, self._interface = self._listen_address(port, interface)
+        self._port_number, self._interface = listen_address(self.config, self.name, port, interface,
+                                                              http_port="web_port", default_port=8080)
         self._token = token
         self._health = health
         self._cluster_status = cluster_status
@@ -194,21 +195,6 @@ class Web(Component):
 
     # where it listens ------------------------------------------------------------
 
-    def _listen_address(self, port: Optional[int], interface: Optional[str]) -> Tuple[int, str]:
-        http = getattr(self.config, "http", None)
-        options = None
-        components = getattr(self.config, "components", None)
-        if components is not None and self.name in components:
-            options = components[self.name].options
-        if port is None:
-            port = getattr(options, "port", None)
-        if port is None:
-            port = getattr(http, "web_port", 8080)
-        if interface is None:
-            interface = getattr(options, "interface", None)
-        if interface is None:
-            interface = getattr(http, "interface", "127.0.0.1")
-        return int(port), interface
 
     @property
     def port(self) -> int:
