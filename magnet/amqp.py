@@ -271,24 +271,39 @@ class _ConsumerChannel:
 
 
 class _Pending:
-    __slots__ = ("deferred", "exchange", "routing_key", "returned")
+    __slots__ = ("deferred", "exchange", "routing_key", "returned", "message", "mandatory", "nacks",
+                 "deadline")
 
-    def __init__(self, deferred: Deferred, exchange: str, routing_key: str) -> None:
+    def __init__(self, deferred: Deferred, exchange: str, routing_key: str, message: Message,
+                 mandatory: bool) -> None:
         self.deferred = deferred
         self.exchange = exchange
         self.routing_key = routing_key
         self.returned: Optional[str] = None
+        self.message = message  # kept to publish it again after a basic.nack
+        self.mandatory = mandatory
+        self.nacks = 0
+        self.deadline = 0.0  # set at the first nack: no more attempts after it
 
 
 class _PublishChannel:
-    """The publishing channel (confirm mode): basic.ack / nack / return on the fast path."""
+    """The publishing channel (confirm mode): basic.ack / nack / return on the fast path.
+
+    A message the broker refuses (C{basic.nack}) is handed to the transport,
+    which publishes it again on a fresh channel (L{AMQPTransport._nacked}):
+    RabbitMQ keeps per-channel state for every queue a channel publishes to,
+    and that state can stay broken for the channel's lifetime.
+    """
 
     log = Logger()
 
-    def __init__(self, protocol: "_AMQPProtocol", channel_id: int) -> None:
+    def __init__(self, protocol: "_AMQPProtocol", channel_id: int, txchannel: Any = None) -> None:
         self.protocol = protocol
         self.id = channel_id
+        self.txchannel = txchannel
         self.open = True
+        self.replacing = False  # a fresh channel is being opened to take over from this one
+        self.retired = False  # replaced: closed once its last publish is settled
         self.seq = 0
         self.pending: "OrderedDict[int, _Pending]" = OrderedDict()
         self.expecting = 0
@@ -297,16 +312,21 @@ class _PublishChannel:
         self._remaining = 0
 
     def publish(self, exchange: str, routing_key: str, message: Message, mandatory: bool) -> Deferred:
+        d = Deferred()
+        self.send(_Pending(d, exchange, routing_key, message, mandatory))
+        return d
+
+    def send(self, p: _Pending) -> None:
+        """Write C{p}'s message (basic.publish + content) under the next sequence number."""
         seq = self.seq + 1
-        method = (_PUBLISH_PREFIX + _shortstr_cached(exchange) + _shortstr_cached(routing_key)
-                  + (b"\x01" if mandatory else b"\x00"))
-        frames = _content_frames(self.id, message, seq if mandatory else None, self.protocol.frame_max)
+        method = (_PUBLISH_PREFIX + _shortstr_cached(p.exchange) + _shortstr_cached(p.routing_key)
+                  + (b"\x01" if p.mandatory else b"\x00"))
+        frames = _content_frames(self.id, p.message, seq if p.mandatory else None, self.protocol.frame_max)
         frames.insert(0, _method_frame(self.id, method))
         self.seq = seq
-        d = Deferred()
-        self.pending[seq] = _Pending(d, exchange, routing_key)
+        p.returned = None
+        self.pending[seq] = p
         self.protocol.write_frames(frames)
-        return d
 
     def method(self, method_id: int, buf: bytes, pos: int) -> bool:
         if method_id == 80:  # basic.ack
@@ -378,6 +398,7 @@ class _PublishChannel:
             one = pending.pop(tag, None)
             if one is not None:
                 settled.append(one)
+        nacked: List[_Pending] = []
         for p in settled:
             if p.returned is not None:
                 p.deferred.errback(Unroutable(
@@ -386,9 +407,22 @@ class _PublishChannel:
             elif outcome is None:
                 p.deferred.callback(None)
             else:
-                p.deferred.errback(NotConfirmed(
-                    f"the broker refused the message to exchange {p.exchange!r} with routing key "
-                    f"{p.routing_key!r} (basic.nack)"))
+                nacked.append(p)
+        if nacked:
+            self.protocol.owner._nacked(self, nacked)
+        if self.retired and not pending and self.open:
+            self.release()
+
+    def retire(self) -> None:
+        """A fresh channel publishes from now on: close this one once nothing waits for a confirm."""
+        self.retired = True
+        if not self.pending:
+            self.release()
+
+    def release(self) -> None:
+        self.open = False
+        if self.txchannel is not None and not self.protocol.lost:
+            self.protocol.close_channel(self.txchannel).addErrback(lambda _: None)
 
     def fail_all(self, make_error: Callable[[_Pending], Exception]) -> None:
         self.open = False
@@ -718,6 +752,15 @@ class AMQPTransport:
     @param backoff: C{attempt -> seconds} between reconnect attempts.
     @param connect_timeout: limit of one TCP connect + AMQP handshake.
     @param close_timeout: how long L{stop} waits for the broker's close-ok.
+    @param nack_retries: how many times a message the broker refused
+        (C{basic.nack}) is published again, each time on a fresh channel and
+        after a backoff (50 ms, doubling, at most 1 s), within
+        C{operation_timeout} of the first refusal, before its publish fails
+        with L{NotConfirmed}. A refused message was not taken, so publishing
+        it again duplicates nothing. (RabbitMQ 3.10 refuses every publish of
+        a channel to a quorum queue whose first publish there found the
+        queue's leader on a node that had just died, for as long as the
+        channel lives; a fresh channel publishes fine.)
     @param tls_options: an C{IOpenSSLClientConnectionCreator} for amqps URLs
         (default: verify the broker's certificate against the system trust).
     """
@@ -736,6 +779,7 @@ class AMQPTransport:
         close_timeout: float = 3.0,
         auth_mechanism: str = "PLAIN",
         tls_options: Any = None,
+        nack_retries: int = 8,
     ) -> None:
         if isinstance(urls, str):
             urls = [urls]
@@ -749,6 +793,10 @@ class AMQPTransport:
                                                                          factor=1.7)
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
+        self.nack_retries = nack_retries
+        #: messages the broker refused (basic.nack), and publishing channels replaced for it
+        self.nacked = 0
+        self.publishers_replaced = 0
         self.auth_mechanism = auth_mechanism.upper()
         self.tls_options = tls_options
         self.spec = load_spec()
@@ -841,7 +889,7 @@ class AMQPTransport:
             raise ConnectionLost(f"AMQP handshake failed: {reason}") from None
         publisher_ch = yield protocol.open_channel()
         yield publisher_ch.confirm_select(nowait=False)
-        publisher = _PublishChannel(protocol, publisher_ch.id)
+        publisher = _PublishChannel(protocol, publisher_ch.id, publisher_ch)
         protocol.fast[publisher_ch.id] = publisher
         self._publisher = publisher
         self._control = None
@@ -883,7 +931,12 @@ class AMQPTransport:
         publisher = self._publisher
         if publisher is not None and publisher.protocol is protocol:
             self._publisher = None
-            publisher.fail_all(lambda p: ConnectionLost(
+        # the publishing channel, and any replaced one still waiting for confirms
+        publishers = [f for f in protocol.fast.values() if isinstance(f, _PublishChannel)]
+        if publisher is not None and publisher.protocol is protocol and publisher not in publishers:
+            publishers.append(publisher)
+        for fast in publishers:
+            fast.fail_all(lambda p: ConnectionLost(
                 f"link to the broker lost before the confirm of the message to exchange "
                 f"{p.exchange!r} with routing key {p.routing_key!r}"))
         for fast in list(protocol.fast.values()):
@@ -1238,7 +1291,8 @@ class AMQPTransport:
         """The broker closed a channel (an error on it)."""
         if isinstance(fast, _PublishChannel):
             self.log.warn("broker closed the publishing channel: {code} {text}", code=code, text=text)
-            if self._publisher is fast:
+            was_current = self._publisher is fast
+            if was_current:
                 self._publisher = None
 
             def error(p: _Pending) -> Exception:
@@ -1248,7 +1302,7 @@ class AMQPTransport:
                                       f"({code} {text})")
 
             fast.fail_all(error)
-            if protocol is self._protocol and not protocol.lost:
+            if was_current and protocol is self._protocol and not protocol.lost:
                 self._reopen_publisher(protocol)
         elif isinstance(fast, _ConsumerChannel):
             fast.open = False
@@ -1277,9 +1331,97 @@ class AMQPTransport:
                 protocol.transport.abortConnection()
             return
         if protocol is self._protocol and not protocol.lost:
-            publisher = _PublishChannel(protocol, ch.id)
+            publisher = _PublishChannel(protocol, ch.id, ch)
             protocol.fast[ch.id] = publisher
             self._publisher = publisher
+
+    # -- refused publishes (basic.nack)
+
+    def _nacked(self, channel: _PublishChannel, nacked: List[_Pending]) -> None:
+        """The broker refused these messages on C{channel}: publish them again on a fresh channel.
+
+        Called from the publishing channel's fast path. The channel that
+        refused them is replaced (if it still is the publishing channel) and
+        closed once its other publishes are settled; each message is sent
+        again after a backoff, at most L{nack_retries} times and within
+        C{operation_timeout} of its first refusal. A publish the sender has
+        given up on (its Deferred cancelled) is not sent again.
+        """
+        self.nacked += len(nacked)
+        if channel is self._publisher and not channel.replacing and not channel.retired:
+            self._replace_publisher(channel)
+        now = self.reactor.seconds()
+        for p in nacked:
+            if p.deferred.called:
+                continue
+            p.nacks += 1
+            if p.nacks == 1:
+                p.deadline = now + self.operation_timeout
+            if p.nacks > self.nack_retries or now >= p.deadline:
+                self._refused(p)
+                continue
+            self.reactor.callLater(min(1.0, 0.05 * 2 ** (p.nacks - 1)), self._republish, p, channel)
+
+    @staticmethod
+    def _refused(p: _Pending) -> None:
+        p.deferred.errback(NotConfirmed(
+            f"the broker refused the message to exchange {p.exchange!r} with routing key "
+            f"{p.routing_key!r} (basic.nack, {p.nacks} times)"))
+
+    def _republish(self, p: _Pending, refused_on: _PublishChannel) -> None:
+        if p.deferred.called:
+            return
+        if self._stopping or not self._running:
+            p.deferred.errback(NotConnected(
+                f"publish to exchange {p.exchange!r}: refused (basic.nack), and the transport was stopped "
+                f"before it could be published again"))
+            return
+        publisher = self._publisher
+        if (self.connected and publisher is not None and publisher.open and publisher is not refused_on
+                and not publisher.retired):
+            try:
+                publisher.send(p)
+            except Exception as e:  # it was encoded once already; cannot happen, but never hang
+                p.deferred.errback(e)
+            return
+        if self.reactor.seconds() >= p.deadline:
+            if self.connected:
+                self._refused(p)
+            else:
+                p.deferred.errback(NotConnected(
+                    f"publish to exchange {p.exchange!r}: refused (basic.nack), then no broker link "
+                    f"to publish it again within {self.operation_timeout:.1f} s"))
+            return
+        # the fresh channel is being opened (or the link is down): wait for it
+        self.reactor.callLater(0.05, self._republish, p, refused_on)
+
+    @defer.inlineCallbacks
+    def _replace_publisher(self, old: _PublishChannel) -> Any:
+        """Open a fresh publishing channel; C{old} is closed once its last publish is settled."""
+        old.replacing = True
+        protocol = old.protocol
+        try:
+            ch = yield protocol.open_channel()
+            yield _bounded(ch.confirm_select(nowait=False), self.operation_timeout, self.reactor, protocol)
+        except Exception as e:
+            old.replacing = False
+            if not protocol.lost:
+                self.log.warn("could not open a fresh publishing channel ({reason}); dropping the link",
+                              reason=e)
+                protocol.transport.abortConnection()
+            return
+        if protocol is not self._protocol or protocol.lost or self._publisher is not old:
+            # the link went, or the channel was replaced otherwise meanwhile
+            if not protocol.lost:
+                protocol.close_channel(ch).addErrback(lambda _: None)
+            return
+        publisher = _PublishChannel(protocol, ch.id, ch)
+        protocol.fast[ch.id] = publisher
+        self._publisher = publisher
+        self.publishers_replaced += 1
+        self.log.info("the broker refused (basic.nack) a message on publishing channel {old}; "
+                      "publishing on a fresh channel {new} from now on", old=old.id, new=ch.id)
+        old.retire()
 
     # -- replay
 

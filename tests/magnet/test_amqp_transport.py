@@ -724,3 +724,86 @@ def test_refused_login_is_logged_and_retried_without_the_password(make_transport
     texts = [x for x in logs.texts() if "broker unreachable" in x]
     assert "403" in texts[-1] or "ACCESS_REFUSED" in texts[-1], texts[-1]
     assert not any("not-the-Passw0rd" in x for x in logs.texts())
+
+
+# -- refused publishes (basic.nack): sent again on a fresh channel
+#
+# A queue at its x-max-length with x-overflow reject-publish makes the broker
+# refuse (basic.nack) every publish to it, deterministically, on one node.
+
+
+def _full_queue_arguments() -> Dict[str, Any]:
+    return {"x-max-length": 1, "x-overflow": "reject-publish"}
+
+
+def _publish_channels(t: AMQPTransport) -> List[Any]:
+    protocol = t._protocol
+    assert protocol is not None
+    return [f for f in protocol.fast.values() if isinstance(f, amqp._PublishChannel)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_refused_publish_is_sent_again_on_a_fresh_channel_until_taken(make_transport: Any, names: Names) -> Any:
+    t = make_transport()
+    yield t.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(t.declare_queue(q, durable=False, arguments=_full_queue_arguments()))
+    yield wait(t.publish("", q, Message(body=b"one")))  # the queue is full now
+    first = t._publisher
+    refused = t.publish("", q, Message(body=b"two"))
+    yield until(lambda: t._publisher is not first, what="a fresh publishing channel after the nack")
+    yield sleep(0.3)
+    assert not refused.called  # refused, and being sent again: not failed, not confirmed
+    assert first.retired and not first.open  # the refusing channel is closed (nothing pending on it)
+    assert _publish_channels(t) == [t._publisher]
+    # room in the queue: the next attempt is taken, and the publish fires on that confirm
+    inbox = Inbox()
+    yield wait(t.consume(q, inbox, prefetch=10))
+    yield wait(refused, 5)
+    yield inbox.wait_for(2)
+    yield sleep(0.5)
+    assert inbox.bodies == [b"one", b"two"]  # once each: a refused message was not taken
+    yield wait(t.publish("", q, Message(body=b"three")))
+    yield inbox.wait_for(3)
+
+
+@pytest_twisted.inlineCallbacks
+def test_publish_refused_every_time_fails_with_not_confirmed_after_the_retries(make_transport: Any,
+                                                                               names: Names) -> Any:
+    from magnet.errors import NotConfirmed
+    t = make_transport(nack_retries=2)
+    yield t.when_connected(TIMEOUT)
+    q, other = names.queue(), names.queue()
+    yield wait(t.declare_queue(q, durable=False, arguments=_full_queue_arguments()))
+    yield wait(t.declare_queue(other, durable=False))
+    yield wait(t.publish("", q, Message(body=b"one")))
+    began = reactor.seconds()
+    with pytest.raises(NotConfirmed, match=r"basic\.nack, 3 times"):
+        yield wait(t.publish("", q, Message(body=b"two")))
+    assert reactor.seconds() - began >= 0.05 + 0.1  # two retries, after their backoff
+    assert t.connected and len(_publish_channels(t)) == 1
+    yield wait(t.publish("", other, Message(body=b"elsewhere")))  # the link and channel serve on
+    inbox = Inbox()
+    yield wait(t.consume(q, inbox))
+    yield inbox.wait_for(1)
+    yield sleep(0.5)
+    assert inbox.bodies == [b"one"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_refused_publish_given_up_by_its_sender_is_not_sent_again(make_transport: Any, names: Names) -> Any:
+    t = make_transport()
+    yield t.when_connected(TIMEOUT)
+    q = names.queue()
+    yield wait(t.declare_queue(q, durable=False, arguments=_full_queue_arguments()))
+    yield wait(t.publish("", q, Message(body=b"one")))
+    first = t._publisher
+    d = t.publish("", q, Message(body=b"two"))
+    yield until(lambda: t._publisher is not first, what="a fresh publishing channel after the nack")
+    d.cancel()  # as Bus.send does at its timeout
+    with pytest.raises(defer.CancelledError):
+        yield d
+    inbox = Inbox()
+    yield wait(t.consume(q, inbox))  # room in the queue from now on
+    yield sleep(2.0)  # longer than the backoff of every remaining retry
+    assert inbox.bodies == [b"one"]
