@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 #: Options that go to the transport rather than to the bus.
-_TRANSPORT_OPTIONS = ("heartbeat", "operation_timeout", "connect_timeout", "backoff", "close_timeout", "tls_options")
+_TRANSPORT_OPTIONS = ("heartbeat", "operation_timeout", "connect_timeout", "backoff", "close_timeout", "tls_options",
+                      "nack_retries")
 
 
 def transport_for(url: Any, reactor: Any, **options: Any) -> Any:
