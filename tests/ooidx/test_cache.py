@@ -15,6 +15,7 @@ import magnet
 from magnet import Message, rpc
 from magnet.bus import SHARED_DEAD_LETTERS
 
+from tests.ooidx.waiting import eventually, sleep
 from ooidx import store as store_module
 from ooidx.cache import PURGE_FANOUT, Cache, node_address
 from ooidx.config import parse
@@ -24,22 +25,6 @@ HEADERS = [["Content-Type", "application/octet-stream"], ["ETag", '"abc"'],
            ["Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT"], ["X-Repeat", "1"], ["X-Repeat", "2"]]
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def eventually(predicate: Any, timeout: float = 10.0) -> Any:
-    """Poll C{predicate} (which may return a Deferred) until it is true."""
-    waited = 0.0
-    while True:
-        value = yield defer.maybeDeferred(predicate)
-        if value:
-            return value
-        if waited > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        yield sleep(0.01)
-        waited += 0.01
 
 
 class Env:

@@ -8,32 +8,18 @@ from typing import Any, List
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 import magnet
 from magnet import Message, NotConfirmed
 from magnet.bus import ERROR_HEADER
 
+from tests.ooidx.waiting import eventually, sleep
 from ooidx.distributor import (ADDRESSES_HEADER, DISTRIBUTE, DISTRIBUTOR, MAX_ADDRESSES_PER_MESSAGE, TYPE_HEADER,
                                WORK_QUEUE, Distributor, declare_work_queue, distribute, distribute_message, parse)
 from magnet import BadMessage
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def eventually(predicate: Any, timeout: float = 10.0) -> Any:
-    waited = 0.0
-    while True:
-        value = yield defer.maybeDeferred(predicate)
-        if value:
-            return value
-        if waited > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        yield sleep(0.01)
-        waited += 0.01
 
 
 class Env:

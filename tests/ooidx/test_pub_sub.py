@@ -9,31 +9,17 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 import magnet
 from magnet import Message, RemoteError, rpc
 
+from tests.ooidx.waiting import eventually, sleep
 from ooidx.attribute_store import AttributeStore
 from ooidx.distributor import Distributor, WORK_QUEUE
 from ooidx.pub_sub import CHANGED, KEY_PREFIX, PUBLICATION, PubSub
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def eventually(predicate: Any, timeout: float = 10.0) -> Any:
-    waited = 0.0
-    while True:
-        value = yield defer.maybeDeferred(predicate)
-        if value:
-            return value
-        if waited > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        yield sleep(0.01)
-        waited += 0.01
 
 
 class Node:
