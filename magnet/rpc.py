@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
 from magnet.errors import BadArguments, BadMessage, RemoteError, UnknownOperation
-from magnet.message import BINARY, JSON, Message
+from magnet.message import BINARY, Message
 
 CALL = "call"
 REPLY = "reply"

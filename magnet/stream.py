@@ -20,7 +20,6 @@ from typing import Any, Callable, Deque, Dict, Iterable, Optional, Tuple
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from magnet.errors import BadMessage, StreamError, Timeout

@@ -79,6 +79,7 @@ BROKER_ENV = "OOIDX_BROKER"
 DEFAULT_BROKER = "memory://"
 BROKER_SCHEMES = ("memory", "amqp", "amqps")
 NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_SUBSCRIPTION_NAME = NODE_NAME  # the same rule as pub_sub's subscription names
 HOST_NAME = re.compile(
     r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
@@ -187,6 +188,16 @@ class FetcherOptions:
     max_redirects: int = 5
     max_bytes: int = 10 * GiB  # largest response fetched
     timeout: float = 60.0  # seconds without progress before a fetch fails
+
+
+@dataclass(frozen=True)
+class PersisterOptions:
+    """Which pub_sub subscription this persister consumes, and how it asks again
+    for a version it could not save (a full disk, a broken stream)."""
+
+    subscription: str = "persister"  # same name: share the work; another name: a full copy of its own
+    retry_after: float = 60.0  # seconds before the first new attempt; doubles per failure of a dataset
+    retry_max: float = 900.0  # seconds: the longest wait between attempts
 
 
 @dataclass(frozen=True)
@@ -484,6 +495,12 @@ class _Parser:
             raise self.error(path, f"expected a non-empty string, got {_describe(value)}")
         return value
 
+    def subscription_name(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not _SUBSCRIPTION_NAME.match(value):
+            raise self.error(path, f"expected a subscription name (1 to 64 of A-Z a-z 0-9 _ . -), "
+                             f"got {_describe(value)}")
+        return value
+
     def interface(self, value: Any, path: str) -> str:
         if not isinstance(value, str):
             raise self.error(path, f"expected an IP address string, got {_describe(value)}")
@@ -715,6 +732,12 @@ class _Parser:
                 "max_bytes": (10 * GiB, lambda v, p: self.integer(v, p, 1)),
                 "timeout": (60.0, self.number),
             }
+        elif name == "persister":
+            specific = {
+                "subscription": ("persister", self.subscription_name),
+                "retry_after": (60.0, self.number),
+                "retry_max": (900.0, self.number),
+            }
         elif name in LISTENING_COMPONENTS:
             specific = {
                 "port": (None, lambda v, p: self.integer(v, p, 0, 65535)),
@@ -746,6 +769,11 @@ class _Parser:
             options = CacheOptions(**settings)
         elif name == "fetcher":
             options = FetcherOptions(**settings)
+        elif name == "persister":
+            if settings["retry_max"] < settings["retry_after"]:
+                raise self.error(f"{path}.retry_max", f"expected at least retry_after ({settings['retry_after']:g} s), "
+                                 f"got {settings['retry_max']:g}")
+            options = PersisterOptions(**settings)
         elif name in LISTENING_COMPONENTS:
             options = ListenOptions(**settings)
         return ComponentConfig(name=name, instances=instances, process=process, options=options)

@@ -13,7 +13,8 @@ Operations (docs/data-path.md is the contract):
   proxy as a reply, and its errors (C{UnknownDataset}, C{Forbidden},
   C{InvalidURL}, C{InvalidName}) as an error reply.
 - C{record(dataset, url, hit, bytes, status)}: counts what the cache and fetchers served
-- C{get_dataset(name)}: has a fetcher fetch the dataset's .das/.dds/.dods for pub_sub
+- C{get_dataset(name, to=None)}: has a fetcher fetch the dataset's .das/.dds/.dods for
+  pub_sub's subscribers (or, with C{to}, for those addresses only)
 - C{get_stats()} -> usage statistics, summed over every controller
 
 Periodic refresh (issue 5): a dataset registered with C{refresh: SECONDS} is
@@ -53,7 +54,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from magnet import MagnetError, RemoteError, Unroutable, operation
+from magnet import BadArguments, MagnetError, RemoteError, Unroutable, operation
 
 from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
@@ -436,12 +437,19 @@ class Controller(Component):
 
     @operation
     @inlineCallbacks
-    def get_dataset(self, name: str) -> Any:
-        """Have a fetcher fetch dataset C{name} (.das, .dds, .dods) and send it to pub_sub."""
+    def get_dataset(self, name: str, to: Optional[List[str]] = None) -> Any:
+        """Have a fetcher fetch dataset C{name} (.das, .dds, .dods) for every
+        subscription pub_sub routes it to, or, given C{to} (a list of
+        addresses), for those addresses only: a persister asking again for a
+        version it could not save names its own address, so that no other
+        subscriber gets a second copy."""
+        if to is not None and not (isinstance(to, list) and to and all(isinstance(a, str) and a for a in to)):
+            raise BadArguments("BadArguments", f"to must be a non-empty list of addresses, got {str(to)[:100]}")
         record = yield self._live(name)
+        extra = {} if to is None else {"to": to}
         yield self.bus.post(self.peers["fetcher"], "fetch_dataset", name=name, url=record["url"],
-                            address=self.peers["pub_sub"])
-        return {"name": name, "url": record["url"], "address": self.peers["pub_sub"]}
+                            address=self.peers["pub_sub"], **extra)
+        return {"name": name, "url": record["url"], "address": self.peers["pub_sub"], **extra}
 
     # periodic refresh ----------------------------------------------------------------
 

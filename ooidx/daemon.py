@@ -24,7 +24,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import (CancelledError, Deferred, DeferredList, inlineCallbacks,
+from twisted.internet.defer import (CancelledError, Deferred, inlineCallbacks,
                                     maybeDeferred, succeed)
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import ILogObserver, Logger

@@ -20,7 +20,7 @@ type) is dead-lettered (C{distributor.work.dead}) at once.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger

@@ -61,6 +61,8 @@ HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "
 USER_AGENT = b"ooidx-fetcher/0.1"
 #: The pub_sub component fetch_dataset routes with, unless told another.
 PUB_SUB = "pub_sub"
+#: The most addresses a fetch_dataset may name in C{to}.
+MAX_DIRECT_ADDRESSES = 100
 #: The largest .das / .dds fetch_dataset reads (they travel whole, in the stream's start).
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 #: The HTTP status the proxy answers for each error type (for the record).
@@ -169,18 +171,25 @@ class Fetcher(Component):
 
     @operation
     def fetch_dataset(self, name: Any = None, url: Any = None, address: Any = None,
-                      request_id: Any = None) -> Deferred:
+                      request_id: Any = None, to: Any = None) -> Deferred:
         """Fetch dataset C{name} at base URL C{url} for its subscribers
         (docs/dissemination.md): the C{.das} and C{.dds} whole, then
         C{route(topic="dataset.NAME")} on pub_sub, then the C{.dods} streamed to
         every routed address at once. C{address} names the pub_sub component
-        to route with (default C{pub_sub}). Never fails (a post is not retried
-        for an upstream's fault): the outcome is an event, C{fetched} or
-        C{failed}, and the summary this returns."""
+        to route with (default C{pub_sub}). C{to}, a list of addresses, skips
+        the routing: the dataset goes to those addresses only (a persister
+        asking again for a version its full disk lost must not send every
+        other subscriber a copy). Never fails (a post is not retried for an
+        upstream's fault): the outcome is an event, C{fetched} or C{failed},
+        and the summary this returns."""
         pub_sub = address if isinstance(address, str) and address else PUB_SUB
         try:
             if request_id is not None and not isinstance(request_id, str):
                 raise BadArguments("BadArguments", "request_id must be a string or null")
+            if to is not None and not (isinstance(to, list) and 0 < len(to) <= MAX_DIRECT_ADDRESSES and
+                                       all(isinstance(a, str) and 0 < len(a) <= 255 for a in to)):
+                raise BadArguments("BadArguments", f"to must be a list of 1 to {MAX_DIRECT_ADDRESSES} "
+                                   "addresses (strings of at most 255 characters) or null")
             if not dap.valid_name(name):
                 raise InvalidName(f"not a valid dataset name: {name!r}"[:200])
             if not isinstance(url, str):
@@ -197,7 +206,7 @@ class Fetcher(Component):
             d = events.emit(self.bus, "failed", summary["dataset"], component=self.name, stage="request",
                             url=url if isinstance(url, str) else None, error=kind, reason=message[:500])
             return d.addCallback(lambda _: summary)
-        fetch = _DatasetFetch(self, name, url, pub_sub, request_id)
+        fetch = _DatasetFetch(self, name, url, pub_sub, request_id, to)
         return fetch.run().addErrback(self._bug, url)
 
     # helpers -----------------------------------------------------------------------
@@ -573,8 +582,10 @@ class _BodyPump(Protocol):
 class _DatasetFetch:
     """One fetch_dataset: .das and .dds whole, route, .dods to every address."""
 
-    def __init__(self, fetcher: Fetcher, name: str, base: str, pub_sub: str, request_id: Optional[str]) -> None:
+    def __init__(self, fetcher: Fetcher, name: str, base: str, pub_sub: str, request_id: Optional[str],
+                 to: Optional[List[str]] = None) -> None:
         self.fetcher = fetcher
+        self.to = to
         self.log = fetcher.log
         self.name = name
         self.base = base
@@ -594,7 +605,7 @@ class _DatasetFetch:
                     self.stage = part
                     texts[part] = yield self._whole(dap.dataset_url(self.base, part))
                 self.stage = "route"
-                addresses = yield self._route()
+                addresses = _unique(self.to) if self.to else (yield self._route())
                 if not addresses:
                     self.log.info("{component}: dataset {dataset}: no subscription matches {topic}; "
                                   ".dods not fetched", component=fetcher.name, dataset=self.name, topic=self.topic)
@@ -656,11 +667,7 @@ class _DatasetFetch:
         def check(addresses: Any) -> List[str]:
             if not isinstance(addresses, list) or not all(isinstance(a, str) and a for a in addresses):
                 raise UpstreamError(f"{self.pub_sub}.route answered {str(addresses)[:200]}, not a list of addresses")
-            unique: List[str] = []
-            for a in addresses:
-                if a not in unique:
-                    unique.append(a)
-            return unique
+            return _unique(addresses)
 
         return d.addCallback(check)
 
@@ -692,6 +699,11 @@ class _DatasetFetch:
         if "error" in summary:
             summary["stage"] = "dods"
         return summary
+
+
+def _unique(addresses: List[str]) -> List[str]:
+    """The addresses in their order, each once."""
+    return list(dict.fromkeys(addresses))
 
 
 class _Collect(Protocol):

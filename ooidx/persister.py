@@ -30,6 +30,16 @@ saved: C{event.saved.NAME}. When one cannot be saved (a full disk, a broken
 stream, bad metadata): C{event.failed.NAME} with the reason; the version is
 not recorded, so the next delivery of the dataset is written in full.
 
+A version lost to the disk or to a broken stream is asked for again: a
+stream's chunks are acknowledged as they reach the disk (that is what bounds
+memory), so the broker cannot give the version back, and the persister
+instead asks the controller for the dataset again, for its own address only
+(C{get_dataset(name, to=[ADDRESS])}), after C{retry_after} seconds, doubling
+per failure up to C{retry_max}, until a delivery of that dataset is saved
+(or found unchanged) or the dataset is no longer registered. The failed
+event says when (C{retry_in}). A message the persister cannot read is not
+asked for again: another copy would be no better.
+
 The .dods streams to disk chunk by chunk (bounded memory); the netCDF
 conversion needs the decoded data in memory (pydap unpacks it whole), so a
 C{.dods} over L{Persister.max_netcdf_bytes} is kept without its C{.nc}
@@ -55,7 +65,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from magnet import BadMessage, MagnetError, Message, operation
+from magnet import BadMessage, MagnetError, Message, RemoteError, operation
 
 from ooidx import dap, events
 from ooidx.component import Component
@@ -68,6 +78,8 @@ MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 PART_PREFIX = ".part-"
 DEFAULT_SUBSCRIPTION = "persister"
+DEFAULT_RETRY_AFTER = 60.0
+DEFAULT_RETRY_MAX = 900.0
 SUBSCRIBE_REGEX = r"^dataset\."
 THREADS = 2
 _CHUNK_WRITE = 1024 * 1024
@@ -107,11 +119,18 @@ class Persister(Component):
     subscribe_retry = (1.0, 30.0)
 
     def __init__(self, name: str, bus: Any, *, subscription: Optional[str] = None, data_dir: Optional[str] = None,
-                 pub_sub: str = "pub_sub", reactor: Any = None, **kwargs: Any) -> None:
+                 pub_sub: str = "pub_sub", controller: str = "controller", retry_after: Optional[float] = None,
+                 retry_max: Optional[float] = None, reactor: Any = None, **kwargs: Any) -> None:
         super().__init__(name, bus, **kwargs)
         options = getattr(getattr(self.config, "components", {}).get(name), "options", None) \
             if self.config is not None else None
         self.subscription = subscription or getattr(options, "subscription", None) or DEFAULT_SUBSCRIPTION
+        #: seconds before asking again for a version that could not be saved; doubles up to retry_max
+        self.retry_after = float(retry_after or getattr(options, "retry_after", None) or DEFAULT_RETRY_AFTER)
+        self.retry_max = max(self.retry_after,
+                             float(retry_max or getattr(options, "retry_max", None) or DEFAULT_RETRY_MAX))
+        self.controller = controller
+        self._retries: Dict[str, "_Retry"] = {}
         root = data_dir or getattr(self.config, "data_dir", None)
         if not root:
             raise ValueError("the persister needs a data directory (config data_dir)")
@@ -130,7 +149,7 @@ class Persister(Component):
         self.address: Optional[str] = None
         #: fires with the address once subscribed (tests wait for it)
         self.ready: Deferred = Deferred()
-        self.counters = {"saved": 0, "unchanged": 0, "failed": 0, "bytes": 0}
+        self.counters = {"saved": 0, "unchanged": 0, "failed": 0, "bytes": 0, "asked_again": 0}
 
     # lifecycle ---------------------------------------------------------------------
 
@@ -197,6 +216,9 @@ class Persister(Component):
         if self._subscribing is not None and self._subscribing.active():
             self._subscribing.cancel()
         self._subscribing = None
+        retries, self._retries = self._retries, {}
+        for retry in retries.values():
+            retry.cancel()
         listener, self._listener = self._listener, None
         if listener is not None and listener.subscription is not None:
             try:
@@ -229,7 +251,63 @@ class Persister(Component):
 
     @operation
     def stats(self) -> Dict[str, Any]:
-        return dict(self.counters, subscription=self.subscription, address=self.address, node=self.node)
+        return dict(self.counters, subscription=self.subscription, address=self.address, node=self.node,
+                    retrying=sorted(self._retries))
+
+    # asking again for what could not be saved --------------------------------------------
+
+    def _ask_again_later(self, name: str) -> Optional[float]:
+        """Make sure dataset C{name} is asked for again; the seconds until then
+        (None while stopping). A retry already pending stands: several lost
+        deliveries of one dataset need one new one."""
+        if self._stopping:
+            return None
+        retry = self._retries.get(name)
+        if retry is None:
+            retry = self._retries[name] = _Retry(self.retry_after)
+        if retry.call is None or not retry.call.active():
+            retry.call = self.clock.callLater(retry.delay, self._ask_again, name)
+        return max(0.0, retry.call.getTime() - self.clock.seconds())
+
+    def _ask_again(self, name: str) -> None:
+        """Ask the controller for dataset C{name}, for this persister's address
+        only, and schedule the next attempt in case this one is lost too."""
+        retry = self._retries.get(name)
+        if retry is None or self._stopping:
+            return
+        retry.call = None
+        retry.delay = min(retry.delay * 2, self.retry_max)
+        if self.address is None:
+            self._ask_again_later(name)
+            return
+        self.counters["asked_again"] += 1
+        self.log.info("{component}: asking again for dataset {dataset} (its last delivery was not saved)",
+                      component=self.name, dataset=name)
+        d = self.bus.call(self.controller, "get_dataset", name=name, to=[self.address])
+
+        def asked(_: Any) -> None:
+            self._ask_again_later(name)  # until a delivery is saved: this one may be lost as well
+
+        def refused(failure: Failure) -> None:
+            if failure.check(RemoteError) and failure.value.remote_type in ("UnknownDataset", "InvalidName"):
+                self.log.info("{component}: dataset {dataset} is no longer registered; not asking again",
+                              component=self.name, dataset=name)
+                self._settled(name)
+                return
+            self.log.warn("{component}: cannot ask {controller} again for dataset {dataset}: {reason}; "
+                          "again in {delay} s", component=self.name, controller=self.controller, dataset=name,
+                          reason=failure.getErrorMessage(), delay=retry.delay)
+            self._ask_again_later(name)
+
+        d.addCallbacks(asked, refused)
+        d.addErrback(lambda f: self.log.failure("{component}: asking again for {dataset}", f,
+                                                component=self.name, dataset=name))
+
+    def _settled(self, name: str) -> None:
+        """A delivery of C{name} was saved (or found unchanged): stop asking for it."""
+        retry = self._retries.pop(name, None)
+        if retry is not None:
+            retry.cancel()
 
     # the subscription address ------------------------------------------------------------
 
@@ -383,6 +461,7 @@ class _Version:
             return (yield self._failed())
         if sha == last_sha:
             yield self._discard()
+            p._settled(name)
             p.counters["unchanged"] += 1
             self.log.info("{component}: dataset {dataset} unchanged (sha256 {sha}); no new version",
                           component=p.name, dataset=name, sha=sha[:12])
@@ -402,6 +481,7 @@ class _Version:
             yield self._discard()
             return (yield self._failed())
         self.temp = None
+        p._settled(name)
         p._last[name] = (sequence + 1, sha)
         p.counters["saved"] += 1
         p.counters["bytes"] += self.bytes
@@ -417,11 +497,26 @@ class _Version:
     def _failed(self) -> Deferred:
         p = self.persister
         p.counters["failed"] += 1
-        self.log.warn("{component}: dataset {dataset} not saved ({stage}): {reason}", component=p.name,
-                      dataset=self.name, stage=self.stage, reason=self.problem)
+        retry_in = p._ask_again_later(self.name) if self.stage != "message" and self.name else None
+        self.log.warn("{component}: dataset {dataset} not saved ({stage}): {reason}; {next}", component=p.name,
+                      dataset=self.name, stage=self.stage, reason=self.problem,
+                      next="not asking again" if retry_in is None else f"asking again in {retry_in:g} s")
         d = events.emit(p.bus, "failed", self.name, component=p.name, subscription=p.subscription,
-                        stage=self.stage, reason=(self.problem or "")[:500])
+                        stage=self.stage, reason=(self.problem or "")[:500], retry_in=retry_in)
         return d.addCallback(lambda _: None)
+
+
+class _Retry:
+    """A dataset to ask for again: the wait before the next attempt, and its timer."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.call: Any = None
+
+    def cancel(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
 
 
 # --------------------------------------------------------------------------- #

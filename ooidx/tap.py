@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import IO, Any, Callable
+from typing import IO, Callable
 
 from twisted.logger import globalLogPublisher
 from twisted.python import usage

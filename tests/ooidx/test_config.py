@@ -73,7 +73,14 @@ def test_component_options_defaults(tmp_path):
     )
     assert opts["attribute_store"].url == str(tmp_path / "var" / "ooidx" / "attributes.sqlite3")
     assert opts["proxyng"] == opts["web"] == config.ListenOptions(None, None)
+    assert opts["persister"] == config.PersisterOptions("persister", 60.0, 900.0)
     assert opts["controller"] is None
+
+
+def test_persister_options():
+    cfg = parse("components: {persister: {subscription: west-coast.1, retry_after: 5, retry_max: 5}}\n",
+                "x.yaml", environ={})
+    assert cfg.components["persister"].options == config.PersisterOptions("west-coast.1", 5.0, 5.0)
 
 
 def test_component_null_and_empty_mean_defaults():
@@ -343,6 +350,16 @@ def test_components_shape():
          "components.fetcher.process: expected 'inline' or 'child', got 'fork'"),
         ("components: {fetcher: {timeout: 0}}",
          "components.fetcher.timeout: expected a number > 0 (seconds), got 0"),
+        ("components: {persister: {subscription: 'west coast'}}",
+         "components.persister.subscription: expected a subscription name (1 to 64 of A-Z a-z 0-9 _ . -), "
+         "got 'west coast'"),
+        ("components: {persister: {subscription: 7}}",
+         "components.persister.subscription: expected a subscription name (1 to 64 of A-Z a-z 0-9 _ . -), "
+         "got 7"),
+        ("components: {persister: {retry_after: -1}}",
+         "components.persister.retry_after: expected a number > 0 (seconds), got -1"),
+        ("components: {persister: {retry_after: 60, retry_max: 10}}",
+         "components.persister.retry_max: expected at least retry_after (60 s), got 10"),
         ("components: {cache: {max_bytes: 1GiB}}",
          "components.cache.max_bytes: expected an integer >= 1, got '1GiB'"),
         ("components: {attribute_store: {url: 'mysql://db/dx'}}",

@@ -323,6 +323,24 @@ async def test_get_dataset_posts_to_the_fetcher(node: Node) -> None:
     assert await node.fetcher.calls.next("fetch_dataset") == {"name": "sst", "url": BASE, "address": "pub_sub"}
 
 
+@pytest_twisted.ensureDeferred
+async def test_get_dataset_for_named_addresses(node: Node) -> None:
+    """C{to}: the fetcher is told to skip pub_sub's routing; a bad C{to} or a
+    purged dataset is refused before anything is fetched."""
+    await node.call("register", name="sst", url=BASE)
+    answer = await node.call("get_dataset", name="sst", to=["persister.a"])
+    assert answer == {"name": "sst", "url": BASE, "address": "pub_sub", "to": ["persister.a"]}
+    assert (await node.fetcher.calls.next("fetch_dataset"))["to"] == ["persister.a"]
+    for bad in ("persister.a", [], [""], [3]):
+        with pytest.raises(magnet.BadArguments):
+            await node.call("get_dataset", name="sst", to=bad)
+    await node.call("purge", name="sst")
+    with pytest.raises(RemoteError) as refused:
+        await node.call("get_dataset", name="sst", to=["persister.a"])
+    assert refused.value.remote_type == "UnknownDataset"
+    assert node.fetcher.calls.count("fetch_dataset") == 1
+
+
 # --------------------------------------------------------------------------- #
 # get_url: the routing
 

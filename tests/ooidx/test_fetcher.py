@@ -697,6 +697,22 @@ def test_fetch_dataset_to_every_routed_address(make_fetcher: Any, dap_upstream: 
 
 
 @pytest_twisted.inlineCallbacks
+def test_fetch_dataset_to_named_addresses(make_fetcher: Any, dap_upstream: Any) -> Any:
+    """C{to}: the dataset goes to those addresses only, without asking pub_sub."""
+    bus, _ = yield make_fetcher(allow_hosts=(f"127.0.0.1:{dap_upstream['port']}",))
+    fake, (everything, chosen), log = yield _with_pub_sub(bus, r"^dataset\.", r"^dataset\.ss")
+    base = dap_upstream["url"]
+    yield bus.post("fetcher", "fetch_dataset", name="sst", url=base, to=[chosen.address, chosen.address])
+    s = yield chosen.next_stream(timeout=10)
+    assert (yield s.read_all()) == (yield direct(f"{base}.dods"))[1]
+    event = yield log.next("fetched", "sst")
+    assert event["addresses"] == 1 and event["delivered"] == 1
+    assert fake.routed == []
+    with pytest.raises(magnet.Timeout):
+        yield everything.next_stream(timeout=0.3)
+
+
+@pytest_twisted.inlineCallbacks
 def test_fetch_dataset_without_subscribers(make_fetcher: Any, dap_upstream: Any) -> Any:
     """No subscription matches: no .dods is fetched, the fetched event still goes out."""
     bus, fetcher = yield make_fetcher(allow_hosts=(f"127.0.0.1:{dap_upstream['port']}",))
@@ -715,7 +731,11 @@ def test_fetch_dataset_refusals(make_fetcher: Any, recorder: Any) -> Any:
     cases = [(dict(name="../x", url="http://example.org/a.nc"), "InvalidName", None),
              (dict(name="sst", url="file:///etc/passwd"), "InvalidURL", "sst"),
              (dict(name="sst", url="http://example.org/a.nc?x=1"), "InvalidURL", "sst"),
-             (dict(name="sst", url=f"http://127.0.0.1:{recorder.port}/sst.nc"), "Forbidden", "sst")]
+             (dict(name="sst", url=f"http://127.0.0.1:{recorder.port}/sst.nc"), "Forbidden", "sst"),
+             (dict(name="sst", url="http://example.org/a.nc", to="persister.x"), "BadArguments", "sst"),
+             (dict(name="sst", url="http://example.org/a.nc", to=[]), "BadArguments", "sst"),
+             (dict(name="sst", url="http://example.org/a.nc", to=[1]), "BadArguments", "sst"),
+             (dict(name="sst", url="http://example.org/a.nc", to=["a"] * 101), "BadArguments", "sst")]
     for n, (kwargs, kind, dataset) in enumerate(cases):
         yield bus.post("fetcher", "fetch_dataset", **kwargs)
         event = yield log.next("failed", timeout=10, skip=n)

@@ -23,6 +23,7 @@ from twisted.internet import defer, reactor, task
 import magnet
 from magnet import Message
 
+from ooidx.errors import UnknownDataset
 from ooidx.persister import MANIFEST, Persister
 
 from tests.ooidx.dap_upstream import Upstream, make_files
@@ -42,13 +43,13 @@ def answers(tmp_path_factory: Any) -> Dict[str, Any]:
 class Rig:
     """A bus, a fake pub_sub, an event log and a persister writing under a directory."""
 
-    def __init__(self, data_dir: Path, subscription: str = "persister") -> None:
+    def __init__(self, data_dir: Path, subscription: str = "persister", **options: Any) -> None:
         self.bus = magnet.connect(f"memory://persister-{uuid.uuid4().hex}", reactor, rpc_timeout=5, send_timeout=5,
                                   shutdown_timeout=2, stream_idle_timeout=5)
         self.data_dir = data_dir
         self.pub_sub = FakePubSub(self.bus)
         self.persister = Persister("persister", self.bus, node="t", data_dir=str(data_dir),
-                                   subscription=subscription)
+                                   subscription=subscription, reactor=reactor, **options)
         self.subs: list = []
 
     @defer.inlineCallbacks
@@ -175,7 +176,36 @@ async def test_full_disk(rig: Rig, answers: Dict[str, Any], monkeypatch: Any) ->
     """ENOSPC on writes under the data directory (only there: the reactor's own
     pipes keep working): nothing half-written is left, an event says why, and
     the version is not recorded, so the next delivery is saved in full."""
-    root = str(rig.data_dir)
+    give_back = _full_disk_under(str(rig.data_dir), monkeypatch)
+    await rig.send(answers)
+    event = await rig.events.next("failed", "sst")
+    assert "ENOSPC" in event["reason"] and event["stage"] == "disk"
+    assert event["component"] == "persister"
+    assert rig.versions() == []  # no version, no temporary directory
+    assert not rig.events.of("saved")
+    give_back()
+    await rig.send(answers)
+    saved = await rig.events.next("saved", "sst")
+    assert rig.versions() == [saved["version"]]
+
+
+class FakeController:
+    """get_dataset as the persister uses it: what it was asked, and UnknownDataset for "gone"."""
+
+    def __init__(self) -> None:
+        self.asked: list = []
+
+    @magnet.operation
+    def get_dataset(self, name: str, to: Any = None) -> Dict[str, Any]:
+        self.asked.append((name, to))
+        if name == "gone":
+            raise UnknownDataset(f"no dataset {name!r} is registered")
+        return {"name": name, "to": to}
+
+
+def _full_disk_under(root: str, monkeypatch: Any) -> Any:
+    """ENOSPC for writes under C{root} (only there: the reactor's own pipes keep
+    working); returns the function that gives the disk its room back."""
     real_write = os.write
 
     def full(fd: int, data: Any) -> int:
@@ -188,16 +218,80 @@ async def test_full_disk(rig: Rig, answers: Dict[str, Any], monkeypatch: Any) ->
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", full)
-    await rig.send(answers)
-    event = await rig.events.next("failed", "sst")
-    assert "ENOSPC" in event["reason"] and event["stage"] == "disk"
-    assert event["component"] == "persister"
-    assert rig.versions() == []  # no version, no temporary directory
-    assert not rig.events.of("saved")
-    monkeypatch.setattr(os, "write", real_write)
-    await rig.send(answers)
-    saved = await rig.events.next("saved", "sst")
-    assert rig.versions() == [saved["version"]]
+    return lambda: monkeypatch.setattr(os, "write", real_write)
+
+
+def _asking_again(clock: task.Clock) -> list:
+    return [c for c in clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "_ask_again"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_disk_asks_for_the_dataset_again(tmp_path: Path, answers: Dict[str, Any],
+                                                    monkeypatch: Any) -> None:
+    """The lost version is asked for again, for this persister's address only,
+    after retry_after seconds, doubling while the disk stays full; the first
+    delivery saved ends the asking."""
+    clock = task.Clock()
+    r = Rig(tmp_path / "data", clock=clock, retry_after=60, retry_max=200)
+    controller = FakeController()
+    await r.start()
+    r.subs.append(await r.bus.serve("controller", controller))
+    try:
+        give_back = _full_disk_under(str(r.data_dir), monkeypatch)
+        await r.send(answers)
+        failed = await r.events.next("failed", "sst")
+        assert failed["stage"] == "disk" and failed["retry_in"] == 60
+        clock.advance(59)
+        await task.deferLater(reactor, 0.2, lambda: None)
+        assert controller.asked == []
+        clock.advance(1)
+        await until(lambda: controller.asked)
+        assert controller.asked == [("sst", [r.address])]
+        # the delivery asked for is lost as well: the next ask is already on its way, twice as late
+        await r.send(answers)
+        failed = await r.events.next("failed", "sst", skip=1)
+        assert failed["retry_in"] == 120
+        assert len(_asking_again(clock)) == 1
+        give_back()
+        clock.advance(120)
+        await until(lambda: len(controller.asked) == 2)
+        assert controller.asked[1] == ("sst", [r.address])
+        await r.send(answers)
+        saved = await r.events.next("saved", "sst")
+        assert r.versions() == [saved["version"]]
+        assert _asking_again(clock) == []
+        stats = await r.bus.call("persister", "stats")
+        assert stats["retrying"] == [] and stats["asked_again"] == 2 and stats["failed"] == 2
+        clock.advance(10_000)
+        await task.deferLater(reactor, 0.2, lambda: None)
+        assert len(controller.asked) == 2
+    finally:
+        await r.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_asking_again_stops_for_a_purged_dataset(tmp_path: Path, answers: Dict[str, Any]) -> None:
+    """A broken stream is asked for again too; the controller's UnknownDataset
+    (purged meanwhile) ends it, and a stopped persister leaves no timer."""
+    clock = task.Clock()
+    r = Rig(tmp_path / "data", clock=clock, retry_after=5)
+    controller = FakeController()
+    await r.start()
+    r.subs.append(await r.bus.serve("controller", controller))
+    try:
+        await r.send(answers, name="gone", abort=True)
+        failed = await r.events.next("failed", "gone")
+        assert failed["stage"] == "stream" and failed["retry_in"] == 5
+        clock.advance(5)
+        await until(lambda: controller.asked)
+        await task.deferLater(reactor, 0.2, lambda: None)
+        assert _asking_again(clock) == []
+        await r.send(answers, abort=True)
+        assert (await r.events.next("failed", "sst"))["retry_in"] == 5
+        assert len(_asking_again(clock)) == 1
+    finally:
+        await r.stop()
+    assert _asking_again(clock) == []
 
 
 @pytest_twisted.ensureDeferred

@@ -1,15 +1,23 @@
-"""Scenario 7: the disk under the cache's data directory full, then
-read-only (a 1 MiB tmpfs mounted there: needs root, as in CI containers).
+"""Scenario 7: a full disk, a real one (a 1 MiB tmpfs mounted in the data
+directory: needs root, as in CI containers).
 
-Properties: every proxied request is still answered whole (served, not
-stored); the cache says why in its log; no half-written file is left in
-the store; once the disk has room again, answers are stored as before.
-(The persister's full disk is covered in-process by tests/ooidx/test_persister.py.)
+The cache's disk full, then read-only. Properties: every proxied request is
+still answered whole (served, not stored); the cache says why in its log; no
+half-written file is left in the store; once the disk has room again,
+answers are stored as before.
+
+The persister's disk full. Properties: nothing half-written is left; the
+persister says why and asks for the dataset again, over and over while the
+disk stays full; once there is room, the version is saved whole (netCDF4
+reads the upstream's values from it) and the asking stops.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +32,9 @@ def _mount(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Any:
-    where = tmp_path / "dx-data" / "cache"
+@contextlib.contextmanager
+def _tmpfs(where: Path) -> Any:
+    """A 1 MiB tmpfs mounted at C{where} (in node "dx"'s data directory) while in use."""
     where.mkdir(parents=True)
     done = _mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where))
     if done.returncode != 0:
@@ -34,8 +42,32 @@ def small_disk(tmp_path: Path) -> Any:
     try:
         yield where
     finally:
-        for _ in range(2):  # the read-only bind mount, then the tmpfs
+        for _ in range(2):  # a read-only bind mount over it, if any, then the tmpfs
             subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    with _tmpfs(tmp_path / "dx-data" / "cache") as where:
+        yield where
+
+
+@pytest.fixture
+def small_datasets_disk(tmp_path: Path) -> Any:
+    with _tmpfs(tmp_path / "dx-data" / "datasets") as where:
+        yield where
+
+
+def _fill(directory: Path) -> Path:
+    """Write a file in C{directory} until the disk has no room left; its path."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
 
 
 def _leftovers(directory: Path) -> list:
@@ -91,3 +123,49 @@ async def test_cache_disk_full_then_read_only(tmp_path: Path, small_disk: Path, 
                  f"{[e[-160:] for e in errors[:2]]}; no temporary or empty file left")
     assert outcomes["ok"] == len(results), results
     assert stored.get("source") == "cache", stored
+
+
+@pytest_twisted.ensureDeferred
+async def test_persister_disk_full_then_room(tmp_path: Path, small_datasets_disk: Path, vhost: str, upstream: Any,
+                                             nodes: list, record: Any) -> None:
+    import netCDF4
+    import numpy as np
+
+    node = start_node(tmp_path, "dx", vhost, {
+        "attribute_store": {"url": str(tmp_path / "attrs.sqlite3")}, "controller": None, "fetcher": None,
+        "pub_sub": None, "distributor": None, "notification": None,
+        "persister": {"retry_after": 1, "retry_max": 2}})
+    nodes.append(node)
+    await wait_started(node)
+    await eventually(lambda: node.daemon.has("persister: subscription persister ->"), 30, "the persister subscribed")
+    filler = _fill(small_datasets_disk)
+    await deferToThread(node.api, "controller", "register", name="sst", url=upstream.url("sst.nc"))
+    full_since = time.monotonic()
+    await deferToThread(node.api, "controller", "get_dataset", name="sst")
+    await eventually(lambda: "dataset sst not saved (disk): cannot write" in node.log(), 30,
+                     "the persister says why it did not save")
+    assert "ENOSPC" in node.log()
+    # full for a while: the persister keeps asking (1 s, then every 2 s) and each delivery fails the same way
+    await eventually(lambda: node.log().count("asking again for dataset sst") >= 2, 30,
+                     "the persister asked for the dataset again, twice")
+    failures = node.log().count("dataset sst not saved (disk)")
+    assert failures >= 2, node.log()[-3000:]
+    dataset_dir = small_datasets_disk / "sst"
+    assert not dataset_dir.exists() or os.listdir(dataset_dir) == [], os.listdir(dataset_dir)
+    filler.unlink()
+    room_at = time.monotonic()
+    await eventually(lambda: "dataset sst saved as version" in node.log(), 30, "the version saved once there is room")
+    saved_after = time.monotonic() - room_at
+    versions = os.listdir(dataset_dir)
+    assert len(versions) == 1 and not versions[0].startswith("."), versions
+    with netCDF4.Dataset(dataset_dir / versions[0] / "sst.nc") as mirrored, \
+            netCDF4.Dataset(upstream.files["sst"]) as source:
+        for name in ("time", "lat", "sst"):
+            assert np.array_equal(mirrored[name][:], source[name][:]), name
+    asked = node.log().count("asking again for dataset sst")
+    await sleep(4)  # longer than retry_max: no more asking once saved
+    assert node.log().count("asking again for dataset sst") == asked
+    record("persister disk full, then room (tmpfs 1 MiB)", faults_injected=1, sent=failures + 1,
+           processed=1, errors=0,
+           notes=f"{failures} deliveries refused by ENOSPC over {room_at - full_since:.1f} s, {asked} asked again, "
+                 f"saved {saved_after:.1f} s after room came back; nothing half-written; .nc equal to the upstream")
