@@ -16,9 +16,11 @@ JSON lines: one object a line with C{time}, C{level}, C{node}, C{component},
 C{namespace}, C{message} (and C{traceback} when a failure is logged).
 
 No secret reaches the output: every line is passed through L{Redactor},
-which masks the password of any C{scheme://user:password@} URL and every
-literal secret it knows (the broker passwords, the operator token; code that
-learns a new secret, such as a generated token, calls L{add_secret}).
+which masks the password of any C{scheme://user:password@} URL, the value of
+a C{?ticket=} query parameter (a person's stream ticket; the web edge masks
+it in its access log already) and every literal secret it knows (the broker
+passwords, the operator token; code that learns a new secret, such as a
+generated token, calls L{add_secret}).
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ LEVELS = {
 #: scheme://user:password@  ->  scheme://user:***@
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):(?P<password>[^\s@/]*)@")
 MASK = "***"
+#: ?ticket=VALUE / &ticket=VALUE  ->  ?ticket=***
+_TICKET_QUERY = re.compile(r"(?P<head>[?&;]ticket=)(?P<value>[^\s&;#\"'<>]+)", re.IGNORECASE)
 
 #: The namespace under which the daemon's L{ooidx.daemon.ChildProcesses}
 #: logs its children's output: their stdout lines are already formatted,
@@ -72,6 +76,7 @@ class Redactor:
         if not text:
             return text
         text = _URL_PASSWORD.sub(lambda m: m.group("head") + ":" + MASK + "@", text)
+        text = _TICKET_QUERY.sub(lambda m: m.group("head") + MASK, text)
         for secret in sorted(self._secrets, key=len, reverse=True):  # longest first
             if secret in text:
                 text = text.replace(secret, MASK)

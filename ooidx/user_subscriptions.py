@@ -22,10 +22,15 @@ Attribute store keys:
 
 This module holds the shared component base (L{PersonalSubscriptions}), the
 webhook delivery (L{WebhookDelivery}), the HTTP API mounted by the web edge
-(L{SubscriptionsApi}) and its SSE streams.
+(L{SubscriptionsApi}) and its SSE streams, and the stream tickets a browser
+opens a stream with (L{make_ticket}, L{parse_ticket}): an EventSource cannot
+send an Authorization header, so a page trades the person's token for a
+short-lived ticket (C{POST /api/subscriptions/ID/ticket}) that opens that one
+stream only (C{GET /api/subscriptions/ID/events?ticket=...}).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -53,7 +58,8 @@ from ooidx.routing import validate
 
 __all__ = ["PersonalSubscriptions", "WebhookDelivery", "SubscriptionsApi", "InvalidSubscription",
            "UnknownSubscription", "PERSON_NAME", "queue_name", "hash_token", "KINDS", "MAX_LENGTH",
-           "CHANGED_FANOUT"]
+           "CHANGED_FANOUT", "TICKET_LIFETIME", "TicketError", "ticket_key", "make_ticket", "parse_ticket",
+           "ticket_mac"]
 
 #: kind -> the component that serves it.
 KINDS = {"datasets": "user_pub_sub", "events": "user_notification"}
@@ -113,6 +119,97 @@ def check_id(sid: Any) -> str:
 def security_of(config: Any) -> Tuple[bool, Tuple[str, ...]]:
     security = getattr(config, "security", None)
     return bool(getattr(security, "allow_private", False)), tuple(getattr(security, "allow_hosts", ()) or ())
+
+
+# --------------------------------------------------------------------------- #
+# Stream tickets
+#
+# A ticket is C{v1.PERSON.ID.EXPIRES.NONCE.MAC}: the MAC (HMAC-SHA256,
+# base64url) covers the purpose (this subscription's event stream, GET),
+# the person, the subscription, the expiry (Unix seconds), the nonce and the
+# person's current token hash, so a ticket dies with the person (or their
+# token), cannot be moved to another subscription or person, and opens
+# nothing but that stream. Nothing is stored: any web node whose key is the
+# same checks it. The key is derived from the operator token (shared by
+# nodes whose config sets C{security.token}) with scrypt: any person can
+# obtain tickets, so a ticket must not be a fast offline oracle for the
+# operator token.
+
+#: How long a ticket opens its stream (seconds).
+TICKET_LIFETIME = 60
+#: The longest ticket looked at (a real one is about 100 characters).
+TICKET_MAX = 256
+TICKET_VERSION = "v1"
+_TICKET_SALT = b"ooidx stream ticket v1"
+_TICKET_PURPOSE = "GET /api/subscriptions/{id}/events"
+_NONCE = re.compile(r"[A-Za-z0-9_-]{16}\Z")
+_MAC = re.compile(r"[A-Za-z0-9_-]{43}\Z")
+_EXPIRES = re.compile(r"[0-9]{1,12}\Z")
+_keys: Dict[str, bytes] = {}
+
+
+class TicketError(ValueError):
+    """A ticket that is not even shaped like one; the message says how (it never repeats the ticket)."""
+
+
+def ticket_key(operator_token: str) -> bytes:
+    """The MAC key of stream tickets, derived from the operator token (once a process: scrypt is slow on purpose)."""
+    key = _keys.get(operator_token)
+    if key is None:
+        secret = operator_token.encode("utf-8")
+        try:
+            key = hashlib.scrypt(secret, salt=_TICKET_SALT, n=2 ** 14, r=8, p=1, dklen=32)
+        except (AttributeError, ValueError):  # pragma: no cover - an OpenSSL without scrypt
+            key = hashlib.pbkdf2_hmac("sha256", secret, _TICKET_SALT, 300_000)
+        _keys.clear()
+        _keys[operator_token] = key
+    return key
+
+
+def ticket_mac(key: bytes, person: str, sid: str, expires: int, nonce: str, token_sha256: str) -> str:
+    text = "\n".join([TICKET_VERSION, _TICKET_PURPOSE.format(id=sid), person, sid, str(expires), nonce,
+                      token_sha256])
+    digest = hmac.new(key, text.encode("utf-8"), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def make_ticket(key: bytes, person: str, sid: str, token_sha256: str, expires: int,
+                nonce: Optional[str] = None) -> str:
+    """A ticket opening C{person}'s subscription C{sid}'s stream until C{expires} (Unix seconds)."""
+    nonce = nonce or secrets.token_urlsafe(12)
+    mac = ticket_mac(key, person, sid, expires, nonce, token_sha256)
+    return ".".join([TICKET_VERSION, person, sid, str(expires), nonce, mac])
+
+
+def parse_ticket(raw: Any) -> Tuple[str, str, int, str, str]:
+    """C{(person, id, expires, nonce, mac)} of a ticket's text (bytes or str),
+    not yet checked against its MAC; L{TicketError} if it is malformed."""
+    if isinstance(raw, bytes):
+        if len(raw) > TICKET_MAX:
+            raise TicketError(f"the stream ticket is too long (at most {TICKET_MAX} characters)")
+        try:
+            raw = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise TicketError("the stream ticket is not ASCII text") from None
+    if not isinstance(raw, str):
+        raise TicketError("the stream ticket is not text")
+    if not raw:
+        raise TicketError("the stream ticket is empty")
+    if len(raw) > TICKET_MAX:
+        raise TicketError(f"the stream ticket is too long (at most {TICKET_MAX} characters)")
+    if not raw.isascii():
+        raise TicketError("the stream ticket is not ASCII text")
+    parts = raw.split(".")
+    if len(parts) != 6:
+        raise TicketError(f"a stream ticket has 6 parts separated by dots ({TICKET_VERSION}.PERSON.ID.EXPIRES."
+                          f"NONCE.MAC); this one has {len(parts)}")
+    version, person, sid, expires, nonce, mac = parts
+    if version != TICKET_VERSION:
+        raise TicketError(f"not a {TICKET_VERSION} stream ticket")
+    if not (PERSON_NAME.match(person) and SUBSCRIPTION_ID.match(sid) and _EXPIRES.match(expires)
+            and _NONCE.match(nonce) and _MAC.match(mac)):
+        raise TicketError("the stream ticket is malformed")
+    return person, sid, int(expires), nonce, mac
 
 
 # --------------------------------------------------------------------------- #
@@ -627,7 +724,13 @@ class _SSE:
         self._on_close()
 
     def finish(self) -> None:
-        if not self.closed and not self.request.finished:
+        if not self.closed and not self.request.finished and not _gone(self.request):
+            # Unregistered first: finishing with a producer still registered makes
+            # Twisted log a failure naming the request's URI (and its ?ticket=).
+            try:
+                self.request.unregisterProducer()
+            except Exception:  # pragma: no cover
+                pass
             self.request.finish()
         self.close()
 
@@ -657,7 +760,9 @@ class SubscriptionsApi:
         GET    /api/subscriptions             person: {"subscriptions": [record, ...]}
         GET    /api/subscriptions/ID          person: the record
         DELETE /api/subscriptions/ID          person: {"deleted": ID}
-        GET    /api/subscriptions/ID/events   person: text/event-stream of what arrives in the queue
+        POST   /api/subscriptions/ID/ticket   person: {"ticket", "expires", "expires_in", "url"}: a stream
+                                              ticket for a browser (valid TICKET_LIFETIME seconds)
+        GET    /api/subscriptions/ID/events   person (or ?ticket=): text/event-stream of what arrives in the queue
         GET    /api/events/stream?regex=R&recent=N
                                               operator: text/event-stream of live events (``ooidx events``),
                                               after the N most recent (notification's ring)
@@ -668,11 +773,15 @@ class SubscriptionsApi:
     #: The event tail; /api/events itself (recent events as JSON) is the management page's.
     TAIL = b"/api/events/stream"
 
-    def __init__(self, web: Any, *, keepalive: float = 15.0, prefetch: int = 20) -> None:
+    def __init__(self, web: Any, *, keepalive: float = 15.0, prefetch: int = 20, clock: Any = None,
+                 ticket_lifetime: int = TICKET_LIFETIME) -> None:
         self.web = web
         self.bus = web.bus
         self.keepalive = keepalive
         self.prefetch = prefetch
+        #: What tickets are issued and checked by (C{seconds()}: Unix time); the web edge's reactor by default.
+        self.clock = clock if clock is not None else web.clock
+        self.ticket_lifetime = ticket_lifetime
         self.streams: set = set()
 
     def handles(self, path: bytes) -> bool:
@@ -702,6 +811,8 @@ class SubscriptionsApi:
                                                b"DELETE": lambda r: self.delete_subscription(r, rest[0])})
             if len(rest) == 2 and rest[1] == "events":
                 return self._methods(request, {b"GET": lambda r: self.subscription_events(r, rest[0])})
+            if len(rest) == 2 and rest[1] == "ticket":
+                return self._methods(request, {b"POST": lambda r: self.create_ticket(r, rest[0])})
         elif head == "events" and rest == ["stream"]:
             return self._methods(request, {b"GET": self.tail_events})
         raise HTTPError(404, "NotFound", f"no such path: {request.path[:80].decode('ascii', 'replace')}")
@@ -735,9 +846,13 @@ class SubscriptionsApi:
     def _operator(self, request: server.Request) -> None:
         self.web._check_token(request)
 
-    @inlineCallbacks
-    def _person(self, request: server.Request) -> Any:
+    def _person(self, request: server.Request) -> Deferred:
         """The name of the person whose token the request carries; 401 otherwise."""
+        return self._person_and_hash(request).addCallback(lambda found: found[0])
+
+    @inlineCallbacks
+    def _person_and_hash(self, request: server.Request) -> Any:
+        """C{(name, token_sha256)} of the person whose token the request carries; 401 otherwise."""
         from ooidx.web import HTTPError
 
         token = self._bearer(request, "a person's")
@@ -746,16 +861,59 @@ class SubscriptionsApi:
                                  {b"WWW-Authenticate": b'Bearer realm="ooidx", error="invalid_token"'})
         if not dot or not PERSON_NAME.match(name) or len(token) > 256:
             raise unauthorized
+        expected = yield self._token_hash(name)
+        if expected is None or not hmac.compare_digest(hash_token(token).encode("ascii"), expected.encode("ascii")):
+            raise unauthorized
+        return name, expected
+
+    @inlineCallbacks
+    def _token_hash(self, name: str) -> Any:
+        """The stored token hash of person C{name}; None if there is no such person."""
         try:
             record = yield self.bus.call("attribute_store", "get", key=PERSON_KEY + name)
         except RemoteError as e:
             if e.remote_type == "KeyError":
-                raise unauthorized from None
+                return None
             raise
-        expected = record.get("token_sha256", "") if isinstance(record, dict) else ""
-        if not hmac.compare_digest(hash_token(token).encode("ascii"), str(expected).encode("ascii")):
-            raise unauthorized
-        return name
+        expected = record.get("token_sha256") if isinstance(record, dict) else None
+        return expected if isinstance(expected, str) and expected.isascii() and expected else None
+
+    def _ticket_key(self) -> bytes:
+        from ooidx.web import HTTPError
+
+        token = getattr(self.web, "_token", None)
+        if not token:  # pragma: no cover - the web edge always has one once started
+            raise HTTPError(503, "Unavailable", "stream tickets need the operator token, which is not set")
+        return ticket_key(token)
+
+    @inlineCallbacks
+    def _ticket_person(self, request: server.Request, values: List[bytes], sid: str) -> Any:
+        """The person whose valid ticket for subscription C{sid}'s stream the
+        request carries (C{?ticket=}); 400/401/403 otherwise. Only the
+        stream's GET calls this: a ticket opens nothing else."""
+        from ooidx.web import HTTPError
+
+        challenge = {b"WWW-Authenticate": b'Bearer realm="ooidx", error="invalid_token"'}
+        if len(values) != 1:
+            raise HTTPError(400, "BadRequest", "give one ticket (?ticket=...), not several")
+        try:
+            person, ticket_sid, expires, nonce, mac = parse_ticket(values[0])
+        except TicketError as e:
+            raise HTTPError(401, "InvalidTicket", f"{e}; ask for one with POST /api/subscriptions/ID/ticket",
+                            challenge) from None
+        token_sha256 = yield self._token_hash(person)
+        # One answer for a forged MAC, an unknown person and a person whose token changed since (deleted and
+        # made again): none of them says whether the person exists.
+        expected = ticket_mac(self._ticket_key(), person, ticket_sid, expires, nonce, token_sha256 or "")
+        if token_sha256 is None or not hmac.compare_digest(mac.encode("ascii"), expected.encode("ascii")):
+            raise HTTPError(401, "InvalidTicket", "the stream ticket is not valid (altered, or its person is "
+                            "gone); ask for a new one with POST /api/subscriptions/ID/ticket", challenge)
+        if self.clock.seconds() >= expires:
+            raise HTTPError(401, "TicketExpired", f"the stream ticket expired at {expires} (Unix time); ask for a "
+                            f"new one with POST /api/subscriptions/{ticket_sid}/ticket", challenge)
+        if ticket_sid != sid:
+            raise HTTPError(403, "Forbidden", f"this ticket opens the stream of subscription {ticket_sid} only")
+        return person
 
     def _body(self, request: server.Request) -> Dict[str, Any]:
         from ooidx.web import HTTPError
@@ -908,14 +1066,38 @@ class SubscriptionsApi:
     # event streams --------------------------------------------------------------------------
 
     @inlineCallbacks
-    def subscription_events(self, request: server.Request, sid: str) -> Any:
-        from ooidx.web import HTTPError
+    def create_ticket(self, request: server.Request, sid: str) -> Any:
+        """A short-lived ticket opening this subscription's stream (for an
+        EventSource, which cannot send the person's token)."""
+        from ooidx.web import HTTPError, json_answer
 
-        person = yield self._person(request)
+        person, token_sha256 = yield self._person_and_hash(request)
         record = yield self._record(person, sid)
         if record.get("webhook"):
             raise HTTPError(409, "Conflict", "this subscription is delivered to its webhook, not as a stream")
+        expires = int(self.clock.seconds()) + self.ticket_lifetime
+        ticket = make_ticket(self._ticket_key(), person, sid, token_sha256, expires)
+        return json_answer({"ticket": ticket, "expires": expires, "expires_in": self.ticket_lifetime,
+                            "url": f"/api/subscriptions/{sid}/events?ticket={ticket}"})
+
+    @inlineCallbacks
+    def subscription_events(self, request: server.Request, sid: str) -> Any:
+        from ooidx.web import HTTPError
+
+        tickets = (request.args or {}).get(b"ticket")
+        if tickets is not None:
+            person = yield self._ticket_person(request, tickets, sid)
+        else:
+            person = yield self._person(request)
+        record = yield self._record(person, sid)
+        if record.get("webhook"):
+            raise HTTPError(409, "Conflict", "this subscription is delivered to its webhook, not as a stream")
+        # A reconnecting EventSource sends Last-Event-ID; a page opening a new one (its ticket expired) can
+        # only say it in the query.
         last = request.getHeader(b"last-event-id")
+        if not last:
+            values = (request.args or {}).get(b"last_event_id")
+            last = values[-1] if values else None
         last_id = last.decode("ascii", "replace").strip() if last else None
         if request.finished or _gone(request):
             return _STREAMING

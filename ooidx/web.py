@@ -50,7 +50,7 @@ from magnet.bus import WORKER
 
 from ooidx.bootstrap import COMPONENT_TABLE
 from ooidx.component import Component
-from ooidx.httpedge import TrackingSite, listen_address
+from ooidx.httpedge import TrackingSite, listen_address, mask_query, masking_log_formatter
 from ooidx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ooidx.metrics import PrometheusObserver
 
@@ -111,6 +111,11 @@ class _LimitedRequest(server.Request):
                 self.channel.transport.loseConnection()
             return
         self.content.write(data)
+
+    def __repr__(self) -> str:
+        # Twisted's names the URI, which may hold a stream ticket (?ticket=).
+        return (f"<{type(self).__name__} at 0x{id(self):x} method={self.method.decode('ascii', 'replace')} "
+                f"uri={mask_query(self.uri or b'').decode('ascii', 'replace')}>")
 
 
 
@@ -224,8 +229,9 @@ class Web(Component):
         from ooidx.user_subscriptions import SubscriptionsApi
         self.subscriptions = SubscriptionsApi(self)
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
+        # The access log masks ?ticket= (a person's stream ticket, user_subscriptions).
         site = TrackingSite(_Api(self), requestFactory=request_factory, parsePOSTFormSubmission=False,
-                     reactor=self.clock, timeout=IDLE_TIMEOUT)
+                            reactor=self.clock, timeout=IDLE_TIMEOUT, logFormatter=masking_log_formatter())
         site.displayTracebacks = False
         site.noisy = False
         self._listening = self.clock.listenTCP(self._port_number, site, interface=self._interface)

@@ -228,6 +228,43 @@ def test_register_watch_and_purge_in_the_browser(browser: Any, node: Node, upstr
     assert not problems, problems
 
 
+def test_an_eventsource_opens_a_persons_stream_with_a_ticket(browser: Any, node: Node, upstream: Any) -> None:
+    """What a person's page does: trade the token for a stream ticket, open an
+    EventSource (which cannot send an Authorization header) on its url."""
+    status, person = node.api("POST", "/api/people", {"name": "browser"}, token=node.token)
+    assert status == 201, person
+    status, sub = node.api("POST", "/api/subscriptions", {"kind": "events", "regex": r"^event\.registered\.tix$"},
+                           token=person["token"])
+    assert status == 201, sub
+    d = browser
+    d.get(node.web + "/")  # the same origin as the API
+    d.execute_script("""
+        const [id, token] = arguments;
+        window.got = []; window.opened = false; window.failed = "";
+        fetch(`/api/subscriptions/${id}/ticket`, {method: "POST", headers: {Authorization: `Bearer ${token}`}})
+          .then((r) => r.json())
+          .then((t) => {
+            window.ticket = t.ticket;
+            const source = new EventSource(t.url);
+            window.source = source;
+            source.onopen = () => { window.opened = true; };
+            source.onmessage = (e) => { window.got.push({id: e.lastEventId, data: JSON.parse(e.data)}); };
+          })
+          .catch((e) => { window.failed = String(e); });
+    """, sub["id"], person["token"])
+    wait_for(lambda: d.execute_script("return window.opened || window.failed"), "the EventSource open",
+             on_fail=node.describe)
+    assert d.execute_script("return window.failed") == ""
+    status, _ = node.api("POST", "/api/datasets", {"name": "tix", "url": upstream.url("sst.nc")}, token=node.token)
+    assert status == 201
+    got = wait_for(lambda: d.execute_script("return window.got.length ? window.got : null"), "the event in the page",
+                   on_fail=node.describe)
+    assert got[0]["data"]["topic"] == "event.registered.tix" and got[0]["id"]
+    ticket = d.execute_script("window.source.close(); return window.ticket")
+    node.api("DELETE", "/api/datasets/tix", token=node.token)
+    assert ticket and ticket not in node.daemon.log() and ticket.rsplit(".", 1)[1] not in node.daemon.log()
+
+
 def test_chromium_missing_is_a_failure_not_a_skip(monkeypatch: Any) -> None:
     """The browser test must not pass quietly on a machine without a browser."""
     import _pytest.outcomes

@@ -4,6 +4,7 @@ user_pub_sub, real HTTP clients (treq, an Agent reading SSE) and a real
 webhook receiver that can succeed, fail, hang or be gone."""
 from __future__ import annotations
 
+import io
 import json
 import re
 import socket
@@ -15,6 +16,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.protocol import Protocol
+from twisted.logger import globalLogPublisher
 from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -28,7 +30,10 @@ from ooidx.bootstrap import declare_topology
 from ooidx.notification import Notification
 from ooidx.user_notification import UserNotification
 from ooidx.user_pub_sub import UserPubSub
-from ooidx.user_subscriptions import CHANGED_FANOUT, WebhookDelivery
+from ooidx.httpedge import mask_query
+from ooidx.logs import LineObserver, Redactor
+from ooidx.user_subscriptions import (CHANGED_FANOUT, TicketError, WebhookDelivery, make_ticket, parse_ticket,
+                                      ticket_key)
 from ooidx.web import Web
 
 TOKEN = "operator-token-" + "y" * 20
@@ -235,8 +240,10 @@ class Stack:
         return answer
 
     @defer.inlineCallbacks
-    def open_stream(self, path: str, token: str, last_id: Optional[str] = None) -> Any:
-        headers = {b"Authorization": [f"Bearer {token}".encode()]}
+    def open_stream(self, path: str, token: Optional[str], last_id: Optional[str] = None) -> Any:
+        """An SSE stream read over HTTP; with no token, as a browser's
+        EventSource opens it (no Authorization header: a ?ticket= in C{path})."""
+        headers = {b"Authorization": [f"Bearer {token}".encode()]} if token else {}
         if last_id:
             headers[b"Last-Event-ID"] = [last_id.encode()]
         agent = Agent(reactor, pool=self.pool)
@@ -465,6 +472,250 @@ def test_dataset_versions_reach_people_as_small_notices(stack: Stack) -> Any:
     yield stack.close_stream(client)
     code, _ = yield stack.request("DELETE", f"/api/subscriptions/{sub['id']}", token=token)
     assert code == 200 and stack.pub_sub.subscriptions == {}
+
+
+# --------------------------------------------------------------------------- #
+# stream tickets (a browser's EventSource cannot send an Authorization header)
+
+
+class LogCapture:
+    """Every log line the process writes meanwhile, formatted as the daemon
+    writes them but not redacted: what the code itself lets through."""
+
+    def __init__(self) -> None:
+        self.out = io.StringIO()
+        self.observer = LineObserver(self.out, node="n", redact=lambda text: text)
+
+    def __enter__(self) -> "LogCapture":
+        globalLogPublisher.addObserver(self.observer)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        globalLogPublisher.removeObserver(self.observer)
+
+    @property
+    def text(self) -> str:
+        return self.out.getvalue()
+
+
+@defer.inlineCallbacks
+def get_ticket(stack: Stack, token: str, sid: str) -> Any:
+    code, answer = yield stack.request("POST", f"/api/subscriptions/{sid}/ticket", token=token)
+    assert code == 200, answer
+    return answer
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_ticket_opens_the_stream_without_the_token(stack: Stack) -> Any:
+    with LogCapture() as log:
+        token = yield stack.person()
+        sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.")
+        before = reactor.seconds()
+        answer = yield get_ticket(stack, token, sub["id"])
+        ticket = answer["ticket"]
+        assert set(answer) == {"ticket", "expires", "expires_in", "url"}
+        assert answer["url"] == f"/api/subscriptions/{sub['id']}/events?ticket={ticket}"
+        assert answer["expires_in"] == 60 and before + 59 <= answer["expires"] <= reactor.seconds() + 60
+        assert token.split(".", 1)[1] not in ticket  # the person's secret is not in it
+
+        # opened as an EventSource would: no Authorization header, the ticket in the URL
+        client = yield stack.open_stream(answer["url"], None)
+        yield stack.emit("saved", "t1")
+        got = yield client.wait_for(1)
+        assert got[0]["data"]["dataset"] == "t1"
+        yield stack.close_stream(client)
+
+        # reused within its lifetime: a reconnect (with Last-Event-ID, as EventSource sends it)
+        for n in (2, 3):
+            yield stack.emit("saved", f"t{n}")
+        yield sleep(0.1)
+        again = yield stack.open_stream(answer["url"], None, last_id=got[0]["id"])
+        rest = yield again.wait_for(2)
+        assert [e["data"]["dataset"] for e in rest] == ["t2", "t3"]
+        # a stream stays open after its ticket was checked; the server ending it writes the access log line
+        stack.web.subscriptions.close_streams()
+        yield again.closed
+
+        # never accepted for anything but that GET, neither in the query nor as a bearer token
+        q = f"?ticket={ticket}"
+        sid = sub["id"]
+        for method, path in [("GET", f"/api/subscriptions/{sid}{q}"), ("DELETE", f"/api/subscriptions/{sid}{q}"),
+                             ("GET", f"/api/subscriptions{q}"), ("POST", f"/api/subscriptions/{sid}/ticket{q}"),
+                             ("GET", f"/api/events/stream{q}"), ("GET", f"/api/people{q}"),
+                             ("POST", f"/api/call/controller/get_stats{q}")]:
+            code, answer_ = yield stack.request(method, path, {} if method == "POST" else None)
+            assert code == 401 and error_type(answer_) == "Unauthorized", (method, path, answer_)
+        for method, path in [("GET", f"/api/subscriptions/{sid}"), ("DELETE", f"/api/subscriptions/{sid}"),
+                             ("GET", f"/api/subscriptions/{sid}/events"), ("POST", f"/api/subscriptions/{sid}/ticket"),
+                             ("GET", "/api/people")]:
+            code, answer_ = yield stack.request(method, path, token=ticket)
+            assert code == 401 and error_type(answer_) == "Unauthorized", (method, path, answer_)
+        code, answer_ = yield stack.request("POST", f"/api/subscriptions/{sid}/events{q}")
+        assert code == 405 and error_type(answer_) == "MethodNotAllowed"
+        code, answer_ = yield stack.request("GET", f"/api/subscriptions/{sid}/ticket", token=token)
+        assert code == 405
+        code, answer_ = yield stack.request("GET", f"/api/subscriptions/{sid}", token=token)
+        assert code == 200  # and the subscription is still there
+    assert ticket not in log.text and ticket.rsplit(".", 1)[1] not in log.text, log.text
+    assert f"/api/subscriptions/{sid}/events?ticket=*** " in log.text  # the access log, masked
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_expired_ticket_is_refused(stack: Stack) -> Any:
+    clock = task.Clock()
+    clock.advance(1_700_000_000)
+    stack.web.subscriptions.clock = clock
+    token = yield stack.person()
+    sub = yield stack.subscribe(token, kind="events", regex=".")
+    answer = yield get_ticket(stack, token, sub["id"])
+    assert answer["expires"] == 1_700_000_060
+    clock.advance(59.9)
+    client = yield stack.open_stream(answer["url"], None)
+    yield stack.close_stream(client)
+    clock.advance(0.1)
+    code, refused = yield stack.request("GET", answer["url"])
+    assert code == 401 and error_type(refused) == "TicketExpired" and "/ticket" in refused["error"]["message"]
+    # a new one works again
+    fresh = yield get_ticket(stack, token, sub["id"])
+    assert fresh["expires"] == 1_700_000_120 and fresh["ticket"] != answer["ticket"]
+    client = yield stack.open_stream(fresh["url"], None)
+    yield stack.close_stream(client)
+
+
+def _altered(ticket: str, part: int, value: str) -> str:
+    parts = ticket.split(".")
+    parts[part] = value
+    return ".".join(parts)
+
+
+@pytest_twisted.inlineCallbacks
+def test_tickets_that_are_not_for_this_stream(stack: Stack) -> Any:
+    alice = yield stack.person("alice")
+    bob = yield stack.person("bob")
+    a1 = yield stack.subscribe(alice, kind="events", regex=".")
+    a2 = yield stack.subscribe(alice, kind="events", regex="x")
+    b1 = yield stack.subscribe(bob, kind="datasets", regex="^dataset\\.")
+    hooked = yield stack.subscribe(alice, kind="events", regex="y", webhook=stack.hook)
+    t1 = (yield get_ticket(stack, alice, a1["id"]))["ticket"]
+    tb = (yield get_ticket(stack, bob, b1["id"]))["ticket"]
+
+    def events(sid: str) -> str:
+        return f"/api/subscriptions/{sid}/events"
+
+    mac = t1.rsplit(".", 1)[1]
+    tampered = [
+        _altered(t1, 5, mac[:-1] + ("A" if mac[-1] != "A" else "B")),  # the MAC
+        _altered(t1, 3, str(int(t1.split(".")[3]) + 3600)),  # a later expiry
+        _altered(t1, 1, "bob"),  # another person
+        _altered(t1, 2, a2["id"]),  # another subscription of the same person
+        _altered(t1, 4, "A" * 16),  # another nonce
+        _altered(t1, 1, "nobody"),  # a person who does not exist
+        make_ticket(ticket_key("a guessed operator token"), "alice", a1["id"], "0" * 64, int(reactor.seconds()) + 60),
+    ]
+    for bad in tampered:
+        for sid in {bad.split(".")[2], a1["id"]}:
+            code, answer = yield stack.request("GET", f"{events(sid)}?ticket={bad}")
+            assert code == 401 and error_type(answer) == "InvalidTicket", (bad, answer)
+            assert "not valid" in answer["error"]["message"]
+
+    # a good ticket on another stream: another subscription of hers, someone else's, his on hers
+    for ticket, sid in [(t1, a2["id"]), (t1, b1["id"]), (tb, a1["id"]), (t1, "0" * 12), (t1, "nothex")]:
+        code, answer = yield stack.request("GET", f"{events(sid)}?ticket={ticket}")
+        assert code == 403 and error_type(answer) == "Forbidden", (sid, answer)
+    # no ticket for someone else's subscription, nor a streamless one
+    code, answer = yield stack.request("POST", f"/api/subscriptions/{a1['id']}/ticket", token=bob)
+    assert code == 404 and error_type(answer) == "NotFound"
+    code, answer = yield stack.request("POST", f"/api/subscriptions/{hooked['id']}/ticket", token=alice)
+    assert code == 409 and error_type(answer) == "Conflict"
+    code, answer = yield stack.request("POST", f"/api/subscriptions/{a1['id']}/ticket")
+    assert code == 401 and error_type(answer) == "Unauthorized"
+
+    # the subscription removed: 404; the person removed: 401
+    t2 = (yield get_ticket(stack, alice, a2["id"]))["ticket"]
+    code, _ = yield stack.request("DELETE", f"/api/subscriptions/{a2['id']}", token=alice)
+    assert code == 200
+    code, answer = yield stack.request("GET", f"{events(a2['id'])}?ticket={t2}")
+    assert code == 404 and error_type(answer) == "NotFound"
+    code, _ = yield stack.request("DELETE", "/api/people/bob", token=TOKEN)
+    assert code == 200
+    code, answer = yield stack.request("GET", f"{events(b1['id'])}?ticket={tb}")
+    assert code == 401 and error_type(answer) == "InvalidTicket"
+    # ... made again under the same name (a new token): the old ticket stays dead
+    bob2 = yield stack.person("bob")
+    b2 = yield stack.subscribe(bob2, kind="events", regex=".")
+    forged_sid = _altered(tb, 2, b2["id"])
+    for ticket, sid in [(tb, b1["id"]), (forged_sid, b2["id"])]:
+        code, answer = yield stack.request("GET", f"{events(sid)}?ticket={ticket}")
+        assert code == 401 and error_type(answer) == "InvalidTicket"
+    # still good
+    client = yield stack.open_stream(f"{events(a1['id'])}?ticket={t1}", None)
+    yield stack.close_stream(client)
+
+
+@pytest_twisted.inlineCallbacks
+def test_malformed_tickets_are_a_clear_4xx(stack: Stack) -> Any:
+    token = yield stack.person()
+    sub = yield stack.subscribe(token, kind="events", regex=".")
+    good = (yield get_ticket(stack, token, sub["id"]))["ticket"]
+    path = f"/api/subscriptions/{sub['id']}/events"
+    cases = [
+        ("", 401, "InvalidTicket", "empty"),
+        ("x" * 10_000, 401, "InvalidTicket", "too long"),
+        (good + "A" * 300, 401, "InvalidTicket", "too long"),
+        ("%C3%A9t%C3%A9", 401, "InvalidTicket", "ASCII"),  # UTF-8, not ASCII
+        ("%FF%FE%00", 401, "InvalidTicket", "ASCII"),  # not even UTF-8
+        ("abc", 401, "InvalidTicket", "6 parts"),
+        ("v1.a.b", 401, "InvalidTicket", "6 parts"),
+        (good + ".x", 401, "InvalidTicket", "6 parts"),
+        (".....", 401, "InvalidTicket", "v1"),
+        ("v1.....", 401, "InvalidTicket", "malformed"),
+        (_altered(good, 0, "v2"), 401, "InvalidTicket", "v1"),
+        (_altered(good, 1, "Alice"), 401, "InvalidTicket", "malformed"),
+        (_altered(good, 2, "ZZ%2Fx"), 401, "InvalidTicket", "malformed"),
+        (_altered(good, 3, "-5"), 401, "InvalidTicket", "malformed"),
+        (_altered(good, 3, "9" * 40), 401, "InvalidTicket", "malformed"),
+        (_altered(good, 5, "short"), 401, "InvalidTicket", "malformed"),
+        (good + "%00", 401, "InvalidTicket", "malformed"),
+        (good + "&ticket=" + good, 400, "BadRequest", "one ticket"),
+    ]
+    for raw, status, kind, words in cases:
+        code, answer = yield stack.request("GET", f"{path}?ticket={raw}")
+        assert (code, error_type(answer)) == (status, kind), (raw[:60], answer)
+        assert words in answer["error"]["message"], (raw[:60], answer)
+        assert raw not in answer["error"]["message"] or not raw
+    # '?ticket' with no '=' is no ticket at all: the token is asked for
+    code, answer = yield stack.request("GET", f"{path}?ticket")
+    assert code == 401 and error_type(answer) == "Unauthorized"
+
+
+def test_ticket_text() -> None:
+    key = ticket_key("operator-token-" + "z" * 20)
+    assert key == ticket_key("operator-token-" + "z" * 20) and len(key) == 32
+    assert key != ticket_key("operator-token-" + "w" * 20)
+    ticket = make_ticket(key, "alice", "0123456789ab", "f" * 64, 1_700_000_060, nonce="N" * 16)
+    person, sid, expires, nonce, mac = parse_ticket(ticket)
+    assert (person, sid, expires, nonce) == ("alice", "0123456789ab", 1_700_000_060, "N" * 16)
+    assert parse_ticket(ticket.encode()) == parse_ticket(ticket)
+    # the MAC covers the person's token hash: a new token, another MAC
+    assert make_ticket(key, "alice", "0123456789ab", "e" * 64, 1_700_000_060, nonce="N" * 16) != ticket
+    for bad in ("", b"", "x" * 257, "é", b"\xff", "a.b.c.d.e", ticket + ".", ticket.replace("v1", "v0"), 5, None):
+        try:
+            parse_ticket(bad)
+        except TicketError as e:
+            assert str(e)
+        else:
+            raise AssertionError(f"{bad!r} parsed")
+
+
+def test_the_access_log_masks_tickets() -> None:
+    assert mask_query(b"/api/subscriptions/x/events?ticket=SECRET") == b"/api/subscriptions/x/events?ticket=***"
+    assert mask_query(b"/e?a=1&ticket=S&b=2") == b"/e?a=1&ticket=***&b=2"
+    assert mask_query(b"/e?%74icket=S;ticket=T") == b"/e?%74icket=***;ticket=***"  # as request.args reads them
+    assert mask_query(b"/e?tickets=1&x") == b"/e?tickets=1&x"
+    assert mask_query(b"/e") == b"/e"
+    # and, should a URL reach a log line some other way, the daemon's redactor masks it too
+    assert Redactor()('"GET /e?x=1&ticket=v1.a.b HTTP/1.1" <Request uri=/e?ticket=T>') == \
+        '"GET /e?x=1&ticket=*** HTTP/1.1" <Request uri=/e?ticket=***>'
 
 
 # --------------------------------------------------------------------------- #
