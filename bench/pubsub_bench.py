@@ -13,7 +13,21 @@ Rows:
        the first pass; see the report for the first pass after a rebuild).
        Both sides check they find the same keys before timing.
        The work is CPU-bound, in batches of about 20 ms between reactor turns.
-  4.   end to end over RabbitMQ: events per second from C{publish} (posted to
+       The Router is built by adding every subscription, then compiled once.
+  4.   changing subscriptions at 100,000: one change (alternately a
+       subscribe of a new dataset's pattern and an unsubscribe of a random
+       subscription, so the count stays at 100,000) then one topic routed,
+       per operation; the Router (base, delta levels, tombstones) against the
+       same Router configured as before it had levels
+       (C{compact_min=1, compact_ratio=0}: every change recompiles every
+       pattern), the baseline. Unit: changes per second, compactions (the
+       occasional full recompile) included. Each side also times 200
+       (baseline: 5) consecutive subscribes, each followed by a match, right
+       after building and logs their median and worst; and logs the median
+       and worst operation of the whole run, compactions included.
+       Since a compile holds the GIL, an operation's time is how long it
+       stalls the reactor.
+  5.   end to end over RabbitMQ: events per second from C{publish} (posted to
        pub_sub) to delivery at 10 subscriber addresses, through the
        distributor (the subject), against plain magnet fanout to 10
        subscribers (the baseline), at most 100 events outstanding. Unit:
@@ -32,7 +46,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -43,23 +57,29 @@ from bench.raw_txamqp import delete
 #: Seconds of routing between two reactor turns.
 BATCH_SECONDS = 0.02
 
+#: Consecutive subscribes timed one by one after building (row 4), per side:
+#: the baseline recompiles everything each time (~1.3 s at 100,000), so few.
+TIMED_SUBSCRIBES = 200
+TIMED_SUBSCRIBES_BASELINE = 5
+
+
+def pattern(i: int) -> str:
+    """The subscription regex of dataset C{i}: one of five realistic shapes."""
+    kind = i % 5
+    if kind == 0:
+        return rf"^dataset\.sst_{i}$"
+    if kind == 1:
+        return rf"^dataset\.ctd_{i}_\d+$"
+    if kind == 2:
+        return rf"event\.saved\.ds{i}\b"  # unanchored
+    if kind == 3:
+        return rf"^event\.(fetched|saved)\.glider{i}$"
+    return rf"^dataset\.(sst|ctd)_{i}\..*"
+
 
 def patterns(n: int) -> Dict[int, str]:
     """C{n} subscription regexes of five realistic shapes, one dataset each."""
-    out = {}
-    for i in range(n):
-        kind = i % 5
-        if kind == 0:
-            out[i] = rf"^dataset\.sst_{i}$"
-        elif kind == 1:
-            out[i] = rf"^dataset\.ctd_{i}_\d+$"
-        elif kind == 2:
-            out[i] = rf"event\.saved\.ds{i}\b"  # unanchored
-        elif kind == 3:
-            out[i] = rf"^event\.(fetched|saved)\.glider{i}$"
-        else:
-            out[i] = rf"^dataset\.(sst|ctd)_{i}\..*"
-    return out
+    return {i: pattern(i) for i in range(n)}
 
 
 def topics(n: int, count: int = 20_000, seed: int = 1) -> List[str]:
@@ -129,6 +149,68 @@ class CPULoop(Load):
         return defer.succeed(None)
 
 
+class ChangeLoop(Load):
+    """Change one subscription then route one topic, per operation, timing
+    each; one operation at least per reactor turn (the baseline's take ~1 s).
+
+    Changes alternate: subscribe a new dataset's pattern, unsubscribe a
+    random subscription, so the Router's size stays put.
+    """
+
+    def __init__(self, clock: Any, router: Any, first_new: int, corpus: List[str], drain_timeout: float) -> None:
+        super().__init__(clock, drain_timeout)
+        self.router = router
+        self.corpus = corpus
+        self.live = [key for key, _ in router.items()]
+        self.next_key = first_new
+        self.rng = random.Random(3)
+        self.times: List[float] = []
+        self._call: Any = None
+
+    def _begin(self) -> None:
+        self._call = self.clock.callLater(0, self._batch)
+
+    def operation(self) -> None:
+        router, live = self.router, self.live
+        if self.completed % 2 == 0:
+            key = self.next_key
+            self.next_key += 1
+            router.add(key, pattern(key))
+            live.append(key)
+        else:
+            i = self.rng.randrange(len(live))
+            live[i], live[-1] = live[-1], live[i]
+            router.remove(live.pop())
+        router.match(self.corpus[self.completed % len(self.corpus)])
+
+    def _batch(self) -> None:
+        self._call = None
+        if not self.running:
+            return
+        deadline = time.perf_counter() + BATCH_SECONDS
+        while True:
+            started = time.perf_counter()
+            self.operation()
+            now = time.perf_counter()
+            self.times.append(now - started)
+            self.completed += 1
+            if now >= deadline:
+                break
+        self._call = self.clock.callLater(0, self._batch)
+
+    def _drained(self) -> Deferred:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return defer.succeed(None)
+
+
+def _stalls(times: List[float]) -> str:
+    ordered = sorted(times)
+    return (f"median {ordered[len(ordered) // 2] * 1e3:.2f} ms, worst {ordered[-1] * 1e3:.1f} ms, "
+            f"mean {sum(ordered) / len(ordered) * 1e3:.2f} ms over {len(ordered):,}")
+
+
 class _Side:
     def __init__(self, reactor: Any, settings: Settings) -> None:
         self.reactor = reactor
@@ -159,6 +241,29 @@ class _Side:
     def _routing_load(self, route: Callable[[str], Any], n: int) -> Load:
         corpus = topics(n)
         return CPULoop(self.reactor, route, corpus, self.settings.drain_timeout)
+
+    def _changes_load(self, router: Any, n: int, label: str, timed: int) -> Load:
+        """Row 4 on C{router} (holding C{n} subscriptions, compiled): first
+        C{timed} subscribes, each then a match, timed and logged; then the load."""
+        from bench.harness import log
+
+        corpus = topics(n, count=1000, seed=7)
+        times = []
+        for i in range(n, n + timed):
+            started = time.perf_counter()
+            router.add(i, pattern(i))
+            router.match(corpus[i % len(corpus)])
+            times.append(time.perf_counter() - started)
+        log(f"  {label}: {timed} subscribes at {n:,}, each then a match: {_stalls(times)}")
+        load = ChangeLoop(self.reactor, router, n + timed, corpus, self.settings.drain_timeout)
+
+        def report() -> None:
+            if load.times:
+                log(f"  {label}: every change + match of the run: {_stalls(load.times)}; "
+                    f"{router.compactions} compaction(s), now {router.set_count} Set(s)")
+
+        load.on_close(report)
+        return load
 
 
 def _router(n: int) -> Any:
@@ -202,10 +307,13 @@ class PubSubSide(_Side):
         _check(router.match, n)
         return self._routing_load(router.match, n)
 
+    def changes(self, n: int) -> Any:
+        router = _router(n)
+        router.match("warm.up")
+        return self._changes_load(router, n, "Router", TIMED_SUBSCRIBES)
+
     @inlineCallbacks
     def end_to_end(self, subscribers: int = 10, window: int = 100) -> Any:
-        import magnet
-
         from ooidx.attribute_store import AttributeStore
         from ooidx.distributor import Distributor
         from ooidx.pub_sub import PubSub
@@ -267,6 +375,15 @@ class NaiveSide(_Side):
         compiled = _naive(n)
         return self._routing_load(_naive_route(compiled), n)
 
+    def changes(self, n: int) -> Any:
+        """The Router as it was before its levels: every change recompiles everything."""
+        from ooidx.routing import Router
+
+        router = Router(compact_min=1, compact_ratio=0)
+        router.replace(patterns(n))
+        router.match("warm.up")
+        return self._changes_load(router, n, "full rebuild", TIMED_SUBSCRIBES_BASELINE)
+
     @inlineCallbacks
     def end_to_end(self, subscribers: int = 10, window: int = 100) -> Any:
         import magnet
@@ -301,7 +418,8 @@ class NaiveSide(_Side):
 def group() -> Group:
     return Group(
         name="pubsub",
-        description="regex routing (RE2 Set vs a loop over Python re) and publish -> delivery (vs plain fanout)",
+        description="regex routing (RE2 Set vs a loop over Python re; changes vs full rebuild) and "
+                    "publish -> delivery (vs plain fanout)",
         subject="pub_sub",
         baselines=["naive"],
         sides={"pub_sub": PubSubSide, "naive": NaiveSide},
@@ -309,6 +427,8 @@ def group() -> Group:
             Benchmark("route, 1,000 subscriptions", "topics/s", lambda side: side.routing(1_000)),
             Benchmark("route, 10,000 subscriptions", "topics/s", lambda side: side.routing(10_000)),
             Benchmark("route, 100,000 subscriptions", "topics/s", lambda side: side.routing(100_000)),
+            Benchmark("(un)subscribe + route, 100,000 subscriptions", "changes/s",
+                      lambda side: side.changes(100_000)),
             Benchmark("publish -> 10 subscriber addresses (RabbitMQ)", "deliveries/s",
                       lambda side: side.end_to_end(subscribers=10, window=100)),
         ],

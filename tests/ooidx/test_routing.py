@@ -120,6 +120,8 @@ def test_invalid_or_unsupported_syntax_is_refused_clearly(regex: str, words: str
 def test_non_strings_are_refused(value: object) -> None:
     with pytest.raises(InvalidRegex):
         validate(value)
+    with pytest.raises(InvalidRegex):
+        Router().add("k", value)  # type: ignore[arg-type]
 
 
 def test_size_limit() -> None:
@@ -199,3 +201,289 @@ def test_replace_leaves_out_invalid_regexes() -> None:
     router.replace({"a": "x", "b": "(?=y)"})
     assert "a" in router and "b" not in router
     assert router.match("xy") == {"a"}
+
+
+# levels: base, deltas, tombstones, compaction ---------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ooidx import routing  # noqa: E402
+
+
+def naive_match(regexes: dict, topic: str) -> set:
+    return {key for key, regex in regexes.items() if re.search(regex, topic)}
+
+
+def dataset_patterns(n: int) -> dict:
+    return {i: rf"^dataset\.sst_{i}$" for i in range(n)}
+
+
+def test_an_add_at_scale_compiles_only_the_small_delta_not_the_base() -> None:
+    router = Router()
+    router.replace(dataset_patterns(3000))
+    assert router.match("dataset.sst_7") == {7}
+    assert (router.compactions, router.compiles, router.compiled_patterns) == (1, 1, 3000)
+    router.add("new", r"^dataset\.sst_7$")
+    assert router.match("dataset.sst_7") == {7, "new"}
+    assert router.compactions == 1  # the base was not compiled again
+    assert router.compiles == 2 and router.compiled_patterns == 3001
+    router.add("newer", r"sst_8$")
+    assert router.match("dataset.sst_8") == {8, "newer"}
+    assert router.compactions == 1 and router.compiled_patterns == 3001 + 2  # the smallest level: 2 patterns
+    assert router.set_count == 2
+
+
+def test_after_a_compaction_an_add_does_not_compile_the_base_again() -> None:
+    router = Router(compact_min=16, compact_ratio=0.125)
+    router.replace(dataset_patterns(200))
+    router.match("x")
+    i = 200
+    while router.compactions == 1:  # up to the threshold: a compaction
+        router.add(i, rf"^dataset\.sst_{i}$")
+        assert router.match(f"dataset.sst_{i}") == {i}
+        i += 1
+    assert i == 200 + 25  # an eighth of 200
+    compactions, patterns = router.compactions, router.compiled_patterns
+    router.add("one", "^one$")
+    assert router.match("one") == {"one"}
+    assert router.compactions == compactions
+    assert router.compiled_patterns == patterns + 1
+    assert router.match("dataset.sst_224") == {224}
+
+
+def test_a_removal_compiles_nothing_and_its_matches_are_dropped() -> None:
+    router = Router()
+    router.replace(dataset_patterns(100))
+    router.add("delta", r"^dataset\.")
+    assert router.match("dataset.sst_5") == {5, "delta"}
+    compiles = router.compiles
+    assert router.remove(5) and router.remove("delta")
+    assert router.match("dataset.sst_5") == set()
+    assert router.match("dataset.sst_6") == {6}
+    assert router.compiles == compiles
+    assert 5 not in router and "delta" not in router and len(router) == 99
+    router.add(5, r"^dataset\.sst_5$")  # back again, in a delta this time
+    assert router.match("dataset.sst_5") == {5}
+
+
+def test_replacing_a_keys_regex_routes_by_the_new_regex_only() -> None:
+    router = Router()
+    router.replace(dataset_patterns(100))
+    assert router.match("dataset.sst_3") == {3}
+    router.add(3, r"^event\.three$")  # in the base: tombstone there, new regex in a delta
+    assert router.match("dataset.sst_3") == set()
+    assert router.match("event.three") == {3}
+    router.add(3, r"^event\.trois$")  # in a delta: replaced again
+    assert router.match("event.three") == set()
+    assert router.match("event.trois") == {3}
+    assert dict(router.items())[3] == r"^event\.trois$"
+    router.add(3, r"^dataset\.sst_3$")  # back to what the base still holds (buried)
+    assert router.match("dataset.sst_3") == {3}
+    assert router.match("event.trois") == set()
+
+
+def test_compaction_happens_at_the_threshold_not_before() -> None:
+    router = Router(compact_min=8, compact_ratio=0.0, level_growth=2)
+    router.replace(dataset_patterns(50))
+    router.match("x")
+    assert router.compactions == 1
+    for i in range(7):  # 7 pending changes: below the threshold of 8
+        router.add(f"k{i}", f"^k{i}$")
+        router.match("x")
+    assert router.compactions == 1
+    assert router.set_count > 1
+    router.remove(0)  # the 8th change
+    assert router.match("dataset.sst_0") == set()
+    assert router.compactions == 2
+    assert router.set_count == 1
+    assert router.match("k3") == {"k3"}
+
+
+def test_old_behaviour_recompiles_everything_on_every_change() -> None:
+    # The bench's baseline: compact_min=1, compact_ratio=0.
+    router = Router(compact_min=1, compact_ratio=0)
+    router.replace(dataset_patterns(20))
+    router.match("x")
+    for i in range(5):
+        router.add(f"k{i}", f"^k{i}$")
+        router.match("x")
+    router.remove("k0")
+    router.match("x")
+    assert router.compactions == 7
+    assert router.set_count == 1
+
+
+def test_a_quiet_router_folds_its_levels() -> None:
+    router = Router(compact_min=1000, level_growth=4)
+    router.replace(dataset_patterns(20_000))
+    for i in range(40):
+        router.add(f"k{i}", f"^k{i}$")
+        router.match("x")
+    assert router.set_count >= 3  # base plus several delta levels
+    compactions = router.compactions
+    for _ in range(2000):
+        assert router.match("k7") == {"k7"}
+    assert router.folds >= 1
+    assert router.set_count == 2  # base plus one delta
+    assert router.compactions == compactions  # a base this large is compiled by changes only
+    assert router.match("dataset.sst_19999") == {19999}
+
+
+def test_a_small_quiet_router_folds_into_its_base() -> None:
+    router = Router()
+    router.replace(dataset_patterns(100))
+    router.match("x")
+    router.add("k", "^k$")
+    router.match("x")
+    assert router.set_count == 2
+    for _ in range(20 * 101 + 2):
+        router.match("k")
+    assert router.set_count == 1
+    assert router.match("k") == {"k"}
+
+
+def test_a_removal_that_empties_the_deltas_does_not_recompile_a_large_base() -> None:
+    router = Router(level_growth=2, fold_matches_per_pattern=1)
+    router.replace(dataset_patterns(12_000))
+    router.match("x")
+    router.add("a", "^a$")
+    router.match("x")
+    router.add("b", "^b$")
+    router.add("c", "^c$")
+    router.match("x")
+    router.remove("a")
+    router.remove("b")
+    router.remove("c")
+    for _ in range(50):
+        assert router.match("a") == set()
+    assert router.compactions == 1
+
+
+def test_many_adds_without_a_match_compile_once() -> None:
+    router = Router(compact_min=64, level_growth=4)
+    router.replace(dataset_patterns(5000))
+    router.match("x")
+    compiles = router.compiles
+    for i in range(50):
+        router.add(f"k{i}", f"^k{i}$")
+    assert router.match("k49") == {"k49"}
+    assert router.compiles == compiles + 1
+    assert router.set_count == 2
+
+
+def test_replace_with_a_small_difference_does_not_recompile_the_base() -> None:
+    router = Router()
+    regexes = dataset_patterns(2000)
+    router.replace(regexes)
+    router.match("x")
+    changed = dict(regexes)
+    del changed[1]
+    changed[2] = "^two$"
+    changed["new"] = "^new$"
+    router.replace(changed)
+    assert router.match("dataset.sst_1") == set()
+    assert router.match("dataset.sst_2") == set()
+    assert router.match("two") == {2}
+    assert router.match("new") == {"new"}
+    assert router.compactions == 1
+    assert dict(router.items()) == changed
+    router.replace({"only": "^only$"})  # a large difference: a new base
+    assert router.match("only") == {"only"} and router.match("two") == set()
+    assert router.compactions == 2 and len(router) == 1
+
+
+def test_the_binding_wrappers_match_works_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(routing, "_RAW_MATCH", False)
+    router = Router()
+    router.replace(dataset_patterns(10))
+    router.add("d", "sst")
+    assert router.match("dataset.sst_1") == {1, "d"}
+    assert router.match("nothing") == set()
+
+
+def test_split_sets_with_levels_still_route_everything() -> None:
+    router = Router(set_max_mem=20_000, compact_min=32, level_growth=4)
+    for i in range(300):
+        router.add(i, rf"^dataset\.sst_{i}$")
+        if i % 7 == 0:
+            router.match("x")
+    for i in range(0, 300, 3):
+        router.remove(i)
+    assert router.set_count > 1
+    assert router.unusable == set()
+    for i in range(300):
+        assert router.match(f"dataset.sst_{i}") == (set() if i % 3 == 0 else {i})
+
+
+def test_a_long_random_walk_agrees_with_re() -> None:
+    rng = random.Random(11)
+    router = Router(compact_min=40, compact_ratio=0.25, level_growth=3, fold_matches_per_pattern=2)
+    model: dict = {}
+    sample = [random_topic(rng) for _ in range(40)]
+    for step in range(6000):
+        roll = rng.random() if (step // 300) % 2 else rng.random() / 10 + 0.9  # busy, then quiet
+        key = rng.randrange(150)
+        if roll < 0.45:
+            pattern = random_pattern(rng)
+            router.add(key, pattern)
+            model[key] = pattern
+        elif roll < 0.7:
+            assert router.remove(key) == (key in model)
+            model.pop(key, None)
+        else:
+            topic = rng.choice(sample)
+            assert router.match(topic) == naive_match(model, topic), (step, topic)
+    assert router.compactions > 3 and router.folds > 0
+    for topic in sample:
+        assert router.match(topic) == naive_match(model, topic)
+
+
+@st.composite
+def patterns_(draw: st.DrawFn) -> str:
+    parts = ["^"] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 3))):
+        parts.append(draw(st.sampled_from(ATOMS)) + draw(st.sampled_from(["", "*", "+", "?", "{1,2}"])))
+    if draw(st.booleans()):
+        parts.append("$")
+    return "".join(parts)
+
+
+keys_ = st.one_of(st.integers(0, 12), st.sampled_from(["a", "b", "c"]))
+topics_ = st.text(alphabet="abcx._19", max_size=10)
+operations = st.lists(st.one_of(
+    st.tuples(st.just("add"), keys_, patterns_()),
+    st.tuples(st.just("remove"), keys_),
+    st.tuples(st.just("match"), topics_),
+    st.tuples(st.just("replace"), st.lists(keys_, max_size=3), st.dictionaries(keys_, patterns_(), max_size=3)),
+    st.tuples(st.just("clear")),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(operations, st.integers(1, 6), st.sampled_from([0.0, 0.25, 0.5]), st.integers(2, 4), st.integers(1, 3))
+def test_router_agrees_with_a_loop_over_re(ops: list, compact_min: int, compact_ratio: float, growth: int,
+                                           fold: int) -> None:
+    router = Router(compact_min=compact_min, compact_ratio=compact_ratio, level_growth=growth,
+                    fold_matches_per_pattern=fold)
+    model: dict = {}
+    for op in ops:
+        if op[0] == "add":
+            router.add(op[1], op[2])
+            model[op[1]] = op[2]
+        elif op[0] == "remove":
+            assert router.remove(op[1]) == (op[1] in model)
+            model.pop(op[1], None)
+        elif op[0] == "replace":
+            model = {k: v for k, v in model.items() if k not in op[1]}
+            model.update(op[2])
+            router.replace(dict(model))
+        elif op[0] == "clear":
+            router.clear()
+            model = {}
+        else:
+            assert router.match(op[1]) == naive_match(model, op[1])
+        assert len(router) == len(model)
+        assert dict(router.items()) == model
+    for topic in ["", "a", "ab", "x.1", "b1", "abc_9", "cc", "a.b.c", "xx__1"]:
+        assert router.match(topic) == naive_match(model, topic), topic
