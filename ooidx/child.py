@@ -9,7 +9,9 @@ C{ps} would show its password. The child runs a bus and that one component
 with one consumer, logs to stdout in the node's format (the daemon relays
 those lines as they are), stops cleanly on SIGTERM (status 0), and stops by
 itself if its daemon goes away. A failed start exits with status 1, and the
-daemon restarts it with backoff.
+daemon restarts it with backoff. When the daemon serves /metrics it passes
+C{PROMETHEUS_MULTIPROC_DIR}, and the child's metrics are counted in files
+there that the daemon reads (L{ooidx.metrics}).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ooidx.bootstrap import declare_topology
 from ooidx.config import COMPONENTS, ConfigError, load
 from ooidx.daemon import bus_for, metrics_observer
 from ooidx.logs import make_observer
+from ooidx.metrics import share_with_daemon
 from ooidx.registry import component_class
 
 log = Logger(namespace="ooidx.child")
@@ -39,6 +42,7 @@ class ChildRunner:
         self.config = config
         self.name = name
         self.reactor = reactor
+        share_with_daemon()  # before the first metric is made
         self.bus = bus_for(config, reactor, metrics_observer())
         self.component: Any = None
         self.exit_code = 0

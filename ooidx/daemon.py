@@ -15,13 +15,17 @@ process to exit non-zero (C{on_fatal}): it never runs half-started.
 Stop (SIGTERM under twistd): components stop taking messages, in-flight work
 finishes (bounded by C{timeouts.shutdown}), child processes get SIGTERM
 (SIGKILL after the same bound), then the bus closes.
+
+With a web component in the daemon, the children's metrics are in its
+/metrics too: they count in files under C{DATA_DIR/child-metrics/PID} that
+the daemon reads (L{ooidx.metrics.ChildMetrics}, which says why and how).
 """
 from __future__ import annotations
 
 import os
 import sys
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (CancelledError, Deferred, inlineCallbacks,
@@ -109,6 +113,11 @@ class ChildProcesses(ProcessMonitor):
 
     log = Logger()
 
+    #: C{on_spawn(name, pid)} once a child process is spawned.
+    on_spawn: Optional[Callable[[str, int], None]] = None
+    #: C{on_exit(name)} once a child process has exited (before it is restarted).
+    on_exit: Optional[Callable[[str], None]] = None
+
     def startProcess(self, name: str) -> None:
         if name in self.protocols:
             return
@@ -116,9 +125,32 @@ class ChildProcesses(ProcessMonitor):
         self.log.info("{verb} child process {name}", verb="restarting" if again else "starting", name=name,
                       component=name.rsplit(".", 1)[0])
         super().startProcess(name)
+        pid = getattr(getattr(self.protocols.get(name), "transport", None), "pid", None)
+        if pid and self.on_spawn is not None:
+            self._hook(self.on_spawn, name, pid)
+
+    def _monitoredProcessExited(self, name: str, reason: Optional[Failure] = None) -> None:
+        super()._monitoredProcessExited(name, reason)
+        if self.on_exit is not None:
+            self._hook(self.on_exit, name)
+
+    def _hook(self, hook: Callable[..., None], name: str, *args: Any) -> None:
+        try:
+            hook(name, *args)
+        except Exception:  # noqa: BLE001 - supervising the children goes on
+            self.log.failure("child process {name}: {hook}", name=name, hook=getattr(hook, "__name__", hook))
 
     def running_count(self, prefix: str) -> int:
         return sum(1 for name in self.protocols if name.rsplit(".", 1)[0] == prefix)
+
+    def live_pids(self) -> Set[int]:
+        """The pids of the child processes running now (not those that have exited)."""
+        pids = set()
+        for protocol in self.protocols.values():
+            pid = getattr(getattr(protocol, "transport", None), "pid", None)
+            if pid:
+                pids.add(pid)
+        return pids
 
     def stopService(self) -> Deferred:  # type: ignore[override]
         super().stopService()
@@ -180,6 +212,8 @@ class Daemon(MultiService):
         self.bus = bus if bus is not None else bus_for(config, reactor, metrics_observer())
         self.components: Dict[str, Any] = {}
         self.children: Optional[ChildProcesses] = None
+        #: The children's metrics, read for /metrics (with a web component here), else None.
+        self.child_metrics: Any = None
         self.started = False
         self.exit_code: Optional[int] = None
         self.log_observer = log_observer
@@ -263,12 +297,42 @@ class Daemon(MultiService):
         monitor.maxRestartDelay = 60.0
         monitor.killTime = self.config.timeouts.shutdown + 2.0
         env = self._child_environment()
+        self.child_metrics = self._share_child_metrics(monitor, env)
         for name, settings in children:
             for i in range(settings.instances):
                 args = [sys.executable, "-m", "ooidx.child", "--config", self.config_path, "--component", name]
                 monitor.addProcess(f"{name}.{i}", args, env=env)
         self.children = monitor
         monitor.setServiceParent(self)
+
+    def _share_child_metrics(self, monitor: ChildProcesses, env: Dict[str, str]) -> Any:
+        """With a web component in this process, the children count in files
+        that its /metrics reads (ooidx.metrics); otherwise nothing changes."""
+        web = self.config.components.get("web")
+        observer = getattr(self.bus, "observer", None)
+        if web is None or web.process != "inline" or not hasattr(observer, "include"):
+            return None
+        from ooidx.metrics import MULTIPROC_ENV, ChildMetrics, prepare_directory
+        try:
+            directory = prepare_directory(self.config.data_dir)
+        except OSError as e:
+            self.log.warn("the child processes' metrics are not in /metrics: cannot make a directory "
+                          "for them in {data_dir} ({reason})", data_dir=self.config.data_dir,
+                          reason=e.strerror or e)
+            return None
+        shared = ChildMetrics(directory, monitor.live_pids)
+        observer.include(shared)
+        monitor.on_spawn = lambda name, pid: shared.child_started(pid)
+        monitor.on_exit = lambda name: shared.retire()
+        env[MULTIPROC_ENV] = directory
+        self.log.info("the child processes' metrics are shared with /metrics through {directory}",
+                      directory=directory)
+        return shared
+
+    def _close_child_metrics(self) -> None:
+        shared, self.child_metrics = self.child_metrics, None
+        if shared is not None:
+            shared.close()
 
     def _child_environment(self) -> Dict[str, str]:
         env = dict(os.environ)
@@ -311,6 +375,8 @@ class Daemon(MultiService):
         d = control.cancel() if control is not None else succeed(None)
         d.addBoth(lambda _: self._stop_components())
         d.addErrback(lambda f: self.log.failure("stopping the components", f))
+        d.addCallback(lambda _: self._close_child_metrics())
+        d.addErrback(lambda f: self.log.failure("removing the child processes' metrics files", f))
         d.addCallback(lambda _: self.bus.stopService() if self.bus.running else None)
         d.addErrback(lambda f: self.log.failure("stopping the bus", f))
         d.addCallback(lambda _: self.log.info("node {node} stopped cleanly", node=self.config.node))
@@ -359,12 +425,17 @@ class Daemon(MultiService):
                 "broker": self.config.redacted_broker(), "dead_letters": self.dead_letters()}
 
     def dead_letters(self) -> Dict[str, int]:
-        """Messages this process dead-lettered since it started, by the name they came from
-        (from the bus's metrics; empty without them)."""
-        counter = getattr(getattr(self.bus, "observer", None), "dead_letters", None)
+        """Messages this node dead-lettered since it started (its child processes
+        too, when /metrics has them), by the name they came from (from the bus's
+        metrics; empty without them)."""
+        observer = getattr(self.bus, "observer", None)
         out: Dict[str, int] = {}
         try:
-            for metric in counter.collect():
+            if hasattr(observer, "include"):
+                families = [m for m in observer.collect() if m.name == "magnet_dead_letters"]
+            else:
+                families = observer.dead_letters.collect()
+            for metric in families:
                 for sample in metric.samples:
                     if sample.name.endswith("_total"):
                         out[sample.labels.get("name", "?")] = int(sample.value)
