@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
+import ssl as _stdlib_ssl
 import struct
 import uuid
 from collections import OrderedDict
@@ -35,6 +37,8 @@ from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -42,6 +46,7 @@ from twisted.python.failure import Failure
 from txamqp.client import Closed, TwistedDelegate
 from txamqp.connection import Body, Frame, Header, Method
 from txamqp.protocol import AMQClient
+from zope.interface import implementer
 
 from magnet.errors import (BadURL, ConnectionLost, MagnetError, NotConfirmed, NotConnected, Timeout,
                            Unroutable)
@@ -499,6 +504,7 @@ class _Delegate(TwistedDelegate):
                       channel=ch.id)
 
 
+@implementer(IHandshakeListener)
 class _AMQPProtocol(AMQClient):
     """txAMQP's client with the fast paths of this module and heartbeats of its own."""
 
@@ -521,6 +527,27 @@ class _AMQPProtocol(AMQClient):
         self._received = False
         self._silent_ticks = 0
         self._heartbeat = 0
+        #: over TLS: True once the TLS handshake is done (the broker's certificate verified)
+        self.tls_done = False
+        #: over TLS: why the link was lost, if TLS had to do with it
+        self.tls_error: Optional[str] = None
+        self._tls_timer: Any = None
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake is done (L{IHandshakeListener}): the broker's certificate passed."""
+        self.tls_done = True
+        if self._tls_timer is not None and self._tls_timer.active():
+            self._tls_timer.cancel()
+        self._tls_timer = None
+
+    def _tls_handshake_timeout(self, seconds: float) -> None:
+        self._tls_timer = None
+        if self.tls_done or self.lost or self.transport is None:
+            return
+        self.tls_error = self.close_reason = (
+            f"TLS handshake with {self.url.host}:{self.url.port} not finished within {seconds:.1f} s "
+            f"(is it the broker's TLS port?)")
+        self.transport.abortConnection()
 
     # -- writing
 
@@ -553,6 +580,10 @@ class _AMQPProtocol(AMQClient):
                 except Exception:
                     pass
                 break
+        if self.url.tls and not self.tls_done:
+            # the TCP connect is bounded by the endpoint, the TLS handshake here
+            seconds = self.owner.connect_timeout
+            self._tls_timer = self.clock.callLater(seconds, self._tls_handshake_timeout, seconds)
         AMQClient.connectionMade(self)
 
     def send_init_string(self) -> None:
@@ -709,6 +740,13 @@ class _AMQPProtocol(AMQClient):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.lost = True
+        if self._tls_timer is not None and self._tls_timer.active():
+            self._tls_timer.cancel()
+        self._tls_timer = None
+        if self.url.tls and self.close_reason is None:
+            self.tls_error = _tls_failure(reason, self.url, self.tls_done,
+                                          self.owner._tls_trust_description(self.url), self.transport)
+            self.close_reason = self.tls_error
         if self._heartbeat_call is not None and self._heartbeat_call.running:
             self._heartbeat_call.stop()
         try:
@@ -761,8 +799,17 @@ class AMQPTransport:
         a channel to a quorum queue whose first publish there found the
         queue's leader on a node that had just died, for as long as the
         channel lives; a fresh channel publishes fine.)
-    @param tls_options: an C{IOpenSSLClientConnectionCreator} for amqps URLs
-        (default: verify the broker's certificate against the system trust).
+    @param tls_options: an C{IOpenSSLClientConnectionCreator} for amqps URLs,
+        for what the URL options cannot say (it names one host, so it suits
+        one broker, not a cluster). By default an C{amqps://} URL verifies the
+        broker's certificate against the system's trust store, or against the
+        CA file of its C{cacertfile=} query option, and checks that the
+        certificate names the URL's host (or its C{server_name_indication=});
+        C{certfile=} / C{keyfile=} add a client certificate. A file that
+        cannot be read or holds no certificate is a L{BadURL} here, at once.
+        A refused certificate is an error of the attempt (logged, retried with
+        backoff, and named in the L{NotConnected} of callers waiting for the
+        link): C{TLS verification failed: ...}.
     """
 
     log = Logger()
@@ -799,6 +846,16 @@ class AMQPTransport:
         self.publishers_replaced = 0
         self.auth_mechanism = auth_mechanism.upper()
         self.tls_options = tls_options
+        if tls_options is not None and any(u.has_tls_options for u in self.urls):
+            raise BadURL("TLS options given both in the broker URL (cacertfile, certfile, keyfile, "
+                         "server_name_indication) and as tls_options: give them one way")
+        #: the TLS connection creator of each amqps URL, made (and its files read) once, here
+        self._tls: Dict[BrokerURL, Any] = {}
+        for url in self.urls:
+            if url.tls:
+                self._tls[url] = tls_options if tls_options is not None else _tls_creator(url)
+        #: why the last connection attempt failed (no password in it), None once connected
+        self.last_error: Optional[str] = None
         self.spec = load_spec()
 
         #: True while the link is up (topology replayed, consumers resumed).
@@ -850,12 +907,18 @@ class AMQPTransport:
     def _endpoint(self, url: BrokerURL) -> Any:
         endpoint = HostnameEndpoint(self.reactor, url.host, url.port, timeout=self.connect_timeout)
         if url.tls:
-            options = self.tls_options
-            if options is None:
-                from twisted.internet.ssl import optionsForClientTLS
-                options = optionsForClientTLS(url.host)
-            endpoint = wrapClientTLS(options, endpoint)
+            endpoint = wrapClientTLS(self._tls[url], endpoint)
         return endpoint
+
+    def _tls_trust_description(self, url: BrokerURL) -> Tuple[str, Optional[str]]:
+        """What the broker's certificate is checked against, for messages, and
+        where to find those CAs again: the CA file, "" for the system's trust
+        store, None when unknown (the caller's own tls_options)."""
+        if self.tls_options is not None:
+            return "the tls_options given", None
+        if url.cafile:
+            return f"the CA file {url.cafile}", url.cafile
+        return "the system's trust store", ""
 
     @defer.inlineCallbacks
     def _attempt(self, url: BrokerURL) -> Any:
@@ -885,6 +948,8 @@ class AMQPTransport:
         try:
             yield protocol.authenticate(url.username, url.password, mechanism=mechanism)
         except Closed:
+            if protocol.tls_error:
+                raise ConnectionLost(protocol.tls_error) from None
             reason = protocol.close_reason or "connection closed during the handshake"
             raise ConnectionLost(f"AMQP handshake failed: {reason}") from None
         publisher_ch = yield protocol.open_channel()
@@ -907,6 +972,7 @@ class AMQPTransport:
             protocol.transport.abortConnection()
             return
         self._failures = 0
+        self.last_error = None
         self._protocol = protocol
         self.connected = True
         self.log.info("connected to broker {url}", url=protocol.url)
@@ -923,8 +989,9 @@ class AMQPTransport:
             return
         self._failures += 1
         delay = self.backoff(self._failures)
+        self.last_error = _describe(failure)
         self.log.warn("broker unreachable at {url} ({reason}), retrying in {delay:.1f} s", url=url,
-                      reason=_describe(failure), delay=delay)
+                      reason=self.last_error, delay=delay)
         self._retry_call = self.reactor.callLater(delay, self._connect)
 
     def _connection_lost(self, protocol: _AMQPProtocol, reason: Failure) -> None:
@@ -1038,7 +1105,8 @@ class AMQPTransport:
         def expire() -> None:
             self._waiters[:] = [w for w in self._waiters if w is not waiter]
             d.errback(NotConnected(
-                f"no link to the broker ({', '.join(u.masked() for u in self.urls)}) within {timeout:.1f} s"))
+                f"no link to the broker ({', '.join(u.masked() for u in self.urls)}) within {timeout:.1f} s"
+                f"{self._last_error_note()}"))
 
         if timeout is not None:
             waiter.call = self.reactor.callLater(timeout, expire)
@@ -1046,6 +1114,9 @@ class AMQPTransport:
             waiter.call = _NoCall()
         self._waiters.append(waiter)
         return d
+
+    def _last_error_note(self) -> str:
+        return f"; last attempt: {self.last_error}" if self.last_error else ""
 
     # -- operations
 
@@ -1056,7 +1127,8 @@ class AMQPTransport:
         while True:
             remaining = deadline - self.reactor.seconds()
             if remaining <= 0:
-                raise NotConnected(f"{what}: no broker link within {self.operation_timeout:.1f} s")
+                raise NotConnected(f"{what}: no broker link within {self.operation_timeout:.1f} s"
+                                   f"{self._last_error_note()}")
             protocol = yield self._wait_link(remaining)
             try:
                 result = yield run(protocol)
@@ -1482,6 +1554,203 @@ class _NoCall:
 
     def cancel(self) -> None:
         pass
+
+
+def _tls_creator(url: BrokerURL) -> Any:
+    """The client connection creator of an C{amqps://} URL: the broker's
+    certificate verified against the URL's CA file (else the system's trust
+    store) and its name against the URL's host (or C{server_name_indication});
+    a client certificate if the URL names one. L{BadURL} if a file is unusable."""
+    try:
+        from twisted.internet import ssl
+    except ImportError as e:  # pragma: no cover - pyOpenSSL missing
+        raise BadURL(f"amqps:// needs pyOpenSSL and service_identity (pip install 'twisted[tls]'): {e}") from None
+    trust = None
+    if url.cafile:
+        blocks = _pem_blocks(url.cafile, "cacertfile", "CERTIFICATE")
+        try:
+            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in blocks])
+        except Exception as e:
+            raise BadURL(f"cacertfile {url.cafile}: not a usable CA certificate ({e})") from None
+    extra: Dict[str, Any] = {}
+    if url.certfile:
+        extra = _client_certificate(url)
+    try:
+        return ssl.optionsForClientTLS(url.tls_name, trustRoot=trust, extraCertificateOptions=extra)
+    except Exception as e:
+        raise BadURL(f"TLS options for {url.masked()}: {e}") from None
+
+
+def _client_certificate(url: BrokerURL) -> Dict[str, Any]:
+    """The client certificate (and the rest of its chain) and key of the URL's
+    C{certfile} / C{keyfile} (the key may be in C{certfile}), as options of
+    Twisted's C{CertificateOptions}; L{BadURL} if unusable."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    assert url.certfile is not None
+    key_option, key_path = ("keyfile", url.keyfile) if url.keyfile else ("certfile", url.certfile)
+    try:
+        chain = x509.load_pem_x509_certificates(b"\n".join(_pem_blocks(url.certfile, "certfile", "CERTIFICATE")))
+    except ValueError as e:
+        raise BadURL(f"certfile {url.certfile}: not a usable certificate ({e})") from None
+    try:
+        key = serialization.load_pem_private_key(_pem_blocks(key_path, key_option, "PRIVATE KEY")[0], password=None)
+    except (ValueError, TypeError) as e:
+        raise BadURL(f"{key_option} {key_path}: not a usable private key (an unencrypted PEM key is needed: "
+                     f"{e})") from None
+
+    def public(k: Any) -> bytes:
+        return k.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    if public(chain[0].public_key()) != public(key.public_key()):
+        raise BadURL(f"{key_option} {key_path}: the key does not belong to the certificate in {url.certfile}")
+    options: Dict[str, Any] = {"certificate": chain[0], "privateKey": key}
+    if len(chain) > 1:
+        options["extraCertChain"] = chain[1:]
+    try:
+        from OpenSSL import __version__ as pyopenssl_version
+        if tuple(int(p) for p in pyopenssl_version.split(".")[:2]) < (24, 3):  # pragma: no cover
+            # older pyOpenSSL takes only its own wrappers
+            from OpenSSL import crypto
+            options = {"certificate": crypto.X509.from_cryptography(chain[0]),
+                       "privateKey": crypto.PKey.from_cryptography_key(key),
+                       **({"extraCertChain": [crypto.X509.from_cryptography(c) for c in chain[1:]]}
+                          if len(chain) > 1 else {})}
+    except ValueError:  # pragma: no cover - an unusual version string
+        pass
+    return options
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.+?-----END \1-----", re.S)
+
+
+def _pem_blocks(path: str, option: str, kind: str) -> List[bytes]:
+    """The PEM blocks of C{kind} (C{CERTIFICATE}; C{PRIVATE KEY} also matches
+    C{EC PRIVATE KEY}, C{RSA PRIVATE KEY}) in the file; L{BadURL} if none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadURL(f"{option} {path}: cannot read it ({e.strerror or e})") from None
+    blocks = [m.group(0) for m in _PEM_BLOCK.finditer(data)
+              if m.group(1) == kind.encode() or (kind == "PRIVATE KEY" and m.group(1).endswith(b"PRIVATE KEY"))]
+    if not blocks:
+        raise BadURL(f"{option} {path}: no PEM {kind} in it")
+    return blocks
+
+
+#: OpenSSL's reasons that mean the other end does not speak TLS at all
+_NOT_TLS = ("wrong version number", "packet length too long", "record layer failure", "http request",
+            "unknown protocol", "record too long")
+
+#: the broker's alerts about the client's certificate
+_CLIENT_CERT_REFUSED = ("alert unknown ca", "alert bad certificate", "alert certificate unknown",
+                        "alert certificate expired", "alert unsupported certificate", "alert certificate revoked")
+
+
+def _tls_failure(reason: Failure, url: BrokerURL, handshake_done: bool, trust: Tuple[str, Optional[str]],
+                 transport: Any) -> Optional[str]:
+    """Why a TLS link was lost, in words for the log and L{NotConnected}, or
+    None when the loss had nothing to do with TLS (then AMQP says why)."""
+    value = reason.value
+    where = f"{url.host}:{url.port}"
+    try:
+        from OpenSSL import SSL
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(value, VerificationError):
+        names = _peer_names(transport)
+        return (f"TLS verification failed: the broker's certificate{names} does not name "
+                f"{url.tls_name!r} (hostname mismatch at {where}; server_name_indication= names the "
+                f"host the certificate is for, if it is not the URL's)")
+    if isinstance(value, SSL.Error):
+        reasons = _openssl_reasons(value)
+        text = "; ".join(reasons) or str(value) or "TLS error"
+        if any("certificate verify failed" in r for r in reasons):
+            what, cas = trust
+            detail = _diagnose_chain(transport, cas) if cas is not None else ""
+            unknown_ca = not detail or "issuer" in detail or "self-signed" in detail or "self signed" in detail
+            hint = ("; give the CA that signed it with cacertfile=PATH in the amqps:// URL"
+                    if cas == "" and unknown_ca else "")
+            return (f"TLS verification failed: the broker's certificate at {where} is not trusted "
+                    f"({detail or text}), checked against {what}{hint}")
+        if any(n in r for r in reasons for n in _NOT_TLS):
+            return (f"TLS handshake failed at {where} ({text}): the port does not speak TLS; amqps:// needs the "
+                    f"broker's TLS listener (5671 by default), amqp:// its plain one")
+        if any("alert certificate required" in r for r in reasons):
+            return (f"TLS refused by the broker at {where} ({text}): it requires a client certificate "
+                    f"(certfile= and keyfile= in the amqps:// URL)")
+        if any(n in r for r in reasons for n in _CLIENT_CERT_REFUSED):
+            return (f"TLS refused by the broker at {where} ({text}): it does not accept the client "
+                    f"certificate{' ' + url.certfile if url.certfile else ''}")
+        if handshake_done:
+            return f"TLS error on the link to {where}: {text}"
+        return f"TLS handshake failed at {where}: {text}"
+    if not handshake_done:
+        why = "the broker closed the connection" if isinstance(value, ConnectionDone) else _describe(reason)
+        return f"TLS handshake failed at {where}: {why} before the handshake finished"
+    return None
+
+
+def _openssl_reasons(error: Exception) -> List[str]:
+    out = []
+    for entry in (error.args[0] if error.args and isinstance(error.args[0], list) else []):
+        if isinstance(entry, tuple) and entry:
+            out.append(str(entry[-1]))
+        else:
+            out.append(str(entry))
+    return [r for r in out if r]
+
+
+def _peer_names(transport: Any) -> str:
+    """C{" (for DNS:a, IP:b)"}: the names in the broker's certificate, if it can be had."""
+    try:
+        from cryptography import x509
+        # the chain, not get_peer_certificate(): a certificate refused during
+        # the handshake never becomes the session's peer certificate
+        chain = transport.getHandle().get_peer_cert_chain(as_cryptography=True)
+        if not chain:
+            return ""
+        cert = chain[0]
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = [f"DNS:{n}" for n in san.get_values_for_type(x509.DNSName)]
+            names += [f"IP:{n}" for n in san.get_values_for_type(x509.IPAddress)]
+        except x509.ExtensionNotFound:
+            names = [cert.subject.rfc4514_string()]
+        return f" (for {', '.join(names)})"
+    except Exception:
+        return ""
+
+
+def _diagnose_chain(transport: Any, cafile: str) -> str:
+    """Check the broker's certificate chain again, after the handshake
+    refused it, against C{cafile} (or the system's CAs if empty), for
+    OpenSSL's own reason (unable to get local issuer certificate, certificate
+    has expired, ...) and the certificate's names; empty if that cannot be had."""
+    try:
+        from OpenSSL import crypto
+        chain = transport.getHandle().get_peer_cert_chain()
+        if not chain:
+            return ""
+        leaf, rest = chain[0], chain[1:]
+        store = crypto.X509Store()
+        if cafile:
+            store.load_locations(cafile)
+        else:
+            paths = _stdlib_ssl.get_default_verify_paths()
+            store.load_locations(paths.cafile, paths.capath)
+        leaf_c = leaf.to_cryptography()
+        names = f"{leaf_c.subject.rfc4514_string()}, issued by {leaf_c.issuer.rfc4514_string()}"
+        try:
+            crypto.X509StoreContext(store, leaf, chain=rest).verify_certificate()
+        except crypto.X509StoreContextError as e:
+            return f"{names}: {e}"
+        return names
+    except Exception:
+        return ""
 
 
 def _describe(failure: Any) -> str:

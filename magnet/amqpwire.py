@@ -46,13 +46,27 @@ def load_spec() -> Any:
 # URLs
 
 
-class BrokerURL:
-    """One parsed C{amqp://} or C{amqps://} URL; its repr never shows the password."""
+#: Query options of an C{amqps://} URL (the names of RabbitMQ's own URI
+#: query parameters); C{cafile} is an alias of C{cacertfile}.
+TLS_URL_OPTIONS = ("cacertfile", "cafile", "certfile", "keyfile", "server_name_indication", "verify")
 
-    __slots__ = ("scheme", "host", "port", "vhost", "username", "password", "heartbeat", "mechanism")
+
+class BrokerURL:
+    """One parsed C{amqp://} or C{amqps://} URL; its repr never shows the password.
+
+    For C{amqps://}: C{cafile} (PEM file of the CA certificates to trust
+    instead of the system's), C{certfile} / C{keyfile} (a client certificate
+    and its key, PEM) and C{server_name} (the name the broker's certificate
+    must carry, and the SNI sent; by default C{host}).
+    """
+
+    __slots__ = ("scheme", "host", "port", "vhost", "username", "password", "heartbeat", "mechanism",
+                 "cafile", "certfile", "keyfile", "server_name")
 
     def __init__(self, scheme: str, host: str, port: int, vhost: str, username: str, password: str,
-                 heartbeat: Optional[float] = None, mechanism: Optional[str] = None) -> None:
+                 heartbeat: Optional[float] = None, mechanism: Optional[str] = None,
+                 cafile: Optional[str] = None, certfile: Optional[str] = None, keyfile: Optional[str] = None,
+                 server_name: Optional[str] = None) -> None:
         self.scheme = scheme
         self.host = host
         self.port = port
@@ -61,10 +75,23 @@ class BrokerURL:
         self.password = password
         self.heartbeat = heartbeat
         self.mechanism = mechanism
+        self.cafile = cafile
+        self.certfile = certfile
+        self.keyfile = keyfile
+        self.server_name = server_name
 
     @property
     def tls(self) -> bool:
         return self.scheme == "amqps"
+
+    @property
+    def tls_name(self) -> str:
+        """The name the broker's certificate is checked against."""
+        return self.server_name or self.host
+
+    @property
+    def has_tls_options(self) -> bool:
+        return any((self.cafile, self.certfile, self.keyfile, self.server_name))
 
     def masked(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -80,7 +107,14 @@ def parse_url(url: str) -> BrokerURL:
     """Parse C{amqp://user:pass@host:port/vhost} (or C{amqps://}); L{BadURL} if unusable.
 
     The vhost is URL-decoded (C{%2F} is C{/}); an empty path means C{/}.
-    Query options: C{heartbeat} (seconds) and C{auth_mechanism} (PLAIN or AMQPLAIN).
+    Query options: C{heartbeat} (seconds) and C{auth_mechanism} (PLAIN or
+    AMQPLAIN); for C{amqps://} also C{cacertfile} (or C{cafile}: the CA
+    certificates, PEM, to verify the broker's certificate with instead of the
+    system's trust store), C{certfile} and C{keyfile} (a client certificate,
+    PEM), C{server_name_indication} (the name the broker's certificate must
+    carry, when it is not the URL's host) and C{verify=verify_peer} (the
+    default and the only choice: the broker's certificate and name are
+    always verified). File paths are percent-encoded like any query value.
     """
     if not isinstance(url, str):
         raise BadURL(f"broker URL must be a string, not {type(url).__name__}")
@@ -104,6 +138,7 @@ def parse_url(url: str) -> BrokerURL:
         vhost = unquote(path[1:])
     heartbeat: Optional[float] = None
     mechanism: Optional[str] = None
+    tls: Dict[str, str] = {}
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key == "heartbeat":
             try:
@@ -114,9 +149,28 @@ def parse_url(url: str) -> BrokerURL:
             mechanism = value.upper()
             if mechanism not in ("PLAIN", "AMQPLAIN"):
                 raise BadURL(f"auth_mechanism must be PLAIN or AMQPLAIN, got {value!r}")
+        elif key in TLS_URL_OPTIONS:
+            if scheme != "amqps":
+                raise BadURL(f"{key} is a TLS option: it needs an amqps:// URL, not {scheme}://")
+            if key == "verify":
+                if value != "verify_peer":
+                    raise BadURL(f"verify={value!r} is not supported: magnet always verifies the broker's "
+                                 f"certificate and name (give the CA with cacertfile=PATH)")
+                continue
+            key = "cacertfile" if key == "cafile" else key
+            if not value:
+                raise BadURL(f"{key} needs a value")
+            if key in tls and tls[key] != value:
+                raise BadURL(f"{key} given twice in the broker URL")
+            tls[key] = value
         else:
-            raise BadURL(f"unknown option {key!r} in broker URL (known: heartbeat, auth_mechanism)")
-    return BrokerURL(scheme, host, port, vhost, username, password, heartbeat, mechanism)
+            raise BadURL(f"unknown option {key!r} in broker URL (known: heartbeat, auth_mechanism"
+                         f"{', ' + ', '.join(TLS_URL_OPTIONS) if scheme == 'amqps' else ''})")
+    if "keyfile" in tls and "certfile" not in tls:
+        raise BadURL("keyfile needs certfile (the client certificate)")
+    return BrokerURL(scheme, host, port, vhost, username, password, heartbeat, mechanism,
+                     cafile=tls.get("cacertfile"), certfile=tls.get("certfile"), keyfile=tls.get("keyfile"),
+                     server_name=tls.get("server_name_indication"))
 
 
 # ---------------------------------------------------------------------------

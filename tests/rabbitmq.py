@@ -9,16 +9,25 @@ shared node (``rabbit@localhost`` on 5672): the system's
 ``/etc/rabbitmq/rabbitmq-env.conf`` and ``rabbitmq.conf`` are replaced by
 files of its own. Tests use it to stop, kill and restart a broker.
 
+A node can also listen for AMQP over TLS (``amqps://``) on a port of its own,
+with a certificate from a throwaway CA made at test time (:class:`TestCA`):
+``PrivateRabbitMQ(tls=True)``, or ``node.enable_tls()`` before ``start()``.
+
 Only the standard library is used here, so that this module works under
-pytest and under trial alike, and before anything is installed.
+pytest and under trial alike, and before anything is installed; the TLS
+certificates alone need the ``cryptography`` package (imported when a CA is
+made).
 """
 
 import atexit
+import datetime
+import ipaddress
 import os
 import random
 import shutil
 import signal
 import socket
+import ssl
 import string
 import subprocess
 import time
@@ -28,7 +37,9 @@ __all__ = [
     "AMQP_HEADER",
     "BrokerUnavailable",
     "PrivateRabbitMQ",
+    "TestCA",
     "amqp_answers",
+    "amqps_answers",
     "ensure_rabbitmq_server",
     "find_rabbitmq_server",
     "pid_alive",
@@ -92,6 +103,10 @@ def amqp_answers(host="127.0.0.1", port=5672, timeout=2.0):
                 data += chunk
     except OSError:
         return False
+    return _is_connection_start(data)
+
+
+def _is_connection_start(data):
     # frame type 1 (method), channel 0, then size (4 bytes), class 10, method 10
     return (
         len(data) >= 11
@@ -99,6 +114,36 @@ def amqp_answers(host="127.0.0.1", port=5672, timeout=2.0):
         and data[1:3] == b"\x00\x00"
         and data[7:11] == b"\x00\x0a\x00\x0a"
     )
+
+
+def amqps_answers(host="127.0.0.1", port=5671, cafile=None, timeout=2.0,
+                  server_hostname=None, certfile=None, keyfile=None):
+    """
+    True if an AMQP 0-9-1 broker answers over TLS on host:port: the TLS
+    handshake succeeds with the broker's certificate verified against
+    *cafile* (and its name against *server_hostname*, by default *host*),
+    and the broker replies to the protocol header with ``connection.start``.
+    *certfile* / *keyfile*: a client certificate to present.
+    """
+    context = ssl.create_default_context(cafile=cafile)
+    if certfile:
+        context.load_cert_chain(certfile, keyfile)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            raw.settimeout(timeout)
+            with context.wrap_socket(
+                    raw, server_hostname=server_hostname or host) as s:
+                s.sendall(AMQP_HEADER)
+                data = b""
+                deadline = time.monotonic() + timeout
+                while len(data) < 11 and time.monotonic() < deadline:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+    except (OSError, ssl.SSLError):
+        return False
+    return _is_connection_start(data)
 
 
 def find_rabbitmq_server():
@@ -207,6 +252,130 @@ def _random_suffix(n=8):
                    for _ in range(n))
 
 
+class TestCA:
+    """
+    A throwaway certificate authority for TLS tests, made in *directory*.
+
+    ``cert_file`` is the CA certificate (PEM) a client is given to trust;
+    ``issue(name, hostnames)`` makes a certificate and key signed by this CA
+    for a server (or, with ``client=True``, a client) and returns their
+    paths. Keys are EC P-256 (fast to make); certificates are valid from an
+    hour ago for *days* days. Needs the ``cryptography`` package.
+    """
+
+    __test__ = False  # not a test class, whatever its name says
+
+    def __init__(self, directory, name="magnet test CA", days=2):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.directory = os.path.abspath(os.fspath(directory))
+        os.makedirs(self.directory, exist_ok=True)
+        self.name = name
+        self.days = days
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self._cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0),
+                           critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(
+                self._key.public_key()), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
+        self.cert_file = os.path.join(self.directory, slug + ".ca.pem")
+        self.key_file = os.path.join(self.directory, slug + ".ca.key")
+        self._write(self.cert_file, self._cert_pem(self._cert))
+        self._write(self.key_file, self._key_pem(self._key), private=True)
+
+    @staticmethod
+    def _cert_pem(cert):
+        from cryptography.hazmat.primitives import serialization
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    @staticmethod
+    def _key_pem(key):
+        from cryptography.hazmat.primitives import serialization
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())
+
+    @staticmethod
+    def _write(path, data, private=False):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                     0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    def issue(self, name, hostnames=("localhost", "127.0.0.1"), client=False,
+              directory=None):
+        """
+        A certificate for *hostnames* (DNS names and IP addresses, as the
+        subject alternative names; the first is also the common name),
+        signed by this CA, written as NAME.pem and NAME.key in *directory*
+        (the CA's by default). Returns ``(cert_file, key_file)``.
+        """
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        alt_names = []
+        for h in hostnames:
+            try:
+                alt_names.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                alt_names.append(x509.DNSName(h))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(
+                NameOID.COMMON_NAME, hostnames[0] if hostnames else name)]))
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=self.days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH if client
+                 else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                self._key.public_key()), critical=False)
+        )
+        if alt_names:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(alt_names), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        directory = os.path.abspath(os.fspath(directory or self.directory))
+        os.makedirs(directory, exist_ok=True)
+        cert_file = os.path.join(directory, name + ".pem")
+        key_file = os.path.join(directory, name + ".key")
+        self._write(cert_file, self._cert_pem(cert))
+        self._write(key_file, self._key_pem(key), private=True)
+        return cert_file, key_file
+
+    def __repr__(self):
+        return "<TestCA %r %s>" % (self.name, self.cert_file)
+
+
 class PrivateRabbitMQ:
     """
     A RabbitMQ node of its own, under *tmpdir*.
@@ -217,10 +386,15 @@ class PrivateRabbitMQ:
     ``restart()`` is stop (or kill) and start. The node keeps its name, ports
     and data across restarts, so durable queues and persistent messages
     survive them. ``url`` is its amqp:// URL (guest over loopback).
+
+    With *tls* (True, or a dict of :meth:`enable_tls` options) the node also
+    listens for AMQP over TLS on ``tls_port``: ``amqps_url`` is that URL,
+    ``ca`` the :class:`TestCA` that signed its certificate (``ca.cert_file``
+    is what a client must trust). The plain port stays open as well.
     """
 
     def __init__(self, name=None, tmpdir=None, bindir=None, port=None,
-                 dist_port=None):
+                 dist_port=None, tls=None):
         self.name = name or ("magnet-test-" + _random_suffix())
         if "@" in self.name:
             raise ValueError("give the node name without @host: %r" % name)
@@ -237,13 +411,68 @@ class PrivateRabbitMQ:
         self.dist_port = dist_port or free_port()
         self.process = None
         self._logfile = None
+        self.tls_port = None
+        self.ca = None
+        self.tls_cert_file = None
+        self.tls_key_file = None
+        self.tls_verify = None
+        self.tls_fail_if_no_peer_cert = None
+        self.tls_hostnames = ()
+        self.tls_client_cert = None
         self._prepare()
+        if tls:
+            self.enable_tls(**(tls if isinstance(tls, dict) else {}))
+
+    def enable_tls(self, port=None, ca=None, hostnames=("localhost", "127.0.0.1"),
+                   cert_file=None, key_file=None, verify="verify_peer",
+                   fail_if_no_peer_cert=False):
+        """
+        Add a TLS listener (``listeners.ssl.default``) on 127.0.0.1:*port*
+        (a free port by default), with a server certificate for *hostnames*
+        issued by *ca* (a :class:`TestCA`; a new one under the node's
+        directory by default), or the given *cert_file* / *key_file* (then
+        *ca* must be the CA that signed them). *verify* and
+        *fail_if_no_peer_cert* are RabbitMQ's ``ssl_options`` of those
+        names: by default the node asks a client for a certificate (and
+        checks one against the CA) but does not require it; if it does, the
+        helper's own checks present ``tls_client_cert`` (issued by *ca*).
+        Call before ``start()`` (or restart the node). Returns the node.
+        """
+        if verify not in ("verify_peer", "verify_none"):
+            raise ValueError("verify must be verify_peer or verify_none")
+        if ca is None:
+            ca = TestCA(self._path("tls"), name=self.name + " CA")
+        if cert_file is None:
+            cert_file, key_file = ca.issue(
+                "server", hostnames, directory=self._path("tls"))
+        elif key_file is None:
+            raise ValueError("cert_file needs its key_file")
+        self.ca = ca
+        self.tls_hostnames = tuple(hostnames)
+        self.tls_cert_file = os.path.abspath(cert_file)
+        self.tls_key_file = os.path.abspath(key_file)
+        self.tls_verify = verify
+        self.tls_fail_if_no_peer_cert = bool(fail_if_no_peer_cert)
+        self.tls_port = port or self.tls_port or free_port()
+        # a node that requires client certificates accepts the helper's own
+        self.tls_client_cert = ca.issue(
+            "helper-client", ["magnet test helper"], client=True,
+            directory=self._path("tls")) if fail_if_no_peer_cert else None
+        self._write_config()
+        return self
 
     # -- paths and environment ------------------------------------------
 
     @property
     def url(self):
         return "amqp://guest:guest@%s:%d/" % (self.host, self.port)
+
+    @property
+    def amqps_url(self):
+        """The amqps:// URL of the TLS listener (guest over loopback)."""
+        if self.tls_port is None:
+            raise RuntimeError("%s has no TLS listener (enable_tls)" % self.nodename)
+        return "amqps://guest:guest@%s:%d/" % (self.host, self.tls_port)
 
     def _path(self, *parts):
         return os.path.join(self.basedir, *parts)
@@ -268,21 +497,34 @@ class PrivateRabbitMQ:
             fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
             with os.fdopen(fd, "w") as f:
                 f.write(_random_suffix(20).upper())
-        with open(self._path("rabbitmq.conf"), "w") as f:
-            f.write(
-                "listeners.tcp.default = 127.0.0.1:%d\n"
-                "loopback_users.guest = true\n"
-                "disk_free_limit.absolute = 10MB\n"
-                "log.console = false\n"
-                "log.file.level = info\n"
-                % self.port
-            )
+        self._write_config()
         # An env file of our own, so /etc/rabbitmq/rabbitmq-env.conf (which
         # names the shared node) is not read.
         with open(self._path("rabbitmq-env.conf"), "w") as f:
             f.write("# private test node %s\n" % self.nodename)
         with open(self._path("enabled_plugins"), "w") as f:
             f.write("[].\n")
+
+    def _write_config(self):
+        lines = [
+            "listeners.tcp.default = 127.0.0.1:%d" % self.port,
+            "loopback_users.guest = true",
+            "disk_free_limit.absolute = 10MB",
+            "log.console = false",
+            "log.file.level = info",
+        ]
+        if self.tls_port is not None:
+            lines += [
+                "listeners.ssl.default = 127.0.0.1:%d" % self.tls_port,
+                "ssl_options.cacertfile = %s" % self.ca.cert_file,
+                "ssl_options.certfile = %s" % self.tls_cert_file,
+                "ssl_options.keyfile = %s" % self.tls_key_file,
+                "ssl_options.verify = %s" % self.tls_verify,
+                "ssl_options.fail_if_no_peer_cert = %s"
+                % ("true" if self.tls_fail_if_no_peer_cert else "false"),
+            ]
+        with open(self._path("rabbitmq.conf"), "w") as f:
+            f.write("\n".join(lines) + "\n")
 
     def env(self):
         """The environment for rabbitmq-server and rabbitmqctl."""
@@ -319,7 +561,20 @@ class PrivateRabbitMQ:
     # -- life cycle -----------------------------------------------------
 
     def answers(self, timeout=1.0):
-        return amqp_answers(self.host, self.port, timeout=timeout)
+        """True if the plain AMQP port answers (and, with TLS, the TLS one)."""
+        if not amqp_answers(self.host, self.port, timeout=timeout):
+            return False
+        return self.tls_port is None or self.tls_answers(timeout=timeout)
+
+    def tls_answers(self, timeout=1.0):
+        """True if the TLS port answers AMQP with a certificate the CA signed
+        (for the first of the node's TLS host names)."""
+        certfile, keyfile = self.tls_client_cert or (None, None)
+        return self.tls_port is not None and amqps_answers(
+            self.host, self.tls_port, cafile=self.ca.cert_file,
+            timeout=timeout,
+            server_hostname=(self.tls_hostnames or (self.host,))[0],
+            certfile=certfile, keyfile=keyfile)
 
     @property
     def running(self):
@@ -329,7 +584,7 @@ class PrivateRabbitMQ:
         """Start the node; return once its AMQP port answers."""
         if self.running:
             raise RuntimeError("%s is already running" % self.nodename)
-        if self.answers(timeout=0.5):
+        if amqp_answers(self.host, self.port, timeout=0.5):
             raise RuntimeError(
                 "port %d already answers AMQP: not starting %s there"
                 % (self.port, self.nodename))
@@ -367,8 +622,10 @@ class PrivateRabbitMQ:
             time.sleep(0.2)
         self.kill()
         raise BrokerUnavailable(
-            "RabbitMQ node %s did not answer on 127.0.0.1:%d within %.0f s.\n%s"
-            % (self.nodename, self.port, timeout, self.log_tail()))
+            "RabbitMQ node %s did not answer on 127.0.0.1:%d%s within %.0f s.\n%s"
+            % (self.nodename, self.port,
+               "" if self.tls_port is None else " (TLS: %d)" % self.tls_port,
+               timeout, self.log_tail()))
 
     def ctl(self, *args, timeout=30.0):
         """Run rabbitmqctl against this node; return the CompletedProcess."""
@@ -499,7 +756,8 @@ class PrivateRabbitMQ:
         return "\n".join(out) or "(no log written in %s)" % self.log_dir
 
     def __repr__(self):
-        return "<PrivateRabbitMQ %s %s>" % (self.nodename, self.url)
+        tls = "" if self.tls_port is None else " " + self.amqps_url
+        return "<PrivateRabbitMQ %s %s%s>" % (self.nodename, self.url, tls)
 
 
 # -- broker selection ------------------------------------------------------
