@@ -57,16 +57,30 @@ def until(predicate: Callable[[], bool], seconds: float = TIMEOUT, what: str = "
 
 
 def _start_node(prefix: str, **tls: Any) -> PrivateRabbitMQ:
+    """A started private node with a TLS listener (*tls*: enable_tls options)
+    and the USER; its directory is removed again if it does not start."""
     try:
         bindir = ensure_rabbitmq_server()
-        tmpdir = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("OOIDX_TEST_TMP"))
-        node = PrivateRabbitMQ(tmpdir=tmpdir, bindir=bindir, tls=tls or True)
-        node.start()
     except BrokerUnavailable as e:
         pytest.fail(str(e), pytrace=False)
-    for args in (("add_user", USER, PASSWORD), ("set_permissions", USER, ".*", ".*", ".*")):
-        r = node.ctl(*args)
-        assert r.returncode == 0, r.stdout[-2000:]
+    tmpdir = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("OOIDX_TEST_TMP"))
+    node = PrivateRabbitMQ(tmpdir=tmpdir, bindir=bindir, tls=tls or True)
+    problem = None
+    try:
+        node.start()
+        for args in (("add_user", USER, PASSWORD), ("set_permissions", USER, ".*", ".*", ".*")):
+            r = node.ctl(*args)
+            if r.returncode != 0:
+                problem = f"rabbitmqctl {args[0]} failed: {r.stdout[-2000:]!r}"
+                break
+    except BrokerUnavailable as e:
+        problem = str(e)
+    except BaseException:
+        node.remove()
+        raise
+    if problem:
+        node.remove()
+        pytest.fail(problem, pytrace=False)
     return node
 
 
