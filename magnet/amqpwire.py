@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from txamqp import spec as txspec
 from txamqp.codec import Codec
 
-from magnet.errors import BadURL
+from magnet.errors import BadFrame, BadURL
 from magnet.message import Message
 
 SPEC_RESOURCE = "amqp0-9-1-rabbitmq.xml"
@@ -266,81 +266,129 @@ def _decode_text(data: bytes) -> Union[str, bytes]:
         return data
 
 
-def _decode_value(buf: bytes, pos: int) -> Tuple[Any, int]:
+#: Tables and arrays nested deeper than this are refused (L{BadFrame}), not
+#: decoded into a RecursionError; RabbitMQ's own headers nest two levels.
+MAX_TABLE_DEPTH = 64
+
+#: Fixed-size field values: type octet -> (struct, size).
+_FIXED = {
+    0x49: (_S_i, 4),  # I
+    0x6C: (_S_q, 8),  # l
+    0x64: (_S_d, 8),  # d
+    0x66: (_S_f, 4),  # f
+    0x54: (_S_Q, 8),  # T
+    0x62: (_S_b, 1),  # b
+    0x73: (_S_h, 2),  # s
+    0x75: (_S_H, 2),  # u
+    0x69: (_S_I, 4),  # i
+    0x4C: (_S_Q, 8),  # L
+}
+
+
+def _overrun(what: str, pos: int, end: int) -> BadFrame:
+    return BadFrame(f"AMQP {what} runs past the end of what holds it (byte {pos}, end {end})")
+
+
+def _decode_value(buf: bytes, pos: int, end: int, depth: int) -> Tuple[Any, int]:
+    """The field value at C{pos} (its type octet) and the position after it; all
+    of it must lie before C{end}, which is at most C{len(buf)}."""
     kind = buf[pos]
     pos += 1
-    if kind == 0x53:  # S
+    if kind == 0x53 or kind == 0x78:  # S, x: long string, byte array
+        if pos + 4 > end:
+            raise _overrun("string length", pos, end)
         n = _S_I.unpack_from(buf, pos)[0]
         pos += 4
-        return _decode_text(buf[pos:pos + n]), pos + n
-    if kind == 0x49:  # I
-        return _S_i.unpack_from(buf, pos)[0], pos + 4
-    if kind == 0x6C:  # l
-        return _S_q.unpack_from(buf, pos)[0], pos + 8
-    if kind == 0x74:  # t
-        return buf[pos] != 0, pos + 1
+        stop = pos + n
+        if stop > end:
+            raise _overrun("string", stop, end)
+        data = buf[pos:stop]
+        return (_decode_text(data) if kind == 0x53 else data), stop
+    fixed = _FIXED.get(kind)
+    if fixed is not None:
+        stop = pos + fixed[1]
+        if stop > end:
+            raise _overrun("field value", stop, end)
+        return fixed[0].unpack_from(buf, pos)[0], stop
+    if kind == 0x74 or kind == 0x42:  # t, B
+        if pos >= end:
+            raise _overrun("field value", pos + 1, end)
+        return (buf[pos] != 0 if kind == 0x74 else buf[pos]), pos + 1
     if kind == 0x46:  # F
-        return _decode_table(buf, pos)
+        return _table(buf, pos, end, depth + 1)
     if kind == 0x41:  # A
+        if depth >= MAX_TABLE_DEPTH:
+            raise BadFrame(f"AMQP field tables and arrays nested deeper than {MAX_TABLE_DEPTH}")
+        if pos + 4 > end:
+            raise _overrun("array length", pos, end)
         n = _S_I.unpack_from(buf, pos)[0]
         pos += 4
-        end = pos + n
+        stop = pos + n
+        if stop > end:
+            raise _overrun("array", stop, end)
         items = []
-        while pos < end:
-            item, pos = _decode_value(buf, pos)
+        while pos < stop:
+            item, pos = _decode_value(buf, pos, stop, depth + 1)
             items.append(item)
-        return items, end
-    if kind == 0x78:  # x
-        n = _S_I.unpack_from(buf, pos)[0]
-        pos += 4
-        return buf[pos:pos + n], pos + n
+        return items, stop
     if kind == 0x56:  # V
         return None, pos
-    if kind == 0x64:  # d
-        return _S_d.unpack_from(buf, pos)[0], pos + 8
-    if kind == 0x66:  # f
-        return _S_f.unpack_from(buf, pos)[0], pos + 4
-    if kind == 0x54:  # T
-        return _S_Q.unpack_from(buf, pos)[0], pos + 8
-    if kind == 0x62:  # b
-        return _S_b.unpack_from(buf, pos)[0], pos + 1
-    if kind == 0x42:  # B
-        return buf[pos], pos + 1
-    if kind == 0x73:  # s
-        return _S_h.unpack_from(buf, pos)[0], pos + 2
-    if kind == 0x75:  # u
-        return _S_H.unpack_from(buf, pos)[0], pos + 2
-    if kind == 0x69:  # i
-        return _S_I.unpack_from(buf, pos)[0], pos + 4
-    if kind == 0x4C:  # L
-        return _S_Q.unpack_from(buf, pos)[0], pos + 8
     if kind == 0x44:  # D
+        if pos + 5 > end:
+            raise _overrun("decimal", pos + 5, end)
         scale = buf[pos]
         unscaled = _S_i.unpack_from(buf, pos + 1)[0]
         return Decimal(unscaled).scaleb(-scale), pos + 5
-    raise ValueError(f"unknown AMQP field type {chr(kind)!r}")
+    raise BadFrame(f"unknown AMQP field type {chr(kind)!r}")
 
 
-def _decode_table(buf: bytes, pos: int) -> Tuple[Dict[str, Any], int]:
+def _table(buf: bytes, pos: int, end: int, depth: int) -> Tuple[Dict[str, Any], int]:
+    if depth > MAX_TABLE_DEPTH:
+        raise BadFrame(f"AMQP field tables and arrays nested deeper than {MAX_TABLE_DEPTH}")
+    if pos + 4 > end:
+        raise _overrun("table length", pos, end)
     n = _S_I.unpack_from(buf, pos)[0]
     pos += 4
-    end = pos + n
+    stop = pos + n
+    if stop > end:
+        raise _overrun("table", stop, end)
     table: Dict[str, Any] = {}
-    while pos < end:
+    while pos < stop:
         klen = buf[pos]
-        key = buf[pos + 1:pos + 1 + klen].decode("utf-8", "replace")
-        value, pos = _decode_value(buf, pos + 1 + klen)
+        key_end = pos + 1 + klen
+        if key_end >= stop:  # the value's type octet must follow the key
+            raise _overrun("table entry", key_end + 1, stop)
+        key = buf[pos + 1:key_end].decode("utf-8", "replace")
+        value, pos = _decode_value(buf, key_end, stop, depth)
         table[key] = value
-    return table, end
+    return table, stop
+
+
+def _decode_table(buf: bytes, pos: int, end: Optional[int] = None) -> Tuple[Dict[str, Any], int]:
+    """The field table (4-byte length, then entries) at C{pos} of C{buf}, and the
+    position after it; it must end by C{end} (default: the end of C{buf}).
+    L{BadFrame} if it does not decode."""
+    limit = len(buf) if end is None or end > len(buf) else end
+    return _table(buf, pos, limit, 0)
 
 
 def decode_table(data: bytes) -> Dict[str, Any]:
-    """Inverse of L{encode_table} (C{data} includes the length prefix)."""
+    """Inverse of L{encode_table} (C{data} includes the length prefix).
+    L{BadFrame} (a ValueError) if C{data} is not a field table."""
     return _decode_table(data, 0)[0]
 
 
 class _Codec(Codec):
-    """txAMQP's codec with full field tables and correct UTF-8 string lengths."""
+    """txAMQP's codec with full field tables and correct UTF-8 string lengths;
+    reading past the end of the data raises L{BadFrame} (txAMQP's raises EOF,
+    or struct.error when a few bytes are left)."""
+
+    def read(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        if len(data) < n:
+            raise BadFrame(f"AMQP method frame ends {n - len(data)} byte(s) short of its arguments")
+        self.nread += n
+        return data
 
     def enc_str(self, fmt: str, s: Any) -> None:
         if isinstance(s, str):
@@ -414,16 +462,31 @@ def encode_properties(message: Message, seq: Optional[int] = None) -> bytes:
 
 
 def _read_shortstr(buf: bytes, pos: int) -> Tuple[str, int]:
+    """The short string at C{pos} and the position after it; L{BadFrame} if
+    C{buf} ends before it does."""
     n = buf[pos]
     pos += 1
-    return buf[pos:pos + n].decode("utf-8", "replace"), pos + n
+    stop = pos + n
+    if stop > len(buf):
+        raise _overrun("short string", stop, len(buf))
+    return buf[pos:stop].decode("utf-8", "replace"), stop
 
 
-def decode_properties(buf: bytes, pos: int, body: bytes) -> Tuple[Message, Optional[int]]:
+def decode_properties(buf: bytes, pos: int, body: bytes, end: Optional[int] = None) -> Tuple[Message, Optional[int]]:
     """A L{Message} from a content header's property flags and list at C{pos}.
 
     Also returns the publish sequence header (if any), removed from the headers.
+    The property list must end by C{end} (default: the end of C{buf}); if it
+    does not, or does not decode, L{BadFrame} (a ValueError).
     """
+    limit = len(buf) if end is None or end > len(buf) else end
+    try:
+        return _decode_properties(buf, pos, body, limit)
+    except (IndexError, struct.error):
+        raise BadFrame(f"AMQP content header ends before its properties (end {limit})") from None
+
+
+def _decode_properties(buf: bytes, pos: int, body: bytes, limit: int) -> Tuple[Message, Optional[int]]:
     flags = _S_H.unpack_from(buf, pos)[0]
     pos += 2
     extra = flags
@@ -440,7 +503,7 @@ def decode_properties(buf: bytes, pos: int, body: bytes) -> Tuple[Message, Optio
     if flags & _P_CONTENT_ENCODING:
         _, pos = _read_shortstr(buf, pos)
     if flags & _P_HEADERS:
-        headers, pos = _decode_table(buf, pos)
+        headers, pos = _table(buf, pos, limit, 0)
         if PUBLISH_SEQ_HEADER in headers:
             seq = headers.pop(PUBLISH_SEQ_HEADER)
     if flags & _P_DELIVERY_MODE:
@@ -461,6 +524,8 @@ def decode_properties(buf: bytes, pos: int, body: bytes) -> Tuple[Message, Optio
         pos += 8
     if flags & _P_TYPE:
         mtype, pos = _read_shortstr(buf, pos)
+    if pos > limit:
+        raise _overrun("content header's properties", pos, limit)
     message = Message(body=body, headers=headers, content_type=content_type,
                       correlation_id=correlation_id, reply_to=reply_to, message_id=message_id,
                       type=mtype, persistent=persistent, expiration=expiration, timestamp=timestamp)

@@ -143,14 +143,29 @@ class Listener:
         self._messages.append(delivery)
         return _HELD
 
+    def _stream_closed(self, sid: str) -> None:
+        # only the stream that closed (finished): never a live one under the same id
+        s = self._streams.get(sid)
+        if s is not None and s._finished:
+            del self._streams[sid]
+
     def _on_stream_message(self, message: Message) -> Deferred:
         sid = message.headers.get(stream.STREAM_HEADER)
         if not isinstance(sid, str):
             raise BadMessage(f"stream message without a {stream.STREAM_HEADER!r} header")
         if message.type == stream.START:
+            seq = message.headers.get(stream.SEQ_HEADER, 0)
+            if isinstance(seq, bool) or not isinstance(seq, int):
+                raise BadMessage(f"stream start whose {stream.SEQ_HEADER!r} header is not an integer: {seq!r}"[:200])
+            if sid in self._streams:
+                # a second start of a stream that is arriving (a redelivery, or a sender
+                # reusing an id): the stream goes on as it was, this message is dropped
+                self.bus.log.info("dropping a second start of stream {sid} at {address}", sid=sid,
+                                  address=self.address)
+                return succeed(None)
             s = stream.Stream(sid, message.json(), message.correlation_id, self.bus.clock,
-                              self._idle_timeout, self._streams.pop)
-            s._expected = message.headers.get(stream.SEQ_HEADER, 0) + 1
+                              self._idle_timeout, self._stream_closed)
+            s._expected = seq + 1
             self._streams[sid] = s
             if self._on_stream is not None:
                 return maybeDeferred(self._on_stream, s).addErrback(

@@ -39,6 +39,12 @@ class BadMessage(MagnetError):
     """A message could not be decoded: bad JSON, wrong content type, missing header."""
 
 
+class BadFrame(MagnetError, ValueError):
+    """Bytes from the broker that do not decode as AMQP: truncated, longer than
+    what holds them, nested too deeply, or of an unknown field type (a
+    ValueError too, as the decoders raised before it existed)."""
+
+
 class BadURL(MagnetError):
     """A broker URL magnet cannot use."""
 

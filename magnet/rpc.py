@@ -129,13 +129,18 @@ def resolve(service_ops: Dict[str, Callable[..., Any]], service_name: str,
             inspect.signature(method).bind(**kwargs)
         except TypeError as e:
             raise BadArguments("BadArguments", f"{service_name}.{op}: {e}") from None
+        taken = _bound_parameter(method)
+        if taken is not None and taken in kwargs:
+            # bind() takes it into **kwargs; the call would give it two values
+            raise BadArguments("BadArguments", f"{service_name}.{op}: got an unexpected keyword argument {taken!r}")
     return method, kwargs
 
 
-#: function -> (names it takes by keyword, names it requires, takes **kwargs), or None
-#: when only Signature.bind can tell (positional-only parameters without defaults)
-_SHAPES: "weakref.WeakKeyDictionary[Any, Optional[Tuple[FrozenSet[str], FrozenSet[str], bool]]]" = \
-    weakref.WeakKeyDictionary()
+#: function -> (names it takes by keyword, names it requires, takes **kwargs, the
+#: parameter a bound method's object fills (self), if any), or None when only
+#: Signature.bind can tell (positional-only parameters without defaults)
+_Shape = Tuple[FrozenSet[str], FrozenSet[str], bool, Optional[str]]
+_SHAPES: "weakref.WeakKeyDictionary[Any, Optional[_Shape]]" = weakref.WeakKeyDictionary()
 
 
 def _fits(method: Callable[..., Any], kwargs: Dict[str, Any]) -> bool:
@@ -156,13 +161,31 @@ def _fits(method: Callable[..., Any], kwargs: Dict[str, Any]) -> bool:
         shape = _shape(method)
     if shape is None:
         return False
-    names, required, var_keyword = shape
+    names, required, var_keyword, bound = shape
     if not required.issubset(kwargs):
         return False
-    return var_keyword or names.issuperset(kwargs)
+    if var_keyword:
+        return bound is None or bound not in kwargs
+    return names.issuperset(kwargs)
 
 
-def _shape(method: Callable[..., Any]) -> Optional[Tuple[FrozenSet[str], FrozenSet[str], bool]]:
+def _bound_parameter(method: Callable[..., Any]) -> Optional[str]:
+    """The parameter of a bound method that its object fills (C{self}, C{cls}):
+    its signature leaves it out, so a C{**kwargs} seems to take a keyword of
+    that name, but the call gives it two values (TypeError)."""
+    func = getattr(method, "__func__", None)
+    if func is None or getattr(method, "__self__", None) is None:
+        return None
+    try:
+        first = next(iter(inspect.signature(func).parameters.values()), None)
+    except (TypeError, ValueError):
+        return None
+    if first is not None and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD):
+        return first.name
+    return None
+
+
+def _shape(method: Callable[..., Any]) -> Optional[_Shape]:
     try:
         parameters = inspect.signature(method).parameters.values()
     except (TypeError, ValueError):
@@ -178,7 +201,7 @@ def _shape(method: Callable[..., Any]) -> Optional[Tuple[FrozenSet[str], FrozenS
                 required.add(p.name)
         elif p.kind is p.VAR_KEYWORD:
             var_keyword = True
-    return frozenset(names), frozenset(required), var_keyword
+    return frozenset(names), frozenset(required), var_keyword, _bound_parameter(method)
 
 
 def _failed(exc: Exception) -> Deferred:

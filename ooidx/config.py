@@ -85,6 +85,10 @@ HOST_NAME = re.compile(
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
 )
 MIN_TOKEN_LENGTH = 16
+#: The largest integer any setting takes (a signed 64-bit value).
+MAX_INTEGER = (1 << 63) - 1
+#: AMQP's basic.qos prefetch-count is an unsigned short.
+MAX_PREFETCH = 65535
 
 
 def _allow_host_entry(entry: str) -> bool:
@@ -106,7 +110,7 @@ def _allow_host_entry(entry: str) -> bool:
         is_v6 = False
         if ":" in entry and not port:
             return False
-    if port and not (port.isdigit() and 0 < int(port) <= 65535):
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) <= 65535):
         return False
     if is_v6:
         try:
@@ -347,7 +351,7 @@ def _construct_mapping(loader: _SafeLoader, node: yaml.MappingNode, deep: bool =
             raise _DuplicateKey(
                 None,
                 None,
-                f"duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                f"duplicate key {_repr(key)} (first at line {first.start_mark.line + 1})",
                 key_node.start_mark,
             )
         seen[key] = key_node
@@ -355,6 +359,24 @@ def _construct_mapping(loader: _SafeLoader, node: yaml.MappingNode, deep: bool =
 
 
 _SafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _construct_object(loader: _SafeLoader, node: yaml.Node, deep: bool = False) -> Any:
+    """SafeLoader's, with a scalar that does not make a value of its type (the
+    date 2001-13-01, ``!!int abc``, ``!!timestamp x``) reported as a YAML error at
+    its line, not as the ValueError (or AttributeError) PyYAML lets out."""
+    try:
+        return yaml.SafeLoader.construct_object(loader, node, deep=deep)
+    except (ValueError, TypeError, AttributeError, OverflowError) as e:
+        kind = node.tag.rpartition(":")[2] or "value"
+        if isinstance(e, ValueError):
+            what = f"cannot read {kind}: {e}"
+        else:  # !!timestamp x: PyYAML's regex finds nothing and it calls None.groupdict()
+            what = f"not a valid {kind}: {_repr(node.value)}"
+        raise yaml.constructor.ConstructorError(None, None, what, node.start_mark) from None
+
+
+_SafeLoader.construct_object = _construct_object  # type: ignore[method-assign]
 
 
 def load(
@@ -420,7 +442,7 @@ def _describe(value: Any) -> str:
         shown = value if len(value) <= 60 else value[:57] + "..."
         return repr(shown)
     if isinstance(value, (int, float)):
-        return repr(value)
+        return _repr(value)
     if isinstance(value, (list, tuple)):
         return "a list"
     if isinstance(value, dict):
@@ -428,8 +450,19 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _repr(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to C{limit} characters; an integer too long for repr
+    (more than 4300 digits) is described instead."""
+    try:
+        shown = repr(value)
+    except ValueError:
+        return "an integer of more than 4300 digits"
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 def _join(path: str, key: Any) -> str:
-    key = key if isinstance(key, str) else repr(key)
+    # a key as it is when it is printable text (so messages stay one line), else its repr
+    key = key if isinstance(key, str) and key.isprintable() else _repr(key)
     return f"{path}.{key}" if path else key
 
 
@@ -460,18 +493,24 @@ class _Parser:
         return value
 
     def integer(self, value: Any, path: str, low: int, high: Optional[int] = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low or (
-            high is not None and value > high
+        """An integer C{low}..C{high}; without C{high}, at most 2**63 - 1 (any
+        count or size in bytes fits; YAML's hex and octal integers have no length limit)."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or value > (
+            MAX_INTEGER if high is None else high
         ):
             want = f"an integer >= {low}" if high is None else f"an integer {low}-{high}"
             raise self.error(path, f"expected {want}, got {_describe(value)}")
         return value
 
     def number(self, value: Any, path: str, *, allow_zero: bool = False) -> float:
+        try:
+            as_float = float(value) if isinstance(value, int) else value
+        except OverflowError:  # an integer beyond any float
+            as_float = math.inf
         ok = (
             isinstance(value, (int, float))
             and not isinstance(value, bool)
-            and math.isfinite(value)
+            and math.isfinite(as_float)
             and (value >= 0 if allow_zero else value > 0)
         )
         if not ok:
@@ -560,7 +599,7 @@ class _Parser:
             })),
             prefetch=(
                 10 if data.get("prefetch") is None
-                else self.integer(data["prefetch"], "prefetch", 1)
+                else self.integer(data["prefetch"], "prefetch", 1, MAX_PREFETCH)
             ),
             queue_type=(
                 "classic" if data.get("queue_type") is None
@@ -654,7 +693,15 @@ class _Parser:
         if value is None:
             value = "var/ooidx"
         value = self.string(value, "data_dir")
-        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+        return os.path.normpath(os.path.join(self.base_dir, self.expanduser(value, "data_dir")))
+
+    def expanduser(self, value: str, path: str) -> str:
+        if "\x00" in value:
+            raise self.error(path, "a path may not contain a NUL character")
+        try:
+            return os.path.expanduser(value)
+        except ValueError as e:  # "~" and a user name the system cannot look up
+            raise self.error(path, f"not a usable path ({e}), got {_describe(value)}") from None
 
     def security(self, value: Any) -> SecurityConfig:
         def token(v: Any, p: str) -> str:
@@ -763,7 +810,7 @@ class _Parser:
         if name == "attribute_store":
             url = settings["url"] or "attributes.sqlite3"
             if not url.startswith(("postgresql://", "postgres://")):
-                url = os.path.normpath(os.path.join(data_dir, os.path.expanduser(url)))
+                url = os.path.normpath(os.path.join(data_dir, self.expanduser(url, f"{path}.url")))
             options = AttributeStoreOptions(url=url)
         elif name == "cache":
             options = CacheOptions(**settings)
@@ -781,7 +828,10 @@ class _Parser:
     def store_url(self, value: Any, path: str) -> str:
         value = self.string(value, path)
         if "://" in value:
-            parts = urlsplit(value)
+            try:
+                parts = urlsplit(value)
+            except ValueError as e:  # postgresql://[db/x: "Invalid IPv6 URL"
+                raise self.error(path, f"not a URL ({e}), got {_describe(redact_url(value))}") from None
             if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
                 raise self.error(
                     path,

@@ -92,6 +92,8 @@ def options(max_mem: int = REGEX_MAX_MEM) -> re2.Options:
 
 
 def _reason(error: Exception) -> str:
+    if isinstance(error, UnicodeError):  # its args[0] is just the codec's name ("utf-8")
+        return f"not valid Unicode text ({error})"
     raw = error.args[0] if error.args else str(error)
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
     for needle, hint in _HINTS:

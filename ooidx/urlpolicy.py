@@ -156,7 +156,11 @@ def _entry(entry: str) -> Tuple[str, Optional[int]]:
         host, port = entry.split(":")
     else:
         host, port = entry, ""
-    return host.rstrip("."), (int(port) if port.isdigit() else None)
+    if not port:
+        return host.rstrip("."), None
+    # a port that is not a number (the config refuses one) matches no port; ASCII
+    # digits only: "²".isdigit() is True, and int("²") raises
+    return host.rstrip("."), (int(port) if port.isascii() and port.isdigit() else -1)
 
 
 def host_allowed(allow_hosts: Iterable[str], host: str, port: int, ip: Optional[IPAddress] = None) -> bool:

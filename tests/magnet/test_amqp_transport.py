@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import struct
 import uuid
 from decimal import Decimal
+from io import BytesIO
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -17,9 +19,9 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 
-from magnet import amqp
+from magnet import amqp, amqpwire
 from magnet.amqp import AMQPTransport, ChannelError, decode_table, encode_table, parse_url
-from magnet.errors import BadURL, ConnectionLost, NotConnected, Unroutable
+from magnet.errors import BadFrame, BadURL, ConnectionLost, NotConnected, Unroutable
 from magnet.message import Message
 from tests.rabbitmq import free_port
 
@@ -201,6 +203,81 @@ def test_field_tables_round_trip() -> None:
     assert decode_table(encode_table({"t": ts}))["t"] == int(ts.timestamp())
     with pytest.raises(TypeError):
         encode_table({"x": object()})
+
+
+# Inputs the fuzzer (fuzz/fuzz_amqpwire.py) found: a table, a content header or
+# a method's arguments that a broker or a peer sends malformed must raise
+# BadFrame (a ValueError), not IndexError, struct.error, RecursionError or
+# txAMQP's EOF, nor decode silently into something shorter.
+_DEEP = b""
+for _ in range(2000):
+    _DEEP = struct.pack(">I", len(_DEEP) + 3) + b"\x01kF" + _DEEP if _DEEP else b"\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize("data", [
+    b"\x00\x00\x00\x05\x01k",  # the table says 5 bytes, 2 follow (was IndexError)
+    b"\x00\x00",  # not even a length (was struct.error)
+    b"\x00\x00\x00\x03\x01kI",  # an integer without its bytes (was struct.error)
+    b"\x00\x00\x00\x03\x01kt",  # a boolean without its octet (was IndexError)
+    b"\x00\x00\x00\x03\x01kD",  # a decimal without its bytes (was IndexError)
+    b"\x00\x00\x00\x07\x01kS\x00\x00\x00\xff",  # a string longer than the table (was {'k': ''})
+    b"\x00\x00\x00\x04\x01kI\x00\x00\x00\x00\x00",  # a value running past its table's end (was {'k': 0})
+    b"\x00\x00\x00\x09\x01kA\x00\x00\x00\x02I\x00",  # an array item running past the array
+    b"\x00\x00\x00\x02\x05k",  # a key longer than the table
+    b"\x00\x00\x00\x03\x01kZ",  # an unknown field type (was a plain ValueError)
+    _DEEP,  # 2,000 nested tables (was RecursionError)
+], ids=["truncated", "no-length", "short-int", "short-bool", "short-decimal", "long-string",
+        "value-past-end", "array-item-past-end", "long-key", "unknown-type", "deep"])
+def test_malformed_field_tables_raise_bad_frame(data: bytes) -> None:
+    with pytest.raises(BadFrame):
+        decode_table(data)
+    with pytest.raises(BadFrame):
+        amqpwire._Codec(BytesIO(data)).decode_table()
+
+
+def test_tables_nested_to_the_limit_still_decode() -> None:
+    value: Any = {"k": "bottom"}
+    for _ in range(amqpwire.MAX_TABLE_DEPTH):  # MAX_TABLE_DEPTH tables inside the outermost one
+        value = {"k": value}
+    assert decode_table(encode_table(value)) == value
+    with pytest.raises(BadFrame):
+        decode_table(encode_table({"k": value}))
+
+
+@pytest.mark.parametrize("data", [
+    b"",  # no flags (was struct.error)
+    b"\x80\x00",  # content-type flag, no string (was IndexError)
+    b"\x80\x00\x09text",  # a content type longer than the header (was 'text')
+    b"\x10\x00",  # delivery-mode flag, no octet (was IndexError)
+    b"\x00\x40",  # timestamp flag, no timestamp (was struct.error)
+    b"\x00\x01",  # a continuation flag word that is not there (was struct.error)
+    b"\x20\x00\x00\x00\x00\x05",  # headers longer than the header (was IndexError)
+])
+def test_malformed_content_headers_raise_bad_frame(data: bytes) -> None:
+    with pytest.raises(BadFrame):
+        amqpwire.decode_properties(data, 0, b"")
+
+
+def test_content_header_properties_end_where_they_are_told() -> None:
+    props = amqpwire.encode_properties(Message(body=b"x", content_type="text/plain", message_id="m1"))
+    message, _ = amqpwire.decode_properties(props + b"more frames", 0, b"x", len(props))
+    assert message.content_type == "text/plain" and message.message_id == "m1"
+    with pytest.raises(BadFrame):  # the property list runs into the next frame's bytes
+        amqpwire.decode_properties(props + b"more frames", 0, b"x", len(props) - 1)
+
+
+@pytest.mark.parametrize("data", [
+    b"\x00",  # half a class id (was struct.error)
+    b"\x00<\x00<\x04ctag\x00\x00",  # basic.deliver cut inside its delivery tag (was struct.error)
+    b"\x00<\x00<\x09ctag",  # a consumer tag longer than the frame (was txAMQP's EOF)
+])
+def test_truncated_method_arguments_raise_bad_frame(data: bytes) -> None:
+    spec = amqp.load_spec()
+    c = amqpwire._Codec(BytesIO(data))
+    with pytest.raises(BadFrame):
+        meth = spec.classes.byid[c.decode_short()].methods.byid[c.decode_short()]
+        for f in meth.fields:
+            c.decode(f.type)
 
 
 def test_spec_has_the_rabbitmq_extensions() -> None:

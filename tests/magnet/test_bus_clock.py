@@ -243,3 +243,81 @@ def test_stream_pieces_go_as_chunks_without_copies() -> None:
     assert got[0] is whole
     assert [len(c) for c in got] == [1000, 300, 600, 1024, 1024, 952]
     assert b"".join(got) == whole + b"b" * 300 + b"c" * 600 + b"d" * 3000
+
+
+def _stream_part(kind: str, sid: str, seq: Any, body: bytes = b"{}") -> Message:
+    content_type = "application/octet-stream" if kind == "stream-data" else "application/json"
+    return Message(body=body, type=kind, headers={"x-stream": sid, "x-seq": seq}, content_type=content_type,
+                   persistent=False)
+
+
+def test_a_second_start_of_a_stream_is_dropped() -> None:
+    # Found by fuzz/fuzz_stream.py: a second stream-start with the id of a stream
+    # that was arriving replaced it, so its chunks went to a stream nobody read,
+    # and the first one to close removed the other from the listener (a KeyError
+    # out of an idle timeout when the second closed in turn).
+    clock = Clock()
+    broker = MemoryBroker(clock)
+    sender, receiver = make(clock, broker), make(clock, broker, stream_idle_timeout=30)
+    listener = result_of_after(clock, receiver.listen())
+    sid = uuid.uuid4().hex
+    for m in (_stream_part("stream-start", sid, 0), _stream_part("stream-start", sid, 0),
+              _stream_part("stream-data", sid, 1, b"abc"),
+              _stream_part("stream-end", sid, 2, b'{"chunks": 1, "bytes": 3}')):
+        sender.send(listener.address, m)
+    s = result_of_after(clock, listener.next_stream())
+    got: List[bytes] = []
+    assert result_of_after(clock, s.deliver(got.append)) == 3
+    assert got == [b"abc"]
+    more = listener.next_stream(timeout=60)
+    failures: List[Any] = []
+    more.addErrback(failures.append)
+    clock.advance(61)  # no second stream came of it, and no idle timeout raises
+    assert failures and failures[0].check(magnet.Timeout)
+    assert listener._streams == {}
+
+
+def test_a_stream_start_whose_seq_is_not_an_integer_is_dead_lettered_at_once() -> None:
+    # Found by fuzz/fuzz_stream.py: x-seq "0" on a stream-start raised TypeError
+    # ("0" + 1), which the bus retried as if the handler had failed; it is an
+    # undecodable message (BadMessage), dead-lettered at once.
+    clock = Clock()
+    broker = MemoryBroker(clock)
+    sender, receiver = make(clock, broker), make(clock, broker, retry_limit=3)
+    listener = result_of_after(clock, receiver.listen())
+    letters: List[Message] = []
+    result_of_after(clock, receiver.transport.declare_queue("magnet.dead-letters", durable=True))
+    result_of_after(clock, receiver.consume("magnet.dead-letters", letters.append))
+    sender.send(listener.address, _stream_part("stream-start", uuid.uuid4().hex, "0"))
+    for _ in range(10):
+        clock.advance(1)
+    assert len(letters) == 1
+    assert letters[0].headers["x-magnet-error"].startswith("BadMessage: stream start whose 'x-seq' header")
+    assert "x-magnet-attempt" not in letters[0].headers
+
+
+class TakesAnything:
+    @operation
+    def anything(self, **kwargs: Any) -> Any:
+        return kwargs
+
+    @operation
+    def named(self, name: str, **kwargs: Any) -> Any:
+        return name
+
+
+@pytest.mark.parametrize("op, kwargs", [("anything", {"self": 1}), ("named", {"name": "x", "self": 1})])
+def test_an_argument_named_like_the_bound_object_is_bad_arguments(op: str, kwargs: Any) -> None:
+    # Found while fuzzing requests (fuzz/fuzz_message.py asserts that what
+    # rpc.resolve accepts binds): a request {"self": 1} to an operation taking
+    # **kwargs passed Signature.bind (a bound method's signature has no self),
+    # then the call raised TypeError ("got multiple values for argument 'self'").
+    from magnet import rpc
+
+    request = rpc.request(op, kwargs)
+    with pytest.raises(magnet.BadArguments, match="unexpected keyword argument 'self'"):
+        rpc.resolve(rpc.operations(TakesAnything()), "svc", request)
+    failures: List[Any] = []
+    rpc.invoke(rpc.operations(TakesAnything()), "svc", request).addErrback(failures.append)
+    assert failures and failures[0].check(magnet.BadArguments)
+    assert rpc.resolve(rpc.operations(TakesAnything()), "svc", rpc.request(op, {"name": "x"}))[1] == {"name": "x"}

@@ -386,7 +386,7 @@ def test_components_shape():
          "timeouts.heartbeat: expected a number >= 0 (seconds), got -1"),
         ("timeouts: {send: no}", "timeouts.send: expected a number > 0 (seconds), got false"),
         ("retries: {limit: -1}", "retries.limit: expected an integer >= 0, got -1"),
-        ("prefetch: 0", "prefetch: expected an integer >= 1, got 0"),
+        ("prefetch: 0", "prefetch: expected an integer 1-65535, got 0"),
         ("queue_type: stream", "queue_type: expected 'classic' or 'quorum', got 'stream'"),
         ("security: {allow_private: 'yes'}",
          "security.allow_private: expected true or false, got 'yes'"),
@@ -643,3 +643,48 @@ def test_allow_hosts_refuses_bad_entries(entry: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse(f"security: {{allow_hosts: ['{entry}']}}\n", "x.yaml")
     assert "security.allow_hosts[0]" in str(info.value)
+
+
+# --------------------------------------------------------------------------- #
+# Inputs the fuzzer (fuzz/fuzz_config.py) found: each raised something other
+# than ConfigError (or a ConfigError on two lines).
+
+HUGE_HEX = "0x" + "f" * 4000  # YAML reads it; repr() of it raises ValueError (> 4300 digits)
+
+
+@pytest.mark.parametrize("text, expected", [
+    # YAML scalars PyYAML resolves to a type and then cannot construct (ValueError, AttributeError)
+    ("node: 2001-13-01\n", "line 1, column 7: not valid YAML (cannot read timestamp: month must be in 1..12)"),
+    ("node: 2001-02-30\n", "line 1, column 7: not valid YAML (cannot read timestamp: day is out of range"),
+    ("node: 2001-01-01 25:00:00\n", "not valid YAML (cannot read timestamp: hour must be in 0..23)"),
+    ("node: 2001-01-01t01:00:00+99:00\n", "not valid YAML (cannot read timestamp: offset must be"),
+    ("node: !!timestamp x\n", "line 1, column 7: not valid YAML (not a valid timestamp: 'x')"),
+    ("prefetch: !!int abc\n", "not valid YAML (cannot read int: invalid literal for int()"),
+    ("prefetch: !!float abc\n", "not valid YAML (cannot read float: could not convert"),
+    ("prefetch: 1" + "0" * 5000 + "\n", "not valid YAML (cannot read int: Exceeds the limit (4300 digits)"),
+    # allow_hosts ports: '²' is a digit to str.isdigit, not to int()
+    ("security: {allow_hosts: ['dap.example.org:²']}\n", "security.allow_hosts[0]: expected a host name"),
+    ("security: {allow_hosts: ['[::1]:²']}\n", "security.allow_hosts[0]: expected a host name"),
+    # integers beyond a float (OverflowError) or beyond repr (ValueError)
+    ("timeouts: {rpc: 1" + "0" * 400 + "}\n", "timeouts.rpc: expected a number > 0 (seconds), got 1000"),
+    (f"http:\n  proxy_port: {HUGE_HEX}\n", "http.proxy_port: expected an integer 0-65535, got an integer of more than 4300 digits"),
+    (f"http:\n  ? {HUGE_HEX}\n  : 1\n", "http.an integer of more than 4300 digits: unknown key"),
+    (f"? {HUGE_HEX}\n: 1\n? {HUGE_HEX}\n: 2\n", "duplicate key an integer of more than 4300 digits (first at line 1)"),
+    # integers no setting can hold (a YAML hex integer has no length limit), and more than AMQP's prefetch-count
+    (f"retries: {{limit: {HUGE_HEX}}}\n", "retries.limit: expected an integer >= 0, got an integer of more than 4300 digits"),
+    ("retries: {limit: 0x8000000000000000}\n", "retries.limit: expected an integer >= 0, got 9223372036854775808"),
+    ("prefetch: 65536\n", "prefetch: expected an integer 1-65535, got 65536"),
+    # paths os.path.expanduser cannot take (ValueError)
+    ('data_dir: "~\\0x"\n', "data_dir: a path may not contain a NUL character"),
+    ('data_dir: "~\\ud800"\n', "data_dir: not a usable path ("),
+    ('components: {attribute_store: {url: "~\\0"}}\n', "components.attribute_store.url: a path may not contain a NUL character"),
+    # a postgresql URL urlsplit refuses (ValueError)
+    ("components: {attribute_store: {url: 'postgresql://[db/x'}}\n",
+     "components.attribute_store.url: not a URL (Invalid IPv6 URL)"),
+    # a key with a newline made a ConfigError of two lines
+    ('http: {"a\\nb": 1}\n', "http.'a\\nb': unknown key"),
+])
+def test_fuzzed_inputs_give_one_line_config_errors(text, expected):
+    message = error_of(text, filename="x.yaml")
+    assert message.startswith("x.yaml: ")
+    assert expected in message, message

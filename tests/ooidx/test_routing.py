@@ -487,3 +487,14 @@ def test_router_agrees_with_a_loop_over_re(ops: list, compact_min: int, compact_
         assert dict(router.items()) == model
     for topic in ["", "a", "ab", "x.1", "b1", "abc_9", "cc", "a.b.c", "xx__1"]:
         assert router.match(topic) == naive_match(model, topic), topic
+
+
+@pytest.mark.parametrize("regex", ["\udc80", "a\ud800b", "[\udfff]"])
+def test_a_lone_surrogate_is_refused_with_a_reason(regex: str) -> None:
+    # Found while writing fuzz/fuzz_routing.py (lone surrogates reach validate):
+    # a str that is not valid Unicode was refused, but the reason given was only
+    # "utf-8" (the codec's name, args[0] of UnicodeEncodeError).
+    with pytest.raises(InvalidRegex) as e:
+        validate(regex)
+    assert "not valid Unicode text" in str(e.value) and "surrogate" in str(e.value)
+    assert not str(e.value).endswith(": utf-8")

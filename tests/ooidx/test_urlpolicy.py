@@ -127,6 +127,19 @@ def test_allow_hosts_names_and_wildcards() -> None:
     assert host_allowed(("127.0.0.1:8001",), "2130706433", 8001)
 
 
+
+@pytest.mark.parametrize("entry", ["dap.example.org:\u00b2", "[::1]:\u00b2", "10.0.0.1:\u0661\u0662"])
+def test_allow_hosts_entry_with_a_non_ascii_digit_port_raises_nothing(entry: str) -> None:
+    # found by fuzz/fuzz_url.py: "\u00b2".isdigit() is True and int("\u00b2") raised ValueError;
+    # an entry whose port is not a number (the config refuses it) allows nothing
+    host = entry.rpartition(":")[0].strip("[]")
+    for port in (80, 2, 12):
+        assert host_allowed((entry,), host, port) is False
+    check_url("http://93.184.216.34/", allow_hosts=(entry,))
+    if host != "dap.example.org":  # an address: check_url asks allow_hosts about it
+        with pytest.raises(Forbidden):
+            check_url(f"http://{'[::1]' if ':' in host else host}:12/", allow_hosts=(entry,))
+
 def test_check_address() -> None:
     loopback = ipaddress.ip_address("127.0.0.1")
     with pytest.raises(Forbidden, match="loopback"):
