@@ -224,7 +224,7 @@ class _ConsumerChannel:
         size = _S_Q.unpack_from(buf, start + 4)[0]
         if size == 0:
             self.expecting = 0
-            self._deliver(buf, start + 12, b"")
+            self._deliver(buf, start + 12, b"", end)
         else:
             self._header = (buf[start + 12:end], 0)
             self._parts = []
@@ -256,14 +256,16 @@ class _ConsumerChannel:
         if self.txchannel is not None and not self.protocol.lost:
             self.protocol.close_channel(self.txchannel).addErrback(lambda _: None)
 
-    def _deliver(self, buf: bytes, pos: int, body: bytes) -> None:
+    def _deliver(self, buf: bytes, pos: int, body: bytes, end: Optional[int] = None) -> None:
+        """A whole message: its content header's properties at C{pos} of C{buf},
+        ending by C{end} (the header frame's end; default the end of C{buf})."""
         if not self.delivering:
             # arrived after basic.cancel was sent: straight back to the queue
             if self.open:
                 self.protocol.write_nack(self.id, self._delivery_tag, True)
             return
         self.unsettled += 1
-        message, _ = decode_properties(buf, pos, body)
+        message, _ = decode_properties(buf, pos, body, end=end)
         consumer = self.consumer
         delivery = AMQPDelivery(message, consumer.queue, self._redelivered, self._exchange,
                                 self._routing_key, self, self._delivery_tag)
@@ -362,7 +364,7 @@ class _PublishChannel:
                 pos += 1 + buf[pos]
             if flags & _P_CONTENT_ENCODING:
                 pos += 1 + buf[pos]
-            headers, _ = _decode_table(buf, pos)
+            headers, _ = _decode_table(buf, pos, end)
             seq = headers.get(PUBLISH_SEQ_HEADER)
         self._return_seq = seq
         self._remaining = size
@@ -613,6 +615,10 @@ class _AMQPProtocol(AMQClient):
         try:
             while n - pos >= 8:
                 ftype, channel, size = _FRAME_HEAD.unpack_from(buf, pos)
+                if size > self.frame_max:
+                    # the broker agreed to frame_max (4096 until the tune); a larger
+                    # frame is a broken peer, and waiting for it would buffer up to 4 GiB
+                    raise ValueError(f"a frame of {size} bytes; frame_max is {self.frame_max}")
                 end = pos + 7 + size
                 if end >= n:
                     break

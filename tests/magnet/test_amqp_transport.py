@@ -733,6 +733,100 @@ def test_headers_too_large_for_a_frame_fail_the_publish_only(transport: AMQPTran
     assert transport.connected
 
 
+class _Owner:
+    """The protocol's calls on its AMQPTransport, ignored (the frame reader alone is tested)."""
+
+    def _broker_cancelled(self, state: Any, tag: Any) -> None:
+        pass
+
+    def _channel_closed(self, *args: Any) -> None:
+        pass
+
+    def _nacked(self, *args: Any) -> None:
+        pass
+
+    def _connection_lost(self, *args: Any) -> None:
+        pass
+
+
+class _Consumer:
+    queue = "q"
+
+    def __init__(self) -> None:
+        self.deliveries: list = []
+
+    def on_delivery(self, delivery: Any) -> None:
+        self.deliveries.append(delivery)
+
+
+def _frame(ftype: int, channel: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", ftype, channel, len(payload)) + payload + b"\xce"
+
+
+def _short(s: bytes) -> bytes:
+    return bytes([len(s)]) + s
+
+
+def _with_failures(logs: LogCapture) -> List[str]:
+    """Each log line, with the type and message of its failure, if any."""
+    from twisted.logger import formatEvent
+    out = []
+    for e in logs.events:
+        failure = e.get("log_failure")
+        extra = f" {failure.type.__name__}: {failure.getErrorMessage()}" if failure is not None else ""
+        out.append(formatEvent(e) + extra)
+    return out
+
+
+def _reader() -> Any:
+    """A protocol past its handshake (frame_max 4096), a consumer on channel 1, its wire."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    owner = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=Clock())
+    proto = amqp._AMQPProtocol(_Owner(), owner.urls[0], owner.spec, Clock(), 0)
+    wire = StringTransport()
+    proto.makeConnection(wire)
+    consumer = _Consumer()
+    proto.fast[1] = amqp._ConsumerChannel(proto, 1, consumer, "ctag")
+    return proto, wire, consumer
+
+
+def test_a_frame_larger_than_frame_max_drops_the_connection_at_once(logs: LogCapture) -> None:
+    """A broken or hostile peer declaring a 4 GiB frame: dropped on its first
+    8 bytes, not buffered while the rest is awaited."""
+    proto, wire, _ = _reader()
+    proto.dataReceived(struct.pack(">BHI", 3, 1, 0xFFFFFF00) + b"x" * 6000)
+    assert wire.disconnecting and proto._rbuf == b""
+    assert any("frame_max is 4096" in line for line in _with_failures(logs)), _with_failures(logs)
+
+
+def test_content_header_properties_may_not_run_into_the_next_frame(logs: LogCapture) -> None:
+    """A delivery's empty-body content header whose headers table claims more
+    bytes than its frame holds: the reader must not take them from the next
+    frame. The connection is dropped; no message reaches the consumer."""
+    proto, wire, consumer = _reader()
+    deliver = _frame(1, 1, struct.pack(">HH", 60, 60) + _short(b"ctag") + struct.pack(">QB", 1, 0) +
+                     _short(b"ex") + _short(b"rk"))
+    table = encode_table({"op": "x"})
+    flags = 0x2000  # headers only
+    # the frame holds {"op": 2-byte string} but its last byte; read on, that byte is the
+    # frame-end octet and the next bytes are a sound entry {"zz": 14-byte string}
+    inside = b"\x02opS" + struct.pack(">I", 2) + b"x"
+    beyond = b"\x02zzS" + struct.pack(">I", 14) + b"y" * 14
+    short_table = struct.pack(">I", len(inside) + 1 + len(beyond)) + inside
+    header = _frame(2, 1, struct.pack(">HHQH", 60, 0, 0, flags) + short_table)
+    proto.dataReceived(deliver + header + beyond)
+    assert consumer.deliveries == [] and wire.disconnecting
+    assert any("bad data from broker" in line and "BadFrame" in line for line in _with_failures(logs)), \
+        _with_failures(logs)
+    # and a sound one on a fresh reader is delivered
+    proto, wire, consumer = _reader()
+    header = _frame(2, 1, struct.pack(">HHQH", 60, 0, 0, flags) + table)
+    proto.dataReceived(deliver + header + _frame(8, 0, b""))
+    assert len(consumer.deliveries) == 1 and consumer.deliveries[0].message.headers == {"op": "x"}
+
+
 def test_heartbeats_sent_when_idle_and_silent_broker_dropped() -> None:
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
