@@ -236,6 +236,7 @@ class Stream:
         self._sink: Optional[Sink] = None
         self._busy = False
         self._done: Deferred = Deferred()
+        self._failure: Optional[Failure] = None
         self._finished = False
         self._idle = clock.callLater(idle_timeout, self._timed_out)
 
@@ -246,6 +247,10 @@ class Stream:
         if self._sink is not None:
             raise StreamError("a stream has one sink")
         self._sink = sink
+        if self._failure is not None:  # it failed before anyone read it
+            failed: Deferred = Deferred()
+            failed.errback(self._failure)
+            return failed
         self._drain()
         return self._done
 
@@ -344,6 +349,11 @@ class Stream:
         for _, _, settled in self._pending:
             settled.callback(None)
         self._pending.clear()
+        if self._sink is None:
+            # Nobody reads it yet (it waits in a listener's queue): keep the failure
+            # for a later deliver() rather than leave an unhandled error behind.
+            self._failure = Failure(exc)
+            return
         self._done.errback(Failure(exc))
 
     def _close(self) -> None:

@@ -336,11 +336,51 @@ def test_slow_sink_slows_the_sender(make_bus: Any) -> Any:
         taken.append(data)
         return gate
 
-    s.deliver(sink)
+    # the stream is cut when the buses stop at the test's end: that failure is expected
+    s.deliver(sink).addErrback(lambda f: f.trap(magnet.ConnectionLost, magnet.StreamError))
     for _ in range(10):
         yield writer.write(b"y" * 1024)
     yield settle(0.3)
     assert len(taken) == 1, "the sink has not finished its first chunk"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stream_lost_before_anyone_reads_it_fails_its_later_reader(make_bus: Any) -> Any:
+    """The link goes down while a stream waits, unread, at a private address:
+    a later read fails with ConnectionLost, and no unhandled error is left behind."""
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    unhandled: List[str] = []
+
+    def observe(event: dict) -> None:
+        if "Unhandled error" in str(event.get("log_format", "")) or \
+                "Unhandled error" in str(event.get("why", "")):
+            unhandled.append(str(event.get("log_failure")))
+
+    sender, receiver = make_bus(), make_bus()
+    listener = yield receiver.listen()
+    writers = [sender.open_stream(listener.address, {}) for _ in range(2)]
+    for w in writers:
+        yield w.write(b"x" * 10)
+    read_later = yield wait(listener.next_stream())
+    never_read = yield wait(listener.next_stream())
+    globalLogPublisher.addObserver(observe)
+    try:
+        receiver._link_changed(False)  # what the transport reports when the broker connection drops
+        with pytest.raises(magnet.ConnectionLost):
+            yield wait(read_later.read_all())
+        # a failed Deferred nobody holds is logged as "Unhandled error" when collected:
+        # the unread stream must keep its failure for a reader, not in such a Deferred
+        assert not never_read._done.called
+        del read_later, never_read
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert unhandled == []
+    for w in writers:
+        w.abort(RuntimeError("test over")).addErrback(lambda _: None)
 
 
 @pytest_twisted.inlineCallbacks
