@@ -13,9 +13,8 @@ bytes body, and each input finishes within libFuzzer's -timeout.
 
 With FUZZ_FRAME_MAX=1 in the environment it also asserts that the protocol
 never buffers more than one frame of the negotiated frame_max (plus its
-8 bytes of framing) while waiting for the rest of a frame: it does today
-(magnet/amqp.py reads a frame of any declared size, up to 4 GiB), so that
-check is off by default; see fuzz/README.md.
+8 bytes of framing) while waiting for the rest of a frame (it buffered up
+to 4 GiB before the fix; see fuzz/README.md).
 
     .venv/bin/python fuzz/fuzz_amqp_frames.py -max_total_time=60 fuzz/corpus-run/amqp_frames fuzz/corpus/amqp_frames
 """
