@@ -48,7 +48,7 @@ from txamqp.connection import Body, Frame, Header, Method
 from txamqp.protocol import AMQClient
 from zope.interface import implementer
 
-from magnet.errors import (BadURL, ConnectionLost, MagnetError, NotConfirmed, NotConnected, Timeout,
+from magnet.errors import (BadFrame, BadURL, ConnectionLost, MagnetError, NotConfirmed, NotConnected, Timeout,
                            Unroutable)
 from magnet.message import Message
 from magnet.transport import LinkListener, OnDelivery
@@ -205,22 +205,28 @@ class _ConsumerChannel:
         self._parts: List[bytes] = []
         self._remaining = 0
 
-    def method(self, method_id: int, buf: bytes, pos: int) -> bool:
+    def method(self, method_id: int, buf: bytes, pos: int, end: int) -> bool:
+        """A basic method frame's arguments at C{pos}, ending by C{end}: True if taken here."""
         if method_id == 60:  # basic.deliver
             _, pos = _read_shortstr(buf, pos)  # consumer tag: one consumer per channel
-            self._delivery_tag = _S_Q.unpack_from(buf, pos)[0]
-            self._redelivered = buf[pos + 8] & 1 == 1
-            self._exchange, pos = _read_shortstr(buf, pos + 9)
-            self._routing_key, pos = _read_shortstr(buf, pos)
+            tag = _S_Q.unpack_from(buf, pos)[0]
+            redelivered = buf[pos + 8] & 1 == 1
+            exchange, pos = _read_shortstr(buf, pos + 9)
+            routing_key, pos = _read_shortstr(buf, pos)
+            _within(pos, end, "basic.deliver")
+            self._delivery_tag, self._redelivered = tag, redelivered
+            self._exchange, self._routing_key = exchange, routing_key
             self.expecting = 2
             return True
         if method_id == 30:  # basic.cancel from the broker
-            tag, _ = _read_shortstr(buf, pos)
+            tag, pos = _read_shortstr(buf, pos)
+            _within(pos, end, "basic.cancel")
             self.protocol.owner._broker_cancelled(self, tag)
             return True
         return False
 
     def header(self, buf: bytes, start: int, end: int) -> None:
+        _within(start + 14, end, "a content header")
         size = _S_Q.unpack_from(buf, start + 4)[0]
         if size == 0:
             self.expecting = 0
@@ -275,6 +281,12 @@ class _ConsumerChannel:
             self.log.failure("consumer of {queue} raised on a delivery; nacking it (requeue)",
                              queue=consumer.queue)
             delivery.nack(requeue=True)
+
+
+def _within(pos: int, end: int, what: str) -> None:
+    """L{BadFrame} unless what was read ends by the frame's C{end} (else it came from the next frame)."""
+    if pos > end:
+        raise BadFrame(f"{what} runs {pos - end} byte(s) past the end of its frame")
 
 
 class _Pending:
@@ -335,12 +347,15 @@ class _PublishChannel:
         self.pending[seq] = p
         self.protocol.write_frames(frames)
 
-    def method(self, method_id: int, buf: bytes, pos: int) -> bool:
+    def method(self, method_id: int, buf: bytes, pos: int, end: int) -> bool:
+        """A basic method frame's arguments at C{pos}, ending by C{end}: True if taken here."""
         if method_id == 80:  # basic.ack
+            _within(pos + 9, end, "basic.ack")
             tag = _S_Q.unpack_from(buf, pos)[0]
             self._settle(tag, buf[pos + 8] & 1 == 1, None)
             return True
         if method_id == 120:  # basic.nack
+            _within(pos + 9, end, "basic.nack")
             tag = _S_Q.unpack_from(buf, pos)[0]
             self._settle(tag, buf[pos + 8] & 1 == 1, "nack")
             return True
@@ -349,12 +364,14 @@ class _PublishChannel:
             text, pos = _read_shortstr(buf, pos + 2)
             exchange, pos = _read_shortstr(buf, pos)
             routing_key, pos = _read_shortstr(buf, pos)
+            _within(pos, end, "basic.return")
             self._return = (code, text, exchange, routing_key)
             self.expecting = 2
             return True
         return False
 
     def header(self, buf: bytes, start: int, end: int) -> None:
+        _within(start + 14, end, "a content header")
         size = _S_Q.unpack_from(buf, start + 4)[0]
         flags = _S_H.unpack_from(buf, start + 12)[0]
         seq = None
@@ -640,7 +657,7 @@ class _AMQPProtocol(AMQClient):
         fast = self.fast.get(channel)
         if ftype == 1:
             class_id, method_id = _S_HH.unpack_from(buf, start)
-            if fast is not None and class_id == 60 and fast.method(method_id, buf, start + 4):
+            if fast is not None and class_id == 60 and fast.method(method_id, buf, start + 4, end):
                 return
             self._slow(Frame(channel, self._decode_method(buf[start:end])))
         elif ftype == 2:

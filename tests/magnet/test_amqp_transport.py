@@ -827,6 +827,45 @@ def test_content_header_properties_may_not_run_into_the_next_frame(logs: LogCapt
     assert len(consumer.deliveries) == 1 and consumer.deliveries[0].message.headers == {"op": "x"}
 
 
+def _publisher() -> Any:
+    """A reader whose channel 2 is the publishing channel, with one publish awaiting its confirm."""
+    proto, wire, consumer = _reader()
+    channel = amqp._PublishChannel(proto, 2)
+    proto.fast[2] = channel
+    return proto, wire, channel
+
+
+@pytest.mark.parametrize("frame", [
+    # basic.deliver whose routing key runs past its frame (into the next frame's bytes)
+    _frame(1, 1, struct.pack(">HH", 60, 60) + _short(b"ctag") + struct.pack(">QB", 1, 0) + _short(b"ex") +
+           b"\x09rk")[:-1] + b"\xce" + b"next-byte" + _frame(8, 0, b""),
+    # basic.ack and basic.nack one byte short (the flag octet would be the frame-end octet)
+    _frame(1, 2, struct.pack(">HHQ", 60, 80, 1)),
+    _frame(1, 2, struct.pack(">HHQ", 60, 120, 1)),
+    # basic.return whose routing key runs past its frame
+    _frame(1, 2, struct.pack(">HHH", 60, 50, 312) + _short(b"NO_ROUTE") + _short(b"ex") + b"\x05rk"),
+    # basic.cancel whose tag runs past its frame
+    _frame(1, 1, struct.pack(">HH", 60, 30) + b"\x08ct"),
+    # a content header too short for its class, weight, size and flags
+    _frame(1, 1, struct.pack(">HH", 60, 60) + _short(b"ctag") + struct.pack(">QB", 1, 0) + _short(b"ex") +
+           _short(b"rk")) + _frame(2, 1, struct.pack(">HHQ", 60, 0, 0)),
+], ids=["deliver", "ack", "nack", "return", "cancel", "short-header"])
+def test_fast_path_methods_may_not_read_past_their_frame(frame: bytes, logs: LogCapture) -> None:
+    """The fast paths read a method's arguments from the read buffer: one that
+    runs past its frame is a BadFrame (the connection drops) before it acts."""
+    proto, wire, channel = _publisher()
+    settled: List[Any] = []
+    channel._settle = lambda *args: settled.append(args)  # type: ignore[method-assign]
+    cancelled: List[Any] = []
+    proto.owner = type("Owner", (), {"_broker_cancelled": lambda self, *a: cancelled.append(a)})()
+    consumer = proto.fast[1].consumer
+    proto.dataReceived(frame + b"\x00" * 16)
+    assert wire.disconnecting
+    assert settled == [] and cancelled == [] and consumer.deliveries == []
+    assert any("BadFrame" in line and "past the end of its frame" in line for line in _with_failures(logs)), \
+        _with_failures(logs)
+
+
 def test_heartbeats_sent_when_idle_and_silent_broker_dropped() -> None:
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
