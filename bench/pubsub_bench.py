@@ -111,7 +111,27 @@ def topics(n: int, count: int = 20_000, seed: int = 1) -> List[str]:
     return out
 
 
-class CPULoop(Load):
+class _TurnLoop(Load):
+    """A CPU-bound load: L{_batch} runs for one slice, then gives the reactor a turn."""
+
+    def __init__(self, clock: Any, drain_timeout: float) -> None:
+        super().__init__(clock, drain_timeout)
+        self._call: Any = None
+
+    def _begin(self) -> None:
+        self._call = self.clock.callLater(0, self._batch)
+
+    def _batch(self) -> None:
+        raise NotImplementedError
+
+    def _drained(self) -> Deferred:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return defer.succeed(None)
+
+
+class CPULoop(_TurnLoop):
     """Call C{route(topic)} over a topic list in batches between reactor turns."""
 
     def __init__(self, clock: Any, route: Callable[[str], Any], corpus: List[str], drain_timeout: float) -> None:
@@ -119,10 +139,7 @@ class CPULoop(Load):
         self.route = route
         self.corpus = corpus
         self.position = 0
-        self._call: Any = None
 
-    def _begin(self) -> None:
-        self._call = self.clock.callLater(0, self._batch)
 
     def _batch(self) -> None:
         self._call = None
@@ -142,14 +159,9 @@ class CPULoop(Load):
         self.completed += done
         self._call = self.clock.callLater(0, self._batch)
 
-    def _drained(self) -> Deferred:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        return defer.succeed(None)
 
 
-class ChangeLoop(Load):
+class ChangeLoop(_TurnLoop):
     """Change one subscription then route one topic, per operation, timing
     each; one operation at least per reactor turn (the baseline's take ~1 s).
 
@@ -165,10 +177,7 @@ class ChangeLoop(Load):
         self.next_key = first_new
         self.rng = random.Random(3)
         self.times: List[float] = []
-        self._call: Any = None
 
-    def _begin(self) -> None:
-        self._call = self.clock.callLater(0, self._batch)
 
     def operation(self) -> None:
         router, live = self.router, self.live
@@ -198,11 +207,6 @@ class ChangeLoop(Load):
                 break
         self._call = self.clock.callLater(0, self._batch)
 
-    def _drained(self) -> Deferred:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-        return defer.succeed(None)
 
 
 def _stalls(times: List[float]) -> str:

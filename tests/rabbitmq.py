@@ -93,17 +93,23 @@ def amqp_answers(host="127.0.0.1", port=5672, timeout=2.0):
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
             s.settimeout(timeout)
-            s.sendall(AMQP_HEADER)
-            data = b""
-            deadline = time.monotonic() + timeout
-            while len(data) < 11 and time.monotonic() < deadline:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = _greet(s, timeout)
     except OSError:
         return False
     return _is_connection_start(data)
+
+
+def _greet(s, timeout):
+    """Send the AMQP protocol header on socket *s*; the first bytes of the answer."""
+    s.sendall(AMQP_HEADER)
+    data = b""
+    deadline = time.monotonic() + timeout
+    while len(data) < 11 and time.monotonic() < deadline:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _is_connection_start(data):
@@ -133,14 +139,7 @@ def amqps_answers(host="127.0.0.1", port=5671, cafile=None, timeout=2.0,
             raw.settimeout(timeout)
             with context.wrap_socket(
                     raw, server_hostname=server_hostname or host) as s:
-                s.sendall(AMQP_HEADER)
-                data = b""
-                deadline = time.monotonic() + timeout
-                while len(data) < 11 and time.monotonic() < deadline:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = _greet(s, timeout)
     except (OSError, ssl.SSLError):
         return False
     return _is_connection_start(data)

@@ -16,33 +16,16 @@ from typing import Any, Callable, Dict, List
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 
 from magnet import amqp, amqpwire
 from magnet.amqp import AMQPTransport, ChannelError, decode_table, encode_table, parse_url
 from magnet.errors import BadFrame, BadURL, ConnectionLost, NotConnected, Unroutable
 from magnet.message import Message
+from tests.magnet.waiting import TIMEOUT, sleep, until, wait
 from tests.rabbitmq import free_port
 
-TIMEOUT = 10.0
-
-
-def wait(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def until(predicate: Callable[[], bool], seconds: float = TIMEOUT, what: str = "condition") -> Any:
-    deadline = reactor.seconds() + seconds
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        yield sleep(0.02)
 
 
 @pytest.fixture

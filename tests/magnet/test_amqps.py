@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 import uuid
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 from urllib.parse import quote
 
 import pytest
@@ -28,32 +28,15 @@ import magnet
 from magnet import amqp
 from magnet.amqp import AMQPTransport, parse_url
 from magnet.errors import BadURL, NotConnected
+from tests.magnet.waiting import TIMEOUT, until, wait
 from tests.rabbitmq import (BrokerUnavailable, PrivateRabbitMQ, TestCA, amqp_answers, amqps_answers,
                             ensure_rabbitmq_server)
 
 pytestmark = pytest.mark.rabbitmq
 
-TIMEOUT = 10.0
 #: a user of the nodes' own, with a password that cannot be mistaken for anything else in a log
 USER = "magnet-tls"
 PASSWORD = "pw-" + uuid.uuid4().hex
-
-
-def wait(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def until(predicate: Callable[[], bool], seconds: float = TIMEOUT, what: str = "condition") -> Any:
-    deadline = reactor.seconds() + seconds
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-        yield sleep(0.02)
 
 
 def _start_node(prefix: str, **tls: Any) -> PrivateRabbitMQ:

@@ -11,12 +11,9 @@ from twisted.internet import defer, reactor, task
 import magnet
 from magnet import Message, operation
 from magnet.bus import ATTEMPT_HEADER, ERROR_HEADER
+from tests.magnet.waiting import wait
 
 TIMEOUT = 10
-
-
-def wait(d: defer.Deferred, seconds: float = TIMEOUT) -> defer.Deferred:
-    return d.addTimeout(seconds, reactor)
 
 
 def settle(seconds: float = 0.3) -> defer.Deferred:
