@@ -319,8 +319,8 @@ class PubSubSide(_Side):
     @inlineCallbacks
     def end_to_end(self, subscribers: int = 10, window: int = 100) -> Any:
         from ooidx.attribute_store import AttributeStore
-        from ooidx.distributor import Distributor
-        from ooidx.pub_sub import PubSub
+        from ooidx.dissemination.distributor import Distributor
+        from ooidx.dissemination.pub_sub import PubSub
 
         tag = uuid.uuid4().hex[:10]
         service, store_queue = f"bench.pub_sub.{tag}", f"bench.attrs.{tag}"

@@ -1,7 +1,7 @@
 """Fuzz the URL handling that proxy requests reach (they come from anyone):
-ooidx.proxyng.parse_target, ooidx.urlpolicy (check_registered, check_url,
+ooidx.datapath.proxy.parse_target, ooidx.urlpolicy (check_registered, check_url,
 is_under, host_allowed, parse_ip), ooidx.dap (split_url, dataset_url) and
-ooidx.controller.check_base_url.
+ooidx.datapath.controller.check_base_url.
 
 An input is lines (split at b"\\n"): the request target as it comes on the
 request line (bytes), a dataset's base URL, then allow_hosts entries.
@@ -23,12 +23,12 @@ from __future__ import annotations
 import _harness  # noqa: F401  (sys.path)
 import atheris
 
-with atheris.instrument_imports(include=["ooidx.urlpolicy", "ooidx.dap", "ooidx.proxyng", "ooidx.controller",
+with atheris.instrument_imports(include=["ooidx.urlpolicy", "ooidx.dap", "ooidx.datapath.proxy", "ooidx.datapath.controller",
                                          "urllib.parse", "ipaddress"]):
     from ooidx import dap, urlpolicy
-    from ooidx.controller import check_base_url
+    from ooidx.datapath.controller import check_base_url
     from ooidx.errors import Forbidden, InvalidURL
-    from ooidx.proxyng import ProxyError, parse_target
+    from ooidx.datapath.proxy import ProxyError, parse_target
 
 OWN = ("127.0.0.1:8100", "localhost:8100", "dx.example.org:8100")
 

@@ -711,7 +711,7 @@ class BrokerClient:
         return self.bus.call_with(service, op, kwargs, timeout=self.timeout).addErrback(self._translate)
 
     def status(self) -> Deferred:
-        from ooidx.daemon import cluster_status
+        from ooidx.node.daemon import cluster_status
         return cluster_status(self.bus, self.status_timeout).addErrback(self._translate)
 
     @staticmethod
@@ -776,7 +776,7 @@ def find_cli_token(args: argparse.Namespace, environ: Dict[str, str]) -> Optiona
             return None
         config_path = DEFAULT_CONFIG
     from ooidx.config import ConfigError
-    from ooidx.token import TokenError, find_token
+    from ooidx.node.token import TokenError, find_token
     try:
         return find_token(config_path)
     except ConfigError as e:

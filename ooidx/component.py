@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from magnet import Bus, Message, operation
 from magnet.bus import FANOUT
 
-from ooidx.bootstrap import COMPONENT_TABLE
+from ooidx.wire import BUS_TABLE
 
 
 class Component(Service):
@@ -37,7 +37,7 @@ class Component(Service):
         self.instances = instances
         self.config = config
         self.clock = clock if clock is not None else bus.clock
-        self.pattern = COMPONENT_TABLE.get(name)
+        self.pattern = BUS_TABLE.get(name)
         self.started = False
         self._subscriptions: List[Any] = []
 

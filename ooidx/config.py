@@ -34,6 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from ooidx.wire import COMPONENT_NAMES, LISTENING
+
 __all__ = [
     "COMPONENTS",
     "AttributeStoreOptions",
@@ -55,25 +57,12 @@ __all__ = [
     "redact_url",
 ]
 
-#: Every DX component a node can run, in a stable (alphabetical) order.
-COMPONENTS: Tuple[str, ...] = (
-    "attribute_store",
-    "cache",
-    "controller",
-    "csv",
-    "distributor",
-    "fetcher",
-    "notification",
-    "persister",
-    "proxyng",
-    "pub_sub",
-    "user_notification",
-    "user_pub_sub",
-    "web",
-)
+#: Every DX component a node can run, in a stable (alphabetical) order (the
+#: component table is L{ooidx.wire.COMPONENTS}).
+COMPONENTS: Tuple[str, ...] = COMPONENT_NAMES
 
 #: Components that listen on a TCP port (one instance per node).
-LISTENING_COMPONENTS: Tuple[str, ...] = ("proxyng", "web")
+LISTENING_COMPONENTS: Tuple[str, ...] = LISTENING
 
 BROKER_ENV = "OOIDX_BROKER"
 DEFAULT_BROKER = "memory://"

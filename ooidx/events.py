@@ -16,10 +16,11 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from magnet import Bus, Message
+from ooidx import wire
 
-NOTIFICATION = "notification"
-EVENT = "event"
-TOPIC_HEADER = "topic"
+NOTIFICATION = wire.NOTIFICATION
+EVENT = wire.EVENT
+TOPIC_HEADER = wire.TOPIC_HEADER
 KINDS = frozenset(("registered", "fetched", "cached", "purged", "saved", "failed", "refreshed"))
 
 log = Logger(namespace="ooidx.events")

@@ -1,4 +1,4 @@
-"""The cache component (ooidx.cache) on the bus: lookup, store streams, serve, purge, faults."""
+"""The cache component (ooidx.datapath.cache) on the bus: lookup, store streams, serve, purge, faults."""
 from __future__ import annotations
 
 import errno
@@ -16,8 +16,8 @@ from magnet import Message, rpc
 from magnet.bus import SHARED_DEAD_LETTERS
 
 from tests.ooidx.waiting import eventually, sleep
-from ooidx import store as store_module
-from ooidx.cache import PURGE_FANOUT, Cache, node_address
+from ooidx.datapath import store as store_module
+from ooidx.datapath.cache import PURGE_FANOUT, Cache, node_address
 from ooidx.config import parse
 
 URL = "http://upstream.example/opendap/sst.nc.dods"

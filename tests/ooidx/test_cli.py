@@ -17,10 +17,10 @@ import magnet
 from magnet import operation
 
 from ooidx import cli
-from ooidx.bootstrap import declare_topology
+from ooidx.node.bootstrap import declare_topology
 from ooidx.component import Component
-from ooidx.token import TOKEN_FILE
-from ooidx.web import Web
+from ooidx.node.token import TOKEN_FILE
+from ooidx.web.app import Web
 
 TOKEN = "cli-test-token-" + "y" * 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

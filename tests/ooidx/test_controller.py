@@ -20,8 +20,8 @@ from magnet.bus import WORKER
 from ooidx import cli
 from ooidx.attribute_store import AttributeStore
 from ooidx.config import parse
-from ooidx.controller import Controller
-from ooidx.web import Web
+from ooidx.datapath.controller import Controller
+from ooidx.web.app import Web
 
 BASE = "http://data.example.org/opendap/sst.nc"
 OTHER = "https://other.example.net:8443/dap/chl/"
@@ -820,12 +820,12 @@ def test_cli_datasets_usage_errors(argv: List[str], capsys: Any) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# with the real cache (ooidx.cache)
+# with the real cache (ooidx.datapath.cache)
 
 
 @pytest_twisted.ensureDeferred
 async def test_with_the_real_cache(broker: str, tmp_path: Any) -> None:
-    from ooidx.cache import Cache
+    from ooidx.datapath.cache import Cache
     config = make_config(f"node: n1\ndata_dir: {tmp_path}\n")
     n = Node(broker, str(tmp_path / "attributes.sqlite3"), config=config, cache=False)
     cache = Cache("cache", n.bus, node="n1", config=config, clock=reactor)

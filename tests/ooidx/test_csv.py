@@ -25,10 +25,10 @@ from twisted.web.client import HTTPConnectionPool
 import magnet
 from magnet import operation
 
-from ooidx.bootstrap import declare_topology
-from ooidx.csv import CSV, decode_dods, to_rows
+from ooidx.node.bootstrap import declare_topology
+from ooidx.datapath.csv import CSV, decode_dods, to_rows
 from ooidx.errors import UnknownDataset
-from ooidx.proxyng import Proxy
+from ooidx.datapath.proxy import Proxy
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dap_upstream import Upstream, make_files  # noqa: E402

@@ -20,12 +20,12 @@ from twisted.logger import LogLevel, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 import magnet
-from ooidx import daemon as daemon_module
+from ooidx.node import daemon as daemon_module
 from ooidx.component import Component
 from ooidx.config import load, parse
-from ooidx.daemon import Daemon
-from ooidx.logs import CHILD_OUTPUT_NAMESPACE, LineObserver, Redactor, make_observer
-from ooidx.registry import component_class
+from ooidx.node.daemon import Daemon
+from ooidx.node.logs import CHILD_OUTPUT_NAMESPACE, LineObserver, Redactor, make_observer
+from ooidx.node.bootstrap import component_class
 
 from twistd_helpers import Daemon as DaemonProcess
 from twistd_helpers import eventually, free_port, run_twistd, write_config
@@ -177,12 +177,7 @@ def test_registry_maps_every_component() -> None:
     for name in COMPONENTS:
         cls = component_class(name)
         assert issubclass(cls, Component), name
-    try:
-        import ooidx.web  # noqa: F401
-    except ImportError:
-        assert component_class("web") is Component
-    else:
-        assert component_class("web").__name__ == "Web"
+    assert component_class("web").__name__ == "Web"
 
 
 # --------------------------------------------------------------------------- #
@@ -379,18 +374,18 @@ def test_json_logs_from_twistd(tmp_path: Path, daemons: List[DaemonProcess]) -> 
     assert d.wait_exit(15) == 0
     records = [json.loads(line) for line in d.log().splitlines()]
     assert {r["node"] for r in records} == {"n1"}
-    assert {"fetcher", "cache", "notification", "ooidx.daemon"} <= {r["component"] for r in records}
+    assert {"fetcher", "cache", "notification", "ooidx.node.daemon"} <= {r["component"] for r in records}
     assert all(set(r) >= {"time", "level", "node", "component", "message"} for r in records)
 
 
 FAILING_CACHE = """
-import ooidx.registry as registry, ooidx.component as component
+import dataclasses, ooidx.wire as wire, ooidx.component as component
 class FailingCache(component.Component):
     def setUp(self):
         raise OSError('cannot open the cache store')
 import sys; sys.modules['failing_cache'] = type(sys)('failing_cache')
 sys.modules['failing_cache'].FailingCache = FailingCache
-registry.IMPLEMENTATIONS['cache'] = 'failing_cache:FailingCache'
+wire.BY_NAME['cache'] = dataclasses.replace(wire.BY_NAME['cache'], implementation='failing_cache:FailingCache')
 """
 
 

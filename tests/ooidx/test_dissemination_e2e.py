@@ -28,16 +28,16 @@ import magnet
 
 from ooidx import events
 from ooidx.attribute_store import AttributeStore
-from ooidx.bootstrap import declare_topology
+from ooidx.node.bootstrap import declare_topology
 from ooidx.config import parse
-from ooidx.controller import Controller
-from ooidx.distributor import Distributor
-from ooidx.fetcher import Fetcher
-from ooidx.notification import Notification
-from ooidx.persister import Persister
-from ooidx.pub_sub import PubSub
-from ooidx.user_notification import UserNotification
-from ooidx.web import Web
+from ooidx.datapath.controller import Controller
+from ooidx.dissemination.distributor import Distributor
+from ooidx.datapath.fetcher import Fetcher
+from ooidx.dissemination.notification import Notification
+from ooidx.dissemination.persister import Persister
+from ooidx.dissemination.pub_sub import PubSub
+from ooidx.people.user_notification import UserNotification
+from ooidx.web.app import Web
 
 from tests.ooidx.dap_upstream import Upstream, make_files
 from tests.ooidx.test_multinode import isolated_broker  # noqa: F401 - the fixture: a vhost of the test's own

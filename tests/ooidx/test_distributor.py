@@ -15,7 +15,7 @@ from magnet import Message, NotConfirmed
 from magnet.bus import ERROR_HEADER
 
 from tests.ooidx.waiting import eventually, sleep
-from ooidx.distributor import (ADDRESSES_HEADER, DISTRIBUTE, DISTRIBUTOR, MAX_ADDRESSES_PER_MESSAGE, TYPE_HEADER,
+from ooidx.dissemination.distributor import (ADDRESSES_HEADER, DISTRIBUTE, DISTRIBUTOR, MAX_ADDRESSES_PER_MESSAGE, TYPE_HEADER,
                                WORK_QUEUE, Distributor, declare_work_queue, distribute, distribute_message, parse)
 from magnet import BadMessage
 

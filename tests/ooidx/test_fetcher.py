@@ -21,7 +21,7 @@ from magnet.rpc import decode_reply, decode_request
 
 from ooidx import config as config_module
 from ooidx.config import FetcherOptions, SecurityConfig
-from ooidx.fetcher import Fetcher
+from ooidx.datapath.fetcher import Fetcher
 
 from tests.ooidx import upstream_http as up
 
@@ -817,7 +817,7 @@ def test_fetch_dataset_slowest_subscriber_sets_the_pace(make_fetcher: Any, made_
     assert bodies[0] == bodies[1] == made_datasets["big"]
     assert fetcher.pauses > 0
     # one stream window plus what one read of the upstream brings
-    from ooidx.fetcher import STREAM_CHUNK_SIZE, STREAM_WINDOW, UPSTREAM_READ_SIZE
+    from ooidx.datapath.fetcher import STREAM_CHUNK_SIZE, STREAM_WINDOW, UPSTREAM_READ_SIZE
     assert lead[0] <= STREAM_WINDOW * STREAM_CHUNK_SIZE + UPSTREAM_READ_SIZE, lead[0]
     event = yield log.next("fetched", "big")
     assert event["bytes"] == len(made_datasets["big"]) and event["delivered"] == 2

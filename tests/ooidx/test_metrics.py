@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor, task
 import magnet
 from magnet import BusObserver, operation
 
-from ooidx.metrics import PrometheusObserver, metric_label
+from ooidx.node.metrics import PrometheusObserver, metric_label
 
 
 class Echo:
@@ -125,7 +125,7 @@ def test_counts_bus_traffic_on_memory() -> Any:
 
 
 # --------------------------------------------------------------------------- #
-# child processes: their files, read by the daemon (ooidx.metrics.ChildMetrics)
+# child processes: their files, read by the daemon (ooidx.node.metrics.ChildMetrics)
 
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -137,15 +137,15 @@ from typing import Iterator, List, Set  # noqa: E402
 
 from twisted.logger import formatEvent, globalLogPublisher  # noqa: E402
 
-from ooidx.metrics import (FILE_PREFIXES, FILE_SIZE, MULTIPROC_ENV, ChildMetrics,  # noqa: E402
+from ooidx.node.metrics import (FILE_PREFIXES, FILE_SIZE, MULTIPROC_ENV, ChildMetrics,  # noqa: E402
                            prepare_directory)
 
 ROOT = Path(__file__).resolve().parents[2]
 
-#: A child process as ooidx.child makes it: shares its metrics, counts, says its pid, waits.
+#: A child process as ooidx.node.child makes it: shares its metrics, counts, says its pid, waits.
 CHILD = """
 import os, sys
-from ooidx.metrics import PrometheusObserver, share_with_daemon
+from ooidx.node.metrics import PrometheusObserver, share_with_daemon
 assert share_with_daemon() == os.environ["PROMETHEUS_MULTIPROC_DIR"]
 o = PrometheusObserver()
 for _ in range(int(sys.argv[1])):
@@ -218,7 +218,7 @@ def logged() -> Iterator[List[str]]:
     lines: List[str] = []
 
     def observe(event: dict) -> None:
-        if str(event.get("log_namespace", "")).startswith("ooidx.metrics"):
+        if str(event.get("log_namespace", "")).startswith("ooidx.node.metrics"):
             lines.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
@@ -391,7 +391,7 @@ def test_the_directory_of_a_daemon_run(tmp_path: Path) -> None:
 def test_a_child_that_cannot_share_keeps_its_metrics_in_memory(tmp_path: Path) -> None:
     script = ("import os\n"
               "from prometheus_client import values\n"
-              "from ooidx.metrics import PrometheusObserver, share_with_daemon\n"
+              "from ooidx.node.metrics import PrometheusObserver, share_with_daemon\n"
               "assert share_with_daemon() is None\n"
               "assert values.ValueClass is values.MutexValue\n"
               "o = PrometheusObserver(); o.message_in('fetcher')\n"
@@ -437,7 +437,7 @@ def test_a_child_on_a_full_disk_is_not_killed_by_its_metrics(tmp_path: Path) -> 
         finally:
             os.close(fd)
         script = ("from prometheus_client import values\n"
-                  "from ooidx.metrics import PrometheusObserver, share_with_daemon\n"
+                  "from ooidx.node.metrics import PrometheusObserver, share_with_daemon\n"
                   "assert share_with_daemon() is None\n"
                   "o = PrometheusObserver()\n"
                   "for _ in range(100): o.message_in('fetcher'); o.rpc_latency('cache', 'get', 0.1, 'ok')\n"

@@ -24,7 +24,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 import magnet
-from ooidx.daemon import cluster_status
+from ooidx.node.daemon import cluster_status
 
 from tests.rabbitmq import url_host_port
 from twistd_helpers import Daemon, environment, eventually, free_port, write_config
@@ -114,7 +114,7 @@ async def test_child_processes_are_supervised_and_restarted(tmp_path: Path, isol
     for pid in pids:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().decode()
-        assert "ooidx.child" in argv and "fetcher" in argv
+        assert "ooidx.node.child" in argv and "fetcher" in argv
         assert "guest:guest" not in argv and isolated_broker not in argv  # the broker is not in ps
     cache = await test_bus.call("cache", "ping", timeout=5)
     assert cache["pid"] == d.pid  # inline

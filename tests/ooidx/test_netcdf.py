@@ -1,4 +1,4 @@
-"""ooidx.netcdf: DAP responses from pydap's real server -> a netCDF4 file with
+"""ooidx.dissemination.netcdf: DAP responses from pydap's real server -> a netCDF4 file with
 the same values, dimensions and attributes as the file the server read."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import netCDF4
 import numpy as np
 import pytest
 
-from ooidx.netcdf import DecodeError, decode, to_netcdf
+from ooidx.dissemination.netcdf import DecodeError, decode, to_netcdf
 
 from tests.ooidx.dap_upstream import Upstream, make_files
 

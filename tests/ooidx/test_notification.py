@@ -12,9 +12,9 @@ import magnet
 from magnet import Message, RemoteError
 
 from ooidx import events
-from ooidx.bootstrap import declare_topology
-from ooidx.notification import API, Notification
-from ooidx.registry import component_class
+from ooidx.node.bootstrap import declare_topology
+from ooidx.dissemination.notification import API, Notification
+from ooidx.node.bootstrap import component_class
 
 
 @defer.inlineCallbacks

@@ -24,7 +24,7 @@ import magnet
 from magnet import Message
 
 from ooidx.errors import UnknownDataset
-from ooidx.persister import MANIFEST, Persister
+from ooidx.dissemination.persister import MANIFEST, Persister
 
 from tests.ooidx.dap_upstream import Upstream, make_files
 from tests.ooidx.dissemination_helpers import EventLog, FakePubSub
@@ -375,7 +375,7 @@ async def test_waits_for_pub_sub(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_many_datasets_at_once(rig: Rig, answers: Dict[str, Any]) -> None:
     """Several versions converted at the same time (netCDF-C is not thread-safe:
-    ooidx.netcdf serializes it; without that this crashed the process)."""
+    ooidx.dissemination.netcdf serializes it; without that this crashed the process)."""
     names = [f"ds{n}" for n in range(8)]
     await defer.gatherResults([rig.send(answers, name=name, topic=f"dataset.{name}") for name in names])
     for n, name in enumerate(names):

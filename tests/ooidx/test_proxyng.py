@@ -18,9 +18,9 @@ from twisted.web.client import HTTPConnectionPool
 import magnet
 from magnet import operation
 
-from ooidx.bootstrap import declare_topology
+from ooidx.node.bootstrap import declare_topology
 from ooidx.errors import Forbidden, InvalidURL, UnknownDataset, UpstreamError, UpstreamTimeout
-from ooidx.proxyng import Proxy, ProxyError, parse_target
+from ooidx.datapath.proxy import Proxy, ProxyError, parse_target
 
 UP = "http://up.example.org/data"
 DDS = b"Dataset {\n    Float64 time[time = 5];\n} sst;\n"

@@ -16,8 +16,8 @@ from magnet import Message, RemoteError, rpc
 
 from tests.ooidx.waiting import eventually, sleep
 from ooidx.attribute_store import AttributeStore
-from ooidx.distributor import Distributor, WORK_QUEUE
-from ooidx.pub_sub import CHANGED, KEY_PREFIX, PUBLICATION, PubSub
+from ooidx.dissemination.distributor import Distributor, WORK_QUEUE
+from ooidx.dissemination.pub_sub import CHANGED, KEY_PREFIX, PUBLICATION, PubSub
 
 
 

@@ -18,9 +18,9 @@ from magnet.bus import WORKER
 
 from ooidx.attribute_store import AttributeStore
 from ooidx.config import parse
-from ooidx.controller import Controller
-from ooidx.fetcher import Fetcher
-from ooidx.persister import Persister
+from ooidx.datapath.controller import Controller
+from ooidx.datapath.fetcher import Fetcher
+from ooidx.dissemination.persister import Persister
 
 from tests.ooidx.dissemination_helpers import EventLog, FakePubSub, dataset_site
 

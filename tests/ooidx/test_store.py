@@ -1,4 +1,4 @@
-"""The cache's disk store (ooidx.store): atomic entries, LRU within a size bound, purge, safe names."""
+"""The cache's disk store (ooidx.datapath.store): atomic entries, LRU within a size bound, purge, safe names."""
 from __future__ import annotations
 
 import errno
@@ -9,8 +9,8 @@ from typing import Any, List
 
 import pytest
 
-from ooidx import store as store_module
-from ooidx.store import DiskStore, EntryTooLarge, StoreError, key_for
+from ooidx.datapath import store as store_module
+from ooidx.datapath.store import DiskStore, EntryTooLarge, StoreError, key_for
 
 URL = "http://example.org/opendap/sst.nc.dds"
 

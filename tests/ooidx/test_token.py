@@ -9,7 +9,7 @@ import pytest
 from twisted.logger import Logger, formatEvent
 
 from ooidx.config import load
-from ooidx.token import TOKEN_FILE, TokenError, ensure_token, find_token
+from ooidx.node.token import TOKEN_FILE, TokenError, ensure_token, find_token
 
 CONFIGURED = "configured-token-0123456789"
 

@@ -26,15 +26,15 @@ import magnet
 from magnet import operation
 
 from ooidx import cli, events
-from ooidx.bootstrap import declare_topology
-from ooidx.notification import Notification
-from ooidx.user_notification import UserNotification
-from ooidx.user_pub_sub import UserPubSub
-from ooidx.httpedge import mask_query
-from ooidx.logs import LineObserver, Redactor
-from ooidx.user_subscriptions import (CHANGED_FANOUT, TicketError, WebhookDelivery, make_ticket, parse_ticket,
+from ooidx.node.bootstrap import declare_topology
+from ooidx.dissemination.notification import Notification
+from ooidx.people.user_notification import UserNotification
+from ooidx.people.user_pub_sub import UserPubSub
+from ooidx.http.edge import mask_query
+from ooidx.node.logs import LineObserver, Redactor
+from ooidx.people.subscriptions import (CHANGED_FANOUT, TicketError, WebhookDelivery, make_ticket, parse_ticket,
                                       ticket_key)
-from ooidx.web import Web
+from ooidx.web.app import Web
 
 TOKEN = "operator-token-" + "y" * 20
 

@@ -20,12 +20,12 @@ from twisted.web.client import HTTPConnectionPool
 import magnet
 from magnet import operation
 
-from ooidx.bootstrap import declare_topology
+from ooidx.node.bootstrap import declare_topology
 from ooidx.component import Component
 from ooidx.config import load
-from ooidx.metrics import PrometheusObserver
-from ooidx.token import TOKEN_FILE
-from ooidx.web import MAX_BODY, Web
+from ooidx.node.metrics import PrometheusObserver
+from ooidx.node.token import TOKEN_FILE
+from ooidx.web.app import MAX_BODY, Web
 
 TOKEN = "test-token-" + "x" * 20
 

@@ -18,12 +18,12 @@ import magnet
 from magnet import operation
 
 from ooidx.attribute_store import AttributeStore
-from ooidx.bootstrap import declare_topology
+from ooidx.node.bootstrap import declare_topology
 from ooidx.config import parse
-from ooidx.controller import Controller
+from ooidx.datapath.controller import Controller
 from ooidx.errors import InvalidRegex
-from ooidx.web import Web
-from ooidx.webpage import STATIC_FILES
+from ooidx.web.app import Web
+from ooidx.web.page import STATIC_FILES
 
 TOKEN = "webpage-test-token-" + "q" * 16
 BASE = "http://data.example.org/opendap/sst.nc"

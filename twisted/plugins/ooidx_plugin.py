@@ -1,3 +1,3 @@
 from twisted.application.service import ServiceMaker
 
-ooidx = ServiceMaker("ooidx", "ooidx.tap", "The OOI Data Exchange daemon (one node)", "ooidx")
+ooidx = ServiceMaker("ooidx", "ooidx.node.tap", "The OOI Data Exchange daemon (one node)", "ooidx")

@@ -49,6 +49,7 @@ from magnet.errors import BadArguments, MagnetError, RemoteError, Unroutable
 from magnet.rpc import error_reply
 
 from ooidx import dap, events, urlpolicy
+from ooidx import wire
 from ooidx.component import Component
 from ooidx.config import FetcherOptions, SecurityConfig
 from ooidx.errors import Forbidden, InvalidName, InvalidURL, UpstreamError, UpstreamTimeout
@@ -56,8 +57,7 @@ from ooidx.errors import Forbidden, InvalidName, InvalidURL, UpstreamError, Upst
 METHODS = ("GET", "HEAD")
 REDIRECTS = (301, 302, 303, 307, 308)
 #: Removed from every answer (RFC 9110 section 7.6.1), with what Connection names.
-HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer", "trailers", "upgrade",
-                        "proxy-connection", "proxy-authenticate", "proxy-authorization"))
+HOP_BY_HOP = wire.HOP_BY_HOP
 USER_AGENT = b"ooidx-fetcher/0.1"
 #: The pub_sub component fetch_dataset routes with, unless told another.
 PUB_SUB = "pub_sub"

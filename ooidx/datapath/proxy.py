@@ -68,8 +68,9 @@ from magnet.rpc import ERROR, REPLY, decode_request
 from ooidx import events
 
 from ooidx.component import Component
-from ooidx.httpedge import TrackingSite, listen_address
+from ooidx.http.edge import TrackingSite, listen_address
 from ooidx.errors import http_status
+from ooidx import wire
 
 __all__ = ["Proxy", "ProxyError", "DAP_SUFFIXES", "HOP_BY_HOP", "parse_target", "Target"]
 
@@ -78,8 +79,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 #: The suffixes a by-name path may end in; the longest match wins.
 DAP_SUFFIXES = (".dods", ".das", ".dds", ".asc", ".ascii", ".html", ".info", ".ver", ".csv", ".nc")
 #: Headers that concern one connection only; never passed on.
-HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
-                        b"proxy-authenticate", b"proxy-authorization", b"proxy-connection"))
+HOP_BY_HOP = wire.HOP_BY_HOP_BYTES
 #: What the datasets path looks like.
 DATASETS_PREFIX = b"/datasets/"
 #: How long the proxy waits for the answer to start (the fetcher's own timeout is shorter).
@@ -103,8 +103,8 @@ STREAM_WRITE_BUFFER = 1024 * 1024
 STREAM_SEND_LIMIT = 1024 * 1024
 #: Seconds between the posts that count the requests answered at the proxy.
 RECORD_INTERVAL = 1.0
-#: The fanout the caches tell each other about purges on (ooidx.cache.PURGE_FANOUT).
-CACHE_PURGE_FANOUT = "cache.purge"
+#: The fanout the caches tell each other about purges on (ooidx.datapath.cache.PURGE_FANOUT).
+CACHE_PURGE_FANOUT = wire.CACHE_PURGE_FANOUT
 #: Events after which what the proxy holds for a dataset may be out of date.
 _INVALIDATING = frozenset(("purged", "registered", "fetched", "refreshed", "cached"))
 #: Response headers never held: the connection's own, and those Twisted sets on each request.
@@ -677,7 +677,7 @@ class Proxy(Component):
         if known is not None and known[0] > now:
             return known[1]
         try:
-            record = yield self.bus.call("attribute_store", "get", key=f"dataset:{name}",
+            record = yield self.bus.call("attribute_store", "get", key=wire.dataset_key(name),
                                          timeout=self.lookup_timeout)
         except RemoteError as e:
             if e.remote_type in ("KeyError", "NotFound", "UnknownKey", "UnknownDataset"):

@@ -59,11 +59,12 @@ from magnet import BadArguments, MagnetError, RemoteError, Unroutable, operation
 from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
 from ooidx.errors import Forbidden, InvalidName, InvalidURL, UnknownDataset
+from ooidx import wire
 
 __all__ = ["Controller", "DATASET_PREFIX", "STATS_PREFIX", "dataset_key", "check_name", "check_base_url"]
 
-DATASET_PREFIX = "dataset:"
-STATS_PREFIX = "stats:"
+DATASET_PREFIX = wire.DATASET_KEY
+STATS_PREFIX = wire.STATS_KEY
 STATUSES = ("registered", "fetched", "failed", "purged")
 METHODS = ("GET", "HEAD")
 MAX_PATTERN_LENGTH = 256

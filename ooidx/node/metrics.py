@@ -18,7 +18,7 @@ Child processes (``process: child`` components)
 -----------------------------------------------
 
 A node's C{/metrics} is served by its web component, in the daemon's
-process; the children (L{ooidx.child}) count in processes of their own.
+process; the children (L{ooidx.node.child}) count in processes of their own.
 They share their counts with the daemon through prometheus_client's
 multiprocess mode: the daemon gives every child
 C{PROMETHEUS_MULTIPROC_DIR} = C{DATA_DIR/child-metrics/DAEMON_PID} (made
@@ -80,7 +80,7 @@ from magnet.observer import BusObserver
 __all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "ChildMetrics", "MULTIPROC_ENV",
            "CHILD_METRICS_DIR", "prepare_directory", "share_with_daemon"]
 
-log = Logger(namespace="ooidx.metrics")
+log = Logger(namespace="ooidx.node.metrics")
 
 #: The content type of L{PrometheusObserver.generate}'s output.
 CONTENT_TYPE = CONTENT_TYPE_LATEST

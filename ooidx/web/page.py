@@ -1,6 +1,6 @@
-"""The management page and its JSON API, served by the web edge (L{ooidx.web.Web}).
+"""The management page and its JSON API, served by the web edge (L{ooidx.web.app.Web}).
 
-    GET    /                           the page (ooidx/static/index.html)
+    GET    /                           the page (ooidx/web/static/index.html)
     GET    /static/NAME                its script, style sheet and icon
     GET    /api/datasets               {"datasets": [record, ...]}           (controller.list)
     POST   /api/datasets               {"name", "url", "refresh"?} -> 201 {"dataset": record}  token
@@ -40,10 +40,12 @@ from magnet import BadArguments, ConnectionLost, NotConfirmed, NotConnected, Rem
 
 from ooidx import dap
 from ooidx.errors import HTTP_STATUS
+from ooidx import wire
+from ooidx.http.answers import Answer, HTTPError, error_answer, json_answer
 
 __all__ = ["ManagementPage", "STATIC_FILES", "EVENTS_SERVICE", "MAX_URL_LENGTH", "MAX_EVENTS", "MAX_REGEX"]
 
-log = Logger(namespace="ooidx.webpage")
+log = Logger(namespace="ooidx.web.page")
 
 #: The files of the page: name -> content type. Nothing else under /static/ is served.
 STATIC_FILES: Dict[str, bytes] = {
@@ -54,7 +56,7 @@ STATIC_FILES: Dict[str, bytes] = {
     "favicon.svg": b"image/svg+xml",
 }
 #: Where notification answers C{recent} (docs/dissemination.md).
-EVENTS_SERVICE = "notification.api"
+EVENTS_SERVICE = wire.NOTIFICATION_API
 #: Longest base URL taken.
 MAX_URL_LENGTH = 2048
 #: Most events one request may ask for.
@@ -97,7 +99,7 @@ def person_row(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _load_static() -> Dict[str, bytes]:
-    folder = resources.files("ooidx").joinpath("static")
+    folder = resources.files("ooidx.web").joinpath("static")
     return {name: folder.joinpath(name).read_bytes() for name in STATIC_FILES}
 
 
@@ -106,8 +108,8 @@ class ManagementPage:
 
     C{methods(path)} answers the handlers of C{path} by method (or None when
     the path is not the page's); each handler takes the request and returns
-    an L{ooidx.web.Answer} or a Deferred firing with one, or raises
-    L{ooidx.web.HTTPError}, as the web edge's own handlers do.
+    an L{ooidx.web.app.Answer} or a Deferred firing with one, or raises
+    L{ooidx.web.app.HTTPError}, as the web edge's own handlers do.
     """
 
     def __init__(self, web: Any, *, read_token: Optional[bool] = None,
@@ -157,7 +159,6 @@ class ManagementPage:
         return lambda request: self._file(name)
 
     def _file(self, name: str) -> Any:
-        from ooidx.web import Answer
         return Answer(200, self.files[name], STATIC_FILES[name], dict(SECURITY_HEADERS))
 
     # datasets ------------------------------------------------------------------------
@@ -219,7 +220,6 @@ class ManagementPage:
     def render_user_subscriptions(self, request: server.Request) -> Deferred:
         """Every person's subscriptions, of both kinds. Always behind the
         token: a webhook URL may carry the person's secret."""
-        from ooidx.web import error_answer, json_answer
 
         self.web._check_token(request)
         services = ("user_pub_sub", "user_notification")
@@ -271,7 +271,6 @@ class ManagementPage:
     # helpers -------------------------------------------------------------------------
 
     def _error(self, status: int, kind: str, message: str) -> Exception:
-        from ooidx.web import HTTPError
         return HTTPError(status, kind, message)
 
     def _check_read(self, request: server.Request) -> None:
@@ -297,7 +296,6 @@ class ManagementPage:
 
     def _call(self, service: str, op: str, kwargs: Dict[str, Any], shape: Callable[[Any], Any],
               status: int = 200) -> Deferred:
-        from ooidx.web import error_answer, json_answer
 
         d = self.web.bus.call_with(service, op, kwargs, timeout=_timeout(service))
 
@@ -344,7 +342,6 @@ def _timeout(service: str) -> float:
 
 
 def check_name(name: Any) -> str:
-    from ooidx.web import HTTPError
     if not isinstance(name, str) or not name:
         raise HTTPError(400, "InvalidName", "a dataset needs a name")
     if not dap.valid_name(name):
@@ -355,7 +352,6 @@ def check_name(name: Any) -> str:
 
 
 def check_url(url: Any) -> str:
-    from ooidx.web import HTTPError
     if not isinstance(url, str) or not url.strip():
         raise HTTPError(400, "InvalidURL", "a dataset needs its base URL (http:// or https://)")
     url = url.strip()
@@ -380,7 +376,6 @@ def check_url(url: Any) -> str:
 
 
 def check_refresh(refresh: Any) -> Optional[float]:
-    from ooidx.web import HTTPError
     if refresh is None:
         return None
     if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or \

@@ -30,15 +30,16 @@ from magnet import BadMessage, Bus, Message, Unroutable
 from magnet.bus import ATTEMPT_HEADER, ERROR_HEADER, ORIGIN_HEADER
 
 from ooidx.component import Component
+from ooidx import wire
 
 __all__ = ["Distributor", "DISTRIBUTOR", "WORK_QUEUE", "DISTRIBUTE", "ADDRESSES_HEADER", "TYPE_HEADER",
            "declare_work_queue", "distribute_message", "MAX_ADDRESSES_PER_MESSAGE"]
 
 DISTRIBUTOR = "distributor"
-WORK_QUEUE = "distributor.work"
-DISTRIBUTE = "distribute"
-ADDRESSES_HEADER = "addresses"
-TYPE_HEADER = "deliver_type"
+WORK_QUEUE = wire.DISTRIBUTOR_WORK
+DISTRIBUTE = wire.DISTRIBUTE
+ADDRESSES_HEADER = wire.ADDRESSES_HEADER
+TYPE_HEADER = wire.DELIVER_TYPE_HEADER
 
 #: Addresses per distribute message: a longer list is split over several
 #: messages (an AMQP content header must fit in one frame).

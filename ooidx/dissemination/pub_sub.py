@@ -20,7 +20,7 @@ them all every C{reload_interval} seconds (to catch changes sent while its
 link was down).
 
 C{publish} does not send to the subscribers itself: it hands the list of
-addresses to the distributor (L{ooidx.distributor.distribute}).
+addresses to the distributor (L{ooidx.dissemination.distributor.distribute}).
 """
 from __future__ import annotations
 
@@ -38,18 +38,19 @@ from twisted.python.failure import Failure
 from magnet import Bus, Message, RemoteError, operation
 
 from ooidx.component import Component
-from ooidx.distributor import distribute, declare_work_queue
+from ooidx.dissemination.distributor import distribute, declare_work_queue
 from ooidx.errors import DXError, InvalidName
 from ooidx.routing import Router, validate
+from ooidx import wire
 
 __all__ = ["PubSub", "InvalidTopic", "MessageTooLarge", "UnknownSubscription", "CHANGED", "PUBLICATION",
            "address_of", "check_name", "KEY_PREFIX"]
 
-CHANGED = "pubsub.changed"
-PUBLICATION = "publication"
-TOPIC_HEADER = "topic"
-KEY_PREFIX = "subscription:"
-ADDRESS_PREFIX = "pubsub.sub."
+CHANGED = wire.PUBSUB_CHANGED
+PUBLICATION = wire.PUBLICATION
+TOPIC_HEADER = wire.TOPIC_HEADER
+KEY_PREFIX = wire.SUBSCRIPTION_KEY
+ADDRESS_PREFIX = wire.SUBSCRIBER_PREFIX
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 MAX_TOPIC_BYTES = 1024
 MAX_MESSAGE_BYTES = 1 << 20

@@ -6,7 +6,7 @@
 Every line names the node and the component that logged it: the event's
 C{component} field (components pass C{component=self.name}), else the
 process's own component (a child process runs one), else the short form of
-the logging namespace (C{magnet.amqp}, C{ooidx.daemon}).
+the logging namespace (C{magnet.amqp}, C{ooidx.node.daemon}).
 
 Text::
 
@@ -52,10 +52,10 @@ MASK = "***"
 #: ?ticket=VALUE / &ticket=VALUE  ->  ?ticket=***
 _TICKET_QUERY = re.compile(r"(?P<head>[?&;]ticket=)(?P<value>[^\s&;#\"'<>]+)", re.IGNORECASE)
 
-#: The namespace under which the daemon's L{ooidx.daemon.ChildProcesses}
+#: The namespace under which the daemon's L{ooidx.node.daemon.ChildProcesses}
 #: logs its children's output: their stdout lines are already formatted,
 #: filtered and redacted log lines, and are relayed as they are.
-CHILD_OUTPUT_NAMESPACE = "ooidx.daemon.ChildProcesses"
+CHILD_OUTPUT_NAMESPACE = "ooidx.node.daemon.ChildProcesses"
 
 
 class Redactor:

@@ -1,7 +1,7 @@
 """One DX node: the bus, this node's components, their child processes.
 
     daemon = Daemon(config, reactor=reactor, config_path="etc/dx.yaml")
-    daemon.startService()      # twistd does this; see ooidx.tap
+    daemon.startService()      # twistd does this; see ooidx.node.tap
 
 Start: the bus connects (and keeps retrying, with backoff, while the broker
 is away: the node waits, it does not exit), the component table is declared,
@@ -18,7 +18,7 @@ finishes (bounded by C{timeouts.shutdown}), child processes get SIGTERM
 
 With a web component in the daemon, the children's metrics are in its
 /metrics too: they count in files under C{DATA_DIR/child-metrics/PID} that
-the daemon reads (L{ooidx.metrics.ChildMetrics}, which says why and how).
+the daemon reads (L{ooidx.node.metrics.ChildMetrics}, which says why and how).
 """
 from __future__ import annotations
 
@@ -39,22 +39,23 @@ import magnet
 from magnet import Bus, Message
 from magnet.errors import BadMessage
 
-from ooidx.bootstrap import CONTROL_FANOUT, declare_topology
+from ooidx.node.bootstrap import CONTROL_FANOUT, declare_topology
 from ooidx.config import BROKER_ENV, Config
-from ooidx.logs import add_secret
-from ooidx.registry import component_class
+from ooidx.node.logs import add_secret
+from ooidx.node.bootstrap import component_class
+from ooidx import wire
 
 __all__ = ["Daemon", "ChildProcesses", "bus_for", "cluster_status", "STATUS", "STATUS_REPLY"]
 
 #: Message types on the control fanout.
-STATUS = "status"
-STATUS_REPLY = "status.reply"
+STATUS = wire.STATUS
+STATUS_REPLY = wire.STATUS_REPLY
 
 
 def metrics_observer() -> Optional[magnet.BusObserver]:
-    """The Prometheus bus observer of L{ooidx.metrics}, if that module is there."""
+    """The Prometheus bus observer of L{ooidx.node.metrics}, if that module is there."""
     try:
-        from ooidx.metrics import PrometheusObserver  # type: ignore[attr-defined]
+        from ooidx.node.metrics import PrometheusObserver  # type: ignore[attr-defined]
     except ImportError:
         return None
     return PrometheusObserver()
@@ -282,7 +283,7 @@ class Daemon(MultiService):
         """A token the web edge made at first start (in the data directory) is a
         secret the config did not know of: keep it out of the logs too."""
         try:
-            from ooidx.token import read_token_file, token_path
+            from ooidx.node.token import read_token_file, token_path
             add_secret(read_token_file(token_path(self.config.data_dir)))
         except Exception:  # noqa: BLE001 - no token module or file: nothing to hide
             pass
@@ -300,19 +301,19 @@ class Daemon(MultiService):
         self.child_metrics = self._share_child_metrics(monitor, env)
         for name, settings in children:
             for i in range(settings.instances):
-                args = [sys.executable, "-m", "ooidx.child", "--config", self.config_path, "--component", name]
+                args = [sys.executable, "-m", "ooidx.node.child", "--config", self.config_path, "--component", name]
                 monitor.addProcess(f"{name}.{i}", args, env=env)
         self.children = monitor
         monitor.setServiceParent(self)
 
     def _share_child_metrics(self, monitor: ChildProcesses, env: Dict[str, str]) -> Any:
         """With a web component in this process, the children count in files
-        that its /metrics reads (ooidx.metrics); otherwise nothing changes."""
+        that its /metrics reads (ooidx.node.metrics); otherwise nothing changes."""
         web = self.config.components.get("web")
         observer = getattr(self.bus, "observer", None)
         if web is None or web.process != "inline" or not hasattr(observer, "include"):
             return None
-        from ooidx.metrics import MULTIPROC_ENV, ChildMetrics, prepare_directory
+        from ooidx.node.metrics import MULTIPROC_ENV, ChildMetrics, prepare_directory
         try:
             directory = prepare_directory(self.config.data_dir)
         except OSError as e:

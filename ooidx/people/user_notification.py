@@ -22,12 +22,13 @@ from magnet import Message, Unroutable
 
 from ooidx.events import EVENT, NOTIFICATION, TOPIC_HEADER
 from ooidx.routing import Router
-from ooidx.user_subscriptions import ID_HEADER, WEBHOOK_DETAIL, PersonalSubscriptions, message_id
+from ooidx.people.subscriptions import ID_HEADER, WEBHOOK_DETAIL, PersonalSubscriptions, message_id
+from ooidx import wire
 
 __all__ = ["UserNotification", "EVENTS_QUEUE"]
 
 #: The shared queue on the notification fanout that user_notification consumes.
-EVENTS_QUEUE = "user_notification.events"
+EVENTS_QUEUE = wire.USER_EVENTS_QUEUE
 #: Its bound: events waiting while no user_notification runs (the oldest dropped).
 EVENTS_QUEUE_LENGTH = 100_000
 

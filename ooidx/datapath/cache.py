@@ -16,7 +16,7 @@ Purges reach every node: C{purge} on the worker queue purges the node that
 took it and tells the others on the fanout C{cache.purge}.
 
 Disk work runs in a small thread pool of its own, never on the reactor
-thread; the store module (L{ooidx.store}) knows nothing of the bus.
+thread; the store module (L{ooidx.datapath.store}) knows nothing of the bus.
 """
 from __future__ import annotations
 
@@ -40,12 +40,13 @@ from ooidx import events
 from ooidx.component import Component
 from ooidx.config import CacheOptions
 from ooidx.errors import DXError, InvalidName, InvalidURL, UpstreamError
-from ooidx.store import DiskStore, Entry, EntryTooLarge, StoreError, Writer
+from ooidx.datapath.store import DiskStore, Entry, EntryTooLarge, StoreError, Writer
+from ooidx import wire
 
 __all__ = ["Cache", "node_address", "PURGE_FANOUT"]
 
 #: The fanout every cache node listens on for purges.
-PURGE_FANOUT = "cache.purge"
+PURGE_FANOUT = wire.CACHE_PURGE_FANOUT
 #: Bytes read from disk per step while serving (the stream chunks them further).
 READ_SIZE = 256 * 1024
 #: Streams served at once by one process; further serves wait their turn.
@@ -226,7 +227,7 @@ class Cache(Component):
         """The base URL of dataset C{name} in the attribute store (a purged record keeps
         it), or None: entries whose dataset is not recorded are found by it."""
         try:
-            record = yield self.bus.call("attribute_store", "get", key=f"dataset:{name}", timeout=ATTRIBUTE_TIMEOUT)
+            record = yield self.bus.call("attribute_store", "get", key=wire.dataset_key(name), timeout=ATTRIBUTE_TIMEOUT)
         except MagnetError as e:
             self.log.info("purge of {dataset}: no base URL from the attribute store ({error}); purging by name",
                           dataset=name, error=e, component=self.name)

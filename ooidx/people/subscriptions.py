@@ -55,6 +55,8 @@ from ooidx import events, urlpolicy
 from ooidx.component import Component
 from ooidx.errors import InvalidRegex, InvalidURL
 from ooidx.routing import validate
+from ooidx import wire
+from ooidx.http.answers import HTTPError, json_answer
 
 __all__ = ["PersonalSubscriptions", "WebhookDelivery", "SubscriptionsApi", "InvalidSubscription",
            "UnknownSubscription", "PERSON_NAME", "queue_name", "hash_token", "KINDS", "MAX_LENGTH",
@@ -72,11 +74,11 @@ MAX_LENGTH_LIMIT = 100_000
 MAX_SUBSCRIPTIONS = 100
 MAX_URL = 2048
 #: The fanout every instance of both components hears after a subscription changes.
-CHANGED_FANOUT = "user_subscriptions.changed"
+CHANGED_FANOUT = wire.USER_SUBSCRIPTIONS_CHANGED
 #: The header stamping every message in a person's queue with a sortable id (SSE's C{id:}).
-ID_HEADER = "x-ooidx-id"
-PERSON_KEY = "person:"
-SUBSCRIPTION_KEY = "user_subscription:"
+ID_HEADER = wire.ID_HEADER
+PERSON_KEY = wire.PERSON_KEY
+SUBSCRIPTION_KEY = wire.USER_SUBSCRIPTION_KEY
 #: Details of an event that a failing webhook caused: such events are never
 #: routed to webhook subscriptions, so failing webhooks cannot feed each other.
 WEBHOOK_DETAIL = "webhook_subscription"
@@ -658,7 +660,7 @@ class PersonalSubscriptions(Component):
 
 
 # --------------------------------------------------------------------------- #
-# The HTTP API (mounted by ooidx.web)
+# The HTTP API (mounted by ooidx.web.app)
 
 
 class _SSE:
@@ -790,7 +792,6 @@ class SubscriptionsApi:
     # routing --------------------------------------------------------------------------
 
     def render(self, request: server.Request) -> Any:
-        from ooidx.web import HTTPError
 
         parts = request.path.split(b"/")[2:]  # after b"", b"api"
         try:
@@ -818,7 +819,6 @@ class SubscriptionsApi:
         raise HTTPError(404, "NotFound", f"no such path: {request.path[:80].decode('ascii', 'replace')}")
 
     def _methods(self, request: server.Request, methods: Dict[bytes, Callable[[server.Request], Any]]) -> Any:
-        from ooidx.web import HTTPError
 
         handler = methods.get(request.method)
         if handler is None:
@@ -829,7 +829,6 @@ class SubscriptionsApi:
     # who is asking -------------------------------------------------------------------
 
     def _bearer(self, request: server.Request, who: str) -> str:
-        from ooidx.web import HTTPError
 
         challenge = {b"WWW-Authenticate": b'Bearer realm="ooidx"'}
         header = request.getHeader(b"authorization")
@@ -853,7 +852,6 @@ class SubscriptionsApi:
     @inlineCallbacks
     def _person_and_hash(self, request: server.Request) -> Any:
         """C{(name, token_sha256)} of the person whose token the request carries; 401 otherwise."""
-        from ooidx.web import HTTPError
 
         token = self._bearer(request, "a person's")
         name, dot, _ = token.partition(".")
@@ -879,7 +877,6 @@ class SubscriptionsApi:
         return expected if isinstance(expected, str) and expected.isascii() and expected else None
 
     def _ticket_key(self) -> bytes:
-        from ooidx.web import HTTPError
 
         token = getattr(self.web, "_token", None)
         if not token:  # pragma: no cover - the web edge always has one once started
@@ -891,7 +888,6 @@ class SubscriptionsApi:
         """The person whose valid ticket for subscription C{sid}'s stream the
         request carries (C{?ticket=}); 400/401/403 otherwise. Only the
         stream's GET calls this: a ticket opens nothing else."""
-        from ooidx.web import HTTPError
 
         challenge = {b"WWW-Authenticate": b'Bearer realm="ooidx", error="invalid_token"'}
         if len(values) != 1:
@@ -916,7 +912,6 @@ class SubscriptionsApi:
         return person
 
     def _body(self, request: server.Request) -> Dict[str, Any]:
-        from ooidx.web import HTTPError
 
         if getattr(request, "too_large", False):
             raise HTTPError(413, "PayloadTooLarge", "the request body is too large")
@@ -927,7 +922,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def create_person(self, request: server.Request) -> Any:
-        from ooidx.web import HTTPError, json_answer
 
         self._operator(request)
         body = self._body(request)
@@ -949,7 +943,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def list_people(self, request: server.Request) -> Any:
-        from ooidx.web import json_answer
 
         self._operator(request)
         found = yield self.bus.call("attribute_store", "query", regex="^" + PERSON_KEY)
@@ -959,7 +952,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def delete_person(self, request: server.Request, name: str) -> Any:
-        from ooidx.web import HTTPError, json_answer
 
         self._operator(request)
         if not PERSON_NAME.match(name):
@@ -982,7 +974,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def _record(self, person: str, sid: str) -> Any:
-        from ooidx.web import HTTPError
 
         if not SUBSCRIPTION_ID.match(sid):
             raise HTTPError(404, "NotFound", f"no subscription {sid[:40]!r}")
@@ -996,7 +987,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def create_subscription(self, request: server.Request) -> Any:
-        from ooidx.web import HTTPError, json_answer
 
         person = yield self._person(request)
         body = self._body(request)
@@ -1028,7 +1018,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def list_subscriptions(self, request: server.Request) -> Any:
-        from ooidx.web import json_answer
 
         person = yield self._person(request)
         records = yield self._records(person)
@@ -1036,7 +1025,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def get_subscription(self, request: server.Request, sid: str) -> Any:
-        from ooidx.web import json_answer
 
         person = yield self._person(request)
         record = yield self._record(person, sid)
@@ -1044,7 +1032,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def delete_subscription(self, request: server.Request, sid: str) -> Any:
-        from ooidx.web import json_answer
 
         person = yield self._person(request)
         record = yield self._record(person, sid)
@@ -1053,7 +1040,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def _unsubscribe(self, record: Dict[str, Any]) -> Any:
-        from ooidx.web import HTTPError
 
         component = KINDS.get(record.get("kind", ""))
         try:
@@ -1069,7 +1055,6 @@ class SubscriptionsApi:
     def create_ticket(self, request: server.Request, sid: str) -> Any:
         """A short-lived ticket opening this subscription's stream (for an
         EventSource, which cannot send the person's token)."""
-        from ooidx.web import HTTPError, json_answer
 
         person, token_sha256 = yield self._person_and_hash(request)
         record = yield self._record(person, sid)
@@ -1082,7 +1067,6 @@ class SubscriptionsApi:
 
     @inlineCallbacks
     def subscription_events(self, request: server.Request, sid: str) -> Any:
-        from ooidx.web import HTTPError
 
         tickets = (request.args or {}).get(b"ticket")
         if tickets is not None:
@@ -1161,7 +1145,6 @@ class SubscriptionsApi:
     def tail_events(self, request: server.Request) -> Any:
         """The operator's live tail: every event matching C{?regex=} from now on
         (after the C{?recent=N} most recent ones from notification's ring)."""
-        from ooidx.web import HTTPError
 
         self._operator(request)
         regex = _query(request, b"regex") or ""
@@ -1240,7 +1223,6 @@ def _public(record: Any) -> Any:
 
 
 def _http_error(e: RemoteError) -> Exception:
-    from ooidx.web import HTTPError
 
     status = {"InvalidRegex": 400, "InvalidURL": 400, "InvalidSubscription": 400, "BadArguments": 400,
               "Forbidden": 403, "UnknownSubscription": 404}.get(e.remote_type, 502)
@@ -1248,7 +1230,6 @@ def _http_error(e: RemoteError) -> Exception:
 
 
 def _query(request: server.Request, name: bytes) -> Optional[str]:
-    from ooidx.web import HTTPError
 
     values = (request.args or {}).get(name)
     if not values:
@@ -1260,7 +1241,6 @@ def _query(request: server.Request, name: bytes) -> Optional[str]:
 
 
 def _int_query(request: server.Request, name: bytes, default: int, low: int, high: int) -> int:
-    from ooidx.web import HTTPError
 
     text = _query(request, name)
     if text is None:

@@ -26,12 +26,13 @@ from magnet import Message, RemoteError, Unroutable
 from magnet import stream as magnet_stream
 
 from ooidx.events import TOPIC_HEADER
-from ooidx.user_subscriptions import ID_HEADER, InvalidSubscription, PersonalSubscriptions, message_id
+from ooidx.people.subscriptions import ID_HEADER, InvalidSubscription, PersonalSubscriptions, message_id
+from ooidx import wire
 
 __all__ = ["UserPubSub", "NOTICE_FIELDS"]
 
 NOTICE_FIELDS = ("topic", "dataset", "url", "fetched", "length")
-PUBLICATION = "publication"
+PUBLICATION = wire.PUBLICATION
 
 
 class UserPubSub(PersonalSubscriptions):

@@ -1,6 +1,6 @@
 """One component in a process of its own, supervised by its node's daemon.
 
-    OOIDX_BROKER=amqp://... python -m ooidx.child --config etc/node-worker.yaml --component fetcher
+    OOIDX_BROKER=amqp://... python -m ooidx.node.child --config etc/node-worker.yaml --component fetcher
 
 The daemon spawns this for every instance of a ``process: child`` component
 (under a L{twisted.runner.procmon.ProcessMonitor}) and passes the broker URL
@@ -11,7 +11,7 @@ those lines as they are), stops cleanly on SIGTERM (status 0), and stops by
 itself if its daemon goes away. A failed start exits with status 1, and the
 daemon restarts it with backoff. When the daemon serves /metrics it passes
 C{PROMETHEUS_MULTIPROC_DIR}, and the child's metrics are counted in files
-there that the daemon reads (L{ooidx.metrics}).
+there that the daemon reads (L{ooidx.node.metrics}).
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.failure import Failure
 
-from ooidx.bootstrap import declare_topology
+from ooidx.node.bootstrap import declare_topology
 from ooidx.config import COMPONENTS, ConfigError, load
-from ooidx.daemon import bus_for, metrics_observer
-from ooidx.logs import make_observer
-from ooidx.metrics import share_with_daemon
-from ooidx.registry import component_class
+from ooidx.node.daemon import bus_for, metrics_observer
+from ooidx.node.logs import make_observer
+from ooidx.node.metrics import share_with_daemon
+from ooidx.node.bootstrap import component_class
 
-log = Logger(namespace="ooidx.child")
+log = Logger(namespace="ooidx.node.child")
 
 
 class ChildRunner:
@@ -98,7 +98,7 @@ class ChildRunner:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ooidx.child",
+    parser = argparse.ArgumentParser(prog="python -m ooidx.node.child",
                                      description="Run one DX component (a child process of the daemon).")
     parser.add_argument("--config", required=True, help="the node's YAML config file")
     parser.add_argument("--component", required=True, choices=COMPONENTS, help="the component to run")
@@ -112,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = load(args.config, broker_override=args.broker)
     except ConfigError as e:
-        print(f"ooidx.child: {e}", file=sys.stderr)
+        print(f"ooidx.node.child: {e}", file=sys.stderr)
         return 2
     from twisted.internet import reactor
 

@@ -22,11 +22,12 @@ from magnet import Message, operation
 from ooidx.component import Component
 from ooidx.events import EVENT, TOPIC_HEADER
 from ooidx.routing import compile_filter
+from ooidx import wire
 
 __all__ = ["Notification", "API", "RING_SIZE", "MAX_LIMIT"]
 
 #: The worker queue the ring is read on.
-API = "notification.api"
+API = wire.NOTIFICATION_API
 #: How many events the ring keeps by default.
 RING_SIZE = 1000
 #: The most events one C{recent} answers with.

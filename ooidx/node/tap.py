@@ -18,10 +18,10 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
 from ooidx.config import ConfigError, check_ports_free, load
-from ooidx.daemon import Daemon
+from ooidx.node.daemon import Daemon
 from magnet.errors import MagnetError
 
-from ooidx.logs import make_observer, redactor
+from ooidx.node.logs import make_observer, redactor
 
 DEFAULT_CONFIG = "etc/dx.yaml"
 

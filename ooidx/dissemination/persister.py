@@ -12,7 +12,7 @@ length; body: the C{.dods} as received) and becomes a version directory:
         NAME.das                                       first 12 hex digits of the .dods sha256)
         NAME.dds
         NAME.dods
-        NAME.nc                             netCDF4, from pydap decoding the .dods (ooidx.netcdf)
+        NAME.nc                             netCDF4, from pydap decoding the .dods (ooidx.dissemination.netcdf)
         manifest.json                       {"dataset", "url", "topic", "version", "sequence",
                                              "fetched", "saved", "files": {FILE: {"bytes", "sha256"}},
                                              "netcdf": {"variables", "skipped"} or {"error"}}
@@ -69,7 +69,7 @@ from magnet import BadMessage, MagnetError, Message, RemoteError, operation
 
 from ooidx import dap, events
 from ooidx.component import Component
-from ooidx.netcdf import DecodeError, to_netcdf
+from ooidx.dissemination.netcdf import DecodeError, to_netcdf
 
 __all__ = ["Persister", "DATASETS", "MANIFEST", "version_name", "read_manifest", "list_versions"]
 

@@ -6,7 +6,7 @@
     POST /api/call/SERVICE/OP      JSON object body = keyword arguments; token required
     /api/people, /api/subscriptions, /api/events/stream
                                    people's subscriptions and the event tail:
-                                   L{ooidx.user_subscriptions.SubscriptionsApi}
+                                   L{ooidx.people.subscriptions.SubscriptionsApi}
 
 C{/api/call} answers 200 with C{{"result": ...}} (or the raw bytes, as
 C{application/octet-stream}, when the operation returns bytes), or a JSON
@@ -31,9 +31,7 @@ results), so clients never parse an HTML error page.
 """
 from __future__ import annotations
 
-import hmac
 import io
-import json
 import math
 import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -48,11 +46,13 @@ from magnet import (BadArguments, ConnectionLost, NotConfirmed, NotConnected, Re
                     UnknownOperation, Unroutable)
 from magnet.bus import WORKER
 
-from ooidx.bootstrap import COMPONENT_TABLE
 from ooidx.component import Component
-from ooidx.httpedge import TrackingSite, listen_address, mask_query, masking_log_formatter
-from ooidx.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ooidx.metrics import PrometheusObserver
+from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer,
+                                json_arguments, printable, result_answer)
+from ooidx.wire import BUS_TABLE
+from ooidx.http.edge import TrackingSite, listen_address, mask_query, masking_log_formatter
+from ooidx.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ooidx.node.metrics import PrometheusObserver
 
 __all__ = ["Web", "NAME", "MAX_BODY", "ping_components"]
 
@@ -69,18 +69,6 @@ IDLE_TIMEOUT = 60
 #: How long /api/status waits for the daemons to answer.
 STATUS_TIMEOUT = 1.5
 
-JSON_TYPE = b"application/json"
-
-
-class HTTPError(Exception):
-    """An answer other than 200, with a JSON error body."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: Optional[Dict[bytes, bytes]] = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.message = message
-        self.headers = headers or {}
 
 
 class _LimitedRequest(server.Request):
@@ -134,7 +122,7 @@ class _Api(Resource):
             b"/api/status": {b"GET": web.render_status},
         }
         # The management page: /, /static/..., /api/datasets..., /api/stats, /api/events, ...
-        from ooidx.webpage import ManagementPage
+        from ooidx.web.page import ManagementPage
         self.page = ManagementPage(web)
 
     def render(self, request: server.Request) -> Any:
@@ -145,23 +133,23 @@ class _Api(Resource):
                 result = people.render(request)
             except HTTPError as e:
                 result = error_answer(e)
-            return _answer(request, result)
+            return answer(request, result)
         if path.startswith(b"/api/call/"):
             methods = {b"POST": self.web.render_call}
         else:
             methods = self.routes.get(path) or self.page.methods(path)
         try:
             if methods is None:
-                raise HTTPError(404, "NotFound", f"no such path: {_printable(path)}")
+                raise HTTPError(404, "NotFound", f"no such path: {printable(path)}")
             handler = methods.get(request.method)
             if handler is None:
                 allow = b", ".join(sorted(methods))
-                raise HTTPError(405, "MethodNotAllowed", f"{_printable(path)} takes {allow.decode('ascii')}",
+                raise HTTPError(405, "MethodNotAllowed", f"{printable(path)} takes {allow.decode('ascii')}",
                                 {b"Allow": allow})
             result = handler(request)
         except HTTPError as e:
             result = error_answer(e)
-        return _answer(request, result)
+        return answer(request, result)
 
 
 class Web(Component):
@@ -174,7 +162,7 @@ class Web(Component):
     Health and cluster status come from the daemon (C{self.parent.health()},
     C{self.parent.cluster_status()}); tests may pass C{health} and
     C{cluster_status} callables instead. The token comes from C{token}, else
-    from L{ooidx.token.ensure_token} at C{setUp}.
+    from L{ooidx.node.token.ensure_token} at C{setUp}.
     """
 
     log = Logger()
@@ -195,7 +183,7 @@ class Web(Component):
         self._listening: Any = None
         self._site: Optional[TrackingSite] = None
         self._own_metrics: Optional[PrometheusObserver] = None
-        #: People's subscriptions and the event tail (ooidx.user_subscriptions), mounted at setUp.
+        #: People's subscriptions and the event tail (ooidx.people.subscriptions), mounted at setUp.
         self.subscriptions: Any = None
 
     # where it listens ------------------------------------------------------------
@@ -224,9 +212,9 @@ class Web(Component):
         if self._token is None:
             if self.config is None:
                 raise ValueError("Web needs a token, or a config to find or make one in")
-            from ooidx.token import ensure_token
+            from ooidx.node.token import ensure_token
             self._token = ensure_token(self.config, self.log)
-        from ooidx.user_subscriptions import SubscriptionsApi
+        from ooidx.people.subscriptions import SubscriptionsApi
         self.subscriptions = SubscriptionsApi(self)
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
         # The access log masks ?ticket= (a person's stream ticket, user_subscriptions).
@@ -323,7 +311,7 @@ class Web(Component):
         if len(parts) != 5:  # b"", b"api", b"call", SERVICE, OP
             raise HTTPError(404, "NotFound", "expected /api/call/SERVICE/OP")
         service, op = _name(parts[3], "service"), _name(parts[4], "operation")
-        if service not in COMPONENT_TABLE:
+        if service not in BUS_TABLE:
             raise HTTPError(404, "UnknownService",
                             f"no service {service!r} (callable: {', '.join(callable_services())})")
         kwargs = self._arguments(request)
@@ -334,31 +322,10 @@ class Web(Component):
     # call helpers --------------------------------------------------------------------
 
     def _check_token(self, request: server.Request) -> None:
-        challenge = {b"WWW-Authenticate": b'Bearer realm="ooidx"'}
-        header = request.getHeader(b"authorization")
-        if not header:
-            raise HTTPError(401, "Unauthorized", "an operator token is required (Authorization: Bearer TOKEN)",
-                            challenge)
-        scheme, _, given = header.partition(b" ")
-        expected = (self._token or "").encode("utf-8")
-        if scheme.lower() != b"bearer" or not expected or not hmac.compare_digest(given.strip(), expected):
-            raise HTTPError(401, "Unauthorized", "the operator token is not valid", challenge)
+        check_bearer(request, self._token)
 
     def _arguments(self, request: server.Request) -> Dict[str, Any]:
-        request.content.seek(0)
-        body = request.content.read(self.max_body + 1)
-        if not body.strip():
-            return {}
-        try:
-            kwargs = json.loads(body, parse_constant=_no_constant)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise HTTPError(400, "BadRequest", f"the body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise HTTPError(400, "BadRequest", "the body is nested too deeply") from None
-        if not isinstance(kwargs, dict):
-            raise HTTPError(400, "BadRequest",
-                            f"the body must be a JSON object of arguments, not {_json_kind(kwargs)}")
-        return kwargs
+        return json_arguments(request, self.max_body)
 
     def _call_timeout(self, request: server.Request) -> Optional[float]:
         values = (request.args or {}).get(b"timeout")
@@ -394,7 +361,7 @@ class Web(Component):
 
 def callable_services() -> List[str]:
     """The services /api/call reaches: the component table."""
-    return sorted(COMPONENT_TABLE)
+    return sorted(BUS_TABLE)
 
 
 @inlineCallbacks
@@ -404,7 +371,7 @@ def ping_components(bus: Any, timeout: float = STATUS_TIMEOUT) -> Any:
     daemon is at hand (a web edge standing alone, C{ooidx --broker status}).
     Each queue answers once, so a component running on several nodes shows
     on the one that answered."""
-    names = sorted(name for name, pattern in COMPONENT_TABLE.items() if pattern == WORKER)
+    names = sorted(name for name, pattern in BUS_TABLE.items() if pattern == WORKER)
     results = yield DeferredList([bus.call(name, "ping", timeout=timeout) for name in names], consumeErrors=True)
     nodes: Dict[Tuple[str, Any], Dict[str, Any]] = {}
     for name, (ok, value) in zip(names, results):
@@ -420,79 +387,6 @@ def ping_components(bus: Any, timeout: float = STATUS_TIMEOUT) -> Any:
 # answering
 
 
-class Answer:
-    """What to answer: a status, a body and its content type, more headers."""
-
-    __slots__ = ("status", "body", "content_type", "headers")
-
-    def __init__(self, status: int, body: bytes, content_type: bytes,
-                 headers: Optional[Dict[bytes, bytes]] = None) -> None:
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers or {}
-
-
-def json_answer(value: Any, status: int = 200, headers: Optional[Dict[bytes, bytes]] = None) -> Answer:
-    body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
-    return Answer(status, body, JSON_TYPE, headers)
-
-
-def error_answer(error: HTTPError) -> Answer:
-    return json_answer({"error": {"type": error.kind, "message": error.message}}, error.status, error.headers)
-
-
-def result_answer(result: Any) -> Answer:
-    if isinstance(result, (bytes, bytearray, memoryview)):
-        return Answer(200, bytes(result), b"application/octet-stream")
-    try:
-        return json_answer({"result": result})
-    except (TypeError, ValueError) as e:
-        return error_answer(HTTPError(502, "BadReply", f"the result is not JSON: {e}"))
-
-
-def _prepare(request: server.Request, answer: Answer) -> bytes:
-    """Set the status and headers of C{answer}; its body, to be written."""
-    request.setResponseCode(answer.status)
-    request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"X-Content-Type-Options", b"nosniff")
-    request.setHeader(b"Content-Type", answer.content_type)
-    for name, value in answer.headers.items():
-        request.setHeader(name, value)
-    request.setHeader(b"Content-Length", str(len(answer.body)).encode("ascii"))
-    return answer.body
-
-
-def _answer(request: server.Request, result: Any) -> Any:
-    """Answer with an L{Answer} now, or with the one a Deferred fires with later."""
-    if isinstance(result, Answer):
-        return _prepare(request, result)
-    gone: List[bool] = []
-
-    def client_gone(_: Any) -> None:
-        gone.append(True)
-        result.cancel()
-
-    request.notifyFinish().addErrback(client_gone)
-
-    def to_answer(failure: Failure) -> Answer:
-        if failure.check(HTTPError):
-            return error_answer(failure.value)
-        if not gone:
-            Web.log.failure("answering {path}", failure, path=_printable(request.path))
-        return error_answer(HTTPError(500, "InternalError", "internal error"))
-
-    def send(answer: Answer) -> None:
-        if gone or request.finished or not isinstance(answer, Answer):
-            return  # not an Answer: a stream (server-sent events) already under way
-        request.write(_prepare(request, answer))
-        request.finish()
-
-    result.addErrback(to_answer).addCallback(send)
-    result.addErrback(lambda f: Web.log.failure("writing an answer to {path}", f, path=_printable(request.path)))
-    return server.NOT_DONE_YET
-
-
 def _name(raw: bytes, what: str) -> str:
     try:
         text = raw.decode("ascii")
@@ -500,20 +394,7 @@ def _name(raw: bytes, what: str) -> str:
         text = None
     if text is None or not NAME.match(text):
         raise HTTPError(400, "BadRequest",
-                        f"bad {what} name {_printable(raw)}: expected [a-z_][a-z0-9_]{{0,63}}")
+                        f"bad {what} name {printable(raw)}: expected [a-z_][a-z0-9_]{{0,63}}")
     return text
 
 
-def _printable(raw: bytes, limit: int = 80) -> str:
-    text = raw[:limit].decode("ascii", "backslashreplace")
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text + ("..." if len(raw) > limit else "")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_kind(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)

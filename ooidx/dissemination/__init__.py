@@ -1,0 +1,1 @@
+"""Dissemination: publications routed to subscribers, events, notices, the persister."""

@@ -1,0 +1,1 @@
+"""The HTTP edge toolkit shared by the proxy port and the web port."""

@@ -1,0 +1,1 @@
+"""People's subscriptions: their queues, webhooks and event streams."""

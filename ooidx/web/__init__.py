@@ -1,0 +1,1 @@
+"""The web port: health, metrics, the operator API, the management page."""
