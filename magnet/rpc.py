@@ -14,7 +14,7 @@ import inspect
 import weakref
 from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple, TypeVar
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.python.failure import Failure
 
 from magnet.errors import BadArguments, BadMessage, RemoteError, UnknownOperation
@@ -109,7 +109,7 @@ def invoke(service_ops: Dict[str, Callable[..., Any]], service_name: str, messag
     try:
         method, kwargs = resolve(service_ops, service_name, message)
     except (BadMessage, UnknownOperation, BadArguments) as e:
-        return _failed(e)
+        return fail(e)
     # A lambda, so that an argument named like maybeDeferred's own parameters still reaches the method.
     return maybeDeferred(lambda: method(**kwargs))
 
@@ -203,8 +203,3 @@ def _shape(method: Callable[..., Any]) -> Optional[_Shape]:
             var_keyword = True
     return frozenset(names), frozenset(required), var_keyword, _bound_parameter(method)
 
-
-def _failed(exc: Exception) -> Deferred:
-    d: Deferred = Deferred()
-    d.errback(Failure(exc))
-    return d

@@ -18,7 +18,7 @@ import uuid
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, Optional, Tuple
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -106,7 +106,7 @@ class StreamWriter:
 
     def _room(self) -> Deferred:
         if self._failure is not None:
-            return _failed(self._failure)
+            return fail(self._failure)
         if self._unconfirmed < self._window:
             return succeed(None)
         d: Deferred = Deferred()
@@ -115,9 +115,9 @@ class StreamWriter:
 
     def write(self, data: bytes) -> Deferred:
         if self.closed:
-            return _failed(Failure(StreamError("write to a finished stream")))
+            return fail(Failure(StreamError("write to a finished stream")))
         if self._failure is not None:
-            return _failed(self._failure)
+            return fail(self._failure)
         if data:
             size = self._chunk_size
             n = len(data)
@@ -155,7 +155,7 @@ class StreamWriter:
         """Send what is buffered and the end marker; fires with the byte count
         once the broker has confirmed every message of the stream."""
         if self.closed:
-            return _failed(Failure(StreamError("stream already finished")))
+            return fail(Failure(StreamError("stream already finished")))
         self.closed = True
         if self._buffer and self._failure is None:
             self._flush()
@@ -374,8 +374,3 @@ class Stream:
             return
         self._fail(Timeout(f"stream {self.stream_id}: nothing arrived for {self._idle_timeout} s"))
 
-
-def _failed(failure: Failure) -> Deferred:
-    d: Deferred = Deferred()
-    d.errback(failure)
-    return d

@@ -58,7 +58,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -237,7 +237,7 @@ class Persister(Component):
 
     def _io(self, f: Any, *args: Any, **kwargs: Any) -> Deferred:
         if self._pool is None:
-            return _failed(OSError(errno.ESHUTDOWN, "the persister is not running"))
+            return fail(OSError(errno.ESHUTDOWN, "the persister is not running"))
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
 
     # operations ------------------------------------------------------------------------
@@ -687,12 +687,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or exc}"
     return f"{type(exc).__name__}: {exc}"
-
-
-def _failed(exc: Exception) -> Deferred:
-    d: Deferred = Deferred()
-    d.errback(Failure(exc))
-    return d
 
 
 def _global_reactor() -> Any:

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 
 import magnet
+import ooidx
 from magnet import Bus, Message
 from magnet.errors import BadMessage
 
@@ -339,7 +340,9 @@ class Daemon(MultiService):
         env = dict(os.environ)
         # the broker (its password) travels in the environment, never in argv (ps)
         env[BROKER_ENV] = ",".join(self.config.broker)
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # the folder that holds the ooidx package (not this module's own folder:
+        # ooidx/http would shadow the standard library's http there)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(ooidx.__file__)))
         path = env.get("PYTHONPATH")
         env["PYTHONPATH"] = here + (os.pathsep + path if path else "")
         env["PYTHONUNBUFFERED"] = "1"
