@@ -21,17 +21,12 @@ import glob
 import os
 import re
 import runpy
-import sys
+import tomllib
 from typing import Dict, Iterator, List, Tuple
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from ooidx import wire
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - ooidx needs 3.11
-    tomllib = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 ARCHITECTURE = os.path.join(ROOT, "docs", "architecture.md")
