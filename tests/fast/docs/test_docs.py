@@ -9,6 +9,7 @@
 - every link between the docs reaches a file and a heading that exist, and
   every repository path the docs name in code exists;
 - nothing in the repository refers to a path outside it;
+- every `ooidx ...` command in their shell blocks is one `ooidx` accepts;
 - README.md stays short and keeps its two commands.
 
 No broker, socket or subprocess: files are read and the diagram script is
@@ -17,10 +18,13 @@ loaded in process.
 from __future__ import annotations
 
 import ast
+import contextlib
 import glob
+import io
 import os
 import re
 import runpy
+import shlex
 import tomllib
 from typing import Dict, Iterator, List, Tuple
 
@@ -313,3 +317,39 @@ class ReadmeTests(SynchronousTestCase):
             self.assertTrue(command in readme, f"README.md lacks {command!r}")
         self.assertTrue(os.access(os.path.join(ROOT, "scripts", "test"), os.X_OK))
         self.assertTrue(os.path.exists(os.path.join(ROOT, "etc", "dx.yaml")))
+
+
+class CommandsTests(SynchronousTestCase):
+    """Every C{ooidx ...} line of the docs' shell blocks parses as C{ooidx} parses it."""
+
+    SHELL_BLOCK = re.compile(r"^```sh\n(.*?)^```", re.M | re.S)
+    COMMAND = re.compile(r"^(?:\S*/)?ooidx (.*)$")
+
+    def commands(self) -> Iterator[Tuple[str, List[str]]]:
+        for path in docs():
+            for block in self.SHELL_BLOCK.findall(read(path)):
+                for line in block.splitlines():
+                    match = self.COMMAND.match(line.split("  #")[0].strip())
+                    if match:
+                        yield os.path.relpath(path, ROOT), shlex.split(match.group(1))
+
+    def refused(self, argv: List[str]) -> str:
+        """What C{ooidx}'s parser says of C{argv}: "" if it takes it."""
+        from ooidx.cli import parser
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                parser().parse_args(argv)
+        except SystemExit:
+            return errors.getvalue().strip().splitlines()[-1]
+        return ""
+
+    def test_commands_parse(self) -> None:
+        commands = list(self.commands())
+        self.assertGreater(len(commands), 8)
+        bad = [f"{path}: ooidx {' '.join(argv)}: {why}" for path, argv in commands for why in [self.refused(argv)] if why]
+        self.assertEqual(bad, [])
+
+    def test_a_wrong_command_is_refused(self) -> None:
+        self.assertIn("invalid choice", self.refused(["datasets", "frobnicate", "sst"]))
+        self.assertTrue(self.refused(["nosuchcommand"]))
