@@ -19,6 +19,10 @@ network it runs in. The rules (issue 4, "Security"):
 - By default only URLs under a registered dataset's base URL are fetched
   (L{check_registered}, the controller's check); C{security.allow_hosts} may
   open more hosts.
+- A path an upstream could resolve outside a base (C{..%2f}, C{..;/},
+  C{..%5c}, C{%252e%252e}, overlong UTF-8, ...) is refused before any base is
+  compared, by L{check_path}: the one check for registration, forward-proxy,
+  by-name and CSV requests.
 
 C{allow_hosts} entries: a host name (C{dap.example.org}), a wildcard for its
 subdomains (C{*.example.org}), or an IP address; each optionally with
@@ -308,12 +312,13 @@ def check_path(url: str) -> str:
     return path
 
 
-def is_under(url: str, base: str) -> bool:
+def is_under(url: str, base: str, *, path_checked: bool = False) -> bool:
     """Whether C{url} is the dataset at C{base} or one of its responses
     (C{base} + a DAP suffix, any constraint), or, when C{base} ends in C{/}, a
     URL below that directory. Scheme and host compare case-insensitively,
     default ports are implied; the path compares exactly, and a URL whose
-    path L{check_path} refuses is never under anything."""
+    path L{check_path} refuses is never under anything (C{path_checked}: the
+    caller has checked it already, as L{check_registered} does once for all bases)."""
     try:
         u, b = urlsplit(url), urlsplit(base)
         u_port = u.port or SCHEMES.get(u.scheme.lower())
@@ -323,10 +328,11 @@ def is_under(url: str, base: str) -> bool:
     if (u.scheme.lower(), (u.hostname or "").rstrip("."), u_port) != (
             b.scheme.lower(), (b.hostname or "").rstrip("."), b_port):
         return False
-    try:
-        check_path(url)
-    except InvalidURL:
-        return False
+    if not path_checked:
+        try:
+            check_path(url)
+        except InvalidURL:
+            return False
     path = u.path or "/"
     base_path = b.path or "/"
     if base_path.endswith("/"):
@@ -352,7 +358,7 @@ def check_registered(url: Any, bases: Union[Mapping[str, str], Iterable[Tuple[st
     items = bases.items() if isinstance(bases, Mapping) else bases
     found: Optional[Tuple[int, str]] = None
     for name, base in items:
-        if isinstance(base, str) and is_under(target.url, base) and (found is None or len(base) > found[0]):
+        if isinstance(base, str) and is_under(target.url, base, path_checked=True) and (found is None or len(base) > found[0]):
             found = (len(base), name)
     if found is not None:
         return found[1]
