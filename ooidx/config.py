@@ -43,6 +43,7 @@ __all__ = [
     "ComponentConfig",
     "Config",
     "ConfigError",
+    "CsvOptions",
     "FetcherOptions",
     "HttpConfig",
     "ListenOptions",
@@ -181,6 +182,18 @@ class FetcherOptions:
     max_redirects: int = 5
     max_bytes: int = 10 * GiB  # largest response fetched
     timeout: float = 60.0  # seconds without progress before a fetch fails
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    """How the csv component writes what the upstream sent.
+
+    ``formula_escape`` (default true): a text cell that a spreadsheet would
+    read as a formula (it starts with ``= + - @``, a tab or a CR) goes out with
+    a ``'`` in front, OWASP's rule for CSV injection; false writes every cell
+    exactly as the upstream sent it (ooidx.datapath.csv.escape_cell)."""
+
+    formula_escape: bool = True
 
 
 @dataclass(frozen=True)
@@ -768,6 +781,8 @@ class _Parser:
                 "max_bytes": (10 * GiB, lambda v, p: self.integer(v, p, 1)),
                 "timeout": (60.0, self.number),
             }
+        elif name == "csv":
+            specific = {"formula_escape": (True, self.boolean)}
         elif name == "persister":
             specific = {
                 "subscription": ("persister", self.subscription_name),
@@ -805,6 +820,8 @@ class _Parser:
             options = CacheOptions(**settings)
         elif name == "fetcher":
             options = FetcherOptions(**settings)
+        elif name == "csv":
+            options = CsvOptions(**settings)
         elif name == "persister":
             if settings["retry_max"] < settings["retry_after"]:
                 raise self.error(f"{path}.retry_max", f"expected at least retry_after ({settings['retry_after']:g} s), "

@@ -19,6 +19,10 @@ network it runs in. The rules (issue 4, "Security"):
 - By default only URLs under a registered dataset's base URL are fetched
   (L{check_registered}, the controller's check); C{security.allow_hosts} may
   open more hosts.
+- A path an upstream could resolve outside a base (C{..%2f}, C{..;/},
+  C{..%5c}, C{%252e%252e}, overlong UTF-8, ...) is refused before any base is
+  compared, by L{check_path}: the one check for registration, forward-proxy,
+  by-name and CSV requests.
 
 C{allow_hosts} entries: a host name (C{dap.example.org}), a wildcard for its
 subdomains (C{*.example.org}), or an IP address; each optionally with
@@ -32,8 +36,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import unicodedata
 from typing import Any, Callable, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
@@ -238,15 +243,82 @@ def check_url(url: Any, allow_private: bool = False, allow_hosts: Iterable[str] 
     return target
 
 
-_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
+#: How many rounds of percent-decoding a path segment is checked through
+#: (C{%25252e} is three); a segment still changing after that is refused.
+MAX_DECODE_ROUNDS = 4
+#: Characters a server may take for a path separator although they are not C{/}.
+_SLASH_LIKE = frozenset("\\\u2215\uff0f\uff3c\ufe68\u00a5\u20a9")
+_IIS_ESCAPE = re.compile(r"%u[0-9a-f]{4}", re.IGNORECASE)
+_ONLY_DOTS = re.compile(r"[.\s]+")
 
 
-def is_under(url: str, base: str) -> bool:
+def _layers(segment: str) -> List[str]:
+    """C{segment} and what it decodes to, round after round, until it stops
+    changing; L{InvalidURL} for bytes that are not UTF-8 (overlong forms such
+    as C{%c0%ae} included) or a segment encoded more than L{MAX_DECODE_ROUNDS} times."""
+    layers = [segment]
+    for _ in range(MAX_DECODE_ROUNDS):
+        try:
+            decoded = unquote_to_bytes(layers[-1]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidURL(f"the URL path has percent-escapes that are not UTF-8 "
+                             f"(overlong or broken sequences such as %c0%ae are refused): {segment[:80]!r}") from None
+        if decoded == layers[-1]:
+            return layers
+        layers.append(decoded)
+    raise InvalidURL(f"the URL path is percent-encoded more than {MAX_DECODE_ROUNDS} times: {segment[:80]!r}")
+
+
+def check_path(url: str) -> str:
+    """The one check of a URL's path, for every way a URL comes in: a base URL
+    being registered (L{ooidx.datapath.controller.check_base_url}), and a
+    forward-proxy, by-name or CSV request (L{check_registered}). Returns the
+    path; raises L{InvalidURL} with the reason.
+
+    The path is compared with a base URL's exactly, as text, but the upstream
+    server decodes it first (WSGI servers turn C{%2f} into C{/}; Tomcat, which
+    runs Hyrax and THREDDS, drops C{;parameters} so that C{..;/} is C{..};
+    IIS and Windows take C{\\} for C{/}). So each C{/}-separated segment is
+    percent-decoded, round after round (C{%252e} is C{%2e} is C{.}), and
+    every round, also after Unicode NFKC folding (C{%ef%bc%8e} is a
+    fullwidth C{.}), is refused when it
+      - is C{.} or C{..} or only dots and blanks (C{...}, C{.. });
+      - holds a C{/} that was encoded (C{%2f}), a C{\\} (C{%5c}) or a slash look-alike;
+      - holds a C{;} (path parameters: C{..;/}, C{;jsessionid=});
+      - holds a control character (C{%00}, C{%0a});
+      - holds an IIS C{%uXXXX} escape;
+    and escapes that do not decode as UTF-8 (C{%c0%ae}, C{%c0%af}) are
+    refused too. Empty segments (C{//}) stay. The query string is not the
+    path and is not looked at (a DAP constraint is passed on byte for byte)."""
+    try:
+        path = urlsplit(url).path
+    except ValueError as e:
+        raise InvalidURL(f"malformed URL: {e}") from None
+    for raw in path.split("/"):
+        for layer in _layers(raw):
+            for text in {layer, unicodedata.normalize("NFKC", layer)}:
+                if text and _ONLY_DOTS.fullmatch(text):
+                    raise InvalidURL(f"the URL path has a {raw[:40]!r} segment (it reads as . or ..): refused")
+                if "/" in text:
+                    raise InvalidURL(f"the URL path has an encoded / in {raw[:60]!r}: refused")
+                if any(c in _SLASH_LIKE for c in text):
+                    raise InvalidURL(f"the URL path has a backslash or a slash look-alike in {raw[:60]!r}: refused")
+                if ";" in text:
+                    raise InvalidURL(f"the URL path has a ; (path parameters) in {raw[:60]!r}: refused")
+                if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text):
+                    raise InvalidURL(f"the URL path has a control character in {raw[:60]!r}: refused")
+                if _IIS_ESCAPE.search(text):
+                    raise InvalidURL(f"the URL path has a %u escape in {raw[:60]!r}: refused")
+    return path
+
+
+def is_under(url: str, base: str, *, path_checked: bool = False) -> bool:
     """Whether C{url} is the dataset at C{base} or one of its responses
     (C{base} + a DAP suffix, any constraint), or, when C{base} ends in C{/}, a
     URL below that directory. Scheme and host compare case-insensitively,
-    default ports are implied; the path compares exactly, and a URL with
-    C{.} / C{..} segments is never under anything."""
+    default ports are implied; the path compares exactly, and a URL whose
+    path L{check_path} refuses is never under anything (C{path_checked}: the
+    caller has checked it already, as L{check_registered} does once for all bases)."""
     try:
         u, b = urlsplit(url), urlsplit(base)
         u_port = u.port or SCHEMES.get(u.scheme.lower())
@@ -256,8 +328,11 @@ def is_under(url: str, base: str) -> bool:
     if (u.scheme.lower(), (u.hostname or "").rstrip("."), u_port) != (
             b.scheme.lower(), (b.hostname or "").rstrip("."), b_port):
         return False
-    if _DOT_SEGMENT.search(u.path):
-        return False
+    if not path_checked:
+        try:
+            check_path(url)
+        except InvalidURL:
+            return False
     path = u.path or "/"
     base_path = b.path or "/"
     if base_path.endswith("/"):
@@ -275,13 +350,15 @@ def check_registered(url: Any, bases: Union[Mapping[str, str], Iterable[Tuple[st
     when no dataset's but an C{allow_hosts} entry allows its host.
 
     C{bases}: dataset name -> base URL (a mapping or pairs). Raises
-    L{InvalidURL} for a malformed URL or another scheme, and L{Forbidden} for a
-    forbidden address, or a URL under no base URL and no allowed host."""
+    L{InvalidURL} for a malformed URL, another scheme or a path L{check_path}
+    refuses (before any base is looked at), and L{Forbidden} for a forbidden
+    address, or a URL under no base URL and no allowed host."""
     target = check_url(url, allow_private=allow_private, allow_hosts=allow_hosts)
+    check_path(target.url)
     items = bases.items() if isinstance(bases, Mapping) else bases
     found: Optional[Tuple[int, str]] = None
     for name, base in items:
-        if isinstance(base, str) and is_under(target.url, base) and (found is None or len(base) > found[0]):
+        if isinstance(base, str) and is_under(target.url, base, path_checked=True) and (found is None or len(base) > found[0]):
             found = (len(base), name)
     if found is not None:
         return found[1]

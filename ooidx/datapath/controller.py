@@ -88,7 +88,7 @@ def check_name(name: Any) -> str:
 
 def check_base_url(url: Any, allow_hosts: Any = (), allow_private: bool = False) -> str:
     """A dataset's base URL: http(s), a host, no credentials, no query or
-    fragment, no dot segments; a DAP suffix (C{.dds}, ...) is taken off.
+    fragment, a path L{urlpolicy.check_path} accepts; a DAP suffix (C{.dds}, ...) is taken off.
     L{InvalidURL} if it is malformed, L{Forbidden} if its host is an address the
     exchange may not reach."""
     target = urlpolicy.check_url(url, allow_private=allow_private, allow_hosts=allow_hosts)
@@ -96,10 +96,7 @@ def check_base_url(url: Any, allow_hosts: Any = (), allow_private: bool = False)
         raise InvalidURL("a base URL has no query or fragment (register the dataset's URL, not a request)")
     split = dap.split_url(target.url)
     base = split.base if split.suffix in dap.DAP_SUFFIXES else target.url
-    path = base.split("://", 1)[1].partition("/")[2]
-    if any(segment in (".", "..") or segment.lower() in ("%2e", "%2e%2e", ".%2e", "%2e.")
-           for segment in path.split("/")):
-        raise InvalidURL("a base URL has no . or .. segments")
+    urlpolicy.check_path(base)  # the same path rule as every request's (no . / .. / %2f / ; ...)
     return base
 
 

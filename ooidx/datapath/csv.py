@@ -9,6 +9,20 @@ C{pydap.handlers.dap.unpack_dap2_data}), and streams CSV to C{L}: status
 200, C{Content-Type: text/csv; charset=utf-8}, a header row of variable
 names, then one row per element.
 
+Formula cells (CSV injection): a text cell the upstream sent that starts
+with C{=}, C{+}, C{-} or C{@}, a tab or a CR (or C{= + - @} after leading
+blanks, or their fullwidth forms) would be read as a formula by a
+spreadsheet opening the file: C{=HYPERLINK(...)} a live link,
+C{+cmd|' /C calc'!A0} a DDE prompt. Such a cell goes out with a C{'} in front
+(OWASP's rule; L{escape_cell}), and text cells holding C{;} or a tab are
+quoted, so that a spreadsheet whose list separator is one of those does not
+split a formula out of them. Numbers stay numbers: numeric variables are
+never touched, and a text cell that is a plain decimal number (C{-1.5},
+C{+3}, C{-2e-3}) is left alone, since a spreadsheet reads it as that number
+and nothing else. C{components.csv.formula_escape: false} in the config
+writes every cell as the upstream sent it (no per-request switch: the query
+string is the DAP constraint, passed upstream byte for byte).
+
 Layout: every variable is laid out over the dimensions of the variable
 with the most dimensions (a Grid counts as its array and its maps). The
 others must use a subset of those dimensions (by name, with the same sizes)
@@ -26,6 +40,7 @@ from __future__ import annotations
 
 import csv as _csv
 import io
+import re
 import tempfile
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
@@ -40,7 +55,7 @@ from magnet.rpc import ERROR, REPLY, error_reply
 from ooidx.component import Component
 from ooidx.errors import InvalidURL, UpstreamError, UpstreamTimeout
 
-__all__ = ["CSV", "to_rows", "decode_dods"]
+__all__ = ["CSV", "to_rows", "decode_dods", "escape_cell", "FORMULA_START"]
 
 #: The largest .dods the csv component decodes.
 MAX_BYTES = 256 * 1024 * 1024
@@ -49,6 +64,32 @@ BLOCK_ROWS = 2048
 #: How long to wait for the .dods to start arriving.
 DEFAULT_ANSWER_TIMEOUT = 75.0
 DATA_MARKER = b"\nData:\n"
+#: What a cell must not start with to be read as text by a spreadsheet (OWASP,
+#: "CSV Injection"): = + - @, tab, CR, and the fullwidth = + - @ some
+#: spreadsheets fold into them.
+FORMULA_START = frozenset("=+-@\t\r\uff1d\uff0b\uff0d\uff20")
+#: A plain decimal number: a spreadsheet reads it as the number, never a formula.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+#: Cells quoted when formulas are escaped: the CSV specials, and ; and tab, the
+#: list separators of other locales.
+_QUOTE_ESCAPED = re.compile(r'[,"\r\n;\t]')
+#: numpy kinds whose cells are text from the upstream (bytes, str, objects)
+_TEXT_KINDS = "SUO"
+
+
+def escape_cell(text: str) -> str:
+    """C{text} with a C{'} in front if a spreadsheet would read it as a
+    formula: it starts with a tab or a CR, or, after leading blanks, with
+    one of C{= + - @} (or their fullwidth forms), and it is not a plain
+    decimal number (C{-1.5} stays C{-1.5}: numeric data, not a formula)."""
+    if not text:
+        return text
+    if text[0] in "\t\r":
+        return "'" + text
+    stripped = text.lstrip()
+    if not stripped or stripped[0] not in FORMULA_START or _NUMBER.match(stripped):
+        return text
+    return "'" + text
 
 
 def decode_dods(dods: Any) -> Tuple[Any, List[Any]]:
@@ -94,8 +135,9 @@ def _columns(dataset: Any, data: List[Any]) -> List[Tuple[str, Any, Tuple[str, .
     return columns
 
 
-def to_rows(dataset: Any, data: List[Any]) -> Tuple[List[str], Any, int]:
-    """(header, an iterator of row blocks (lists of lists of str), row count)."""
+def to_rows(dataset: Any, data: List[Any], formula_escape: bool = True) -> Tuple[List[str], Any, int]:
+    """(header, an iterator of row blocks (lists of lists of str), row count).
+    C{formula_escape}: text cells and the header's names through L{escape_cell}."""
     import numpy as np
 
     columns = _columns(dataset, data)
@@ -126,24 +168,40 @@ def to_rows(dataset: Any, data: List[Any]) -> Tuple[List[str], Any, int]:
         reshape = [sizes[d] if d in present else 1 for d in dims]
         laid_out.append(np.reshape(moved, reshape) if dims else np.reshape(moved, ()))
     total = int(np.prod(shape)) if dims else 1
-    header = [name for name, _, _ in unique]
+    header = [escape_cell(name) if formula_escape else name for name, _, _ in unique]
 
     def blocks() -> Any:
         flat = [np.broadcast_to(a, shape).reshape(-1) if dims else np.reshape(a, (1,)) for a in laid_out]
         for start in range(0, total, BLOCK_ROWS):
-            texts = [_as_text(column[start:start + BLOCK_ROWS]) for column in flat]
+            texts = [_as_text(column[start:start + BLOCK_ROWS], formula_escape) for column in flat]
             yield [list(row) for row in zip(*texts)]
 
     return header, blocks(), total
 
 
-def _as_text(values: Any) -> List[str]:
-    if values.dtype.kind == "S":
-        return [v.decode("utf-8", "replace") for v in values.tolist()]
-    return values.astype(str).tolist()
+def _as_text(values: Any, formula_escape: bool = False) -> List[str]:
+    kind = values.dtype.kind
+    if kind == "S":
+        texts = [v.decode("utf-8", "replace") for v in values.tolist()]
+    elif kind in _TEXT_KINDS:
+        texts = [str(v) for v in values.tolist()]
+    else:  # numbers (and dates): digits, signs, dots, e, nan, inf; never a formula
+        return values.astype(str).tolist()
+    return [escape_cell(t) for t in texts] if formula_escape else texts
 
 
-def _csv_bytes(rows: List[List[str]]) -> bytes:
+def _quoted(cell: str) -> str:
+    return '"' + cell.replace('"', '""') + '"' if _QUOTE_ESCAPED.search(cell) else cell
+
+
+def _csv_bytes(rows: List[List[str]], formula_escape: bool = False) -> bytes:
+    """Rows as CSV (CRLF line ends). With C{formula_escape}, cells holding C{;}
+    or a tab are quoted too (the cells themselves are escaped by L{to_rows})."""
+    if formula_escape:
+        lines = []
+        for row in rows:
+            lines.append('""' if row == [""] else ",".join(map(_quoted, row)))
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8") if lines else b""
     out = io.StringIO()
     writer = _csv.writer(out, lineterminator="\r\n")
     writer.writerows(rows)
@@ -180,9 +238,15 @@ class CSV(Component):
     log = Logger()
 
     def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, max_bytes: int = MAX_BYTES, answer_timeout: Optional[float] = None) -> None:
+                 clock: Any = None, max_bytes: int = MAX_BYTES, answer_timeout: Optional[float] = None,
+                 formula_escape: Optional[bool] = None) -> None:
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
         self.max_bytes = max_bytes
+        if formula_escape is None:  # components.csv.formula_escape, default true
+            own = getattr(getattr(config, "components", None) or {}, "get", lambda _: None)("csv")
+            formula_escape = getattr(getattr(own, "options", None), "formula_escape", True)
+        #: text cells a spreadsheet would read as formulas get a ' in front (escape_cell)
+        self.formula_escape = bool(formula_escape)
         if answer_timeout is None:
             fetcher = getattr(getattr(config, "components", None) or {}, "get", lambda _: None)("fetcher")
             fetch_timeout = getattr(getattr(fetcher, "options", None), "timeout", None)
@@ -231,7 +295,7 @@ class CSV(Component):
                 raise UpstreamError(f"the upstream answered {status} for the .dods"
                                     + (f": {first[0]}" if first else ""))
             dataset_model, data = yield self._decode(spool)
-            header, blocks, total = to_rows(dataset_model, data)
+            header, blocks, total = to_rows(dataset_model, data, self.formula_escape)
         finally:
             spool.close()
         meta = {"status": 200, "reason": "OK",
@@ -241,9 +305,9 @@ class CSV(Component):
         writer = self.bus.open_stream(address, meta, correlation_id=request_id)
         try:
             if method != "HEAD":
-                yield writer.write(_csv_bytes([header]))
+                yield writer.write(_csv_bytes([header], self.formula_escape))
                 for block in blocks:
-                    yield writer.write(_csv_bytes(block))
+                    yield writer.write(_csv_bytes(block, self.formula_escape))
             yield writer.finish()
         except Exception as e:
             writer.abort(e)

@@ -200,3 +200,37 @@ def test_decoder_matches_netcdf4(upstream: Upstream) -> None:
     assert header == ["sst"] and total == 20
     with netCDF4.Dataset(upstream.files["sst"]) as ds:
         assert np.array_equal(np.asarray(data[0]), ds["sst"][:])
+
+
+@pytest_twisted.ensureDeferred
+async def test_formula_cells_are_escaped_through_the_csv_component(stack: Stack) -> None:
+    """An upstream whose text cells start with = + - @ (tests/fast/datapath/dods_bytes.py):
+    through proxyng and the csv component, each goes out with a ' in front, negative
+    numbers stay bare; formula_escape off (components.csv.formula_escape: false) sends them raw."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+    from twisted.web.static import Data
+
+    from tests.fast.datapath.dods_bytes import ALL_CELLS, HOSTILE_CELLS, PLAIN_CELLS, SPLIT_CELLS, VALUES, dods, \
+        formula_fields
+
+    root = Resource()
+    root.putChild(b"cells.nc.dods", Data(dods(), "application/octet-stream"))
+    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    try:
+        stack.store.records["dataset:cells"] = {"name": "cells", "url": f"http://127.0.0.1:{port.getHost().port}/cells.nc",
+                                                "status": "registered"}
+        assert stack.csv.formula_escape is True  # the default
+        code, _, body = await stack.get("/datasets/cells.csv")
+        assert code == 200, body
+        rows = parse(body)
+        assert rows[0] == ["label", "value"]
+        assert [r[0] for r in rows[1:]] == ["'" + c for c in HOSTILE_CELLS] + list(SPLIT_CELLS) + list(PLAIN_CELLS)
+        assert [float(r[1]) for r in rows[1:]] == list(VALUES)
+        assert formula_fields(body.decode("utf-8")) == []
+        stack.csv.formula_escape = False
+        code, _, body = await stack.get("/datasets/cells.csv")
+        assert code == 200, body
+        assert [r[0] for r in parse(body)[1:]] == list(ALL_CELLS)
+    finally:
+        await port.stopListening()
