@@ -31,7 +31,7 @@ with atheris.instrument_imports(include=["magnet", "txamqp"]):
     from twisted.logger import globalLogBeginner
 
     from magnet import amqp
-    from magnet.amqpwire import load_spec, parse_url
+    from magnet.amqp.wire import load_spec, parse_url
     from magnet.message import Message
 
 SPEC = load_spec()

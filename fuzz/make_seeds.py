@@ -67,7 +67,8 @@ def _signed_and_unsigned_table() -> bytes:
 
 
 def amqpwire_seeds():
-    from magnet import amqpwire, rpc
+    from magnet import rpc
+    from magnet.amqp import wire as amqpwire
     from magnet.message import Message
 
     deep: object = {"k": [1, {"a": "b"}]}
@@ -118,7 +119,7 @@ def amqpwire_seeds():
 
 
 def _wire(message) -> bytes:
-    from magnet import amqpwire
+    from magnet.amqp import wire as amqpwire
 
     props = amqpwire.encode_properties(message)
     return b"\x00" + bytes([len(props) & 0xFF, len(props) >> 8]) + props + message.body
@@ -166,7 +167,7 @@ def stream_seeds():
     records of fuzz_stream.py."""
     import json
 
-    from magnet import amqpwire
+    from magnet.amqp import wire as amqpwire
 
     start = json.dumps({"status": 200, "headers": {"Content-Type": ["text/plain"]}}).encode()
     whole = (_record(4, start) + _record(5, b"hello ") + _record(5, b"world")
@@ -203,7 +204,7 @@ def amqp_frames_seeds():
     publishing channel, a broker's channel.close and heartbeats, as frames."""
     import struct as st
 
-    from magnet import amqpwire
+    from magnet.amqp import wire as amqpwire
     from magnet.message import Message
 
     def frame(ftype: int, channel: int, payload: bytes) -> bytes:

@@ -19,7 +19,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 
-from magnet import amqp, amqpwire
+from magnet import amqp
+from magnet.amqp import wire as amqpwire
 from magnet.amqp import AMQPTransport, ChannelError, decode_table, encode_table, parse_url
 from magnet.errors import BadFrame, BadURL, ConnectionLost, NotConnected, Unroutable
 from magnet.message import Message
