@@ -36,9 +36,10 @@ from magnet.amqp.wire import (
     _method_frame,
     _read_shortstr,
     _shortstr_cached,
+    _within,
     decode_properties,
 )
-from magnet.errors import BadFrame, Unroutable
+from magnet.errors import Timeout, Unroutable
 from magnet.message import Message
 from magnet.transport import OnDelivery
 
@@ -215,12 +216,6 @@ class _ConsumerChannel:
             delivery.nack(requeue=True)
 
 
-def _within(pos: int, end: int, what: str) -> None:
-    """L{BadFrame} unless what was read ends by the frame's C{end} (else it came from the next frame)."""
-    if pos > end:
-        raise BadFrame(f"{what} runs {pos - end} byte(s) past the end of its frame")
-
-
 class _Pending:
     __slots__ = ("deferred", "exchange", "routing_key", "returned", "message", "mandatory", "nacks",
                  "deadline")
@@ -263,9 +258,22 @@ class _PublishChannel:
         self._remaining = 0
 
     def publish(self, exchange: str, routing_key: str, message: Message, mandatory: bool) -> Deferred:
-        d = Deferred()
+        d = Deferred(self._given_up)
         self.send(_Pending(d, exchange, routing_key, message, mandatory))
         return d
+
+    def _given_up(self, d: Deferred) -> None:
+        """The caller stopped waiting for the confirm (the bus's send timeout cancels it).
+
+        While the broker blocks publishers (C{connection.blocked}) that is
+        why no confirm came: the failure says so (a L{Timeout}: the broker
+        may still take the message when the block lifts). Otherwise the
+        caller gets the plain C{CancelledError}, and a late confirm is ignored.
+        """
+        reason = self.protocol.blocked
+        if reason is not None:
+            d.errback(Timeout(f"no confirm from the broker: it blocks publishers ({reason}; connection.blocked); "
+                              f"it may still take the message when the block lifts"))
 
     def send(self, p: _Pending) -> None:
         """Write C{p}'s message (basic.publish + content) under the next sequence number."""
@@ -356,6 +364,8 @@ class _PublishChannel:
                 settled.append(one)
         nacked: List[_Pending] = []
         for p in settled:
+            if p.deferred.called:  # its sender gave up on it
+                continue
             if p.returned is not None:
                 p.deferred.errback(Unroutable(
                     f"no queue took the message to exchange {p.exchange!r} with routing key "
@@ -384,4 +394,5 @@ class _PublishChannel:
         self.open = False
         pending, self.pending = self.pending, OrderedDict()
         for p in pending.values():
-            p.deferred.errback(make_error(p))
+            if not p.deferred.called:
+                p.deferred.errback(make_error(p))

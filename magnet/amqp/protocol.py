@@ -38,7 +38,8 @@ from txamqp.protocol import AMQClient
 from zope.interface import implementer
 
 from magnet.amqp.tls import tls_failure
-from magnet.amqp.wire import _FRAME_END, _FRAME_HEAD, _HEARTBEAT_FRAME, _ACK, _S_HH, BrokerURL, _Codec, _method_frame
+from magnet.amqp.wire import (_ACK, _FRAME_END, _FRAME_HEAD, _HEARTBEAT_FRAME, _S_HH, BrokerURL, _Codec, _method_frame,
+                              _read_shortstr, _within)
 from magnet.errors import ConnectionLost, MagnetError, Timeout
 
 #: What magnet tells the broker about itself in connection.start-ok.
@@ -49,7 +50,9 @@ CLIENT_PROPERTIES: Dict[str, Any] = {
         "publisher_confirms": True,
         "consumer_cancel_notify": True,
         "basic.nack": True,
-        "connection.blocked": False,
+        # the broker says when a resource alarm blocks publishers (and when
+        # it lifts); publishes then wait instead of stalling the connection
+        "connection.blocked": True,
         # a refused login is then reported with connection.close (403)
         # instead of a bare TCP close, so the log can say why
         "authentication_failure_close": True,
@@ -157,6 +160,8 @@ class _AMQPProtocol(AMQClient):
         self._received = False
         self._silent_ticks = 0
         self._heartbeat = 0
+        #: the broker's reason while it blocks publishers (connection.blocked), else None
+        self.blocked: Optional[str] = None
         #: over TLS: True once the TLS handshake is done (the broker's certificate verified)
         self.tls_done = False
         #: over TLS: why the link was lost, if TLS had to do with it
@@ -270,6 +275,9 @@ class _AMQPProtocol(AMQClient):
             class_id, method_id = _S_HH.unpack_from(buf, start)
             if fast is not None and class_id == 60 and fast.method(method_id, buf, start + 4, end):
                 return
+            if channel == 0 and class_id == 10 and method_id in (60, 61):
+                self._blocking(method_id, buf, start + 4, end)
+                return
             self._slow(Frame(channel, self._decode_method(buf[start:end])))
         elif ftype == 2:
             if fast is not None and fast.expecting == 2:
@@ -285,6 +293,23 @@ class _AMQPProtocol(AMQClient):
             pass
         else:
             raise ValueError(f"unknown frame type {ftype}")
+
+    def _blocking(self, method_id: int, buf: bytes, pos: int, end: int) -> None:
+        """RabbitMQ's connection.blocked (60, with the alarm as its reason) and connection.unblocked (61).
+
+        Read here rather than through txAMQP: they are RabbitMQ extensions
+        the spec file does not define, sent because magnet advertises the
+        C{connection.blocked} capability.
+        """
+        if method_id == 60:
+            reason, pos = _read_shortstr(buf, pos)
+            _within(pos, end, "connection.blocked")
+            self.blocked = reason or "no reason given"
+            self.owner._connection_blocked(self, self.blocked)
+        else:
+            _within(pos, end, "connection.unblocked")
+            self.blocked = None
+            self.owner._connection_unblocked(self)
 
     def _decode_method(self, payload: bytes) -> Method:
         c = _Codec(BytesIO(payload))

@@ -22,7 +22,7 @@ import functools
 import itertools
 import uuid
 from collections import OrderedDict
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -34,7 +34,7 @@ from txamqp.client import Closed
 from magnet.amqp.channels import AMQPConsumer, _ConsumerChannel, _Pending, _PublishChannel
 from magnet.amqp.connection import Link
 from magnet.amqp.protocol import ChannelError, _AMQPProtocol, answer_within, channel_error, describe
-from magnet.errors import ConnectionLost, NotConfirmed, NotConnected, Unroutable
+from magnet.errors import Blocked, ConnectionLost, NotConfirmed, NotConnected, Unroutable
 from magnet.message import Message
 from magnet.transport import OnDelivery
 
@@ -104,6 +104,11 @@ class AMQPTransport(Link):
         self._consumers: "OrderedDict[int, AMQPConsumer]" = OrderedDict()
         self._tags = itertools.count(1)
         self._tag_prefix = f"magnet.{uuid.uuid4().hex[:8]}"
+        #: queues whose consumers the broker cancelled, to declare again (L{_redeclare})
+        self._lost_queues: Set[str] = set()
+        self._redeclaring = False
+        #: publishes held while the broker blocks publishers (L{_publish_when_unblocked})
+        self._held: List[Deferred] = []
 
     def __repr__(self) -> str:
         return f"<AMQPTransport {', '.join(u.masked() for u in self.urls)} connected={self.connected}>"
@@ -144,6 +149,8 @@ class AMQPTransport(Link):
         protocol.fast.clear()
         if current:
             self._control = None
+            # the next link starts unblocked: publishes held for this one wait for it instead
+            self._release_held()
 
     # -- operations
 
@@ -247,6 +254,9 @@ class AMQPTransport(Link):
         """Fires once the broker has confirmed the message (see L{Transport.publish})."""
         publisher = self._publisher
         if self.connected and publisher is not None and publisher.open:
+            if publisher.protocol.blocked is not None:
+                return self._publish_when_unblocked(publisher.protocol.blocked, exchange, routing_key, message,
+                                                    mandatory)
             try:
                 return publisher.publish(exchange, routing_key, message, mandatory)
             except (ValueError, TypeError) as e:
@@ -264,10 +274,59 @@ class AMQPTransport(Link):
             yield self._wait_link(remaining)
             publisher = self._publisher
             if self.connected and publisher is not None and publisher.open:
-                result = yield publisher.publish(exchange, routing_key, message, mandatory)
+                if publisher.protocol.blocked is not None:
+                    result = yield self._publish_when_unblocked(publisher.protocol.blocked, exchange, routing_key,
+                                                                message, mandatory)
+                else:
+                    result = yield publisher.publish(exchange, routing_key, message, mandatory)
                 return result
             # the publishing channel is being reopened; give it a moment
             yield deferLater(self.reactor, 0.05, lambda: None)
+
+    # -- a broker that blocks publishers (connection.blocked)
+
+    def _publish_when_unblocked(self, reason: str, exchange: str, routing_key: str, message: Message,
+                                mandatory: bool) -> Deferred:
+        """Hold a publish while the broker blocks publishers, then publish it.
+
+        A publish written to a blocked connection makes RabbitMQ stop reading
+        the connection altogether, the consumers' acks with it, and its
+        confirm would come only when the alarm clears: so it is not written.
+        It waits for C{connection.unblocked} at most C{operation_timeout};
+        then, or when the caller gives up first (the bus's send timeout
+        cancels it), it fails with L{Blocked}, which names the alarm.
+        """
+        started = self.reactor.seconds()
+
+        def give_up(d: Deferred) -> None:
+            if d in self._held:
+                self._held.remove(d)
+            d.errback(Blocked(
+                f"publish to exchange {exchange!r} with routing key {routing_key!r} not sent: the broker blocks "
+                f"publishers ({reason}; connection.blocked) and did not lift the block within "
+                f"{self.reactor.seconds() - started:.1f} s"))
+
+        held: Deferred = Deferred(give_up)
+        self._held.append(held)
+        held.addTimeout(self.operation_timeout, self.reactor, onTimeoutCancel=lambda result, timeout: result)
+        held.addCallback(lambda _: self.publish(exchange, routing_key, message, mandatory=mandatory))
+        return held
+
+    def _connection_blocked(self, protocol: _AMQPProtocol, reason: str) -> None:
+        """Called by the protocol: the broker blocks publishers (a resource alarm)."""
+        self.log.warn("broker {url} blocks publishers ({reason}); publishes wait at most {timeout:.1f} s for it "
+                      "to lift the block", url=protocol.url, reason=reason, timeout=self.operation_timeout)
+
+    def _connection_unblocked(self, protocol: _AMQPProtocol) -> None:
+        """Called by the protocol: the broker lifted the block; the held publishes go out, in order."""
+        self.log.info("broker {url} lifted the block on publishers; {count} held publish(es) go out",
+                      url=protocol.url, count=len(self._held))
+        self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for d in held:
+            d.callback(None)
 
     # -- consuming
 
@@ -337,15 +396,61 @@ class AMQPTransport(Link):
         return None
 
     def _broker_cancelled(self, state: _ConsumerChannel, tag: str) -> None:
+        """The broker cancelled a consumer (C{basic.cancel}): its queue was deleted under it.
+
+        A queue this transport declared is one its user still wants (it is
+        declared again after every reconnect anyway), so the remembered
+        topology is declared again at once (the queue with its arguments and
+        bindings, and whatever else of it is gone, such as its dead-letter
+        queue), then the consumers of the queue resume. A queue someone else
+        declared is left alone: its consumers resume when it is declared again.
+        """
         consumer = state.consumer
         state.delivering = False
         if consumer._channel is state:
             consumer._channel = None
             consumer.active = False
+        mine = ("queue", consumer.queue) in self._topology
         if not consumer.cancelled:
-            self.log.warn("broker cancelled the consumer of queue {queue!r} (queue deleted?); it resumes "
-                          "if the queue is declared again", queue=consumer.queue)
+            if mine:
+                self.log.warn("broker cancelled the consumer of queue {queue!r} (queue deleted?); declaring it "
+                              "again and resuming", queue=consumer.queue)
+            else:
+                self.log.warn("broker cancelled the consumer of queue {queue!r} (queue deleted?); it resumes "
+                              "if the queue is declared again", queue=consumer.queue)
         state.release()
+        if mine and not consumer.cancelled:
+            self._redeclare(consumer.queue)
+
+    def _redeclare(self, queue: str) -> None:
+        """Declare the remembered topology again on the link in use, then resume the consumers of C{queue}.
+
+        One pass at a time: queues deleted while a pass runs are taken by one more pass after it.
+        """
+        self._lost_queues.add(queue)
+        if self._redeclaring:
+            return
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            return  # the next link declares everything again anyway
+        self._redeclaring = True
+        queues, self._lost_queues = self._lost_queues, set()
+
+        @defer.inlineCallbacks
+        def redeclare() -> Any:
+            yield self._replay_topology(protocol)
+            for name in sorted(queues):
+                self._resume_consumers_of(name)
+
+        def done(result: Any) -> None:
+            self._redeclaring = False
+            if isinstance(result, Failure) and not protocol.lost:
+                self.log.failure("declaring {queues} again after the broker cancelled their consumers",
+                                 failure=result, queues=sorted(queues))
+            if self._lost_queues:
+                self._redeclare(next(iter(self._lost_queues)))
+
+        redeclare().addBoth(done)
 
     def _resume_consumers_of(self, queue: str) -> None:
         protocol = self._protocol
@@ -509,6 +614,16 @@ class AMQPTransport(Link):
     @defer.inlineCallbacks
     def _replay(self, protocol: _AMQPProtocol) -> Any:
         """Declare the remembered topology again, then resume every consumer."""
+        yield self._replay_topology(protocol)
+        for consumer in list(self._consumers.values()):
+            if consumer.cancelled:
+                continue
+            yield self._replay_step(protocol, functools.partial(self._start_consumer, protocol, consumer),
+                                    f"consumer of {consumer.queue!r}")
+
+    @defer.inlineCallbacks
+    def _replay_topology(self, protocol: _AMQPProtocol) -> Any:
+        """Declare every remembered queue, exchange and binding again, in the order first declared."""
         for entry in list(self._topology.values()):
             if entry[0] == "queue":
                 step = functools.partial(self._declare_queue_on, protocol, entry[1], entry[2])
@@ -517,11 +632,6 @@ class AMQPTransport(Link):
             else:
                 step = functools.partial(self._bind_on, protocol, entry[1], entry[2], entry[3])
             yield self._replay_step(protocol, step, f"{entry[0]} {entry[1]!r}")
-        for consumer in list(self._consumers.values()):
-            if consumer.cancelled:
-                continue
-            yield self._replay_step(protocol, functools.partial(self._start_consumer, protocol, consumer),
-                                    f"consumer of {consumer.queue!r}")
 
     @defer.inlineCallbacks
     def _replay_step(self, protocol: _AMQPProtocol, step: Callable[[], Deferred], what: str) -> Any:

@@ -287,6 +287,12 @@ _FIXED = {
 }
 
 
+def _within(pos: int, end: int, what: str) -> None:
+    """L{BadFrame} unless what was read ends by the frame's C{end} (else it came from the next frame)."""
+    if pos > end:
+        raise BadFrame(f"{what} runs {pos - end} byte(s) past the end of its frame")
+
+
 def _overrun(what: str, pos: int, end: int) -> BadFrame:
     return BadFrame(f"AMQP {what} runs past the end of what holds it (byte {pos}, end {end})")
 
