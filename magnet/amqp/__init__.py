@@ -15,8 +15,10 @@ One thing per module:
     link was refused;
   - L{magnet.amqp.connection}: the link (connect, reconnect with backoff
     across a cluster's URLs, waiting for the link, close);
+  - L{magnet.amqp.publishing}: confirmed publishes, refused ones published
+    again, publishes held while the broker blocks publishers;
   - L{magnet.amqp.transport}: L{AMQPTransport}, what the bus uses
-    (declarations replayed after every reconnect, publishes, consumers).
+    (declarations replayed after every reconnect, consumers).
 
 This package exports what the rest of the code uses; the private names below
 are for the tests and fuzzers that drive the frame reader directly.
