@@ -54,6 +54,12 @@ class Owner:
     def _connection_lost(self, protocol, reason):
         pass
 
+    def _connection_blocked(self, protocol, reason):
+        assert isinstance(reason, str) and protocol.blocked == reason
+
+    def _connection_unblocked(self, protocol):
+        assert protocol.blocked is None
+
 
 class Transport(StringTransport):
     aborted = False

@@ -230,10 +230,13 @@ def amqp_frames_seeds():
     close = method(3, 20, 40, st.pack(">H", 404) + short(b"NOT_FOUND - no queue 'q'") + st.pack(">HH", 50, 10))
     heartbeat = frame(8, 0, b"")
     cancel = method(1, 60, 30, short(b"ctag") + b"\x00")
+    blocked = method(0, 10, 60, short(b"low on memory"))
+    unblocked = method(0, 10, 61, b"")
     yield bytes([len(deliver) + 3]) + deliver + header + body + heartbeat
     yield bytes([7]) + deliver + empty_header + deliver + header + body[:5] + body[5:]
     yield bytes([40]) + ack + nack + ret + ret_header + ret_body
     yield bytes([0]) + close + heartbeat + cancel
+    yield bytes([len(blocked)]) + blocked + ack + unblocked
 
 
 def url_seeds():

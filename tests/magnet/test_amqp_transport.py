@@ -760,6 +760,12 @@ class _Owner:
     def _connection_lost(self, *args: Any) -> None:
         pass
 
+    def _connection_blocked(self, *args: Any) -> None:
+        pass
+
+    def _connection_unblocked(self, *args: Any) -> None:
+        pass
+
 
 class _Consumer:
     queue = "q"
