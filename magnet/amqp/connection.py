@@ -45,8 +45,9 @@ read and tried for this loop; it does not fit, for these reasons:
 What ClientService would give (a start/stop state machine, backoff) is a
 small part of this module; the rest (setup before "up", the confirm state and
 consumers, time-bounded waiting, the AMQP close) would be needed around it
-anyway. The backoff policy itself is Twisted's (L{backoffPolicy}), and every
-timeout is C{Deferred.addTimeout}.
+anyway. The backoff policy itself is Twisted's (L{backoffPolicy}), and the
+waits here (for the link, for the setup of an attempt, for close-ok and the
+socket's close) are bounded with C{Deferred.addTimeout}.
 """
 from __future__ import annotations
 
