@@ -75,6 +75,9 @@ class AMQPTransport(Publishing):
 
     log = Logger()
 
+    #: seconds from the broker's cancel of a consumer (its queue deleted) to declaring the queue again
+    REDECLARE_DELAY = 1.0
+
     def __init__(
         self,
         urls: Union[str, Sequence[str]],
@@ -101,9 +104,17 @@ class AMQPTransport(Publishing):
         #: queues whose consumers the broker cancelled, to declare again (L{_redeclare})
         self._lost_queues: Set[str] = set()
         self._redeclaring = False
+        self._redeclare_call: Any = None
 
     def __repr__(self) -> str:
         return f"<AMQPTransport {', '.join(u.masked() for u in self.urls)} connected={self.connected}>"
+
+    def stop(self) -> Deferred:
+        """Close the link cleanly and stop reconnecting (and declaring lost queues again); fires within a bound."""
+        if self._redeclare_call is not None and self._redeclare_call.active():
+            self._redeclare_call.cancel()
+        self._redeclare_call = None
+        return Publishing.stop(self)
 
     # -- the link's setup and loss (see Link)
 
@@ -311,11 +322,12 @@ class AMQPTransport(Publishing):
         """The broker cancelled a consumer (C{basic.cancel}): its queue was deleted under it.
 
         A queue this transport declared is one its user still wants (it is
-        declared again after every reconnect anyway), so the remembered
-        topology is declared again at once (the queue with its arguments and
-        bindings, and whatever else of it is gone, such as its dead-letter
-        queue), then the consumers of the queue resume. A queue someone else
-        declared is left alone: its consumers resume when it is declared again.
+        declared again after every reconnect anyway), so after
+        L{REDECLARE_DELAY} the remembered topology is declared again (the
+        queue with its arguments and bindings, and whatever else of it is
+        gone, such as its dead-letter queue) and the consumers of the queue
+        resume. A queue someone else declared is left alone: its consumers
+        resume when it is declared again.
         """
         consumer = state.consumer
         state.delivering = False
@@ -332,35 +344,44 @@ class AMQPTransport(Publishing):
                               "if the queue is declared again", queue=consumer.queue)
         state.release()
         if mine and not consumer.cancelled:
-            self._redeclare(consumer.queue)
+            self._lost_queues.add(consumer.queue)
+            self._schedule_redeclare()
 
-    def _redeclare(self, queue: str) -> None:
-        """Declare the remembered topology again on the link in use, then resume the consumers of C{queue}.
+    def _schedule_redeclare(self) -> None:
+        """One pass at a time, L{REDECLARE_DELAY} after the first cancel it takes.
 
-        One pass at a time: queues deleted while a pass runs are taken by one more pass after it.
+        The delay takes every queue of one deletion spree in one pass, and
+        gives the application a moment to cancel its consumer when it was the
+        application (on another node) that deleted the queue: a queue whose
+        consumers here are all cancelled by then is not declared again.
         """
-        self._lost_queues.add(queue)
-        if self._redeclaring:
+        if self._redeclaring or self._redeclare_call is not None or not self._lost_queues:
             return
-        protocol = self._protocol
-        if protocol is None or protocol.lost:
-            return  # the next link declares everything again anyway
-        self._redeclaring = True
+        self._redeclare_call = self.reactor.callLater(self.REDECLARE_DELAY, self._redeclare)
+
+    def _redeclare(self) -> None:
+        """Declare the remembered topology again on the link in use, then resume the consumers of the lost queues."""
+        self._redeclare_call = None
         queues, self._lost_queues = self._lost_queues, set()
+        wanted = sorted(q for q in queues if ("queue", q) in self._topology
+                        and any(c.queue == q and not c.cancelled for c in self._consumers.values()))
+        protocol = self._protocol
+        if not wanted or protocol is None or protocol.lost or self._stopping:
+            return  # nothing wanted, or the next link declares everything again anyway
+        self._redeclaring = True
 
         @defer.inlineCallbacks
         def redeclare() -> Any:
             yield self._replay_topology(protocol)
-            for name in sorted(queues):
+            for name in wanted:
                 self._resume_consumers_of(name)
 
         def done(result: Any) -> None:
             self._redeclaring = False
             if isinstance(result, Failure) and not protocol.lost:
                 self.log.failure("declaring {queues} again after the broker cancelled their consumers",
-                                 failure=result, queues=sorted(queues))
-            if self._lost_queues:
-                self._redeclare(next(iter(self._lost_queues)))
+                                 failure=result, queues=wanted)
+            self._schedule_redeclare()
 
         redeclare().addBoth(done)
 
