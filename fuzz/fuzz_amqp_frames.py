@@ -31,7 +31,7 @@ with atheris.instrument_imports(include=["magnet", "txamqp"]):
     from twisted.logger import globalLogBeginner
 
     from magnet import amqp
-    from magnet.amqpwire import load_spec, parse_url
+    from magnet.amqp.wire import load_spec, parse_url
     from magnet.message import Message
 
 SPEC = load_spec()
@@ -53,6 +53,12 @@ class Owner:
 
     def _connection_lost(self, protocol, reason):
         pass
+
+    def _connection_blocked(self, protocol, reason):
+        assert isinstance(reason, str) and protocol.blocked == reason
+
+    def _connection_unblocked(self, protocol):
+        assert protocol.blocked is None
 
 
 class Transport(StringTransport):

@@ -1,4 +1,4 @@
-"""Fuzz magnet.amqpwire's decoders: what a broker, or a hostile peer posing as
+"""Fuzz magnet.amqp.wire's decoders: what a broker, or a hostile peer posing as
 one, puts on the wire.
 
 The first byte of an input picks the decoder, the rest is its bytes:
@@ -27,7 +27,7 @@ import _harness  # noqa: F401  (sys.path)
 import atheris
 
 with atheris.instrument_imports(include=["magnet", "txamqp"]):
-    from magnet import amqpwire
+    from magnet.amqp import wire as amqpwire
     from magnet.errors import BadFrame
 
 SPEC = amqpwire.load_spec()

@@ -6,7 +6,7 @@ The first byte of an input picks how the message is made:
 
   0  from the wire: two bytes (little-endian) give the length of a content
      header's property list (flags, headers table, ...), decoded with
-     magnet.amqpwire.decode_properties; the rest is the body
+     magnet.amqp.wire.decode_properties; the rest is the body
   1  a JSON request (type call, content type application/json, op "echo"):
      the rest is the body
   2  a reply (type reply): the rest is the body
@@ -36,7 +36,7 @@ import atheris
 
 with atheris.instrument_imports(include=["magnet"]):
     from magnet import rpc
-    from magnet.amqpwire import decode_properties
+    from magnet.amqp.wire import decode_properties
     from magnet.errors import BadArguments, BadFrame, BadMessage, MagnetError, UnknownOperation
     from magnet.message import JSON, Message
 

@@ -8,7 +8,7 @@ An input is a run of records, each one message:
              headers made up as a sender would ({x-stream: id, x-seq: next}),
              bit 3 picking one of two stream ids; bit 2 clear: a field table
              follows (two-byte length, then the table, decoded with
-             magnet.amqpwire.decode_table); bits 6-7: seconds the clock moves
+             magnet.amqp.wire.decode_table); bits 6-7: seconds the clock moves
              on before the message (the idle timeout is 5 s)
   two octets (little-endian): the body's length, then the body
 
@@ -39,7 +39,7 @@ with atheris.instrument_imports(include=["magnet"]):
     from twisted.python.failure import Failure
 
     from magnet import stream
-    from magnet.amqpwire import decode_table
+    from magnet.amqp.wire import decode_table
     from magnet.bus import Listener
     from magnet.errors import BadFrame, BadMessage, StreamError, Timeout
     from magnet.message import BINARY, JSON, Message

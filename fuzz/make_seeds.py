@@ -67,7 +67,8 @@ def _signed_and_unsigned_table() -> bytes:
 
 
 def amqpwire_seeds():
-    from magnet import amqpwire, rpc
+    from magnet import rpc
+    from magnet.amqp import wire as amqpwire
     from magnet.message import Message
 
     deep: object = {"k": [1, {"a": "b"}]}
@@ -118,7 +119,7 @@ def amqpwire_seeds():
 
 
 def _wire(message) -> bytes:
-    from magnet import amqpwire
+    from magnet.amqp import wire as amqpwire
 
     props = amqpwire.encode_properties(message)
     return b"\x00" + bytes([len(props) & 0xFF, len(props) >> 8]) + props + message.body
@@ -166,7 +167,7 @@ def stream_seeds():
     records of fuzz_stream.py."""
     import json
 
-    from magnet import amqpwire
+    from magnet.amqp import wire as amqpwire
 
     start = json.dumps({"status": 200, "headers": {"Content-Type": ["text/plain"]}}).encode()
     whole = (_record(4, start) + _record(5, b"hello ") + _record(5, b"world")
@@ -203,7 +204,7 @@ def amqp_frames_seeds():
     publishing channel, a broker's channel.close and heartbeats, as frames."""
     import struct as st
 
-    from magnet import amqpwire
+    from magnet.amqp import wire as amqpwire
     from magnet.message import Message
 
     def frame(ftype: int, channel: int, payload: bytes) -> bytes:
@@ -229,10 +230,13 @@ def amqp_frames_seeds():
     close = method(3, 20, 40, st.pack(">H", 404) + short(b"NOT_FOUND - no queue 'q'") + st.pack(">HH", 50, 10))
     heartbeat = frame(8, 0, b"")
     cancel = method(1, 60, 30, short(b"ctag") + b"\x00")
+    blocked = method(0, 10, 60, short(b"low on memory"))
+    unblocked = method(0, 10, 61, b"")
     yield bytes([len(deliver) + 3]) + deliver + header + body + heartbeat
     yield bytes([7]) + deliver + empty_header + deliver + header + body[:5] + body[5:]
     yield bytes([40]) + ack + nack + ret + ret_header + ret_body
     yield bytes([0]) + close + heartbeat + cancel
+    yield bytes([len(blocked)]) + blocked + ack + unblocked
 
 
 def url_seeds():

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from magnet.bus import Bus, Listener, Subscription
-from magnet.errors import (BadArguments, BadMessage, BadURL, ConnectionLost, MagnetError, NotConfirmed,
+from magnet.errors import (BadArguments, BadMessage, BadURL, Blocked, ConnectionLost, MagnetError, NotConfirmed,
                            NotConnected, Refusal, RemoteError, StreamError, Timeout, UnknownOperation, Unroutable)
 from magnet.message import BINARY, JSON, Message
 from magnet.observer import BusObserver
@@ -27,7 +27,7 @@ __all__ = [
     "connect", "transport_for", "Bus", "Listener", "Subscription", "Message", "JSON", "BINARY", "operation",
     "decode_reply", "BusObserver", "MagnetError", "ConnectionLost", "NotConnected", "Unroutable",
     "NotConfirmed", "Refusal", "Timeout", "BadMessage", "BadURL", "RemoteError", "UnknownOperation", "BadArguments",
-    "StreamError",
+    "StreamError", "Blocked",
 ]
 
 #: Options that go to the transport rather than to the bus.

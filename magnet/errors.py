@@ -31,6 +31,12 @@ class NotConfirmed(MagnetError):
     """The broker refused to take responsibility for a message (basic.nack)."""
 
 
+class Blocked(NotConfirmed):
+    """The broker blocks publishers (C{connection.blocked}: a resource alarm,
+    low on memory or disk) and did not lift the block in time; the message
+    was not sent, so sending it again later duplicates nothing."""
+
+
 class Timeout(MagnetError):
     """A wait on the network ran past its limit."""
 

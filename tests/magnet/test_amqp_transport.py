@@ -19,7 +19,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 
-from magnet import amqp, amqpwire
+from magnet import amqp
+from magnet.amqp import wire as amqpwire
 from magnet.amqp import AMQPTransport, ChannelError, decode_table, encode_table, parse_url
 from magnet.errors import BadFrame, BadURL, ConnectionLost, NotConnected, Unroutable
 from magnet.message import Message
@@ -501,25 +502,53 @@ def test_cancelled_consumer_channel_closes_once_all_is_settled(transport: AMQPTr
 
 
 @pytest_twisted.inlineCallbacks
-def test_consumer_of_a_deleted_queue_is_dropped_and_resumes_on_redeclare(
+def test_consumer_of_a_queue_declared_elsewhere_is_dropped_when_it_is_deleted_and_resumes_on_redeclare(
         make_transport: Any, names: Names, logs: LogCapture) -> Any:
+    """A queue this transport did not declare is not its to bring back: its
+    consumer waits until someone declares the queue again."""
     transport = make_transport()
     other = make_transport()
     yield transport.when_connected(TIMEOUT)
     yield other.when_connected(TIMEOUT)
     q = names.queue()
-    yield wait(transport.declare_queue(q, durable=False))
+    yield wait(other.declare_queue(q, durable=False))
     inbox = Inbox()
     consumer = yield wait(transport.consume(q, inbox))
     yield wait(other.delete_queue(q))  # the broker cancels the consumer (consumer_cancel_notify)
     yield until(lambda: not consumer.active, what="consumer dropped")
-    assert any("cancelled the consumer" in t for t in logs.texts())
-    assert transport.connected
+    assert any("cancelled the consumer" in t and "resumes if the queue is declared again" in t
+               for t in logs.texts())
+    yield sleep(0.5)
+    assert transport.connected and not consumer.active
     yield wait(transport.declare_queue(q, durable=False))
     yield until(lambda: consumer.active, what="consumer resumed")
     yield wait(other.publish("", q, Message(body=b"back")))
     yield inbox.wait_for(1)
     assert inbox.bodies == [b"back"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_queue_this_transport_declared_comes_back_when_deleted_under_its_consumer(
+        make_transport: Any, names: Names, logs: LogCapture) -> Any:
+    """The broker's cancel (the queue deleted by someone else) makes the
+    transport declare its remembered topology again, the queue's binding
+    included, and resume the consumer."""
+    transport = make_transport()
+    other = make_transport()
+    yield transport.when_connected(TIMEOUT)
+    yield other.when_connected(TIMEOUT)
+    q, ex = names.queue(), names.exchange()
+    yield wait(transport.declare_exchange(ex, "fanout", durable=False))
+    yield wait(transport.declare_queue(q, durable=False))
+    yield wait(transport.bind_queue(q, ex))
+    inbox = Inbox()
+    consumer = yield wait(transport.consume(q, inbox))
+    yield wait(other.delete_queue(q))
+    yield until(lambda: any("declaring it again" in t for t in logs.texts()), what="the broker's cancel")
+    yield until(lambda: consumer.active, what="consumer resumed")
+    yield wait(other.publish(ex, "", Message(body=b"through the binding")))
+    yield inbox.wait_for(1)
+    assert inbox.bodies == [b"through the binding"]
 
 
 @pytest_twisted.inlineCallbacks
@@ -729,6 +758,12 @@ class _Owner:
         pass
 
     def _connection_lost(self, *args: Any) -> None:
+        pass
+
+    def _connection_blocked(self, *args: Any) -> None:
+        pass
+
+    def _connection_unblocked(self, *args: Any) -> None:
         pass
 
 

@@ -1,11 +1,13 @@
 """AMQP 0-9-1 on the wire: the spec file, broker URLs, field tables, content
 properties and frames.
 
-Kept apart from L{magnet.amqp} (the protocol and the transport) because it is
-pure data handling: no reactor, no state. txAMQP's own codec writes only
-strings and 32-bit integers in field tables and miscounts non-ASCII string
-lengths, so tables and properties are encoded here; txAMQP still supplies the
-spec loader and the frame classes.
+Kept apart from the protocol (L{magnet.amqp.protocol}) and the transport
+(L{magnet.amqp.transport}) because it is pure data handling: no reactor, no
+state. txAMQP's own codec writes only strings and 32-bit integers in field
+tables and miscounts non-ASCII string lengths, so tables and properties are
+encoded here; txAMQP still supplies the spec loader and the frame classes.
+Read best whole (about 570 lines): the encoders and decoders of one format
+mirror each other, and the fuzzers (fuzz/fuzz_amqpwire.py) drive them together.
 """
 from __future__ import annotations
 
@@ -283,6 +285,12 @@ _FIXED = {
     0x69: (_S_I, 4),  # i
     0x4C: (_S_Q, 8),  # L
 }
+
+
+def _within(pos: int, end: int, what: str) -> None:
+    """L{BadFrame} unless what was read ends by the frame's C{end} (else it came from the next frame)."""
+    if pos > end:
+        raise BadFrame(f"{what} runs {pos - end} byte(s) past the end of its frame")
 
 
 def _overrun(what: str, pos: int, end: int) -> BadFrame:

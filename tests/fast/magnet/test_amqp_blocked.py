@@ -1,0 +1,123 @@
+"""connection.blocked / connection.unblocked (RabbitMQ's resource alarms), without a broker.
+
+A broker low on memory or disk blocks publishers: a publish written then would
+make it stop reading the whole connection (the consumers' acks too) and its
+confirm would hang. magnet advertises the capability, holds publishes while
+blocked, sends them in order when the block lifts, and fails a publish held
+longer than C{operation_timeout} (or given up by its caller) with L{Blocked},
+naming the alarm.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any, Tuple
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from magnet import Blocked, Message, NotConfirmed, NotConnected
+from magnet.amqp import CLIENT_PROPERTIES, AMQPTransport, _AMQPProtocol, _PublishChannel
+from magnet.errors import BadFrame
+
+
+def _frame(ftype: int, channel: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", ftype, channel, len(payload)) + payload + b"\xce"
+
+
+BLOCKED = _frame(1, 0, struct.pack(">HHB", 10, 60, 13) + b"low on memory")
+UNBLOCKED = _frame(1, 0, struct.pack(">HH", 10, 61))
+
+
+def _ack(tag: int) -> bytes:
+    return _frame(1, 1, struct.pack(">HHQB", 60, 80, tag, 0))
+
+
+def _linked(clock: Clock, operation_timeout: float = 5.0) -> Tuple[AMQPTransport, _AMQPProtocol, StringTransport]:
+    """A transport whose link is up (a protocol over a StringTransport, publishing on channel 1)."""
+    transport = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=clock, operation_timeout=operation_timeout)
+    proto = _AMQPProtocol(transport, transport.urls[0], transport.spec, clock, 0)
+    wire = StringTransport()
+    proto.makeConnection(wire)
+    wire.clear()
+    proto.frame_max = 131072
+    publisher = _PublishChannel(proto, 1)
+    proto.fast[1] = publisher
+    transport._protocol = proto
+    transport._publisher = publisher
+    transport.connected = True
+    return transport, proto, wire
+
+
+class BlockedTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.transport, self.proto, self.wire = _linked(self.clock)
+
+    def test_the_capability_is_advertised(self) -> None:
+        self.assertIs(CLIENT_PROPERTIES["capabilities"]["connection.blocked"], True)
+
+    def test_blocked_and_unblocked_are_read_on_channel_zero(self) -> None:
+        self.proto.dataReceived(BLOCKED)
+        self.assertEqual(self.proto.blocked, "low on memory")
+        self.proto.dataReceived(UNBLOCKED)
+        self.assertIsNone(self.proto.blocked)
+        self.assertFalse(self.wire.disconnecting)
+
+    def test_a_blocked_frame_whose_reason_runs_past_its_end_drops_the_link(self) -> None:
+        self.proto.dataReceived(_frame(1, 0, struct.pack(">HHB", 10, 60, 40) + b"low") + b"\x00" * 40)
+        self.assertTrue(self.wire.disconnecting)
+        self.assertIsNone(self.proto.blocked)
+        self.assertEqual(len(self.flushLoggedErrors(BadFrame)), 1)  # logged: "bad data from broker"
+
+    def test_a_publish_while_blocked_is_held_then_sent_when_the_block_lifts(self) -> None:
+        self.proto.dataReceived(BLOCKED)
+        first = self.transport.publish("", "q", Message(body=b"one"))
+        second = self.transport.publish("", "q", Message(body=b"two"))
+        self.assertEqual(self.wire.value(), b"")  # nothing written to a blocked connection
+        self.assertNoResult(first)
+        self.clock.advance(4.9)
+        self.assertNoResult(first)
+        self.proto.dataReceived(UNBLOCKED)
+        written = self.wire.value()
+        self.assertLess(written.index(b"one"), written.index(b"two"))  # in order
+        self.proto.dataReceived(_ack(1) + _ack(2))
+        self.assertIsNone(self.successResultOf(first))
+        self.assertIsNone(self.successResultOf(second))
+        self.clock.advance(10)  # the hold's timeout is gone with it
+        self.assertEqual(self.transport._held, [])
+
+    def test_a_publish_held_too_long_fails_naming_the_alarm(self) -> None:
+        self.proto.dataReceived(BLOCKED)
+        d = self.transport.publish("ex", "rk", Message(body=b"x"))
+        self.clock.advance(5.0)
+        failure = self.failureResultOf(d, Blocked)
+        self.assertIsInstance(failure.value, NotConfirmed)  # not sent: safe to send again
+        self.assertIn("low on memory", str(failure.value))
+        self.assertIn("connection.blocked", str(failure.value))
+        self.assertIn("'ex'", str(failure.value))
+        self.assertEqual(self.wire.value(), b"")
+        self.assertEqual(self.transport._held, [])
+        self.proto.dataReceived(UNBLOCKED)  # the block lifting later sends nothing
+        self.assertEqual(self.wire.value(), b"")
+
+    def test_a_caller_giving_up_on_a_held_publish_gets_blocked_not_a_bare_cancel(self) -> None:
+        self.proto.dataReceived(BLOCKED)
+        d = self.transport.publish("", "q", Message(body=b"x"))
+        self.clock.advance(1.0)
+        d.cancel()  # as the bus's send timeout does
+        self.assertIn("within 1.0 s", str(self.failureResultOf(d, Blocked).value))
+        self.proto.dataReceived(UNBLOCKED)
+        self.assertEqual(self.wire.value(), b"")
+
+    def test_held_publishes_wait_for_the_next_link_when_this_one_goes(self) -> None:
+        self.transport._running = False  # no reconnect attempt on the fake reactor
+        self.proto.dataReceived(BLOCKED)
+        d = self.transport.publish("", "q", Message(body=b"x"))
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.transport._held, [])
+        self.assertNoResult(d)
+        self.clock.pump([0.05] * 120)
+        self.failureResultOf(d, NotConnected)
