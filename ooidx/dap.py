@@ -14,7 +14,7 @@ never decodes or re-encodes it, so the upstream sees the same bytes.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple, Optional
+from typing import IO, Any, List, NamedTuple, Optional, Tuple
 
 #: The DAP 2 responses (.asc is the short form of .ascii), and .csv, our own.
 DAP_SUFFIXES = (".das", ".dds", ".dods", ".asc", ".ascii", ".html", ".info", ".ver")
@@ -86,3 +86,54 @@ def valid_name(name: object) -> bool:
     digits, C{_ . -}, starting with a letter or digit (so never C{.} or C{..},
     never a path)."""
     return isinstance(name, str) and name not in (".", "..") and _NAME.match(name) is not None
+
+
+# .dods responses ------------------------------------------------------------------
+
+#: What separates a .dods response's DDS from its XDR data.
+DATA_MARKER = b"\nData:\n"
+
+
+class DodsError(ValueError):
+    """A .dods response that cannot be decoded; C{part} says where: C{"marker"}
+    (no C{Data:} line), C{"dds"} (the structure) or C{"data"} (the values)."""
+
+    def __init__(self, part: str, detail: str = "") -> None:
+        super().__init__(f"{part}: {detail}" if detail else part)
+        self.part = part
+        self.detail = detail
+
+
+def decode_dods(dods: IO[bytes], das: Optional[str] = None, max_dds: int = 16 * 1024 * 1024,
+                errors: str = "strict") -> Tuple[Any, List[Any]]:
+    """(pydap dataset, unpacked data) of a .dods response in a binary file.
+
+    The CSV answer and the persister's netCDF both start here, so a DAP 2
+    response is taken apart one way. With C{das}, its attributes are added
+    to the dataset (a .das that does not parse is noted as the attribute
+    C{ooidx_das_error}: the data is what counts). C{errors} is how the DDS's
+    bytes are decoded. Raises L{DodsError}."""
+    from pydap.handlers.dap import unpack_dap2_data
+    from pydap.parsers.das import add_attributes, parse_das
+    from pydap.parsers.dds import dds_to_dataset
+
+    dods.seek(0)
+    head = dods.read(max_dds)
+    at = head.find(DATA_MARKER)
+    if at < 0:
+        raise DodsError("marker")
+    try:
+        dataset = dds_to_dataset(head[:at].decode("utf-8", errors))
+    except Exception as e:  # noqa: BLE001 - pydap raises what it raises
+        raise DodsError("dds", str(e)) from None
+    if das:
+        try:
+            add_attributes(dataset, parse_das(das))
+        except Exception as e:  # noqa: BLE001 - attributes are a nicety; the data is what counts
+            dataset.attributes["ooidx_das_error"] = f"the .das does not parse: {e}"[:500]
+    dods.seek(at + len(DATA_MARKER))
+    try:
+        data = unpack_dap2_data(dods, dataset)
+    except Exception as e:  # noqa: BLE001
+        raise DodsError("data", str(e)) from None
+    return dataset, data

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from magnet import MagnetError, RemoteError, StreamError, Timeout, decode_reply, operation
 from magnet.rpc import ERROR, REPLY, error_reply
 
+from ooidx import dap
 from ooidx.component import Component
 from ooidx.errors import InvalidURL, UpstreamError, UpstreamTimeout
 
@@ -63,7 +64,7 @@ MAX_BYTES = 256 * 1024 * 1024
 BLOCK_ROWS = 2048
 #: How long to wait for the .dods to start arriving.
 DEFAULT_ANSWER_TIMEOUT = 75.0
-DATA_MARKER = b"\nData:\n"
+DATA_MARKER = dap.DATA_MARKER
 #: What a cell must not start with to be read as text by a spreadsheet (OWASP,
 #: "CSV Injection"): = + - @, tab, CR, and the fullwidth = + - @ some
 #: spreadsheets fold into them.
@@ -94,25 +95,13 @@ def escape_cell(text: str) -> str:
 
 def decode_dods(dods: Any) -> Tuple[Any, List[Any]]:
     """(pydap dataset, unpacked data) of a .dods response in a binary file."""
-    from pydap.handlers.dap import unpack_dap2_data
-    from pydap.parsers.dds import dds_to_dataset
-
-    dods.seek(0)
-    head = dods.read(1024 * 1024)
-    at = head.find(DATA_MARKER)
-    if at < 0:
-        raise UpstreamError("the .dods answer has no 'Data:' marker (not a DAP 2 data response)")
-    dds = head[:at].decode("utf-8", "replace")
     try:
-        dataset = dds_to_dataset(dds)
-    except Exception as e:  # noqa: BLE001 - pydap raises what it raises
-        raise UpstreamError(f"the .dods answer's DDS does not parse: {e}") from None
-    dods.seek(at + len(DATA_MARKER))
-    try:
-        data = unpack_dap2_data(dods, dataset)
-    except Exception as e:  # noqa: BLE001
-        raise UpstreamError(f"the .dods answer's data does not decode: {e}") from None
-    return dataset, data
+        return dap.decode_dods(dods, max_dds=1024 * 1024, errors="replace")
+    except dap.DodsError as e:
+        raise UpstreamError({
+            "marker": "the .dods answer has no 'Data:' marker (not a DAP 2 data response)",
+            "dds": f"the .dods answer's DDS does not parse: {e.detail}",
+        }.get(e.part, f"the .dods answer's data does not decode: {e.detail}")) from None
 
 
 def _columns(dataset: Any, data: List[Any]) -> List[Tuple[str, Any, Tuple[str, ...]]]:

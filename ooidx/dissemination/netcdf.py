@@ -35,12 +35,14 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
+from ooidx import dap
+
 __all__ = ["DATA_MARKER", "NETCDF_LOCK", "DecodeError", "decode", "to_netcdf", "write_netcdf"]
 
 #: Held around every use of the netCDF4 library (it is not thread-safe).
 NETCDF_LOCK = threading.Lock()
 
-DATA_MARKER = b"\nData:\n"
+DATA_MARKER = dap.DATA_MARKER
 #: How far into the .dods its DDS may reach.
 MAX_DDS = 16 * 1024 * 1024
 
@@ -53,30 +55,13 @@ class DecodeError(ValueError):
 def decode(dods: Any, das: Optional[str] = None) -> Tuple[Any, List[Any]]:
     """(pydap dataset with the DAS's attributes, unpacked data) of a C{.dods}
     response in a binary file object."""
-    from pydap.handlers.dap import unpack_dap2_data
-    from pydap.parsers.das import add_attributes, parse_das
-    from pydap.parsers.dds import dds_to_dataset
-
-    dods.seek(0)
-    head = dods.read(MAX_DDS)
-    at = head.find(DATA_MARKER)
-    if at < 0:
-        raise DecodeError("the .dods has no 'Data:' marker (not a DAP 2 data response)")
     try:
-        dataset = dds_to_dataset(head[:at].decode("utf-8"))
-    except Exception as e:  # noqa: BLE001 - pydap raises what it raises
-        raise DecodeError(f"the .dods's DDS does not parse: {e}") from None
-    if das:
-        try:
-            add_attributes(dataset, parse_das(das))
-        except Exception as e:  # noqa: BLE001 - attributes are a nicety; the data is what counts
-            dataset.attributes["ooidx_das_error"] = f"the .das does not parse: {e}"[:500]
-    dods.seek(at + len(DATA_MARKER))
-    try:
-        data = unpack_dap2_data(dods, dataset)
-    except Exception as e:  # noqa: BLE001
-        raise DecodeError(f"the .dods's data does not decode: {e}") from None
-    return dataset, data
+        return dap.decode_dods(dods, das, MAX_DDS)
+    except dap.DodsError as e:
+        raise DecodeError({
+            "marker": "the .dods has no 'Data:' marker (not a DAP 2 data response)",
+            "dds": f"the .dods's DDS does not parse: {e.detail}",
+        }.get(e.part, f"the .dods's data does not decode: {e.detail}")) from None
 
 
 def to_netcdf(dods_path: str, nc_path: str, das: Optional[str] = None) -> Dict[str, Any]:
