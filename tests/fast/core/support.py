@@ -1,0 +1,142 @@
+"""What the fast tier's trial classes share in place of pytest's fixtures.
+
+The fast tier runs under both ``python -m twisted.trial tests.fast`` and
+``pytest tests/fast``; nothing here needs pytest.
+
+- L{cases} and L{expand}: a parametrized test is one generated method per
+  case (``test_x_0``, ``test_x_1``...), so both runners count and name each
+  case apart, as C{pytest.mark.parametrize} did.
+- L{FastCase}: a C{SynchronousTestCase} with C{tmp_path()} (a fresh
+  directory from C{mktemp()}) and C{monkeypatch()} (an undo-at-cleanup
+  patcher for attributes, environment variables and the working directory).
+- L{LogEvents}: the events logged through twisted.logger while a test runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, List, Optional, Sequence
+
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import provider
+
+_CASES = "_fast_cases"
+
+
+def cases(names: str, values: Iterable[Any], ids: Optional[Sequence[Any]] = None) -> Callable:
+    """Mark a test method to run once per value, as C{pytest.mark.parametrize}
+    did: C{names} is a comma-separated list of the method's extra arguments.
+    Stack several to run the cross product. L{expand} makes the methods."""
+    argnames = [name.strip() for name in names.split(",") if name.strip()]
+    rows = []
+    for value in values:
+        rows.append(dict(zip(argnames, value if len(argnames) > 1 else (value,))))
+    labels = [str(i) for i in (ids if ids is not None else range(len(rows)))]
+
+    def mark(function: Callable) -> Callable:
+        setattr(function, _CASES, [list(zip(labels, rows))] + list(getattr(function, _CASES, [])))
+        return function
+
+    return mark
+
+
+def _label(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def expand(cls: type) -> type:
+    """Replace each method marked by L{cases} with one method per case."""
+    for name, function in list(vars(cls).items()):
+        axes = getattr(function, _CASES, None)
+        if axes is None:
+            continue
+        delattr(cls, name)
+        for combination in itertools.product(*axes):
+            label = "_".join(_label(part[0]) for part in combination)
+            kwargs: dict = {}
+            for part in combination:
+                kwargs.update(part[1])
+
+            def method(self: Any, _function: Callable = function, _kwargs: dict = kwargs) -> Any:
+                return _function(self, **_kwargs)
+
+            method.__name__ = method.__qualname__ = "%s_%s" % (name, label)
+            method.__doc__ = "%s with %r" % (name, kwargs)
+            setattr(cls, method.__name__, method)
+    return cls
+
+
+class MonkeyPatch:
+    """Attribute, environment and directory changes undone at the test's
+    cleanup, in reverse order (the parts of pytest's C{monkeypatch} the moved
+    tests use)."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self._case = case
+
+    def setattr(self, target: Any, name: str, value: Any) -> None:
+        self._case.patch(target, name, value)
+
+    def setenv(self, name: str, value: str) -> None:
+        self._restore_env(name)
+        os.environ[name] = value
+
+    def delenv(self, name: str, raising: bool = True) -> None:
+        if name not in os.environ and raising:
+            raise KeyError(name)
+        self._restore_env(name)
+        os.environ.pop(name, None)
+
+    def chdir(self, path: Any) -> None:
+        here = os.getcwd()
+        self._case.addCleanup(os.chdir, here)
+        os.chdir(str(path))
+
+    def _restore_env(self, name: str) -> None:
+        old = os.environ.get(name)
+
+        def restore() -> None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+        self._case.addCleanup(restore)
+
+
+class FastCase(SynchronousTestCase):
+    """A synchronous trial test with a temporary directory and a patcher."""
+
+    def tmp_path(self) -> Path:
+        """A new empty directory of this test's own, removed at cleanup.
+        (Not C{self.mktemp()}: under pytest that path is relative to the
+        directory pytest runs in, and would litter the checkout.)"""
+        path = Path(tempfile.mkdtemp(prefix="ooidx-fast-"))
+        self.addCleanup(shutil.rmtree, str(path), True)
+        return path
+
+    def monkeypatch(self) -> MonkeyPatch:
+        return MonkeyPatch(self)
+
+
+class LogEvents:
+    """The events logged (globally, through twisted.logger) from its start
+    until the test's cleanup; C{texts()} formats them."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.events: List[dict] = []
+
+        @provider(ILogObserver)
+        def observe(event: dict) -> None:
+            self.events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        case.addCleanup(globalLogPublisher.removeObserver, observe)
+
+    def texts(self) -> List[str]:
+        return [formatEvent(event) or "" for event in self.events]
