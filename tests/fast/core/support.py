@@ -140,3 +140,39 @@ class LogEvents:
 
     def texts(self) -> List[str]:
         return [formatEvent(event) or "" for event in self.events]
+
+
+def settle(clock: Any, limit: int = 100_000) -> None:
+    """Run every call on the L{task.Clock} that is due now, and those they
+    schedule for now, until none is left (memory:// delivers on later
+    "reactor turns": on a Clock, those are calls due at the same time)."""
+    for _ in range(limit):
+        now = clock.seconds()
+        if not any(call.getTime() <= now for call in clock.getDelayedCalls()):
+            return
+        clock.advance(0)
+    raise AssertionError("the clock never settled: calls keep scheduling calls")
+
+
+def drive(case: SynchronousTestCase, clock: Any, d: Any, step: float = 0.01, seconds: float = 60.0) -> Any:
+    """The result of Deferred C{d}, moving C{clock} on (in C{step}s, at most
+    C{seconds} of clock time) until it has one; a failure is raised."""
+    from twisted.internet import defer
+
+    d = defer.ensureDeferred(d) if not isinstance(d, defer.Deferred) else d
+    results: List[Any] = []
+    d.addBoth(results.append)
+    settle(clock)
+    waited = 0.0
+    while not results and waited < seconds:
+        clock.advance(step)
+        settle(clock)
+        waited += step
+    if not results:
+        case.fail("no result after %s s of clock time" % seconds)
+    result = results[0]
+    from twisted.python.failure import Failure
+
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result
