@@ -176,3 +176,91 @@ def drive(case: SynchronousTestCase, clock: Any, d: Any, step: float = 0.01, sec
     if isinstance(result, Failure):
         result.raiseException()
     return result
+
+
+class SyncPool:
+    """A stand-in for twisted.python.threadpool.ThreadPool whose "threads"
+    run each call at once, in the calling thread: blocking disk or SQLite work
+    then finishes inside the test, with no thread to wait for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self) -> None:
+        self.started = False
+
+    def adjustPoolsize(self, minthreads: Any = None, maxthreads: Any = None) -> None:
+        pass
+
+    def callInThread(self, f: Callable, *args: Any, **kwargs: Any) -> None:
+        f(*args, **kwargs)
+
+    def callInThreadWithCallback(self, onResult: Callable, f: Callable, *args: Any, **kwargs: Any) -> None:
+        from twisted.python.failure import Failure
+
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            onResult(False, Failure())
+        else:
+            onResult(True, result)
+
+
+def _threadless_clock_class() -> type:
+    from twisted.internet import task
+    from twisted.internet.interfaces import IReactorThreads
+    from zope.interface import implementer
+
+    @implementer(IReactorThreads)
+    class ThreadlessClock(task.Clock):
+        """A task.Clock that is also the reactor's thread API, where a thread's
+        work runs at once and its callFromThread lands on the clock (due now):
+        components that pick their reactor by IReactorThreads take it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._pool = SyncPool()
+            self._triggers: dict = {}
+
+        def getThreadPool(self) -> SyncPool:
+            return self._pool
+
+        def callInThread(self, f: Callable, *args: Any, **kwargs: Any) -> None:
+            f(*args, **kwargs)
+
+        def callFromThread(self, f: Callable, *args: Any, **kwargs: Any) -> None:
+            self.callLater(0, f, *args, **kwargs)
+
+        def suggestThreadPoolSize(self, size: int) -> None:
+            pass
+
+        def callWhenRunning(self, f: Callable, *args: Any, **kwargs: Any) -> None:
+            f(*args, **kwargs)
+
+        def addSystemEventTrigger(self, phase: str, event: str, f: Callable, *args: Any, **kwargs: Any) -> Any:
+            key = object()
+            self._triggers[key] = (phase, event, f, args, kwargs)
+            return key
+
+        def removeSystemEventTrigger(self, key: Any) -> None:
+            self._triggers.pop(key, None)
+
+    return ThreadlessClock
+
+
+def threadless(case: SynchronousTestCase) -> Any:
+    """A L{task.Clock} that is also IReactorThreads (see SyncPool), with every
+    ThreadPool the product makes during the test a L{SyncPool}: memory://
+    buses, the cache's and the persister's disk work and the attribute
+    store's SQLite then all run on the clock, with no real reactor turn."""
+    import twisted.python.threadpool
+    from ooidx.datapath import cache
+    from ooidx.dissemination import persister
+
+    case.patch(twisted.python.threadpool, "ThreadPool", SyncPool)
+    case.patch(cache, "ThreadPool", SyncPool)
+    case.patch(persister, "ThreadPool", SyncPool)
+    return _threadless_clock_class()()
