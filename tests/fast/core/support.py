@@ -264,3 +264,53 @@ def threadless(case: SynchronousTestCase) -> Any:
     case.patch(cache, "ThreadPool", SyncPool)
     case.patch(persister, "ThreadPool", SyncPool)
     return _threadless_clock_class()()
+
+
+class ClockCase(FastCase):
+    """A synchronous test whose time is C{self.clock} (a threadless
+    L{task.Clock}, see L{threadless}), for components on a memory:// bus.
+    Write the test as an C{async def} decorated with L{on_clock}, and use
+    C{await self.sleep(s)} and C{await self.eventually(predicate)}: they move
+    the clock, never wait for real time."""
+
+    @property
+    def clock(self) -> Any:
+        clock = self.__dict__.get("_clock")
+        if clock is None:
+            clock = self.__dict__["_clock"] = threadless(self)
+        return clock
+
+    def wait(self, d: Any, seconds: float = 60.0) -> Any:
+        """The result of C{d} (a Deferred or coroutine), moving the clock on."""
+        return drive(self, self.clock, d, seconds=seconds)
+
+    def sleep(self, seconds: float) -> Any:
+        from twisted.internet import task
+
+        return task.deferLater(self.clock, seconds, lambda: None)
+
+    async def eventually(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Poll C{predicate} (which may return a Deferred) every 10 ms of clock
+        time until it is true; fail after C{timeout} seconds of clock time."""
+        from twisted.internet import defer
+
+        waited = 0.0
+        while True:
+            value = await defer.maybeDeferred(predicate)
+            if value:
+                return value
+            if waited > timeout:
+                raise AssertionError(f"condition not met within {timeout} s")
+            await self.sleep(0.01)
+            waited += 0.01
+
+
+def on_clock(method: Callable) -> Callable:
+    """Run an C{async def} test method of a L{ClockCase} to its end on the clock."""
+    import functools
+
+    @functools.wraps(method)
+    def run(self: ClockCase, *args: Any, **kwargs: Any) -> Any:
+        return self.wait(method(self, *args, **kwargs))
+
+    return run
