@@ -2,44 +2,17 @@
 the same values, dimensions and attributes as the file the server read."""
 from __future__ import annotations
 
-import atexit
-import functools
 import io
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
 import netCDF4
 import numpy as np
-from webob import Request
 
 from ooidx.dissemination.netcdf import DecodeError, decode, to_netcdf
 
 from tests.fast.core.support import FastCase, cases, expand
-from tests.ooidx.dap_upstream import make_files
-
-
-@functools.lru_cache(maxsize=None)
-def pydap_responses() -> Dict[str, Any]:
-    """name -> {"das", "dds", "dods", "source"} as pydap's server answers them
-    (its WSGI app called in this process: no port, no subprocess). Made once
-    for the module, in a directory removed at exit."""
-    from pydap.wsgi.app import DapServer
-
-    directory = Path(tempfile.mkdtemp(prefix="ooidx-fast-netcdf-"))
-    atexit.register(shutil.rmtree, str(directory), True)
-    files = make_files(directory)
-    app = DapServer(str(directory))
-    out: Dict[str, Any] = {}
-    for name in ("sst", "series"):
-        parts = {}
-        for suffix in ("das", "dds", "dods"):
-            answer = Request.blank(f"/{name}.nc.{suffix}").get_response(app)
-            assert answer.status_int == 200, answer.status
-            parts[suffix] = answer.body
-        out[name] = dict(parts, source=files[name])
-    return out
+from tests.fast.dissemination.pydap_answers import pydap_responses
 
 
 def _write(tmp_path: Path, answer: Dict[str, Any], name: str) -> Path:
