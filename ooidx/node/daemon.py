@@ -339,7 +339,9 @@ class Daemon(MultiService):
         env = dict(os.environ)
         # the broker (its password) travels in the environment, never in argv (ps)
         env[BROKER_ENV] = ",".join(self.config.broker)
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # the directory that holds the ooidx package (this file is ooidx/node/daemon.py); never
+        # ooidx/ itself, whose http/ would hide the standard library's http in the child
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         path = env.get("PYTHONPATH")
         env["PYTHONPATH"] = here + (os.pathsep + path if path else "")
         env["PYTHONUNBUFFERED"] = "1"
