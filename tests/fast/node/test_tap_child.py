@@ -41,6 +41,7 @@ class TapTests(FastCase):
     def options(self, *argv: str) -> tap.Options:
         options = tap.Options()
         options.parseOptions(list(argv))
+        options.parent = {"nodaemon": True, "logfile": None}  # as twistd -n gives it: log to stdout
         return options
 
     def test_options(self) -> None:
