@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -459,7 +460,8 @@ class Bus:
     def __init__(self, case: FastCase) -> None:
         self.case = case
         self.clock = task.Clock()
-        self.bus = magnet.connect(f"memory://cli-{uuid.uuid4().hex}", self.clock, rpc_timeout=5)
+        self.bus_url = f"memory://cli-{uuid.uuid4().hex}"
+        self.bus = magnet.connect(self.bus_url, self.clock, rpc_timeout=5)
         self.fetcher = Component("fetcher", self.bus, node="node-a")
 
     @defer.inlineCallbacks
@@ -529,3 +531,208 @@ class BrokerClientTests(FastCase):
             self.daemon.run(cli.COMMANDS["events"].run(self.ctx(out, "events", "--recent", "3")))
         with self.assertRaises(cli.UsageError):
             self.daemon.run(cli.COMMANDS["events"].run(self.ctx(out, "events", "(")))
+
+
+class ProxyAnswer:
+    """What http.client's getresponse gives: a status, headers, a body read in chunks."""
+
+    def __init__(self, status: int, body: bytes, headers: Optional[Dict[str, str]] = None,
+                 reason: str = "OK", break_after: Optional[int] = None) -> None:
+        self.status, self.reason = status, reason
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        self._body = io.BytesIO(body)
+        self.break_after = break_after
+
+    def getheader(self, name: str, default: Any = None) -> Any:
+        return self.headers.get(name.lower(), default)
+
+    def read(self, n: int = -1) -> bytes:
+        if self.break_after is not None and self._body.tell() >= self.break_after:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        if self.break_after is not None:
+            n = min(n, self.break_after - self._body.tell())
+        return self._body.read(n)
+
+
+class Proxy:
+    """A stand-in for http.client.HTTPConnection to the exchange's proxy."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.connections: List["Proxy.Connection"] = []
+
+    def __call__(self, host: str, port: int, timeout: Optional[float] = None) -> "Proxy.Connection":
+        connection = Proxy.Connection(self, host, port, timeout)
+        self.connections.append(connection)
+        return connection
+
+    class Connection:
+        def __init__(self, proxy: "Proxy", host: str, port: int, timeout: Optional[float]) -> None:
+            self.proxy, self.host, self.port, self.timeout = proxy, host, port, timeout
+            self.request: Optional[Tuple[str, str]] = None
+            self.headers: Dict[str, str] = {}
+            self.closed = False
+
+        def putrequest(self, method: str, target: str, skip_host: bool = False,
+                       skip_accept_encoding: bool = False) -> None:
+            assert skip_host and skip_accept_encoding
+            self.request = (method, target)
+
+        def putheader(self, name: str, value: str) -> None:
+            self.headers[name] = value
+
+        def endheaders(self) -> None:
+            pass
+
+        def getresponse(self) -> Any:
+            answer = self.proxy.answer(self)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+        def close(self) -> None:
+            self.closed = True
+
+
+@expand
+class GetTests(FastCase):
+    """ooidx get: a download through the proxy into a file, never half-written."""
+
+    BODY = bytes(range(256)) * 800  # 200 KiB
+
+    def setUp(self) -> None:
+        import http.client
+
+        self.proxy = Proxy(lambda c: ProxyAnswer(200, self.BODY, {"Content-Length": str(len(self.BODY))}))
+        self.patch(http.client, "HTTPConnection", self.proxy)
+        self.dir = self.tmp_path()
+
+    def get(self, *argv: str, environ: Optional[Dict[str, str]] = None,
+            stdout: Any = None) -> Tuple[int, str]:
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        out = stdout if stdout is not None else io.StringIO()
+        code = cli.run(["get", *argv], stdout=out, stderr=err, environ=environ or {})
+        return code, err.getvalue()
+
+    def test_a_url_through_the_proxy_into_a_file(self) -> None:
+        target = str(self.dir / "sst.dods")
+        code, err = self.get("http://dap.example.org/sst.nc.dods?sst", "-o", target,
+                             environ={"OOIDX_PROXY": "http://proxy.test:8100"})
+        assert (code, err) == (0, f"{len(self.BODY)} bytes -> {target}\n")
+        assert open(target, "rb").read() == self.BODY
+        assert os.listdir(self.dir) == ["sst.dods"]  # no .part left
+        [c] = self.proxy.connections
+        assert (c.host, c.port, c.timeout) == ("proxy.test", 8100, 60.0)
+        assert c.request == ("GET", "http://dap.example.org/sst.nc.dods?sst")
+        assert c.headers == {"Host": "dap.example.org", "User-Agent": "ooidx-get"}
+        assert c.closed
+
+    def test_a_dataset_path_goes_to_the_proxy_itself(self) -> None:
+        target = str(self.dir / "x")
+        code, err = self.get("/datasets/sst.dods", "-o", target, "--proxy", "http://127.0.0.1:9")
+        assert code == 0, err
+        [c] = self.proxy.connections
+        assert c.request == ("GET", "/datasets/sst.dods") and c.headers["Host"] == "127.0.0.1:9"
+        assert (c.host, c.port) == ("127.0.0.1", 9)
+
+    def test_progress_is_shown_when_asked(self) -> None:
+        clock = iter(range(0, 1000))
+        import time
+
+        self.patch(time, "monotonic", lambda: next(clock) * 0.2)
+        code, err = self.get("/datasets/sst.dods", "-o", str(self.dir / "x"), "--progress")
+        assert code == 0
+        assert err.count("\r[") >= 2 and "100%" in err
+
+    def test_to_stdout(self) -> None:
+        raw = io.BytesIO()
+        out = io.TextIOWrapper(raw, encoding="utf-8")
+        code, err = self.get("/datasets/sst.dods", "-o", "-", stdout=out)
+        assert code == 0, err
+        assert raw.getvalue() == self.BODY
+        code, err = self.get("/datasets/sst.dods", "-o", "-")  # a text-only stdout
+        assert (code, err) == (2, "error: -o - needs a binary stdout\n")
+
+    @cases("status, headers, body, expected", [
+        (502, {"X-Ooidx-Error": "UpstreamError"}, b"the upstream said no", "error: UpstreamError: the upstream said no\n"),
+        (404, {}, b"", "error: HTTP 404: Not Found\n"),
+    ], ids=["typed", "plain"])
+    def test_an_error_answer_is_exit_1_and_writes_nothing(self, status: int, headers: dict, body: bytes,
+                                                          expected: str) -> None:
+        self.proxy.answer = lambda c: ProxyAnswer(status, body, headers, reason="Not Found")
+        code, err = self.get("/datasets/sst.dods", "-o", str(self.dir / "x"))
+        assert (code, err) == (1, expected)
+        assert os.listdir(self.dir) == []
+
+    def test_a_short_body_is_an_error_and_leaves_nothing(self) -> None:
+        self.proxy.answer = lambda c: ProxyAnswer(200, self.BODY[:1000], {"Content-Length": str(len(self.BODY))})
+        code, err = self.get("/datasets/sst.dods", "-o", str(self.dir / "x"))
+        assert (code, err) == (1, f"error: transfer failed: 1000 of {len(self.BODY)} bytes arrived\n")
+        assert os.listdir(self.dir) == []
+
+    def test_a_transfer_that_breaks_is_an_error_and_leaves_nothing(self) -> None:
+        self.proxy.answer = lambda c: ProxyAnswer(200, self.BODY, break_after=65536)
+        code, err = self.get("/datasets/sst.dods", "-o", str(self.dir / "x"))
+        assert code == 1
+        assert err.startswith("error: transfer failed after 65536 bytes: ConnectionResetError")
+        assert os.listdir(self.dir) == []
+
+    def test_an_unreachable_proxy_is_exit_3(self) -> None:
+        self.proxy.answer = lambda c: ConnectionRefusedError(111, "Connection refused")
+        code, err = self.get("/datasets/sst.dods", "-o", str(self.dir / "x"))
+        assert (code, err) == (3, "error: cannot reach the proxy at http://127.0.0.1:8100: "
+                                  "[Errno 111] Connection refused\n")
+
+
+class OnBrokerTests(FastCase):
+    """`ooidx --broker URL ...` in-process: task.react is run on a Clock and
+    the broker is a memory:// bus (magnet.connect redirected to it)."""
+
+    def setUp(self) -> None:
+        from twisted.internet import task as task_module
+
+        self.daemon = Bus(self)
+        self.daemon.run(self.daemon.start())
+        self.addCleanup(lambda: self.daemon.run(self.daemon.stop()))
+        self.urls: List[str] = []
+        real_connect = magnet.connect
+
+        def connect(url: Any, reactor: Any = None, **options: Any) -> Any:
+            self.urls.append(url)
+            if str(url).startswith("amqp://dx.test"):  # the daemon's broker: its memory:// bus
+                options.pop("connect_timeout", None)
+                return real_connect(self.daemon.bus_url, self.daemon.clock, **options)
+            return real_connect(url, reactor, **options)
+
+        self.patch(magnet, "connect", connect)
+
+        def react(main: Callable[[Any], Any]) -> None:
+            drive(self, self.daemon.clock, main(self.daemon.clock))
+            raise SystemExit(0)
+
+        self.patch(task_module, "react", react)
+
+    def run_cli(self, *argv: str) -> Tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.run(list(argv), stdout=out, stderr=err, environ={})
+        return code, out.getvalue(), err.getvalue()
+
+    def test_a_call_straight_through_the_broker(self) -> None:
+        code, out, err = self.run_cli("--broker", "amqp://dx.test/", "--timeout", "3", "call", "fetcher", "ping")
+        assert code == 0, err
+        assert json.loads(out)["node"] == "node-a"
+        assert self.urls == ["amqp://dx.test/"]
+
+    def test_an_error_answer_is_exit_1(self) -> None:
+        code, out, err = self.run_cli("--broker", "amqp://dx.test/", "call", "attribute_store", "get", "key=zz")
+        assert (code, out) == (1, "")
+        assert err.startswith("error: KeyError: ")
+
+    def test_no_daemon_answering_status_is_exit_1(self) -> None:
+        code, out, err = self.run_cli("--broker", "amqp://dx.test/", "status")
+        assert (code, err) == (1, "error: no daemon answered the status request\n")
+
+    def test_a_broker_url_magnet_refuses_is_exit_2(self) -> None:
+        code, out, err = self.run_cli("--broker", "amqp://u:pw@host:99999/", "status")
+        assert code == 2 and err.startswith("error: ") and "pw@" not in err
