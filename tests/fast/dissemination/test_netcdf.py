@@ -74,3 +74,90 @@ class NetCDFTests(FastCase):
         to_netcdf(str(dods), str(tmp_path / "sst.nc"), "Attributes { this is not { a das")
         with netCDF4.Dataset(tmp_path / "sst.nc") as got:
             np.testing.assert_array_equal(got["lat"][:], np.linspace(-30, 30, 4, dtype="f4"))
+
+
+class LayoutTests(FastCase):
+    """write_netcdf on pydap models made by hand: grids, structures,
+    sequences, strings, fill values, dimension clashes, odd attributes."""
+
+    def write(self, dataset: Any, data: list) -> Any:
+        from ooidx.dissemination.netcdf import write_netcdf
+
+        path = str(self.tmp_path() / "out.nc")
+        result = write_netcdf(dataset, data, path)
+        return result, netCDF4.Dataset(path)
+
+    def test_grids_structures_sequences_and_strings(self) -> None:
+        from pydap.model import BaseType, DatasetType, GridType, SequenceType, StructureType
+
+        dataset = DatasetType("made", attributes={
+            "NC_GLOBAL": {"title": "made by hand", "nested": {"x": 1}}, "history": "one", "DODS_EXTRA": {
+                "Unlimited_Dimension": "time"}, "ignored": {"a": 1}})
+        grid = GridType("sst")
+        grid["sst"] = BaseType("sst", dims=("time", "lat"), attributes={
+            "units": "degC", "_FillValue": [-999.0], "valid_range": [0, 40], "flags": ["a", "b"],
+            "empty": [], "none": None, "mixed": [1, "x"], "": "no name", "nested": {"x": 1}})
+        grid["time"] = BaseType("time", dims=("time",))
+        grid["lat"] = BaseType("lat", dims=("lat",))
+        station = StructureType("station")
+        station["id"] = BaseType("id", dims=())
+        station["name"] = BaseType("name", dims=())
+        casts = SequenceType("casts")
+        dataset["sst"] = grid
+        dataset["lat"] = BaseType("lat", dims=("lat",))  # the grid's map again: written once
+        dataset["station"] = station
+        dataset["casts"] = casts
+        dataset["depth"] = BaseType("depth", dims=("time",))  # time with another size: time_1
+        dataset["odd"] = BaseType("odd", dims=("a", "b"))  # a 1-D array with 2 dimension names
+        dataset["labels"] = BaseType("labels", dims=("n",), attributes={"_FillValue": "none"})
+        sst = np.arange(6, dtype="f4").reshape(2, 3)
+        data = [[sst, np.array([0.0, 1.0]), np.array([-1.0, 0.0, 1.0], dtype="f4")],
+                np.array([-1.0, 0.0, 1.0], dtype="f4"),
+                [np.array(7, dtype="i4"), np.array(b"CE02")],
+                [],
+                np.arange(4, dtype="i2"),
+                np.arange(3, dtype="u1"),
+                np.array([b"one", "two"], dtype=object)]
+        result, nc = self.write(dataset, data)
+        with nc:
+            assert result == {"variables": ["sst", "time", "lat", "station.id", "station.name", "depth", "odd",
+                                            "labels"], "skipped": ["casts"]}
+            assert nc.title == "made by hand" and nc.history == "one" and nc.Unlimited_Dimension == "time"
+            assert "ignored" not in nc.ncattrs() and "nested" not in nc.ncattrs()
+            var = nc["sst"]
+            assert var.dimensions == ("time", "lat") and var.units == "degC"
+            assert var._FillValue == -999.0
+            assert list(var.valid_range) == [0, 40] and var.flags == "a\nb"
+            assert {"empty", "none", "mixed", "nested"}.isdisjoint(var.ncattrs())
+            np.testing.assert_array_equal(var[:], sst)
+            assert nc["depth"].dimensions == ("time_1",) and len(nc.dimensions["time_1"]) == 4
+            assert nc["odd"].dimensions == ("odd_dim0",)
+            assert nc["station.name"][...] == "CE02"
+            assert list(nc["labels"][:]) == ["one", "two"]
+
+    def test_helpers(self) -> None:
+        from ooidx.dissemination import netcdf
+
+        i4 = np.zeros(1, dtype=">i4")
+        assert netcdf._fill([5], i4) == 5 and netcdf._fill([], i4) is None
+        assert netcdf._fill("x", i4) is None and netcdf._fill({"a": 1}, i4) is None
+        assert netcdf._fill("nan", np.zeros(1, dtype="f4")) is None
+        assert netcdf._fill(object(), i4) is None
+        assert netcdf._global_attributes(None) == {}
+
+        class Refusing:
+            def __init__(self, refuse_text: bool) -> None:
+                self.refuse_text = refuse_text
+                self.set: dict = {}
+
+            def setncattr(self, key: str, value: Any) -> None:
+                if not isinstance(value, str) or self.refuse_text:
+                    raise ValueError("no")
+                self.set[key] = value
+
+        kind = Refusing(False)
+        netcdf._set_attribute(kind, "when", 5)
+        assert kind.set == {"when": "5"}  # kept as text
+        netcdf._set_attribute(Refusing(True), "when", 5)  # not even as text: left out, no error
+        netcdf._set_attribute(kind, "objects", [object(), 1])
+        assert "objects" not in kind.set
