@@ -11,11 +11,12 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import netCDF4
 import numpy as np
 from twisted.internet import defer, task
+from twisted.logger import formatEvent
 
 import magnet
 from magnet import Message
@@ -23,7 +24,7 @@ from magnet import Message
 from ooidx.errors import UnknownDataset
 from ooidx.dissemination.persister import MANIFEST, Persister
 
-from tests.fast.core.support import ClockCase, on_clock
+from tests.fast.core.support import ClockCase, LogEvents, on_clock
 from tests.fast.dissemination.pydap_answers import pydap_responses
 from tests.ooidx import dissemination_helpers
 from tests.ooidx.dissemination_helpers import EventLog, FakePubSub
@@ -117,7 +118,9 @@ def _asking_again(clock: task.Clock) -> list:
     return [c for c in clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "_ask_again"]
 
 
-class PersisterTests(ClockCase):
+class RigCase(ClockCase):
+    """A rig of this test's own, and waits on the clock."""
+
     def setUp(self) -> None:
         # the event log's waits time out on this test's clock, not the global reactor's
         self.patch(dissemination_helpers, "reactor", self.clock)
@@ -140,6 +143,8 @@ class PersisterTests(ClockCase):
             await self.sleep(0.02)
         raise AssertionError("condition not met in time")
 
+
+class PersisterTests(RigCase):
     @on_clock
     async def test_subscribes_through_pub_sub(self) -> None:
         rig = await self.rig()
@@ -388,3 +393,126 @@ class PersisterTests(ClockCase):
             await rig.events.next("saved", name)
         for name in names:
             assert len(rig.versions(name)) == 1
+
+
+class PersisterEdgeTests(RigCase):
+    """What the moved tests did not reach: the netCDF copy that cannot be
+    made, leftovers of earlier runs, pub_sub answering nonsense, a
+    controller that fails, bad names and manifests."""
+
+    @on_clock
+    async def test_a_dods_that_does_not_decode_is_saved_without_its_netcdf(self) -> None:
+        rig = await self.rig()
+        answers = pydap_responses()["sst"]
+        garbage = b"Dataset {\n  Float64 x[x = 3];\n} d;\nData:\n\x00"
+        await rig.send(answers, garbage)
+        event = await rig.events.next("saved", "sst")
+        assert event["netcdf"] is False
+        (version,) = rig.versions()
+        vdir = rig.data_dir / "datasets" / "sst" / version
+        assert sorted(os.listdir(vdir)) == ["manifest.json", "sst.das", "sst.dds", "sst.dods"]
+        manifest = json.loads((vdir / MANIFEST).read_text())
+        assert "does not decode" in manifest["netcdf"]["error"]
+
+    @on_clock
+    async def test_a_dods_too_large_to_convert_is_saved_without_its_netcdf(self) -> None:
+        rig = await self.rig()
+        rig.persister.max_netcdf_bytes = 10
+        await rig.send(pydap_responses()["sst"])
+        event = await rig.events.next("saved", "sst")
+        (version,) = rig.versions()
+        manifest = json.loads((rig.data_dir / "datasets" / "sst" / version / MANIFEST).read_text())
+        assert manifest["netcdf"] == {"error": "the .dods is larger than the persister converts to netCDF"}
+        assert event["netcdf"] is False
+
+    @on_clock
+    async def test_leftovers_of_processes_gone_are_removed_at_start(self) -> None:
+        from ooidx.dissemination.persister import TEMP_PREFIX
+
+        dataset_dir = self.shared_tmp() / "data" / "datasets" / "sst"
+        gone = dataset_dir / f"{TEMP_PREFIX}{2 ** 22 + 12345}-abc"
+        mine = dataset_dir / f"{TEMP_PREFIX}{os.getpid()}-abc"
+        odd = dataset_dir / f"{TEMP_PREFIX}notapid"
+        for d in (gone, mine, odd):
+            d.mkdir(parents=True)
+        (self.shared_tmp() / "data" / "datasets" / "a-file").write_text("not a dataset directory")
+        logged = LogEvents(self)
+        await self.rig()
+        assert sorted(p.name for p in dataset_dir.iterdir()) == [mine.name]
+        assert any("removed 2 unfinished version(s)" in formatEvent(e) for e in logged.events)
+
+    @on_clock
+    async def test_pub_sub_answering_without_an_address_is_asked_again(self) -> None:
+        logged = LogEvents(self)
+        bus = magnet.connect(f"memory://persister-{uuid.uuid4().hex}", self.clock, rpc_timeout=1)
+        bus.startService()
+        answers: List[Any] = [{"nothing": "here"}]
+
+        class Odd(FakePubSub):
+            @magnet.operation
+            def subscribe(self, regex: str, name: Any = None) -> Any:
+                return answers.pop(0) if answers else FakePubSub.subscribe(self, regex, name)
+
+        sub = await bus.serve("pub_sub", Odd(bus))
+        persister = Persister("persister", bus, node="t", data_dir=str(self.shared_tmp()), reactor=self.clock)
+        persister.subscribe_retry = (0.5, 1.0)
+        await persister.start()
+        try:
+            assert await persister.ready == "pubsub.sub.persister"
+            assert any("without an address" in formatEvent(e) for e in logged.events)
+        finally:
+            await persister.stopService()
+            await sub.cancel()
+            await bus.stopService()
+
+    @on_clock
+    async def test_a_controller_that_fails_is_asked_again_later(self) -> None:
+        logged = LogEvents(self)
+        clock = task.Clock()
+        r = Rig(self.clock, self.shared_tmp() / "data", clock=clock, retry_after=5)
+        await r.start()
+        self.addCleanup(lambda: self.wait(r.stop()))
+
+        class Broken:
+            asked = 0
+
+            @magnet.operation
+            def get_dataset(self, name: str, to: Any = None) -> Any:
+                Broken.asked += 1
+                raise RuntimeError("controller trouble")
+
+        r.subs.append(await r.bus.serve("controller", Broken()))
+        await r.send(pydap_responses()["sst"], name="sst", abort=True)
+        assert (await r.events.next("failed", "sst"))["retry_in"] == 5
+        clock.advance(5)
+        await self.until(lambda: Broken.asked == 1)
+        await self.sleep(0.1)
+        assert any("cannot ask controller again for dataset sst" in formatEvent(e) for e in logged.events)
+        assert len([c for c in clock.getDelayedCalls() if c.func.__name__ == "_ask_again"]) == 1
+        self.flushLoggedErrors(RuntimeError)  # the controller's own failure, logged where it was served
+
+    @on_clock
+    async def test_versions_refuses_a_bad_name_and_skips_bad_manifests(self) -> None:
+        from magnet import RemoteError
+
+        rig = await self.rig()
+        with self.assertRaises(RemoteError) as e:
+            await rig.bus.call("persister", "versions", name="../etc")
+        assert e.exception.remote_type == "ValueError"
+        await rig.send(pydap_responses()["sst"])
+        await rig.events.next("saved", "sst")
+        broken = rig.data_dir / "datasets" / "sst" / "20000101T000000Z-000000000000"
+        broken.mkdir()
+        (broken / MANIFEST).write_text("[1, 2]")
+        (rig.data_dir / "datasets" / "sst" / "not-even-a-manifest").mkdir()
+        listed = await rig.bus.call("persister", "versions", name="sst")
+        assert len(listed) == 1 and listed[0]["sequence"] == 1
+        assert await rig.bus.call("persister", "versions", name="never") == []
+        stats = await rig.bus.call("persister", "stats")
+        assert stats["saved"] == 1 and stats["subscription"] == "persister" and stats["node"] == "t"
+
+    def test_a_persister_needs_a_data_directory(self) -> None:
+        bus = magnet.connect(f"memory://persister-{uuid.uuid4().hex}", task.Clock())
+        with self.assertRaises(ValueError) as e:
+            Persister("persister", bus, node="t")
+        assert "needs a data directory" in str(e.exception)
