@@ -118,3 +118,57 @@ class LogLineTests(FastCase):
                       "log_level": LogLevel.info, "log_namespace": CHILD_OUTPUT_NAMESPACE, "log_time": 1.0})
         assert out.getvalue().splitlines() == [
             "1970-01-01T00:00:01.000Z info     n fetcher: [fetcher.1] ImportError: no module x"]
+
+
+class LogEdgeTests(FastCase):
+    def test_a_line_with_no_format_is_empty_and_a_legacy_one_is_joined(self) -> None:
+        out = io.StringIO()
+        observer = LineObserver(out, node="n")
+        observer({"log_namespace": "x.Y", "log_time": 1.0, "log_level": LogLevel.info})
+        observer({"message": ("legacy", 5), "log_namespace": "log_legacy", "log_time": 1.0})
+        lines = out.getvalue().splitlines()
+        assert lines[0] == "1970-01-01T00:00:01.000Z info     n x: "
+        assert lines[1] == "1970-01-01T00:00:01.000Z info     n log_legacy: legacy 5"
+
+    def test_a_failure_without_a_message_and_one_that_cannot_show_its_traceback(self) -> None:
+        class Broken(Failure):
+            def __init__(self) -> None:
+                try:
+                    raise KeyError("inner")
+                except KeyError:
+                    super().__init__()
+
+            def getTraceback(self, *args: Any, **kwargs: Any) -> str:
+                raise RuntimeError("no traceback today")
+
+        observer = LineObserver(io.StringIO(), node="n", format="json")
+        fields = observer.fields({"log_namespace": "x", "log_time": 0.0, "log_failure": Broken()})
+        assert fields["message"] == "'inner'" and fields["traceback"].startswith("<")
+
+    def test_an_unknown_format_is_refused(self) -> None:
+        with self.assertRaises(ValueError):
+            LineObserver(io.StringIO(), node="n", format="xml")
+
+    def test_short_and_masked_secrets_are_not_kept(self) -> None:
+        redact = Redactor()
+        redact.add("abc")  # too short: would mangle ordinary words
+        redact.add("***")
+        redact.add(None)  # type: ignore[arg-type]
+        assert redact("abc *** abcd") == "abc *** abcd"
+        assert redact("") == ""
+
+    def test_secrets_of_a_config(self) -> None:
+        from ooidx.node.logs import secrets_of
+
+        config = parse("broker: ['amqp://u:p%40ss@a/', 'amqp://u@b/']\n"
+                       "components: {attribute_store: {url: 'postgresql://dx:dbpw@db/dx'}}\n"
+                       "security: {token: tok-0123456789abcdef}\n", "x.yaml", environ={})
+        assert set(secrets_of(config)) == {"p%40ss", "p@ss", "dbpw", "tok-0123456789abcdef"}
+        assert secrets_of(None) == []
+
+    def test_a_child_s_stderr_line_is_an_event_of_its_own(self) -> None:
+        out = io.StringIO()
+        observer = LineObserver(out, node="n")
+        observer({"log_format": "[{tag}] {line}", "tag": "csv.0", "line": "oops\r", "stream": "stderr",
+                  "log_level": LogLevel.warn, "log_namespace": CHILD_OUTPUT_NAMESPACE, "log_time": 1.0})
+        assert out.getvalue() == "1970-01-01T00:00:01.000Z warn     n csv: [csv.0] oops\\r\n"
