@@ -190,3 +190,22 @@ class DistributorTests(ClockCase):
         await self.eventually(lambda: len(env.dead) == 1)
         assert env.dead[0].headers[ADDRESSES_HEADER] == [flaky]
         assert len(got_good) == 2
+
+
+class ParseTests(ClockCase):
+    def test_addresses_and_type_as_bytes_or_a_tuple(self) -> None:
+        message = Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: (b"a", "b"), TYPE_HEADER: b"pub"})
+        addresses, inner = parse(message)
+        assert addresses == ["a", "b"] and inner.type == "pub"
+
+    def test_an_address_that_is_not_utf8_is_refused(self) -> None:
+        with self.assertRaises(BadMessage) as e:
+            parse(Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: [b"\xff"]}))
+        assert "not UTF-8" in str(e.exception)
+
+    @on_clock
+    async def test_distribute_fails_with_the_send_s_own_failure(self) -> None:
+        bus = magnet.connect(f"memory://distributor-{uuid.uuid4().hex}", self.clock, send_timeout=1)
+        self.patch(bus, "send", lambda *a, **k: defer.fail(NotConfirmed("the broker said no")))
+        with self.assertRaises(NotConfirmed):
+            await distribute(bus, ["a"] * (MAX_ADDRESSES_PER_MESSAGE + 1), Message(body=b"x"))
