@@ -349,3 +349,59 @@ class AttributeStoreTests(ClockCase):
         assert prefix_range("dataset:") == ("dataset:", "dataset;")
         assert prefix_range("") is None
         assert prefix_range("a\U0010ffff") is None
+
+
+class AttributeStoreEdgeTests(ClockCase):
+    def test_keys_and_values_that_are_not_valid_unicode_or_too_deep(self) -> None:
+        from ooidx.attribute_store import check_key, encode_value
+
+        with self.assertRaises(InvalidKey) as e:
+            check_key("a\ud800")
+        assert "no lone surrogates" in str(e.exception)
+        with self.assertRaises(InvalidValue) as e:
+            encode_value("\udfff")
+        assert "not valid Unicode" in str(e.exception)
+        deep: Any = []
+        for _ in range(100_000):
+            deep = [deep]
+        with self.assertRaises(InvalidValue) as e:
+            encode_value(deep)
+        assert "nested too deeply" in str(e.exception)
+
+    def test_backends(self) -> None:
+        from ooidx.attribute_store import Backend, PostgresBackend, SQLiteBackend, open_backend
+
+        with self.assertRaises(ValueError):
+            open_backend("/x.sqlite3", "no such table; --", self.clock)
+        pg = open_backend("postgresql://dx:secret@db:5432/dx", "attrs", self.clock)
+        assert isinstance(pg, PostgresBackend) and pg.describe() == "postgresql://dx:***@db:5432/dx"
+        assert 'COLLATE "C"' in pg.create_sql() and "%s" in pg.upsert_sql()
+        assert isinstance(open_backend("/x.sqlite3", "attrs", self.clock), SQLiteBackend)
+        base = Backend("attrs", self.clock)
+        for method in (base.describe, base.make_pool, base.create_sql):
+            with self.assertRaises(NotImplementedError):
+                method()
+        with self.assertRaises(RuntimeError):
+            base._pool()
+
+    def test_a_store_needs_a_url_or_a_config(self) -> None:
+        bus = magnet.connect(f"memory://attrs-{uuid.uuid4().hex}", self.clock)
+        with self.assertRaises(ValueError) as e:
+            AttributeStore("attribute_store", bus, node="n1")
+        assert "needs a url" in str(e.exception)
+
+    @on_clock
+    async def test_a_database_that_cannot_be_opened_fails_the_start(self) -> None:
+        tmp_path = self.tmp_path()
+        (tmp_path / "blocked").write_text("a file where a directory should be")
+        bus = magnet.connect(f"memory://attrs-{uuid.uuid4().hex}", self.clock)
+        bus.startService()
+        store = AttributeStore("attribute_store", bus, node="n1", url=str(tmp_path / "blocked" / "a.sqlite3"),
+                               clock=self.clock)
+        try:
+            with self.assertRaises(OSError) as e:  # making its directory: a file is in the way
+                await store.start()
+            assert e.exception.filename == str(tmp_path / "blocked")
+            assert store.backend is None and not store.started
+        finally:
+            await bus.stopService()
