@@ -3,8 +3,10 @@
 or systemd-analyze stay there.)"""
 
 import dataclasses
+import os
 import socket
 from pathlib import Path
+from typing import Any, List
 
 import yaml
 
@@ -517,3 +519,58 @@ class ConfigTests(FastCase):
         message = error_of(text, filename="x.yaml")
         assert message.startswith("x.yaml: ")
         assert expected in message, message
+
+
+class PortCheckTests(FastCase):
+    """check_ports_free's answers for each bind error, with a stand-in socket
+    (binding real ports is tests/ooidx/test_config.py's part)."""
+
+    def bind_failing_with(self, code: int) -> List[tuple]:
+        import socket as socket_module
+
+        binds: List[tuple] = []
+
+        class Socket:
+            def __init__(self, family: int, kind: int) -> None:
+                self.family = family
+
+            def setsockopt(self, *args: Any) -> None:
+                pass
+
+            def bind(self, address: tuple) -> None:
+                binds.append((self.family, address))
+                if code:
+                    raise OSError(code, os.strerror(code))
+
+            def close(self) -> None:
+                pass
+
+        self.patch(socket_module, "socket", Socket)
+        return binds
+
+    def test_each_error_is_named(self) -> None:
+        import errno
+
+        cfg = parse("http: {proxy_port: 81, web_port: 0}\n", "etc/dx.yaml", environ={})
+        for code, what in ((errno.EADDRINUSE, "port 81 on 127.0.0.1 is in use"),
+                           (errno.EACCES, "port 81 on 127.0.0.1: permission denied (ports below 1024 need "
+                                          "privileges)"),
+                           (errno.EADDRNOTAVAIL, "127.0.0.1 is not an address of this host"),
+                           (errno.EMFILE, "cannot listen on port 81 on 127.0.0.1: Too many open files")):
+            binds = self.bind_failing_with(code)
+            with self.assertRaises(ConfigError) as e:
+                config.check_ports_free(cfg)
+            assert str(e.exception) == f"etc/dx.yaml: http.proxy_port: {what}"
+            assert binds == [(socket.AF_INET, ("127.0.0.1", 81))]  # port 0 is never checked
+
+    def test_ipv6_and_all_interfaces(self) -> None:
+        binds = self.bind_failing_with(0)
+        config.check_ports_free(parse("http: {interface: '::1', proxy_port: 8100, web_port: 8080}\n", "x.yaml",
+                                      environ={}))
+        assert binds == [(socket.AF_INET6, ("::1", 8100)), (socket.AF_INET6, ("::1", 8080))]
+        import errno
+
+        self.bind_failing_with(errno.EADDRINUSE)
+        with self.assertRaises(ConfigError) as e:
+            config.check_ports_free(parse("http: {interface: '', proxy_port: 8100}\n", "x.yaml", environ={}))
+        assert str(e.exception) == "x.yaml: http.proxy_port: port 8100 on all interfaces is in use"
