@@ -7,9 +7,19 @@ The fast tier runs under both ``python -m twisted.trial tests.fast`` and
   case (``test_x_0``, ``test_x_1``...), so both runners count and name each
   case apart, as C{pytest.mark.parametrize} did.
 - L{FastCase}: a C{SynchronousTestCase} with C{tmp_path()} (a fresh
-  directory from C{mktemp()}) and C{monkeypatch()} (an undo-at-cleanup
+  directory, removed at cleanup) and C{monkeypatch()} (an undo-at-cleanup
   patcher for attributes, environment variables and the working directory).
-- L{LogEvents}: the events logged through twisted.logger while a test runs.
+- L{LogEvents}: the events logged through twisted.logger while a test runs
+  (in place of caplog).
+- Time is a L{task.Clock}, never the reactor: L{settle} runs what is due
+  now, L{drive} moves the clock until a Deferred has its result.
+  L{threadless} gives a Clock that is also the reactor's thread API, with
+  every ThreadPool made meanwhile a L{SyncPool} (work runs at once, in the
+  test's thread): memory:// buses, the cache's and persister's disk work and
+  the attribute store's SQLite (adbapi) then all run inside the test.
+- L{ClockCase} and L{on_clock}: an C{async def} test method run on such a
+  clock, with C{await self.sleep(s)} and C{await self.eventually(p)} in
+  place of real waits.
 """
 
 from __future__ import annotations
@@ -66,7 +76,7 @@ def expand(cls: type) -> type:
                 return _function(self, **_kwargs)
 
             method.__name__ = method.__qualname__ = "%s_%s" % (name, label)
-            method.__doc__ = "%s with %r" % (name, kwargs)
+            method.__doc__ = ("%s with %r" % (name, kwargs))[:200]
             setattr(cls, method.__name__, method)
     return cls
 

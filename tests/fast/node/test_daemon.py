@@ -145,7 +145,7 @@ class FakeProcess:
     """The transport of a spawned child: it records signals; a TERM or KILL
     ends it on the clock (unless it is stubborn) and a test can end it."""
 
-    def __init__(self, reactor: "SpawningClock", protocol: Any, args: List[str], env: dict, pid: int) -> None:
+    def __init__(self, reactor: Any, protocol: Any, args: List[str], env: dict, pid: int) -> None:
         self.reactor, self.protocol, self.args, self.env, self.pid = reactor, protocol, args, env, pid
         self.signals: List[str] = []
         self.stubborn = False  # ignores TERM
@@ -201,7 +201,6 @@ def spawning_clock(case: FastCase) -> Any:
     return clock
 
 
-SpawningClock = Any
 
 
 class Stand(Component):
