@@ -402,3 +402,38 @@ class PubSubTests(ClockCase):
         assert "user_pub_sub" in err  # not running on this bus: noted, not fatal
         out, _ = await run("subscriptions", "--json", "--no-people")
         assert json.loads(out) == {"pub_sub": await node.call("list"), "people": []}
+
+
+class PubSubStopTests(ClockCase):
+    def test_a_message_that_is_not_json_is_refused(self) -> None:
+        from ooidx.dissemination.pub_sub import MessageTooLarge, publication
+
+        with self.assertRaises(MessageTooLarge) as e:
+            publication("dataset.x", float("nan"))
+        assert "not JSON" in str(e.exception)
+        assert publication("dataset.x", {"a": 1}).json() == {"topic": "dataset.x", "message": {"a": 1}}
+
+    @on_clock
+    async def test_stopping_before_the_first_load_fails_the_waiting_operations(self) -> None:
+        from ooidx.errors import DXError
+
+        node = Node(self.clock, f"memory://pubsub-{uuid.uuid4().hex}", self.tmp_path(), store=False,
+                    distributor=False)
+        node.pubsub.retry_delay = 0.05
+        node.pubsub.store_timeout = 0.2
+        node.bus.startService()
+        await node.pubsub.start()
+        waiting = node.pubsub.loaded()
+        await self.sleep(0.5)  # the store never answers: a retry is pending
+        assert not waiting.called and node.pubsub._retry_call is not None
+        await node.pubsub.stopService()
+        with self.assertRaises(DXError) as e:
+            await waiting
+        assert str(e.exception) == "pub_sub is stopping"
+        assert node.pubsub._retry_call is None
+        cancelled = node.pubsub.loaded()
+        cancelled.cancel()  # a waiter that gives up is forgotten
+        assert node.pubsub._waiting == []
+        with self.assertRaises(defer.CancelledError):
+            await cancelled
+        await node.bus.stopService()
