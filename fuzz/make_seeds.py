@@ -264,7 +264,7 @@ def url_seeds():
 
 
 def routing_seeds():
-    """Regexes and topics from tests/ooidx/test_routing.py and the dataset events."""
+    """Regexes and topics from tests/fast/core/test_routing.py and the dataset events."""
     pairs = [
         (r"^dataset\.", "dataset.sst"), (r"sst$", "event.saved.sst"), (r"^event\.saved\.", "event.saved.sst"),
         ("", "anything"), (r"(a+)+$", "aaaa!"), (r"(a|a)*b", "aaaa"), (r"^(\w+\s?)*$", "word word !"),

@@ -352,7 +352,9 @@ class Daemon(MultiService):
         if failure.check(CancelledError) or self._stopping is not None:
             return
         if failure.check(ComponentFailed):
-            self.log.critical("{message}; stopping node {node}", message=str(failure.value),
+            # not "message": twisted.python.log owns that key and a legacy observer
+            # (trial's, or any log.addObserver) replaces it with () before ours reads it
+            self.log.critical("{reason}; stopping node {node}", reason=str(failure.value),
                               node=self.config.node, component=failure.value.name)
         else:
             self.log.critical("node {node} failed to start: {reason}; stopping", node=self.config.node,

@@ -1,9 +1,8 @@
-"""The attribute store on both backends (SQLite in tmp_path, the real
-PostgreSQL on 127.0.0.1:5432 with a table of the test's own), through the
-memory:// bus and by direct calls: the same behaviour either way."""
+"""The attribute store on the real PostgreSQL (127.0.0.1:5432, a table of the
+test's own), through the memory:// bus and by direct calls. The same tests on
+SQLite run in the fast tier, tests/fast/core/test_attribute_store.py."""
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any, Callable, Dict, Tuple
 
@@ -16,8 +15,7 @@ import magnet
 from magnet import RemoteError
 
 from ooidx.attribute_store import (MAX_KEY_BYTES, MAX_PATTERN_LENGTH, AttributeStore, InvalidKey, InvalidPattern,
-                                   InvalidValue, literal_prefix, prefix_range)
-from ooidx.config import parse
+                                   InvalidValue)
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -31,13 +29,10 @@ def drop_table(table: str) -> None:
         connection.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: Any, tmp_path: Any) -> Any:
-    """(url, table) of a fresh store; the postgres table is dropped afterwards."""
+@pytest.fixture(params=["postgres"])
+def backend(request: Any) -> Any:
+    """(url, table) of a fresh store; the table is dropped afterwards."""
     table = f"attrs_{uuid.uuid4().hex[:16]}"
-    if request.param == "sqlite":
-        yield str(tmp_path / "data" / "attributes.sqlite3"), table
-        return
     yield POSTGRES, table
     drop_table(table)
 
@@ -329,52 +324,3 @@ async def test_unreachable_postgresql_fails_the_start() -> None:
         assert store.backend is None and not store.started
     finally:
         await bus.stopService()
-
-
-def test_url_from_the_config(tmp_path: Any) -> None:
-    bus = magnet.connect("memory://attrs-config", reactor)
-    config = parse("data_dir: var\ncomponents:\n  attribute_store: {}\n", str(tmp_path / "dx.yaml"))
-    store = AttributeStore("attribute_store", bus, node="n1", config=config, clock=reactor)
-    assert store.url == os.path.join(str(tmp_path), "var", "attributes.sqlite3")
-    config = parse(f"components:\n  attribute_store: {{url: '{POSTGRES}'}}\n", str(tmp_path / "dx.yaml"))
-    assert AttributeStore("attribute_store", bus, node="n1", config=config).url == POSTGRES
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_daemons_way_of_constructing_it(tmp_path: Any) -> None:
-    """cls(name, bus, node=, instances=, config=, clock=) then start(): the file lands in data_dir."""
-    bus = magnet.connect(f"memory://attrs-{uuid.uuid4().hex}", reactor)
-    bus.startService()
-    config = parse("data_dir: var\n", str(tmp_path / "dx.yaml"))
-    store = AttributeStore("attribute_store", bus, node="n1", instances=1, config=config, clock=reactor)
-    await store.start()
-    try:
-        await bus.call("attribute_store", "set", key="k", value="v")
-        assert (tmp_path / "var" / "attributes.sqlite3").exists()
-    finally:
-        await store.stopService()
-        await bus.stopService()
-
-
-@pytest.mark.parametrize("regex, prefix", [
-    ("^dataset:", "dataset:"),
-    ("dataset:", ""),
-    ("^datasets?:", "dataset"),
-    ("^data.set", "data"),
-    ("^dataset:a|^stats", ""),
-    ("^(dataset|stats):", ""),
-    ("^dataset:b\\.nc", "dataset:b"),
-    ("^ab*", "a"),
-    ("^ab{2}", "a"),
-    ("^a[bc]", "a"),
-    ("^", ""),
-    ("", ""),
-])
-def test_literal_prefix(regex: str, prefix: str) -> None:
-    assert literal_prefix(regex) == prefix
-
-
-def test_prefix_range() -> None:
-    assert prefix_range("dataset:") == ("dataset:", "dataset;")
-    assert prefix_range("") is None
-    assert prefix_range("a\U0010ffff") is None

@@ -1,5 +1,7 @@
 """The ooidx command against a real web edge on loopback (memory:// bus,
-a fetcher and an attribute store serving), in-process and as a subprocess."""
+a fetcher and an attribute store serving), in-process and as a subprocess.
+The parsing, the HTTP client against a stand-in opener and the --broker
+client on memory:// are in the fast tier, tests/fast/cli/test_cli.py."""
 from __future__ import annotations
 
 import io
@@ -252,29 +254,7 @@ async def test_status_json(daemon: Daemonish) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# straight through the bus (the --broker client, here on memory://)
-
-
-@pytest_twisted.ensureDeferred
-async def test_broker_client(daemon: Daemonish) -> None:
-    out = io.StringIO()
-    client = cli.BrokerClient(daemon.bus, timeout=2)
-
-    def ctx(*argv: str) -> cli.Context:
-        args = cli.parser().parse_args(list(argv))
-        return cli.Context(args, client, out, io.StringIO())
-
-    await cli.COMMANDS["call"].run(ctx("call", "fetcher", "ping"))
-    assert json.loads(out.getvalue())["node"] == "node-a"
-    with pytest.raises(cli.RemoteFailure) as e:
-        await cli.COMMANDS["call"].run(ctx("call", "attribute_store", "get", "key=nope"))
-    assert (e.value.kind, e.value.code) == ("KeyError", cli.EXIT_ERROR)
-    with pytest.raises(cli.RemoteFailure) as e:
-        await cli.COMMANDS["call"].run(ctx("call", "distributor", "ping"))
-    assert e.value.kind == "Unroutable"
-    with pytest.raises(cli.CliError) as e:  # no daemon on this bus answers the control fanout
-        await cli.COMMANDS["status"].run(ctx("status"))
-    assert "no daemon answered" in str(e.value)
+# straight through a broker (the --broker client on memory:// is in tests/fast/cli)
 
 
 @pytest_twisted.ensureDeferred
@@ -285,33 +265,6 @@ async def test_broker_unreachable_is_exit_3_subprocess() -> None:
     assert code == 3, err
     assert err.startswith(b"error: cannot reach the broker")
     assert b"secret" not in err
-
-
-# --------------------------------------------------------------------------- #
-# units
-
-
-def test_parse_params() -> None:
-    assert cli.parse_params(["a=1", "b=x", "c={\"k\": [1]}", "d=NaN", "e=[1"]) == {
-        "a": 1, "b": "x", "c": {"k": [1]}, "d": "NaN", "e": "[1"}
-    with pytest.raises(cli.UsageError):
-        cli.parse_params(["x"])
-
-
-def test_adding_a_subcommand_is_one_function_and_one_registration() -> None:
-    @cli.command("hello", "say hello", cli.arg("--name", default="world"))
-    def hello(ctx: cli.Context) -> defer.Deferred:
-        ctx.print(f"hello {ctx.args.name}")
-        return defer.succeed(None)
-
-    try:
-        out = io.StringIO()
-        assert cli.run(["hello", "--name", "dx"], stdout=out, stderr=io.StringIO(), environ={}) == 0
-        assert out.getvalue() == "hello dx\n"
-        with pytest.raises(ValueError):
-            cli.command("hello", "again")(hello)
-    finally:
-        del cli.COMMANDS["hello"]
 
 
 @pytest.mark.rabbitmq

@@ -1,6 +1,5 @@
-"""The distributor: one shared work queue on the fanout, each message sent
-once to each listed address; gone addresses skipped; malformed messages
-dead-lettered; failures retried for the failed addresses only."""
+"""The distributor over a real RabbitMQ; the rest (on memory:// with a Clock) is
+in the fast tier, tests/fast/dissemination/test_distributor.py."""
 from __future__ import annotations
 
 import uuid
@@ -11,15 +10,10 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 import magnet
-from magnet import Message, NotConfirmed
-from magnet.bus import ERROR_HEADER
+from magnet import Message
 
-from tests.ooidx.waiting import eventually, sleep
-from ooidx.dissemination.distributor import (ADDRESSES_HEADER, DISTRIBUTE, DISTRIBUTOR, MAX_ADDRESSES_PER_MESSAGE, TYPE_HEADER,
-                               WORK_QUEUE, Distributor, declare_work_queue, distribute, distribute_message, parse)
-from magnet import BadMessage
-
-
+from tests.ooidx.waiting import eventually
+from ooidx.dissemination.distributor import ADDRESSES_HEADER, DISTRIBUTE, DISTRIBUTOR, WORK_QUEUE, Distributor, distribute
 
 
 class Env:
@@ -46,156 +40,6 @@ class Env:
         got: List[Message] = []
         listener = yield self.bus.listen(got.append)
         return listener.address, got
-
-
-@pytest_twisted.async_yield_fixture
-async def env() -> Any:
-    e = Env()
-    await e.start()
-    yield e
-    await e.stop()
-
-
-def test_parse_and_build_round_trip() -> None:
-    inner = Message.of_json({"x": 1}, type="publication", headers={"topic": "t"}, message_id="m1",
-                            correlation_id="c1")
-    out = distribute_message(["a", "b"], inner)
-    assert out.type == DISTRIBUTE and out.headers[ADDRESSES_HEADER] == ["a", "b"]
-    assert out.headers[TYPE_HEADER] == "publication"
-    addresses, body = parse(out)
-    assert addresses == ["a", "b"]
-    assert body == inner
-
-
-@pytest.mark.parametrize("message", [
-    Message(body=b"x", type="other", headers={ADDRESSES_HEADER: ["a"]}),
-    Message(body=b"x", type=DISTRIBUTE),
-    Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: "a"}),
-    Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: {"a": 1}}),
-    Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: ["a", 5]}),
-    Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: [""]}),
-    Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: ["x" * 300]}),
-    Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: ["a"], TYPE_HEADER: 3}),
-])
-def test_parse_refuses_malformed(message: Message) -> None:
-    with pytest.raises(BadMessage):
-        parse(message)
-
-
-@pytest_twisted.ensureDeferred
-async def test_each_address_gets_the_body_once_with_its_properties(env: Env) -> None:
-    boxes = [await env.inbox() for _ in range(3)]
-    addresses = [a for a, _ in boxes]
-    inner = Message(body=b"\x00raw bytes\xff", content_type="application/octet-stream", type="publication",
-                    headers={"topic": "dataset.x", "extra": 7}, message_id="mid", correlation_id="cid")
-    await distribute(env.bus, addresses + addresses[:1], inner)  # a repeated address still gets one copy
-    await eventually(lambda: all(len(got) == 1 for _, got in boxes))
-    await sleep(0.1)
-    for _, got in boxes:
-        assert len(got) == 1
-        m = got[0]
-        assert (m.body, m.content_type, m.type, dict(m.headers), m.message_id, m.correlation_id) == (
-            inner.body, inner.content_type, "publication", {"topic": "dataset.x", "extra": 7}, "mid", "cid")
-
-
-@pytest_twisted.ensureDeferred
-async def test_unroutable_address_is_skipped_and_the_others_served(env: Env) -> None:
-    (a, got_a), (b, got_b) = await env.inbox(), await env.inbox()
-    await distribute(env.bus, [a, "pubsub.sub.nobody-home", b], Message(body=b"hi", type="t"))
-    await eventually(lambda: len(got_a) == 1 and len(got_b) == 1)
-    assert env.distributor.stats["unroutable"] == 1
-    assert env.dead == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_long_address_list_is_split_and_still_exactly_once(env: Env) -> None:
-    boxes = [await env.inbox() for _ in range(MAX_ADDRESSES_PER_MESSAGE + 20)]
-    sent = await distribute(env.bus, [a for a, _ in boxes], Message(body=b"x"))
-    assert sent == 2
-    await eventually(lambda: all(len(got) == 1 for _, got in boxes))
-    assert env.distributor.stats["messages"] == 2
-
-
-@pytest.mark.parametrize("bad", [
-    Message(body=b"{not json at all", content_type="application/json", type=DISTRIBUTE),  # no header
-    Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: "not-a-list"}),
-    Message(body=b"x", type=DISTRIBUTE, headers={ADDRESSES_HEADER: [1, 2]}),
-    Message(body=b"x", type="call", headers={"op": "ping"}),
-])
-@pytest_twisted.ensureDeferred
-async def test_malformed_messages_are_dead_lettered_and_the_consumer_keeps_running(env: Env, bad: Message) -> None:
-    await env.bus.send(DISTRIBUTOR, bad)
-    await eventually(lambda: len(env.dead) == 1)
-    assert "BadMessage" in env.dead[0].headers[ERROR_HEADER]
-    address, got = await env.inbox()
-    await distribute(env.bus, [address], Message(body=b"still here"))
-    await eventually(lambda: len(got) == 1)
-
-
-@pytest_twisted.ensureDeferred
-async def test_competing_instances_distribute_each_message_once() -> None:
-    e1 = Env(instances=2)
-    await e1.start()
-    e2 = Env(e1.url)
-    await e2.start()
-    try:
-        address, got = await e1.inbox()
-        for i in range(40):
-            await distribute(e1.bus, [address], Message(body=str(i).encode()))
-        await eventually(lambda: len(got) == 40)
-        await sleep(0.1)
-        assert sorted(int(m.body) for m in got) == list(range(40))
-        shares = (e1.distributor.stats["messages"], e2.distributor.stats["messages"])
-        assert sum(shares) == 40 and all(shares)
-    finally:
-        await e2.stop()
-        await e1.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_messages_wait_for_a_distributor_that_is_not_running_yet() -> None:
-    url = f"memory://distributor-{uuid.uuid4().hex}"
-    sender = magnet.connect(url, reactor, node="s")
-    sender.startService()
-    await declare_work_queue(sender)
-    got: List[Message] = []
-    listener = await sender.listen(got.append)
-    await distribute(sender, [listener.address], Message(body=b"early"))
-    await sleep(0.1)
-    assert got == []
-    e = Env(url)
-    await e.start()
-    try:
-        await eventually(lambda: len(got) == 1)
-    finally:
-        await e.stop()
-        await sender.stopService()
-
-
-@pytest_twisted.ensureDeferred
-async def test_failed_addresses_are_retried_alone_then_dead_lettered(env: Env) -> None:
-    (good, got_good), (flaky, got_flaky) = await env.inbox(), await env.inbox()
-    real_send = env.bus.send
-    failures = {"left": 2}
-
-    def send(address: str, message: Message, **kw: Any) -> defer.Deferred:
-        if address == flaky and failures["left"] > 0:
-            failures["left"] -= 1
-            return defer.fail(NotConfirmed("broker said no"))
-        return real_send(address, message, **kw)
-
-    env.bus.send = send  # type: ignore[method-assign]
-    await distribute(env.bus, [good, flaky], Message(body=b"m"))
-    await eventually(lambda: len(got_good) == 1 and len(got_flaky) == 1)
-    await sleep(0.1)
-    assert len(got_good) == 1 and len(got_flaky) == 1  # the good one is not sent twice
-    assert env.distributor.stats["retried"] == 2
-    # always failing: dead-lettered after the retry limit, with only that address
-    failures["left"] = 100
-    await distribute(env.bus, [good, flaky], Message(body=b"n"))
-    await eventually(lambda: len(env.dead) == 1)
-    assert env.dead[0].headers[ADDRESSES_HEADER] == [flaky]
-    assert len(got_good) == 2
 
 
 @pytest.mark.rabbitmq

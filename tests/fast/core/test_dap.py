@@ -2,9 +2,10 @@
 the OPeNDAP documentation."""
 from __future__ import annotations
 
-import pytest
 
 from ooidx.dap import SUFFIXES, DapURL, dataset_url, split_url, valid_name
+
+from tests.fast.core.support import FastCase, cases, expand
 
 # (url, base, suffix, constraint): each must split so, and join back byte-for-byte.
 EXAMPLES = [
@@ -63,50 +64,44 @@ EXAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("url,base,suffix,constraint", EXAMPLES)
-def test_split_and_join_spec_examples(url, base, suffix, constraint):
-    parts = split_url(url)
-    assert parts == DapURL(base, suffix, constraint)
-    assert dataset_url(*parts) == url
-    assert parts.url == url
+@expand
+class DapTests(FastCase):
+    @cases("url,base,suffix,constraint", EXAMPLES)
+    def test_split_and_join_spec_examples(self, url, base, suffix, constraint):
+        parts = split_url(url)
+        assert parts == DapURL(base, suffix, constraint)
+        assert dataset_url(*parts) == url
+        assert parts.url == url
 
+    def test_ascii_is_not_taken_for_asc(self):
+        assert split_url("http://h/a.nc.ascii").suffix == ".ascii"
+        assert split_url("http://h/a.nc.asc").suffix == ".asc"
 
-def test_ascii_is_not_taken_for_asc():
-    assert split_url("http://h/a.nc.ascii").suffix == ".ascii"
-    assert split_url("http://h/a.nc.asc").suffix == ".asc"
+    def test_suffix_only_at_end_of_path_not_in_constraint(self):
+        assert split_url("http://h/a.nc?x.dds") == DapURL("http://h/a.nc", None, "x.dds")
 
+    def test_a_bare_suffix_as_a_directory_entry_is_not_a_suffix(self):
+        assert split_url("http://h/dir/.dds") == DapURL("http://h/dir/.dds", None, None)
 
-def test_suffix_only_at_end_of_path_not_in_constraint():
-    assert split_url("http://h/a.nc?x.dds") == DapURL("http://h/a.nc", None, "x.dds")
+    def test_suffixes_listed(self):
+        assert set(SUFFIXES) == {".das", ".dds", ".dods", ".asc", ".ascii", ".html", ".info", ".ver", ".csv"}
 
+    def test_dataset_url_takes_suffix_with_or_without_dot(self):
+        assert dataset_url("http://h/sst.nc", "dds") == "http://h/sst.nc.dds"
+        assert dataset_url("http://h/sst.nc", ".dods", "sst[0:1:3]") == "http://h/sst.nc.dods?sst[0:1:3]"
+        with self.assertRaises(ValueError):
+            dataset_url("http://h/sst.nc", ".exe")
 
-def test_a_bare_suffix_as_a_directory_entry_is_not_a_suffix():
-    assert split_url("http://h/dir/.dds") == DapURL("http://h/dir/.dds", None, None)
+    def test_fragment_dropped_without_query(self):
+        assert split_url("http://h/sst.nc.dds#x") == DapURL("http://h/sst.nc", ".dds", None)
 
+    @cases("name", ["sst", "SST_2024", "a", "0", "ooi.ctd-01", "a" * 64, "x..y"])
+    def test_valid_names(self, name):
+        assert valid_name(name)
 
-def test_suffixes_listed():
-    assert set(SUFFIXES) == {".das", ".dds", ".dods", ".asc", ".ascii", ".html", ".info", ".ver", ".csv"}
-
-
-def test_dataset_url_takes_suffix_with_or_without_dot():
-    assert dataset_url("http://h/sst.nc", "dds") == "http://h/sst.nc.dds"
-    assert dataset_url("http://h/sst.nc", ".dods", "sst[0:1:3]") == "http://h/sst.nc.dods?sst[0:1:3]"
-    with pytest.raises(ValueError):
-        dataset_url("http://h/sst.nc", ".exe")
-
-
-def test_fragment_dropped_without_query():
-    assert split_url("http://h/sst.nc.dds#x") == DapURL("http://h/sst.nc", ".dds", None)
-
-
-@pytest.mark.parametrize("name", ["sst", "SST_2024", "a", "0", "ooi.ctd-01", "a" * 64, "x..y"])
-def test_valid_names(name):
-    assert valid_name(name)
-
-
-@pytest.mark.parametrize("name", [
-    "", ".", "..", ".hidden", "-x", "_x", "a" * 65, "a/b", "../etc", "a\\b", "a b", "a\n", "sst\x00",
-    "é", "a:b", "a%2fb", None, 5, b"sst",
-])
-def test_invalid_names(name):
-    assert not valid_name(name)
+    @cases("name", [
+        "", ".", "..", ".hidden", "-x", "_x", "a" * 65, "a/b", "../etc", "a\\b", "a b", "a\n", "sst\x00",
+        "é", "a:b", "a%2fb", None, 5, b"sst",
+    ])
+    def test_invalid_names(self, name):
+        assert not valid_name(name)

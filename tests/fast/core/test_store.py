@@ -1,0 +1,377 @@
+"""The cache's disk store (ooidx.datapath.store): atomic entries, LRU within a size bound, purge, safe names."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from typing import Any, List
+
+from ooidx.datapath import store as store_module
+from ooidx.datapath.store import DiskStore, EntryTooLarge, StoreError, key_for
+
+from tests.fast.core.support import FastCase, expand
+
+URL = "http://example.org/opendap/sst.nc.dds"
+
+
+class Now:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(tmp_path: Any, max_bytes: int = 1 << 20, now: Any = None) -> DiskStore:
+    s = DiskStore(str(tmp_path / "cache"), max_bytes, now=now or Now())
+    s.open()
+    return s
+
+
+def put(s: DiskStore, url: str, body: bytes, *, dataset: Any = None, headers: Any = None, chunk: int = 7) -> Any:
+    w = s.writer(url, status=200, reason="OK", headers=headers or [["Content-Type", "text/plain"]],
+                 dataset=dataset, length=len(body))
+    for i in range(0, len(body), chunk):
+        w.write(body[i:i + chunk])
+    return w.commit()
+
+
+def body_of(s: DiskStore, url: str) -> bytes:
+    entry = s.get(url)
+    assert entry is not None
+    with s.open_body(entry) as f:
+        return f.read()
+
+
+def files(s: DiskStore) -> List[str]:
+    return sorted(n for n in os.listdir(s.root) if n != ".lock")
+
+
+@expand
+class DiskStoreTests(FastCase):
+    def test_write_then_read(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        entry = put(s, URL, b"hello world" * 100, dataset="sst",
+                    headers=[["Content-Type", "text/plain"], ["ETag", '"v1"'], ["Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT"]])
+        assert entry.size == 1100 and entry.stored == 1000.0
+        got = s.get(URL)
+        assert got is not None
+        assert (got.url, got.status, got.reason, got.dataset) == (URL, 200, "OK", "sst")
+        assert got.validators == {"etag": '"v1"', "last_modified": "Mon, 01 Jan 2024 00:00:00 GMT"}
+        assert body_of(s, URL) == b"hello world" * 100
+        assert s.get("http://example.org/other") is None
+
+    def test_entry_is_invisible_until_commit_and_abort_leaves_nothing(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        w = s.writer(URL, status=200, reason="OK", headers=[])
+        w.write(b"partial")
+        assert s.get(URL) is None
+        assert [n for n in files(s) if not n.startswith(".tmp-")] == []
+        w.abort()
+        assert files(s) == []
+        assert s.get(URL) is None
+
+    def test_truncated_body_is_never_committed(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        put(s, URL, b"old body")
+        w = s.writer(URL, status=200, reason="OK", headers=[], length=100)
+        w.write(b"only ten b")
+        with self.assertRaisesRegex(StoreError, "10 bytes arrived of the 100"):
+            w.commit()
+        assert body_of(s, URL) == b"old body"
+        assert not any(n.startswith(".tmp-") for n in files(s))
+
+    def test_replacing_an_entry_leaves_one_body(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        put(s, URL, b"first")
+        put(s, URL, b"second version")
+        assert body_of(s, URL) == b"second version"
+        assert len([n for n in files(s) if n.endswith(".body")]) == 1
+        assert s.stats()["entries"] == 1
+
+    def test_a_reader_keeps_its_body_while_a_new_version_commits(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        put(s, URL, b"A" * 1000)
+        entry = s.get(URL)
+        f = s.open_body(entry)
+        put(s, URL, b"B" * 10)
+        assert f.read() == b"A" * 1000
+        f.close()
+        assert body_of(s, URL) == b"B" * 10
+
+    def test_crash_mid_write_is_cleaned_at_startup(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        put(s, URL, b"kept")
+        w = s.writer("http://example.org/crashing", status=200, reason="OK", headers=[])
+        w.write(b"half a bo")
+        # the process "dies": its temp file stays. A dead writer's pid marks it as stray.
+        dead = os.path.join(s.root, f".tmp-{2 ** 22 + 12345}-deadbeef")
+        os.rename(w.path, dead)
+        orphan = os.path.join(s.root, key_for("http://x/y") + "-0123.body")  # body renamed, metadata never written
+        with open(orphan, "wb") as f:
+            f.write(b"orphan")
+        s.close()
+        s2 = make(tmp_path)
+        assert not os.path.exists(dead) and not os.path.exists(orphan)
+        assert body_of(s2, URL) == b"kept"
+        assert s2.get("http://example.org/crashing") is None
+        assert s2.stats()["entries"] == 1
+
+    def test_live_writers_temp_files_survive_another_process_starting(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        alive = os.path.join(s.root, f".tmp-{os.getppid()}-cafe")  # a running process (our parent)
+        open(alive, "wb").close()
+        make(tmp_path)
+        assert os.path.exists(alive)
+
+    def test_metadata_with_a_missing_or_short_body_is_dropped_at_startup(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        e = put(s, URL, b"0123456789")
+        with open(os.path.join(s.root, e.body), "r+b") as f:
+            f.truncate(5)
+        garbage = os.path.join(s.root, key_for("http://g") + ".json")
+        with open(garbage, "w") as f:
+            f.write("{not json")
+        s2 = make(tmp_path)
+        assert s2.get(URL) is None
+        assert files(s2) == []
+
+    def test_lru_eviction_keeps_the_size_bound(self) -> None:
+        tmp_path = self.tmp_path()
+        now = Now()
+        s = make(tmp_path, max_bytes=3 * 1400, now=now)
+        for i in range(3):
+            now.t += 1
+            put(s, f"http://h/{i}", bytes([i]) * 1000)
+        now.t += 1
+        s.get("http://h/0")  # 0 is now the most recently used; 1 is the least
+        now.t += 1
+        put(s, "http://h/3", b"3" * 1000)
+        assert s.get("http://h/1", touch=False) is None
+        for i in (0, 2, 3):
+            assert s.get(f"http://h/{i}", touch=False) is not None
+        stats = s.stats()
+        assert stats["bytes"] <= 3 * 1400 and stats["evictions"] == 1
+        on_disk = sum(os.path.getsize(os.path.join(s.root, n)) for n in files(s))
+        assert on_disk == stats["bytes"]
+
+    def test_lru_order_survives_a_restart(self) -> None:
+        tmp_path = self.tmp_path()
+        now = Now()
+        s = make(tmp_path, max_bytes=3 * 1400, now=now)
+        for i in range(3):
+            now.t += 1
+            put(s, f"http://h/{i}", b"x" * 1000)
+        now.t += 1
+        s.get("http://h/0")
+        s.close()  # access times reach the disk
+        s2 = make(tmp_path, max_bytes=3 * 1400, now=now)
+        now.t += 1
+        put(s2, "http://h/3", b"y" * 1000)
+        assert s2.get("http://h/1", touch=False) is None
+        assert s2.get("http://h/0", touch=False) is not None
+
+    def test_too_large_is_refused_whole(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path, max_bytes=1000)
+        with self.assertRaises(EntryTooLarge):
+            s.writer(URL, status=200, reason="OK", headers=[], length=5000)
+        w = s.writer(URL, status=200, reason="OK", headers=[])
+        with self.assertRaises(EntryTooLarge):
+            w.write(b"x" * 2000)
+        assert files(s) == []
+
+    def test_shrinking_max_bytes_evicts_at_startup(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path, max_bytes=10000)
+        for i in range(5):
+            put(s, f"http://h/{i}", b"z" * 1000)
+        s.close()
+        s2 = make(tmp_path, max_bytes=2500)
+        assert s2.stats()["bytes"] <= 2500
+        assert 1 <= s2.stats()["entries"] <= 2
+
+    def test_purge_by_dataset_and_by_base_url(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        put(s, "http://h/data/sst.nc.dds", b"a", dataset="sst")
+        put(s, "http://h/data/sst.nc.das", b"b")  # dataset not known: the base URL decides
+        put(s, "http://h/data/sst.nc.dods?time[0]", b"c")
+        put(s, "http://h/data/sst.nc4.dds", b"d")  # another file that only shares a prefix
+        put(s, "http://h/data/sst.nc.asc", b"e", dataset="other")  # recorded under another dataset
+        assert s.purge(dataset="sst", base_url="http://h/data/sst.nc") == 3
+        assert s.get("http://h/data/sst.nc4.dds") is not None
+        assert s.get("http://h/data/sst.nc.asc") is not None
+        assert s.purge(dataset="other") == 1
+        assert s.stats()["entries"] == 1
+
+    def test_keys_are_hashes_and_no_url_escapes_the_directory(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        evil = ["http://x/../../etc/passwd", "../../../../tmp/evil", "/etc/passwd", "http://x/%2e%2e/%2e%2e/a",
+                "http://x/\x00/a", "http://x/" + "a" * 5000]
+        for url in evil:
+            put(s, url, b"data")
+        for name in files(s):
+            stem = name.split("-")[0].split(".")[0]
+            assert len(stem) == 64 and all(c in "0123456789abcdef" for c in stem), name
+        outside = [p for p in (tmp_path.iterdir()) if p.name != "cache"]
+        assert outside == []
+        for url in evil:
+            assert body_of(s, url) == b"data"
+        assert not os.path.exists("/tmp/evil")
+
+    def test_metadata_cannot_point_a_body_elsewhere(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        e = put(s, URL, b"data")
+        meta_path = os.path.join(s.root, e.key + ".json")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta["body"] = "../../etc/passwd"
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+        assert s.get(URL) is None
+        assert not os.path.exists(meta_path)
+
+    def test_concurrent_writers_of_one_url_last_complete_wins(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path, max_bytes=64 << 20)
+        bodies = {i: bytes([65 + i]) * (100_000 + i) for i in range(8)}
+        order: List[int] = []
+        barrier = threading.Barrier(len(bodies))
+        errors: List[BaseException] = []
+        order_lock = threading.Lock()
+
+        def writer(i: int) -> None:
+            try:
+                w = s.writer(URL, status=200, reason="OK", headers=[], length=len(bodies[i]))
+                barrier.wait()
+                for j in range(0, len(bodies[i]), 4096):
+                    w.write(bodies[i][j:j + 4096])
+                with order_lock:  # record the order in which the commits happen
+                    w.commit()
+                    order.append(i)
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert body_of(s, URL) == bodies[order[-1]]
+        assert [n for n in files(s) if n.endswith(".body")] and len([n for n in files(s) if n.endswith(".body")]) == 1
+        assert not any(n.startswith(".tmp-") for n in files(s))
+
+    def test_concurrent_writers_without_ordering_never_mix(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path, max_bytes=64 << 20)
+        bodies = {i: bytes([65 + i]) * (50_000 + i) for i in range(6)}
+
+        def writer(i: int) -> None:
+            put(s, URL, bodies[i], chunk=1000)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        entry = s.get(URL)
+        data = body_of(s, URL)
+        assert data in bodies.values() and len(data) == entry.size
+        assert s.stats()["entries"] == 1
+
+    def test_disk_full_refuses_cleanly(self) -> None:
+        tmp_path = self.tmp_path()
+        monkeypatch = self.monkeypatch()
+        s = make(tmp_path)
+        put(s, URL, b"existing")
+
+        real_write = os.write
+        root = s.root
+
+        def full(fd: int, data: Any) -> int:
+            # ENOSPC for files on the cache's file system only (not the reactor's waker pipe)
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(root):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(store_module.os, "write", full)
+        w = s.writer("http://h/new", status=200, reason="OK", headers=[])
+        with self.assertRaisesRegex(StoreError, "No space left"):
+            w.write(b"data")
+        assert s.get("http://h/new") is None
+        assert not any(n.startswith(".tmp-") for n in files(s))
+        assert body_of(s, URL) == b"existing"
+
+    def test_read_only_dir_refuses_cleanly(self) -> None:
+        tmp_path = self.tmp_path()
+        monkeypatch = self.monkeypatch()
+        s = make(tmp_path)
+        put(s, URL, b"existing")
+        real_open = os.open
+
+        def read_only(path: Any, flags: int, *args: Any) -> int:
+            if flags & os.O_CREAT:
+                raise OSError(errno.EROFS, "Read-only file system")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(store_module.os, "open", read_only)
+        with self.assertRaisesRegex(StoreError, "Read-only"):
+            s.writer("http://h/new", status=200, reason="OK", headers=[])
+        assert body_of(s, URL) == b"existing"
+        assert s.get("http://h/new") is None
+
+    def test_failure_at_commit_leaves_the_old_version(self) -> None:
+        tmp_path = self.tmp_path()
+        monkeypatch = self.monkeypatch()
+        s = make(tmp_path)
+        put(s, URL, b"old")
+        w = s.writer(URL, status=200, reason="OK", headers=[])
+        w.write(b"new")
+        real_rename = os.rename
+
+        def failing_rename(src: str, dst: str) -> None:
+            if dst.endswith(".json"):
+                raise OSError(errno.EIO, "I/O error")
+            real_rename(src, dst)
+
+        monkeypatch.setattr(store_module.os, "rename", failing_rename)
+        with self.assertRaises(StoreError):
+            w.commit()
+        monkeypatch.setattr(store_module.os, "rename", real_rename)
+        assert body_of(s, URL) == b"old"
+        assert not any(n.startswith(".tmp-") for n in files(s))
+        assert len([n for n in files(s) if n.endswith(".body")]) == 1
+
+    def test_refresh_updates_stored_time(self) -> None:
+        tmp_path = self.tmp_path()
+        now = Now(1000.0)
+        s = make(tmp_path, now=now)
+        put(s, URL, b"x")
+        now.t = 2000.0
+        assert s.refresh(URL).stored == 2000.0
+        assert make(tmp_path, now=now).get(URL).stored == 2000.0
+        assert s.refresh("http://none") is None
+
+    def test_writer_refuses_bad_metadata(self) -> None:
+        tmp_path = self.tmp_path()
+        s = make(tmp_path)
+        for kwargs in ({"status": "200", "headers": []}, {"status": 200, "headers": "Content-Type: x"},
+                       {"status": 200, "headers": [["a"]]}, {"status": 99, "headers": []}):
+            with self.assertRaises(StoreError):
+                s.writer(URL, reason="OK", **kwargs)
+        with self.assertRaises(StoreError):
+            s.writer("", status=200, reason="OK", headers=[])
+        assert files(s) == []
