@@ -42,7 +42,7 @@ from magnet.errors import BadMessage
 from ooidx.node.bootstrap import CONTROL_FANOUT, declare_topology
 from ooidx.config import BROKER_ENV, Config
 from ooidx.node.logs import add_secret
-from ooidx.node.bootstrap import component_class
+from ooidx.node.bootstrap import make_component
 from ooidx import wire
 
 __all__ = ["Daemon", "ChildProcesses", "bus_for", "cluster_status", "STATUS", "STATUS_REPLY"]
@@ -261,9 +261,8 @@ class Daemon(MultiService):
         for name, settings in config.components.items():
             if settings.process == "child":
                 continue
-            cls = component_class(name)
-            component = cls(name, self.bus, node=config.node, instances=settings.instances, config=config,
-                            clock=self.reactor)
+            component = make_component(name, self.bus, node=config.node, instances=settings.instances,
+                                       config=config, clock=self.reactor)
             component.setServiceParent(self)
             self.components[name] = component
             try:

@@ -77,7 +77,7 @@ from twisted.logger import Logger
 
 from magnet.observer import BusObserver
 
-__all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "ChildMetrics", "MULTIPROC_ENV",
+__all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "ChildMetrics", "MULTIPROC_ENV", "renderer_for",
            "CHILD_METRICS_DIR", "prepare_directory", "share_with_daemon"]
 
 log = Logger(namespace="ooidx.node.metrics")
@@ -224,6 +224,24 @@ class PrometheusObserver(BusObserver):
         if not self._sources:
             return generate_latest(self.registry)
         return generate_latest(_Collected(self.collect()))
+
+
+def renderer_for(bus: Any) -> Callable[[Mapping[str, bool]], Tuple[bytes, bytes]]:
+    """What the web edge's /metrics calls: C{render(components_up) -> (body,
+    content_type)}, from the bus's L{PrometheusObserver} (or, when the bus
+    reports to some other observer, from one of its own: what the edge knows).
+    The node hands this to the web edge, which never imports this module."""
+    observer = getattr(bus, "observer", None)
+    if not isinstance(observer, PrometheusObserver):
+        observer = PrometheusObserver()
+    content_type = CONTENT_TYPE.encode("ascii")
+
+    def render(components_up: Mapping[str, bool]) -> Tuple[bytes, bytes]:
+        if components_up:
+            observer.components_up(components_up)
+        return observer.generate(), content_type
+
+    return render
 
 
 class _Collected:

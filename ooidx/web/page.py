@@ -108,15 +108,20 @@ class ManagementPage:
 
     C{methods(path)} answers the handlers of C{path} by method (or None when
     the path is not the page's); each handler takes the request and returns
-    an L{ooidx.web.app.Answer} or a Deferred firing with one, or raises
-    L{ooidx.web.app.HTTPError}, as the web edge's own handlers do.
+    an L{ooidx.http.answers.Answer} or a Deferred firing with one, or raises
+    L{ooidx.http.answers.HTTPError}, as the web edge's own handlers do.
     """
 
-    def __init__(self, web: Any, *, read_token: Optional[bool] = None,
+    def __init__(self, bus: Any, *, check_operator: Callable[[server.Request], None],
+                 arguments: Callable[[server.Request], Dict[str, Any]], max_body: int, read_token: bool = False,
                  files: Optional[Dict[str, bytes]] = None) -> None:
-        self.web = web
-        if read_token is None:
-            read_token = bool(getattr(getattr(web.config, "security", None), "read_token", False))
+        """C{check_operator(request)} raises an L{HTTPError} (401) unless the
+        request carries the operator token; C{arguments(request)} reads its JSON
+        body (at most C{max_body} bytes); C{read_token} puts reading behind the token too."""
+        self.bus = bus
+        self._check_operator = check_operator
+        self._arguments = arguments
+        self.max_body = max_body
         self.read_token = read_token
         self.files = files if files is not None else _load_static()
 
@@ -173,7 +178,7 @@ class ManagementPage:
         return self._call("controller", "get", {"name": name}, lambda record: {"dataset": record})
 
     def render_register(self, request: server.Request) -> Deferred:
-        self.web._check_token(request)
+        self._check_operator(request)
         body = self._body(request)
         unknown = sorted(set(body) - {"name", "url", "refresh"})
         if unknown:
@@ -189,13 +194,13 @@ class ManagementPage:
         return self._call("controller", "register", kwargs, lambda record: {"dataset": record}, status=201)
 
     def render_purge(self, request: server.Request) -> Deferred:
-        self.web._check_token(request)
+        self._check_operator(request)
         name = self._name_in_path(request)
         log.info("web page: purge {name}", name=name)
         return self._call("controller", "purge", {"name": name}, lambda record: {"dataset": record})
 
     def render_refresh(self, request: server.Request) -> Deferred:
-        self.web._check_token(request)
+        self._check_operator(request)
         name = self._name_in_path(request)
         log.info("web page: refresh {name}", name=name)
         return self._call("controller", "get_dataset", {"name": name}, lambda result: {"refresh": result},
@@ -221,9 +226,9 @@ class ManagementPage:
         """Every person's subscriptions, of both kinds. Always behind the
         token: a webhook URL may carry the person's secret."""
 
-        self.web._check_token(request)
+        self._check_operator(request)
         services = ("user_pub_sub", "user_notification")
-        calls = [self.web.bus.call_with(service, "list", {}, timeout=_timeout(service)) for service in services]
+        calls = [self.bus.call_with(service, "list", {}, timeout=_timeout(service)) for service in services]
 
         def merged(results: Any) -> Any:
             found, missing = [], []
@@ -275,7 +280,7 @@ class ManagementPage:
 
     def _check_read(self, request: server.Request) -> None:
         if self.read_token:
-            self.web._check_token(request)
+            self._check_operator(request)
 
     def _name_in_path(self, request: server.Request) -> str:
         raw = request.path.split(b"/")[3]
@@ -287,8 +292,8 @@ class ManagementPage:
 
     def _body(self, request: server.Request) -> Dict[str, Any]:
         if getattr(request, "too_large", False):
-            raise self._error(413, "PayloadTooLarge", f"the request body is larger than {self.web.max_body} bytes")
-        body = self.web._arguments(request)
+            raise self._error(413, "PayloadTooLarge", f"the request body is larger than {self.max_body} bytes")
+        body = self._arguments(request)
         if not body:
             raise self._error(400, "BadRequest", "send the dataset as a JSON object: "
                                                  '{"name": "sst", "url": "https://server/path/sst.nc"}')
@@ -297,7 +302,7 @@ class ManagementPage:
     def _call(self, service: str, op: str, kwargs: Dict[str, Any], shape: Callable[[Any], Any],
               status: int = 200) -> Deferred:
 
-        d = self.web.bus.call_with(service, op, kwargs, timeout=_timeout(service))
+        d = self.bus.call_with(service, op, kwargs, timeout=_timeout(service))
 
         def answer(result: Any) -> Any:
             try:

@@ -20,7 +20,7 @@ from twisted.logger import LogLevel, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 import magnet
-from ooidx.node import daemon as daemon_module
+from ooidx.node import bootstrap as bootstrap_module
 from ooidx.component import Component
 from ooidx.config import load, parse
 from ooidx.node.daemon import Daemon
@@ -121,7 +121,7 @@ class FailingPubSub(Component):
 @pytest_twisted.ensureDeferred
 async def test_a_component_that_fails_to_start_stops_the_node(tmp_path: Path, monkeypatch: Any,
                                                               captured: LogCapture) -> None:
-    monkeypatch.setattr(daemon_module, "component_class",
+    monkeypatch.setattr(bootstrap_module, "component_class",
                         lambda name: FailingPubSub if name == "pub_sub" else component_class(name))
     fatal: List[int] = []
     config = memory_config(tmp_path, components={"fetcher": None, "cache": None, "pub_sub": None,

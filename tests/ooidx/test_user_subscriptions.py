@@ -32,8 +32,9 @@ from ooidx.people.user_notification import UserNotification
 from ooidx.people.user_pub_sub import UserPubSub
 from ooidx.http.edge import mask_query
 from ooidx.node.logs import LineObserver, Redactor
-from ooidx.people.subscriptions import (CHANGED_FANOUT, TicketError, WebhookDelivery, make_ticket, parse_ticket,
-                                      ticket_key)
+from ooidx.people.records import CHANGED_FANOUT
+from ooidx.people.tickets import TicketError, make_ticket, parse_ticket, ticket_key
+from ooidx.people.webhooks import WebhookDelivery
 from ooidx.web.app import Web
 
 TOKEN = "operator-token-" + "y" * 20

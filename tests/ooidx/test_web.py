@@ -20,10 +20,10 @@ from twisted.web.client import HTTPConnectionPool
 import magnet
 from magnet import operation
 
-from ooidx.node.bootstrap import declare_topology
+from ooidx.node.bootstrap import declare_topology, make_component
 from ooidx.component import Component
 from ooidx.config import load
-from ooidx.node.metrics import PrometheusObserver
+from ooidx.node.metrics import PrometheusObserver, renderer_for
 from ooidx.node.token import TOKEN_FILE
 from ooidx.web.app import MAX_BODY, Web
 
@@ -77,7 +77,8 @@ class Stack:
                                   rpc_timeout=5)
         self.daemon = FakeDaemon()
         self.fetcher = Component("fetcher", self.bus, node="node-a")
-        self.web = Web("web", self.bus, node="node-a", port=0, interface="127.0.0.1", token=TOKEN)
+        self.web = Web("web", self.bus, node="node-a", port=0, interface="127.0.0.1", token=TOKEN,
+                       metrics=renderer_for(self.bus))
         self.web.setServiceParent(self.daemon)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
 
@@ -439,7 +440,7 @@ async def test_token_made_in_data_dir_when_not_configured(tmp_path: Any) -> None
     bus = magnet.connect(f"memory://web-{uuid.uuid4().hex}", reactor, rpc_timeout=5)
     bus.startService()
     fetcher = Component("fetcher", bus, node="n")
-    web = Web("web", bus, node="n", config=config, clock=reactor)
+    web = make_component("web", bus, node="n", instances=1, config=config, clock=reactor)
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:
         await fetcher.start()

@@ -1,0 +1,83 @@
+"""What a person and a subscription are: names, ids, queue names, token hashes, bounds.
+
+Attribute store keys:
+
+    person:NAME                       {"name", "token_sha256", "created"}
+    user_subscription:NAME:ID         the subscription record (L{ooidx.people.component.PersonalSubscriptions.subscribe})
+
+Everything else in L{ooidx.people} builds on these.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from typing import Any, Tuple
+
+from magnet import Refusal
+
+from ooidx import wire
+
+__all__ = ["KINDS", "PERSON_NAME", "SUBSCRIPTION_ID", "MAX_LENGTH", "MAX_LENGTH_LIMIT", "MAX_SUBSCRIPTIONS",
+           "MAX_URL", "CHANGED_FANOUT", "ID_HEADER", "PERSON_KEY", "SUBSCRIPTION_KEY", "WEBHOOK_DETAIL",
+           "InvalidSubscription", "UnknownSubscription", "queue_name", "hash_token", "message_id", "check_person",
+           "check_id", "security_of"]
+
+#: kind -> the component that serves it.
+KINDS = {"datasets": "user_pub_sub", "events": "user_notification"}
+#: What a person's name may look like (it is part of queue names).
+PERSON_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}\Z")
+SUBSCRIPTION_ID = re.compile(r"[0-9a-f]{12}\Z")
+#: Default bound of a person's queue (messages); the largest one may ask for.
+MAX_LENGTH = 10_000
+MAX_LENGTH_LIMIT = 100_000
+MAX_SUBSCRIPTIONS = 100
+MAX_URL = 2048
+#: The fanout every instance of both components hears after a subscription changes.
+CHANGED_FANOUT = wire.USER_SUBSCRIPTIONS_CHANGED
+#: The header stamping every message in a person's queue with a sortable id (SSE's C{id:}).
+ID_HEADER = wire.ID_HEADER
+PERSON_KEY = wire.PERSON_KEY
+SUBSCRIPTION_KEY = wire.USER_SUBSCRIPTION_KEY
+#: Details of an event that a failing webhook caused: such events are never
+#: routed to webhook subscriptions, so failing webhooks cannot feed each other.
+WEBHOOK_DETAIL = "webhook_subscription"
+
+
+class InvalidSubscription(Refusal):
+    """A subscription request that does not hold together (400)."""
+
+
+class UnknownSubscription(Refusal):
+    """No such subscription of this person (404)."""
+
+
+def queue_name(person: str, sid: str) -> str:
+    return f"user.{person}.{sid}"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def message_id(now: float) -> str:
+    """Sortable (fixed width): microseconds since the epoch, then randomness."""
+    return f"{int(now * 1_000_000):017d}-{secrets.token_hex(3)}"
+
+
+def check_person(name: Any) -> str:
+    if not isinstance(name, str) or not PERSON_NAME.match(name):
+        raise InvalidSubscription(f"a person's name is 1-32 characters of a-z 0-9 _ - (starting with a letter "
+                                  f"or digit), not {str(name)[:40]!r}")
+    return name
+
+
+def check_id(sid: Any) -> str:
+    if not isinstance(sid, str) or not SUBSCRIPTION_ID.match(sid):
+        raise UnknownSubscription(f"no subscription {str(sid)[:40]!r}")
+    return sid
+
+
+def security_of(config: Any) -> Tuple[bool, Tuple[str, ...]]:
+    security = getattr(config, "security", None)
+    return bool(getattr(security, "allow_private", False)), tuple(getattr(security, "allow_hosts", ()) or ())
