@@ -15,16 +15,17 @@ from typing import Any, Callable, Dict, Optional
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 
-from magnet import Message, RemoteError, operation
+from magnet import Message, RemoteError, Unroutable, operation
 
 from ooidx import urlpolicy
 from ooidx.component import Component
-from ooidx.errors import InvalidURL
-from ooidx.people.records import (CHANGED_FANOUT, MAX_LENGTH, MAX_LENGTH_LIMIT, MAX_SUBSCRIPTIONS, MAX_URL,
-                                  SUBSCRIPTION_KEY, InvalidSubscription, UnknownSubscription, check_id,
-                                  check_person, queue_name, security_of)
+from ooidx.errors import InvalidRegex, InvalidURL
+from ooidx.events import EVENT, TOPIC_HEADER
+from ooidx.people.records import (CHANGED_FANOUT, ID_HEADER, MAX_LENGTH, MAX_LENGTH_LIMIT, MAX_SUBSCRIPTIONS,
+                                  MAX_URL, SUBSCRIPTION_KEY, InvalidSubscription, UnknownSubscription, check_id,
+                                  check_person, message_id, queue_name, security_of)
 from ooidx.people.webhooks import WebhookDelivery, http_poster
-from ooidx.routing import validate
+from ooidx.routing import compile_filter, validate
 
 __all__ = ["PersonalSubscriptions"]
 
@@ -138,7 +139,7 @@ class PersonalSubscriptions(Component):
         if record.get("webhook"):
             delivery = WebhookDelivery(self.bus, record, self.poster, self.clock, attempts=self.webhook_attempts,
                                        base_delay=self.webhook_base_delay, max_delay=self.webhook_max_delay,
-                                       component=self.name)
+                                       component=self.name, report=self.report_failure)
             self.webhooks[record["queue"]] = delivery
             yield delivery.start()
 
@@ -150,6 +151,35 @@ class PersonalSubscriptions(Component):
             yield delivery.stop()
         if record is not None:
             yield maybeDeferred(self.deactivate, record)
+
+    @inlineCallbacks
+    def report_failure(self, record: Dict[str, Any], event: Message) -> Any:
+        """Put the failure C{event} of C{record}'s webhook into the streams of
+        that person only (their event subscriptions without a webhook whose
+        regex matches it): a failure names their subscription and webhook host,
+        which are nobody else's business, so it never goes to the notification
+        fanout, other people or the event ring."""
+        person = record["person"]
+        topic = event.headers.get(TOPIC_HEADER)
+        found = yield self.bus.call("attribute_store", "query", regex=f"^{SUBSCRIPTION_KEY}{check_person(person)}:")
+        sent = 0
+        for other in (found or {}).values():
+            if not isinstance(other, dict) or other.get("kind") != "events" or other.get("webhook") \
+                    or other.get("person") != person or not isinstance(other.get("queue"), str):
+                continue
+            try:
+                if not compile_filter(other.get("regex"))(topic):
+                    continue
+            except InvalidRegex:
+                continue
+            out = Message(body=event.body, content_type=event.content_type, type=EVENT,
+                          headers={TOPIC_HEADER: topic, ID_HEADER: message_id(self.clock.seconds())})
+            try:
+                yield self.bus.send(other["queue"], out)
+                sent += 1
+            except Unroutable:
+                pass  # the subscription went meanwhile
+        return sent
 
     # what subclasses add -----------------------------------------------------------
 

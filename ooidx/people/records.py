@@ -20,7 +20,7 @@ from ooidx import wire
 
 __all__ = ["KINDS", "PERSON_NAME", "SUBSCRIPTION_ID", "MAX_LENGTH", "MAX_LENGTH_LIMIT", "MAX_SUBSCRIPTIONS",
            "MAX_URL", "CHANGED_FANOUT", "ID_HEADER", "PERSON_KEY", "SUBSCRIPTION_KEY", "WEBHOOK_DETAIL",
-           "InvalidSubscription", "UnknownSubscription", "queue_name", "hash_token", "message_id", "check_person",
+           "InvalidSubscription", "UnknownSubscription", "QUEUE_PREFIX", "queue_name", "hash_token", "message_id", "check_person",
            "check_id", "security_of"]
 
 #: kind -> the component that serves it.
@@ -52,8 +52,12 @@ class UnknownSubscription(Refusal):
     """No such subscription of this person (404)."""
 
 
+#: What the names of people's queues (and their pub_sub subscriptions) start with.
+QUEUE_PREFIX = "user."
+
+
 def queue_name(person: str, sid: str) -> str:
-    return f"user.{person}.{sid}"
+    return f"{QUEUE_PREFIX}{person}.{sid}"
 
 
 def hash_token(token: str) -> str:

@@ -7,7 +7,9 @@ message at a time, retrying with exponential backoff.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Protocol
@@ -23,7 +25,48 @@ from magnet import Message, Timeout
 from ooidx import events, urlpolicy
 from ooidx.people.records import ID_HEADER, WEBHOOK_DETAIL
 
-__all__ = ["http_poster", "WebhookDelivery"]
+__all__ = ["http_poster", "WebhookDelivery", "failure_event", "webhook_host", "Report"]
+
+#: Where a failure goes: C{report(record, event)}, the event an L{events.event_message}.
+Report = Callable[[Dict[str, Any], Message], Any]
+
+
+def webhook_host(url: str) -> str:
+    """The host (and port, if any) of a webhook URL: all of it a failure event may name."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or "?"
+        port = parts.port
+    except ValueError:
+        return "?"
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}" if port is not None else host
+
+
+def _scrub(reason: str, url: str) -> str:
+    """C{reason} without the webhook's URL, path or query (they may carry the person's secret)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    secrets = [url]
+    if parts is not None:
+        secrets += [p for p in (parts.path, parts.query, parts.fragment, parts.netloc) if p and p != "/"]
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        reason = reason.replace(secret, "***")
+    return reason
+
+
+def failure_event(bus: Any, record: Dict[str, Any], *, attempt: int, attempts: int, reason: str,
+                  given_up: bool, now: float) -> Message:
+    """The C{event.failed.-} event of a failed webhook POST. It names the
+    subscription and the webhook's host, never the person or the URL (which
+    may carry the person's secret), and goes to that person's own streams only."""
+    url = str(record.get("webhook") or "")
+    return events.event_message("failed", None, node=bus.node, now=now, **{
+        WEBHOOK_DETAIL: record["id"], "host": webhook_host(url), "attempt": attempt, "attempts": attempts,
+        "reason": _scrub(reason, url)[:500], "given_up": given_up})
+
 
 @implementer(IBodyProducer)
 class _BytesProducer:
@@ -97,7 +140,8 @@ class WebhookDelivery:
 
     Each message is POSTed (JSON). A 2xx answer acks it. Anything else (a
     status, a refused or unreachable address, a timeout) is a failure: an
-    C{event.failed.-} event is emitted and the POST is tried again after
+    C{event.failed.-} event is reported (L{failure_event}, handed to
+    C{report}: the component puts it in the person's own streams) and the POST is tried again after
     C{base_delay * 2**(n-1)} seconds (at most C{max_delay}), until C{attempts}
     tries have failed; then it is given up (one more event) and acked. While
     one message is being delivered the next waits (prefetch 1), so the
@@ -108,8 +152,9 @@ class WebhookDelivery:
 
     def __init__(self, bus: Any, record: Dict[str, Any], post: Callable[[str, bytes, Dict[str, str]], Deferred],
                  clock: Any, *, attempts: int = 8, base_delay: float = 1.0, max_delay: float = 300.0,
-                 component: str = "user_subscriptions") -> None:
+                 component: str = "user_subscriptions", report: Optional[Report] = None) -> None:
         self.bus = bus
+        self.report = report
         self.record = record
         self.post = post
         self.clock = clock
@@ -178,13 +223,16 @@ class WebhookDelivery:
         if self.stopped:
             return  # stop() gave the message back
         give_up = attempt >= self.attempts
+        event = failure_event(self.bus, self.record, attempt=attempt, attempts=self.attempts, reason=reason,
+                              given_up=give_up, now=time.time())
         self.log.warn("{component}: webhook of {queue} failed (attempt {attempt} of {attempts}): {reason}",
                       component=self.component, queue=self.queue, attempt=attempt, attempts=self.attempts,
-                      reason=reason)
-        details = {WEBHOOK_DETAIL: self.record["id"], "person": self.record["person"],
-                   "url": self.record["webhook"], "attempt": attempt, "attempts": self.attempts,
-                   "reason": reason[:500], "given_up": give_up}
-        events.emit(self.bus, "failed", None, **details)
+                      reason=event.json()["reason"])
+        if self.report is not None:
+            d = maybeDeferred(self.report, self.record, event)
+            d.addErrback(lambda f: self.log.warn("{component}: the failure of {queue}'s webhook not reported: "
+                                                 "{error}", component=self.component, queue=self.queue,
+                                                 error=f.getErrorMessage()))
         if give_up:
             self.given_up += 1
             delivery.ack()

@@ -8,7 +8,8 @@
     DELETE /api/datasets/NAME          {"dataset": record} (status purged)   (controller.purge)   token
     POST   /api/datasets/NAME/refresh  202 {"refresh": {...}}                (controller.get_dataset) token
     GET    /api/stats                  controller.get_stats + "time" (the server's clock)
-    GET    /api/pub_sub/subscriptions  {"subscriptions": [...]}              (pub_sub.list)
+    GET    /api/pub_sub/subscriptions  {"subscriptions": [...], "people": N}  (pub_sub.list; people's own
+                                       subscriptions, named user.PERSON.ID, only with the token: else counted)
     GET    /api/user_subscriptions     {"subscriptions": [...], "unavailable": [...]}  token
                                        people's subscriptions (user_pub_sub.list + user_notification.list)
     GET    /api/events?limit=&regex=   {"events": [...]}                     (notification.api recent)
@@ -42,6 +43,7 @@ from ooidx import dap
 from ooidx.errors import HTTP_STATUS
 from ooidx import wire
 from ooidx.http.answers import Answer, HTTPError, error_answer, json_answer
+from ooidx.people.records import QUEUE_PREFIX
 
 __all__ = ["ManagementPage", "STATIC_FILES", "EVENTS_SERVICE", "MAX_URL_LENGTH", "MAX_EVENTS", "MAX_REGEX"]
 
@@ -219,8 +221,17 @@ class ManagementPage:
         return self._call("controller", "get_stats", {}, shaped)
 
     def render_pub_sub(self, request: server.Request) -> Deferred:
+        """pub_sub's subscriptions. People's (C{user.PERSON.ID}) name a person
+        and their regex: shown with the operator token only, else just counted."""
         self._check_read(request)
-        return self._call("pub_sub", "list", {}, lambda subs: {"subscriptions": list(subs or [])})
+        operator = self._is_operator(request)
+
+        def shaped(subs: Any) -> Dict[str, Any]:
+            rows = list(subs or [])
+            shown = rows if operator else [r for r in rows if not _is_persons(r)]
+            return {"subscriptions": shown, "people": sum(1 for r in rows if _is_persons(r))}
+
+        return self._call("pub_sub", "list", {}, shaped)
 
     def render_user_subscriptions(self, request: server.Request) -> Deferred:
         """Every person's subscriptions, of both kinds. Always behind the
@@ -277,6 +288,13 @@ class ManagementPage:
 
     def _error(self, status: int, kind: str, message: str) -> Exception:
         return HTTPError(status, kind, message)
+
+    def _is_operator(self, request: server.Request) -> bool:
+        """Whether the request carries the operator token (401 if it carries a wrong one)."""
+        if not request.getHeader(b"authorization"):
+            return False
+        self._check_operator(request)
+        return True
 
     def _check_read(self, request: server.Request) -> None:
         if self.read_token:
@@ -336,6 +354,10 @@ class ManagementPage:
             return self._error(503, "Cancelled", "the request was cancelled")
         log.failure("web page: calling {service}.{op}", failure, service=service, op=op)
         return self._error(500, "InternalError", f"{type(exc).__name__} while calling {service}.{op}")
+
+
+def _is_persons(row: Any) -> bool:
+    return isinstance(row, dict) and str(row.get("name", "")).startswith(QUEUE_PREFIX)
 
 
 def _timeout(service: str) -> float:
