@@ -37,6 +37,7 @@ import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -49,7 +50,8 @@ from magnet.bus import WORKER
 from ooidx.component import Component
 from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer,
                                 json_arguments, printable, result_answer)
-from ooidx.http.edge import TrackingSite, listen_address, mask_query, masking_log_formatter
+from ooidx.http.edge import TrackingSite, allowed_hosts_of, listen_spec, mask_query, masking_log_formatter
+from ooidx.http.listen import is_loopback
 from ooidx.people.api import SubscriptionsApi
 from ooidx.web.page import ManagementPage
 from ooidx.wire import BUS_TABLE
@@ -181,8 +183,10 @@ class Web(Component):
                  cluster_status: Optional[Callable[..., Any]] = None, max_body: int = MAX_BODY,
                  status_timeout: float = STATUS_TIMEOUT) -> None:
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
-        self._port_number, self._interface = listen_address(self.config, self.name, port, interface,
-                                                              http_port="web_port", default_port=8080)
+        #: Where it listens: a port number or an endpoint string (tcp:, tcp6:, ssl:), ooidx.http.listen.
+        self.listen = listen_spec(self.config, self.name, port, interface, http_port="web_port", default_port=8080)
+        self._port_number, self._interface = self.listen.port, self.listen.interface
+        self.allowed_hosts = allowed_hosts_of(self.config)
         self._token_source = token
         self._token: Optional[str] = token if isinstance(token, str) else None
         self._metrics = metrics
@@ -213,29 +217,45 @@ class Web(Component):
             address = "127.0.0.1" if address != "::" else "::1"
         if ":" in address:
             address = f"[{address}]"
-        return f"http://{address}:{self.port}"
+        return f"{self.listen.scheme}://{address}:{self.port}"
+
+    @property
+    def read_token(self) -> bool:
+        """Whether reading the management API needs the token: C{security.read_token}
+        if set, else yes unless the port listens on loopback only (where only
+        this machine's users can read it)."""
+        configured = getattr(getattr(self.config, "security", None), "read_token", None)
+        if configured is not None:
+            return bool(configured)
+        return not is_loopback(self._interface)
 
     # lifecycle -------------------------------------------------------------------
 
-    def setUp(self) -> None:
+    def setUp(self) -> Deferred:
         if self._token is None:
             if not callable(self._token_source):
                 raise ValueError("Web needs the operator token: token=TOKEN, or a function that reads it")
             self._token = self._token_source()
         self.subscriptions = SubscriptionsApi(self.bus, self.clock, check_operator=self._check_token,
                                               arguments=self._arguments, operator_token=lambda: self._token)
-        security = getattr(self.config, "security", None)
         page = ManagementPage(self.bus, check_operator=self._check_token, arguments=self._arguments,
-                              max_body=self.max_body, read_token=bool(getattr(security, "read_token", False)))
+                              max_body=self.max_body, read_token=self.read_token)
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
         # The access log masks ?ticket= (a person's stream ticket, user_subscriptions).
         site = TrackingSite(_Api(self, page), requestFactory=request_factory, parsePOSTFormSubmission=False,
-                            reactor=self.clock, timeout=IDLE_TIMEOUT, logFormatter=masking_log_formatter())
+                            reactor=self.clock, timeout=IDLE_TIMEOUT, logFormatter=masking_log_formatter(),
+                            allowed_hosts=self.allowed_hosts)
         site.displayTracebacks = False
         site.noisy = False
-        self._listening = self.clock.listenTCP(self._port_number, site, interface=self._interface)
         self._site = site
-        self.log.info("{component} listening on {url} (/healthz, /metrics, /api)", component=self.name, url=self.url)
+        endpoint = serverFromString(self.clock, self.listen.description)
+
+        def listening(port: Any) -> None:
+            self._listening = port
+            self.log.info("{component} listening on {url} (/healthz, /metrics, /api)", component=self.name,
+                          url=self.url)
+
+        return endpoint.listen(site).addCallback(listening)
 
     def tearDown(self) -> Any:
         listening, self._listening = self._listening, None
