@@ -30,8 +30,8 @@ from magnet import Message, RemoteError, Unroutable
 from ooidx import events
 from ooidx.errors import InvalidRegex
 from ooidx.http.answers import HTTPError, json_answer
-from ooidx.people.records import (ID_HEADER, KINDS, PERSON_KEY, PERSON_NAME, SUBSCRIPTION_ID, SUBSCRIPTION_KEY,
-                                  InvalidSubscription, check_person, hash_token)
+from ooidx.people.records import (ID_HEADER, KINDS, MAX_STREAMS_PER_PERSON, PERSON_KEY, PERSON_NAME,
+                                  SUBSCRIPTION_ID, SUBSCRIPTION_KEY, InvalidSubscription, check_person, hash_token)
 from ooidx.people.sse import SSE, gone
 from ooidx.people.tickets import TICKET_LIFETIME, TicketError, make_ticket, parse_ticket, ticket_key, ticket_mac
 from ooidx.routing import validate
@@ -64,7 +64,7 @@ class SubscriptionsApi:
     def __init__(self, bus: Any, reactor: Any, *, check_operator: Callable[[server.Request], None],
                  arguments: Callable[[server.Request], Dict[str, Any]], operator_token: Callable[[], Optional[str]],
                  keepalive: float = 15.0, prefetch: int = 20, clock: Any = None,
-                 ticket_lifetime: int = TICKET_LIFETIME) -> None:
+                 ticket_lifetime: int = TICKET_LIFETIME, max_streams_per_person: int = MAX_STREAMS_PER_PERSON) -> None:
         """C{check_operator(request)} raises an L{HTTPError} (401) unless the
         request carries the operator token; C{arguments(request)} reads its JSON
         body; C{operator_token()} is the token stream tickets are keyed by.
@@ -80,6 +80,9 @@ class SubscriptionsApi:
         self.clock = clock if clock is not None else reactor
         self.ticket_lifetime = ticket_lifetime
         self.streams: set = set()
+        #: person -> their open event streams (at most max_streams_per_person each).
+        self.max_streams_per_person = max_streams_per_person
+        self.streams_of: Dict[str, set] = {}
 
     def handles(self, path: bytes) -> bool:
         return path == self.TAIL or any(path == p or path.startswith(p + b"/") for p in self.PREFIXES)
@@ -380,10 +383,17 @@ class SubscriptionsApi:
         last_id = last.decode("ascii", "replace").strip() if last else None
         if request.finished or gone(request):
             return STREAMING
+        mine = self.streams_of.setdefault(person, set())
+        if len(mine) >= self.max_streams_per_person:
+            raise HTTPError(429, "TooManyStreams", f"{person} has {len(mine)} event streams open here, the most a "
+                            "person may; close one first", {b"Retry-After": b"5"})
         state: Dict[str, Any] = {"subscription": None}
 
         def closed() -> None:
             self.streams.discard(sse)
+            mine.discard(sse)
+            if not mine and self.streams_of.get(person) is mine:
+                del self.streams_of[person]
             subscription = state["subscription"]
             state["subscription"] = None
             if subscription is not None:
@@ -393,7 +403,9 @@ class SubscriptionsApi:
             held.clear()
 
         sse = SSE(request, self.reactor, self.keepalive, closed)
-        self.streams.add(sse)
+        if not sse.closed:
+            self.streams.add(sse)
+            mine.add(sse)
         held: Deque[Tuple[Message, Any]] = deque()
 
         def write(message: Message, delivery: Any) -> None:
@@ -516,7 +528,7 @@ def _public(record: Any) -> Any:
 def _http_error(e: RemoteError) -> Exception:
 
     status = {"InvalidRegex": 400, "InvalidURL": 400, "InvalidSubscription": 400, "BadArguments": 400,
-              "Forbidden": 403, "UnknownSubscription": 404}.get(e.remote_type, 502)
+              "Forbidden": 403, "UnknownSubscription": 404, "OverBudget": 429}.get(e.remote_type, 502)
     return HTTPError(status, e.remote_type, e.message)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
@@ -21,9 +21,10 @@ from ooidx import urlpolicy
 from ooidx.component import Component
 from ooidx.errors import InvalidRegex, InvalidURL
 from ooidx.events import EVENT, TOPIC_HEADER
-from ooidx.people.records import (CHANGED_FANOUT, ID_HEADER, MAX_LENGTH, MAX_LENGTH_LIMIT, MAX_SUBSCRIPTIONS,
-                                  MAX_URL, SUBSCRIPTION_KEY, InvalidSubscription, UnknownSubscription, check_id,
-                                  check_person, message_id, queue_name, security_of)
+from ooidx.people.records import (CHANGED_FANOUT, ID_HEADER, MAX_LENGTH, MAX_LENGTH_LIMIT,
+                                  MAX_QUEUED_PER_PERSON, MAX_REGEX_PROGRAM_PER_PERSON, MAX_SUBSCRIPTIONS, MAX_URL,
+                                  SUBSCRIPTION_KEY, InvalidSubscription, OverBudget, UnknownSubscription, check_id,
+                                  check_person, message_id, queue_name, regex_program_size, security_of)
 from ooidx.people.webhooks import WebhookDelivery, http_poster
 from ooidx.routing import compile_filter, validate
 
@@ -45,9 +46,13 @@ class PersonalSubscriptions(Component):
     def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
                  clock: Any = None, max_length: int = MAX_LENGTH, webhook_attempts: int = 8,
                  webhook_base_delay: float = 1.0, webhook_max_delay: float = 300.0, webhook_timeout: float = 10.0,
-                 poster: Optional[Callable[..., Deferred]] = None, resolver: Any = None) -> None:
+                 poster: Optional[Callable[..., Deferred]] = None, resolver: Any = None,
+                 max_queued_per_person: int = MAX_QUEUED_PER_PERSON,
+                 max_regex_program_per_person: int = MAX_REGEX_PROGRAM_PER_PERSON) -> None:
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
         self.max_length = max_length
+        self.max_queued_per_person = max_queued_per_person
+        self.max_regex_program_per_person = max_regex_program_per_person
         self.webhook_attempts = webhook_attempts
         self.webhook_base_delay = webhook_base_delay
         self.webhook_max_delay = webhook_max_delay
@@ -237,9 +242,11 @@ class PersonalSubscriptions(Component):
         mine = yield self.bus.call("attribute_store", "query", regex=f"^{SUBSCRIPTION_KEY}{person}:")
         if len(mine or {}) >= MAX_SUBSCRIPTIONS:
             raise InvalidSubscription(f"{person} has {MAX_SUBSCRIPTIONS} subscriptions already (the most allowed)")
+        program = self.check_budget(person, regex, max_length, [r for r in (mine or {}).values() if isinstance(r, dict)])
         sid = secrets.token_hex(6)
         record = {"id": sid, "person": person, "kind": self.kind, "regex": regex, "webhook": webhook,
-                  "queue": queue_name(person, sid), "max_length": max_length, "created": time.time()}
+                  "queue": queue_name(person, sid), "max_length": max_length, "created": time.time(),
+                  "regex_program": program}
         yield self.bus.transport.declare_queue(record["queue"], durable=True, arguments={
             "x-max-length": max_length, "x-overflow": "drop-head"})
         try:
@@ -252,6 +259,33 @@ class PersonalSubscriptions(Component):
         self.log.info("{component}: {person} subscribed to {kind} matching {regex!r} ({queue})",
                       component=self.name, person=person, kind=self.kind, regex=regex, queue=record["queue"])
         return record
+
+    def check_budget(self, person: str, regex: str, max_length: int, mine: List[Dict[str, Any]]) -> int:
+        """L{OverBudget} if a new subscription (C{regex}, C{max_length}) would
+        take C{person} past their budgets, given their subscriptions C{mine} (of
+        both kinds): the messages their queues may hold together, and the size of
+        their regexes compiled. Its regex's compiled size otherwise."""
+        queued = sum(r.get("max_length") or 0 for r in mine if isinstance(r.get("max_length"), int))
+        if queued + max_length > self.max_queued_per_person:
+            raise OverBudget(f"{person}'s queues may hold {self.max_queued_per_person} messages together; "
+                             f"{queued} are taken, and this subscription asks for {max_length}: ask for a smaller "
+                             "max_length, or remove a subscription")
+        program = regex_program_size(regex)
+        taken = 0
+        for r in mine:
+            size = r.get("regex_program")
+            if not isinstance(size, int):
+                try:
+                    size = regex_program_size(r.get("regex"))
+                except InvalidRegex:
+                    size = 0
+            taken += size
+        if taken + program > self.max_regex_program_per_person:
+            raise OverBudget(f"{person}'s regexes may compile to {self.max_regex_program_per_person} RE2 "
+                             f"instructions together; {taken} are taken, and this regex needs {program}: use a "
+                             "simpler regex (large counted repetitions of classes such as \\pL{400} are the "
+                             "costly part), or remove a subscription")
+        return program
 
     @operation
     @inlineCallbacks

@@ -14,12 +14,14 @@ import re
 import secrets
 from typing import Any, Tuple
 
+import re2
 from magnet import Refusal
 
-from ooidx import wire
+from ooidx import routing, wire
 
 __all__ = ["KINDS", "PERSON_NAME", "SUBSCRIPTION_ID", "MAX_LENGTH", "MAX_LENGTH_LIMIT", "MAX_SUBSCRIPTIONS",
-           "MAX_URL", "CHANGED_FANOUT", "ID_HEADER", "PERSON_KEY", "SUBSCRIPTION_KEY", "WEBHOOK_DETAIL",
+           "MAX_URL", "MAX_QUEUED_PER_PERSON", "MAX_REGEX_PROGRAM_PER_PERSON", "MAX_STREAMS_PER_PERSON",
+           "OverBudget", "regex_program_size", "CHANGED_FANOUT", "ID_HEADER", "PERSON_KEY", "SUBSCRIPTION_KEY", "WEBHOOK_DETAIL",
            "InvalidSubscription", "UnknownSubscription", "QUEUE_PREFIX", "queue_name", "hash_token", "message_id", "check_person",
            "check_id", "security_of"]
 
@@ -33,6 +35,15 @@ MAX_LENGTH = 10_000
 MAX_LENGTH_LIMIT = 100_000
 MAX_SUBSCRIPTIONS = 100
 MAX_URL = 2048
+#: A person's budgets, so that one person cannot exhaust the node for everyone:
+#: messages their queues may hold together (the sum of their max_length),
+MAX_QUEUED_PER_PERSON = 200_000
+#: the size of their regexes compiled (RE2 program instructions, summed: about
+#: 16 bytes each, and each is compiled again in pub_sub's or user_notification's
+#: Sets; one \pL{440}x is 526,245 of them),
+MAX_REGEX_PROGRAM_PER_PERSON = 1_000_000
+#: and the event streams they hold open on one web edge (each a descriptor).
+MAX_STREAMS_PER_PERSON = 10
 #: The fanout every instance of both components hears after a subscription changes.
 CHANGED_FANOUT = wire.USER_SUBSCRIPTIONS_CHANGED
 #: The header stamping every message in a person's queue with a sortable id (SSE's C{id:}).
@@ -50,6 +61,18 @@ class InvalidSubscription(Refusal):
 
 class UnknownSubscription(Refusal):
     """No such subscription of this person (404)."""
+
+
+class OverBudget(Refusal):
+    """What a person asks for is past their budget (429); the message says which and how to get under it."""
+
+
+def regex_program_size(regex: str) -> int:
+    """The size of C{regex} compiled by RE2 (program instructions, forward):
+    what it costs in memory wherever it is matched. L{ooidx.errors.InvalidRegex}
+    if it does not compile."""
+    routing.validate(regex)
+    return int(re2.compile(regex, routing.options()).programsize)
 
 
 #: What the names of people's queues (and their pub_sub subscriptions) start with.

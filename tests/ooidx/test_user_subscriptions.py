@@ -750,6 +750,70 @@ def test_the_access_log_masks_tickets() -> None:
 
 
 # --------------------------------------------------------------------------- #
+# a person's budgets: one person cannot exhaust the node for the others
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_person_has_a_budget_of_streams(stack: Stack) -> Any:
+    """The attack: one person opens thousands of SSE streams (a descriptor
+    each). Past their budget the next one is 429; others still get theirs."""
+    stack.web.subscriptions.max_streams_per_person = 3
+    greedy = yield stack.person()
+    other = yield stack.person()
+    sub = yield stack.subscribe(greedy, kind="events", regex=r"^event\.saved\.")
+    clients = []
+    for _ in range(3):
+        clients.append((yield stack.open_stream(sub["events"], greedy)))
+    code, answer = yield stack.request("GET", sub["events"], token=greedy)
+    assert code == 429 and error_type(answer) == "TooManyStreams"
+    assert "close one first" in answer["error"]["message"]
+    theirs = yield stack.subscribe(other, kind="events", regex=r"^event\.saved\.")
+    yield stack.open_stream(theirs["events"], other)
+    clients[0].close()
+    yield clients[0].closed
+    name = greedy.partition(".")[0]
+    yield eventually(lambda: len(stack.web.subscriptions.streams_of.get(name, ())) == 2, 5,
+                     "the server to see the stream go")
+    yield stack.open_stream(sub["events"], greedy)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_person_has_a_budget_of_compiled_regexes(stack: Stack) -> Any:
+    """The attack: 100 subscriptions of regexes like \\pL{440}x, each near RE2's
+    compile budget, took the node from 215 to 703 MB. A person's regexes
+    compiled together stay within their budget (429 past it)."""
+    greedy = yield stack.person()
+    first = yield stack.subscribe(greedy, kind="events", regex=r"\pL{440}x")
+    assert first["id"]
+    code, answer = yield stack.request("POST", "/api/subscriptions", {"kind": "events", "regex": r"\pL{440}y"},
+                                       token=greedy)
+    assert code == 429 and error_type(answer) == "OverBudget", answer
+    assert "RE2 instructions" in answer["error"]["message"]
+    code, answer = yield stack.request("POST", "/api/subscriptions", {"kind": "datasets", "regex": r"\pL{440}y"},
+                                       token=greedy)
+    assert code == 429, answer  # the budget covers both kinds
+    yield stack.subscribe(greedy, kind="events", regex=r"^event\.saved\.")  # small ones still fit
+    other = yield stack.person()
+    yield stack.subscribe(other, kind="events", regex=r"\pL{440}x")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_person_has_a_budget_of_queued_messages(stack: Stack) -> Any:
+    """The attack: 100 subscriptions x max_length 100,000 let one person have
+    10 million messages queued. Their queues' bounds add up to at most their budget."""
+    for component in (stack.user_notification, stack.user_pub_sub):
+        component.max_queued_per_person = 25
+    greedy = yield stack.person()
+    yield stack.subscribe(greedy, kind="events", regex="a", max_length=10)
+    yield stack.subscribe(greedy, kind="datasets", regex="b", max_length=10)
+    code, answer = yield stack.request("POST", "/api/subscriptions", {"kind": "events", "regex": "c",
+                                                                      "max_length": 10}, token=greedy)
+    assert code == 429 and error_type(answer) == "OverBudget", answer
+    assert "messages together" in answer["error"]["message"]
+    yield stack.subscribe(greedy, kind="events", regex="c", max_length=5)
+
+
+# --------------------------------------------------------------------------- #
 # webhooks
 
 
