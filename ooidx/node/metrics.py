@@ -77,6 +77,8 @@ from twisted.logger import Logger
 
 from magnet.observer import BusObserver
 
+from ooidx.people.records import QUEUE_PREFIX
+
 __all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "ChildMetrics", "MULTIPROC_ENV", "renderer_for",
            "CHILD_METRICS_DIR", "prepare_directory", "share_with_daemon"]
 
@@ -102,13 +104,21 @@ _FILE = re.compile(r"(?P<kind>counter|histogram|summary|gauge_(?P<mode>[a-z]+))_
 _REPORT_LIMIT = 1000
 
 _LISTEN = re.compile(r"magnet\.listen\..*\Z", re.S)
+#: A person's queue (user.PERSON.ID): its name says who subscribes, which /metrics (open to all) must not.
+_PERSON_QUEUE = re.compile(re.escape(QUEUE_PREFIX) + r".*\Z", re.S)
+#: The label value every person's queue is counted under.
+PEOPLE_LABEL = QUEUE_PREFIX + "*"
 _FANOUT_SUB = re.compile(r"(?P<fanout>.+?)\.sub\..+\.[0-9a-f]{12}\Z", re.S)
 
 
 def metric_label(name: str) -> str:
-    """The label value for a bus name: per-use names folded into one value."""
+    """The label value for a bus name: per-use names folded into one value,
+    and people's queues into one (C{user.*}): names and ids of people are
+    shown with the operator token only, never in /metrics."""
     if _LISTEN.match(name):
         return "magnet.listen"
+    if _PERSON_QUEUE.match(name):
+        return PEOPLE_LABEL
     m = _FANOUT_SUB.match(name)
     if m:
         return m.group("fanout") + ".sub"

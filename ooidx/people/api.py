@@ -83,6 +83,9 @@ class SubscriptionsApi:
         #: person -> their open event streams (at most max_streams_per_person each).
         self.max_streams_per_person = max_streams_per_person
         self.streams_of: Dict[str, set] = {}
+        #: The MACs of tickets used (single use), until they expire, in order of expiry.
+        self._used: Dict[str, int] = {}
+        self._used_order: Deque[Tuple[int, str]] = deque()
 
     def handles(self, path: bytes) -> bool:
         return path == self.TAIL or any(path == p or path.startswith(p + b"/") for p in self.PREFIXES)
@@ -207,7 +210,24 @@ class SubscriptionsApi:
                             f"new one with POST /api/subscriptions/{ticket_sid}/ticket", challenge)
         if ticket_sid != sid:
             raise HTTPError(403, "Forbidden", f"this ticket opens the stream of subscription {ticket_sid} only")
+        self._use_ticket(mac, expires, ticket_sid, challenge)
         return person
+
+    def _use_ticket(self, mac: str, expires: int, sid: str, challenge: Dict[bytes, bytes]) -> None:
+        """A ticket opens one stream, once: one seen before (until it expires) is
+        refused, so a ticket that leaked (a log, a Referer, a shoulder) after its
+        stream opened opens nothing. Remembered by this web edge (its MAC, until
+        it expires)."""
+        now = self.clock.seconds()
+        while self._used_order and self._used_order[0][0] <= now:
+            _, old = self._used_order.popleft()
+            self._used.pop(old, None)
+        if mac in self._used:
+            raise HTTPError(401, "TicketUsed", "this stream ticket has opened its stream already (a ticket opens "
+                            f"one stream, once); ask for a new one with POST /api/subscriptions/{sid}/ticket",
+                            challenge)
+        self._used[mac] = expires
+        self._used_order.append((expires, mac))
 
     def _body(self, request: server.Request) -> Dict[str, Any]:
 

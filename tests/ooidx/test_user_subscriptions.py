@@ -556,11 +556,17 @@ def test_a_ticket_opens_the_stream_without_the_token(stack: Stack) -> Any:
         assert got[0]["data"]["dataset"] == "t1"
         yield stack.close_stream(client)
 
-        # reused within its lifetime: a reconnect (with Last-Event-ID, as EventSource sends it)
+        # single use: a ticket that opened its stream opens nothing again, even within its lifetime
+        # (the attack: a ticket read from a log or a Referer, replayed)
         for n in (2, 3):
             yield stack.emit("saved", f"t{n}")
         yield sleep(0.1)
-        again = yield stack.open_stream(answer["url"], None, last_id=got[0]["id"])
+        code, refused = yield stack.request("GET", answer["url"])
+        assert code == 401 and error_type(refused) == "TicketUsed", refused
+        assert f"/api/subscriptions/{sub['id']}/ticket" in refused["error"]["message"]
+        # a reconnect takes a new ticket, and says where it was in the query (an EventSource cannot set a header)
+        fresh = yield get_ticket(stack, token, sub["id"])
+        again = yield stack.open_stream(fresh["url"] + f"&last_event_id={got[0]['id']}", None)
         rest = yield again.wait_for(2)
         assert [e["data"]["dataset"] for e in rest] == ["t2", "t3"]
         # a stream stays open after its ticket was checked; the server ending it writes the access log line
