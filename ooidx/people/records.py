@@ -71,8 +71,13 @@ def regex_program_size(regex: str) -> int:
     """The size of C{regex} compiled by RE2 (program instructions, forward):
     what it costs in memory wherever it is matched. L{ooidx.errors.InvalidRegex}
     if it does not compile."""
-    routing.validate(regex)
-    return int(re2.compile(regex, routing.options()).programsize)
+    if not isinstance(regex, str) or len(regex) > routing.MAX_REGEX_BYTES or "\x00" in regex:
+        routing.validate(regex)  # raises, saying why
+    try:
+        return int(re2.compile(regex, routing.options()).programsize)
+    except Exception:  # noqa: BLE001 - validate says why in words
+        routing.validate(regex)
+        raise
 
 
 #: What the names of people's queues (and their pub_sub subscriptions) start with.
