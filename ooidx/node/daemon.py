@@ -340,7 +340,7 @@ class Daemon(MultiService):
         env = dict(os.environ)
         # the broker (its password) travels in the environment, never in argv (ps)
         env[BROKER_ENV] = ",".join(self.config.broker)
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above ooidx/
         path = env.get("PYTHONPATH")
         env["PYTHONPATH"] = here + (os.pathsep + path if path else "")
         env["PYTHONUNBUFFERED"] = "1"
