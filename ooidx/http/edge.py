@@ -1,5 +1,9 @@
 """What the HTTP edges (the proxy and the web port) share about their sites.
 
+Where an edge listens is a port number or a Twisted endpoint string
+(L{ooidx.http.listen}: C{tcp:}, C{tcp6:}, C{ssl:}); L{listen_spec} reads it
+from the config and L{listen_on} listens through C{serverFromString}.
+
 A component that listens must be able to stop: stop listening, and close the
 connections still open (keep-alive clients, a person's event stream), or a
 daemon's stop waits on clients that never hang up.
@@ -26,6 +30,8 @@ import re
 from typing import Any, Callable, FrozenSet, Iterable, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -192,6 +198,13 @@ def listen_address(config: Any, component: str, port: Optional[int], interface: 
     if spec.tls:
         raise BadEndpoint(f"{component} listens on plain TCP; a TLS endpoint (ssl:) is the web port's")
     return spec.port, spec.interface
+
+
+def listen_on(reactor: Any, spec: ListenSpec, site: server.Site) -> Deferred:
+    """Listen with C{site} where C{spec} says, through Twisted's endpoints
+    (C{serverFromString}: plain TCP or TLS alike); fires with the listening
+    port (C{getHost()}, C{stopListening()}), fails with CannotListenError."""
+    return serverFromString(reactor, spec.description).listen(site)
 
 
 def allowed_hosts_of(config: Any) -> Tuple[str, ...]:

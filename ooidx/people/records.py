@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from functools import lru_cache
 from typing import Any, Tuple
 
 import re2
@@ -67,10 +68,12 @@ class OverBudget(Refusal):
     """What a person asks for is past their budget (429); the message says which and how to get under it."""
 
 
+@lru_cache(maxsize=4096)
 def regex_program_size(regex: str) -> int:
     """The size of C{regex} compiled by RE2 (program instructions, forward):
     what it costs in memory wherever it is matched. L{ooidx.errors.InvalidRegex}
-    if it does not compile."""
+    if it does not compile. Remembered (a costly regex takes a third of a second
+    to compile, and a person's budget adds up all of theirs)."""
     if not isinstance(regex, str) or len(regex) > routing.MAX_REGEX_BYTES or "\x00" in regex:
         routing.validate(regex)  # raises, saying why
     try:

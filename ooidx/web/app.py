@@ -37,7 +37,6 @@ import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, maybeDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -50,7 +49,8 @@ from magnet.bus import WORKER
 from ooidx.component import Component
 from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer,
                                 json_arguments, printable, result_answer)
-from ooidx.http.edge import TrackingSite, allowed_hosts_of, listen_spec, mask_query, masking_log_formatter
+from ooidx.http.edge import (TrackingSite, allowed_hosts_of, listen_on, listen_spec, mask_query,
+                             masking_log_formatter)
 from ooidx.http.listen import is_loopback
 from ooidx.people.api import SubscriptionsApi
 from ooidx.web.page import ManagementPage
@@ -248,14 +248,13 @@ class Web(Component):
         site.displayTracebacks = False
         site.noisy = False
         self._site = site
-        endpoint = serverFromString(self.clock, self.listen.description)
 
         def listening(port: Any) -> None:
             self._listening = port
             self.log.info("{component} listening on {url} (/healthz, /metrics, /api)", component=self.name,
                           url=self.url)
 
-        return endpoint.listen(site).addCallback(listening)
+        return listen_on(self.clock, self.listen, site).addCallback(listening)
 
     def tearDown(self) -> Any:
         listening, self._listening = self._listening, None
