@@ -277,7 +277,7 @@ class PersonalSubscriptions(Component):
             if not isinstance(size, int):
                 try:
                     size = regex_program_size(r.get("regex"))
-                except InvalidRegex:
+                except (InvalidRegex, TypeError):  # a record the store should not hold: it costs nothing
                     size = 0
             taken += size
         if taken + program > self.max_regex_program_per_person:
