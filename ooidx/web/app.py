@@ -163,7 +163,10 @@ class Web(Component):
 
     It has no queue of its own (pattern None): it listens on the web port
     (C{components.web.port} / C{.interface}, else C{http.web_port} /
-    C{http.interface}) and reaches the components through the bus.
+    C{http.interface}; a port number or an endpoint string such as
+    C{ssl:8443:privateKey=KEY.pem:certKey=CERT.pem}, L{ooidx.http.listen}),
+    answers only for its own names (C{http.allowed_hosts}, L{ooidx.http.edge})
+    and reaches the components through the bus.
 
     Health and cluster status come from the daemon (C{self.parent.health()},
     C{self.parent.cluster_status()}); tests may pass C{health} and

@@ -14,8 +14,10 @@
                                        people's subscriptions (user_pub_sub.list + user_notification.list)
     GET    /api/events?limit=&regex=   {"events": [...]}                     (notification.api recent)
 
-Reading is open unless the config says C{security: {read_token: true}};
-changes always need the operator token (C{Authorization: Bearer TOKEN}).
+Reading is open on a web port bound to loopback and needs the operator
+token on any other (C{security.read_token} decides instead when set: the web
+edge passes C{read_token}); changes always need the operator token
+(C{Authorization: Bearer TOKEN}).
 Every input is checked here before it goes on the bus (dataset names as
 L{ooidx.dap.valid_name}, base URLs http(s)), and the components check again.
 
