@@ -91,6 +91,8 @@ def _readable(path: str, option: str) -> None:
             f.read(1)
     except OSError as e:
         raise BadEndpoint(f"{option}: cannot read {path}: {e.strerror or e}") from None
+    except ValueError:  # a path the file system cannot name (a lone surrogate)
+        raise BadEndpoint(f"{option}: not a usable file name") from None
 
 
 def parse_listen(value: Union[int, str], interface: str = "127.0.0.1", *, read_files: bool = True) -> ListenSpec:
