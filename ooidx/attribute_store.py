@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -215,6 +216,36 @@ class Backend:
         return self._pool().runInteraction(run)
 
 
+log = Logger(namespace="ooidx.attribute_store")
+
+
+def private_file(path: str) -> None:
+    """Make C{path} (and its directory) readable by this user only: the
+    directory 0700 and the file 0600 whatever they were before, the file made
+    empty with that mode if it is not there yet, and SQLite's own companions
+    (C{-wal}, C{-shm}, C{-journal}) tightened too; SQLite makes new ones with
+    the database file's mode. The store holds webhook URLs (which may carry a
+    person's secret) and token hashes."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    _tighten(directory, 0o700)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    os.close(fd)
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        _tighten(name, 0o600)
+
+
+def _tighten(path: str, mode: int) -> None:
+    try:
+        current = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if current & ~mode & 0o777:
+        os.chmod(path, current & mode)
+        log.warn("{path} was readable by others (mode {old:o}); made it {new:o}", path=path, old=current,
+                 new=current & mode)
+
+
 class SQLiteBackend(Backend):
     mark = "?"
 
@@ -228,7 +259,7 @@ class SQLiteBackend(Backend):
         return f"sqlite:{self.path}"
 
     def make_pool(self) -> adbapi.ConnectionPool:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        private_file(self.path)
 
         def opened(connection: Any) -> None:
             connection.execute("PRAGMA busy_timeout = 10000")

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from ooidx.http.listen import BadEndpoint, parse_listen
 from ooidx.wire import COMPONENT_NAMES, LISTENING
 
 __all__ = [
@@ -133,9 +134,12 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class HttpConfig:
-    proxy_port: int = 8100  # the DAP proxy (proxyng)
-    web_port: int = 8080  # the management page, API, /healthz, /metrics (web)
+    # A port is a number or an endpoint string (ooidx.http.listen): tcp:8080:interface=..., ssl:8443:privateKey=...
+    proxy_port: Any = 8100  # the DAP proxy (proxyng)
+    web_port: Any = 8080  # the management page, API, /healthz, /metrics (web)
     interface: str = "127.0.0.1"  # "" or "0.0.0.0" listens on every IPv4 address
+    # Host names both ports answer for besides loopback and the address reached (DNS rebinding)
+    allowed_hosts: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,8 @@ class SecurityConfig:
     token: Optional[str] = None  # operator token; None: made at first start in data_dir
     allow_hosts: Tuple[str, ...] = ()  # hosts the fetcher may reach; empty: any public host
     allow_private: bool = False  # allow fetching from private / loopback addresses
-    read_token: bool = False  # reading the management API (/api/datasets, ...) needs the token too
+    # reading the management API (/api/datasets, ...) needs the token too; None: unless the web port is on loopback
+    read_token: Optional[bool] = None
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,7 @@ class PersisterOptions:
 class ListenOptions:
     """proxyng / web: None means "take it from the ``http`` section"."""
 
-    port: Optional[int] = None
+    port: Any = None  # a number or an endpoint string
     interface: Optional[str] = None
 
 
@@ -274,7 +279,8 @@ class Config:
             else:
                 port, key = getattr(self.http, port_key), f"http.{port_key}"
             interface = options.interface if options.interface is not None else self.http.interface
-            found.append(Listener(name, interface, port, key))
+            spec = parse_listen(port, interface, read_files=False)
+            found.append(Listener(name, spec.interface, spec.port, key))
         return tuple(found)
 
     def to_dict(self, *, redact: bool = True) -> Dict[str, Any]:
@@ -554,6 +560,38 @@ class _Parser:
                 ) from None
         return value
 
+    def listen_port(self, value: Any, path: str, component: str) -> Any:
+        """A port number 0-65535, or an endpoint string (ooidx.http.listen: tcp:, tcp6:, ssl: for the web port)."""
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise self.error(path, f"expected a port number 0-65535 or an endpoint string such as "
+                             f"tcp:8080:interface=127.0.0.1, got {_describe(value)}")
+        if isinstance(value, int):
+            return self.integer(value, path, 0, 65535)
+        try:
+            spec = parse_listen(value, "127.0.0.1")
+        except BadEndpoint as e:
+            raise self.error(path, str(e)) from None
+        if spec.tls and component != "web":
+            raise self.error(path, f"{component} listens on plain TCP (tcp: or tcp6:); ssl: is the web port's")
+        return value
+
+    def allowed_hosts(self, value: Any, path: str) -> Tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.error(path, f"expected a list of host names, got {_describe(value)}")
+        out = []
+        for i, host in enumerate(value):
+            ok = isinstance(host, str) and len(host) <= 253
+            if ok:
+                try:
+                    ipaddress.ip_address(host.strip("[]"))
+                except ValueError:
+                    ok = bool(HOST_NAME.match(host))
+            if not ok:
+                raise self.error(f"{path}[{i}]", f"expected a host name, *.domain or IP address (no port), "
+                                 f"got {_describe(host)}")
+            out.append(host.lower().rstrip("."))
+        return tuple(out)
+
     def fields(self, data: dict, path: str, spec: Dict[str, Tuple[Any, Callable]]) -> dict:
         """Check ``data`` against ``{key: (default, check)}``; null means the default."""
         data = self.mapping(data, path, tuple(spec))
@@ -575,9 +613,10 @@ class _Parser:
                 raise self.error(_join("", key), "unknown key")
         broker, origin = self.broker(data.get("broker"))
         http = HttpConfig(**self.fields(data.get("http"), "http", {
-            "proxy_port": (8100, lambda v, p: self.integer(v, p, 0, 65535)),
-            "web_port": (8080, lambda v, p: self.integer(v, p, 0, 65535)),
+            "proxy_port": (8100, lambda v, p: self.listen_port(v, p, "proxyng")),
+            "web_port": (8080, lambda v, p: self.listen_port(v, p, "web")),
             "interface": ("127.0.0.1", self.interface),
+            "allowed_hosts": ((), self.allowed_hosts),
         }))
         data_dir = self.data_dir(data.get("data_dir"))
         components = self.components(data.get("components"), broker, origin, data_dir)
@@ -730,7 +769,7 @@ class _Parser:
             "token": (None, token),
             "allow_hosts": ((), hosts),
             "allow_private": (False, self.boolean),
-            "read_token": (False, self.boolean),
+            "read_token": (None, self.boolean),
         }))
 
     def components(
@@ -791,7 +830,7 @@ class _Parser:
             }
         elif name in LISTENING_COMPONENTS:
             specific = {
-                "port": (None, lambda v, p: self.integer(v, p, 0, 65535)),
+                "port": (None, lambda v, p: self.listen_port(v, p, name)),
                 "interface": (None, self.interface),
             }
         settings = self.fields(value, path, {**common, **specific})

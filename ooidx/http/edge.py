@@ -1,5 +1,9 @@
 """What the HTTP edges (the proxy and the web port) share about their sites.
 
+Where an edge listens is a port number or a Twisted endpoint string
+(L{ooidx.http.listen}: C{tcp:}, C{tcp6:}, C{ssl:}); L{listen_spec} reads it
+from the config and L{listen_on} listens through C{serverFromString}.
+
 A component that listens must be able to stop: stop listening, and close the
 connections still open (keep-alive clients, a person's event stream), or a
 daemon's stop waits on clients that never hang up.
@@ -7,27 +11,148 @@ daemon's stop waits on clients that never hang up.
 An edge whose URLs may carry a credential in the query (the web port's
 stream tickets, C{?ticket=}) logs its requests with
 L{masking_log_formatter}, so the access log shows C{ticket=***}.
+
+DNS rebinding: a page on C{evil.example} whose name then resolves to
+127.0.0.1 (or to the exchange's private address) makes the browser send the
+page's requests to the exchange as if it were C{evil.example}, past the
+same-origin rule. Every request to a L{TrackingSite} in origin form (a path,
+as every browser request to a server is) must name in C{Host} a name this
+edge answers for (L{HostAllowList}: loopback, the address the connection
+came in on, and C{http.allowed_hosts}); any other gets 421 with a JSON
+error saying so. A forward-proxy request (absolute form, C{GET http://...})
+names its upstream in C{Host} and is not a browser's request to this edge:
+it is left to the proxy.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Any, Callable, Iterable, Optional, Tuple
+from typing import Any, Callable, FrozenSet, Iterable, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.python.failure import Failure
 from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from ooidx.http.answers import HTTPError, error_answer, prepare
+from ooidx.http.listen import LOOPBACK_NAMES, BadEndpoint, ListenSpec, parse_listen
 
 #: Query parameters whose values never reach a log line.
 SECRET_QUERY = (b"ticket",)
 _QUERY_SEPARATORS = re.compile(rb"([&;])")
 
 
-class TrackingSite(server.Site):
-    """A Site that remembers its open connections, so its owner can close them at stop."""
+def _normal_host(name: str) -> str:
+    """A host name or address as compared: lower case, no trailing dot, an IP address in its short form."""
+    name = name.strip().lower().rstrip(".")
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped if mapped is not None else address)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+def host_of(header: bytes) -> Optional[str]:
+    """The host of a C{Host} header (no port), normalised; None if it is not one."""
+    try:
+        text = header.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return None
+    if not text or any(c.isspace() or c in "/@?#" for c in text):
+        return None
+    if text.startswith("["):
+        inside, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        return _normal_host(inside)
+    if text.count(":") == 1:
+        text, _, port = text.partition(":")
+        if not port.isdigit():
+            return None
+    return _normal_host(text)
+
+
+class HostAllowList:
+    """The names an edge answers for: loopback (C{localhost}, 127.0.0.1,
+    ::1), the address a connection came in on (so a port bound to one
+    interface answers for it, and one bound to every interface for the
+    address the client reached), and the C{names} given (C{http.allowed_hosts}:
+    host names, C{*.domain} for its subdomains, addresses)."""
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        exact, suffixes = set(), set()
+        for name in names:
+            if name.startswith("*."):
+                suffixes.add("." + _normal_host(name[2:]))
+            else:
+                exact.add(_normal_host(name))
+        self.exact: FrozenSet[str] = frozenset(exact | {_normal_host(n) for n in LOOPBACK_NAMES})
+        self.suffixes: Tuple[str, ...] = tuple(sorted(suffixes))
+
+    def allows(self, host: Optional[str], local: Optional[str] = None) -> bool:
+        if not host:
+            return False
+        if host in self.exact or (local and host == _normal_host(local)):
+            return True
+        return any(host.endswith(suffix) for suffix in self.suffixes)
+
+
+class _Misdirected(Resource):
+    """The answer to a request for a host this edge does not answer for (421, JSON)."""
+
+    isLeaf = True
+
+    def __init__(self, host: str) -> None:
+        super().__init__()
+        self.host = host
+
+    def render(self, request: server.Request) -> bytes:
+        return prepare(request, error_answer(HTTPError(
+            421, "MisdirectedRequest", f"this server does not answer for the host {self.host!r} (a DNS rebinding "
+            "page?); the names it answers for besides its own addresses and localhost are set in "
+            "http.allowed_hosts")))
+
+
+class TrackingSite(server.Site):
+    """A Site that remembers its open connections, so its owner can close them
+    at stop, and that answers only for the hosts of its L{HostAllowList}
+    (C{allowed_hosts}: the extra names)."""
+
+    def __init__(self, *args: Any, allowed_hosts: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.open_channels: set = set()
+        self.hosts = HostAllowList(allowed_hosts)
+
+    def getResourceFor(self, request: server.Request) -> Any:
+        refusal = self.misdirected(request)
+        if refusal is not None:
+            return refusal
+        return super().getResourceFor(request)
+
+    def misdirected(self, request: server.Request) -> Optional[Resource]:
+        """The 421 answer for a browser's request (origin form) naming a host
+        this edge does not answer for; None if it may go on. A request without
+        C{Host} (HTTP/1.0, no browser sends one) goes on."""
+        if not (request.uri or b"").startswith(b"/"):
+            return None  # absolute form: a forward-proxy request, whose Host is its upstream
+        headers = request.requestHeaders.getRawHeaders(b"host")
+        if not headers:
+            return None
+        if len(headers) != 1:
+            return _Misdirected("(several Host headers)")
+        host = host_of(headers[0])
+        try:
+            local = request.getHost().host
+        except Exception:  # noqa: BLE001 - no transport address (a test's fake request)
+            local = None
+        if self.hosts.allows(host, local):
+            return None
+        return _Misdirected(host if host is not None else headers[0].decode("ascii", "replace")[:80])
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
@@ -53,11 +178,42 @@ class TrackingSite(server.Site):
                 transport.loseConnection()
 
 
+def listen_spec(config: Any, component: str, port: Any, interface: Optional[str], *,
+                http_port: str, default_port: int) -> ListenSpec:
+    """Where an edge listens, as a checked L{ListenSpec}: the arguments if
+    given, else the component's own options (C{components.NAME.port} /
+    C{interface}), else the C{http} section (C{http_port} names its key),
+    else the defaults. A port may be a number or an endpoint string
+    (L{ooidx.http.listen}); L{BadEndpoint} if it is neither."""
+    raw_port, interface = _listen_values(config, component, port, interface, http_port=http_port,
+                                         default_port=default_port)
+    return parse_listen(raw_port, interface)
+
+
 def listen_address(config: Any, component: str, port: Optional[int], interface: Optional[str], *,
                    http_port: str, default_port: int) -> Tuple[int, str]:
-    """Where an edge listens: the arguments if given, else the component's own
-    options (C{components.NAME.port} / C{interface}), else the C{http} section
-    (C{http_port} names its key), else the defaults."""
+    """C{(port, interface)} of L{listen_spec}, for an edge that listens with
+    C{listenTCP} (plain TCP only: L{BadEndpoint} for a TLS endpoint)."""
+    spec = listen_spec(config, component, port, interface, http_port=http_port, default_port=default_port)
+    if spec.tls:
+        raise BadEndpoint(f"{component} listens on plain TCP; a TLS endpoint (ssl:) is the web port's")
+    return spec.port, spec.interface
+
+
+def listen_on(reactor: Any, spec: ListenSpec, site: server.Site) -> Deferred:
+    """Listen with C{site} where C{spec} says, through Twisted's endpoints
+    (C{serverFromString}: plain TCP or TLS alike); fires with the listening
+    port (C{getHost()}, C{stopListening()}), fails with CannotListenError."""
+    return serverFromString(reactor, spec.description).listen(site)
+
+
+def allowed_hosts_of(config: Any) -> Tuple[str, ...]:
+    """The extra names the edges answer for (C{http.allowed_hosts})."""
+    return tuple(getattr(getattr(config, "http", None), "allowed_hosts", ()) or ())
+
+
+def _listen_values(config: Any, component: str, port: Any, interface: Optional[str], *,
+                   http_port: str, default_port: int) -> Tuple[Any, str]:
     http = getattr(config, "http", None)
     options = None
     components = getattr(config, "components", None)
@@ -71,7 +227,7 @@ def listen_address(config: Any, component: str, port: Optional[int], interface: 
         interface = getattr(options, "interface", None)
     if interface is None:
         interface = getattr(http, "interface", "127.0.0.1")
-    return int(port), interface
+    return port, interface
 
 
 def mask_query(uri: bytes, names: Iterable[bytes] = SECRET_QUERY) -> bytes:

@@ -7,7 +7,8 @@ being unroutable.
 """
 from __future__ import annotations
 
-from typing import Type
+from functools import partial
+from typing import Any, Dict, Type
 
 from twisted.internet.defer import Deferred, DeferredList
 
@@ -15,9 +16,10 @@ from magnet import Bus
 from magnet.bus import WORKER
 
 from ooidx.component import Component
+from ooidx.node import metrics, token
 from ooidx.wire import BUS_TABLE, BY_NAME, CONTROL_FANOUT
 
-__all__ = ["declare_topology", "component_class", "CONTROL_FANOUT"]
+__all__ = ["declare_topology", "component_class", "component_options", "make_component", "CONTROL_FANOUT"]
 
 
 def declare_topology(bus: Bus) -> Deferred:
@@ -34,3 +36,19 @@ def component_class(name: str) -> Type[Component]:
     import importlib
     module_name, _, class_name = BY_NAME[name].implementation.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def component_options(name: str, bus: Bus, config: Any) -> Dict[str, Any]:
+    """What the node passes to component C{name} beyond the common arguments:
+    the web edge gets the operator token's reader and the /metrics renderer,
+    so it needs nothing of the node's modules."""
+    if name == "web":
+        return {"token": partial(token.ensure_token, config), "metrics": metrics.renderer_for(bus)}
+    return {}
+
+
+def make_component(name: str, bus: Bus, *, node: str, instances: int, config: Any, clock: Any) -> Component:
+    """Component C{name} as a node runs it (the daemon inline, or a child process)."""
+    cls = component_class(name)
+    return cls(name, bus, node=node, instances=instances, config=config, clock=clock,
+               **component_options(name, bus, config))

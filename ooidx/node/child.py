@@ -30,7 +30,7 @@ from ooidx.config import COMPONENTS, ConfigError, load
 from ooidx.node.daemon import bus_for, metrics_observer
 from ooidx.node.logs import make_observer
 from ooidx.node.metrics import share_with_daemon
-from ooidx.node.bootstrap import component_class
+from ooidx.node.bootstrap import make_component
 
 log = Logger(namespace="ooidx.node.child")
 
@@ -62,9 +62,8 @@ class ChildRunner:
         if not self.bus.transport.connected:
             yield self.bus.transport.when_connected(None)
         yield declare_topology(self.bus)
-        cls = component_class(self.name)
-        self.component = cls(self.name, self.bus, node=self.config.node, instances=1, config=self.config,
-                             clock=self.reactor)
+        self.component = make_component(self.name, self.bus, node=self.config.node, instances=1,
+                                        config=self.config, clock=self.reactor)
         self.component.startService()
         yield self.component.start()
         log.info("child process {pid} of {node} serving {component}", pid=os.getpid(), node=self.config.node,

@@ -43,7 +43,8 @@ from magnet.errors import BadMessage
 from ooidx.node.bootstrap import CONTROL_FANOUT, declare_topology
 from ooidx.config import BROKER_ENV, Config
 from ooidx.node.logs import add_secret
-from ooidx.node.bootstrap import component_class
+from ooidx.node.bootstrap import make_component
+from ooidx.node.token import private_directory
 from ooidx import wire
 
 __all__ = ["Daemon", "ChildProcesses", "bus_for", "cluster_status", "STATUS", "STATUS_REPLY"]
@@ -259,12 +260,12 @@ class Daemon(MultiService):
             self.log.info("waiting for the broker at {broker}", broker=config.redacted_broker())
             yield self.bus.transport.when_connected(None)
         yield declare_topology(self.bus)
+        private_directory(config.data_dir, self.log)
         for name, settings in config.components.items():
             if settings.process == "child":
                 continue
-            cls = component_class(name)
-            component = cls(name, self.bus, node=config.node, instances=settings.instances, config=config,
-                            clock=self.reactor)
+            component = make_component(name, self.bus, node=config.node, instances=settings.instances,
+                                       config=config, clock=self.reactor)
             component.setServiceParent(self)
             self.components[name] = component
             try:

@@ -77,7 +77,9 @@ from twisted.logger import Logger
 
 from magnet.observer import BusObserver
 
-__all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "ChildMetrics", "MULTIPROC_ENV",
+from ooidx.people.records import QUEUE_PREFIX
+
+__all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "ChildMetrics", "MULTIPROC_ENV", "renderer_for",
            "CHILD_METRICS_DIR", "prepare_directory", "share_with_daemon"]
 
 log = Logger(namespace="ooidx.node.metrics")
@@ -102,13 +104,21 @@ _FILE = re.compile(r"(?P<kind>counter|histogram|summary|gauge_(?P<mode>[a-z]+))_
 _REPORT_LIMIT = 1000
 
 _LISTEN = re.compile(r"magnet\.listen\..*\Z", re.S)
+#: A person's queue (user.PERSON.ID): its name says who subscribes, which /metrics (open to all) must not.
+_PERSON_QUEUE = re.compile(re.escape(QUEUE_PREFIX) + r".*\Z", re.S)
+#: The label value every person's queue is counted under.
+PEOPLE_LABEL = QUEUE_PREFIX + "*"
 _FANOUT_SUB = re.compile(r"(?P<fanout>.+?)\.sub\..+\.[0-9a-f]{12}\Z", re.S)
 
 
 def metric_label(name: str) -> str:
-    """The label value for a bus name: per-use names folded into one value."""
+    """The label value for a bus name: per-use names folded into one value,
+    and people's queues into one (C{user.*}): names and ids of people are
+    shown with the operator token only, never in /metrics."""
     if _LISTEN.match(name):
         return "magnet.listen"
+    if _PERSON_QUEUE.match(name):
+        return PEOPLE_LABEL
     m = _FANOUT_SUB.match(name)
     if m:
         return m.group("fanout") + ".sub"
@@ -224,6 +234,24 @@ class PrometheusObserver(BusObserver):
         if not self._sources:
             return generate_latest(self.registry)
         return generate_latest(_Collected(self.collect()))
+
+
+def renderer_for(bus: Any) -> Callable[[Mapping[str, bool]], Tuple[bytes, bytes]]:
+    """What the web edge's /metrics calls: C{render(components_up) -> (body,
+    content_type)}, from the bus's L{PrometheusObserver} (or, when the bus
+    reports to some other observer, from one of its own: what the edge knows).
+    The node hands this to the web edge, which never imports this module."""
+    observer = getattr(bus, "observer", None)
+    if not isinstance(observer, PrometheusObserver):
+        observer = PrometheusObserver()
+    content_type = CONTENT_TYPE.encode("ascii")
+
+    def render(components_up: Mapping[str, bool]) -> Tuple[bytes, bytes]:
+        if components_up:
+            observer.components_up(components_up)
+        return observer.generate(), content_type
+
+    return render
 
 
 class _Collected:

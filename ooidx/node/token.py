@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 from twisted.logger import Logger
 
-__all__ = ["TOKEN_FILE", "TokenError", "ensure_token", "find_token", "token_path", "read_token_file"]
+__all__ = ["TOKEN_FILE", "TokenError", "ensure_token", "find_token", "token_path", "read_token_file",
+           "private_directory"]
 
 #: The token file's name inside the data directory.
 TOKEN_FILE = "operator-token"
@@ -148,3 +149,20 @@ def _tighten(path: str, log: Logger) -> None:
             log.warn("{path} was readable by others (mode {mode:o}); made it 0600", path=path, mode=mode)
     except OSError as e:
         log.warn("cannot check the permissions of {path}: {reason}", path=path, reason=e.strerror or e)
+
+
+def private_directory(path: str, log: Optional[Logger] = None) -> None:
+    """Make the data directory C{path} this user's only (0700), whatever it
+    was before: it holds the operator token, the attribute store (webhook URLs,
+    token hashes) and the cache. Logs what it changed; a directory it cannot
+    make or change is logged, not raised (the component that needs it says why)."""
+    log = log or _log
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+            log.warn("the data directory {path} was open to others (mode {mode:o}); made it {new:o}", path=path,
+                     mode=mode, new=mode & 0o700)
+    except OSError as e:
+        log.warn("cannot make the data directory {path} private: {reason}", path=path, reason=e.strerror or e)

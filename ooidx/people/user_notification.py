@@ -22,7 +22,8 @@ from magnet import Message, Unroutable
 
 from ooidx.events import EVENT, NOTIFICATION, TOPIC_HEADER
 from ooidx.routing import Router
-from ooidx.people.subscriptions import ID_HEADER, WEBHOOK_DETAIL, PersonalSubscriptions, message_id
+from ooidx.people.component import PersonalSubscriptions
+from ooidx.people.records import ID_HEADER, WEBHOOK_DETAIL, message_id
 from ooidx import wire
 
 __all__ = ["UserNotification", "EVENTS_QUEUE"]

@@ -26,7 +26,8 @@ from magnet import Message, RemoteError, Unroutable
 from magnet import stream as magnet_stream
 
 from ooidx.events import TOPIC_HEADER
-from ooidx.people.subscriptions import ID_HEADER, InvalidSubscription, PersonalSubscriptions, message_id
+from ooidx.people.component import PersonalSubscriptions
+from ooidx.people.records import ID_HEADER, InvalidSubscription, message_id
 from ooidx import wire
 
 __all__ = ["UserPubSub", "NOTICE_FIELDS"]

@@ -6,7 +6,7 @@
     POST /api/call/SERVICE/OP      JSON object body = keyword arguments; token required
     /api/people, /api/subscriptions, /api/events/stream
                                    people's subscriptions and the event tail:
-                                   L{ooidx.people.subscriptions.SubscriptionsApi}
+                                   L{ooidx.people.api.SubscriptionsApi}
 
 C{/api/call} answers 200 with C{{"result": ...}} (or the raw bytes, as
 C{application/octet-stream}, when the operation returns bytes), or a JSON
@@ -34,7 +34,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
@@ -49,12 +49,19 @@ from magnet.bus import WORKER
 from ooidx.component import Component
 from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer,
                                 json_arguments, printable, result_answer)
+from ooidx.http.edge import (TrackingSite, allowed_hosts_of, listen_on, listen_spec, mask_query,
+                             masking_log_formatter)
+from ooidx.http.listen import is_loopback
+from ooidx.people.api import SubscriptionsApi
+from ooidx.web.page import ManagementPage
 from ooidx.wire import BUS_TABLE
-from ooidx.http.edge import TrackingSite, listen_address, mask_query, masking_log_formatter
-from ooidx.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ooidx.node.metrics import PrometheusObserver
 
-__all__ = ["Web", "NAME", "MAX_BODY", "ping_components"]
+__all__ = ["Web", "NAME", "MAX_BODY", "ping_components", "MetricsRenderer", "TokenSource"]
+
+#: What /metrics is made by: given which components are up, the exposition's body and content type.
+MetricsRenderer = Callable[[Mapping[str, bool]], Tuple[bytes, bytes]]
+#: The operator token, or a function that finds (or makes) it when the edge starts.
+TokenSource = Union[str, Callable[[], str]]
 
 #: What a service or operation name may look like.
 NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}\Z")
@@ -113,7 +120,7 @@ class _Api(Resource):
 
     isLeaf = True
 
-    def __init__(self, web: "Web") -> None:
+    def __init__(self, web: "Web", page: ManagementPage) -> None:
         super().__init__()
         self.web = web
         self.routes: Dict[bytes, Dict[bytes, Callable[[server.Request], Any]]] = {
@@ -122,8 +129,7 @@ class _Api(Resource):
             b"/api/status": {b"GET": web.render_status},
         }
         # The management page: /, /static/..., /api/datasets..., /api/stats, /api/events, ...
-        from ooidx.web.page import ManagementPage
-        self.page = ManagementPage(web)
+        self.page = page
 
     def render(self, request: server.Request) -> Any:
         path = request.path
@@ -157,34 +163,44 @@ class Web(Component):
 
     It has no queue of its own (pattern None): it listens on the web port
     (C{components.web.port} / C{.interface}, else C{http.web_port} /
-    C{http.interface}) and reaches the components through the bus.
+    C{http.interface}; a port number or an endpoint string such as
+    C{ssl:8443:privateKey=KEY.pem:certKey=CERT.pem}, L{ooidx.http.listen}),
+    answers only for its own names (C{http.allowed_hosts}, L{ooidx.http.edge})
+    and reaches the components through the bus.
 
     Health and cluster status come from the daemon (C{self.parent.health()},
     C{self.parent.cluster_status()}); tests may pass C{health} and
-    C{cluster_status} callables instead. The token comes from C{token}, else
-    from L{ooidx.node.token.ensure_token} at C{setUp}.
+    C{cluster_status} callables instead. What the web edge needs of the node
+    comes in as values and functions, never by importing the node: the
+    operator C{token} (or a function reading it at C{setUp}: the node passes
+    one that finds or makes it in the data directory) and C{metrics}, the
+    function that renders /metrics (without it /metrics answers 404).
     """
 
     log = Logger()
 
     def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
                  clock: Any = None, port: Optional[int] = None, interface: Optional[str] = None,
-                 token: Optional[str] = None, health: Optional[Callable[[], Any]] = None,
+                 token: Optional[TokenSource] = None, metrics: Optional[MetricsRenderer] = None,
+                 health: Optional[Callable[[], Any]] = None,
                  cluster_status: Optional[Callable[..., Any]] = None, max_body: int = MAX_BODY,
                  status_timeout: float = STATUS_TIMEOUT) -> None:
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
-        self._port_number, self._interface = listen_address(self.config, self.name, port, interface,
-                                                              http_port="web_port", default_port=8080)
-        self._token = token
+        #: Where it listens: a port number or an endpoint string (tcp:, tcp6:, ssl:), ooidx.http.listen.
+        self.listen = listen_spec(self.config, self.name, port, interface, http_port="web_port", default_port=8080)
+        self._port_number, self._interface = self.listen.port, self.listen.interface
+        self.allowed_hosts = allowed_hosts_of(self.config)
+        self._token_source = token
+        self._token: Optional[str] = token if isinstance(token, str) else None
+        self._metrics = metrics
         self._health = health
         self._cluster_status = cluster_status
         self.max_body = max_body
         self.status_timeout = status_timeout
         self._listening: Any = None
         self._site: Optional[TrackingSite] = None
-        self._own_metrics: Optional[PrometheusObserver] = None
-        #: People's subscriptions and the event tail (ooidx.people.subscriptions), mounted at setUp.
-        self.subscriptions: Any = None
+        #: People's subscriptions and the event tail (ooidx.people.api), mounted at setUp.
+        self.subscriptions: Optional[SubscriptionsApi] = None
 
     # where it listens ------------------------------------------------------------
 
@@ -204,27 +220,44 @@ class Web(Component):
             address = "127.0.0.1" if address != "::" else "::1"
         if ":" in address:
             address = f"[{address}]"
-        return f"http://{address}:{self.port}"
+        return f"{self.listen.scheme}://{address}:{self.port}"
+
+    @property
+    def read_token(self) -> bool:
+        """Whether reading the management API needs the token: C{security.read_token}
+        if set, else yes unless the port listens on loopback only (where only
+        this machine's users can read it)."""
+        configured = getattr(getattr(self.config, "security", None), "read_token", None)
+        if configured is not None:
+            return bool(configured)
+        return not is_loopback(self._interface)
 
     # lifecycle -------------------------------------------------------------------
 
-    def setUp(self) -> None:
+    def setUp(self) -> Deferred:
         if self._token is None:
-            if self.config is None:
-                raise ValueError("Web needs a token, or a config to find or make one in")
-            from ooidx.node.token import ensure_token
-            self._token = ensure_token(self.config, self.log)
-        from ooidx.people.subscriptions import SubscriptionsApi
-        self.subscriptions = SubscriptionsApi(self)
+            if not callable(self._token_source):
+                raise ValueError("Web needs the operator token: token=TOKEN, or a function that reads it")
+            self._token = self._token_source()
+        self.subscriptions = SubscriptionsApi(self.bus, self.clock, check_operator=self._check_token,
+                                              arguments=self._arguments, operator_token=lambda: self._token)
+        page = ManagementPage(self.bus, check_operator=self._check_token, arguments=self._arguments,
+                              max_body=self.max_body, read_token=self.read_token)
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
         # The access log masks ?ticket= (a person's stream ticket, user_subscriptions).
-        site = TrackingSite(_Api(self), requestFactory=request_factory, parsePOSTFormSubmission=False,
-                            reactor=self.clock, timeout=IDLE_TIMEOUT, logFormatter=masking_log_formatter())
+        site = TrackingSite(_Api(self, page), requestFactory=request_factory, parsePOSTFormSubmission=False,
+                            reactor=self.clock, timeout=IDLE_TIMEOUT, logFormatter=masking_log_formatter(),
+                            allowed_hosts=self.allowed_hosts)
         site.displayTracebacks = False
         site.noisy = False
-        self._listening = self.clock.listenTCP(self._port_number, site, interface=self._interface)
         self._site = site
-        self.log.info("{component} listening on {url} (/healthz, /metrics, /api)", component=self.name, url=self.url)
+
+        def listening(port: Any) -> None:
+            self._listening = port
+            self.log.info("{component} listening on {url} (/healthz, /metrics, /api)", component=self.name,
+                          url=self.url)
+
+        return listen_on(self.clock, self.listen, site).addCallback(listening)
 
     def tearDown(self) -> Any:
         listening, self._listening = self._listening, None
@@ -254,15 +287,6 @@ class Web(Component):
             return maybeDeferred(self.parent.cluster_status, timeout=self.status_timeout)
         return ping_components(self.bus, timeout=self.status_timeout)
 
-    def metrics_observer(self) -> PrometheusObserver:
-        observer = getattr(self.bus, "observer", None)
-        if isinstance(observer, PrometheusObserver):
-            return observer
-        if self._own_metrics is None:
-            # The bus reports to some other observer: serve what this edge knows.
-            self._own_metrics = PrometheusObserver()
-        return self._own_metrics
-
     # endpoints ---------------------------------------------------------------------
 
     def render_healthz(self, request: server.Request) -> Deferred:
@@ -278,14 +302,18 @@ class Web(Component):
         return self.health().addCallbacks(answer, failed)
 
     def render_metrics(self, request: server.Request) -> Deferred:
-        observer = self.metrics_observer()
+        render = self._metrics
+        if render is None:
+            raise HTTPError(404, "NotFound", "this web edge serves no metrics")
 
         def answer(health: Any) -> Answer:
             components = health.get("components") if isinstance(health, dict) else None
+            up: Dict[str, bool] = {}
             if isinstance(components, dict):
-                observer.components_up({name: up is True or (isinstance(up, dict) and up.get("started") is True)
-                                        for name, up in components.items()})
-            return Answer(200, observer.generate(), METRICS_CONTENT_TYPE.encode("ascii"))
+                up = {name: up is True or (isinstance(up, dict) and up.get("started") is True)
+                      for name, up in components.items()}
+            body, content_type = render(up)
+            return Answer(200, body, content_type)
 
         def failed(failure: Failure) -> Answer:
             self.log.failure("reading health for /metrics", failure)

@@ -8,13 +8,16 @@
     DELETE /api/datasets/NAME          {"dataset": record} (status purged)   (controller.purge)   token
     POST   /api/datasets/NAME/refresh  202 {"refresh": {...}}                (controller.get_dataset) token
     GET    /api/stats                  controller.get_stats + "time" (the server's clock)
-    GET    /api/pub_sub/subscriptions  {"subscriptions": [...]}              (pub_sub.list)
+    GET    /api/pub_sub/subscriptions  {"subscriptions": [...], "people": N}  (pub_sub.list; people's own
+                                       subscriptions, named user.PERSON.ID, only with the token: else counted)
     GET    /api/user_subscriptions     {"subscriptions": [...], "unavailable": [...]}  token
                                        people's subscriptions (user_pub_sub.list + user_notification.list)
     GET    /api/events?limit=&regex=   {"events": [...]}                     (notification.api recent)
 
-Reading is open unless the config says C{security: {read_token: true}};
-changes always need the operator token (C{Authorization: Bearer TOKEN}).
+Reading is open on a web port bound to loopback and needs the operator
+token on any other (C{security.read_token} decides instead when set: the web
+edge passes C{read_token}); changes always need the operator token
+(C{Authorization: Bearer TOKEN}).
 Every input is checked here before it goes on the bus (dataset names as
 L{ooidx.dap.valid_name}, base URLs http(s)), and the components check again.
 
@@ -42,6 +45,7 @@ from ooidx import dap
 from ooidx.errors import HTTP_STATUS
 from ooidx import wire
 from ooidx.http.answers import Answer, HTTPError, error_answer, json_answer
+from ooidx.people.records import QUEUE_PREFIX
 
 __all__ = ["ManagementPage", "STATIC_FILES", "EVENTS_SERVICE", "MAX_URL_LENGTH", "MAX_EVENTS", "MAX_REGEX"]
 
@@ -108,15 +112,20 @@ class ManagementPage:
 
     C{methods(path)} answers the handlers of C{path} by method (or None when
     the path is not the page's); each handler takes the request and returns
-    an L{ooidx.web.app.Answer} or a Deferred firing with one, or raises
-    L{ooidx.web.app.HTTPError}, as the web edge's own handlers do.
+    an L{ooidx.http.answers.Answer} or a Deferred firing with one, or raises
+    L{ooidx.http.answers.HTTPError}, as the web edge's own handlers do.
     """
 
-    def __init__(self, web: Any, *, read_token: Optional[bool] = None,
+    def __init__(self, bus: Any, *, check_operator: Callable[[server.Request], None],
+                 arguments: Callable[[server.Request], Dict[str, Any]], max_body: int, read_token: bool = False,
                  files: Optional[Dict[str, bytes]] = None) -> None:
-        self.web = web
-        if read_token is None:
-            read_token = bool(getattr(getattr(web.config, "security", None), "read_token", False))
+        """C{check_operator(request)} raises an L{HTTPError} (401) unless the
+        request carries the operator token; C{arguments(request)} reads its JSON
+        body (at most C{max_body} bytes); C{read_token} puts reading behind the token too."""
+        self.bus = bus
+        self._check_operator = check_operator
+        self._arguments = arguments
+        self.max_body = max_body
         self.read_token = read_token
         self.files = files if files is not None else _load_static()
 
@@ -173,7 +182,7 @@ class ManagementPage:
         return self._call("controller", "get", {"name": name}, lambda record: {"dataset": record})
 
     def render_register(self, request: server.Request) -> Deferred:
-        self.web._check_token(request)
+        self._check_operator(request)
         body = self._body(request)
         unknown = sorted(set(body) - {"name", "url", "refresh"})
         if unknown:
@@ -189,13 +198,13 @@ class ManagementPage:
         return self._call("controller", "register", kwargs, lambda record: {"dataset": record}, status=201)
 
     def render_purge(self, request: server.Request) -> Deferred:
-        self.web._check_token(request)
+        self._check_operator(request)
         name = self._name_in_path(request)
         log.info("web page: purge {name}", name=name)
         return self._call("controller", "purge", {"name": name}, lambda record: {"dataset": record})
 
     def render_refresh(self, request: server.Request) -> Deferred:
-        self.web._check_token(request)
+        self._check_operator(request)
         name = self._name_in_path(request)
         log.info("web page: refresh {name}", name=name)
         return self._call("controller", "get_dataset", {"name": name}, lambda result: {"refresh": result},
@@ -214,16 +223,25 @@ class ManagementPage:
         return self._call("controller", "get_stats", {}, shaped)
 
     def render_pub_sub(self, request: server.Request) -> Deferred:
+        """pub_sub's subscriptions. People's (C{user.PERSON.ID}) name a person
+        and their regex: shown with the operator token only, else just counted."""
         self._check_read(request)
-        return self._call("pub_sub", "list", {}, lambda subs: {"subscriptions": list(subs or [])})
+        operator = self._is_operator(request)
+
+        def shaped(subs: Any) -> Dict[str, Any]:
+            rows = list(subs or [])
+            shown = rows if operator else [r for r in rows if not _is_persons(r)]
+            return {"subscriptions": shown, "people": sum(1 for r in rows if _is_persons(r))}
+
+        return self._call("pub_sub", "list", {}, shaped)
 
     def render_user_subscriptions(self, request: server.Request) -> Deferred:
         """Every person's subscriptions, of both kinds. Always behind the
         token: a webhook URL may carry the person's secret."""
 
-        self.web._check_token(request)
+        self._check_operator(request)
         services = ("user_pub_sub", "user_notification")
-        calls = [self.web.bus.call_with(service, "list", {}, timeout=_timeout(service)) for service in services]
+        calls = [self.bus.call_with(service, "list", {}, timeout=_timeout(service)) for service in services]
 
         def merged(results: Any) -> Any:
             found, missing = [], []
@@ -273,9 +291,16 @@ class ManagementPage:
     def _error(self, status: int, kind: str, message: str) -> Exception:
         return HTTPError(status, kind, message)
 
+    def _is_operator(self, request: server.Request) -> bool:
+        """Whether the request carries the operator token (401 if it carries a wrong one)."""
+        if not request.getHeader(b"authorization"):
+            return False
+        self._check_operator(request)
+        return True
+
     def _check_read(self, request: server.Request) -> None:
         if self.read_token:
-            self.web._check_token(request)
+            self._check_operator(request)
 
     def _name_in_path(self, request: server.Request) -> str:
         raw = request.path.split(b"/")[3]
@@ -287,8 +312,8 @@ class ManagementPage:
 
     def _body(self, request: server.Request) -> Dict[str, Any]:
         if getattr(request, "too_large", False):
-            raise self._error(413, "PayloadTooLarge", f"the request body is larger than {self.web.max_body} bytes")
-        body = self.web._arguments(request)
+            raise self._error(413, "PayloadTooLarge", f"the request body is larger than {self.max_body} bytes")
+        body = self._arguments(request)
         if not body:
             raise self._error(400, "BadRequest", "send the dataset as a JSON object: "
                                                  '{"name": "sst", "url": "https://server/path/sst.nc"}')
@@ -297,7 +322,7 @@ class ManagementPage:
     def _call(self, service: str, op: str, kwargs: Dict[str, Any], shape: Callable[[Any], Any],
               status: int = 200) -> Deferred:
 
-        d = self.web.bus.call_with(service, op, kwargs, timeout=_timeout(service))
+        d = self.bus.call_with(service, op, kwargs, timeout=_timeout(service))
 
         def answer(result: Any) -> Any:
             try:
@@ -331,6 +356,10 @@ class ManagementPage:
             return self._error(503, "Cancelled", "the request was cancelled")
         log.failure("web page: calling {service}.{op}", failure, service=service, op=op)
         return self._error(500, "InternalError", f"{type(exc).__name__} while calling {service}.{op}")
+
+
+def _is_persons(row: Any) -> bool:
+    return isinstance(row, dict) and str(row.get("name", "")).startswith(QUEUE_PREFIX)
 
 
 def _timeout(service: str) -> float:

@@ -306,7 +306,7 @@ async def test_forward_proxy_passes_status_headers_and_body(stack: Stack) -> Non
 
 @pytest_twisted.ensureDeferred
 async def test_by_name_builds_the_url_from_the_registered_base(stack: Stack) -> None:
-    data = await raw(stack.port, b"GET /datasets/sst.dds?time[0:1:2] HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = await raw(stack.port, b"GET /datasets/sst.dds?time[0:1:2] HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     code, headers, body = split_response(data)
     assert code == 200
     call = stack.controller.calls[-1]
@@ -330,14 +330,14 @@ async def test_absolute_uri_to_the_proxy_itself_is_by_name(stack: Stack) -> None
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_status_and_reason_passed_on(stack: Stack) -> None:
-    data = await raw(stack.port, f"GET {UP}/notfound HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await raw(stack.port, f"GET {UP}/notfound HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     assert data.startswith(b"HTTP/1.1 404 Not Found Here\r\n")
     assert data.endswith(b"\r\n\r\nnot there")
 
 
 @pytest_twisted.ensureDeferred
 async def test_head(stack: Stack) -> None:
-    data = await raw(stack.port, b"HEAD /datasets/sst.dds HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = await raw(stack.port, b"HEAD /datasets/sst.dds HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     status, headers, body = split_response(data)
     assert status == 200 and body == b""
     assert headers[b"content-length"] == [str(len(DDS + b"/ok/sst.nc.dds")).encode()]
@@ -346,8 +346,8 @@ async def test_head(stack: Stack) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_keep_alive_serves_several_requests_on_one_connection(stack: Stack) -> None:
-    request = b"GET /datasets/sst.dds HTTP/1.1\r\nHost: x\r\n\r\n"
-    data = await raw(stack.port, request + request + b"GET /datasets/sst.das HTTP/1.1\r\nHost: x\r\n"
+    request = b"GET /datasets/sst.dds HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    data = await raw(stack.port, request + request + b"GET /datasets/sst.das HTTP/1.1\r\nHost: localhost\r\n"
                      b"Connection: close\r\n\r\n")
     assert data.count(b"HTTP/1.1 200 OK") == 3
     assert data.endswith(DDS + b"/ok/sst.nc.das")
@@ -355,7 +355,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection(stack: Stack
 
 @pytest_twisted.ensureDeferred
 async def test_chunked_when_no_length(stack: Stack) -> None:
-    data = await raw(stack.port, f"GET {UP}/chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await raw(stack.port, f"GET {UP}/chunked HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     status, headers, body = split_response(data)
     assert headers[b"transfer-encoding"] == [b"chunked"]
     assert body.endswith(b"0\r\n\r\n") and body.count(b"a") == 1000
@@ -403,7 +403,7 @@ async def test_by_name_errors(stack: Stack, path: str, status: int, kind: str) -
     ("/nothing-there", 502, "UpstreamError"),
 ])
 async def test_remote_errors_become_statuses(stack: Stack, path: str, status: int, kind: str) -> None:
-    data = await raw(stack.port, f"GET {UP}{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await raw(stack.port, f"GET {UP}{path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     code, headers, body = split_response(data)
     assert code == status, data
     assert headers[b"x-ooidx-error"] == [kind.encode()]
@@ -443,18 +443,18 @@ async def test_connect_is_405(stack: Stack) -> None:
     b"GARBAGE\r\n\r\n",
     b"GET\r\n\r\n",
     b"GET / HTTP/9.9 extra\r\n\r\n",
-    b"GET file:///etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET http:///etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/a\x00b.dds HTTP/1.1\r\nHost: x\r\n\r\n",
-    "GET /datasets/\u00e9t\u00e9.dds HTTP/1.1\r\nHost: x\r\n\r\n".encode("utf-8"),
-    b"GET /datasets/sst.dds HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
+    b"GET file:///etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET http:///etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/../../etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/a\x00b.dds HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "GET /datasets/\u00e9t\u00e9.dds HTTP/1.1\r\nHost: localhost\r\n\r\n".encode("utf-8"),
+    b"GET /datasets/sst.dds HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
     b"GET /datasets/sst.dds HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(600)) + b"\r\n",
-    b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/sst.dds HTTP/1.1\r\nHost: x\r\nbroken header line\r\n\r\n",
+    b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/sst.dds HTTP/1.1\r\nHost: localhost\r\nbroken header line\r\n\r\n",
 ])
 async def test_malformed_requests_get_4xx_and_never_reach_the_bus(stack: Stack, request_bytes: bytes) -> None:
-    data = await raw(stack.port, request_bytes.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"),
+    data = await raw(stack.port, request_bytes.replace(b"Host: localhost\r\n", b"Host: localhost\r\nConnection: close\r\n"),
                      timeout=3)
     # a 4xx, or (for requests too large to read) the connection cut
     assert data.startswith(b"HTTP/1.1 4") or (len(request_bytes) > 16000 and data in (b"", b"<<reset>>")), \
@@ -469,7 +469,7 @@ async def test_malformed_requests_get_4xx_and_never_reach_the_bus(stack: Stack, 
 
 @pytest_twisted.ensureDeferred
 async def test_stream_error_after_headers_fails_the_transfer(stack: Stack) -> None:
-    data = await raw(stack.port, f"GET {UP}/midfail HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = await raw(stack.port, f"GET {UP}/midfail HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     status, headers, body = split_response(data.replace(b"<<reset>>", b""))
     assert status == 200 and headers[b"content-length"] == [b"1000000"]
     assert 0 < len(body) < 1000000  # closed short of the declared length
@@ -477,7 +477,7 @@ async def test_stream_error_after_headers_fails_the_transfer(stack: Stack) -> No
 
 @pytest_twisted.ensureDeferred
 async def test_stream_error_before_any_body_byte_is_502(stack: Stack) -> None:
-    data = await raw(stack.port, f"GET {UP}/earlyfail HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    data = await raw(stack.port, f"GET {UP}/earlyfail HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     status, headers, body = split_response(data)
     assert status == 502 and headers[b"x-ooidx-error"] == [b"UpstreamError"]
     assert b"x-upstream" not in headers
@@ -485,7 +485,7 @@ async def test_stream_error_before_any_body_byte_is_502(stack: Stack) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_stream_error_in_chunked_body_has_no_final_chunk(stack: Stack) -> None:
-    data = await raw(stack.port, f"GET {UP}/chunkfail HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = await raw(stack.port, f"GET {UP}/chunkfail HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     status, headers, body = split_response(data.replace(b"<<reset>>", b""))
     assert status == 200 and headers[b"transfer-encoding"] == [b"chunked"]
     assert not body.endswith(b"0\r\n\r\n")
@@ -493,14 +493,14 @@ async def test_stream_error_in_chunked_body_has_no_final_chunk(stack: Stack) -> 
 
 @pytest_twisted.ensureDeferred
 async def test_short_complete_stream_fails_the_transfer(stack: Stack) -> None:
-    data = await raw(stack.port, f"GET {UP}/short HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = await raw(stack.port, f"GET {UP}/short HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
     status, headers, body = split_response(data.replace(b"<<reset>>", b""))
     assert status == 200 and len(body) == 50 and not data.endswith(b"<<timeout>>")
 
 
 @pytest_twisted.ensureDeferred
 async def test_stall_after_headers_fails_the_transfer(stack: Stack) -> None:
-    data = await raw(stack.port, f"GET {UP}/stall HTTP/1.1\r\nHost: x\r\n\r\n".encode(), timeout=8)
+    data = await raw(stack.port, f"GET {UP}/stall HTTP/1.1\r\nHost: localhost\r\n\r\n".encode(), timeout=8)
     assert not data.endswith(b"<<timeout>>"), "the proxy must close a stalled transfer"
     status, headers, body = split_response(data.replace(b"<<reset>>", b""))
     assert status == 200 and len(body) == 65536
@@ -538,7 +538,7 @@ async def test_big_body_streams_with_backpressure(patient_stack: Stack) -> None:
         import time
         with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            s.sendall(f"GET {UP}/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            s.sendall(f"GET {UP}/big HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
             time.sleep(2.0)  # read nothing: the proxy must hold the stream back
             received.append(stack.proxy.relayed)
             chunks = []
@@ -560,7 +560,7 @@ async def test_big_body_streams_with_backpressure(patient_stack: Stack) -> None:
 async def test_client_gone_mid_body_releases_the_request(stack: Stack) -> None:
     def leave_early() -> None:
         with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as s:
-            s.sendall(f"GET {UP}/big HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            s.sendall(f"GET {UP}/big HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
             s.recv(100000)
 
     await deferToThread(leave_early)
@@ -638,7 +638,7 @@ async def test_stop_closes_keep_alive_connections() -> None:
     their wrapped channel's)."""
     stack = Stack()
     await stack.start()
-    request = f"GET {UP}/ok HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    request = f"GET {UP}/ok HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
     reading = raw(stack.port, request, timeout=20)
     await task.deferLater(reactor, 0.5, lambda: None)  # answered; the connection stays open
     assert stack.proxy._site is not None and stack.proxy._site.open_channels
@@ -648,3 +648,15 @@ async def test_stop_closes_keep_alive_connections() -> None:
     assert not data.endswith(b"<<timeout>>")
     assert data.startswith(b"HTTP/1.1 200")
     assert reactor.seconds() - started < 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_rebinding_is_refused_on_the_proxy_port(stack: Stack) -> None:
+    """The attack: a page whose name rebinds to 127.0.0.1 reads the proxy's
+    own paths as its origin. The proxy port answers its paths only for its own
+    names (421 otherwise); a forward-proxy request still names its upstream."""
+    data = await raw(stack.port, b"GET /datasets/sst.dds HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    status, _, body = split_response(data)
+    assert status == 421 and b"MisdirectedRequest" in body
+    data = await raw(stack.port, b"GET /datasets/sst.dds HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert split_response(data)[0] == 200

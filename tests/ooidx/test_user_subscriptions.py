@@ -32,8 +32,9 @@ from ooidx.people.user_notification import UserNotification
 from ooidx.people.user_pub_sub import UserPubSub
 from ooidx.http.edge import mask_query
 from ooidx.node.logs import LineObserver, Redactor
-from ooidx.people.subscriptions import (CHANGED_FANOUT, TicketError, WebhookDelivery, make_ticket, parse_ticket,
-                                      ticket_key)
+from ooidx.people.records import CHANGED_FANOUT
+from ooidx.people.tickets import TicketError, make_ticket, parse_ticket, ticket_key
+from ooidx.people.webhooks import WebhookDelivery
 from ooidx.web.app import Web
 
 TOKEN = "operator-token-" + "y" * 20
@@ -264,6 +265,36 @@ class Stack:
 
     def emit(self, kind: str, dataset: Optional[str], **details: Any) -> defer.Deferred:
         return events.emit(self.bus, kind, dataset, **details)
+
+    @defer.inlineCallbacks
+    def watch_failures(self, token: str) -> Any:
+        """The person's own stream of their webhooks' failures (event.failed.-): a list that fills."""
+        sub = yield self.subscribe(token, kind="events", regex=r"^event\.failed\.")
+        client = yield self.open_stream(sub["events"], token)
+        return _Events(client)
+
+
+class _Events:
+    """The data of a stream's events, as a list (clear() forgets those seen so far)."""
+
+    def __init__(self, client: SSE) -> None:
+        self.client = client
+        self.seen = 0
+
+    def _all(self) -> List[Dict[str, Any]]:
+        return [e["data"] for e in self.client.events[self.seen:]]
+
+    def __iter__(self) -> Any:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return self._all()[i]
+
+    def clear(self) -> None:
+        self.seen = len(self.client.events)
 
 
 @pytest_twisted.async_yield_fixture
@@ -525,11 +556,17 @@ def test_a_ticket_opens_the_stream_without_the_token(stack: Stack) -> Any:
         assert got[0]["data"]["dataset"] == "t1"
         yield stack.close_stream(client)
 
-        # reused within its lifetime: a reconnect (with Last-Event-ID, as EventSource sends it)
+        # single use: a ticket that opened its stream opens nothing again, even within its lifetime
+        # (the attack: a ticket read from a log or a Referer, replayed)
         for n in (2, 3):
             yield stack.emit("saved", f"t{n}")
         yield sleep(0.1)
-        again = yield stack.open_stream(answer["url"], None, last_id=got[0]["id"])
+        code, refused = yield stack.request("GET", answer["url"])
+        assert code == 401 and error_type(refused) == "TicketUsed", refused
+        assert f"/api/subscriptions/{sub['id']}/ticket" in refused["error"]["message"]
+        # a reconnect takes a new ticket, and says where it was in the query (an EventSource cannot set a header)
+        fresh = yield get_ticket(stack, token, sub["id"])
+        again = yield stack.open_stream(fresh["url"] + f"&last_event_id={got[0]['id']}", None)
         rest = yield again.wait_for(2)
         assert [e["data"]["dataset"] for e in rest] == ["t2", "t3"]
         # a stream stays open after its ticket was checked; the server ending it writes the access log line
@@ -719,12 +756,77 @@ def test_the_access_log_masks_tickets() -> None:
 
 
 # --------------------------------------------------------------------------- #
+# a person's budgets: one person cannot exhaust the node for the others
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_person_has_a_budget_of_streams(stack: Stack) -> Any:
+    """The attack: one person opens thousands of SSE streams (a descriptor
+    each). Past their budget the next one is 429; others still get theirs."""
+    stack.web.subscriptions.max_streams_per_person = 3
+    greedy = yield stack.person()
+    other = yield stack.person()
+    sub = yield stack.subscribe(greedy, kind="events", regex=r"^event\.saved\.")
+    clients = []
+    for _ in range(3):
+        clients.append((yield stack.open_stream(sub["events"], greedy)))
+    code, answer = yield stack.request("GET", sub["events"], token=greedy)
+    assert code == 429 and error_type(answer) == "TooManyStreams"
+    assert "close one first" in answer["error"]["message"]
+    theirs = yield stack.subscribe(other, kind="events", regex=r"^event\.saved\.")
+    yield stack.open_stream(theirs["events"], other)
+    clients[0].close()
+    yield clients[0].closed
+    name = greedy.partition(".")[0]
+    yield eventually(lambda: len(stack.web.subscriptions.streams_of.get(name, ())) == 2, 5,
+                     "the server to see the stream go")
+    yield stack.open_stream(sub["events"], greedy)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_person_has_a_budget_of_compiled_regexes(stack: Stack) -> Any:
+    """The attack: 100 subscriptions of regexes like \\pL{440}x, each near RE2's
+    compile budget, took the node from 215 to 703 MB. A person's regexes
+    compiled together stay within their budget (429 past it)."""
+    greedy = yield stack.person()
+    first = yield stack.subscribe(greedy, kind="events", regex=r"\pL{440}x")
+    assert first["id"]
+    code, answer = yield stack.request("POST", "/api/subscriptions", {"kind": "events", "regex": r"\pL{440}y"},
+                                       token=greedy)
+    assert code == 429 and error_type(answer) == "OverBudget", answer
+    assert "RE2 instructions" in answer["error"]["message"]
+    code, answer = yield stack.request("POST", "/api/subscriptions", {"kind": "datasets", "regex": r"\pL{440}y"},
+                                       token=greedy)
+    assert code == 429, answer  # the budget covers both kinds
+    yield stack.subscribe(greedy, kind="events", regex=r"^event\.saved\.")  # small ones still fit
+    other = yield stack.person()
+    yield stack.subscribe(other, kind="events", regex=r"\pL{440}x")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_person_has_a_budget_of_queued_messages(stack: Stack) -> Any:
+    """The attack: 100 subscriptions x max_length 100,000 let one person have
+    10 million messages queued. Their queues' bounds add up to at most their budget."""
+    for component in (stack.user_notification, stack.user_pub_sub):
+        component.max_queued_per_person = 25
+    greedy = yield stack.person()
+    yield stack.subscribe(greedy, kind="events", regex="a", max_length=10)
+    yield stack.subscribe(greedy, kind="datasets", regex="b", max_length=10)
+    code, answer = yield stack.request("POST", "/api/subscriptions", {"kind": "events", "regex": "c",
+                                                                      "max_length": 10}, token=greedy)
+    assert code == 429 and error_type(answer) == "OverBudget", answer
+    assert "messages together" in answer["error"]["message"]
+    yield stack.subscribe(greedy, kind="events", regex="c", max_length=5)
+
+
+# --------------------------------------------------------------------------- #
 # webhooks
 
 
 @pytest_twisted.inlineCallbacks
 def test_webhook_delivery_and_its_failures(stack: Stack) -> Any:
     token = yield stack.person()
+    failures = yield stack.watch_failures(token)
     sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.", webhook=stack.hook)
     assert sub["events"] is None
     code, answer = yield stack.request("GET", f"/api/subscriptions/{sub['id']}/events", token=token)
@@ -740,8 +842,8 @@ def test_webhook_delivery_and_its_failures(stack: Stack) -> Any:
     # failing: retried (3 attempts), each failure an event, then given up and acked
     stack.receiver.mode = "fail"
     yield stack.emit("saved", "bad1")
-    yield eventually(lambda: len([f for f in stack.failures if f.get("given_up")]) == 1, 5, "giving up")
-    mine = [f for f in stack.failures if f.get("webhook_subscription") == sub["id"]]
+    yield eventually(lambda: len([f for f in failures if f.get("given_up")]) == 1, 5, "giving up")
+    mine = [f for f in failures if f.get("webhook_subscription") == sub["id"]]
     assert [f["attempt"] for f in mine] == [1, 2, 3] and mine[0]["topic"] == "event.failed.-"
     assert "HTTP 500" in mine[0]["reason"]
     assert len(stack.receiver.requests) == 4
@@ -749,11 +851,11 @@ def test_webhook_delivery_and_its_failures(stack: Stack) -> Any:
     yield eventually(lambda: not queue.ready and not any(c.unacked for c in queue.consumers), 5, "the ack")
 
     # slow: each attempt times out
-    stack.failures.clear()
+    failures.clear()
     stack.receiver.mode = "slow"
     yield stack.emit("saved", "slow1")
-    yield eventually(lambda: any(f.get("given_up") for f in stack.failures), 10, "giving up on a slow webhook")
-    assert all("in time" in f["reason"] for f in stack.failures), [f["reason"] for f in stack.failures]
+    yield eventually(lambda: any(f.get("given_up") for f in failures), 10, "giving up on a slow webhook")
+    assert all("in time" in f["reason"] for f in failures), [f["reason"] for f in failures]
 
     # and the next message is delivered once the receiver is well again
     stack.receiver.mode = "ok"
@@ -768,12 +870,40 @@ def test_webhook_delivery_and_its_failures(stack: Stack) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_unreachable_webhook(stack: Stack) -> Any:
     token = yield stack.person()
+    failures = yield stack.watch_failures(token)
     sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.",
                                 webhook=f"http://127.0.0.1:{stack.dead_port}/hook")
     yield stack.emit("saved", "x")
-    yield eventually(lambda: any(f.get("given_up") for f in stack.failures), 5, "giving up")
-    assert all(f["webhook_subscription"] == sub["id"] for f in stack.failures)
-    assert "ConnectionRefused" in stack.failures[0]["reason"]
+    yield eventually(lambda: any(f.get("given_up") for f in failures), 5, "giving up")
+    assert all(f["webhook_subscription"] == sub["id"] for f in failures)
+    assert "ConnectionRefused" in failures[0]["reason"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_failing_webhook_tells_its_person_only_and_never_its_url(stack: Stack) -> Any:
+    r"""The attack: a person subscribes to ^event\.failed and reads another
+    person's webhook URL (and its secret) out of the failure events; anyone
+    reads it from GET /api/events. Now the failure names the subscription and
+    the host only, and goes to its own person's streams only."""
+    secret = "SECRET" + uuid.uuid4().hex
+    victim = yield stack.person()
+    victim_failures = yield stack.watch_failures(victim)
+    attacker = yield stack.person()
+    attacker_failures = yield stack.watch_failures(attacker)
+    hook = f"http://127.0.0.1:{stack.dead_port}/hook/{secret}?sig={secret}x"
+    sub = yield stack.subscribe(victim, kind="events", regex=r"^event\.saved\.", webhook=hook)
+    yield stack.emit("saved", "x")
+    yield eventually(lambda: any(f.get("given_up") for f in victim_failures), 5, "giving up")
+    failure = victim_failures[0]
+    assert failure["webhook_subscription"] == sub["id"]
+    assert failure["host"] == f"127.0.0.1:{stack.dead_port}"
+    assert "url" not in failure and "person" not in failure
+    yield sleep(0.2)  # what would have gone elsewhere has arrived by now
+    assert len(attacker_failures) == 0, list(attacker_failures)
+    assert not stack.failures, stack.failures  # the notification fanout (and so its ring) never saw it
+    code, answer = yield stack.request("GET", "/api/events")
+    assert code == 200 and secret not in json.dumps(answer)
+    assert all(secret not in json.dumps(f) for f in victim_failures)
 
 
 class _Delivery:
@@ -793,7 +923,6 @@ def test_webhook_backoff_with_a_clock() -> Any:
     bus = magnet.connect(f"memory://clock-{uuid.uuid4().hex}", reactor)
     bus.startService()
     sent: List[Any] = []
-    bus.send = lambda address, message, **kw: (sent.append(message.json()), defer.succeed(None))[1]
     clock = task.Clock()
     answers = [500, 503, defer.fail(ConnectionRefusedError("refused")), 204]
     posts: List[float] = []
@@ -804,7 +933,8 @@ def test_webhook_backoff_with_a_clock() -> Any:
         return answer if isinstance(answer, defer.Deferred) else defer.succeed(answer)
 
     record = {"id": "abcdef012345", "person": "p", "queue": "user.p.abcdef012345", "webhook": "https://h.example/"}
-    delivery = WebhookDelivery(bus, record, post, clock, attempts=5, base_delay=1.0, max_delay=3.0)
+    delivery = WebhookDelivery(bus, record, post, clock, attempts=5, base_delay=1.0, max_delay=3.0,
+                               report=lambda record, event: sent.append(event.json()))
     message = magnet.Message.of_json({"topic": "event.saved.x"})
     settled = _Delivery()
     delivery._on_message(message, settled)

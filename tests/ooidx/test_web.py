@@ -20,10 +20,10 @@ from twisted.web.client import HTTPConnectionPool
 import magnet
 from magnet import operation
 
-from ooidx.node.bootstrap import declare_topology
+from ooidx.node.bootstrap import declare_topology, make_component
 from ooidx.component import Component
 from ooidx.config import load
-from ooidx.node.metrics import PrometheusObserver
+from ooidx.node.metrics import PrometheusObserver, renderer_for
 from ooidx.node.token import TOKEN_FILE
 from ooidx.web.app import MAX_BODY, Web
 
@@ -77,7 +77,8 @@ class Stack:
                                   rpc_timeout=5)
         self.daemon = FakeDaemon()
         self.fetcher = Component("fetcher", self.bus, node="node-a")
-        self.web = Web("web", self.bus, node="node-a", port=0, interface="127.0.0.1", token=TOKEN)
+        self.web = Web("web", self.bus, node="node-a", port=0, interface="127.0.0.1", token=TOKEN,
+                       metrics=renderer_for(self.bus))
         self.web.setServiceParent(self.daemon)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
 
@@ -439,7 +440,7 @@ async def test_token_made_in_data_dir_when_not_configured(tmp_path: Any) -> None
     bus = magnet.connect(f"memory://web-{uuid.uuid4().hex}", reactor, rpc_timeout=5)
     bus.startService()
     fetcher = Component("fetcher", bus, node="n")
-    web = Web("web", bus, node="n", config=config, clock=reactor)
+    web = make_component("web", bus, node="n", instances=1, config=config, clock=reactor)
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:
         await fetcher.start()
@@ -464,11 +465,11 @@ async def test_port_in_use_fails_start() -> None:
     from twisted.internet.error import CannotListenError
     bus = magnet.connect("memory://port-in-use", reactor)
     first = Web("web", bus, node="n", port=0, token=TOKEN)
-    first.setUp()
+    await first.setUp()
     try:
         second = Web("web", bus, node="n", port=first.port, token=TOKEN)
         with pytest.raises(CannotListenError):
-            second.setUp()
+            await second.setUp()
     finally:
         await defer.maybeDeferred(first.tearDown)
 
@@ -501,3 +502,78 @@ async def test_chunked_body_limits(stack: Stack, size: int, outcome: Any) -> Non
         assert response.code == outcome, body
     finally:
         await small.stopService()
+
+
+# --------------------------------------------------------------------------- #
+# where it listens (endpoint strings) and for whom (the Host allow-list)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_web_port_answers_https_on_loopback(tmp_path: Any) -> None:
+    """components.web.port as an ssl: endpoint string: the web port speaks
+    https with the configured key and certificate (a throwaway CA's)."""
+    from twisted.internet.ssl import Certificate
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+
+    from tests.rabbitmq import TestCA
+
+    ca = TestCA(tmp_path / "ca", name="ooidx web test CA")
+    cert, key = ca.issue("web", hostnames=("127.0.0.1", "localhost"))
+    config = load(write_config(tmp_path, f"components: {{web: {{port: 'ssl:0:privateKey={key}:certKey={cert}'}}}}\n"))
+    bus = magnet.connect(f"memory://tls-{uuid.uuid4().hex}", reactor, rpc_timeout=5)
+    bus.startService()
+    web = Web("web", bus, node="n", config=config, token=TOKEN, health=lambda: {"ok": True})
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        await web.start()
+        assert web.url.startswith("https://127.0.0.1:") and web.port != 0
+        with open(ca.cert_file, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust), pool=pool)
+        response = await agent.request(b"GET", (web.url + "/healthz").encode())
+        assert response.code == 200
+        assert json.loads(await treq.content(response)) == {"ok": True}
+        # plain http to the TLS port gets no answer
+        with pytest.raises(Exception):
+            plain = await treq.get(web.url.replace("https:", "http:") + "/healthz", pool=pool, timeout=5)
+            await plain.content()
+    finally:
+        await web.stopService()
+        await bus.stopService()
+        await pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_rebinding_is_refused(stack: Stack) -> None:
+    """The attack: a page on evil.example rebinds its name to 127.0.0.1 and
+    reads the web port as its own origin. The port answers only for its own
+    names: any other Host gets 421 with a JSON error saying so."""
+    code, headers, body = await stack.request("GET", "/api/status", token=None, headers={"Host": "evil.example"})
+    assert code == 421, body
+    error = json.loads(body)["error"]
+    assert error["type"] == "MisdirectedRequest" and "'evil.example'" in error["message"]
+    code, _, _ = await stack.request("GET", "/api/status", token=None,
+                                     headers={"Host": f"evil.example:{stack.web.port}"})
+    assert code == 421
+    for host in (f"localhost:{stack.web.port}", f"127.0.0.1:{stack.web.port}"):
+        code, _, body = await stack.request("GET", "/api/status", token=None, headers={"Host": host})
+        assert code == 200, (host, body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_allowed_hosts_from_the_config(tmp_path: Any) -> None:
+    config = load(write_config(tmp_path, "http: {allowed_hosts: [dx.example.org]}\ncomponents: {web: {port: 0}}\n"))
+    bus = magnet.connect(f"memory://hosts-{uuid.uuid4().hex}", reactor, rpc_timeout=5)
+    bus.startService()
+    web = Web("web", bus, node="n", config=config, token=TOKEN, health=lambda: {"ok": True})
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        await web.start()
+        for host, status in (("dx.example.org", 200), ("evil.example", 421)):
+            response = await treq.get(web.url + "/healthz", headers={"Host": host}, pool=pool)
+            assert response.code == status, host
+            await response.content()
+    finally:
+        await web.stopService()
+        await bus.stopService()
+        await pool.closeCachedConnections()

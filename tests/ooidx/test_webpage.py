@@ -41,7 +41,8 @@ class FakeFetcher:
 class FakePubSub:
     @operation
     def list(self) -> List[Dict[str, Any]]:
-        return [{"name": "persister", "regex": "^dataset\\.", "address": "pubsub.sub.persister"}]
+        return [{"name": "persister", "regex": "^dataset\\.", "address": "pubsub.sub.persister"},
+                {"name": "user.ann.0123456789ab", "regex": "^dataset\\.secret-project", "address": "pubsub.sub.user.ann.0123456789ab"}]
 
 
 class FakeNotificationApi:
@@ -339,6 +340,20 @@ async def test_subscriptions_when_served(stack: Stack) -> None:
     assert answer["subscriptions"] == [{"person": "ann", "id": "0123456789ab", "kind": "datasets",
                                         "regex": "^dataset\\.sst$", "webhook": None, "max_length": 10,
                                         "created": 2.0}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_peoples_pub_sub_subscriptions_only_with_the_token(stack: Stack) -> None:
+    """The attack: anyone reads GET /api/pub_sub/subscriptions and learns every
+    person's name and regex (their pub_sub subscriptions are user.PERSON.ID)."""
+    await stack.serve("pub_sub", FakePubSub())
+    code, answer = await stack.request("GET", "/api/pub_sub/subscriptions")
+    assert code == 200 and "ann" not in json.dumps(answer) and "secret-project" not in json.dumps(answer)
+    assert [r["name"] for r in answer["subscriptions"]] == ["persister"] and answer["people"] == 1
+    code, answer = await stack.request("GET", "/api/pub_sub/subscriptions", token=TOKEN)
+    assert code == 200 and [r["name"] for r in answer["subscriptions"]] == ["persister", "user.ann.0123456789ab"]
+    code, answer = await stack.request("GET", "/api/pub_sub/subscriptions", token="wrong-" + TOKEN)
+    assert code == 401
 
 
 @pytest_twisted.ensureDeferred

@@ -74,19 +74,19 @@ BAD_REQUESTS: List[bytes] = [
     b"GET /\r\n\r\n",
     b"GET / HTTP/9.9\r\n\r\n",
     b"GET / FOO/1.1\r\n\r\n",
-    b"GET  /datasets/sst.das  HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"get /datasets/sst.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"BREW /datasets/sst.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"G\x00T /datasets/sst.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"TRACE / HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET  /datasets/sst.das  HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"get /datasets/sst.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"BREW /datasets/sst.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"G\x00T /datasets/sst.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n",
     b"CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
-    b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 1_000_000 + b"\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(20_000)) + b"\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Name: v\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\nNoColon\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: x\r\n folded: continuation\r\n\r\n",
+    b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"b" * 1_000_000 + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(20_000)) + b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: localhost\r\nBad Header Name: v\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: localhost\r\nNoColon\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: localhost\r\n folded: continuation\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 1e9\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
@@ -96,44 +96,44 @@ BAD_REQUESTS: List[bytes] = [
     # a chunk that is announced and never sent: the body never ends (closed by the idle timeout)
     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\n",
     # absolute URIs with odd schemes / forbidden targets
-    b"GET gopher://127.0.0.1:70/ HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET file:///etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET ftp://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET javascript:alert(1) HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET http:/// HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET http://@/ HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET //evil.example/ HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET http://[::1 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET http://\xff\xfe/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET gopher://127.0.0.1:70/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET file:///etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET ftp://127.0.0.1/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET javascript:alert(1) HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET http:/// HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET http://@/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET //evil.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET http://[::1 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET http://\xff\xfe/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
     # dataset names: percent-encoding and unicode tricks
-    b"GET /datasets/%2e%2e%2f%2e%2e%2fetc%2fpasswd.dods HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/..%2f..%2fetc%2fpasswd.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/../../etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/sst%00.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/sst.das%00 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/sst%2edas HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/%73st.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/\xc3\xa9t\xc3\xa9.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/%C3%A9t%C3%A9.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/sst.das?%00%ff HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/sst.das?\xff HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/sst.dods?sst[0:1:999999999999999999999] HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/" + b"a" * 70 + b".das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /datasets/sst\\..\\..\\x.das HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /static/..%2f..%2fconfig.py HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /static/../../ooidx/config.py HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /api/datasets/..%2f..%2fx HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /api/datasets/%00 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /api/events?regex=(a%2B)%2B%24&limit=-1 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /api/events?limit=1e999 HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"POST /api/call/controller/ping?timeout=nan HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-    b"POST /api/call/controller/ping?timeout=-1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
-    b"POST /api/call/../ping HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+    b"GET /datasets/%2e%2e%2f%2e%2e%2fetc%2fpasswd.dods HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/..%2f..%2fetc%2fpasswd.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/../../etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/sst%00.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/sst.das%00 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/sst%2edas HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/%73st.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/\xc3\xa9t\xc3\xa9.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/%C3%A9t%C3%A9.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/sst.das?%00%ff HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/sst.das?\xff HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/sst.dods?sst[0:1:999999999999999999999] HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/" + b"a" * 70 + b".das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /datasets/sst\\..\\..\\x.das HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /static/..%2f..%2fconfig.py HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /static/../../ooidx/config.py HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /api/datasets/..%2f..%2fx HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /api/datasets/%00 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /api/events?regex=(a%2B)%2B%24&limit=-1 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /api/events?limit=1e999 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"POST /api/call/controller/ping?timeout=nan HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /api/call/controller/ping?timeout=-1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /api/call/../ping HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}",
     # pipelining: a good request, garbage, a good request
-    (b"GET /datasets/sst.das HTTP/1.1\r\nHost: x\r\n\r\n" b"\x16\x03\x01garbage\r\n\r\n"
-     b"GET /datasets/sst.das HTTP/1.1\r\nHost: x\r\n\r\n"),
-    b"GET /datasets/sst.das HTTP/1.1\r\nHost: x\r\n\r\n" * 50,
+    (b"GET /datasets/sst.das HTTP/1.1\r\nHost: localhost\r\n\r\n" b"\x16\x03\x01garbage\r\n\r\n"
+     b"GET /datasets/sst.das HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+    b"GET /datasets/sst.das HTTP/1.1\r\nHost: localhost\r\n\r\n" * 50,
     # a TLS hello to a plain HTTP port
     bytes.fromhex("16030100a5010000a10303") + b"\x00" * 200,
 ]
@@ -173,10 +173,10 @@ def test_dataset_name_tricks_never_leave_the_registry(node: Node) -> None:
     never sees a request for anything but the registered URL."""
     for path in [b"/datasets/%2e%2e%2fsst.das", b"/datasets/sst%2f..%2f..%2fetc.das", b"/datasets/sst%00.das",
                  b"/datasets/..sst.das", b"/datasets/sst/../../x.das", b"/datasets/SST.das"]:
-        answer = raw_exchange(node.proxy_port, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = raw_exchange(node.proxy_port, b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         assert status_of(answer) in (400, 404), (path, answer[:300])
     # ".." inside a valid-looking name (the regex allows dots): still only the registry decides
-    answer = raw_exchange(node.proxy_port, b"GET /datasets/s..t.das HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = raw_exchange(node.proxy_port, b"GET /datasets/s..t.das HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert status_of(answer) == 404, answer[:300]
 
 
@@ -270,7 +270,7 @@ def test_body_that_never_ends(node: Node, port_name: str) -> None:
     answers (413/405) or cuts the sender off."""
     port = node.proxy_port if port_name == "proxy" else node.web_port
     path = b"/datasets/sst.das" if port_name == "proxy" else b"/api/call/controller/ping"
-    s = _open_slow(port, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n"
+    s = _open_slow(port, b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000\r\n"
                    b"Authorization: Bearer " + node.token.encode() + b"\r\n\r\n")
     s.settimeout(0.5)
     sent = 0
@@ -327,7 +327,7 @@ def _rss_kib(pid: int) -> int:
 def test_proxy_does_not_spool_bodies_to_disk(node: Node) -> None:
     """The proxy takes GET and HEAD only: a request body is not read into a
     temporary file (twisted.web spools bodies over 100 kB to one)."""
-    s = _open_slow(node.proxy_port, b"POST /datasets/sst.das HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+    s = _open_slow(node.proxy_port, b"POST /datasets/sst.das HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000\r\n\r\n")
     s.settimeout(3)
     try:
         for _ in range(64):
@@ -366,7 +366,7 @@ def test_slowloris(node: Node) -> None:
     sockets: List[socket.socket] = []
     for i in range(SLOW_CLIENTS):
         port = node.proxy_port if i % 2 == 0 else node.web_port
-        sockets.append(_open_slow(port, b"GET /datasets/sst.das HTTP/1.1\r\nHost: x\r\n"))
+        sockets.append(_open_slow(port, b"GET /datasets/sst.das HTTP/1.1\r\nHost: localhost\r\n"))
     stop = threading.Event()
 
     def trickle() -> None:

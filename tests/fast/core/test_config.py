@@ -283,7 +283,7 @@ class ConfigTests(FastCase):
 
     def test_unknown_nested_key(self):
         assert error_of("http: {web_prot: 80}\n") == (
-            "etc/dx.yaml: http.web_prot: unknown key (known: proxy_port, web_port, interface)"
+            "etc/dx.yaml: http.web_prot: unknown key (known: proxy_port, web_port, interface, allowed_hosts)"
         )
         assert error_of("components: {controller: {port: 1}}\n") == (
             "etc/dx.yaml: components.controller.port: unknown key (known: instances, process)"
@@ -344,7 +344,8 @@ class ConfigTests(FastCase):
             ("components: {proxyng: {instances: 2}}",
              "components.proxyng.instances: proxyng listens on a TCP port and runs one instance "
              "per node, got 2"),
-            ("http: {proxy_port: '8100'}", "http.proxy_port: expected an integer 0-65535, got '8100'"),
+            ("http: {proxy_port: true}", "http.proxy_port: expected a port number 0-65535 or an endpoint string such "
+                                         "as tcp:8080:interface=127.0.0.1, got true"),
             ("http: {web_port: -1}", "http.web_port: expected an integer 0-65535, got -1"),
             ("http: {interface: localhost}",
              "http.interface: expected an IP address (or \"\" for all), got 'localhost'"),

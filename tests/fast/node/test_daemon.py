@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from ooidx.component import Component
 from ooidx.config import load
+from ooidx.node import bootstrap as bootstrap_module
 from ooidx.node import daemon as daemon_module
 from ooidx.node.bootstrap import component_class
 from ooidx.node.daemon import Daemon
@@ -105,7 +106,7 @@ class DaemonTests(FastCase):
 
     def test_a_component_that_fails_to_start_stops_the_node(self) -> None:
         captured = LogEvents(self)
-        self.patch(daemon_module, "component_class",
+        self.patch(bootstrap_module, "component_class",
                    lambda name: FailingPubSub if name == "pub_sub" else component_class(name))
         clock = threadless(self)
         fatal: List[int] = []
@@ -220,7 +221,7 @@ class ChildrenTests(FastCase):
                                        components=components, timeouts={"rpc": 5, "shutdown": 2})))
         bus = magnet.connect(f"memory://children-{uuid.uuid4().hex}", clock, node="kids", rpc_timeout=5,
                              observer=observer)
-        self.patch(daemon_module, "component_class",
+        self.patch(bootstrap_module, "component_class",
                    lambda name: Stand if name == "web" else component_class(name))
         node = Daemon(config, reactor=clock, bus=bus, on_fatal=self.fail)
         return clock, node, tmp_path

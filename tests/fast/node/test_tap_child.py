@@ -17,6 +17,7 @@ from twisted.python import usage
 
 from ooidx.component import Component
 from ooidx.config import load
+from ooidx.node import bootstrap as bootstrap_module
 from ooidx.node import child as child_module
 from ooidx.node import tap
 from ooidx.node.daemon import Daemon
@@ -163,7 +164,7 @@ class ChildTests(FastCase):
         drive(self, clock, runner.stop())
 
     def test_a_component_that_fails_to_start_is_status_1(self) -> None:
-        self.patch(child_module, "component_class", lambda name: Failing)
+        self.patch(bootstrap_module, "component_class", lambda name: Failing)
         clock, runner = self.runner("csv")
         runner.start()
         settle(clock)
