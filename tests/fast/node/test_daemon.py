@@ -17,7 +17,6 @@ from twisted.python.failure import Failure
 from ooidx.component import Component
 from ooidx.config import load
 from ooidx.node import bootstrap as bootstrap_module
-from ooidx.node import daemon as daemon_module
 from ooidx.node.bootstrap import component_class
 from ooidx.node.daemon import Daemon
 from ooidx.node.logs import LineObserver
@@ -205,7 +204,11 @@ def spawning_clock(case: FastCase) -> Any:
 
 
 class Stand(Component):
-    """A component that only starts and stops (in place of the web port)."""
+    """A component that only starts and stops (in place of the web port); it
+    takes and drops what the node hands the web port (token, metrics)."""
+
+    def __init__(self, *args: Any, token: Any = None, metrics: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
 
 
 class ChildrenTests(FastCase):
