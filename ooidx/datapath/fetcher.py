@@ -5,7 +5,7 @@ address to answer (the proxy's per-request listen address) and, for a cache
 miss, the cache node to store the response at. See docs/data-path.md, the
 contract this module keeps:
 
-- C{fetch(url, method, address, request_id, store, validators)}: the status
+- C{fetch(url, method, address, request_id, store, validators, wait=False)}: the status
   and headers become the start of a magnet stream to C{address}, the body
   its chunks as they arrive, with backpressure: while the stream writer has
   no room the upstream connection is paused, so memory stays bounded
@@ -15,6 +15,15 @@ contract this module keeps:
   (a declared length over it), or the second stream is aborted as soon as
   the body passes it (length unknown). A body that breaks off aborts the streams;
   a failure before the first byte is an error reply to C{address}.
+  The request is settled (its message acknowledged) as soon as the transfer
+  starts, not when it ends: a message slot (the bus prefetch) is never tied
+  to how fast the client reads. Transfers run at once are bounded on their
+  own (C{max_transfers}); past the bound a request waits, holding its slot,
+  for a transfer to end. C{wait=True}: the reply comes when the transfer is
+  over, with its summary (for tools and tests).
+- an upstream's answer head is bounded: more than C{MAX_UPSTREAM_HEADERS}
+  header fields or C{MAX_UPSTREAM_HEADER_BYTES} bytes of them is an
+  C{UpstreamError} (a 502 at the proxy), read no further.
 - C{fetch_dataset(name, url)}: a dataset for its subscribers
   (docs/dissemination.md): the C{.das} and C{.dds} whole, the addresses
   from C{pub_sub.route(topic="dataset.NAME")}, then the C{.dods} streamed to
@@ -33,13 +42,14 @@ from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import quote, urljoin
 
 from twisted.internet import error as net_error, tcp
-from twisted.internet.defer import (CancelledError, Deferred, DeferredList, TimeoutError as DeferredTimeout,
-                                    inlineCallbacks, succeed)
+from twisted.internet.defer import (CancelledError, Deferred, DeferredList, DeferredSemaphore,
+                                    TimeoutError as DeferredTimeout, fail, inlineCallbacks, succeed)
 from twisted.internet.interfaces import IReactorTCP
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -77,6 +87,10 @@ STREAM_CHUNK_SIZE = UPSTREAM_READ_SIZE
 #: Chunks of a fetch's stream awaiting the broker's confirm (the bytes in
 #: flight: STREAM_WINDOW times STREAM_CHUNK_SIZE at most).
 STREAM_WINDOW = 4
+#: The most header fields, and bytes of the status line and header fields, an
+#: upstream's answer may have: more is refused (Twisted's client has no bound).
+MAX_UPSTREAM_HEADERS = 100
+MAX_UPSTREAM_HEADER_BYTES = 64 * 1024
 #: Characters left as they are when a URL is made ASCII for the request line.
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~-._\"<>^`{|}\\"
 
@@ -107,6 +121,9 @@ class Fetcher(Component):
         self._agent: Optional[Agent] = None
         self.active = 0  # transfers in progress
         self.pauses = 0  # times an upstream was paused for want of room downstream
+        #: transfers run at once (max_transfers), apart from the bus's message slots
+        self.room = DeferredSemaphore(self.options.max_transfers)
+        self._running: set = set()  # the Deferreds of transfers whose request is settled
 
     # lifecycle ---------------------------------------------------------------
 
@@ -114,6 +131,28 @@ class Fetcher(Component):
         self._make_agent()
 
     def tearDown(self) -> Any:
+        """Let the running transfers (their requests are settled already) end,
+        for at most the shutdown timeout, then close the connection pool."""
+        d = self._transfers_ended(getattr(getattr(self.config, "timeouts", None), "shutdown", None) or 10.0)
+        return d.addCallback(lambda _: self._close_pool())
+
+    def _transfers_ended(self, timeout: float) -> Deferred:
+        running = list(self._running)
+        if not running:
+            return succeed(None)
+        self.log.info("{component}: waiting up to {timeout:g} s for {count} transfer(s)", component=self.name,
+                      timeout=timeout, count=len(running))
+        ended: Deferred = Deferred()
+        DeferredList(running, consumeErrors=True).addBoth(lambda _: None if ended.called else ended.callback(None))
+
+        def late(_: Any, t: float) -> None:
+            self.log.warn("{component}: {count} transfer(s) still running after {timeout:g} s; stopping anyway",
+                          component=self.name, count=len(self._running), timeout=t)
+
+        ended.addTimeout(timeout, self.clock, onTimeoutCancel=late)
+        return ended
+
+    def _close_pool(self) -> Any:
         pool, self._pool, self._agent = self._pool, None, None
         if pool is not None:
             return pool.closeCachedConnections()
@@ -130,6 +169,7 @@ class Fetcher(Component):
                     reactor = global_reactor
             self._reactor = reactor
             self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool._factory = _BoundedClientFactory
             self._pool.maxPersistentPerHost = 4
             self._pool.cachedConnectionTimeout = 30
             self.endpoints = urlpolicy.PolicyEndpointFactory(
@@ -142,12 +182,13 @@ class Fetcher(Component):
 
     @operation
     def fetch(self, url: Any = None, method: Any = "GET", address: Any = None, request_id: Any = None,
-              store: Any = None, validators: Any = None, store_limit: Any = None) -> Deferred:
+              store: Any = None, validators: Any = None, store_limit: Any = None, wait: Any = False) -> Deferred:
         """GET or HEAD C{url} and stream the answer to C{address} (and a 200
         GET's to C{store} too, when the body is at most C{store_limit} bytes, the
         largest the cache will keep; null: no limit known). Never fails: problems
-        are answered at C{address}. Fires, once the transfer is over, with a
-        summary (for RPC callers)."""
+        are answered at C{address}. Fires once the transfer has started (it goes
+        on, bounded by C{max_transfers}, after the request is settled), with
+        C{{"started": true}}; with C{wait} true, once it is over, with its summary."""
         if not isinstance(address, str) or not address:
             self.log.error("{component}: fetch without an address to answer (url {url!r}); dropped",
                            component=self.name, url=url)
@@ -161,8 +202,25 @@ class Fetcher(Component):
             return self._refuse(address, request_id, url, e, record=False)
         transfer = _Transfer(self, url, method, address, request_id, store=store, validators=validators,
                              store_limit=store_limit)
-        d = transfer.run().addCallback(self._recorded, url, transfer)
-        return d.addErrback(self._bug, url)
+        return self.room.acquire().addCallback(self._start, transfer, bool(wait))
+
+    def _start(self, _: Any, transfer: "_Transfer", wait: bool) -> Any:
+        """Run a transfer that has room; its request is settled now unless C{wait}."""
+        try:
+            d = transfer.run()
+        except Exception:  # noqa: BLE001 - run is inlineCallbacks; this is a bug, logged by _bug
+            d = fail()
+        d.addCallback(self._recorded, transfer.url, transfer).addErrback(self._bug, transfer.url)
+        d.addBoth(self._ended, d)
+        if wait:
+            return d
+        self._running.add(d)
+        return {"started": True}
+
+    def _ended(self, result: Any, d: Deferred) -> Any:
+        self._running.discard(d)
+        self.room.release()
+        return result
 
     def _bug(self, failure: Failure, url: Any) -> Dict[str, Any]:
         """A failure nothing else caught: logged, never retried (the request was answered or aborted)."""
@@ -793,6 +851,50 @@ class _DodsPump(_BodyPump):
             return {"status": self.status, "bytes": self.bytes, "delivered": delivered}
 
         d.addCallback(ended).chainDeferred(self.done)
+
+
+# --------------------------------------------------------------------------- #
+# a bounded answer head
+
+
+class _BoundedClientProtocol(HTTP11ClientProtocol):
+    """Twisted's HTTP/1.1 client, with a bound on the answer's head: at most
+    C{MAX_UPSTREAM_HEADERS} header fields and C{MAX_UPSTREAM_HEADER_BYTES} bytes
+    of status line and fields (each line is at most 16 KiB already). An
+    upstream past either gets no further: the request fails (ResponseFailed,
+    an UpstreamError for the proxy, 502) and the connection is dropped."""
+
+    def request(self, request: Any) -> Deferred:
+        d = super().request(request)
+        parser = self._parser
+        if parser is not None:
+            _bound_head(parser)
+        return d
+
+
+def _bound_head(parser: Any) -> None:
+    """Count the lines C{parser} takes until its body starts; raise past the bounds."""
+    from twisted.web._newclient import BODY
+
+    line_received = parser.lineReceived
+    seen = [0, 0]  # lines, bytes
+
+    def lineReceived(line: bytes) -> None:
+        if parser.state != BODY:
+            seen[0] += 1
+            seen[1] += len(line) + 2
+            if seen[0] > MAX_UPSTREAM_HEADERS + 2:  # the status line, the fields, the empty line
+                raise UpstreamError(f"the answer has more than {MAX_UPSTREAM_HEADERS} header fields")
+            if seen[1] > MAX_UPSTREAM_HEADER_BYTES:
+                raise UpstreamError(f"the answer's head is over {MAX_UPSTREAM_HEADER_BYTES} bytes")
+        line_received(line)
+
+    parser.lineReceived = lineReceived
+
+
+class _BoundedClientFactory(_HTTP11ClientFactory):
+    def buildProtocol(self, addr: Any) -> _BoundedClientProtocol:
+        return _BoundedClientProtocol(self._quiescentCallback)
 
 
 # --------------------------------------------------------------------------- #

@@ -17,7 +17,8 @@ waits (bounded) for the stream or an error reply, and closes C{L}.
 
 Hot responses: a small answer the cache served (status 200, at most
 C{HOT_ENTRY_BYTES}) is also held here, in memory (at most C{HOT_BYTES} in
-all, least recently used dropped first), keyed by method and URL, for at most
+all, headers counted with the body, least recently used dropped first,
+expired ones swept every C{record_interval}), keyed by method and URL, for at most
 C{hot_ttl} seconds (never more than the cache's C{max_age}). A request for it
 is answered at once, without the bus. Held answers are dropped when the
 dataset changes: the events C{event.purged|registered|fetched|refreshed.NAME}
@@ -26,9 +27,27 @@ cache's purge broadcast on C{cache.purge}. The requests answered here are
 counted in the controller's statistics all the same: one C{record} post a
 second with their count (C{count}, C{requests}), per dataset and URL.
 
+What one client may hold (a client that asks and never reads must not take
+the data path from everyone else):
+
+  - at most C{max_per_client} requests in progress per client address
+    (C{components.proxyng.max_per_client}, default 32): more are answered
+    429 with C{Retry-After} at once;
+  - a client whose connection takes nothing (its buffers full, the stream
+    paused) for C{stall_timeout} seconds (C{components.proxyng.stall_timeout},
+    default 5) is cut off with a reset; its stream and listen address go,
+    and with them the fetch feeding it. (The fetcher settles a request as
+    its transfer starts and bounds its transfers on its own, so no message
+    slot waits on a client either.)
+
 What the client gets:
 
-  - the upstream's status and headers (hop-by-hop ones removed), the body
+  - the upstream's status with the standard reason phrase (the upstream's
+    is never passed on), its headers less the hop-by-hop ones and
+    C{Set-Cookie}, with control characters taken out of values, plus
+    C{Content-Security-Policy: sandbox} (upstream HTML is served from the
+    proxy's origin); an answer with more than C{MAX_HEADERS} header fields
+    or C{MAX_HEADER_BYTES} of them is a 502; the body
     streamed with backpressure: the stream waits while the client's
     transport is paused, so nothing is buffered whole;
   - if the stream breaks (stream-error, a stall, fewer bytes than the
@@ -72,7 +91,7 @@ from ooidx.http.edge import TrackingSite, listen_address
 from ooidx.errors import http_status
 from ooidx import wire
 
-__all__ = ["Proxy", "ProxyError", "DAP_SUFFIXES", "HOP_BY_HOP", "parse_target", "Target"]
+__all__ = ["Proxy", "ProxyError", "DAP_SUFFIXES", "HOP_BY_HOP", "parse_target", "passed_on_headers", "Target"]
 
 #: A dataset name (docs/data-path.md; the same as ooidx.dap.valid_name).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -103,6 +122,25 @@ STREAM_WRITE_BUFFER = 1024 * 1024
 STREAM_SEND_LIMIT = 1024 * 1024
 #: Seconds between the posts that count the requests answered at the proxy.
 RECORD_INTERVAL = 1.0
+#: Requests in progress from one client address (components.proxyng.max_per_client);
+#: past it a request is answered 429 at once.
+MAX_PER_CLIENT = 32
+#: Seconds a client may leave its answer unread (its connection's buffers full)
+#: before it is cut off (components.proxyng.stall_timeout): a client that never
+#: reads must not hold the answer's stream, its listen address and the fetch.
+STALL_TIMEOUT = 5.0
+#: The most header fields (and bytes of them) an answer may pass on: more is a 502.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 64 * 1024
+#: Never passed on from an upstream: cookies would be set for the proxy's own origin.
+_DROPPED_HEADERS = frozenset((b"set-cookie", b"set-cookie2"))
+#: Every proxied answer is sandboxed: upstream HTML served from the proxy's origin
+#: runs no script there and reads none of its storage.
+SANDBOX = b"sandbox"
+#: A header field name (RFC 9110 token).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: Control characters other than tab, dropped from passed-on header values.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: The fanout the caches tell each other about purges on (ooidx.datapath.cache.PURGE_FANOUT).
 CACHE_PURGE_FANOUT = wire.CACHE_PURGE_FANOUT
 #: Events after which what the proxy holds for a dataset may be out of date.
@@ -213,28 +251,54 @@ class _Pump:
         self.paused = False
         self.stopped = False
         self._waiting: Optional[Deferred] = None
+        self._stall: Any = None
         self.written = 0
+        #: why the client was cut off, if it was
+        self.cut: Optional[str] = None
         #: the body so far, while it may still be held as a hot response
         self.kept: Optional[List[bytes]] = None
 
     def pauseProducing(self) -> None:
         self.paused = True
+        if self._stall is None and not self.stopped:
+            self._stall = self.proxy.clock.callLater(self.proxy.stall_timeout, self._stalled)
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self._disarm()
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             waiting.callback(None)
 
     def stopProducing(self) -> None:
         self.stopped = True
+        self._disarm()
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
-            waiting.errback(Failure(ClientGone("the client went away")))
+            waiting.errback(Failure(ClientGone(self.cut or "the client went away")))
+
+    def _disarm(self) -> None:
+        stall, self._stall = self._stall, None
+        if stall is not None and stall.active():
+            stall.cancel()
+
+    def _stalled(self) -> None:
+        """The client has read nothing for stall_timeout seconds: cut it off
+        (a reset: its unread bytes would hold a graceful close forever)."""
+        self._stall = None
+        if self.stopped:
+            return
+        self.cut = f"the client read nothing for {self.proxy.stall_timeout:g} s"
+        self.proxy.stalled += 1
+        transport = getattr(self.request.channel, "transport", None)
+        if transport is not None:
+            abort = getattr(transport, "abortConnection", None)
+            (abort or transport.loseConnection)()
+        self.stopProducing()
 
     def sink(self, data: bytes) -> Optional[Deferred]:
         if self.stopped or self.request.finished or self.request.channel is None:
-            raise ClientGone("the client went away")
+            raise ClientGone(self.cut or "the client went away")
         self.written += len(data)
         self.proxy.relayed += len(data)
         if self.kept is not None:
@@ -354,7 +418,7 @@ class _Exchange:
 class _Held:
     """One answer held at the proxy."""
 
-    __slots__ = ("status", "reason", "headers", "body", "dataset", "url", "expires")
+    __slots__ = ("status", "reason", "headers", "body", "dataset", "url", "expires", "size")
 
     def __init__(self, status: int, reason: Optional[bytes], headers: List[Tuple[bytes, List[bytes]]], body: bytes,
                  dataset: Optional[str], url: str, expires: float) -> None:
@@ -365,6 +429,9 @@ class _Held:
         self.dataset = dataset
         self.url = url
         self.expires = expires
+        #: what holding it costs, counted against HOT_BYTES: body, headers, URL and a fixed share
+        self.size = (len(body) + len(url) + 256
+                     + sum(len(name) + sum(len(v) + 16 for v in values) for name, values in headers))
 
 
 class HotResponses:
@@ -393,15 +460,19 @@ class HotResponses:
         return held
 
     def put(self, method: bytes, url: str, held: _Held) -> None:
-        if len(held.body) > self.max_entry:
+        if len(held.body) > self.max_entry or held.size - len(held.body) > MAX_HEADER_BYTES + MAX_URI + 256:
             return
         key = (method, url)
         if key in self._entries:
             self._drop(key)
         self._entries[key] = held
-        self.size += len(held.body) + 256
+        self.size += held.size
         while self.size > self.max_bytes and self._entries:
             self._drop(next(iter(self._entries)))
+
+    def sweep(self, now: float) -> int:
+        """Drop every expired answer (not only those asked for again); how many went."""
+        return self._drop_where(lambda held: held.expires <= now)
 
     def drop_url(self, url: str) -> int:
         return self._drop_where(lambda held: held.url == url)
@@ -431,7 +502,7 @@ class HotResponses:
     def _drop(self, key: Tuple[bytes, str]) -> None:
         held = self._entries.pop(key, None)
         if held is not None:
-            self.size -= len(held.body) + 256
+            self.size -= held.size
 
 
 class Proxy(Component):
@@ -443,7 +514,8 @@ class Proxy(Component):
                  clock: Any = None, port: Optional[int] = None, interface: Optional[str] = None,
                  answer_timeout: Optional[float] = None, lookup_timeout: Optional[float] = None,
                  base_ttl: float = BASE_TTL, hot_ttl: Optional[float] = None, hot_bytes: int = HOT_BYTES,
-                 record_interval: float = RECORD_INTERVAL) -> None:
+                 record_interval: float = RECORD_INTERVAL, max_per_client: Optional[int] = None,
+                 stall_timeout: Optional[float] = None) -> None:
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
         self._port_number, self._interface = listen_address(self.config, self.name, port, interface,
                                                               http_port="proxy_port", default_port=8100)
@@ -463,6 +535,14 @@ class Proxy(Component):
         self._waiting: set = set()  # exchanges waiting for their answer to start
         self._following_link = False
         self.relayed = 0  # body bytes handed to HTTP transports, in all
+        options = _own_options(config, name)
+        self.max_per_client: int = (max_per_client if max_per_client is not None
+                                    else getattr(options, "max_per_client", MAX_PER_CLIENT))
+        self.stall_timeout: float = (stall_timeout if stall_timeout is not None
+                                     else getattr(options, "stall_timeout", STALL_TIMEOUT))
+        self._per_client: Dict[str, int] = {}  # client address -> requests in progress
+        self.refused = 0  # requests answered 429 (max_per_client)
+        self.stalled = 0  # clients cut off for reading nothing (stall_timeout)
         # hot responses: held no longer than the cache keeps an answer fresh
         max_age = _cache_max_age(config)
         self.hot_ttl = min(HOT_TTL if hot_ttl is None else hot_ttl, max_age)
@@ -547,9 +627,27 @@ class Proxy(Component):
                 held = hot.get(request.method, url, self.clock.seconds())
                 if held is not None:
                     return self._answer_held(request, held)
+        client = _client_host(request)
+        count = self._per_client.get(client, 0)
+        if count >= self.max_per_client:
+            self.refused += 1
+            self.log.info("{component}: {client} has {count} requests in progress; {uri} answered 429",
+                          component=self.name, client=client, count=count, uri=_printable(request.uri))
+            return self._error_now(request, ProxyError(
+                429, "TooManyRequests", f"{count} requests from {client} are in progress (at most "
+                f"{self.max_per_client})", {b"Retry-After": b"1"}))
+        self._per_client[client] = count + 1
         d = self._serve(request, target)
         d.addErrback(self._unexpected, request)
+        d.addBoth(self._client_done, client)
         return server.NOT_DONE_YET
+
+    def _client_done(self, _: Any, client: str) -> None:
+        count = self._per_client.get(client, 0) - 1
+        if count > 0:
+            self._per_client[client] = count
+        else:
+            self._per_client.pop(client, None)
 
     def _error_now(self, request: server.Request, error: ProxyError) -> bytes:
         body = self._prepare_error(request, error)
@@ -738,7 +836,10 @@ class Proxy(Component):
         return held.body
 
     def _record_answered(self) -> None:
-        """Count the requests answered here in the controller's statistics."""
+        """Count the requests answered here in the controller's statistics
+        (and drop the held answers that expired meanwhile)."""
+        if self.hot is not None:
+            self.hot.sweep(self.clock.seconds())
         answered, self._answered = self._answered, {}
         for (dataset, url), (count, size) in answered.items():
             d = self.bus.post("controller", "record", dataset=dataset, url=url, hit=True, bytes=size, status=200,
@@ -814,25 +915,26 @@ class Proxy(Component):
             stream.deliver(lambda data: None).addErrback(lambda _: None)
             self._send_error(request, ProxyError(502, "BadAnswer", f"the answer has no valid status ({status!r})"))
             return
-        reason = meta.get("reason")
-        request.setResponseCode(status, reason.encode("latin-1", "replace") if isinstance(reason, str) and reason
-                                else None)
+        try:
+            grouped = passed_on_headers(meta.get("headers"))
+        except ProxyError as e:
+            stream.deliver(lambda data: None).addErrback(lambda _: None)
+            self._send_error(request, e)
+            return
+        if request.channel is None or request.finished:
+            stream.deliver(lambda data: None).addErrback(lambda _: None)  # the client left meanwhile
+            return
+        # the standard reason phrase: the upstream's is never passed on (it could carry anything)
+        request.setResponseCode(status)
         declared: Optional[int] = None
-        grouped: Dict[bytes, List[bytes]] = {}
-        for pair in meta.get("headers") or []:
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-                continue
-            name, value = (str(pair[0]).encode("latin-1", "replace"), str(pair[1]).encode("latin-1", "replace"))
-            if name.lower() in HOP_BY_HOP or b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
-                continue
-            grouped.setdefault(name.lower(), []).append(value)
-            if name.lower() == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = None
+        for value in grouped.get(b"content-length", ()):
+            try:
+                declared = int(value)
+            except ValueError:
+                declared = None
         for name, values in grouped.items():
             request.responseHeaders.setRawHeaders(name, values)
+        request.responseHeaders.addRawHeader(b"Content-Security-Policy", SANDBOX)
         if declared is None and isinstance(meta.get("length"), int) and status not in (204, 304) \
                 and status >= 200:
             declared = meta["length"]
@@ -857,15 +959,18 @@ class Proxy(Component):
             ok = True
         except (StreamError, Timeout) as e:
             why = str(e)
-        except ClientGone:
-            why = "the client went away"
+        except ClientGone as e:
+            why = str(e)
         except Exception as e:  # noqa: BLE001
             why = f"{type(e).__name__}: {e}"
         if ok and method != "HEAD" and declared is not None and count != declared and status not in (204, 304):
             ok = False
             why = f"the body has {count} bytes, {declared} were declared"
         if request.producer is pump:
-            request.unregisterProducer()
+            if request.channel is not None:
+                request.unregisterProducer()
+            else:  # the client left: its channel is gone, and the producer with it
+                request.producer = None
         elapsed = time.monotonic() - started
         if ok:
             if keep and pump.kept is not None and (method == "HEAD" or declared is not None):
@@ -882,7 +987,8 @@ class Proxy(Component):
             self.log.warn("{component} {method} {uri} -> 502: the answer broke before its body: {why}",
                           component=self.name, method=method, uri=_printable(request.uri), why=why)
         else:
-            _abort(request)
+            if pump.cut is None:
+                _abort(request)
             self.log.warn("{component} {method} {uri}: transfer failed after {bytes} bytes: {why}",
                           component=self.name, method=method, uri=_printable(request.uri), bytes=pump.written,
                           why=why)
@@ -933,3 +1039,43 @@ def _bounded(d: Deferred, timeout: float, clock: Any, what: str, status: int = 5
 
     d.addTimeout(timeout, clock, onTimeoutCancel=timed_out)
     return d
+
+
+def _own_options(config: Any, name: str) -> Any:
+    """This component's options from the config (None without a config)."""
+    components = getattr(config, "components", None)
+    settings = components.get(name) if hasattr(components, "get") else None
+    return getattr(settings, "options", None)
+
+
+def _client_host(request: server.Request) -> str:
+    """The client's address, as the per-client bound counts it."""
+    address = request.getClientAddress()
+    return str(getattr(address, "host", None) or address)
+
+
+def passed_on_headers(pairs: Any) -> Dict[bytes, List[bytes]]:
+    """An answer's [name, value] pairs as they may go out to the client, by
+    lower-case name: hop-by-hop fields, cookies and fields whose name is not a
+    token or whose value holds CR or LF are dropped; other control characters
+    are taken out of values. More than MAX_HEADERS fields, or MAX_HEADER_BYTES,
+    is a L{ProxyError} 502: the answer is refused, not cut short."""
+    grouped: Dict[bytes, List[bytes]] = {}
+    if not isinstance(pairs, (list, tuple)):
+        return grouped
+    if len(pairs) > MAX_HEADERS:
+        raise ProxyError(502, "BadAnswer", f"the answer has {len(pairs)} header fields (at most {MAX_HEADERS})")
+    size = 0
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            continue
+        name, value = (str(pair[0]).encode("latin-1", "replace"), str(pair[1]).encode("latin-1", "replace"))
+        size += len(name) + len(value) + 4
+        if size > MAX_HEADER_BYTES:
+            raise ProxyError(502, "BadAnswer", f"the answer's header fields are over {MAX_HEADER_BYTES} bytes")
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in _DROPPED_HEADERS or not _TOKEN.match(name) \
+                or b"\n" in value or b"\r" in value:
+            continue
+        grouped.setdefault(lowered, []).append(_CONTROL.sub(b"", value))
+    return grouped
