@@ -62,6 +62,7 @@ from ooidx import dap, events, urlpolicy
 from ooidx import wire
 from ooidx.component import Component
 from ooidx.config import FetcherOptions, SecurityConfig
+from ooidx.datapath.waiting import ended_within
 from ooidx.errors import Forbidden, InvalidName, InvalidURL, UpstreamError, UpstreamTimeout
 
 METHODS = ("GET", "HEAD")
@@ -133,24 +134,19 @@ class Fetcher(Component):
     def tearDown(self) -> Any:
         """Let the running transfers (their requests are settled already) end,
         for at most the shutdown timeout, then close the connection pool."""
-        d = self._transfers_ended(getattr(getattr(self.config, "timeouts", None), "shutdown", None) or 10.0)
+        timeout = getattr(getattr(self.config, "timeouts", None), "shutdown", None) or 10.0
+        running = list(self._running)
+        if running:
+            self.log.info("{component}: waiting up to {timeout:g} s for {count} transfer(s)", component=self.name,
+                          timeout=timeout, count=len(running))
+        d = ended_within(running, timeout, self.clock)
+        d.addCallback(self._stopped_waiting, timeout)
         return d.addCallback(lambda _: self._close_pool())
 
-    def _transfers_ended(self, timeout: float) -> Deferred:
-        running = list(self._running)
-        if not running:
-            return succeed(None)
-        self.log.info("{component}: waiting up to {timeout:g} s for {count} transfer(s)", component=self.name,
-                      timeout=timeout, count=len(running))
-        ended: Deferred = Deferred()
-        DeferredList(running, consumeErrors=True).addBoth(lambda _: None if ended.called else ended.callback(None))
-
-        def late(_: Any, t: float) -> None:
+    def _stopped_waiting(self, ended: bool, timeout: float) -> None:
+        if not ended:
             self.log.warn("{component}: {count} transfer(s) still running after {timeout:g} s; stopping anyway",
-                          component=self.name, count=len(self._running), timeout=t)
-
-        ended.addTimeout(timeout, self.clock, onTimeoutCancel=late)
-        return ended
+                          component=self.name, count=len(self._running), timeout=timeout)
 
     def _close_pool(self) -> Any:
         pool, self._pool, self._agent = self._pool, None, None
@@ -433,16 +429,12 @@ class _Transfer:
         raise UpstreamError("redirect loop")  # not reached
 
     def _with_timeout(self, d: Deferred) -> Deferred:
-        timer = self.clock.callLater(self.options.timeout, d.cancel)
+        """C{d}, cancelled (an L{UpstreamTimeout}) if no answer came within the fetch timeout."""
 
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            elif isinstance(result, Failure):
-                return Failure(UpstreamTimeout(f"no answer within {self.options.timeout:g} s"))
-            return result
+        def timed_out(result: Any, timeout: float) -> None:
+            raise UpstreamTimeout(f"no answer within {timeout:g} s")
 
-        return d.addBoth(done)
+        return d.addTimeout(self.options.timeout, self.clock, onTimeoutCancel=timed_out)
 
     # the answer ---------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import server
 from twisted.web.test.requesthelper import DummyRequest
 
-from ooidx.datapath.proxy import (ClientGone, HotResponses, MAX_HEADERS, Proxy, ProxyError, _Held, _Pump,
-                                  passed_on_headers)
+from ooidx.datapath.hot import Held, HotResponses
+from ooidx.datapath.proxy import Proxy, ProxyError
+from ooidx.datapath.relay import MAX_HEADERS, ClientGone, Pump, passed_on_headers
 
 
 class FakeTransport:
@@ -127,7 +128,7 @@ class StallTests(SynchronousTestCase):
         self.clock = task.Clock()
         self.proxy = make_proxy(self.clock, stall_timeout=5.0)
         self.request = Request(URL)
-        self.pump = _Pump(self.request, self.proxy)
+        self.pump = Pump(self.request, self.proxy)
 
     def test_a_client_that_reads_nothing_is_cut_off(self) -> None:
         self.pump.pauseProducing()
@@ -228,8 +229,8 @@ class HeaderTests(SynchronousTestCase):
 
 
 class HotTests(SynchronousTestCase):
-    def held(self, headers: Any, body: bytes = b"b", expires: float = 10.0) -> _Held:
-        return _Held(200, None, headers, body, None, "http://x/y", expires)
+    def held(self, headers: Any, body: bytes = b"b", expires: float = 10.0) -> Held:
+        return Held(200, None, headers, body, None, "http://x/y", expires)
 
     def test_headers_count_against_the_bound(self) -> None:
         hot = HotResponses(max_bytes=100_000)
