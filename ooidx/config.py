@@ -210,7 +210,7 @@ class ListenOptions:
 class ProxyOptions(ListenOptions):
     """proxyng: where it listens, and how much one client may hold."""
 
-    max_per_client: int = 32  # requests in progress from one client address; more are answered 429
+    max_per_client: int = 100  # requests in progress from one client address; more are answered 429
     stall_timeout: float = 5.0  # seconds a client may leave its answer unread before it is cut off
 
 
@@ -795,7 +795,7 @@ class _Parser:
         if name == "fetcher":
             specific["max_transfers"] = (64, lambda v, p: self.integer(v, p, 1, 100_000))
         elif name == "proxyng":
-            specific["max_per_client"] = (32, lambda v, p: self.integer(v, p, 1, 100_000))
+            specific["max_per_client"] = (100, lambda v, p: self.integer(v, p, 1, 100_000))
             specific["stall_timeout"] = (5.0, self.number)
         settings = self.fields(value, path, {**common, **specific})
         instances, process = settings.pop("instances"), settings.pop("process")

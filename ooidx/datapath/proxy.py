@@ -31,7 +31,7 @@ What one client may hold (a client that asks and never reads must not take
 the data path from everyone else):
 
   - at most C{max_per_client} requests in progress per client address
-    (C{components.proxyng.max_per_client}, default 32): more are answered
+    (C{components.proxyng.max_per_client}, default 100): more are answered
     429 with C{Retry-After} at once;
   - a client whose connection takes nothing (its buffers full, the stream
     paused) for C{stall_timeout} seconds (C{components.proxyng.stall_timeout},
@@ -103,7 +103,7 @@ MAX_REQUEST_BODY = 64 * 1024
 RECORD_INTERVAL = 1.0
 #: Requests in progress from one client address (components.proxyng.max_per_client);
 #: past it a request is answered 429 at once.
-MAX_PER_CLIENT = 32
+MAX_PER_CLIENT = 100
 #: The fanout the caches tell each other about purges on (ooidx.datapath.cache.PURGE_FANOUT).
 CACHE_PURGE_FANOUT = wire.CACHE_PURGE_FANOUT
 

@@ -73,7 +73,7 @@ def test_component_options_defaults(tmp_path):
     )
     assert opts["attribute_store"].url == str(tmp_path / "var" / "ooidx" / "attributes.sqlite3")
     assert opts["web"] == config.ListenOptions(None, None)
-    assert opts["proxyng"] == config.ProxyOptions(None, None, max_per_client=32, stall_timeout=5.0)
+    assert opts["proxyng"] == config.ProxyOptions(None, None, max_per_client=100, stall_timeout=5.0)
     assert opts["persister"] == config.PersisterOptions("persister", 60.0, 900.0)
     assert opts["controller"] is None
 

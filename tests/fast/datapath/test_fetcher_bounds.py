@@ -114,7 +114,7 @@ class ConfigTests(SynchronousTestCase):
         config = self.parse("  fetcher:\n  proxyng:\n")
         self.assertEqual(config.components["fetcher"].options.max_transfers, 64)
         self.assertEqual(config.components["proxyng"].options,
-                         ProxyOptions(max_per_client=32, stall_timeout=5.0))
+                         ProxyOptions(max_per_client=100, stall_timeout=5.0))
         config = self.parse("  fetcher: {max_transfers: 5}\n  proxyng: {max_per_client: 4, stall_timeout: 2.5,"
                             " port: 0}\n")
         self.assertEqual(config.components["fetcher"].options.max_transfers, 5)
