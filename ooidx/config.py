@@ -48,6 +48,7 @@ __all__ = [
     "FetcherOptions",
     "HttpConfig",
     "ListenOptions",
+    "ProxyOptions",
     "Listener",
     "LoggingConfig",
     "RetriesConfig",
@@ -187,6 +188,10 @@ class FetcherOptions:
     max_redirects: int = 5
     max_bytes: int = 10 * GiB  # largest response fetched
     timeout: float = 60.0  # seconds without progress before a fetch fails
+    # transfers running at once in one fetcher process, whatever the bus prefetch: a fetch
+    # request is settled as soon as its transfer starts, so how fast a client reads never
+    # holds a message slot; past this many, new requests wait in the queue
+    max_transfers: int = 64
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,14 @@ class ListenOptions:
 
     port: Any = None  # a number or an endpoint string
     interface: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ProxyOptions(ListenOptions):
+    """proxyng: where it listens, and how much one client may hold."""
+
+    max_per_client: int = 100  # requests in progress from one client address; more are answered 429
+    stall_timeout: float = 5.0  # seconds a client may leave its answer unread before it is cut off
 
 
 @dataclass(frozen=True)
@@ -833,6 +846,11 @@ class _Parser:
                 "port": (None, lambda v, p: self.listen_port(v, p, name)),
                 "interface": (None, self.interface),
             }
+        if name == "fetcher":
+            specific["max_transfers"] = (64, lambda v, p: self.integer(v, p, 1, 100_000))
+        elif name == "proxyng":
+            specific["max_per_client"] = (100, lambda v, p: self.integer(v, p, 1, 100_000))
+            specific["stall_timeout"] = (5.0, self.number)
         settings = self.fields(value, path, {**common, **specific})
         instances, process = settings.pop("instances"), settings.pop("process")
 
@@ -866,6 +884,8 @@ class _Parser:
                 raise self.error(f"{path}.retry_max", f"expected at least retry_after ({settings['retry_after']:g} s), "
                                  f"got {settings['retry_max']:g}")
             options = PersisterOptions(**settings)
+        elif name == "proxyng":
+            options = ProxyOptions(**settings)
         elif name in LISTENING_COMPONENTS:
             options = ListenOptions(**settings)
         return ComponentConfig(name=name, instances=instances, process=process, options=options)

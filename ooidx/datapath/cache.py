@@ -25,7 +25,7 @@ import re
 import uuid
 from typing import Any, Dict, Optional, Set
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, inlineCallbacks
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -41,6 +41,7 @@ from ooidx.component import Component
 from ooidx.config import CacheOptions
 from ooidx.errors import DXError, InvalidName, InvalidURL, UpstreamError
 from ooidx.datapath.store import DiskStore, Entry, EntryTooLarge, StoreError, Writer
+from ooidx.datapath.waiting import ended_within
 from ooidx import wire
 
 __all__ = ["Cache", "node_address", "PURGE_FANOUT"]
@@ -55,6 +56,8 @@ MAX_SERVING = 32
 FLUSH_INTERVAL = 60.0
 #: Disk threads of one cache process.
 THREADS = 4
+#: Seconds the cache waits at stop for running serves and writes to finish their disk work.
+STOP_WAIT = 10.0
 #: Seconds a purge waits for the attribute store's record of the dataset.
 ATTRIBUTE_TIMEOUT = 5.0
 
@@ -131,12 +134,10 @@ class Cache(Component):
         for incoming in list(self._writers.values()):
             incoming.cancel("the cache is stopping")
         # Let running serves and writes finish their disk work (they end quickly once the bus is gone).
-        active = list(self._active)
-        for d in active:
-            try:
-                yield _bounded(d, 10.0, self._reactor)
-            except Exception:
-                pass
+        ended = yield ended_within(list(self._active), STOP_WAIT, self._reactor)
+        if not ended:
+            self.log.warn("{component}: serves or writes still running after {timeout:g} s; stopping anyway",
+                          component=self.name, timeout=STOP_WAIT)
         if self._pool is not None:
             try:
                 yield self._io(self.store.close)
@@ -148,7 +149,7 @@ class Cache(Component):
     def _io(self, f: Any, *args: Any, **kwargs: Any) -> Deferred:
         """Run blocking disk work in the cache's threads."""
         if self._pool is None:
-            return _failed(StoreError("the cache is not running"))
+            return fail(StoreError("the cache is not running"))
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
 
     def _flush(self) -> Deferred:
@@ -529,28 +530,6 @@ def _check_url(url: Any) -> None:
 def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise InvalidName(f"not a dataset name: {str(name)[:100]!r}")
-
-
-def _bounded(d: Deferred, seconds: float, clock: Any) -> Deferred:
-    """A Deferred that fires with C{d}'s result, or fails after C{seconds}; C{d} itself is left alone."""
-    out: Deferred = Deferred()
-    timer = clock.callLater(seconds, lambda: out.called or out.errback(Failure(TimeoutError("still running"))))
-
-    def both(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
-        if not out.called:
-            out.callback(None)
-        return result
-
-    d.addBoth(both)
-    return out
-
-
-def _failed(exc: Exception) -> Deferred:
-    d: Deferred = Deferred()
-    d.errback(Failure(exc))
-    return d
 
 
 def _global_reactor() -> Any:

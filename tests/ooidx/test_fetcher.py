@@ -521,12 +521,41 @@ def test_malformed_requests_get_error_replies(make_fetcher: Any, upstream: Any) 
 
 
 @pytest_twisted.inlineCallbacks
+def test_upstream_head_is_bounded(make_fetcher: Any, upstream: Any) -> Any:
+    """An upstream's answer head is bounded: 90 fields pass; 400 fields, or 100
+    fields of 1000 bytes, are an UpstreamError (a 502 at the proxy), read no further."""
+    bus, fetcher = yield make_fetcher()
+    metadata, body, _ = yield fetch_body(bus, upstream["url"] + "/headers?n=90")
+    assert body == b"many" and sum(1 for name, _ in metadata["headers"] if name.startswith("X-H-")) == 90
+    for query in ("n=400", "n=100000", "n=60&size=2000"):
+        e = yield fetch_error(bus, upstream["url"] + "/headers?" + query)
+        assert e.remote_type == "UpstreamError" and "head" in e.message or "header" in e.message, (query, e)
+    assert fetcher.active == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_requests_are_settled_when_the_transfer_starts(make_fetcher: Any, upstream: Any) -> Any:
+    """A fetch's request is settled as its transfer starts: the bus has no
+    handler in flight while the answer is still being read."""
+    bus, fetcher = yield make_fetcher()
+    listener = yield bus.listen()
+    reply = yield bus.call("fetcher", "fetch", url=upstream["url"] + "/big?size=30000000", method="GET",
+                           address=listener.address, request_id=RID, timeout=10)
+    assert reply == {"started": True}
+    s = yield listener.next_stream(timeout=10)
+    assert fetcher.active == 1 and s.bytes_received < 30000000
+    yield s.read_all(limit=64 * 1024 * 1024)
+    yield task.deferLater(reactor, 0.1, lambda: None)
+    assert fetcher.active == 0
+
+
+@pytest_twisted.inlineCallbacks
 def test_gone_listener_stops_the_transfer(make_fetcher: Any, upstream: Any) -> Any:
     """The proxy's address vanishes mid-stream: the fetch ends, nothing is left running."""
     bus, fetcher = yield make_fetcher()
     listener = yield bus.listen()
     result = bus.call("fetcher", "fetch", url=upstream["url"] + "/big?size=50000000", method="GET",
-                      address=listener.address, request_id=RID, timeout=30)
+                      address=listener.address, request_id=RID, timeout=30, wait=True)
     s = yield listener.next_stream(timeout=10)
     yield listener.close()
     summary = yield result

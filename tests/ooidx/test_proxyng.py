@@ -28,6 +28,7 @@ BIG = 24 * 1024 * 1024
 #: The fake fetcher's stream chunks: small, so a stream that breaks after
 #: 200 KB has sent body bytes (the default chunk would still be holding them).
 CHUNK = 64 * 1024
+EVIL_BODY = b"<html><script>document.cookie</script></html>"
 
 
 def body_of(size: int) -> bytes:
@@ -59,7 +60,7 @@ class FakeController:
                 raise exc(f"fake: {prefix}")
         if path.startswith("/silent"):
             return {"via": "fetcher"}
-        known = ("/ok", "/notfound", "/chunked", "/big", "/midfail", "/chunkfail", "/short", "/stall", "/earlyfail")
+        known = ("/ok", "/evil", "/manyheaders", "/notfound", "/chunked", "/big", "/midfail", "/chunkfail", "/short", "/stall", "/earlyfail")
         if not path.startswith(known):
             raise UpstreamError(f"fake: nothing at {path}")
         task.deferLater(reactor, 0, self._answer, path, method, address, request_id)
@@ -73,6 +74,15 @@ class FakeController:
             return self._stream(address, request_id, 200, headers + [["Content-Length", str(len(body))]],
                                 [] if method == "HEAD" else [body], length=len(body),
                                 source="cache" if "cached" in path else "fetcher")
+        if path.startswith("/evil"):
+            return self._stream(address, request_id, 200,
+                                [["Content-Type", "text/html"], ["Set-Cookie", "injected=1"],
+                                 ["set-cookie2", "injected=2"], ["X-Odd", "a\x00b\x0bc\x1b"],
+                                 ["X-Split", "a\rSet-Cookie: injected=3"], ["Bad Name", "x"],
+                                 ["Content-Length", str(len(EVIL_BODY))]],
+                                [EVIL_BODY], reason="OK\rSet-Cookie: injected=1")
+        if path.startswith("/manyheaders"):
+            return self._stream(address, request_id, 200, [[f"X-H-{i}", "v"] for i in range(400)], [b"x"])
         if path.startswith("/notfound"):
             return self._stream(address, request_id, 404, headers + [["Content-Length", "9"]], [b"not there"],
                                 reason="Not Found Here")
@@ -329,10 +339,36 @@ async def test_absolute_uri_to_the_proxy_itself_is_by_name(stack: Stack) -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_upstream_status_and_reason_passed_on(stack: Stack) -> None:
+async def test_upstream_status_passed_on_with_the_standard_reason(stack: Stack) -> None:
     data = await raw(stack.port, f"GET {UP}/notfound HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
-    assert data.startswith(b"HTTP/1.1 404 Not Found Here\r\n")
+    assert data.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert b"Not Found Here" not in data
     assert data.endswith(b"\r\n\r\nnot there")
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_upstream_reason_headers_and_cookies(stack: Stack) -> None:
+    """A reason phrase with CR in it, control characters in header values,
+    cookies and HTML: the standard reason goes out, control characters are
+    dropped, Set-Cookie never leaves, the answer is sandboxed."""
+    data = await raw(stack.port, f"GET {UP}/evil HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    assert b"injected" not in head and b"Set-Cookie" not in head and b"set-cookie" not in head.lower()
+    assert not any(b in head for b in (b"\x00", b"\x0b", b"\x1b", b"\r\r"))
+    assert b"X-Odd: abc" in lines and b"Content-Security-Policy: sandbox" in lines
+    assert b"Bad Name" not in head
+    assert body == EVIL_BODY
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_many_upstream_headers_are_a_502(stack: Stack) -> None:
+    status, headers, body = await stack.get(f"/datasets/sst.das", headers={})  # the stack works
+    assert status == 200
+    data = await raw(stack.port, f"GET {UP}/manyheaders HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert data.startswith(b"HTTP/1.1 502 "), data[:200]
+    assert b"BadAnswer" in data and b"X-H-1:" not in data
 
 
 @pytest_twisted.ensureDeferred

@@ -178,6 +178,18 @@ class Repeats(_Leaf):
         return b"headers"
 
 
+class ManyHeaders(_Leaf):
+    """?n=N header fields of ?size=S bytes each (an upstream with an unbounded head)."""
+
+    def render_GET(self, request: server.Request) -> bytes:
+        n = int(request.args.get(b"n", [b"10"])[0])
+        size = int(request.args.get(b"size", [b"8"])[0])
+        h = request.responseHeaders
+        for i in range(n):
+            h.addRawHeader(b"X-H-%d" % i, b"v" * size)
+        return b"many"
+
+
 class EchoHost(_Leaf):
     """The Host header the request came with."""
 
@@ -190,7 +202,7 @@ def make_site() -> server.Site:
     for name, child in [(b"small", Small()), (b"big", Big()), (b"chunked", Chunked()), (b"chain", Chain()),
                         (b"goto", Goto()), (b"truncated", Truncated()), (b"chunked-cut", ChunkedCut()),
                         (b"slow", Slow()), (b"stall", Stall()), (b"status", Status()), (b"repeats", Repeats()),
-                        (b"host", EchoHost())]:
+                        (b"host", EchoHost()), (b"headers", ManyHeaders())]:
         root.putChild(name, child)
     site = server.Site(root)
     site.noisy = False

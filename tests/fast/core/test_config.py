@@ -81,7 +81,8 @@ class ConfigTests(FastCase):
             max_redirects=5, max_bytes=10 << 30, timeout=60.0
         )
         assert opts["attribute_store"].url == str(tmp_path / "var" / "ooidx" / "attributes.sqlite3")
-        assert opts["proxyng"] == opts["web"] == config.ListenOptions(None, None)
+        assert opts["web"] == config.ListenOptions(None, None)
+        assert opts["proxyng"] == config.ProxyOptions(None, None, max_per_client=100, stall_timeout=5.0)
         assert opts["persister"] == config.PersisterOptions("persister", 60.0, 900.0)
         assert opts["controller"] is None
 

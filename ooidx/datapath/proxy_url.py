@@ -1,0 +1,111 @@
+"""What a proxy request asks for (docs/data-path.md): the request line's URI
+made into a L{Target}, a URL (forward proxy) or a dataset by name
+(C{/datasets/NAME.SUFFIX?CONSTRAINT}), and L{ProxyError}, the answer the
+proxy gives itself (an HTTP status, an error kind, a message) before any of
+an upstream's headers went out."""
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional, Tuple
+
+__all__ = ["DAP_SUFFIXES", "DATASETS_PREFIX", "MAX_URI", "NAME", "ProxyError", "Target", "parse_target",
+           "printable"]
+
+#: A dataset name (docs/data-path.md; the same as ooidx.dap.valid_name).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+#: The suffixes a by-name path may end in; the longest match wins.
+DAP_SUFFIXES = (".dods", ".das", ".dds", ".asc", ".ascii", ".html", ".info", ".ver", ".csv", ".nc")
+#: What the datasets path looks like.
+DATASETS_PREFIX = b"/datasets/"
+#: The longest request target taken (414 past it).
+MAX_URI = 8192
+#: by-name suffixes, longest first
+_SUFFIXES_LONGEST_FIRST = tuple(s.encode("ascii") for s in sorted(DAP_SUFFIXES, key=len, reverse=True))
+
+
+class ProxyError(Exception):
+    """An answer other than the upstream's, before any header went out."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: Optional[Dict[bytes, bytes]] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.headers = headers or {}
+
+
+
+class Target:
+    """What a request asks for: a URL (forward proxy) or a dataset by name."""
+
+    __slots__ = ("url", "name", "suffix", "query", "csv")
+
+    def __init__(self, url: Optional[str] = None, name: Optional[str] = None, suffix: str = "",
+                 query: Optional[str] = None) -> None:
+        self.url = url
+        self.name = name
+        self.suffix = suffix
+        self.query = query  # None: no "?" at all; "" : a "?" with nothing after it
+        self.csv = suffix == ".csv"
+
+    def __repr__(self) -> str:
+        return f"Target(url={self.url!r}, name={self.name!r}, suffix={self.suffix!r}, query={self.query!r})"
+
+
+def printable(raw: bytes, limit: int = 120) -> str:
+    text = raw[:limit].decode("ascii", "backslashreplace")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text + ("..." if len(raw) > limit else "")
+
+
+def _ascii(raw: bytes, what: str) -> str:
+    """Bytes of a URI as text: printable ASCII only (clients percent-encode the rest)."""
+    if any(b < 0x21 or b > 0x7E for b in raw):
+        raise ProxyError(400, "InvalidURL", f"{what} has bytes that must be percent-encoded: {printable(raw)}")
+    return raw.decode("ascii")
+
+
+def parse_target(uri: bytes, own: Tuple[str, ...] = ()) -> Target:
+    """The target of a request line's URI. C{own}: host:port spellings of this
+    proxy, so that an absolute URI naming the proxy itself is served by name."""
+    if len(uri) > MAX_URI:
+        raise ProxyError(414, "URITooLong", f"the request target is longer than {MAX_URI} bytes")
+    if uri.startswith(b"/"):
+        return _by_name(uri)
+    scheme, sep, rest = uri.partition(b"://")
+    if not sep:
+        raise ProxyError(400, "InvalidURL", f"not a path or an absolute http:// URL: {printable(uri)}")
+    if scheme.lower() not in (b"http", b"https"):
+        raise ProxyError(400, "InvalidURL", f"scheme {printable(scheme)!r} is not proxied (http and https only)")
+    authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+    if not authority or authority.startswith(b":") or b"@" in authority:
+        raise ProxyError(400, "InvalidURL", f"no host (or userinfo given) in {printable(uri)}")
+    text = _ascii(uri, "the URL")
+    if authority.decode("ascii").lower() in own:
+        path = rest[len(authority):] or b"/"
+        return _by_name(path)
+    return Target(url=text)
+
+
+def _by_name(path_and_query: bytes) -> Target:
+    path, sep, query = path_and_query.partition(b"?")
+    if not path.startswith(DATASETS_PREFIX):
+        raise ProxyError(404, "NotFound", f"no such path: {printable(path)} (datasets are under /datasets/NAME.SUFFIX)")
+    rest = path[len(DATASETS_PREFIX):]
+    suffix = b""
+    for candidate in _SUFFIXES_LONGEST_FIRST:
+        if rest.endswith(candidate) and len(rest) > len(candidate):
+            suffix = candidate
+            rest = rest[: -len(candidate)]
+            break
+    try:
+        name = rest.decode("ascii")
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not NAME.match(name):
+        raise ProxyError(400, "InvalidName", f"bad dataset name {printable(rest)}: expected "
+                                             "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+    return Target(name=name, suffix=suffix.decode("ascii"),
+                  query=_ascii(query, "the constraint expression") if sep else None)
+
+
