@@ -574,7 +574,7 @@ class _Parser:
         return value
 
     def listen_port(self, value: Any, path: str, component: str) -> Any:
-        """A port number 0-65535, or an endpoint string (ooidx.http.listen: tcp:, tcp6:, ssl: for the web port)."""
+        """A port number 0-65535, or an endpoint string (ooidx.http.listen: tcp:, tcp6:, ssl:)."""
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise self.error(path, f"expected a port number 0-65535 or an endpoint string such as "
                              f"tcp:8080:interface=127.0.0.1, got {_describe(value)}")
@@ -584,8 +584,6 @@ class _Parser:
             spec = parse_listen(value, "127.0.0.1")
         except BadEndpoint as e:
             raise self.error(path, str(e)) from None
-        if spec.tls and component != "web":
-            raise self.error(path, f"{component} listens on plain TCP (tcp: or tcp6:); ssl: is the web port's")
         return value
 
     def allowed_hosts(self, value: Any, path: str) -> Tuple[str, ...]:

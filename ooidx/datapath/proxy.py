@@ -89,7 +89,7 @@ from ooidx.datapath.hot import (HOT_BYTES, HOT_TTL, AnsweredCounts, Held, HotRes
                                 drop_on_purge, held_from)
 from ooidx.datapath.proxy_url import DAP_SUFFIXES, ProxyError, Target, parse_target, printable
 from ooidx.datapath.relay import HOP_BY_HOP, STALL_TIMEOUT, abort, passed_on_headers, relay
-from ooidx.http.edge import TrackingSite, listen_address
+from ooidx.http.edge import EdgePort, TrackingSite, allowed_hosts_of, listen_spec
 
 __all__ = ["Proxy", "ProxyError", "DAP_SUFFIXES", "HOP_BY_HOP", "parse_target", "passed_on_headers", "Target"]
 
@@ -167,8 +167,10 @@ class Proxy(Component):
                  record_interval: float = RECORD_INTERVAL, max_per_client: Optional[int] = None,
                  stall_timeout: Optional[float] = None) -> None:
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
-        self._port_number, self._interface = listen_address(self.config, self.name, port, interface,
-                                                              http_port="proxy_port", default_port=8100)
+        self.edge = EdgePort(listen_spec(self.config, self.name, port, interface, http_port="proxy_port",
+                                         default_port=8100))
+        self._interface = self.edge.spec.interface
+        self.allowed_hosts = allowed_hosts_of(self.config)
         if answer_timeout is None:
             fetcher = getattr(getattr(config, "components", None) or {}, "get", lambda _: None)("fetcher")
             fetch_timeout = getattr(getattr(fetcher, "options", None), "timeout", None)
@@ -177,8 +179,6 @@ class Proxy(Component):
         rpc = getattr(getattr(config, "timeouts", None), "rpc", None)
         self.lookup_timeout = lookup_timeout if lookup_timeout is not None else (rpc or 30.0)
         self.bases = BaseURLs(bus, self.clock, ttl=base_ttl, timeout=self.lookup_timeout)
-        self._listening: Any = None
-        self._site: Optional[TrackingSite] = None
         self._own: Tuple[str, ...] = ()
         self.active = 0  # requests in progress
         self._waiting: set = set()  # exchanges waiting for their answer to start
@@ -206,27 +206,27 @@ class Proxy(Component):
 
     @property
     def port(self) -> int:
-        if self._listening is None:
-            return self._port_number
-        return self._listening.getHost().port
+        """The port listened on (the real one when configured as 0)."""
+        return self.edge.port
 
     @property
     def url(self) -> str:
-        address = self._interface
-        if address in ("", "0.0.0.0", "::"):
-            address = "127.0.0.1" if address != "::" else "::1"
-        if ":" in address:
-            address = f"[{address}]"
-        return f"http://{address}:{self.port}"
+        return self.edge.url
+
+    @property
+    def _site(self) -> Optional[TrackingSite]:
+        return self.edge.site
 
     # lifecycle -------------------------------------------------------------------------
 
-    def setUp(self) -> None:
-        site = TrackingSite(_Root(self), requestFactory=_ProxyRequest, reactor=self.clock, timeout=IDLE_TIMEOUT)
+    def setUp(self) -> Deferred:
+        site = TrackingSite(_Root(self), requestFactory=_ProxyRequest, reactor=self.reactor, timeout=IDLE_TIMEOUT,
+                            allowed_hosts=self.allowed_hosts)
         site.displayTracebacks = False
         site.noisy = False
-        self._listening = self.clock.listenTCP(self._port_number, site, interface=self._interface)
-        self._site = site
+        return self.edge.listen(self.reactor, site).addCallback(lambda _: self._listening_now())
+
+    def _listening_now(self) -> None:
         port = self.port
         hosts = {"127.0.0.1", "localhost", self._interface.lower()} - {"", "0.0.0.0", "::"}
         self._own = tuple(sorted(f"{h}:{port}" for h in hosts))
@@ -251,13 +251,7 @@ class Proxy(Component):
             subscription.cancel().addErrback(lambda _: None)
         if self.hot is not None:
             self.hot.clear()
-        listening, self._listening = self._listening, None
-        site, self._site = self._site, None
-        if site is not None:
-            site.close_connections()
-        if listening is not None:
-            return listening.stopListening()
-        return None
+        return self.edge.stop()
 
     # HTTP ------------------------------------------------------------------------------
 
@@ -417,7 +411,7 @@ class Proxy(Component):
 
     def _follow_changes(self) -> None:
         def subscribed(subscription: Any) -> None:
-            if self._listening is None:
+            if self.edge.listening is None:
                 subscription.cancel().addErrback(lambda _: None)
             else:
                 self._hot_subscriptions.append(subscription)

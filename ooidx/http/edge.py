@@ -190,21 +190,63 @@ def listen_spec(config: Any, component: str, port: Any, interface: Optional[str]
     return parse_listen(raw_port, interface)
 
 
-def listen_address(config: Any, component: str, port: Optional[int], interface: Optional[str], *,
-                   http_port: str, default_port: int) -> Tuple[int, str]:
-    """C{(port, interface)} of L{listen_spec}, for an edge that listens with
-    C{listenTCP} (plain TCP only: L{BadEndpoint} for a TLS endpoint)."""
-    spec = listen_spec(config, component, port, interface, http_port=http_port, default_port=default_port)
-    if spec.tls:
-        raise BadEndpoint(f"{component} listens on plain TCP; a TLS endpoint (ssl:) is the web port's")
-    return spec.port, spec.interface
-
-
 def listen_on(reactor: Any, spec: ListenSpec, site: server.Site) -> Deferred:
     """Listen with C{site} where C{spec} says, through Twisted's endpoints
     (C{serverFromString}: plain TCP or TLS alike); fires with the listening
     port (C{getHost()}, C{stopListening()}), fails with CannotListenError."""
     return serverFromString(reactor, spec.description).listen(site)
+
+
+class EdgePort:
+    """Where an edge listens and what it listens with: the proxy port and the
+    web port both hold one. It listens through Twisted's endpoints
+    (L{listen_on}: plain TCP or TLS alike), says its real port and URL once
+    listening (a port configured as 0 is the one the system picked), and at
+    stop closes the connections still open (keep-alive clients, event
+    streams) before it stops listening, so a stop never waits on a client."""
+
+    def __init__(self, spec: ListenSpec) -> None:
+        self.spec = spec
+        self.listening: Any = None
+        self.site: Optional[TrackingSite] = None
+
+    def listen(self, reactor: Any, site: TrackingSite) -> Deferred:
+        """Listen with C{site}; fires with the listening port."""
+        self.site = site
+
+        def listening(port: Any) -> Any:
+            self.listening = port
+            return port
+
+        return listen_on(reactor, self.spec, site).addCallback(listening)
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one when configured as 0)."""
+        if self.listening is None:
+            return self.spec.port
+        return self.listening.getHost().port
+
+    @property
+    def url(self) -> str:
+        """The edge's own URL, on an address a client of this machine can use."""
+        host = self.listening.getHost() if self.listening is not None else None
+        address = host.host if host is not None else self.spec.interface
+        if address in ("", "0.0.0.0", "::"):
+            address = "127.0.0.1" if address != "::" else "::1"
+        if ":" in address:
+            address = f"[{address}]"
+        return f"{self.spec.scheme}://{address}:{self.port}"
+
+    def stop(self) -> Optional[Deferred]:
+        """Close the open connections, then stop listening."""
+        listening, self.listening = self.listening, None
+        site, self.site = self.site, None
+        if site is not None:
+            site.close_connections()
+        if listening is not None:
+            return listening.stopListening()
+        return None
 
 
 def allowed_hosts_of(config: Any) -> Tuple[str, ...]:

@@ -49,7 +49,7 @@ from magnet.bus import WORKER
 from ooidx.component import Component
 from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer,
                                 json_arguments, printable, result_answer)
-from ooidx.http.edge import (TrackingSite, allowed_hosts_of, listen_on, listen_spec, mask_query,
+from ooidx.http.edge import (EdgePort, TrackingSite, allowed_hosts_of, listen_spec, mask_query,
                              masking_log_formatter)
 from ooidx.http.listen import is_loopback
 from ooidx.people.api import SubscriptionsApi
@@ -188,7 +188,7 @@ class Web(Component):
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
         #: Where it listens: a port number or an endpoint string (tcp:, tcp6:, ssl:), ooidx.http.listen.
         self.listen = listen_spec(self.config, self.name, port, interface, http_port="web_port", default_port=8080)
-        self._port_number, self._interface = self.listen.port, self.listen.interface
+        self.edge = EdgePort(self.listen)
         self.allowed_hosts = allowed_hosts_of(self.config)
         self._token_source = token
         self._token: Optional[str] = token if isinstance(token, str) else None
@@ -197,8 +197,6 @@ class Web(Component):
         self._cluster_status = cluster_status
         self.max_body = max_body
         self.status_timeout = status_timeout
-        self._listening: Any = None
-        self._site: Optional[TrackingSite] = None
         #: People's subscriptions and the event tail (ooidx.people.api), mounted at setUp.
         self.subscriptions: Optional[SubscriptionsApi] = None
 
@@ -208,19 +206,15 @@ class Web(Component):
     @property
     def port(self) -> int:
         """The port listened on (the real one when configured as 0)."""
-        if self._listening is None:
-            return self._port_number
-        return self._listening.getHost().port
+        return self.edge.port
 
     @property
     def url(self) -> str:
-        host = self._listening.getHost() if self._listening is not None else None
-        address = host.host if host is not None else self._interface
-        if address in ("", "0.0.0.0", "::"):
-            address = "127.0.0.1" if address != "::" else "::1"
-        if ":" in address:
-            address = f"[{address}]"
-        return f"{self.listen.scheme}://{address}:{self.port}"
+        return self.edge.url
+
+    @property
+    def _interface(self) -> str:
+        return self.listen.interface
 
     @property
     def read_token(self) -> bool:
@@ -250,23 +244,15 @@ class Web(Component):
                             allowed_hosts=self.allowed_hosts)
         site.displayTracebacks = False
         site.noisy = False
-        self._site = site
 
         def listening(port: Any) -> None:
-            self._listening = port
             self.log.info("{component} listening on {url} (/healthz, /metrics, /api)", component=self.name,
                           url=self.url)
 
-        return listen_on(self.clock, self.listen, site).addCallback(listening)
+        return self.edge.listen(self.reactor, site).addCallback(listening)
 
     def tearDown(self) -> Any:
-        listening, self._listening = self._listening, None
-        site, self._site = self._site, None
-        if site is not None:
-            site.close_connections()
-        if listening is not None:
-            return listening.stopListening()
-        return None
+        return self.edge.stop()
 
     # health and status -------------------------------------------------------------
 

@@ -696,3 +696,45 @@ async def test_dns_rebinding_is_refused_on_the_proxy_port(stack: Stack) -> None:
     assert status == 421 and b"MisdirectedRequest" in body
     data = await raw(stack.port, b"GET /datasets/sst.dds HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert split_response(data)[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_proxy_port_takes_endpoint_strings_tls_and_allowed_hosts(tmp_path: Any) -> None:
+    """http.proxy_port as an ssl: endpoint string: the proxy speaks https with
+    the configured key and certificate; the names of http.allowed_hosts are
+    answered on its own paths, any other name still gets 421."""
+    from twisted.internet.ssl import Certificate
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+    from twisted.web.http_headers import Headers
+
+    from ooidx.config import load
+    from tests.rabbitmq import TestCA
+
+    ca = TestCA(tmp_path / "ca", name="ooidx proxy test CA")
+    cert, key = ca.issue("proxy", hostnames=("127.0.0.1", "localhost"))
+    path = tmp_path / "dx.yaml"
+    path.write_text(f"http: {{proxy_port: 'ssl:0:privateKey={key}:certKey={cert}', allowed_hosts: [dx.example.org]}}\n"
+                    f"data_dir: {tmp_path / 'data'}\n")
+    stack = Stack()
+    stack.proxy = Proxy("proxyng", stack.bus, node="node-a", config=load(str(path), environ={}),
+                        answer_timeout=2.0, lookup_timeout=3.0)
+    await stack.start()
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    try:
+        assert stack.proxy.url.startswith("https://127.0.0.1:") and stack.proxy.port != 0
+        with open(ca.cert_file, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust), pool=pool)
+        url = (stack.proxy.url + "/datasets/sst.dds").encode()
+        response = await agent.request(b"GET", url)
+        assert response.code == 200, await treq.content(response)
+        assert (await treq.content(response)).startswith(DDS)
+        response = await agent.request(b"GET", url, Headers({"Host": ["dx.example.org"]}))
+        assert response.code == 200
+        await treq.content(response)
+        response = await agent.request(b"GET", url, Headers({"Host": ["evil.example"]}))
+        assert response.code == 421
+        await treq.content(response)
+    finally:
+        await pool.closeCachedConnections()
+        await stack.stop()

@@ -87,9 +87,6 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(self.error("components: {web: {port: 'ssl:8443:privateKey=/nonexistent/k.pem'}}\n"),
                          "etc/dx.yaml: components.web.port: privateKey: cannot read /nonexistent/k.pem: "
                          "No such file or directory")
-        self.assertEqual(self.error("http: {proxy_port: 'ssl:8443:privateKey=/etc/hostname'}\n"),
-                         "etc/dx.yaml: http.proxy_port: proxyng listens on plain TCP (tcp: or tcp6:); ssl: is "
-                         "the web port's")
         self.assertIn("port 9000 is also proxyng's port", self.error(
             "http: {web_port: 'tcp:9000', proxy_port: 9000}\ncomponents: {web: , proxyng: }\n"))
 
