@@ -23,12 +23,12 @@ from __future__ import annotations
 import _harness  # noqa: F401  (sys.path)
 import atheris
 
-with atheris.instrument_imports(include=["ooidx.urlpolicy", "ooidx.dap", "ooidx.datapath.proxy", "ooidx.datapath.controller",
+with atheris.instrument_imports(include=["ooidx.urlpolicy", "ooidx.dap", "ooidx.datapath.proxy", "ooidx.datapath.proxy_url", "ooidx.datapath.controller",
                                          "urllib.parse", "ipaddress"]):
     from ooidx import dap, urlpolicy
     from ooidx.datapath.controller import check_base_url
     from ooidx.errors import Forbidden, InvalidURL
-    from ooidx.datapath.proxy import ProxyError, parse_target
+    from ooidx.datapath.proxy_url import ProxyError, parse_target
 
 OWN = ("127.0.0.1:8100", "localhost:8100", "dx.example.org:8100")
 
