@@ -322,23 +322,11 @@ class AttributeStore(Component):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Any, *, url: Optional[str] = None, table: str = DEFAULT_TABLE,
-                 **kwargs: Any) -> None:
+    def __init__(self, name: str, bus: Any, *, url: str, table: str = DEFAULT_TABLE, **kwargs: Any) -> None:
         super().__init__(name, bus, **kwargs)
-        if url is None:
-            url = self._url_from_config()
         self.url = url
         self.table = table
         self.backend: Optional[Backend] = None
-
-    def _url_from_config(self) -> str:
-        config = self.config
-        if config is None:
-            raise ValueError("the attribute store needs a url (or a config with components.attribute_store)")
-        settings = config.components.get(self.name) or config.components.get("attribute_store")
-        if settings is not None and settings.options is not None:
-            return settings.options.url
-        return os.path.join(config.data_dir, "attributes.sqlite3")
 
     def _reactor(self) -> Any:
         if hasattr(self.clock, "callInThread") and hasattr(self.clock, "addSystemEventTrigger"):

@@ -21,7 +21,8 @@ from twisted.logger import Logger
 from magnet import Bus, Message, operation
 from magnet.bus import FANOUT
 
-from ooidx.wire import BUS_TABLE
+from ooidx.config import Config, component_arguments
+from ooidx.wire import BUS_TABLE, COMPONENTS
 
 
 class Component(Service):
@@ -29,21 +30,38 @@ class Component(Service):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, reactor: Any = None) -> None:
+    def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None) -> None:
         self.name = name
         self.bus = bus
         self.node = node
         self.instances = instances
-        self.config = config
-        #: The reactor the component listens, connects and runs threads with
-        #: (a test passes a Clock-driven fake; C{clock} is the older name, kept
-        #: for the time API: C{callLater}, C{seconds}).
+        #: The reactor the component listens, connects and runs threads with,
+        #: and its clock (C{callLater}, C{seconds}): the same object in a node;
+        #: a test may pass a C{task.Clock} as C{clock} beside a real reactor.
         self.reactor = reactor if reactor is not None else (clock if clock is not None else bus.clock)
-        self.clock = self.reactor
+        self.clock = clock if clock is not None else self.reactor
         self.pattern = BUS_TABLE.get(name)
         self.started = False
         self._subscriptions: List[Any] = []
+
+    @classmethod
+    def from_config(cls, name: str, bus: Bus, config: Config, **kwargs: Any) -> "Component":
+        """Component C{name} with the typed arguments the config gives it
+        (L{ooidx.config.component_arguments}): what the node does, and a
+        test's shorthand. C{kwargs} (node, instances, the reactor, test
+        doubles) go to the constructor as they are."""
+        return cls(name, bus, **{**component_arguments(config, cls.table_name() or name), **kwargs})
+
+    @classmethod
+    def table_name(cls) -> Optional[str]:
+        """The name this class runs under in the component table (L{ooidx.wire}),
+        whatever name an instance is given (tests give theirs queue names of
+        their own); None for a class the table does not name."""
+        for spec in COMPONENTS:
+            if spec.implementation == f"{cls.__module__}:{cls.__qualname__}":
+                return spec.name
+        return None
 
     # lifecycle -----------------------------------------------------------------
 

@@ -77,16 +77,16 @@ class Cache(Component):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Any, **kwargs: Any) -> None:
+    def __init__(self, name: str, bus: Any, *, options: Optional[CacheOptions] = None,
+                 directory: Optional[str] = None, **kwargs: Any) -> None:
+        """C{options}: the config's C{components.cache}; C{directory}: where the
+        store lives (the node's data directory's C{cache/}; C{var/cache} here
+        when not given)."""
         super().__init__(name, bus, **kwargs)
-        options = None
-        if self.config is not None:
-            settings = self.config.components.get(name)
-            options = settings.options if settings is not None else None
-        self.options: CacheOptions = options if isinstance(options, CacheOptions) else CacheOptions()
-        data_dir = self.config.data_dir if self.config is not None else os.path.abspath("var")
+        self.options: CacheOptions = options if options is not None else CacheOptions()
         self.address = node_address(self.node)
-        self.store = DiskStore(os.path.join(data_dir, "cache"), self.options.max_bytes, now=self.clock.seconds)
+        self.store = DiskStore(directory or os.path.abspath(os.path.join("var", "cache")), self.options.max_bytes,
+                               now=self.clock.seconds)
         self.counters: Dict[str, int] = {"lookups": 0, "hits": 0, "misses": 0, "stale": 0, "served_bytes": 0,
                                          "stores": 0, "store_failures": 0, "gone": 0}
         self._id = uuid.uuid4().hex

@@ -58,6 +58,7 @@ from magnet import BadArguments, MagnetError, RemoteError, Unroutable, operation
 
 from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
+from ooidx.config import SecurityConfig
 from ooidx.errors import Forbidden, InvalidName, InvalidURL, UnknownDataset
 from ooidx import wire
 
@@ -118,8 +119,12 @@ class Controller(Component):
     #: how long get_url waits for the cache's lookup before it goes to a fetcher without one
     lookup_timeout = 5.0
 
-    def __init__(self, name: str, bus: Any, *, peers: Optional[Dict[str, str]] = None, **kwargs: Any) -> None:
+    def __init__(self, name: str, bus: Any, *, peers: Optional[Dict[str, str]] = None,
+                 security: Optional[SecurityConfig] = None, **kwargs: Any) -> None:
+        """C{security}: the config's C{security} section (which upstream hosts
+        a registration may name)."""
         super().__init__(name, bus, **kwargs)
+        self.security = security if security is not None else SecurityConfig()
         #: the names of the components this one talks to (tests rename them)
         self.peers = {"attribute_store": "attribute_store", "cache": "cache", "fetcher": "fetcher",
                       "pub_sub": "pub_sub"}
@@ -142,13 +147,11 @@ class Controller(Component):
 
     @property
     def allow_hosts(self) -> Tuple[str, ...]:
-        security = getattr(self.config, "security", None)
-        return tuple(getattr(security, "allow_hosts", ()) or ())
+        return tuple(self.security.allow_hosts)
 
     @property
     def allow_private(self) -> bool:
-        security = getattr(self.config, "security", None)
-        return bool(getattr(security, "allow_private", False))
+        return bool(self.security.allow_private)
 
     # lifecycle -----------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ from magnet.rpc import ERROR, REPLY, error_reply
 
 from ooidx import dap
 from ooidx.component import Component
+from ooidx.config import CsvOptions
 from ooidx.errors import InvalidURL, UpstreamError, UpstreamTimeout
 
 __all__ = ["CSV", "to_rows", "decode_dods", "escape_cell", "FORMULA_START"]
@@ -226,19 +227,19 @@ class CSV(Component):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, max_bytes: int = MAX_BYTES, answer_timeout: Optional[float] = None,
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None, options: Optional[CsvOptions] = None, fetch_timeout: Optional[float] = None,
+                 max_bytes: int = MAX_BYTES, answer_timeout: Optional[float] = None,
                  formula_escape: Optional[bool] = None) -> None:
-        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+        """C{options}: the config's C{components.csv}; C{fetch_timeout}: the
+        fetcher's (the answer may take that long to start, and 15 s more)."""
+        super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         self.max_bytes = max_bytes
         if formula_escape is None:  # components.csv.formula_escape, default true
-            own = getattr(getattr(config, "components", None) or {}, "get", lambda _: None)("csv")
-            formula_escape = getattr(getattr(own, "options", None), "formula_escape", True)
+            formula_escape = (options or CsvOptions()).formula_escape
         #: text cells a spreadsheet would read as formulas get a ' in front (escape_cell)
         self.formula_escape = bool(formula_escape)
         if answer_timeout is None:
-            fetcher = getattr(getattr(config, "components", None) or {}, "get", lambda _: None)("fetcher")
-            fetch_timeout = getattr(getattr(fetcher, "options", None), "timeout", None)
             answer_timeout = max(DEFAULT_ANSWER_TIMEOUT, (fetch_timeout or 0) + 15.0)
         self.answer_timeout = answer_timeout
         self.rendered = 0

@@ -81,16 +81,19 @@ class Fetcher(Component):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, resolver: Optional[urlpolicy.Resolver] = None, reactor: Any = None,
-                 tls_policy: Any = None) -> None:
-        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
-        component = config.components.get(name) if config is not None else None
-        options = getattr(component, "options", None)
-        self.options: FetcherOptions = options if isinstance(options, FetcherOptions) else FetcherOptions()
-        security = getattr(config, "security", None) or SecurityConfig()
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None, options: Optional[FetcherOptions] = None,
+                 security: Optional[SecurityConfig] = None, shutdown_timeout: float = 10.0,
+                 resolver: Optional[urlpolicy.Resolver] = None, tls_policy: Any = None) -> None:
+        """C{options}: the config's C{components.fetcher}; C{security}: its
+        C{security} section (which upstreams may be reached); C{shutdown_timeout}:
+        how long a stop waits for the transfers under way."""
+        super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
+        self.options: FetcherOptions = options if options is not None else FetcherOptions()
+        security = security if security is not None else SecurityConfig()
         self.allow_private: bool = security.allow_private
         self.allow_hosts: Tuple[str, ...] = tuple(security.allow_hosts)
+        self.shutdown_timeout = shutdown_timeout
         self._resolver = resolver
         self._reactor = reactor
         self._tls_policy = tls_policy
@@ -110,7 +113,7 @@ class Fetcher(Component):
     def tearDown(self) -> Any:
         """Let the running transfers (their requests are settled already) end,
         for at most the shutdown timeout, then close the connection pool."""
-        timeout = getattr(getattr(self.config, "timeouts", None), "shutdown", None) or 10.0
+        timeout = self.shutdown_timeout
         running = list(self._running)
         if running:
             self.log.info("{component}: waiting up to {timeout:g} s for {count} transfer(s)", component=self.name,

@@ -83,13 +83,14 @@ from twisted.web.resource import Resource
 from ooidx import events
 from ooidx import wire
 from ooidx.component import Component
+from ooidx.config import CacheOptions, ProxyOptions
 from ooidx.datapath.bases import BASE_TTL, BaseURLs
 from ooidx.datapath.exchange import Exchange, as_http_error
 from ooidx.datapath.hot import (HOT_BYTES, HOT_TTL, AnsweredCounts, Held, HotResponses, answer_held, drop_on_event,
                                 drop_on_purge, held_from)
 from ooidx.datapath.proxy_url import DAP_SUFFIXES, ProxyError, Target, parse_target, printable
-from ooidx.datapath.relay import HOP_BY_HOP, STALL_TIMEOUT, abort, passed_on_headers, relay
-from ooidx.http.edge import EdgePort, TrackingSite, allowed_hosts_of, listen_spec
+from ooidx.datapath.relay import HOP_BY_HOP, abort, passed_on_headers, relay
+from ooidx.http.edge import EdgePort, TrackingSite, listen_spec
 
 __all__ = ["Proxy", "ProxyError", "DAP_SUFFIXES", "HOP_BY_HOP", "parse_target", "passed_on_headers", "Target"]
 
@@ -160,41 +161,43 @@ class Proxy(Component):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, port: Optional[int] = None, interface: Optional[str] = None,
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None, options: Optional[ProxyOptions] = None, port: Any = None,
+                 interface: Optional[str] = None, allowed_hosts: Tuple[str, ...] = (),
+                 fetch_timeout: Optional[float] = None, rpc_timeout: float = 30.0,
+                 cache_max_age: float = CacheOptions().max_age,
                  answer_timeout: Optional[float] = None, lookup_timeout: Optional[float] = None,
                  base_ttl: float = BASE_TTL, hot_ttl: Optional[float] = None, hot_bytes: int = HOT_BYTES,
                  record_interval: float = RECORD_INTERVAL, max_per_client: Optional[int] = None,
                  stall_timeout: Optional[float] = None) -> None:
-        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
-        self.edge = EdgePort(listen_spec(self.config, self.name, port, interface, http_port="proxy_port",
-                                         default_port=8100))
+        """What the config gives it (L{ooidx.config.component_arguments}):
+        C{options} (C{components.proxyng}), where it listens (C{port}: a number
+        or an endpoint string, on C{interface}), the extra Host names it answers
+        for (C{http.allowed_hosts}), the fetcher's timeout (an answer may take
+        that long to start, and 15 s more), the RPC timeout (its lookups) and
+        the cache's C{max_age} (no answer is held here longer)."""
+        super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
+        options = options if options is not None else ProxyOptions()
+        self.edge = EdgePort(listen_spec(port, interface, default_port=8100))
         self._interface = self.edge.spec.interface
-        self.allowed_hosts = allowed_hosts_of(self.config)
+        self.allowed_hosts = tuple(allowed_hosts)
         if answer_timeout is None:
-            fetcher = getattr(getattr(config, "components", None) or {}, "get", lambda _: None)("fetcher")
-            fetch_timeout = getattr(getattr(fetcher, "options", None), "timeout", None)
             answer_timeout = max(DEFAULT_ANSWER_TIMEOUT, (fetch_timeout or 0) + 15.0)
         self.answer_timeout = answer_timeout
-        rpc = getattr(getattr(config, "timeouts", None), "rpc", None)
-        self.lookup_timeout = lookup_timeout if lookup_timeout is not None else (rpc or 30.0)
+        self.lookup_timeout = lookup_timeout if lookup_timeout is not None else rpc_timeout
         self.bases = BaseURLs(bus, self.clock, ttl=base_ttl, timeout=self.lookup_timeout)
         self._own: Tuple[str, ...] = ()
         self.active = 0  # requests in progress
         self._waiting: set = set()  # exchanges waiting for their answer to start
         self._following_link = False
         self.relayed = 0  # body bytes handed to HTTP transports, in all
-        options = _own_options(config, name)
-        self.max_per_client: int = (max_per_client if max_per_client is not None
-                                    else getattr(options, "max_per_client", MAX_PER_CLIENT))
-        self.stall_timeout: float = (stall_timeout if stall_timeout is not None
-                                     else getattr(options, "stall_timeout", STALL_TIMEOUT))
+        self.max_per_client: int = max_per_client if max_per_client is not None else options.max_per_client
+        self.stall_timeout: float = stall_timeout if stall_timeout is not None else options.stall_timeout
         self._per_client: Dict[str, int] = {}  # client address -> requests in progress
         self.refused = 0  # requests answered 429 (max_per_client)
         self.stalled = 0  # clients cut off for reading nothing (stall_timeout)
         # hot responses: held no longer than the cache keeps an answer fresh
-        max_age = _cache_max_age(config)
-        self.hot_ttl = min(HOT_TTL if hot_ttl is None else hot_ttl, max_age)
+        self.hot_ttl = min(HOT_TTL if hot_ttl is None else hot_ttl, cache_max_age)
         self.hot = HotResponses(hot_bytes) if self.hot_ttl > 0 and hot_bytes > 0 else None
         self.record_interval = record_interval
         self._answered = AnsweredCounts()
@@ -453,28 +456,6 @@ def _gateway_timeout(what: str) -> Callable[[Any, float], Any]:
         raise ProxyError(504, "GatewayTimeout", f"no answer within {timeout:g} s ({what})")
 
     return timed_out
-
-
-def _cache_max_age(config: Any) -> float:
-    """The cache's max_age from the config (the default when the config has no cache)."""
-    from ooidx.config import CacheOptions
-
-    components = getattr(config, "components", None)
-    settings = components.get("cache") if hasattr(components, "get") else None
-    options = getattr(settings, "options", None)
-    max_age = getattr(options, "max_age", None)
-    if isinstance(max_age, (int, float)) and not isinstance(max_age, bool):
-        return float(max_age)
-    return CacheOptions().max_age
-
-
-
-
-def _own_options(config: Any, name: str) -> Any:
-    """This component's options from the config (None without a config)."""
-    components = getattr(config, "components", None)
-    settings = components.get(name) if hasattr(components, "get") else None
-    return getattr(settings, "options", None)
 
 
 def _client_host(request: server.Request) -> str:

@@ -119,9 +119,9 @@ class Distributor(Component):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, concurrency: int = CONCURRENT_SENDS) -> None:
-        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+    def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None, concurrency: int = CONCURRENT_SENDS) -> None:
+        super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         self.concurrency = concurrency
         #: counters, for tests and stats
         self.stats = {"messages": 0, "delivered": 0, "unroutable": 0, "retried": 0, "dead": 0}

@@ -39,9 +39,9 @@ class Notification(Component):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, ring_size: int = RING_SIZE) -> None:
-        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None, ring_size: int = RING_SIZE) -> None:
+        super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         self.ring: Deque[Dict[str, Any]] = deque(maxlen=ring_size)
         self.received = 0
         self.dropped = 0

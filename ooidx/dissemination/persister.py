@@ -69,6 +69,7 @@ from magnet import BadMessage, MagnetError, Message, RemoteError, operation
 
 from ooidx import dap, events
 from ooidx.component import Component
+from ooidx.config import PersisterOptions
 from ooidx.dissemination.netcdf import DecodeError, to_netcdf
 
 __all__ = ["Persister", "DATASETS", "MANIFEST", "version_name", "read_manifest", "list_versions"]
@@ -118,20 +119,21 @@ class Persister(Component):
     #: seconds between two attempts to subscribe while pub_sub does not answer
     subscribe_retry = (1.0, 30.0)
 
-    def __init__(self, name: str, bus: Any, *, subscription: Optional[str] = None, data_dir: Optional[str] = None,
+    def __init__(self, name: str, bus: Any, *, options: Optional[PersisterOptions] = None,
+                 data_dir: Optional[str] = None, subscription: Optional[str] = None,
                  pub_sub: str = "pub_sub", controller: str = "controller", retry_after: Optional[float] = None,
                  retry_max: Optional[float] = None, reactor: Any = None, **kwargs: Any) -> None:
-        super().__init__(name, bus, **kwargs)
-        options = getattr(getattr(self.config, "components", {}).get(name), "options", None) \
-            if self.config is not None else None
-        self.subscription = subscription or getattr(options, "subscription", None) or DEFAULT_SUBSCRIPTION
+        """C{options}: the config's C{components.persister}; C{data_dir}: the
+        node's data directory (versions go under its C{datasets/})."""
+        super().__init__(name, bus, reactor=reactor, **kwargs)
+        options = options if options is not None else PersisterOptions()
+        self.subscription = subscription or options.subscription or DEFAULT_SUBSCRIPTION
         #: seconds before asking again for a version that could not be saved; doubles up to retry_max
-        self.retry_after = float(retry_after or getattr(options, "retry_after", None) or DEFAULT_RETRY_AFTER)
-        self.retry_max = max(self.retry_after,
-                             float(retry_max or getattr(options, "retry_max", None) or DEFAULT_RETRY_MAX))
+        self.retry_after = float(retry_after or options.retry_after or DEFAULT_RETRY_AFTER)
+        self.retry_max = max(self.retry_after, float(retry_max or options.retry_max or DEFAULT_RETRY_MAX))
         self.controller = controller
         self._retries: Dict[str, "_Retry"] = {}
-        root = data_dir or getattr(self.config, "data_dir", None)
+        root = data_dir
         if not root:
             raise ValueError("the persister needs a data directory (config data_dir)")
         self.data_dir = os.path.abspath(root)

@@ -104,10 +104,10 @@ class PubSub(Component):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, store: str = "attribute_store", reload_interval: float = 60.0,
+    def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None, store: str = "attribute_store", reload_interval: float = 60.0,
                  store_timeout: float = 10.0, retry_delay: float = 1.0) -> None:
-        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+        super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         self.store = store
         self.reload_interval = reload_interval
         self.store_timeout = store_timeout

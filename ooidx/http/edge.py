@@ -37,7 +37,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from ooidx.http.answers import HTTPError, error_answer, prepare
-from ooidx.http.listen import LOOPBACK_NAMES, BadEndpoint, ListenSpec, parse_listen
+from ooidx.http.listen import LOOPBACK_NAMES, ListenSpec, parse_listen
 
 #: Query parameters whose values never reach a log line.
 SECRET_QUERY = (b"ticket",)
@@ -178,16 +178,11 @@ class TrackingSite(server.Site):
                 transport.loseConnection()
 
 
-def listen_spec(config: Any, component: str, port: Any, interface: Optional[str], *,
-                http_port: str, default_port: int) -> ListenSpec:
-    """Where an edge listens, as a checked L{ListenSpec}: the arguments if
-    given, else the component's own options (C{components.NAME.port} /
-    C{interface}), else the C{http} section (C{http_port} names its key),
-    else the defaults. A port may be a number or an endpoint string
-    (L{ooidx.http.listen}); L{BadEndpoint} if it is neither."""
-    raw_port, interface = _listen_values(config, component, port, interface, http_port=http_port,
-                                         default_port=default_port)
-    return parse_listen(raw_port, interface)
+def listen_spec(port: Any, interface: Optional[str], *, default_port: int) -> ListenSpec:
+    """Where an edge listens, as a checked L{ListenSpec}: C{port} (a number or
+    an endpoint string, L{ooidx.http.listen}; C{default_port} when None) on
+    C{interface} (127.0.0.1 when None). L{BadEndpoint} if it is neither."""
+    return parse_listen(default_port if port is None else port, "127.0.0.1" if interface is None else interface)
 
 
 def listen_on(reactor: Any, spec: ListenSpec, site: server.Site) -> Deferred:
@@ -247,29 +242,6 @@ class EdgePort:
         if listening is not None:
             return listening.stopListening()
         return None
-
-
-def allowed_hosts_of(config: Any) -> Tuple[str, ...]:
-    """The extra names the edges answer for (C{http.allowed_hosts})."""
-    return tuple(getattr(getattr(config, "http", None), "allowed_hosts", ()) or ())
-
-
-def _listen_values(config: Any, component: str, port: Any, interface: Optional[str], *,
-                   http_port: str, default_port: int) -> Tuple[Any, str]:
-    http = getattr(config, "http", None)
-    options = None
-    components = getattr(config, "components", None)
-    if components is not None and component in components:
-        options = components[component].options
-    if port is None:
-        port = getattr(options, "port", None)
-    if port is None:
-        port = getattr(http, http_port, default_port)
-    if interface is None:
-        interface = getattr(options, "interface", None)
-    if interface is None:
-        interface = getattr(http, "interface", "127.0.0.1")
-    return port, interface
 
 
 def mask_query(uri: bytes, names: Iterable[bytes] = SECRET_QUERY) -> bytes:

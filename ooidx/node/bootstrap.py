@@ -16,6 +16,7 @@ from magnet import Bus
 from magnet.bus import WORKER
 
 from ooidx.component import Component
+from ooidx.config import Config
 from ooidx.node import metrics, token
 from ooidx.wire import BUS_TABLE, BY_NAME, CONTROL_FANOUT
 
@@ -47,8 +48,10 @@ def component_options(name: str, bus: Bus, config: Any) -> Dict[str, Any]:
     return {}
 
 
-def make_component(name: str, bus: Bus, *, node: str, instances: int, config: Any, clock: Any) -> Component:
-    """Component C{name} as a node runs it (the daemon inline, or a child process)."""
+def make_component(name: str, bus: Bus, *, node: str, instances: int, config: Config, reactor: Any) -> Component:
+    """Component C{name} as a node runs it (the daemon inline, or a child
+    process): the typed arguments the config gives it, and what the node
+    itself hands it (L{component_options})."""
     cls = component_class(name)
-    return cls(name, bus, node=node, instances=instances, config=config, clock=clock,
-               **component_options(name, bus, config))
+    return cls.from_config(name, bus, config, node=node, instances=instances, reactor=reactor,
+                           **component_options(name, bus, config))

@@ -63,7 +63,7 @@ class ChildRunner:
             yield self.bus.transport.when_connected(None)
         yield declare_topology(self.bus)
         self.component = make_component(self.name, self.bus, node=self.config.node, instances=1,
-                                        config=self.config, clock=self.reactor)
+                                        config=self.config, reactor=self.reactor)
         self.component.startService()
         yield self.component.start()
         log.info("child process {pid} of {node} serving {component}", pid=os.getpid(), node=self.config.node,

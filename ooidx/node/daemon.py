@@ -265,7 +265,7 @@ class Daemon(MultiService):
             if settings.process == "child":
                 continue
             component = make_component(name, self.bus, node=config.node, instances=settings.instances,
-                                       config=config, clock=self.reactor)
+                                       config=config, reactor=self.reactor)
             component.setServiceParent(self)
             self.components[name] = component
             try:

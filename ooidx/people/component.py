@@ -19,12 +19,13 @@ from magnet import Message, RemoteError, Unroutable, operation
 
 from ooidx import urlpolicy
 from ooidx.component import Component
+from ooidx.config import SecurityConfig
 from ooidx.errors import InvalidRegex, InvalidURL
 from ooidx.events import EVENT, TOPIC_HEADER
 from ooidx.people.records import (CHANGED_FANOUT, ID_HEADER, MAX_LENGTH, MAX_LENGTH_LIMIT,
                                   MAX_QUEUED_PER_PERSON, MAX_REGEX_PROGRAM_PER_PERSON, MAX_SUBSCRIPTIONS, MAX_URL,
                                   SUBSCRIPTION_KEY, InvalidSubscription, OverBudget, UnknownSubscription, check_id,
-                                  check_person, message_id, queue_name, regex_program_size, security_of)
+                                  check_person, message_id, queue_name, regex_program_size)
 from ooidx.people.webhooks import WebhookDelivery, http_poster
 from ooidx.routing import compile_filter, validate
 
@@ -43,13 +44,16 @@ class PersonalSubscriptions(Component):
     log = Logger()
     kind = ""
 
-    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, max_length: int = MAX_LENGTH, webhook_attempts: int = 8,
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None, max_length: int = MAX_LENGTH, webhook_attempts: int = 8,
                  webhook_base_delay: float = 1.0, webhook_max_delay: float = 300.0, webhook_timeout: float = 10.0,
                  poster: Optional[Callable[..., Deferred]] = None, resolver: Any = None,
                  max_queued_per_person: int = MAX_QUEUED_PER_PERSON,
-                 max_regex_program_per_person: int = MAX_REGEX_PROGRAM_PER_PERSON) -> None:
-        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+                 max_regex_program_per_person: int = MAX_REGEX_PROGRAM_PER_PERSON,
+                 security: Optional[SecurityConfig] = None) -> None:
+        """C{security}: the config's C{security} section (which hosts a
+        person's webhooks may name)."""
+        super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         self.max_length = max_length
         self.max_queued_per_person = max_queued_per_person
         self.max_regex_program_per_person = max_regex_program_per_person
@@ -57,7 +61,8 @@ class PersonalSubscriptions(Component):
         self.webhook_base_delay = webhook_base_delay
         self.webhook_max_delay = webhook_max_delay
         self.webhook_timeout = webhook_timeout
-        self.allow_private, self.allow_hosts = security_of(config)
+        security = security if security is not None else SecurityConfig()
+        self.allow_private, self.allow_hosts = bool(security.allow_private), tuple(security.allow_hosts)
         self._poster = poster
         self._resolver = resolver
         self.records: Dict[str, Dict[str, Any]] = {}  # queue -> record (this kind only)

@@ -13,7 +13,7 @@ import hashlib
 import re
 import secrets
 from functools import lru_cache
-from typing import Any, Tuple
+from typing import Any
 
 import re2
 from magnet import Refusal
@@ -24,7 +24,7 @@ __all__ = ["KINDS", "PERSON_NAME", "SUBSCRIPTION_ID", "MAX_LENGTH", "MAX_LENGTH_
            "MAX_URL", "MAX_QUEUED_PER_PERSON", "MAX_REGEX_PROGRAM_PER_PERSON", "MAX_STREAMS_PER_PERSON",
            "OverBudget", "regex_program_size", "CHANGED_FANOUT", "ID_HEADER", "PERSON_KEY", "SUBSCRIPTION_KEY", "WEBHOOK_DETAIL",
            "InvalidSubscription", "UnknownSubscription", "QUEUE_PREFIX", "queue_name", "hash_token", "message_id", "check_person",
-           "check_id", "security_of"]
+           "check_id"]
 
 #: kind -> the component that serves it.
 KINDS = {"datasets": "user_pub_sub", "events": "user_notification"}
@@ -111,8 +111,3 @@ def check_id(sid: Any) -> str:
     if not isinstance(sid, str) or not SUBSCRIPTION_ID.match(sid):
         raise UnknownSubscription(f"no subscription {str(sid)[:40]!r}")
     return sid
-
-
-def security_of(config: Any) -> Tuple[bool, Tuple[str, ...]]:
-    security = getattr(config, "security", None)
-    return bool(getattr(security, "allow_private", False)), tuple(getattr(security, "allow_hosts", ()) or ())

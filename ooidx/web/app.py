@@ -49,7 +49,7 @@ from magnet.bus import WORKER
 from ooidx.component import Component
 from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer,
                                 json_arguments, printable, result_answer)
-from ooidx.http.edge import (EdgePort, TrackingSite, allowed_hosts_of, listen_spec, mask_query,
+from ooidx.http.edge import (EdgePort, TrackingSite, listen_spec, mask_query,
                              masking_log_formatter)
 from ooidx.http.listen import is_loopback
 from ooidx.people.api import SubscriptionsApi
@@ -179,17 +179,19 @@ class Web(Component):
 
     log = Logger()
 
-    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, port: Optional[int] = None, interface: Optional[str] = None,
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None, port: Any = None, interface: Optional[str] = None,
+                 allowed_hosts: Tuple[str, ...] = (), read_token: Optional[bool] = None,
                  token: Optional[TokenSource] = None, metrics: Optional[MetricsRenderer] = None,
                  health: Optional[Callable[[], Any]] = None,
                  cluster_status: Optional[Callable[..., Any]] = None, max_body: int = MAX_BODY,
                  status_timeout: float = STATUS_TIMEOUT) -> None:
-        super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+        super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         #: Where it listens: a port number or an endpoint string (tcp:, tcp6:, ssl:), ooidx.http.listen.
-        self.listen = listen_spec(self.config, self.name, port, interface, http_port="web_port", default_port=8080)
+        self.listen = listen_spec(port, interface, default_port=8080)
         self.edge = EdgePort(self.listen)
-        self.allowed_hosts = allowed_hosts_of(self.config)
+        self.allowed_hosts = tuple(allowed_hosts)
+        self._read_token = read_token
         self._token_source = token
         self._token: Optional[str] = token if isinstance(token, str) else None
         self._metrics = metrics
@@ -221,9 +223,8 @@ class Web(Component):
         """Whether reading the management API needs the token: C{security.read_token}
         if set, else yes unless the port listens on loopback only (where only
         this machine's users can read it)."""
-        configured = getattr(getattr(self.config, "security", None), "read_token", None)
-        if configured is not None:
-            return bool(configured)
+        if self._read_token is not None:
+            return bool(self._read_token)
         return not is_loopback(self._interface)
 
     # lifecycle -------------------------------------------------------------------

@@ -60,8 +60,7 @@ class Env:
         self.client = self.bus()
         yield self.cache_bus.when_connected(10)
         yield self.client.when_connected(10)
-        self.cache = Cache(self.name, self.cache_bus, node=self.node, instances=2, config=self.config,
-                           clock=self.clock)
+        self.cache = Cache.from_config(self.name, self.cache_bus, self.config, node=self.node, instances=2, clock=self.clock)
         yield self.cache.start()
         self.cache.startService()
         return self

@@ -104,8 +104,7 @@ class Node:
                                     clock=reactor) if store else None
         if self.store is not None:
             self.store.pattern = WORKER  # also under a test's own queue name
-        self.controller = Controller(self.names["controller"], self.bus, node=node, config=config or make_config(),
-                                     clock=reactor, peers=self.names)
+        self.controller = Controller.from_config(self.names["controller"], self.bus, config or make_config(), node=node, clock=reactor, peers=self.names)
         self.controller.pattern = WORKER
         self.controller.reload_interval = 0.0
         self.cache = FakeCache(f"{self.names['cache']}.node.{node}") if cache else None
@@ -546,7 +545,7 @@ async def test_stats_survive_a_restart_and_add_up_over_controllers(broker: str, 
         await n.get_url(BASE + ".dds")
         await n.call("record", dataset="sst", url=BASE + ".dds", hit=True, bytes=10, status=200)
         await n.controller.stopService()  # saves its counters
-        n.controller = Controller("controller", n.bus, node="n1", config=make_config(), clock=reactor)
+        n.controller = Controller.from_config("controller", n.bus, make_config(), node="n1", clock=reactor)
         await n.controller.start()
         await n.get_url(BASE + ".dds")
         stats = await n.call("get_stats")
@@ -830,7 +829,7 @@ async def test_with_the_real_cache(broker: str, tmp_path: Any) -> None:
     from ooidx.datapath.cache import Cache
     config = make_config(f"node: n1\ndata_dir: {tmp_path}\n")
     n = Node(broker, str(tmp_path / "attributes.sqlite3"), config=config, cache=False)
-    cache = Cache("cache", n.bus, node="n1", config=config, clock=reactor)
+    cache = Cache.from_config("cache", n.bus, config, node="n1", clock=reactor)
     await n.start()
     await cache.start()
     try:

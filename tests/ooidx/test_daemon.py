@@ -182,6 +182,8 @@ def test_json_logs_from_twistd(tmp_path: Path, daemons: List[DaemonProcess]) -> 
 FAILING_CACHE = """
 import dataclasses, ooidx.wire as wire, ooidx.component as component
 class FailingCache(component.Component):
+    def __init__(self, name, bus, options=None, directory=None, **kwargs):
+        super().__init__(name, bus, **kwargs)
     def setUp(self):
         raise OSError('cannot open the cache store')
 import sys; sys.modules['failing_cache'] = type(sys)('failing_cache')

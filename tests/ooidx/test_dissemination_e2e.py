@@ -74,13 +74,13 @@ class Exchange:
             AttributeStore("attribute_store", a, node="a", url=str(tmp / "attributes.sqlite3"), clock=reactor),
             PubSub("pub_sub", a, node="a"),
             Notification("notification", a, node="a"),
-            UserNotification("user_notification", a, node="a", config=self.config, webhook_base_delay=0.05),
-            Controller("controller", a, node="a", config=self.config),
+            UserNotification.from_config("user_notification", a, self.config, node="a", webhook_base_delay=0.05),
+            Controller.from_config("controller", a, self.config, node="a"),
             Web("web", a, node="a", port=0, interface="127.0.0.1", token=TOKEN),
         ]
         self.node_b = [
             Distributor("distributor", b, node="b"),
-            Fetcher("fetcher", b, node="b", config=self.config),
+            Fetcher.from_config("fetcher", b, self.config, node="b"),
             Persister("persister", b, node="b", data_dir=str(tmp / "data")),
         ]
         self.data_dir = tmp / "data"

@@ -102,8 +102,8 @@ def make_fetcher(upstream: Any) -> Any:
         bus = magnet.connect(url or f"memory://fetcher-{uuid.uuid4().hex}", reactor, rpc_timeout=10,
                              send_timeout=10, shutdown_timeout=2, stream_idle_timeout=30)
         bus.startService()
-        fetcher = Fetcher("fetcher", bus, node="test", config=make_config(
-            allow_hosts=hosts, allow_private=allow_private, **options), resolver=resolver, tls_policy=tls_policy)
+        fetcher = Fetcher.from_config("fetcher", bus, make_config(
+            allow_hosts=hosts, allow_private=allow_private, **options), node="test", resolver=resolver, tls_policy=tls_policy)
         made.append((bus, fetcher))
         return fetcher.start().addCallback(lambda _: (bus, fetcher))
 
@@ -862,8 +862,8 @@ def test_fetch_over_rabbitmq(broker_url: str, upstream: Any) -> Any:
     name = f"test.fetcher.{uuid.uuid4().hex[:10]}"
     bus = magnet.connect(broker_url, reactor, rpc_timeout=10, send_timeout=10, shutdown_timeout=2)
     bus.startService()
-    fetcher = Fetcher(name, bus, node="test", config=make_config(
-        allow_hosts=(f"127.0.0.1:{upstream['port']}",)))
+    fetcher = Fetcher.from_config(name, bus, make_config(
+        allow_hosts=(f"127.0.0.1:{upstream['port']}",)), node="test")
     try:
         yield bus.when_connected(10)
         yield bus.serve(name, fetcher)

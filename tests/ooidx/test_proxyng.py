@@ -716,8 +716,7 @@ async def test_the_proxy_port_takes_endpoint_strings_tls_and_allowed_hosts(tmp_p
     path.write_text(f"http: {{proxy_port: 'ssl:0:privateKey={key}:certKey={cert}', allowed_hosts: [dx.example.org]}}\n"
                     f"data_dir: {tmp_path / 'data'}\n")
     stack = Stack()
-    stack.proxy = Proxy("proxyng", stack.bus, node="node-a", config=load(str(path), environ={}),
-                        answer_timeout=2.0, lookup_timeout=3.0)
+    stack.proxy = Proxy.from_config("proxyng", stack.bus, load(str(path), environ={}), node="node-a", answer_timeout=2.0, lookup_timeout=3.0)
     await stack.start()
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:

@@ -52,8 +52,8 @@ class Exchange:
                                   send_timeout=5, shutdown_timeout=2)
         self.store = AttributeStore("attribute_store", self.bus, node="n1",
                                     url=str(tmp_path / "attributes.sqlite3"), clock=reactor)
-        self.controller = Controller("controller", self.bus, node="n1", config=config, clock=self.clock)
-        self.fetcher = Fetcher("fetcher", self.bus, node="n1", config=config)
+        self.controller = Controller.from_config("controller", self.bus, config, node="n1", clock=self.clock)
+        self.fetcher = Fetcher.from_config("fetcher", self.bus, config, node="n1")
         self.pub_sub = FakePubSub(self.bus)
         self.persister = Persister("persister", self.bus, node="n1", data_dir=str(tmp_path / "data"))
         self.subs: list = []

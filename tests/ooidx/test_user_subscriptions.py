@@ -35,6 +35,7 @@ from ooidx.node.logs import LineObserver, Redactor
 from ooidx.people.records import CHANGED_FANOUT
 from ooidx.people.tickets import TicketError, make_ticket, parse_ticket, ticket_key
 from ooidx.people.webhooks import WebhookDelivery
+from ooidx.config import SecurityConfig
 from ooidx.web.app import Web
 
 TOKEN = "operator-token-" + "y" * 20
@@ -173,12 +174,12 @@ class Stack:
         self.receiver_port = reactor.listenTCP(0, server.Site(self.receiver), interface="127.0.0.1")
         self.hook = f"http://127.0.0.1:{self.receiver_port.getHost().port}/hook"
         self.dead_port = free_port()
-        self.config = SimpleNamespace(security=SimpleNamespace(
+        self.security = SecurityConfig(
             allow_private=False, allow_hosts=(f"127.0.0.1:{self.receiver_port.getHost().port}",
-                                              f"127.0.0.1:{self.dead_port}")))
+                                              f"127.0.0.1:{self.dead_port}"))
         self.store = FakeStore()
         self.notification = Notification("notification", self.bus, node="n")
-        common = dict(node="n", config=self.config, webhook_attempts=options.get("attempts", 3),
+        common = dict(node="n", security=self.security, webhook_attempts=options.get("attempts", 3),
                       webhook_base_delay=options.get("base_delay", 0.05), webhook_timeout=options.get("timeout", 1.0))
         self.user_notification = UserNotification("user_notification", self.bus, **common)
         self.user_pub_sub = UserPubSub("user_pub_sub", self.bus, **common)

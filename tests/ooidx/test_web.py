@@ -426,12 +426,12 @@ def write_config(tmp_path: Any, text: str) -> str:
 def test_listen_address_from_config(tmp_path: Any) -> None:
     bus = magnet.connect("memory://listen-address", reactor)
     config = load(write_config(tmp_path, "http: {web_port: 9999, interface: 0.0.0.0}\ncomponents: {web: }\n"))
-    web = Web("web", bus, node="n", config=config)
+    web = Web.from_config("web", bus, config, node="n")
     assert (web.port, web._interface) == (9999, "0.0.0.0")
     config = load(write_config(tmp_path, "http: {web_port: 9999}\ncomponents: {web: {port: 8181, interface: '::1'}}\n"))
-    web = Web("web", bus, node="n", config=config)
+    web = Web.from_config("web", bus, config, node="n")
     assert (web.port, web._interface) == (8181, "::1")
-    assert (Web("web", bus, node="n", config=config, port=0).port) == 0
+    assert (Web.from_config("web", bus, config, node="n", port=0).port) == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -440,7 +440,7 @@ async def test_token_made_in_data_dir_when_not_configured(tmp_path: Any) -> None
     bus = magnet.connect(f"memory://web-{uuid.uuid4().hex}", reactor, rpc_timeout=5)
     bus.startService()
     fetcher = Component("fetcher", bus, node="n")
-    web = make_component("web", bus, node="n", instances=1, config=config, clock=reactor)
+    web = make_component("web", bus, node="n", instances=1, config=config, reactor=reactor)
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:
         await fetcher.start()
@@ -522,7 +522,7 @@ async def test_a_tls_web_port_answers_https_on_loopback(tmp_path: Any) -> None:
     config = load(write_config(tmp_path, f"components: {{web: {{port: 'ssl:0:privateKey={key}:certKey={cert}'}}}}\n"))
     bus = magnet.connect(f"memory://tls-{uuid.uuid4().hex}", reactor, rpc_timeout=5)
     bus.startService()
-    web = Web("web", bus, node="n", config=config, token=TOKEN, health=lambda: {"ok": True})
+    web = Web.from_config("web", bus, config, node="n", token=TOKEN, health=lambda: {"ok": True})
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:
         await web.start()
@@ -565,7 +565,7 @@ async def test_allowed_hosts_from_the_config(tmp_path: Any) -> None:
     config = load(write_config(tmp_path, "http: {allowed_hosts: [dx.example.org]}\ncomponents: {web: {port: 0}}\n"))
     bus = magnet.connect(f"memory://hosts-{uuid.uuid4().hex}", reactor, rpc_timeout=5)
     bus.startService()
-    web = Web("web", bus, node="n", config=config, token=TOKEN, health=lambda: {"ok": True})
+    web = Web.from_config("web", bus, config, node="n", token=TOKEN, health=lambda: {"ok": True})
     pool = HTTPConnectionPool(reactor, persistent=False)
     try:
         await web.start()

@@ -70,9 +70,9 @@ class Stack:
         self.bus = magnet.connect(f"memory://webpage-{uuid.uuid4().hex}", reactor, node="n1", rpc_timeout=5)
         config = parse("node: n1\n" + security, "dx.yaml")
         self.store = AttributeStore("attribute_store", self.bus, node="n1", url=db, clock=reactor)
-        self.controller = Controller("controller", self.bus, node="n1", config=config, clock=reactor)
+        self.controller = Controller.from_config("controller", self.bus, config, node="n1", clock=reactor)
         self.fetcher = FakeFetcher()
-        self.web = Web("web", self.bus, node="n1", port=0, interface="127.0.0.1", token=TOKEN, config=config)
+        self.web = Web.from_config("web", self.bus, config, node="n1", port=0, interface="127.0.0.1", token=TOKEN)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.served: List[Any] = []
 

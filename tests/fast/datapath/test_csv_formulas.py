@@ -90,7 +90,7 @@ class SwitchTests(SynchronousTestCase):
         from twisted.internet.task import Clock
         on = parse("components: {csv: {}}\n", "x.yaml", environ={})
         off = parse("components: {csv: {formula_escape: false}}\n", "x.yaml", environ={})
-        self.assertTrue(CSV("csv", None, node="n", clock=Clock(), config=on).formula_escape)
-        self.assertFalse(CSV("csv", None, node="n", clock=Clock(), config=off).formula_escape)
+        self.assertTrue(CSV.from_config("csv", None, on, node="n", clock=Clock()).formula_escape)
+        self.assertFalse(CSV.from_config("csv", None, off, node="n", clock=Clock()).formula_escape)
         self.assertTrue(CSV("csv", None, node="n", clock=Clock()).formula_escape)
-        self.assertFalse(CSV("csv", None, node="n", clock=Clock(), config=on, formula_escape=False).formula_escape)
+        self.assertFalse(CSV.from_config("csv", None, on, node="n", clock=Clock(), formula_escape=False).formula_escape)

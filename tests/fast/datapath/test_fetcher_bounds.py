@@ -4,7 +4,6 @@ transfer starts; past the bound it waits for a transfer to end. And the new
 limits are config options with validation. No broker, no port, no sleep."""
 from __future__ import annotations
 
-from types import MappingProxyType, SimpleNamespace
 from typing import Any, List
 
 from twisted.internet import task
@@ -12,7 +11,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
 
-from ooidx.config import ComponentConfig, ConfigError, FetcherOptions, ProxyOptions, SecurityConfig, parse
+from ooidx.config import ConfigError, FetcherOptions, ProxyOptions, SecurityConfig, parse
 from ooidx.datapath.fetcher import Fetcher
 
 
@@ -43,12 +42,10 @@ class FakeBus:
 
 def make_fetcher(max_transfers: int) -> Any:
     clock = task.Clock()
-    config = SimpleNamespace(
-        components=MappingProxyType({"fetcher": ComponentConfig(
-            "fetcher", options=FetcherOptions(timeout=30.0, max_transfers=max_transfers))}),
-        security=SecurityConfig(allow_hosts=("data.example.org",)))
     bus = FakeBus(clock)
-    fetcher = Fetcher("fetcher", bus, node="n", config=config, clock=clock)
+    fetcher = Fetcher("fetcher", bus, node="n", clock=clock,
+                      options=FetcherOptions(timeout=30.0, max_transfers=max_transfers),
+                      security=SecurityConfig(allow_hosts=("data.example.org",)))
     agent = FakeAgent()
     fetcher._agent = agent
     return fetcher, agent, bus, clock

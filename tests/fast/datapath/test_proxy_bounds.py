@@ -111,15 +111,12 @@ class PerClientTests(SynchronousTestCase):
         self.assertIs(proxy.render(Request(URL)), server.NOT_DONE_YET)
 
     def test_options_come_from_the_config(self) -> None:
-        from types import MappingProxyType, SimpleNamespace
+        from ooidx.config import parse
 
-        from ooidx.config import ComponentConfig, ProxyOptions
-
-        config = SimpleNamespace(components=MappingProxyType({"proxyng": ComponentConfig(
-            "proxyng", options=ProxyOptions(max_per_client=3, stall_timeout=1.5))}))
+        config = parse("components: {proxyng: {max_per_client: 3, stall_timeout: 1.5}}\n", "dx.yaml", environ={})
         clock = task.Clock()
-        proxy = Proxy("proxyng", FakeBus(clock), node="n", clock=clock, config=config, port=0,
-                      interface="127.0.0.1")
+        proxy = Proxy.from_config("proxyng", FakeBus(clock), config, node="n", clock=clock, port=0,
+                                  interface="127.0.0.1")
         self.assertEqual((proxy.max_per_client, proxy.stall_timeout), (3, 1.5))
 
 

@@ -10,7 +10,7 @@ naming the alarm.
 from __future__ import annotations
 
 import struct
-from typing import Any, Tuple
+from typing import Tuple
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock

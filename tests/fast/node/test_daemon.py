@@ -207,7 +207,8 @@ class Stand(Component):
     """A component that only starts and stops (in place of the web port); it
     takes and drops what the node hands the web port (token, metrics)."""
 
-    def __init__(self, *args: Any, token: Any = None, metrics: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, token: Any = None, metrics: Any = None, port: Any = None, interface: Any = None,
+                 allowed_hosts: Any = (), read_token: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
 
 

@@ -13,7 +13,7 @@ from ooidx.web.app import Web
 def web(interface: str, read_token: Optional[bool]) -> Web:
     config: Any = SimpleNamespace(http=SimpleNamespace(web_port=0, interface=interface, allowed_hosts=()),
                                   security=SimpleNamespace(read_token=read_token), components={})
-    return Web("web", SimpleNamespace(clock=Clock()), node="n", config=config, token="t" * 20)  # type: ignore[arg-type]
+    return Web.from_config("web", SimpleNamespace(clock=Clock()), config, node="n", token="t" * 20)  # type: ignore[arg-type]
 
 
 class ReadTokenTests(SynchronousTestCase):
