@@ -15,7 +15,22 @@ length; body: the C{.dods} as received) and becomes a version directory:
         NAME.nc                             netCDF4, from pydap decoding the .dods (ooidx.dissemination.netcdf)
         manifest.json                       {"dataset", "url", "topic", "version", "sequence",
                                              "fetched", "saved", "files": {FILE: {"bytes", "sha256"}},
-                                             "netcdf": {"variables", "skipped"} or {"error"}}
+                                             "netcdf": {"variables", "skipped"} or {"error"},
+                                             "coverage": {COORDINATE: SPAN}, "changes": SUMMARY}
+
+C{coverage} is what each coordinate variable spans (its CF time decoded to
+dates), C{changes} the change summary from the version saved before it
+(L{ooidx.dissemination.changes}): coverage before and after, variables
+added and removed, shapes and types changed, a bounded diff of the typed
+attributes, the sha256 of each response. The C{saved} event carries the
+same summary under C{changes}.
+
+Read through the worker queue C{persister} (the web port's
+C{/api/datasets/NAME/versions}, L{ooidx.web.versions}): C{versions(name,
+limit)} the manifests, C{version(name, version)} one of them (or
+C{"latest"}), C{diff(name, before, after, limit)} the summary between any
+two. A version name that is not one is L{InvalidVersion}, one not saved
+L{UnknownVersion}.
 
 Atomicity: the version is built in C{NAME/.tmp-PID-RANDOM/}; each file is
 written to a C{.part-} file there, fsync'd and renamed; then the directory
@@ -53,6 +68,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -66,12 +82,15 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from magnet import BadMessage, MagnetError, Message, RemoteError, operation
+from magnet.errors import Refusal
 
 from ooidx import dap, events
 from ooidx.component import Component
+from ooidx.dissemination import changes
 from ooidx.dissemination.netcdf import DecodeError, to_netcdf
 
-__all__ = ["Persister", "DATASETS", "MANIFEST", "version_name", "read_manifest", "list_versions"]
+__all__ = ["Persister", "DATASETS", "MANIFEST", "version_name", "read_manifest", "list_versions", "VERSION",
+           "LATEST", "valid_version", "InvalidVersion", "UnknownVersion"]
 
 DATASETS = "datasets"
 MANIFEST = "manifest.json"
@@ -83,6 +102,23 @@ DEFAULT_RETRY_MAX = 900.0
 SUBSCRIBE_REGEX = r"^dataset\."
 THREADS = 2
 _CHUNK_WRITE = 1024 * 1024
+#: What a version's name looks like (L{version_name}).
+VERSION = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{12}\Z")
+#: The name that means a dataset's last saved version.
+LATEST = "latest"
+
+
+class InvalidVersion(Refusal):
+    """Not a version name (C{YYYYmmddTHHMMSSZ-SHA12} or C{latest}): 400."""
+
+
+class UnknownVersion(Refusal):
+    """No such version of the dataset is saved: 404."""
+
+
+def valid_version(version: object) -> bool:
+    """Whether C{version} may name a version: L{VERSION}'s form or L{LATEST}."""
+    return isinstance(version, str) and (version == LATEST or VERSION.match(version) is not None)
 
 
 def version_name(saved: float, sha256: str) -> str:
@@ -142,7 +178,7 @@ class Persister(Component):
         self._listener: Any = None
         self._subscribing: Any = None
         self._stopping = False
-        self._last: Dict[str, Tuple[int, str]] = {}  # dataset -> (sequence, .dods sha256) of the last saved
+        self._last: Dict[str, Tuple[int, str, str]] = {}  # dataset -> (sequence, .dods sha256, version) of the last
         self._locks: Dict[str, DeferredLock] = {}
         self._active: set = set()
         #: the address this persister consumes, once subscribed
@@ -243,11 +279,32 @@ class Persister(Component):
     # operations ------------------------------------------------------------------------
 
     @operation
-    def versions(self, name: str) -> Deferred:
-        """The manifests of dataset C{name}'s saved versions, oldest first."""
-        if not dap.valid_name(name):
-            raise ValueError(f"not a dataset name: {str(name)[:80]!r}")
-        return self._io(_manifests, os.path.join(self.root, name))
+    def versions(self, name: str, limit: Optional[int] = None) -> Deferred:
+        """The manifests of dataset C{name}'s saved versions, oldest first
+        (the last C{limit} of them when given)."""
+        _check_name(name)
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"limit is a whole number from 1, not {str(limit)[:40]!r}")
+        d = self._io(_manifests, os.path.join(self.root, name))
+        return d.addCallback(lambda manifests: manifests[-limit:] if limit else manifests)
+
+    @operation
+    def version(self, name: str, version: str) -> Deferred:
+        """The manifest of one saved version of C{name} (L{LATEST}: the last saved)."""
+        _check_name(name)
+        _check_version(version)
+        return self._io(_one_manifest, os.path.join(self.root, name), name, version)
+
+    @operation
+    def diff(self, name: str, before: str, after: str, limit: int = changes.LIMIT) -> Deferred:
+        """The change summary from version C{before} to version C{after} of
+        C{name} (any two, either way round), listing at most C{limit} attribute changes."""
+        _check_name(name)
+        _check_version(before)
+        _check_version(after)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= changes.MAX_LIMIT:
+            raise ValueError(f"limit is a whole number from 0 to {changes.MAX_LIMIT}")
+        return self._io(_diff, os.path.join(self.root, name), name, before, after, limit)
 
     @operation
     def stats(self) -> Dict[str, Any]:
@@ -335,12 +392,12 @@ class Persister(Component):
         return lock
 
     def _last_saved(self, name: str) -> Deferred:
-        """(sequence, .dods sha256) of the last saved version of C{name}, or (0, "")."""
+        """(sequence, .dods sha256, version) of the last saved version of C{name}, or (0, "", "")."""
         if name in self._last:
             return succeed(self._last[name])
         d = self._io(_last_saved, os.path.join(self.root, name), name)
 
-        def found(last: Tuple[int, str]) -> Tuple[int, str]:
+        def found(last: Tuple[int, str, str]) -> Tuple[int, str, str]:
             self._last[name] = last
             return last
 
@@ -454,7 +511,7 @@ class _Version:
         name = self.name
         sha = self.hasher.hexdigest()
         try:
-            sequence, last_sha = yield p._last_saved(name)
+            sequence, last_sha, last_version = yield p._last_saved(name)
         except Exception as e:  # noqa: BLE001
             self.stage, self.problem = "disk", f"cannot read the versions of {name}: {_describe(e)}"
             yield self._discard()
@@ -475,14 +532,15 @@ class _Version:
         try:
             self.stage = "disk"
             result = yield p._io(_finish_version, fd, self.temp, dataset_dir, version, name, manifest,
-                                 metadata.get("das"), self.bytes <= p.max_netcdf_bytes)
+                                 metadata.get("das"), self.bytes <= p.max_netcdf_bytes, metadata.get("dds"),
+                                 last_version or None)
         except Exception as e:  # noqa: BLE001 - the version is not saved; nothing of it is left
             self.problem = f"cannot save under {p.root}: {_describe(e)}"
             yield self._discard()
             return (yield self._failed())
         self.temp = None
         p._settled(name)
-        p._last[name] = (sequence + 1, sha)
+        p._last[name] = (sequence + 1, sha, version)
         p.counters["saved"] += 1
         p.counters["bytes"] += self.bytes
         self.log.info("{component}: dataset {dataset} saved as version {version} ({bytes} bytes of .dods)",
@@ -491,7 +549,8 @@ class _Version:
         yield events.emit(p.bus, "saved", name, component=p.name, subscription=p.subscription, version=version,
                           path=os.path.join(DATASETS, name, version), url=metadata["url"], sha256=sha,
                           bytes=self.bytes, fetched=metadata.get("fetched"), saved=saved,
-                          versions=result["versions"], files=files, netcdf="error" not in result["netcdf"])
+                          versions=result["versions"], files=files, netcdf="error" not in result["netcdf"],
+                          changes=result["changes"])
         return version
 
     def _failed(self) -> Deferred:
@@ -623,8 +682,10 @@ def _digest(path: str) -> Tuple[int, str]:
 
 
 def _finish_version(fd: int, temp: str, dataset_dir: str, version: str, name: str, manifest: Dict[str, Any],
-                    das: Optional[str], convert: bool) -> Dict[str, Any]:
-    """Close the .dods, write the .nc and the manifest, and rename the version into place."""
+                    das: Optional[str], convert: bool, dds: Optional[str] = None,
+                    previous: Optional[str] = None) -> Dict[str, Any]:
+    """Close the .dods, write the .nc and the manifest (with the change summary
+    from version C{previous}), and rename the version into place."""
     _close_part(fd, temp, name + ".dods")
     nc_name = name + ".nc"
     if not convert:
@@ -646,7 +707,10 @@ def _finish_version(fd: int, temp: str, dataset_dir: str, version: str, name: st
             continue
         size, sha = _digest(os.path.join(temp, file))
         files[file] = {"bytes": size, "sha256": sha}
-    manifest = dict(manifest, files=files, netcdf=netcdf)
+    coverage = netcdf.pop("coverage", None) or {}
+    summary = _summary(name, version, das, dds, coverage, files,
+                       os.path.join(dataset_dir, previous) if previous else None)
+    manifest = dict(manifest, files=files, netcdf=netcdf, coverage=coverage, changes=summary)
     _write_file(temp, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
     _fsync_dir(temp)
     target = os.path.join(dataset_dir, version)
@@ -654,11 +718,23 @@ def _finish_version(fd: int, temp: str, dataset_dir: str, version: str, name: st
         raise FileExistsError(errno.EEXIST, f"version {version} exists already")
     os.rename(temp, target)
     _fsync_dir(dataset_dir)
-    return {"files": files, "netcdf": netcdf, "versions": len(list_versions(dataset_dir))}
+    return {"files": files, "netcdf": netcdf, "versions": len(list_versions(dataset_dir)), "changes": summary}
 
 
-def _last_saved(dataset_dir: str, name: str) -> Tuple[int, str]:
-    best: Tuple[int, float, str] = (0, 0.0, "")
+def _summary(name: str, version: str, das: Optional[str], dds: Optional[str], coverage: Dict[str, Any],
+             files: Dict[str, Any], previous_dir: Optional[str]) -> Dict[str, Any]:
+    """The change summary of a new version; a summary that cannot be made
+    says why instead (the version is saved either way)."""
+    try:
+        before = changes.profile_of(previous_dir, name) if previous_dir else None
+        return changes.summarize(before, changes.profile(name, version, das, dds, coverage, files))
+    except Exception as e:  # noqa: BLE001 - a summary is a report, not part of the version
+        return {"from": os.path.basename(previous_dir) if previous_dir else None, "to": version,
+                "error": _describe(e)[:500], "text": "the change summary could not be made"}
+
+
+def _last_saved(dataset_dir: str, name: str) -> Tuple[int, str, str]:
+    best: Tuple[int, float, str, str] = (0, 0.0, "", "")
     for version in list_versions(dataset_dir):
         manifest = read_manifest(os.path.join(dataset_dir, version))
         if manifest is None:
@@ -667,10 +743,10 @@ def _last_saved(dataset_dir: str, name: str) -> Tuple[int, str]:
         saved = manifest.get("saved")
         sha = ((manifest.get("files") or {}).get(name + ".dods") or {}).get("sha256")
         if isinstance(sequence, int) and isinstance(sha, str):
-            key = (sequence, saved if isinstance(saved, (int, float)) else 0.0, sha)
+            key = (sequence, saved if isinstance(saved, (int, float)) else 0.0, sha, version)
             if key[:2] > best[:2]:
                 best = key
-    return best[0], best[2]
+    return best[0], best[2], best[3]
 
 
 def _manifests(dataset_dir: str) -> List[Dict[str, Any]]:
@@ -681,6 +757,36 @@ def _manifests(dataset_dir: str) -> List[Dict[str, Any]]:
             out.append(manifest)
     out.sort(key=lambda m: (m.get("sequence") or 0, m.get("saved") or 0))
     return out
+
+
+def _one_manifest(dataset_dir: str, name: str, version: str) -> Dict[str, Any]:
+    if version == LATEST:
+        manifests = _manifests(dataset_dir)
+        if not manifests:
+            raise UnknownVersion(f"no version of {name} is saved")
+        return manifests[-1]
+    manifest = read_manifest(os.path.join(dataset_dir, version))
+    if manifest is None:
+        raise UnknownVersion(f"no version {version} of {name} is saved")
+    return manifest
+
+
+def _diff(dataset_dir: str, name: str, before: str, after: str, limit: int) -> Dict[str, Any]:
+    dirs = []
+    for version in (before, after):
+        manifest = _one_manifest(dataset_dir, name, version)
+        dirs.append(os.path.join(dataset_dir, str(manifest.get("version") or version)))
+    return changes.summarize(changes.profile_of(dirs[0], name), changes.profile_of(dirs[1], name), limit)
+
+
+def _check_name(name: object) -> None:
+    if not dap.valid_name(name):
+        raise ValueError(f"not a dataset name: {str(name)[:80]!r}")
+
+
+def _check_version(version: object) -> None:
+    if not valid_version(version):
+        raise InvalidVersion(f"not a version: {str(version)[:80]!r} (YYYYmmddTHHMMSSZ-SHA12, or {LATEST})")
 
 
 def _describe(exc: BaseException) -> str:
