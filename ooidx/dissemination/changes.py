@@ -80,8 +80,10 @@ def profile(name: str, version: Optional[str], das: Optional[str], dds: Optional
 def profile_of(version_dir: str, name: str) -> Profile:
     """L{profile} of a saved version's directory. Its coverage is the
     manifest's, or (a version saved before manifests kept it) read from its
-    netCDF file."""
-    manifest = _read_json(os.path.join(version_dir, "manifest.json")) or {}
+    netCDF file. FileNotFoundError without a readable manifest."""
+    manifest = _read_json(os.path.join(version_dir, "manifest.json"))
+    if manifest is None:
+        raise FileNotFoundError(f"no readable manifest in {version_dir}")
     coverage = manifest.get("coverage")
     if not isinstance(coverage, dict):
         coverage = {}
