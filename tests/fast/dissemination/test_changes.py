@@ -7,7 +7,7 @@ import shutil
 
 from ooidx.dissemination import changes
 from ooidx.dissemination.netcdf import to_netcdf
-from ooidx.dissemination.persister import _summary
+from ooidx.dissemination.saved import _summary
 
 from tests.fast.core.support import FastCase
 from tests.fast.dissemination.pydap_answers import answers_of, make_typed
