@@ -12,12 +12,40 @@ what is not saved, and the token where reading needs it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
+import jsonschema_rs
 import pytest_twisted
+import yaml
 
 from tests.ooidx.dap_upstream import Upstream
 from tests.ooidx.test_persister import TOKEN, exchange_for, publish, upstream  # noqa: F401 - the fixture
+
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
+
+
+def _json_schema(node: Any) -> Any:
+    """OpenAPI 3.0's nullable as JSON Schema's null type."""
+    if isinstance(node, list):
+        return [_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _json_schema(v) for k, v in node.items()}
+    if node.pop("nullable", False):
+        if "type" in node:
+            node["type"] = [node["type"], "null"]
+        else:
+            node = {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+def documented(path: str, body: Dict[str, Any]) -> None:
+    """C{body} fits the 200 answer docs/openapi.yaml gives for C{path}."""
+    spec = yaml.safe_load(SPEC.read_text())
+    answer = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    schema = dict(_json_schema(answer), components=_json_schema(spec["components"]))
+    jsonschema_rs.validate(schema, body)
+
 
 FIRST_TIME = {"count": 3, "first": 0.0, "last": 120.0, "min": 0.0, "max": 120.0,
               "start": "2020-01-01T00:00:00", "end": "2020-01-01T00:02:00"}
@@ -53,6 +81,7 @@ async def test_two_versions_say_what_changed(tmp_path: Path, upstream: Upstream)
         assert body["versions"][0]["changes"]["first"] is True
         assert body["versions"][1]["changes"] == summary
         assert body["versions"][1]["files"]["typed.dods"]["sha256"] == two["sha256"]
+        documented("/api/datasets/{name}/versions", body)
         code, body = await ex.get("/api/datasets/typed/versions?limit=1")
         assert code == 200 and [v["version"] for v in body["versions"]] == [two["version"]]
         # one version, and the latest
@@ -60,9 +89,11 @@ async def test_two_versions_say_what_changed(tmp_path: Path, upstream: Upstream)
         assert code == 200 and body["version"]["coverage"]["time"]["end"] == "2020-01-01T00:02:00"
         code, body = await ex.get("/api/datasets/typed/versions/latest")
         assert code == 200 and body["version"]["version"] == two["version"]
+        documented("/api/datasets/{name}/versions/{version}", body)
         # any two, either way round
         code, body = await ex.get(f"/api/datasets/typed/versions/{one['version']}/diff/{two['version']}")
         assert code == 200 and body["diff"] == summary
+        documented("/api/datasets/{name}/versions/{version}/diff/{other}", body)
         code, body = await ex.get(f"/api/datasets/typed/versions/{two['version']}/diff/{one['version']}?limit=0")
         assert code == 200
         assert body["diff"]["variables"]["removed"] == ["salt"]
