@@ -19,6 +19,18 @@ What is written:
 - attributes: the DAS's top-level scalars and C{NC_GLOBAL} as global
   attributes, each variable's scalars and lists as its attributes
   (C{_FillValue} at creation); nested containers are left out.
+- attribute types: the type the DAS declares (L{das_attributes}):
+  C{Float32 valid_range -5, 40} is written as two 32-bit floats, C{Int16
+  flag_values} as 16-bit integers, C{Byte} as an unsigned byte (a signed one
+  when a value is negative, as servers write netCDF's signed bytes), so the
+  file has the upstream's types (CF wants C{valid_range} and C{_FillValue}
+  in the variable's type). Without a type (a DAS that does not parse) the
+  value is written as pydap read it;
+- coordinates (L{coverage}): each coordinate variable's count, first, last,
+  smallest and largest value, and for a time (CF C{units} "UNIT since DATE")
+  the first and last as dates, decoded with C{cftime} and its C{calendar}:
+  the persister keeps it in the manifest, what a version's change summary
+  (L{ooidx.dissemination.changes}) compares.
 
 pydap loads the whole data into memory (its unpacker takes it all at once),
 so the caller bounds the size it converts.
@@ -37,7 +49,8 @@ from urllib.parse import unquote
 
 from ooidx import dap
 
-__all__ = ["DATA_MARKER", "NETCDF_LOCK", "DecodeError", "decode", "to_netcdf", "write_netcdf"]
+__all__ = ["DATA_MARKER", "NETCDF_LOCK", "DecodeError", "decode", "to_netcdf", "write_netcdf", "das_attributes",
+           "typed_value", "coverage", "netcdf_coverage", "MAX_COORDINATES"]
 
 #: Held around every use of the netCDF4 library (it is not thread-safe).
 NETCDF_LOCK = threading.Lock()
@@ -45,6 +58,19 @@ NETCDF_LOCK = threading.Lock()
 DATA_MARKER = dap.DATA_MARKER
 #: How far into the .dods its DDS may reach.
 MAX_DDS = 16 * 1024 * 1024
+#: The most coordinate variables whose coverage is kept (a version's manifest stays small).
+MAX_COORDINATES = 32
+
+#: DAS attribute type (lower case) -> numpy type. DAP 2 has Byte (unsigned) to
+#: Float64; the DAP 4 names are taken too, for servers that write them.
+DAS_NUMPY_TYPES = {"byte": "u1", "int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2", "int32": "i4",
+                   "uint32": "u4", "int64": "i8", "uint64": "u8", "float32": "f4", "float64": "f8", "int": "i4",
+                   "uint": "u4"}
+
+#: A container of a DAS: its path (() for the top level, ("temp",), ("NC_GLOBAL",), ("s", "member")).
+Path = Tuple[str, ...]
+#: A typed attribute: (DAP type as the DAS writes it, its values).
+Typed = Tuple[str, List[Any]]
 
 
 class DecodeError(ValueError):
@@ -72,26 +98,33 @@ def to_netcdf(dods_path: str, nc_path: str, das: Optional[str] = None) -> Dict[s
     Returns C{{"variables": [...], "skipped": [...]}}."""
     with open(dods_path, "rb") as f:
         dataset, data = decode(f, das)
-    return write_netcdf(dataset, data, nc_path)
+    return write_netcdf(dataset, data, nc_path, das_attributes(das) if das else None)
 
 
-def write_netcdf(dataset: Any, data: List[Any], nc_path: str) -> Dict[str, Any]:
-    """Write a decoded dataset (L{decode}'s result) as netCDF4 at C{nc_path}."""
+def write_netcdf(dataset: Any, data: List[Any], nc_path: str,
+                 types: Optional[Dict[Path, Dict[str, Typed]]] = None) -> Dict[str, Any]:
+    """Write a decoded dataset (L{decode}'s result) as netCDF4 at C{nc_path};
+    C{types}, L{das_attributes} of its DAS, gives the attributes their types.
+    The result: C{{"variables", "skipped", "coverage"}} (L{coverage})."""
     import netCDF4
 
     arrays, skipped = _arrays(dataset, data)
     with NETCDF_LOCK:
-        return _write(netCDF4, arrays, skipped, dataset.attributes, nc_path)
+        result = _write(netCDF4, arrays, skipped, dataset.attributes, nc_path, types or {})
+    result["coverage"] = coverage((name, array, dims, attrs) for name, array, dims, attrs, _ in arrays)
+    return result
 
 
 def _write(netCDF4: Any, arrays: List[Any], skipped: List[str], attributes: Dict[str, Any],
-           nc_path: str) -> Dict[str, Any]:
+           nc_path: str, types: Dict[Path, Dict[str, Typed]]) -> Dict[str, Any]:
     written: List[str] = []
     with netCDF4.Dataset(nc_path, "w", format="NETCDF4") as nc:
+        global_types = _types_at(types, [(), ("NC_GLOBAL",), ("DODS_EXTRA",)])
         for key, value in _global_attributes(attributes).items():
-            _set_attribute(nc, key, value)
+            _set_attribute(nc, key, _with_type(value, global_types.get(key)))
         sizes: Dict[str, int] = {}
-        for name, array, dims, var_attributes in arrays:
+        for name, array, dims, var_attributes, paths in arrays:
+            var_types = _types_at(types, paths)
             dims = _dimensions(nc, sizes, name, array.shape, dims)
             fill = var_attributes.get("_FillValue")
             kind = str if array.dtype.kind in "SUO" else array.dtype.newbyteorder("=")
@@ -100,7 +133,7 @@ def _write(netCDF4: Any, arrays: List[Any], skipped: List[str], attributes: Dict
             var.set_auto_maskandscale(False)
             for key, value in var_attributes.items():
                 if key != "_FillValue":
-                    _set_attribute(var, key, value)
+                    _set_attribute(var, key, _with_type(value, var_types.get(key)))
             if kind is str:
                 var[...] = _as_text(array)
             else:
@@ -113,13 +146,14 @@ def _write(netCDF4: Any, arrays: List[Any], skipped: List[str], attributes: Dict
 # laying out the dataset
 
 
-def _arrays(dataset: Any, data: List[Any]) -> Tuple[List[Tuple[str, Any, Tuple[str, ...], Dict[str, Any]]],
-                                                     List[str]]:
-    """(name, numpy array, dimension names, attributes) of every variable; names skipped."""
+def _arrays(dataset: Any, data: List[Any]) -> Tuple[List[Tuple[str, Any, Tuple[str, ...], Dict[str, Any],
+                                                                List[Path]]], List[str]]:
+    """(name, numpy array, dimension names, attributes, the DAS containers that may
+    hold its attributes) of every variable; names skipped."""
     import numpy as np
     from pydap.model import BaseType, GridType, SequenceType, StructureType
 
-    out: List[Tuple[str, Any, Tuple[str, ...], Dict[str, Any]]] = []
+    out: List[Tuple[str, Any, Tuple[str, ...], Dict[str, Any], List[Path]]] = []
     seen: set = set()
     skipped: List[str] = []
 
@@ -144,7 +178,9 @@ def _arrays(dataset: Any, data: List[Any]) -> Tuple[List[Tuple[str, Any, Tuple[s
             dims = tuple(unquote(d) for d in (var.dims or ()))
             if len(dims) != array.ndim:
                 dims = tuple(f"{name}_dim{i}" for i in range(array.ndim))
-            out.append((name, array, dims, dict(var.attributes or {})))
+            ident = tuple(unquote(part) for part in str(var.id or name).split("."))
+            paths = [ident, (".".join(ident),), tuple(name.split(".")), (name,)]
+            out.append((name, array, dims, dict(var.attributes or {}), paths))
         else:
             skipped.append(name)
 
@@ -225,3 +261,141 @@ def _as_text(array: Any) -> Any:
 
     flat = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
     return np.array(flat, dtype=object).reshape(array.shape)
+
+
+# --------------------------------------------------------------------------- #
+# attribute types, as the DAS declares them
+
+
+def das_attributes(das: str) -> Dict[Path, Dict[str, Typed]]:
+    """Every attribute of a DAS with its declared type: container path ->
+    name -> (type, values). C{{}} when the DAS does not parse (the values
+    are then pydap's, untyped)."""
+    from pydap.parsers.das import DASParser
+
+    class TypedParser(DASParser):  # pydap's parser, keeping each attribute's type
+        def attribute(self) -> Tuple[str, Any]:
+            dap_type = self.peek(r"[^\s]+")
+            name, values = DASParser.attribute(self)
+            return name, _TypedValues(dap_type, values if isinstance(values, list) else [values])
+
+    try:
+        tree = TypedParser(das).parse()
+    except Exception:  # noqa: BLE001 - pydap raises what it raises; a bad DAS leaves the values untyped
+        return {}
+    out: Dict[Path, Dict[str, Typed]] = {}
+
+    def walk(container: Dict[str, Any], path: Path) -> None:
+        for key, value in container.items():
+            if isinstance(value, dict):
+                walk(value, path + (key,))
+            elif isinstance(value, _TypedValues):
+                out.setdefault(path, {})[key] = (value.type, value.values)
+
+    walk(tree, ())
+    return out
+
+
+class _TypedValues:
+    __slots__ = ("type", "values")
+
+    def __init__(self, dap_type: str, values: List[Any]) -> None:
+        self.type = dap_type
+        self.values = values
+
+
+def typed_value(dap_type: str, values: List[Any]) -> Any:
+    """The numpy array of a numeric attribute in its declared type, or None
+    (text, an unknown type, values the type cannot hold)."""
+    import numpy as np
+
+    kind = DAS_NUMPY_TYPES.get(dap_type.lower())
+    if kind is None or not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              for v in values):
+        return None
+    if kind[0] in "iu":
+        if not all(isinstance(v, int) or float(v).is_integer() for v in values):
+            return None
+        if kind == "u1" and dap_type.lower() == "byte" and any(v < 0 for v in values):
+            kind = "i1"  # netCDF's signed bytes, as THREDDS and others write them
+    try:
+        return np.array(values, dtype=kind)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _types_at(types: Dict[Path, Dict[str, Typed]], paths: List[Path]) -> Dict[str, Typed]:
+    out: Dict[str, Typed] = {}
+    for path in reversed(paths):  # the first path named wins
+        out.update(types.get(path, {}))
+    return out
+
+
+def _with_type(value: Any, typed: Optional[Typed]) -> Any:
+    if typed is None:
+        return value
+    cast = typed_value(*typed)
+    return value if cast is None else cast
+
+
+# --------------------------------------------------------------------------- #
+# coordinates
+
+
+def coverage(arrays: Any) -> Dict[str, Dict[str, Any]]:
+    """What each coordinate variable (1-D, named as its dimension) spans:
+    C{{"count", "first", "last", "min", "max"}} (numbers; None when there
+    are no values), and for a CF time (C{units} "UNIT since DATE") also
+    C{"units"}, C{"calendar"}, C{"start"} and C{"end"} as ISO dates.
+    C{arrays}: (name, numpy array, dimension names, attributes). At most
+    L{MAX_COORDINATES}."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, array, dims, attributes in arrays:
+        if len(out) >= MAX_COORDINATES:
+            break
+        if len(dims) != 1 or dims[0] != name or getattr(array, "ndim", 0) != 1 or array.dtype.kind not in "iuf":
+            continue
+        out[name] = _span(array, attributes)
+    return out
+
+
+def netcdf_coverage(nc_path: str) -> Dict[str, Dict[str, Any]]:
+    """L{coverage} of a netCDF file's coordinate variables (a version saved
+    before manifests kept it)."""
+    import netCDF4
+
+    with NETCDF_LOCK, netCDF4.Dataset(nc_path) as nc:
+        arrays = []
+        for name, var in nc.variables.items():
+            if var.dimensions == (name,) and var.dtype != str and len(arrays) < MAX_COORDINATES:
+                var.set_auto_maskandscale(False)
+                arrays.append((name, var[...], var.dimensions, {k: var.getncattr(k) for k in var.ncattrs()}))
+        return coverage(arrays)
+
+
+def _span(array: Any, attributes: Dict[str, Any]) -> Dict[str, Any]:
+    import numpy as np
+
+    values = np.asarray(array).astype("f8")
+    finite = values[np.isfinite(values)]
+    span: Dict[str, Any] = {"count": int(values.size), "first": None, "last": None, "min": None, "max": None}
+    if finite.size:
+        span.update(first=float(finite[0]), last=float(finite[-1]), min=float(finite.min()),
+                    max=float(finite.max()))
+    units = attributes.get("units")
+    if isinstance(units, str) and " since " in units:
+        calendar = attributes.get("calendar")
+        calendar = calendar if isinstance(calendar, str) and calendar else "standard"
+        span.update(units=units, calendar=calendar, start=None, end=None)
+        if finite.size:
+            span["start"], span["end"] = _dates([span["min"], span["max"]], units, calendar)
+    return span
+
+
+def _dates(values: List[float], units: str, calendar: str) -> List[Optional[str]]:
+    try:
+        import cftime
+
+        return [d.isoformat() for d in cftime.num2date(values, units, calendar=calendar)]
+    except Exception:  # noqa: BLE001 - units cftime cannot read: the numbers stand alone
+        return [None for _ in values]

@@ -15,7 +15,22 @@ length; body: the C{.dods} as received) and becomes a version directory:
         NAME.nc                             netCDF4, from pydap decoding the .dods (ooidx.dissemination.netcdf)
         manifest.json                       {"dataset", "url", "topic", "version", "sequence",
                                              "fetched", "saved", "files": {FILE: {"bytes", "sha256"}},
-                                             "netcdf": {"variables", "skipped"} or {"error"}}
+                                             "netcdf": {"variables", "skipped"} or {"error"},
+                                             "coverage": {COORDINATE: SPAN}, "changes": SUMMARY}
+
+C{coverage} is what each coordinate variable spans (its CF time decoded to
+dates), C{changes} the change summary from the version saved before it
+(L{ooidx.dissemination.changes}): coverage before and after, variables
+added and removed, shapes and types changed, a bounded diff of the typed
+attributes, the sha256 of each response. The C{saved} event carries the
+same summary under C{changes}.
+
+Read through the worker queue C{persister} (the web port's
+C{/api/datasets/NAME/versions}, L{ooidx.web.versions}): C{versions(name,
+limit)} the manifests, C{version(name, version)} one of them (or
+C{"latest"}), C{diff(name, before, after, limit)} the summary between any
+two. A version name that is not one is L{InvalidVersion}, one not saved
+L{UnknownVersion}.
 
 Atomicity: the version is built in C{NAME/.tmp-PID-RANDOM/}; each file is
 written to a C{.part-} file there, fsync'd and renamed; then the directory
@@ -45,18 +60,15 @@ conversion needs the decoded data in memory (pydap unpacks it whole), so a
 C{.dods} over L{Persister.max_netcdf_bytes} is kept without its C{.nc}
 (the manifest says why). A C{.dods} pydap cannot decode is kept the same way.
 
-Blocking disk work runs in a small thread pool of the persister's own.
+Blocking disk work (L{ooidx.dissemination.saved}: the layout on disk, the atomic
+write, reading versions back) runs in a small thread pool of the persister's own.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
-import shutil
-import time
-import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from twisted.internet.defer import Deferred, DeferredLock, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads
@@ -70,43 +82,21 @@ from magnet import BadMessage, MagnetError, Message, RemoteError, operation
 from ooidx import dap, events
 from ooidx.component import Component
 from ooidx.config import PersisterOptions
-from ooidx.dissemination.netcdf import DecodeError, to_netcdf
+from ooidx.dissemination import changes
+from ooidx.dissemination.saved import (DATASETS, LATEST, MANIFEST, TEMP_PREFIX, VERSION, InvalidVersion,
+                                       UnknownVersion, _check_name, _check_version, _cleanup, _describe, _diff,
+                                       _finish_version, _last_saved, _make_temp, _manifests, _one_manifest,
+                                       _open_part, _prepare, _write_all, _write_file, list_versions,
+                                       read_manifest, valid_version, version_name)
 
-__all__ = ["Persister", "DATASETS", "MANIFEST", "version_name", "read_manifest", "list_versions"]
+__all__ = ["Persister", "DATASETS", "MANIFEST", "TEMP_PREFIX", "version_name", "read_manifest", "list_versions",
+           "VERSION", "LATEST", "valid_version", "InvalidVersion", "UnknownVersion"]
 
-DATASETS = "datasets"
-MANIFEST = "manifest.json"
-TEMP_PREFIX = ".tmp-"
-PART_PREFIX = ".part-"
 DEFAULT_SUBSCRIPTION = "persister"
 DEFAULT_RETRY_AFTER = 60.0
 DEFAULT_RETRY_MAX = 900.0
 SUBSCRIBE_REGEX = r"^dataset\."
 THREADS = 2
-_CHUNK_WRITE = 1024 * 1024
-
-
-def version_name(saved: float, sha256: str) -> str:
-    """C{YYYYmmddTHHMMSSZ-SHA12}: the UTC save time and the .dods's short sha256."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(saved)) + "-" + sha256[:12]
-
-
-def read_manifest(version_dir: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(os.path.join(version_dir, MANIFEST), "rb") as f:
-            manifest = json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def list_versions(dataset_dir: str) -> List[str]:
-    """The version directory names under a dataset's directory (no temporaries), sorted."""
-    try:
-        names = os.listdir(dataset_dir)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(dataset_dir, n)))
 
 
 class Persister(Component):
@@ -144,7 +134,7 @@ class Persister(Component):
         self._listener: Any = None
         self._subscribing: Any = None
         self._stopping = False
-        self._last: Dict[str, Tuple[int, str]] = {}  # dataset -> (sequence, .dods sha256) of the last saved
+        self._last: Dict[str, Tuple[int, str, str]] = {}  # dataset -> (sequence, .dods sha256, version) of the last
         self._locks: Dict[str, DeferredLock] = {}
         self._active: set = set()
         #: the address this persister consumes, once subscribed
@@ -245,11 +235,32 @@ class Persister(Component):
     # operations ------------------------------------------------------------------------
 
     @operation
-    def versions(self, name: str) -> Deferred:
-        """The manifests of dataset C{name}'s saved versions, oldest first."""
-        if not dap.valid_name(name):
-            raise ValueError(f"not a dataset name: {str(name)[:80]!r}")
-        return self._io(_manifests, os.path.join(self.root, name))
+    def versions(self, name: str, limit: Optional[int] = None) -> Deferred:
+        """The manifests of dataset C{name}'s saved versions, oldest first
+        (the last C{limit} of them when given)."""
+        _check_name(name)
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"limit is a whole number from 1, not {str(limit)[:40]!r}")
+        d = self._io(_manifests, os.path.join(self.root, name))
+        return d.addCallback(lambda manifests: manifests[-limit:] if limit else manifests)
+
+    @operation
+    def version(self, name: str, version: str) -> Deferred:
+        """The manifest of one saved version of C{name} (L{LATEST}: the last saved)."""
+        _check_name(name)
+        _check_version(version)
+        return self._io(_one_manifest, os.path.join(self.root, name), name, version)
+
+    @operation
+    def diff(self, name: str, before: str, after: str, limit: int = changes.LIMIT) -> Deferred:
+        """The change summary from version C{before} to version C{after} of
+        C{name} (any two, either way round), listing at most C{limit} attribute changes."""
+        _check_name(name)
+        _check_version(before)
+        _check_version(after)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= changes.MAX_LIMIT:
+            raise ValueError(f"limit is a whole number from 0 to {changes.MAX_LIMIT}")
+        return self._io(_diff, os.path.join(self.root, name), name, before, after, limit)
 
     @operation
     def stats(self) -> Dict[str, Any]:
@@ -337,12 +348,12 @@ class Persister(Component):
         return lock
 
     def _last_saved(self, name: str) -> Deferred:
-        """(sequence, .dods sha256) of the last saved version of C{name}, or (0, "")."""
+        """(sequence, .dods sha256, version) of the last saved version of C{name}, or (0, "", "")."""
         if name in self._last:
             return succeed(self._last[name])
         d = self._io(_last_saved, os.path.join(self.root, name), name)
 
-        def found(last: Tuple[int, str]) -> Tuple[int, str]:
+        def found(last: Tuple[int, str, str]) -> Tuple[int, str, str]:
             self._last[name] = last
             return last
 
@@ -456,7 +467,7 @@ class _Version:
         name = self.name
         sha = self.hasher.hexdigest()
         try:
-            sequence, last_sha = yield p._last_saved(name)
+            sequence, last_sha, last_version = yield p._last_saved(name)
         except Exception as e:  # noqa: BLE001
             self.stage, self.problem = "disk", f"cannot read the versions of {name}: {_describe(e)}"
             yield self._discard()
@@ -477,14 +488,15 @@ class _Version:
         try:
             self.stage = "disk"
             result = yield p._io(_finish_version, fd, self.temp, dataset_dir, version, name, manifest,
-                                 metadata.get("das"), self.bytes <= p.max_netcdf_bytes)
+                                 metadata.get("das"), self.bytes <= p.max_netcdf_bytes, metadata.get("dds"),
+                                 last_version or None)
         except Exception as e:  # noqa: BLE001 - the version is not saved; nothing of it is left
             self.problem = f"cannot save under {p.root}: {_describe(e)}"
             yield self._discard()
             return (yield self._failed())
         self.temp = None
         p._settled(name)
-        p._last[name] = (sequence + 1, sha)
+        p._last[name] = (sequence + 1, sha, version)
         p.counters["saved"] += 1
         p.counters["bytes"] += self.bytes
         self.log.info("{component}: dataset {dataset} saved as version {version} ({bytes} bytes of .dods)",
@@ -493,7 +505,8 @@ class _Version:
         yield events.emit(p.bus, "saved", name, component=p.name, subscription=p.subscription, version=version,
                           path=os.path.join(DATASETS, name, version), url=metadata["url"], sha256=sha,
                           bytes=self.bytes, fetched=metadata.get("fetched"), saved=saved,
-                          versions=result["versions"], files=files, netcdf="error" not in result["netcdf"])
+                          versions=result["versions"], files=files, netcdf="error" not in result["netcdf"],
+                          changes=result["changes"])
         return version
 
     def _failed(self) -> Deferred:
@@ -519,176 +532,6 @@ class _Retry:
         if self.call is not None and self.call.active():
             self.call.cancel()
         self.call = None
-
-
-# --------------------------------------------------------------------------- #
-# blocking disk work (in the persister's threads)
-
-
-def _prepare(root: str) -> int:
-    """Make the datasets directory; remove temporary versions of processes gone. How many removed."""
-    os.makedirs(root, exist_ok=True)
-    removed = 0
-    for dataset in os.listdir(root):
-        dataset_dir = os.path.join(root, dataset)
-        if not os.path.isdir(dataset_dir):
-            continue
-        for entry in os.listdir(dataset_dir):
-            if entry.startswith(TEMP_PREFIX) and not _writer_alive(entry):
-                shutil.rmtree(os.path.join(dataset_dir, entry), ignore_errors=True)
-                removed += 1
-    return removed
-
-
-def _writer_alive(temp_name: str) -> bool:
-    try:
-        pid = int(temp_name[len(TEMP_PREFIX):].split("-", 1)[0])
-    except ValueError:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _make_temp(dataset_dir: str) -> str:
-    os.makedirs(dataset_dir, exist_ok=True)
-    temp = os.path.join(dataset_dir, f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
-    os.mkdir(temp)
-    return temp
-
-
-def _open_part(directory: str, name: str) -> int:
-    return os.open(os.path.join(directory, PART_PREFIX + name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view[:_CHUNK_WRITE])
-        view = view[written:]
-
-
-def _close_part(fd: int, directory: str, name: str) -> None:
-    """fsync and close a part file, and rename it to its name."""
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(os.path.join(directory, PART_PREFIX + name), os.path.join(directory, name))
-
-
-def _write_file(directory: str, name: str, data: bytes) -> None:
-    fd = _open_part(directory, name)
-    try:
-        _write_all(fd, data)
-    except BaseException:
-        os.close(fd)
-        raise
-    _close_part(fd, directory, name)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _cleanup(fd: Optional[int], temp: Optional[str]) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    if temp is not None:
-        shutil.rmtree(temp)
-
-
-def _digest(path: str) -> Tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(1024 * 1024)
-            if not block:
-                break
-            size += len(block)
-            h.update(block)
-    return size, h.hexdigest()
-
-
-def _finish_version(fd: int, temp: str, dataset_dir: str, version: str, name: str, manifest: Dict[str, Any],
-                    das: Optional[str], convert: bool) -> Dict[str, Any]:
-    """Close the .dods, write the .nc and the manifest, and rename the version into place."""
-    _close_part(fd, temp, name + ".dods")
-    nc_name = name + ".nc"
-    if not convert:
-        netcdf: Dict[str, Any] = {"error": "the .dods is larger than the persister converts to netCDF"}
-    else:
-        part = os.path.join(temp, PART_PREFIX + nc_name)
-        try:
-            netcdf = to_netcdf(os.path.join(temp, name + ".dods"), part, das)
-        except DecodeError as e:
-            netcdf = {"error": str(e)[:1000]}
-            if os.path.exists(part):
-                os.unlink(part)
-        else:
-            nc_fd = os.open(part, os.O_RDONLY)
-            _close_part(nc_fd, temp, nc_name)
-    files = {}
-    for file in sorted(os.listdir(temp)):
-        if file.startswith(PART_PREFIX):
-            continue
-        size, sha = _digest(os.path.join(temp, file))
-        files[file] = {"bytes": size, "sha256": sha}
-    manifest = dict(manifest, files=files, netcdf=netcdf)
-    _write_file(temp, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"))
-    _fsync_dir(temp)
-    target = os.path.join(dataset_dir, version)
-    if os.path.exists(target):
-        raise FileExistsError(errno.EEXIST, f"version {version} exists already")
-    os.rename(temp, target)
-    _fsync_dir(dataset_dir)
-    return {"files": files, "netcdf": netcdf, "versions": len(list_versions(dataset_dir))}
-
-
-def _last_saved(dataset_dir: str, name: str) -> Tuple[int, str]:
-    best: Tuple[int, float, str] = (0, 0.0, "")
-    for version in list_versions(dataset_dir):
-        manifest = read_manifest(os.path.join(dataset_dir, version))
-        if manifest is None:
-            continue
-        sequence = manifest.get("sequence")
-        saved = manifest.get("saved")
-        sha = ((manifest.get("files") or {}).get(name + ".dods") or {}).get("sha256")
-        if isinstance(sequence, int) and isinstance(sha, str):
-            key = (sequence, saved if isinstance(saved, (int, float)) else 0.0, sha)
-            if key[:2] > best[:2]:
-                best = key
-    return best[0], best[2]
-
-
-def _manifests(dataset_dir: str) -> List[Dict[str, Any]]:
-    out = []
-    for version in list_versions(dataset_dir):
-        manifest = read_manifest(os.path.join(dataset_dir, version))
-        if manifest is not None:
-            out.append(manifest)
-    out.sort(key=lambda m: (m.get("sequence") or 0, m.get("saved") or 0))
-    return out
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or exc}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _global_reactor() -> Any:

@@ -7,6 +7,8 @@
     /api/people, /api/subscriptions, /api/events/stream
                                    people's subscriptions and the event tail:
                                    L{ooidx.people.api.SubscriptionsApi}
+    GET  /api/datasets/NAME/versions[/V[/diff/V2]]
+                                   saved versions and what changed: L{ooidx.web.versions.VersionsApi}
 
 C{/api/call} answers 200 with C{{"result": ...}} (or the raw bytes, as
 C{application/octet-stream}, when the operation returns bytes), or a JSON
@@ -54,6 +56,7 @@ from ooidx.http.edge import (EdgePort, TrackingSite, listen_spec, mask_query,
 from ooidx.http.listen import is_loopback
 from ooidx.people.api import SubscriptionsApi
 from ooidx.web.page import ManagementPage
+from ooidx.web.versions import VersionsApi
 from ooidx.wire import BUS_TABLE
 
 __all__ = ["Web", "NAME", "MAX_BODY", "ping_components", "MetricsRenderer", "TokenSource"]
@@ -143,7 +146,7 @@ class _Api(Resource):
         if path.startswith(b"/api/call/"):
             methods = {b"POST": self.web.render_call}
         else:
-            methods = self.routes.get(path) or self.page.methods(path)
+            methods = self.routes.get(path) or self.page.methods(path) or self.web.versions.methods(path)
         try:
             if methods is None:
                 raise HTTPError(404, "NotFound", f"no such path: {printable(path)}")
@@ -201,6 +204,8 @@ class Web(Component):
         self.status_timeout = status_timeout
         #: People's subscriptions and the event tail (ooidx.people.api), mounted at setUp.
         self.subscriptions: Optional[SubscriptionsApi] = None
+        #: A dataset's saved versions (ooidx.web.versions), mounted at setUp.
+        self.versions: Optional[VersionsApi] = None
 
     # where it listens ------------------------------------------------------------
 
@@ -238,6 +243,7 @@ class Web(Component):
                                               arguments=self._arguments, operator_token=lambda: self._token)
         page = ManagementPage(self.bus, check_operator=self._check_token, arguments=self._arguments,
                               max_body=self.max_body, read_token=self.read_token)
+        self.versions = VersionsApi(self.bus, check_operator=self._check_token, read_token=self.read_token)
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
         # The access log masks ?ticket= (a person's stream ticket, user_subscriptions).
         site = TrackingSite(_Api(self, page), requestFactory=request_factory, parsePOSTFormSubmission=False,

@@ -120,8 +120,10 @@ class LayoutTests(FastCase):
                 np.array([b"one", "two"], dtype=object)]
         result, nc = self.write(dataset, data)
         with nc:
+            coordinates = result.pop("coverage")
             assert result == {"variables": ["sst", "time", "lat", "station.id", "station.name", "depth", "odd",
                                             "labels"], "skipped": ["casts"]}
+            assert sorted(coordinates) == ["lat", "time"] and coordinates["time"]["count"] == 2
             assert nc.title == "made by hand" and nc.history == "one" and nc.Unlimited_Dimension == "time"
             assert "ignored" not in nc.ncattrs() and "nested" not in nc.ncattrs()
             var = nc["sst"]
@@ -161,3 +163,61 @@ class LayoutTests(FastCase):
         netcdf._set_attribute(Refusing(True), "when", 5)  # not even as text: left out, no error
         netcdf._set_attribute(kind, "objects", [object(), 1])
         assert "objects" not in kind.set
+
+
+class TypedAttributeTests(FastCase):
+    """The persisted netCDF is the upstream's dataset, types included: each
+    attribute in the type its DAS declares (pydap's server serving a file
+    written with netCDF4), not pydap's Python ints and floats (64-bit)."""
+
+    def test_every_variable_and_attribute_equals_the_upstream_file(self) -> None:
+        from tests.fast.dissemination.pydap_answers import answers_of, described, make_typed
+
+        tmp_path = self.tmp_path()
+        upstream = tmp_path / "upstream"
+        upstream.mkdir()
+        source = make_typed(upstream / "typed.nc", extra=True)
+        answers = answers_of(upstream, "typed.nc")
+        assert b"Float32 valid_range -5, 40;" in answers["das"] and b"Int32 version 3;" in answers["das"]
+        dods = tmp_path / "typed.dods"
+        dods.write_bytes(answers["dods"])
+        nc = tmp_path / "typed.nc"
+        to_netcdf(str(dods), str(nc), answers["das"].decode())
+        got, want = described(nc), described(source)
+        assert got[""]["version"] == ("<i4", [3])
+        assert got["temp"]["attributes"]["valid_range"] == ("<f4", [-5.0, 40.0])
+        assert got["temp"]["attributes"]["accuracy"] == want["temp"]["attributes"]["accuracy"]
+        assert got["qc"]["attributes"]["flag_values"] == ("<i2", [0, 1, 4])
+        assert got == want
+
+    def test_das_types(self) -> None:
+        from ooidx.dissemination.netcdf import das_attributes, typed_value
+
+        das = ('Attributes {\n  NC_GLOBAL {\n    Int32 version 3;\n    String title "a, b";\n  }\n'
+               '  temp {\n    Float32 valid_range -5, 40;\n    Byte signed -1, 2;\n    Byte plain 1, 200;\n'
+               '    UInt16 big 70000;\n    Int16 half 1.5;\n  }\n}\n')
+        types = das_attributes(das)
+        assert types[("NC_GLOBAL",)]["version"] == ("Int32", [3])
+        assert types[("temp",)]["valid_range"] == ("Float32", [-5, 40])
+        assert typed_value(*types[("temp",)]["valid_range"]).dtype == np.dtype("f4")
+        assert typed_value(*types[("temp",)]["signed"]).dtype == np.dtype("i1")
+        assert typed_value(*types[("temp",)]["plain"]).dtype == np.dtype("u1")
+        # what the type cannot hold is left to pydap's value, not wrapped or truncated
+        assert typed_value(*types[("temp",)]["big"]) is None
+        assert typed_value(*types[("temp",)]["half"]) is None
+        assert typed_value(*types[("NC_GLOBAL",)]["title"]) is None
+        assert das_attributes("Attributes { not { a das") == {}
+
+    def test_coverage_of_time_decoded_with_its_units(self) -> None:
+        from ooidx.dissemination.netcdf import coverage, netcdf_coverage
+        from tests.fast.dissemination.pydap_answers import make_typed
+
+        path = make_typed(self.tmp_path() / "typed.nc", times=4)
+        span = netcdf_coverage(str(path))
+        assert span == {"time": {"count": 4, "first": 0.0, "last": 180.0, "min": 0.0, "max": 180.0,
+                                 "units": "seconds since 2020-01-01", "calendar": "standard",
+                                 "start": "2020-01-01T00:00:00", "end": "2020-01-01T00:03:00"}}
+        noleap = coverage([("t", np.array([0.0, 59.0]), ("t",), {"units": "days since 2001-01-01",
+                                                                 "calendar": "noleap"})])
+        assert noleap["t"]["end"] == "2001-03-01T00:00:00"
+        assert coverage([("x", np.array([[1.0]]), ("x", "y"), {})]) == {}

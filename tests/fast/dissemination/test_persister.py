@@ -516,3 +516,88 @@ class PersisterEdgeTests(RigCase):
         with self.assertRaises(ValueError) as e:
             Persister("persister", bus, node="t")
         assert "needs a data directory" in str(e.exception)
+
+
+def typed_answers(directory: Path, *, times: int, extra: bool = False) -> Dict[str, Any]:
+    """pydap's answers for the typed file (tests.fast.dissemination.pydap_answers.make_typed), as Rig.send takes them."""
+    from tests.fast.dissemination.pydap_answers import answers_of, make_typed
+
+    directory.mkdir(parents=True, exist_ok=True)
+    source = make_typed(directory / "typed.nc", times=times, extra=extra)
+    return dict(answers_of(directory, "typed.nc"), url="http://upstream.test/typed.nc", source=source)
+
+
+class ChangeSummaryTests(RigCase):
+    """Each version says what changed since the one before, in its manifest and its
+    saved event; any two versions can be compared through the worker queue."""
+
+    @on_clock
+    async def test_time_extension_and_an_added_variable(self) -> None:
+        from tests.fast.dissemination.pydap_answers import described
+
+        rig = await self.rig()
+        tmp = self.shared_tmp()
+        first = typed_answers(tmp / "one", times=3)
+        second = typed_answers(tmp / "two", times=5, extra=True)
+        await rig.send(first, name="typed", topic="dataset.typed")
+        one = await rig.events.next("saved", "typed")
+        assert one["changes"]["first"] is True and one["changes"]["from"] is None
+        assert one["changes"]["coverage"]["time"]["after"]["end"] == "2020-01-01T00:02:00"
+        await rig.send(second, name="typed", topic="dataset.typed")
+        two = await rig.events.next("saved", "typed", skip=1)
+        summary = two["changes"]
+        assert summary["from"] == one["version"] and summary["to"] == two["version"]
+        assert summary["variables"] == {"added": ["salt"], "removed": [], "more": 0}
+        assert summary["coverage"] == {"time": {
+            "units": "seconds since 2020-01-01", "calendar": "standard",
+            "before": {"count": 3, "first": 0.0, "last": 120.0, "min": 0.0, "max": 120.0,
+                       "start": "2020-01-01T00:00:00", "end": "2020-01-01T00:02:00"},
+            "after": {"count": 5, "first": 0.0, "last": 240.0, "min": 0.0, "max": 240.0,
+                      "start": "2020-01-01T00:00:00", "end": "2020-01-01T00:04:00"}}}
+        assert summary["dimensions"] == {"time": {"before": 3, "after": 5}}
+        assert [s["variable"] for s in summary["shapes"]] == ["level", "qc", "temp", "time"]
+        assert summary["types"] == [] and summary["attributes"]["count"] == 0
+        assert summary["text"] == ("time 2020-01-01T00:00:00 → 2020-01-01T00:04:00 (was 2020-01-01T00:00:00 → "
+                                   "2020-01-01T00:02:00; 3 → 5 values); variable added: salt; dimension time 3 → 5")
+        vdir = rig.data_dir / "datasets" / "typed" / two["version"]
+        manifest = json.loads((vdir / MANIFEST).read_text())
+        assert manifest["changes"] == summary
+        for file, shas in summary["sha256"].items():
+            assert shas["after"] == manifest["files"][file]["sha256"]
+            assert shas["before"] == one["changes"]["sha256"][file]["after"]
+        # the saved netCDF is the upstream file, types included
+        assert described(vdir / "typed.nc") == described(second["source"])
+        # any two versions, either way round, through the worker queue
+        back = await rig.bus.call("persister", "diff", name="typed", before=two["version"], after=one["version"])
+        assert back["variables"]["removed"] == ["salt"] and back["dimensions"]["time"] == {"before": 5, "after": 3}
+        latest = await rig.bus.call("persister", "version", name="typed", version="latest")
+        assert latest["version"] == two["version"]
+        (last,) = await rig.bus.call("persister", "versions", name="typed", limit=1)
+        assert last["version"] == two["version"]
+        for kwargs, kind in [(dict(name="typed", version="20200101T000000Z-000000000000"), "UnknownVersion"),
+                             (dict(name="typed", version="../x"), "InvalidVersion"),
+                             (dict(name="../x", version="latest"), "ValueError"),
+                             (dict(name="none", version="latest"), "UnknownVersion")]:
+            with self.assertRaises(magnet.RemoteError) as caught:
+                await rig.bus.call("persister", "version", **kwargs)
+            assert caught.exception.remote_type == kind
+
+    @on_clock
+    async def test_attribute_changes_are_bounded(self) -> None:
+        rig = await self.rig()
+        answers = pydap_responses()["sst"]
+        await rig.send(answers)
+        one = await rig.events.next("saved", "sst")
+        das = answers["das"].decode().replace("    sst {\n", "    sst {\n" + "".join(
+            f'        String note{n:02d} "n{n}";\n' for n in range(30)), 1)
+        assert das != answers["das"].decode()
+        changed = answers["dods"][:-4] + b"\x41\x41\x00\x00"
+        await rig.send(answers, changed, das=das)
+        two = await rig.events.next("saved", "sst", skip=1)
+        attributes = two["changes"]["attributes"]
+        assert attributes["count"] == 30 and attributes["more"] == 10 and len(attributes["added"]) == 20
+        assert attributes["added"][0] == {"variable": "sst", "name": "note00", "type": "String", "value": "n0"}
+        assert "attributes: 20 added, 10 more" in two["changes"]["text"]
+        wide = await rig.bus.call("persister", "diff", name="sst", before=one["version"], after=two["version"],
+                                  limit=100)
+        assert len(wide["attributes"]["added"]) == 30 and wide["attributes"]["more"] == 0
