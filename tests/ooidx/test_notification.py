@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor
 
 import magnet
 from magnet import Message, RemoteError
@@ -16,14 +16,7 @@ from ooidx.node.bootstrap import declare_topology
 from ooidx.dissemination.notification import API, Notification
 from ooidx.node.bootstrap import component_class
 
-
-@defer.inlineCallbacks
-def eventually(predicate: Any, timeout: float = 5.0) -> Any:
-    waited = 0.0
-    while not predicate():
-        assert waited < timeout, "condition not met in time"
-        yield task.deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
+from tests.support.waiting import eventually
 
 
 @pytest_twisted.async_yield_fixture

@@ -28,6 +28,7 @@ from ooidx.dissemination.persister import MANIFEST, Persister
 
 from tests.ooidx.dap_upstream import Upstream, make_files
 from tests.ooidx.dissemination_helpers import EventLog, FakePubSub
+from tests.support.waiting import eventually as until
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +95,6 @@ async def rig(tmp_path: Path) -> Any:
     await r.start()
     yield r
     await r.stop()
-
-
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not met in time")
 
 
 def sha(data: bytes) -> str:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 
 import magnet
 
@@ -40,8 +39,7 @@ __all__ = ["Daemon", "Node", "start_node", "TcpFaultProxy", "TaskProducer", "Htt
 TOKEN = "reliability-token-" + uuid.uuid4().hex
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return deferLater(reactor, seconds, lambda: None)
+from tests.support.waiting import sleep  # noqa: E402 - one implementation for the suite
 
 
 # --------------------------------------------------------------------------- #

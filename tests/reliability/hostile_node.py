@@ -12,21 +12,20 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
-from urllib.parse import quote, urlsplit, urlunsplit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "ooidx"))
 from dap_upstream import Upstream, make_files  # noqa: E402
 from twistd_helpers import Daemon, environment, free_port, write_config  # noqa: E402
+
+from tests.support import vhost as support_vhost  # noqa: E402
 
 TOKEN = "hostile-token-" + uuid.uuid4().hex
 
@@ -165,19 +164,10 @@ def upstream_in(directory: Path) -> Upstream:
 
 
 def own_vhost(url: str, label: str) -> Tuple[str, Any]:
-    """A fresh virtual host on the (local) broker of C{url}; (url, delete)."""
-    parts = urlsplit(url)
-    name = f"ooidx-{label}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    if not shutil.which("rabbitmqctl") or parts.hostname not in ("127.0.0.1", "localhost"):
-        return url, lambda: None
-
-    def ctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=90)
-
-    if ctl("add_vhost", name).returncode != 0:
-        return url, lambda: None
-    ctl("set_permissions", "-p", name, parts.username or "guest", ".*", ".*", ".*")
-    return urlunsplit(parts._replace(path="/" + quote(name, safe=""))), lambda: ctl("delete_vhost", name)
+    """A fresh virtual host on the (local) broker of C{url}; (url, delete).
+    Where rabbitmqctl cannot manage the broker: the URL as it is."""
+    made = support_vhost.own_vhost(url, label)
+    return made if made is not None else (url, lambda: None)
 
 
 # --------------------------------------------------------------------------- #
