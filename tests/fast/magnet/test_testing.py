@@ -220,3 +220,21 @@ class DocumentedExampleTests(SynchronousTestCase):
         outcome = unittest.TestResult()
         suite.run(outcome)
         self.assertEqual((outcome.testsRun, outcome.errors, outcome.failures), (3, [], []))
+
+
+class NoBrokerSwitchTests(SynchronousTestCase):
+    """OOIDX_TEST_BROKER=none (the fast tier's setting): AMQP is refused at once."""
+
+    def test_an_amqp_bus_is_refused_under_the_switch(self) -> None:
+        from tests.support import nobroker
+        if not nobroker.forbidden():
+            raise unittest.SkipTest("OOIDX_TEST_BROKER is not none")
+        with self.assertRaises(nobroker.BrokerForbidden) as raised:
+            magnet.connect("amqp://guest:guest@127.0.0.1:5672/", reactor=Clock())
+        self.assertIn("OOIDX_TEST_BROKER=none", str(raised.exception))
+
+    def test_the_switch_reads_the_environment(self) -> None:
+        from tests.support import nobroker
+        self.assertTrue(nobroker.forbidden({"OOIDX_TEST_BROKER": " None "}))
+        self.assertFalse(nobroker.forbidden({"OOIDX_TEST_BROKER": "private"}))
+        self.assertFalse(nobroker.forbidden({}))
