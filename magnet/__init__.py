@@ -11,6 +11,9 @@ L{Bus.declare_fanout}, L{Bus.consume}, L{Bus.subscribe}), confirmed sends
 (L{Bus.send}), RPC (L{Bus.serve}, L{Bus.call}), third-party coordination
 (L{Bus.tell}), listen addresses (L{Bus.listen}) and streams
 (L{Bus.open_stream}, L{Listener.next_stream}).
+
+Unit tests of code built on a bus use L{magnet.testing}: the in-process broker
+on a C{task.Clock}, delivering when the test flushes it, no reactor needed.
 """
 from __future__ import annotations
 

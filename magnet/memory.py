@@ -9,7 +9,9 @@ nothing routes, exclusive and auto-delete queues, and publisher confirms.
 
 Deliveries are always made from a later reactor turn, never from inside
 C{publish} or C{ack}, as a network broker would; that keeps handlers free of
-re-entrancy surprises that only this transport would show.
+re-entrancy surprises that only this transport would show. The turns are
+zero-delay calls on the broker's clock, so on a L{twisted.internet.task.Clock}
+a test decides when they run: L{magnet.testing} is that test harness.
 
 Flow control: a queue holding more than L{HIGH_WATER_BYTES} of ready messages
 withholds publisher confirms until it drains, as RabbitMQ's credit flow
@@ -161,10 +163,15 @@ class _Queue:
     def _pump(self) -> None:
         self._scheduled = None
         consumers = self.consumers
-        while self.ready and consumers:
+        # One turn delivers at most what was ready when it began: a message a
+        # consumer gives back at once (nack with requeue inside on_delivery)
+        # goes out again on a later turn, not in an endless loop inside this one.
+        budget = len(self.ready)
+        while budget and self.ready and consumers:
             consumer = self._next_with_room()
             if consumer is None:
                 break
+            budget -= 1
             message, redelivered, size = self.ready.popleft()
             self.ready_bytes -= size
             consumer._deliver(message, redelivered, size)

@@ -9,6 +9,16 @@ Test fixtures shared by the whole suite.
   stopped and its directory removed afterwards.
 - ``private_rabbitmq_factory`` (function): ``make(name=None, start=True)``
   makes more such nodes; all of them are removed afterwards.
+- ``vhost`` (function): the amqp:// URL of a virtual host of this test's own
+  on the run's broker (tests.support.vhost), deleted afterwards; a private
+  node where rabbitmqctl cannot manage the broker.
+
+``OOIDX_TEST_BROKER=none`` switches brokers off (tests.support.nobroker):
+every fixture above fails at once, saying so, and magnet's AMQP transport
+refuses to be built. The fast tier (tests/fast) runs under it.
+
+Tiers, as markers: ``fast`` (everything under tests/fast, added here),
+``rabbitmq`` (every test that asks for a broker fixture, added here), ``slow``.
 """
 
 import os
@@ -23,6 +33,31 @@ from tests.rabbitmq import (
     redact,
     select_broker,
 )
+from tests.support import nobroker
+from tests.support.vhost import own_vhost
+
+_BROKER_FIXTURES = ("broker_url", "private_rabbitmq", "private_rabbitmq_factory", "vhost")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "fast: the fast tier (tests/fast): no broker, no port, no subprocess, no sleep")
+    if nobroker.install():
+        _log("OOIDX_TEST_BROKER=none: brokers are switched off; a test that needs one fails at once")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        path = str(item.fspath).replace(os.sep, "/")
+        if "/tests/fast/" in path:
+            item.add_marker(pytest.mark.fast)
+        elif any(name in _BROKER_FIXTURES for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.rabbitmq)
+
+
+def _no_broker(what):
+    if nobroker.forbidden():
+        pytest.fail(nobroker.refusal(what), pytrace=False)
 
 _broker_used = []
 
@@ -42,6 +77,7 @@ def _node_dir(prefix):
 @pytest.fixture(scope="session")
 def broker_url():
     """The amqp:// URL of the RabbitMQ broker for this test run."""
+    _no_broker("a RabbitMQ broker (the broker_url fixture)")
     try:
         url, how, node = select_broker(
             lambda: _node_dir("ooidx-broker-"), log=_log)
@@ -70,35 +106,24 @@ def _session_vhost(url):
     component nobody ran) cannot reach another test run. Returns
     ``(url, delete)``, or None where rabbitmqctl cannot manage the broker
     (a remote OOIDX_TEST_BROKER): then the URL is used as it is."""
-    import shutil
-    import subprocess
-    import uuid
-    from urllib.parse import quote, urlsplit, urlunsplit
+    return own_vhost(url, "run")
 
-    from tests.rabbitmq import url_host_port
 
-    if url_host_port(url)[0] not in ("127.0.0.1", "localhost") or not shutil.which("rabbitmqctl"):
-        return None
-
-    def ctl(*args):
-        return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=90)
-
-    parts = urlsplit(url)
-    name = "ooidx-run-%d-%s" % (os.getpid(), uuid.uuid4().hex[:8])
+@pytest.fixture
+def vhost(request):
+    """The amqp:// URL of a virtual host of this test's own (component queues
+    have fixed names: nothing else consumes them there), deleted afterwards;
+    a private node where rabbitmqctl cannot manage the run's broker."""
+    base = request.getfixturevalue("broker_url")
+    made = own_vhost(base, "test")
+    if made is None:
+        yield request.getfixturevalue("private_rabbitmq").url
+        return
+    url, delete = made
     try:
-        if ctl("add_vhost", name).returncode != 0:
-            return None
-        ctl("set_permissions", "-p", name, parts.username or "guest", ".*", ".*", ".*")
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-    def delete():
-        try:
-            ctl("delete_vhost", name)
-        except (OSError, subprocess.TimeoutExpired):
-            _log("could not delete the test virtual host %s" % name)
-
-    return urlunsplit(parts._replace(path="/" + quote(name, safe=""))), delete
+        yield url
+    finally:
+        delete()
 
 
 @pytest.fixture

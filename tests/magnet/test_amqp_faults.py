@@ -21,6 +21,7 @@ from twisted.logger import globalLogPublisher
 import magnet
 from magnet import Message, operation
 from tests.rabbitmq import free_port
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -31,13 +32,9 @@ def settle(seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
 
 
-@defer.inlineCallbacks
-def until(predicate: Any, what: str, timeout: float = TIMEOUT) -> Any:
-    for _ in range(int(timeout / 0.1)):
-        if predicate():
-            return
-        yield settle(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def until(predicate: Any, what: str, timeout: float = TIMEOUT) -> defer.Deferred:
+    """tests.support.waiting.eventually, with these tests' argument order."""
+    return eventually(predicate, timeout, what, interval=0.1)
 
 
 def fast_backoff(attempt: int) -> float:

@@ -48,7 +48,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.web import server
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -424,5 +423,4 @@ async def run(ex: Exchange, hook: Hook, upstream: Upstream) -> None:
     print(f"timings (s from the start of the test): {timings}")
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return deferLater(reactor, seconds, lambda: None)
+from tests.support.waiting import sleep  # noqa: E402 - one implementation for the suite

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any, List
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 import pytest_twisted
@@ -26,7 +23,6 @@ from twisted.internet import reactor
 import magnet
 from ooidx.node.daemon import cluster_status
 
-from tests.rabbitmq import url_host_port
 from twistd_helpers import Daemon, environment, eventually, free_port, write_config
 
 pytestmark = [pytest.mark.rabbitmq]
@@ -34,29 +30,11 @@ pytestmark = [pytest.mark.rabbitmq]
 TOKEN = "multinode-token-" + uuid.uuid4().hex
 
 
-def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
-
-
 @pytest.fixture
-def isolated_broker(request: Any) -> Any:
-    """The amqp:// URL of a virtual host of this test's own."""
-    base = request.getfixturevalue("broker_url")
-    parts = urlsplit(base)
-    local = url_host_port(base) in (("127.0.0.1", 5672), ("localhost", 5672))
-    if local and shutil.which("rabbitmqctl") and _rabbitmqctl("list_vhosts").returncode == 0:
-        vhost = f"ooidx-test-{uuid.uuid4().hex[:10]}"
-        made = _rabbitmqctl("add_vhost", vhost)
-        assert made.returncode == 0, made.stderr
-        try:
-            user = parts.username or "guest"
-            allowed = _rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
-            assert allowed.returncode == 0, allowed.stderr
-            yield urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))
-        finally:
-            _rabbitmqctl("delete_vhost", vhost)
-    else:
-        yield request.getfixturevalue("private_rabbitmq").url
+def isolated_broker(vhost: str) -> str:
+    """The amqp:// URL of a virtual host of this test's own (the suite's
+    ``vhost`` fixture, tests/conftest.py)."""
+    return vhost
 
 
 @pytest.fixture

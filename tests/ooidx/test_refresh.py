@@ -23,6 +23,7 @@ from ooidx.datapath.fetcher import Fetcher
 from ooidx.dissemination.persister import Persister
 
 from tests.ooidx.dissemination_helpers import EventLog, FakePubSub, dataset_site
+from tests.support.waiting import eventually as until
 
 DDS = b"Dataset {\n    Float64 x[x = 2];\n} made;\n"
 
@@ -90,14 +91,6 @@ async def dx(tmp_path: Any, upstream: Any) -> Any:
     await x.start()
     yield x
     await x.stop()
-
-
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return
-        await task.deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError("condition not met in time")
 
 
 @pytest_twisted.ensureDeferred

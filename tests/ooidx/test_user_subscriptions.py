@@ -38,21 +38,9 @@ from ooidx.people.webhooks import WebhookDelivery
 from ooidx.config import SecurityConfig
 from ooidx.web.app import Web
 
+from tests.support.waiting import eventually, sleep
+
 TOKEN = "operator-token-" + "y" * 20
-
-
-@defer.inlineCallbacks
-def eventually(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
-    waited = 0.0
-    while not predicate():
-        if waited > timeout:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        yield task.deferLater(reactor, 0.02, lambda: None)
-        waited += 0.02
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 class FakeStore:

@@ -2,7 +2,6 @@
 for a log line (every wait bounded), signal, and always clean up."""
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import socket
@@ -13,8 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import yaml
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+
+from tests.support import waiting
 
 ROOT = Path(__file__).resolve().parents[2]
 TWISTD = Path(sys.executable).with_name("twistd")
@@ -129,21 +128,8 @@ class Daemon:
         self._err.close()
 
 
-async def eventually(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+def eventually(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Poll C{check} (it may return a Deferred) until it returns a true value,
-    without blocking the reactor; fail after C{timeout} seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            result = check()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return result
-            last = result
-        except Exception as e:  # noqa: BLE001 - remembered, reported on timeout
-            last = e
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
-        await deferLater(reactor, interval, lambda: None)
+    without blocking the reactor; an exception counts as "not yet"; fail after
+    C{timeout} seconds (tests.support.waiting.eventually)."""
+    return waiting.eventually(check, timeout, what, interval, tolerate=(Exception,))

@@ -3,9 +3,10 @@
 - ``record``: ``record(scenario, suite="faults", **figures)`` appends one result
   line (``tests.reliability.results.record``: the fields) to the results
   file, ``OOIDX_RELIABILITY_RESULTS`` or ``.reliability/results.jsonl``.
-- ``vhost``: the amqp:// URL of a virtual host of this test's own on the shared
-  broker (component queues have fixed names; nothing else consumes them there),
-  or a private node when rabbitmqctl cannot manage the broker. Never stopped.
+- ``vhost`` (tests/conftest.py, tests.support.vhost): the amqp:// URL of a
+  virtual host of this test's own on the shared broker (component queues have
+  fixed names; nothing else consumes them there), or a private node when
+  rabbitmqctl cannot manage the broker. Never stopped.
 - ``private_rabbitmq`` / ``private_rabbitmq_factory`` (tests/conftest.py): nodes
   of the test's own, for the faults that kill or restart a broker.
 - ``rabbit_cluster``: three private nodes joined in one RabbitMQ cluster.
@@ -16,17 +17,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import time
-import uuid
 from typing import Any, List
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 import pytest_twisted
 
-from tests.rabbitmq import url_host_port
 from tests.reliability.results import record as record_result
 from tests.reliability.faultlib import OOIDX_TESTS, make_bus  # noqa: F401 - sets sys.path for the helpers
 
@@ -48,29 +44,6 @@ def record() -> Any:
         return line
 
     return write
-
-
-def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=90)
-
-
-@pytest.fixture
-def vhost(request: Any) -> Any:
-    base = request.getfixturevalue("broker_url")
-    parts = urlsplit(base)
-    local = url_host_port(base) in (("127.0.0.1", 5672), ("localhost", 5672))
-    if local and shutil.which("rabbitmqctl") and _rabbitmqctl("list_vhosts").returncode == 0:
-        name = f"ooidx-rel-{uuid.uuid4().hex[:10]}"
-        made = _rabbitmqctl("add_vhost", name)
-        assert made.returncode == 0, made.stderr
-        try:
-            allowed = _rabbitmqctl("set_permissions", "-p", name, parts.username or "guest", ".*", ".*", ".*")
-            assert allowed.returncode == 0, allowed.stderr
-            yield urlunsplit(parts._replace(path="/" + quote(name, safe="")))
-        finally:
-            _rabbitmqctl("delete_vhost", name)
-    else:
-        yield request.getfixturevalue("private_rabbitmq").url
 
 
 @pytest.fixture

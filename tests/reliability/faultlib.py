@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 
 import magnet
 
@@ -40,37 +39,25 @@ __all__ = ["Daemon", "Node", "start_node", "TcpFaultProxy", "TaskProducer", "Htt
 TOKEN = "reliability-token-" + uuid.uuid4().hex
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return deferLater(reactor, seconds, lambda: None)
+from tests.support import node as support_node  # noqa: E402
+from tests.support.node import DaemonNode  # noqa: E402
+from tests.support.waiting import sleep  # noqa: E402 - one implementation for the suite
 
 
 # --------------------------------------------------------------------------- #
 # daemons
 
 
-class Node:
-    """A running `twistd -n ooidx` and the addresses of its HTTP ports."""
+class Node(DaemonNode):
+    """A running `twistd -n ooidx` of a fault scenario: the base's ports, log
+    and process, restarted or killed as a crash, asked over its web port."""
 
     def __init__(self, daemon: Daemon, name: str, config: Path, env: Dict[str, str],
                  web_port: Optional[int], proxy_port: Optional[int]) -> None:
-        self.daemon = daemon
+        super().__init__(daemon, web_port, proxy_port, TOKEN)
         self.name = name
         self.config = config
         self.env = env
-        self.web_port = web_port
-        self.proxy_port = proxy_port
-
-    @property
-    def web(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    @property
-    def proxy(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}"
-
-    @property
-    def pid(self) -> int:
-        return self.daemon.pid
 
     def restart(self) -> "Node":
         """Start the same config again (after the process ended)."""
@@ -114,12 +101,6 @@ class Node:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(request, timeout=timeout) as r:
             return json.loads(r.read())
-
-    def log(self) -> str:
-        return self.daemon.log()
-
-    def describe(self) -> str:
-        return self.daemon.describe()
 
 
 def start_node(tmp: Path, name: str, broker: Union[str, Sequence[str]], components: Dict[str, Any],
@@ -184,12 +165,7 @@ def metric_value(text: str, metric_name: str, **labels: str) -> float:
 
 
 def http_get(url: str, timeout: float = 10.0) -> tuple:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as r:
-            return r.status, dict(r.headers.items()), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers.items()), e.read()
+    return support_node.http_get(url, timeout)
 
 
 def http_fetch(proxy_port: int, url: str, *, timeout: float = 60.0, pause_after: Optional[int] = None,

@@ -10,23 +10,22 @@ Everything listens on loopback only, and every wait is bounded.
 from __future__ import annotations
 
 import http.client
-import json
 import os
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
-from urllib.parse import quote, urlsplit, urlunsplit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "ooidx"))
 from dap_upstream import Upstream, make_files  # noqa: E402
 from twistd_helpers import Daemon, environment, free_port, write_config  # noqa: E402
+
+from tests.support import vhost as support_vhost  # noqa: E402
+from tests.support.node import DaemonNode, http_request  # noqa: E402,F401 - http_request: for the tests
 
 TOKEN = "hostile-token-" + uuid.uuid4().hex
 
@@ -35,41 +34,21 @@ TOKEN = "hostile-token-" + uuid.uuid4().hex
 # a node
 
 
-class Node:
+class Node(DaemonNode):
+    """A hostile-input test's node: the base's ports, log and process, calls
+    to its web port with the node's token by default, the proxy port raw."""
+
     def __init__(self, daemon: Daemon, web_port: int, proxy_port: int, token: str, data_dir: Path,
                  upstream: Optional[Upstream] = None) -> None:
-        self.daemon = daemon
-        self.web_port = web_port
-        self.proxy_port = proxy_port
-        self.token = token
+        super().__init__(daemon, web_port, proxy_port, token)
         self.data_dir = data_dir
         self.upstream = upstream
-
-    @property
-    def web(self) -> str:
-        return f"http://127.0.0.1:{self.web_port}"
-
-    @property
-    def proxy(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}"
-
-    def alive(self) -> bool:
-        return self.daemon.proc.poll() is None
 
     def api(self, method: str, path: str, body: Any = None, token: Optional[str] = "default",
             timeout: float = 30, raw: Optional[bytes] = None,
             headers: Optional[Dict[str, str]] = None) -> Tuple[int, Any]:
-        """(status, JSON or bytes) of a request to the web port."""
-        h = {"Accept": "application/json", **(headers or {})}
-        if token == "default":
-            token = self.token
-        if token is not None:
-            h["Authorization"] = f"Bearer {token}"
-        data = raw
-        if body is not None:
-            data = json.dumps(body).encode()
-            h.setdefault("Content-Type", "application/json")
-        return http_request("127.0.0.1", self.web_port, method, path, data, h, timeout)
+        """(status, JSON or bytes) of a request to the web port (token "default": the node's)."""
+        return self.request(method, path, body, self.token if token == "default" else token, timeout, raw, headers)
 
     def call(self, service: str, op: str, timeout: float = 30, **kwargs: Any) -> Tuple[int, Any]:
         return self.api("POST", f"/api/call/{service}/{op}", kwargs, timeout=timeout)
@@ -89,28 +68,6 @@ class Node:
 
     def register(self, name: str, url: str) -> Tuple[int, Any]:
         return self.api("POST", "/api/datasets", {"name": name, "url": url})
-
-    def tracebacks(self) -> List[str]:
-        """Lines of the log that show an unhandled error."""
-        text = self.daemon.log() + self.daemon.stderr()
-        return [line for line in text.splitlines()
-                if "Traceback (most recent call last)" in line or "Unhandled error" in line
-                or "Unhandled Error" in line]
-
-
-def http_request(host: str, port: int, method: str, path: str, data: Optional[bytes] = None,
-                 headers: Optional[Dict[str, str]] = None, timeout: float = 30) -> Tuple[int, Any]:
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=data, headers=headers or {})
-        r = conn.getresponse()
-        body = r.read()
-        try:
-            return r.status, json.loads(body)
-        except ValueError:
-            return r.status, body
-    finally:
-        conn.close()
 
 
 def start_node(tmp: Path, name: str, *, broker: str = "memory://", upstream_port: Optional[int] = None,
@@ -165,19 +122,10 @@ def upstream_in(directory: Path) -> Upstream:
 
 
 def own_vhost(url: str, label: str) -> Tuple[str, Any]:
-    """A fresh virtual host on the (local) broker of C{url}; (url, delete)."""
-    parts = urlsplit(url)
-    name = f"ooidx-{label}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    if not shutil.which("rabbitmqctl") or parts.hostname not in ("127.0.0.1", "localhost"):
-        return url, lambda: None
-
-    def ctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=90)
-
-    if ctl("add_vhost", name).returncode != 0:
-        return url, lambda: None
-    ctl("set_permissions", "-p", name, parts.username or "guest", ".*", ".*", ".*")
-    return urlunsplit(parts._replace(path="/" + quote(name, safe=""))), lambda: ctl("delete_vhost", name)
+    """A fresh virtual host on the (local) broker of C{url}; (url, delete).
+    Where rabbitmqctl cannot manage the broker: the URL as it is."""
+    made = support_vhost.own_vhost(url, label)
+    return made if made is not None else (url, lambda: None)
 
 
 # --------------------------------------------------------------------------- #
