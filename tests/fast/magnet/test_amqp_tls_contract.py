@@ -6,6 +6,8 @@ throwaway CA (tests/rabbitmq.py's TestCA); no handshake is made.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any, List, Optional
 
 from OpenSSL import SSL, crypto
@@ -62,7 +64,8 @@ class _CA(SynchronousTestCase):
     ca: TestCA
 
     def setUp(self) -> None:
-        self.dir = self.mktemp()
+        self.dir = tempfile.mkdtemp(prefix="magnet-tls-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
         self.ca = TestCA(self.dir)
         self.server_cert, self.server_key = self.ca.issue("server", ["broker.example"])
         self.client_cert, self.client_key = self.ca.issue("client", ["client"], client=True)
