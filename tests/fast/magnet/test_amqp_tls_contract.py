@@ -15,7 +15,7 @@ from service_identity import VerificationError
 from twisted.internet.error import ConnectionDone, ConnectionLost as TwistedConnectionLost
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -130,7 +130,8 @@ class CreatorTests(_CA):
         self.assertEqual(transport._tls_trust_description(transport.urls[0]), ("the tls_options given", None))
 
     def test_the_endpoint_of_an_amqps_url_wraps_tls(self) -> None:
-        transport = AMQPTransport(_url(cacertfile=self.ca.cert_file), reactor=Clock())
+        # a memory reactor: nothing connects, and HostnameEndpoint gets the name resolver it wants
+        transport = AMQPTransport(_url(cacertfile=self.ca.cert_file), reactor=MemoryReactorClock())
         endpoint = transport._endpoint(transport.urls[0])
         self.assertEqual(type(endpoint).__name__, "_WrapperEndpoint")
         self.assertEqual(type(transport._endpoint(parse_url("amqp://h/"))).__name__, "HostnameEndpoint")
