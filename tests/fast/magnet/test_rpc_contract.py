@@ -13,8 +13,23 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from magnet.errors import BadArguments, BadMessage, RemoteError, UnknownOperation
 from magnet.message import BINARY, JSON, Message
-from magnet.rpc import (CALL, ERROR, OP_HEADER, REPLY, _bound_parameter, _fits, decode_reply, decode_request,
-                        error_reply, invoke, operation, operations, reply, request, resolve)
+from magnet.rpc import (
+    CALL,
+    ERROR,
+    OP_HEADER,
+    REPLY,
+    _bound_parameter,
+    _fits,
+    decode_reply,
+    decode_request,
+    error_reply,
+    invoke,
+    operation,
+    operations,
+    reply,
+    request,
+    resolve,
+)
 
 
 class Service:
@@ -169,9 +184,17 @@ class BindingTests(SynchronousTestCase):
         method, kwargs = resolve(self.ops, "svc", request("add", {"a": 1}))
         self.assertEqual((method(**kwargs), kwargs), (3, {"a": 1}))
 
-    def test_callables_without_a_signature_or_weak_references(self) -> None:
-        # a builtin has no signature that inspect can read on every Python: Signature.bind decides
-        self.assertIn(_fits(dict, {"a": 1}), (True, False))
+    def test_an_operation_without_a_readable_signature_fails_the_deferred_not_the_caller(self) -> None:
+        # a builtin has no signature inspect can read: the call itself says what does not fit,
+        # through invoke's Deferred (invoke used to raise inspect's ValueError at its caller)
+        class Builtins:
+            biggest = operation(functools.partial(max))
+
+        ops = operations(Builtins())
+        d = invoke(ops, "svc", request("biggest", {"bogus": 1}))
+        self.failureResultOf(d, TypeError)
+
+    def test_callables_without_weak_references(self) -> None:
         partial = functools.partial(lambda a, b: a + b, 1)  # partials are not weak-referenceable
         self.assertTrue(_fits(partial, {"b": 2}))
         self.assertFalse(_fits(partial, {"c": 2}))
