@@ -13,19 +13,27 @@ from __future__ import annotations
 
 import struct
 from io import BytesIO
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone, ConnectionLost as TwistedConnectionLost
+from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionLost as TwistedConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from txamqp.client import Closed
 
-from magnet.amqp.protocol import (CLIENT_PROPERTIES, DEFAULT_FRAME_MAX, ChannelError, _AMQPProtocol,
-                                  _ProtocolFactory, answer_within, channel_error, describe)
+from magnet.amqp.protocol import (
+    CLIENT_PROPERTIES,
+    DEFAULT_FRAME_MAX,
+    ChannelError,
+    _AMQPProtocol,
+    _ProtocolFactory,
+    answer_within,
+    channel_error,
+    describe,
+)
 from magnet.amqp.wire import _HEARTBEAT_FRAME, _Codec, _content_frames, _method_frame, load_spec, parse_url
 from magnet.errors import BadFrame, ConnectionLost, MagnetError, Timeout
 from magnet.message import Message

@@ -12,7 +12,8 @@ from typing import Any, List, Optional
 
 from OpenSSL import SSL, crypto
 from service_identity import VerificationError
-from twisted.internet.error import ConnectionDone, ConnectionLost as TwistedConnectionLost
+from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionLost as TwistedConnectionLost
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -185,7 +186,8 @@ class DiagnosisTests(_CA):
         self.assertIn("the port does not speak TLS", words or "")
 
     def test_client_certificates_wanted_or_refused(self) -> None:
-        self.assertIn("requires a client certificate", self.diagnose(_ssl_error("tlsv13 alert certificate required")) or "")
+        words = self.diagnose(_ssl_error("tlsv13 alert certificate required"))
+        self.assertIn("requires a client certificate", words or "")
         words = self.diagnose(_ssl_error("tlsv1 alert unknown ca"), url=_url(certfile="/c.pem"))
         self.assertIn("does not accept the client certificate /c.pem", words or "")
 

@@ -14,8 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from magnet.errors import StreamError, Timeout
 from magnet.message import BINARY, Message
-from magnet.stream import (ABORT, DATA, END, SEQ_HEADER, START, STREAM_HEADER, Stream, StreamWriter,
-                           send_stream)
+from magnet.stream import ABORT, DATA, END, SEQ_HEADER, START, STREAM_HEADER, Stream, StreamWriter, send_stream
 
 
 class Broker:
