@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator, List, Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from magnet.errors import StreamError, Timeout
@@ -128,13 +127,13 @@ class WriterTests(SynchronousTestCase):
         broker.confirms.pop(0).errback(Timeout("no confirm"))
         self.failureResultOf(writer.write(b"x" * 40), Timeout)
 
-    def test_the_room_after_a_failure_fails_too(self) -> None:
-        broker = Broker()
-        writer = StreamWriter(broker, {}, chunk_size=1, window=8)
-        broker.confirms.pop(0).errback(Timeout("no confirm"))
-        writer._failure = None  # as if the failure came in between the check and the send
-        writer._broken(Failure(Timeout("x")))
-        self.failureResultOf(writer._room(), Timeout)
+    def test_a_publish_that_fails_at_once_fails_the_write_that_sent_it(self) -> None:
+        # a transport refuses some messages synchronously (headers too large, no link and stopped)
+        def publish(message: Message) -> Deferred:
+            return fail(ValueError("refused")) if message.type == DATA else succeed(None)
+
+        writer = StreamWriter(publish, {}, chunk_size=2)
+        self.failureResultOf(writer.write(b"ab"), ValueError)
 
     def test_writes_and_finish_after_finish_are_refused(self) -> None:
         writer = StreamWriter(Broker(auto=True), {})
@@ -188,20 +187,12 @@ class SendStreamTests(SynchronousTestCase):
         broker.confirms.pop(0).errback(Timeout("no confirm"))
         self.failureResultOf(done, Timeout)
 
-    def test_a_write_failed_already_fails_it(self) -> None:
-        broker = Broker()
-        writer = StreamWriter(broker, {}, chunk_size=2, window=8)
-        broker.confirms.pop(0).errback(Timeout("no confirm"))
-        writer._failure = None
+    def test_a_write_failed_at_once_fails_it(self) -> None:
+        def publish(message: Message) -> Deferred:
+            return fail(ValueError("refused")) if message.type == DATA else succeed(None)
 
-        original = writer.write
-
-        def write(data: bytes) -> Deferred:
-            writer._failure = Failure(Timeout("x"))
-            return original(data)
-
-        writer.write = write  # type: ignore[method-assign]
-        self.failureResultOf(send_stream(writer, [b"ab"]), Timeout)
+        done = send_stream(StreamWriter(publish, {}, chunk_size=2), [b"ab", b"cd"])
+        self.failureResultOf(done, ValueError)
 
 
 def _message(kind: str, seq: int, body: bytes = b"", json: Any = None) -> Message:
