@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from magnet.amqp import AMQPConsumer, AMQPDelivery, AMQPTransport, ChannelError, from_url
 from magnet.amqp.wire import BrokerURL, _content_frames, decode_properties
-from magnet.errors import ConnectionLost, NotConfirmed, NotConnected, Unroutable
+from magnet.errors import ConnectionLost, NotConfirmed, NotConnected, Timeout, Unroutable
 from magnet.message import Message
 from tests.fast.magnet.test_amqp_protocol_contract import FakeBroker, ack, deliver, method
 
@@ -150,7 +150,7 @@ class DeclarationTests(SynchronousTestCase):
         self.h.clock.advance(5)
         self.h.pump()
         self.assertTrue(self.broker.protocol.lost)
-        self.failureResultOf(d)
+        self.failureResultOf(d, Timeout)
 
     def test_delete_queue_and_exchange_forget_them(self) -> None:
         t = self.h.transport
@@ -446,13 +446,16 @@ class PublishTests(SynchronousTestCase):
 
     def test_a_publish_refused_every_time_fails_after_the_retries(self) -> None:
         d = self.publish()
-        for _ in range(3):
+        channels = []
+        for _ in range(3):  # nack_retries=2: the first refusal and two more
             channel = self.broker.publishes[-1][0]
-            self.broker.feed(method(channel, "basic.nack", delivery_tag=self.h.transport._publisher.seq
-                                    if self.h.transport._publisher.id == channel else 1))
+            channels.append(channel)
+            self.broker.feed(method(channel, "basic.nack", delivery_tag=1))  # each fresh channel counts from 1
             self.h.clock.advance(1)
             self.h.pump()
-        self.failureResultOf(d, NotConfirmed)
+        self.assertEqual(len(set(channels)), 3)  # each time on a fresh channel
+        self.assertIn("basic.nack, 3 times", str(self.failureResultOf(d, NotConfirmed).value))
+        self.assertEqual(self.h.transport.nacked, 3)
 
     def test_confirms_of_several_publishes_at_once(self) -> None:
         ds = [self.publish(mandatory=False) for _ in range(3)]
