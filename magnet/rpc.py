@@ -129,6 +129,8 @@ def resolve(service_ops: Dict[str, Callable[..., Any]], service_name: str,
             inspect.signature(method).bind(**kwargs)
         except TypeError as e:
             raise BadArguments("BadArguments", f"{service_name}.{op}: {e}") from None
+        except ValueError:
+            return method, kwargs  # no signature to check (a builtin): the call itself refuses what does not fit
         taken = _bound_parameter(method)
         if taken is not None and taken in kwargs:
             # bind() takes it into **kwargs; the call would give it two values

@@ -1,0 +1,134 @@
+"""magnet.amqp.channels' contract, frames in and frames out: basic.return's
+content (properties before its headers, a body in several frames, a return
+that matches no publish), confirms for publishes given up on, methods the
+fast path leaves to txAMQP, and a consumer channel released or cancelled
+after its link is gone.
+"""
+from __future__ import annotations
+
+import struct
+from typing import List
+
+from twisted.internet.defer import CancelledError
+from twisted.trial.unittest import SynchronousTestCase
+
+from magnet.amqp import AMQPDelivery
+from magnet.amqp.channels import _PublishChannel
+from magnet.amqp.wire import PUBLISH_SEQ_HEADER, _content_frames, encode_table
+from magnet.errors import ConnectionLost, Unroutable
+from magnet.message import Message
+from tests.fast.magnet.test_amqp_protocol_contract import ack, deliver, method
+from tests.fast.magnet.test_amqp_transport_contract import Harness
+
+
+def _returned(channel: int, message: Message, seq: object, frame_max: int = 4096) -> bytes:
+    return (method(channel, "basic.return", reply_code=312, reply_text="NO_ROUTE", exchange="ex", routing_key="rk")
+            + b"".join(_content_frames(channel, message, seq, frame_max)))  # type: ignore[arg-type]
+
+
+class PublishChannelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.broker = self.h.up()
+        self.t = self.h.transport
+
+    def publish(self, mandatory: bool = True) -> object:
+        d = self.t.publish("ex", "rk", Message(body=b"x"), mandatory=mandatory)
+        self.h.pump()
+        return d
+
+    def test_a_return_with_every_property_before_its_headers(self) -> None:
+        d = self.publish()
+        returned = Message(body=b"x", content_type="text/plain", headers={"h": 1})
+        frames = _returned(1, returned, 1)
+        self.broker.feed(frames + ack(1, 1))
+        self.failureResultOf(d, Unroutable)  # type: ignore[arg-type]
+
+    def test_a_return_whose_header_carries_content_encoding(self) -> None:
+        d = self.publish()
+        props = (struct.pack(">H", (1 << 15) | (1 << 14) | (1 << 13)) + b"\x04text" + b"\x04gzip"
+                 + encode_table({PUBLISH_SEQ_HEADER: 1}))
+        header = struct.pack(">HHQ", 60, 0, 0) + props
+        frame = struct.pack(">BHI", 2, 1, len(header)) + header + b"\xce"
+        self.broker.feed(method(1, "basic.return", reply_code=312, reply_text="NO_ROUTE", exchange="ex",
+                                routing_key="rk") + frame + ack(1, 1))
+        self.failureResultOf(d, Unroutable)  # type: ignore[arg-type]
+
+    def test_a_returned_body_in_several_frames(self) -> None:
+        d = self.publish()
+        self.broker.feed(_returned(1, Message(body=b"y" * 10000), 1, frame_max=4096) + ack(1, 1))
+        self.failureResultOf(d, Unroutable)  # type: ignore[arg-type]
+
+    def test_a_return_that_matches_no_publish_is_logged_and_the_publish_confirmed(self) -> None:
+        d = self.publish()
+        self.broker.feed(_returned(1, Message(body=b"x"), None) + ack(1, 1))
+        self.successResultOf(d)  # type: ignore[arg-type]
+        d = self.publish()
+        self.broker.feed(_returned(1, Message(body=b"x"), 99) + ack(1, 2))
+        self.successResultOf(d)  # type: ignore[arg-type]
+
+    def test_a_confirm_of_a_publish_given_up_on_is_ignored(self) -> None:
+        d = self.publish(mandatory=False)
+        d.cancel()  # type: ignore[attr-defined]
+        self.failureResultOf(d, CancelledError)  # type: ignore[arg-type]
+        self.broker.feed(ack(1, 1))
+        self.assertEqual(self.t._publisher.pending, {})
+
+    def test_a_basic_method_the_fast_path_does_not_take_goes_to_txamqp(self) -> None:
+        self.broker.feed(deliver(1, 1, Message(body=b"stray")))  # logged and dropped by the delegate
+        self.assertTrue(self.t.connected)
+        self.assertFalse(self.broker.wire.disconnecting)
+
+    def test_fail_all_skips_publishes_already_settled(self) -> None:
+        d = self.publish()
+        d.cancel()  # type: ignore[attr-defined]
+        self.failureResultOf(d, CancelledError)  # type: ignore[arg-type]
+        self.t._publisher.fail_all(lambda p: ConnectionLost("x"))
+
+    def test_release_after_the_link_is_gone_writes_nothing(self) -> None:
+        publisher = self.t._publisher
+        self.broker.drop()
+        publisher.release()
+        self.assertFalse(publisher.open)
+        self.assertNotIn("channel.close", self.broker.names(1))
+        self.assertIsInstance(publisher, _PublishChannel)
+
+
+class ConsumerChannelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.broker = self.h.up()
+        self.got: List[AMQPDelivery] = []
+        d = self.h.transport.consume("q", self.got.append)
+        self.h.pump()
+        self.consumer = self.successResultOf(d)
+        self.state = self.consumer._channel
+
+    def test_release_twice_closes_once(self) -> None:
+        self.state.release()
+        self.state.release()
+        self.h.pump()
+        self.assertEqual(self.broker.names(2).count("channel.close"), 1)
+
+    def test_a_delivery_after_the_channel_closed_is_not_answered(self) -> None:
+        self.state.delivering = False
+        self.state.open = False
+        self.broker.feed(deliver(2, 1, Message(body=b"x")))
+        self.assertEqual(self.got, [])
+        self.assertNotIn("basic.nack", self.broker.names(2))
+
+    def test_a_cancel_when_the_link_is_gone_closes_nothing(self) -> None:
+        self.broker.drop()
+        d = self.h.transport._cancel_consumer(self.consumer)
+        self.successResultOf(d)
+        self.assertFalse(self.state.open)
+
+    def test_a_cancel_the_broker_does_not_answer_is_bounded(self) -> None:
+        self.broker.hold.add("basic.cancel")
+        d = self.consumer.cancel()
+        self.h.pump()
+        self.assertNoResult(d)
+        self.h.clock.advance(self.h.transport.close_timeout)
+        self.h.pump()
+        self.successResultOf(d)
+        self.assertIn("channel.close", self.broker.names(2))
