@@ -4,6 +4,7 @@ Attribute store keys:
 
     person:NAME                       {"name", "token_sha256", "created"}
     user_subscription:NAME:ID         the subscription record (L{ooidx.people.component.PersonalSubscriptions.subscribe})
+    webhook_log:NAME:ID               a webhook subscription's delivery log {"entries": [...], "consecutive_failures"}
 
 Everything else in L{ooidx.people} builds on these.
 """
@@ -23,6 +24,8 @@ from ooidx import routing, wire
 __all__ = ["KINDS", "PERSON_NAME", "SUBSCRIPTION_ID", "MAX_LENGTH", "MAX_LENGTH_LIMIT", "MAX_SUBSCRIPTIONS",
            "MAX_URL", "MAX_QUEUED_PER_PERSON", "MAX_REGEX_PROGRAM_PER_PERSON", "MAX_STREAMS_PER_PERSON",
            "OverBudget", "regex_program_size", "CHANGED_FANOUT", "ID_HEADER", "PERSON_KEY", "SUBSCRIPTION_KEY", "WEBHOOK_DETAIL",
+           "WEBHOOK_LOG_KEY", "WEBHOOK_LOG_SIZE", "WEBHOOK_DISABLE_AFTER", "WEBHOOK_VERIFY_TIMEOUT",
+           "WEBHOOK_SECRET_GRACE",
            "InvalidSubscription", "UnknownSubscription", "QUEUE_PREFIX", "queue_name", "hash_token", "message_id", "check_person",
            "check_id", "security_of"]
 
@@ -51,6 +54,15 @@ CHANGED_FANOUT = wire.USER_SUBSCRIPTIONS_CHANGED
 ID_HEADER = wire.ID_HEADER
 PERSON_KEY = wire.PERSON_KEY
 SUBSCRIPTION_KEY = wire.USER_SUBSCRIPTION_KEY
+WEBHOOK_LOG_KEY = wire.WEBHOOK_LOG_KEY
+#: A webhook's delivery log keeps this many attempts (the newest).
+WEBHOOK_LOG_SIZE = 50
+#: A webhook is disabled after this many failed attempts in a row.
+WEBHOOK_DISABLE_AFTER = 20
+#: How long a verification challenge is open (seconds): the callback answers within it or not at all.
+WEBHOOK_VERIFY_TIMEOUT = 5.0
+#: After a rotation, POSTs carry the old secret's signature too for this long (seconds).
+WEBHOOK_SECRET_GRACE = 24 * 3600.0
 #: Details of an event that a failing webhook caused: such events are never
 #: routed to webhook subscriptions, so failing webhooks cannot feed each other.
 WEBHOOK_DETAIL = "webhook_subscription"
