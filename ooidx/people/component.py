@@ -365,7 +365,9 @@ class PersonalSubscriptions(Component):
         """The subscriptions of this kind (of C{person}, if given)."""
         prefix = SUBSCRIPTION_KEY + (check_person(person) + ":" if person is not None else "")
         found = yield self.bus.call("attribute_store", "query", regex="^" + prefix)
-        records = [v for v in (found or {}).values() if isinstance(v, dict) and v.get("kind") == self.kind]
+        # Never the webhook secrets (shown once, to the person, when made): not even to the operator.
+        records = [_public_state(v) for v in (found or {}).values()
+                   if isinstance(v, dict) and v.get("kind") == self.kind]
         return sorted(records, key=lambda r: (r.get("person", ""), r.get("created", 0)))
 
     @inlineCallbacks
