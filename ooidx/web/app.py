@@ -7,6 +7,8 @@
     /api/people, /api/subscriptions, /api/events/stream
                                    people's subscriptions and the event tail:
                                    L{ooidx.people.api.SubscriptionsApi}
+    GET  /feeds/datasets/NAME.atom, /feeds/events.atom?regex=
+                                   Atom feeds of events: L{ooidx.web.feeds}
 
 C{/api/call} answers 200 with C{{"result": ...}} (or the raw bytes, as
 C{application/octet-stream}, when the operation returns bytes), or a JSON
@@ -53,6 +55,7 @@ from ooidx.http.edge import (TrackingSite, allowed_hosts_of, listen_on, listen_s
                              masking_log_formatter)
 from ooidx.http.listen import is_loopback
 from ooidx.people.api import SubscriptionsApi
+from ooidx.web.feeds import Feeds
 from ooidx.web.page import ManagementPage
 from ooidx.wire import BUS_TABLE
 
@@ -120,9 +123,10 @@ class _Api(Resource):
 
     isLeaf = True
 
-    def __init__(self, web: "Web", page: ManagementPage) -> None:
+    def __init__(self, web: "Web", page: ManagementPage, feeds: Optional[Feeds] = None) -> None:
         super().__init__()
         self.web = web
+        self.feeds = feeds
         self.routes: Dict[bytes, Dict[bytes, Callable[[server.Request], Any]]] = {
             b"/healthz": {b"GET": web.render_healthz, b"HEAD": web.render_healthz},
             b"/metrics": {b"GET": web.render_metrics, b"HEAD": web.render_metrics},
@@ -142,6 +146,8 @@ class _Api(Resource):
             return answer(request, result)
         if path.startswith(b"/api/call/"):
             methods = {b"POST": self.web.render_call}
+        elif self.feeds is not None and path.startswith(Feeds.PREFIX):
+            methods = self.feeds.methods(path)
         else:
             methods = self.routes.get(path) or self.page.methods(path)
         try:
@@ -245,7 +251,8 @@ class Web(Component):
                               max_body=self.max_body, read_token=self.read_token)
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
         # The access log masks ?ticket= (a person's stream ticket, user_subscriptions).
-        site = TrackingSite(_Api(self, page), requestFactory=request_factory, parsePOSTFormSubmission=False,
+        feeds = Feeds(self.bus, check_operator=self._check_token, read_token=self.read_token, clock=self.clock)
+        site = TrackingSite(_Api(self, page, feeds), requestFactory=request_factory, parsePOSTFormSubmission=False,
                             reactor=self.clock, timeout=IDLE_TIMEOUT, logFormatter=masking_log_formatter(),
                             allowed_hosts=self.allowed_hosts)
         site.displayTracebacks = False
