@@ -140,6 +140,8 @@ class HttpConfig:
     interface: str = "127.0.0.1"  # "" or "0.0.0.0" listens on every IPv4 address
     # Host names both ports answer for besides loopback and the address reached (DNS rebinding)
     allowed_hosts: Tuple[str, ...] = ()
+    # /metrics labels this many datasets (the most requested) by name; the rest are summed under "other"
+    metrics_datasets: int = 50
 
 
 @dataclass(frozen=True)
@@ -617,6 +619,7 @@ class _Parser:
             "web_port": (8080, lambda v, p: self.listen_port(v, p, "web")),
             "interface": ("127.0.0.1", self.interface),
             "allowed_hosts": ((), self.allowed_hosts),
+            "metrics_datasets": (50, lambda v, p: self.integer(v, p, 0, 1000)),
         }))
         data_dir = self.data_dir(data.get("data_dir"))
         components = self.components(data.get("components"), broker, origin, data_dir)

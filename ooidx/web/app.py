@@ -62,7 +62,7 @@ from ooidx.wire import BUS_TABLE
 __all__ = ["Web", "NAME", "MAX_BODY", "ping_components", "MetricsRenderer", "TokenSource"]
 
 #: What /metrics is made by: given which components are up, the exposition's body and content type.
-MetricsRenderer = Callable[[Mapping[str, bool]], Tuple[bytes, bytes]]
+MetricsRenderer = Callable[[Mapping[str, bool]], Any]  # (body, content type), or a Deferred of them
 #: The operator token, or a function that finds (or makes) it when the edge starts.
 TokenSource = Union[str, Callable[[], str]]
 
@@ -319,10 +319,10 @@ class Web(Component):
             if isinstance(components, dict):
                 up = {name: up is True or (isinstance(up, dict) and up.get("started") is True)
                       for name, up in components.items()}
-            body, content_type = render(up)
-            return Answer(200, body, content_type)
+            # The renderer may read per-dataset figures first (a Deferred, bounded: ooidx.node.metrics).
+            return maybeDeferred(render, up).addCallback(lambda rendered: Answer(200, *rendered))
 
-        def failed(failure: Failure) -> Answer:
+        def failed(failure: Failure) -> Any:
             self.log.failure("reading health for /metrics", failure)
             return answer(None)
 
