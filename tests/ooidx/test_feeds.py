@@ -22,6 +22,7 @@ from ooidx import events
 from ooidx.dissemination.notification import Notification
 from ooidx.errors import UnknownDataset
 from ooidx.node.bootstrap import declare_topology
+from ooidx.node.metrics import renderer_for
 from ooidx.web.app import Web
 
 TOKEN = "operator-token-" + "f" * 20
@@ -40,6 +41,17 @@ class FakeController:
             raise UnknownDataset(f"no dataset {name!r}")
         return {"name": name, "status": "fetched"}
 
+    @operation
+    def get_stats(self) -> Dict[str, Any]:
+        return {"requests": 9, "datasets": {"sst": {"requests": 7, "hits": 5, "misses": 2, "bytes": 700},
+                                            "quiet": {"requests": 2, "hits": 0, "misses": 2, "bytes": 20}}}
+
+    @operation
+    def list(self, pattern: Any = None) -> Any:
+        return [{"name": "sst", "versions": 3, "last_fetch": time.time() - 60, "status": "fetched"},
+                {"name": "quiet", "versions": 0, "status": "registered"},
+                {"name": "sea-ice.v2", "versions": 1, "last_fetch": time.time() - 3600}]
+
 
 class Stack:
     def __init__(self, read_token: Optional[bool] = None) -> None:
@@ -48,7 +60,9 @@ class Stack:
         config = SimpleNamespace(http=SimpleNamespace(web_port=0, interface="127.0.0.1", allowed_hosts=()),
                                  security=SimpleNamespace(read_token=read_token, allow_private=False,
                                                           allow_hosts=()), components={})
-        self.web = Web("web", self.bus, node="n", config=config, token=TOKEN)
+        config.http.metrics_datasets = 1
+        self.web = Web("web", self.bus, node="n", config=config, token=TOKEN,
+                       metrics=renderer_for(self.bus, config))
         self.pool = HTTPConnectionPool(reactor, persistent=False)
 
     @defer.inlineCallbacks
@@ -193,3 +207,21 @@ def test_summary_without_changes_and_with_odd_ones() -> None:
     text = summary_of({"kind": "saved", "dataset": "sst", "changes": "x" * 10_000})
     assert len(text) <= 4000
     assert "- a" in summary_of({"kind": "saved", "dataset": "sst", "changes": ["a", {"b": 1}]})
+
+
+@pytest_twisted.inlineCallbacks
+def test_metrics_per_dataset_on_the_web_port(stack: Stack) -> Any:
+    from prometheus_client.parser import text_string_to_metric_families
+    code, content_type, body = yield stack.get("/metrics")
+    assert code == 200 and content_type.startswith(b"text/plain"), body[:200]
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    # metrics_datasets: 1 -> the most requested by name, the rest under "other"
+    assert got[("ooidx_dataset_requests_total", (("dataset", "sst"),))] == 7
+    assert got[("ooidx_dataset_bytes_total", (("dataset", "sst"),))] == 700
+    assert got[("ooidx_dataset_hits_total", (("dataset", "sst"),))] == 5
+    assert got[("ooidx_dataset_misses_total", (("dataset", "other"),))] == 2
+    assert 55 <= got[("ooidx_dataset_age_seconds", (("dataset", "sst"),))] < 120
+    assert got[("ooidx_dataset_age_seconds", (("dataset", "other"),))] >= 3600
+    assert got[("ooidx_dataset_metrics_up", ())] == 1
+    assert not [k for k in got if ("dataset", "quiet") in k[1] or ("dataset", "sea-ice.v2") in k[1]]
