@@ -31,16 +31,17 @@ from ooidx import events
 from ooidx.errors import InvalidRegex
 from ooidx.http.answers import HTTPError, json_answer
 from ooidx.people.records import (ID_HEADER, KINDS, MAX_STREAMS_PER_PERSON, PERSON_KEY, PERSON_NAME,
-                                  SUBSCRIPTION_ID, SUBSCRIPTION_KEY, WEBHOOK_LOG_KEY, WEBHOOK_VERIFY_TIMEOUT,
+                                  SUBSCRIPTION_ID, SUBSCRIPTION_KEY, WEBHOOK_VERIFY_TIMEOUT,
                                   InvalidSubscription, check_person, hash_token)
-from ooidx.people.webhooks import InvalidSecret, check_secret
+from ooidx.people.records import public_record as _public
+from ooidx.people.webhook_api import WebhookEndpoints, http_error as _http_error, secret_field as _secret_field
 from ooidx.people.sse import SSE, gone
 from ooidx.people.tickets import TICKET_LIFETIME, TicketError, make_ticket, parse_ticket, ticket_key, ticket_mac
 from ooidx.routing import validate
 
 __all__ = ["SubscriptionsApi", "STREAMING"]
 
-class SubscriptionsApi:
+class SubscriptionsApi(WebhookEndpoints):
     """The person-facing part of the web API (and the operator's event tail).
 
         POST   /api/people                    operator: {"name"} -> 201 {"name", "token"}
@@ -358,69 +359,6 @@ class SubscriptionsApi:
             out["secret"] = record["secret"]  # shown this once; POST .../secret makes a new one
         return json_answer(out, 201)
 
-    def _webhook_of(self, record: Dict[str, Any]) -> str:
-        if not record.get("webhook"):
-            raise HTTPError(409, "Conflict", "this subscription has no webhook (it is read as a stream)")
-        return KINDS.get(record.get("kind", ""), "")
-
-    @inlineCallbacks
-    def rotate_secret(self, request: server.Request, sid: str) -> Any:
-        """A new signing secret for a webhook subscription, shown this once."""
-        person = yield self._person(request)
-        body = self._body(request)
-        unknown = set(body) - {"secret"}
-        if unknown:
-            raise HTTPError(400, "BadRequest", f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
-        record = yield self._record(person, sid)
-        component = self._webhook_of(record)
-        kwargs: Dict[str, Any] = {"person": person, "id": sid}
-        if body.get("secret") is not None:
-            kwargs["secret"] = _secret_field(body["secret"])
-        try:
-            result = yield self.bus.call_with(component, "rotate_secret", kwargs)
-        except RemoteError as e:
-            raise _http_error(e) from None
-        except Unroutable:
-            raise HTTPError(503, "Unavailable", f"no {component} is running to rotate the secret") from None
-        return json_answer(result)
-
-    @inlineCallbacks
-    def verify_webhook(self, request: server.Request, sid: str) -> Any:
-        """Challenge a webhook again (a disabled one is enabled once it answers)."""
-        person = yield self._person(request)
-        record = yield self._record(person, sid)
-        component = self._webhook_of(record)
-        try:
-            result = yield self.bus.call_with(component, "verify", {"person": person, "id": sid},
-                                              timeout=self.verify_call_timeout)
-        except RemoteError as e:
-            raise _http_error(e) from None
-        except Unroutable:
-            raise HTTPError(503, "Unavailable", f"no {component} is running to verify the webhook") from None
-        out = _public(result)
-        if isinstance(result, dict) and result.get("secret"):
-            out["secret"] = result["secret"]
-        return json_answer(out)
-
-    @inlineCallbacks
-    def deliveries(self, request: server.Request, sid: str) -> Any:
-        """A webhook's delivery log: its newest attempts (time, status, attempt, latency, ok)."""
-        person = yield self._person(request)
-        record = yield self._record(person, sid)
-        self._webhook_of(record)
-        try:
-            log = yield self.bus.call("attribute_store", "get", key=f"{WEBHOOK_LOG_KEY}{person}:{sid}")
-        except RemoteError as e:
-            if e.remote_type != "KeyError":
-                raise
-            log = {}
-        log = log if isinstance(log, dict) else {}
-        entries = [e for e in (log.get("entries") or []) if isinstance(e, dict)]
-        entries.reverse()  # newest first
-        return json_answer({"id": sid, "state": record.get("state", "active"),
-                            "consecutive_failures": int(log.get("consecutive_failures") or 0),
-                            "deliveries": entries})
-
     @inlineCallbacks
     def list_subscriptions(self, request: server.Request) -> Any:
 
@@ -622,36 +560,6 @@ class SubscriptionsApi:
 
 #: What a streaming handler returns: the answer is already under way.
 STREAMING = object()
-
-
-def _public(record: Any) -> Any:
-    if not isinstance(record, dict):
-        return record
-    out = {k: record.get(k) for k in ("id", "kind", "regex", "webhook", "max_length", "created", "queue")}
-    out["events"] = None if record.get("webhook") else f"/api/subscriptions/{record.get('id')}/events"
-    if record.get("webhook"):  # never the secret: it is shown once, when made
-        out.update({k: record.get(k) for k in ("verified", "disabled", "disabled_reason", "rotated")
-                    if record.get(k) is not None})
-        out["state"] = record.get("state", "active")
-        out["signed"] = isinstance(record.get("secret"), str)
-        out["deliveries"] = f"/api/subscriptions/{record.get('id')}/deliveries"
-    return out
-
-
-def _secret_field(value: Any) -> str:
-    """A secret given in a request, checked here (a clear 400 that never echoes it)."""
-    try:
-        return check_secret(value)
-    except InvalidSecret as e:
-        raise HTTPError(400, "InvalidSecret", str(e)) from None
-
-
-def _http_error(e: RemoteError) -> Exception:
-
-    status = {"InvalidRegex": 400, "InvalidURL": 400, "InvalidSubscription": 400, "BadArguments": 400,
-              "InvalidSecret": 400, "Forbidden": 403, "UnknownSubscription": 404, "WebhookNotVerified": 422,
-              "OverBudget": 429}.get(e.remote_type, 502)
-    return HTTPError(status, e.remote_type, e.message)
 
 
 def _query(request: server.Request, name: bytes) -> Optional[str]:

@@ -27,7 +27,7 @@ __all__ = ["KINDS", "PERSON_NAME", "SUBSCRIPTION_ID", "MAX_LENGTH", "MAX_LENGTH_
            "WEBHOOK_LOG_KEY", "WEBHOOK_LOG_SIZE", "WEBHOOK_DISABLE_AFTER", "WEBHOOK_VERIFY_TIMEOUT",
            "WEBHOOK_SECRET_GRACE",
            "InvalidSubscription", "UnknownSubscription", "QUEUE_PREFIX", "queue_name", "hash_token", "message_id", "check_person",
-           "check_id", "security_of"]
+           "check_id", "security_of", "public_record"]
 
 #: kind -> the component that serves it.
 KINDS = {"datasets": "user_pub_sub", "events": "user_notification"}
@@ -128,3 +128,18 @@ def check_id(sid: Any) -> str:
 def security_of(config: Any) -> Tuple[bool, Tuple[str, ...]]:
     security = getattr(config, "security", None)
     return bool(getattr(security, "allow_private", False)), tuple(getattr(security, "allow_hosts", ()) or ())
+
+
+def public_record(record: Any) -> Any:
+    """A subscription record as its person sees it: never its webhook secrets (shown once, when made)."""
+    if not isinstance(record, dict):
+        return record
+    out = {k: record.get(k) for k in ("id", "kind", "regex", "webhook", "max_length", "created", "queue")}
+    out["events"] = None if record.get("webhook") else f"/api/subscriptions/{record.get('id')}/events"
+    if record.get("webhook"):  # never the secret: it is shown once, when made
+        out.update({k: record.get(k) for k in ("verified", "disabled", "disabled_reason", "rotated")
+                    if record.get(k) is not None})
+        out["state"] = record.get("state", "active")
+        out["signed"] = isinstance(record.get("secret"), str)
+        out["deliveries"] = f"/api/subscriptions/{record.get('id')}/deliveries"
+    return out
