@@ -39,7 +39,7 @@ from ooidx.errors import InvalidRegex
 from ooidx.http.answers import Answer, HTTPError
 from ooidx.routing import compile_filter
 
-__all__ = ["Feeds", "DEFAULT_LIMIT", "MAX_LIMIT", "MAX_REGEX", "CONTENT_TYPE", "dataset_regex", "summary_of"]
+__all__ = ["Feeds", "DEFAULT_LIMIT", "MAX_LIMIT", "MAX_REGEX", "CONTENT_TYPE", "dataset_regex", "summary_of", "title_of"]
 
 log = Logger(namespace="ooidx.web.feeds")
 
@@ -80,7 +80,11 @@ def summary_of(event: Dict[str, Any]) -> str:
     if changes not in (None, {}, []):
         lines.append("changes:")
         if isinstance(changes, dict):
-            for key in sorted(changes, key=str):
+            # The persister's summary (ooidx.dissemination.changes) says it in words under "text"; the
+            # rest is its structure, each part bounded (the content has it whole).
+            if isinstance(changes.get("text"), str):
+                lines.append(f"  {_text(changes['text'], 2000)}")
+            for key in sorted((k for k in changes if k != "text"), key=str):
                 lines.append(f"  {_text(key, 80)}: {_text(changes[key], 600)}")
         elif isinstance(changes, list):
             lines.extend(f"  - {_text(item, 600)}" for item in changes[:100])
@@ -88,6 +92,16 @@ def summary_of(event: Dict[str, Any]) -> str:
             lines.append(f"  {_text(changes, 2000)}")
     text = "\n".join(lines)
     return text if len(text) <= MAX_SUMMARY else text[:MAX_SUMMARY - 3] + "..."
+
+
+def title_of(event: Dict[str, Any]) -> str:
+    """C{KIND DATASET}, and what changed in words when the event says (a C{saved} event's C{changes.text})."""
+    kind, dataset = event.get("kind", "event"), event.get("dataset")
+    title = f"{_text(kind, 40)} {_text(dataset, 80)}" if dataset else _text(kind, 40)
+    changes = event.get("changes")
+    if isinstance(changes, dict) and isinstance(changes.get("text"), str) and changes["text"].strip():
+        title += ": " + _text(changes["text"].strip(), 160)
+    return title
 
 
 def _when(value: Any) -> Optional[datetime]:
@@ -115,8 +129,7 @@ def render_atom(events: List[Dict[str, Any]], *, feed_id: str, title: str, self_
         entry = fg.add_entry()  # prepends: the newest (last in the ring) ends up first
         entry.id(f"urn:sha256:{digest}")
         dataset = event.get("dataset")
-        entry.title(_text(f"{event.get('kind', 'event')} {dataset}" if dataset else
-                          f"{event.get('kind', 'event')}", 200))
+        entry.title(title_of(event))
         entry.updated(when)
         entry.summary(summary_of(event))
         entry.content(_text(json.dumps(event, sort_keys=True, indent=1, default=str), 100_000), type="text")
