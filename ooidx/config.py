@@ -45,6 +45,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "CsvOptions",
+    "WebhookOptions",
     "FetcherOptions",
     "HttpConfig",
     "ListenOptions",
@@ -211,6 +212,16 @@ class PersisterOptions:
     subscription: str = "persister"  # same name: share the work; another name: a full copy of its own
     retry_after: float = 60.0  # seconds before the first new attempt; doubles per failure of a dataset
     retry_max: float = 900.0  # seconds: the longest wait between attempts
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    """user_notification / user_pub_sub: how people's webhooks are delivered (ooidx.people.webhooks)."""
+
+    webhook_attempts: int = 8  # POSTs of one message before it is given up (backing off 1 s, 2 s, 4 s, ...)
+    webhook_disable_after: int = 20  # failed attempts in a row after which a webhook is disabled
+    webhook_verify_timeout: float = 5.0  # seconds a callback has to answer its challenge
+    webhook_log_size: int = 50  # attempts kept in a webhook's delivery log
 
 
 @dataclass(frozen=True)
@@ -831,6 +842,13 @@ class _Parser:
                 "retry_after": (60.0, self.number),
                 "retry_max": (900.0, self.number),
             }
+        elif name in ("user_notification", "user_pub_sub"):
+            specific = {
+                "webhook_attempts": (8, lambda v, p: self.integer(v, p, 1, 100)),
+                "webhook_disable_after": (20, lambda v, p: self.integer(v, p, 1, 10_000)),
+                "webhook_verify_timeout": (5.0, self.number),
+                "webhook_log_size": (50, lambda v, p: self.integer(v, p, 1, 1000)),
+            }
         elif name in LISTENING_COMPONENTS:
             specific = {
                 "port": (None, lambda v, p: self.listen_port(v, p, name)),
@@ -869,6 +887,11 @@ class _Parser:
                 raise self.error(f"{path}.retry_max", f"expected at least retry_after ({settings['retry_after']:g} s), "
                                  f"got {settings['retry_max']:g}")
             options = PersisterOptions(**settings)
+        elif name in ("user_notification", "user_pub_sub"):
+            if settings["webhook_verify_timeout"] > 30:
+                raise self.error(f"{path}.webhook_verify_timeout", "expected at most 30 seconds (the web edge waits "
+                                 f"for the challenge), got {settings['webhook_verify_timeout']:g}")
+            options = WebhookOptions(**settings)
         elif name in LISTENING_COMPONENTS:
             options = ListenOptions(**settings)
         return ComponentConfig(name=name, instances=instances, process=process, options=options)

@@ -31,7 +31,7 @@ from ooidx import events
 from ooidx.errors import InvalidRegex
 from ooidx.http.answers import HTTPError, json_answer
 from ooidx.people.records import (ID_HEADER, KINDS, MAX_STREAMS_PER_PERSON, PERSON_KEY, PERSON_NAME,
-                                  SUBSCRIPTION_ID, SUBSCRIPTION_KEY, WEBHOOK_VERIFY_TIMEOUT,
+                                  SUBSCRIPTION_ID, SUBSCRIPTION_KEY,
                                   InvalidSubscription, check_person, hash_token)
 from ooidx.people.records import public_record as _public
 from ooidx.people.webhook_api import WebhookEndpoints, http_error as _http_error, secret_field as _secret_field
@@ -89,7 +89,7 @@ class SubscriptionsApi(WebhookEndpoints):
         self.clock = clock if clock is not None else reactor
         self.ticket_lifetime = ticket_lifetime
         #: How long a call that challenges a webhook may take (the challenge's own timeout, and some).
-        self.verify_call_timeout = WEBHOOK_VERIFY_TIMEOUT * 2 + 10
+        self.verify_call_timeout = 45.0  # the longest challenge (webhook_verify_timeout, at most 30 s), and some
         self.streams: set = set()
         #: person -> their open event streams (at most max_streams_per_person each).
         self.max_streams_per_person = max_streams_per_person

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
@@ -47,27 +47,40 @@ class PersonalSubscriptions(Component):
     kind = ""
 
     def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, config: Any = None,
-                 clock: Any = None, max_length: int = MAX_LENGTH, webhook_attempts: int = 8,
+                 clock: Any = None, max_length: int = MAX_LENGTH, webhook_attempts: Optional[int] = None,
                  webhook_base_delay: float = 1.0, webhook_max_delay: float = 300.0, webhook_timeout: float = 10.0,
                  poster: Optional[Callable[..., Deferred]] = None, resolver: Any = None,
                  max_queued_per_person: int = MAX_QUEUED_PER_PERSON,
                  max_regex_program_per_person: int = MAX_REGEX_PROGRAM_PER_PERSON,
                  exchange: Optional[Callable[..., Deferred]] = None,
-                 webhook_verify_timeout: float = WEBHOOK_VERIFY_TIMEOUT,
-                 webhook_disable_after: int = WEBHOOK_DISABLE_AFTER, webhook_log_size: int = WEBHOOK_LOG_SIZE,
+                 webhook_verify_timeout: Optional[float] = None, webhook_disable_after: Optional[int] = None,
+                 webhook_log_size: Optional[int] = None,
                  webhook_secret_grace: float = WEBHOOK_SECRET_GRACE) -> None:
+        """The webhook settings not given here come from the component's options in the config
+        (L{ooidx.config.WebhookOptions}), else the defaults of L{ooidx.people.records}."""
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
+        components = getattr(config, "components", None)
+        options = getattr(components.get(name), "options", None) if isinstance(components, Mapping) else None
+
+        def setting(given: Any, key: str, default: Any) -> Any:
+            if given is not None:
+                return given
+            value = getattr(options, key, None)
+            return default if value is None else value
+
         self._exchange = exchange
-        self.webhook_verify_timeout = webhook_verify_timeout
-        self.webhook_disable_after = webhook_disable_after
-        self.webhook_log_size = webhook_log_size
+        self.webhook_verify_timeout = float(setting(webhook_verify_timeout, "webhook_verify_timeout",
+                                                    WEBHOOK_VERIFY_TIMEOUT))
+        self.webhook_disable_after = int(setting(webhook_disable_after, "webhook_disable_after",
+                                                 WEBHOOK_DISABLE_AFTER))
+        self.webhook_log_size = int(setting(webhook_log_size, "webhook_log_size", WEBHOOK_LOG_SIZE))
         self.webhook_secret_grace = webhook_secret_grace
         #: Log writes per subscription, one after the other (a read-modify-write of the store).
         self._log_writes: Dict[str, DeferredLock] = {}
         self.max_length = max_length
         self.max_queued_per_person = max_queued_per_person
         self.max_regex_program_per_person = max_regex_program_per_person
-        self.webhook_attempts = webhook_attempts
+        self.webhook_attempts = int(setting(webhook_attempts, "webhook_attempts", 8))
         self.webhook_base_delay = webhook_base_delay
         self.webhook_max_delay = webhook_max_delay
         self.webhook_timeout = webhook_timeout
