@@ -356,13 +356,13 @@ class PersonalSubscriptions(Component):
         if not isinstance(record, dict) or record.get("kind") != self.kind:
             raise UnknownSubscription(f"{person} has no {self.kind} subscription {id}")
         yield self.bus.call("attribute_store", "delete", key=key)
-        if record.get("webhook"):
+        yield self._deactivate(record["queue"])
+        if record.get("webhook"):  # after its delivery here stopped, so no attempt writes it again
             try:
                 yield self.bus.call("attribute_store", "delete", key=f"{WEBHOOK_LOG_KEY}{person}:{id}")
             except Exception as e:  # noqa: BLE001 - a log left behind is harmless and bounded
                 self.log.warn("{component}: the delivery log of {person}:{id} not removed: {error}",
                               component=self.name, person=person, id=id, error=e)
-        yield self._deactivate(record["queue"])
         try:
             yield maybeDeferred(self.release, record)
         except Exception as e:
