@@ -55,7 +55,7 @@ from ooidx.people.records import ID_HEADER, WEBHOOK_DETAIL
 
 __all__ = ["http_poster", "http_exchange", "WebhookDelivery", "failure_event", "disabled_event", "webhook_host",
            "Report", "Logged", "new_secret", "check_secret", "signature_headers", "verify_callback",
-           "InvalidSecret", "WebhookNotVerified", "SECRET_PREFIX", "MAX_CHALLENGE_ANSWER", "VERIFICATION_TYPE"]
+           "InvalidSecret", "WebhookNotVerified", "AnswerTooLarge", "signing_keys", "SECRET_PREFIX", "MAX_CHALLENGE_ANSWER", "VERIFICATION_TYPE"]
 
 #: Where a failure goes: C{report(record, event)}, the event an L{events.event_message}.
 Report = Callable[[Dict[str, Any], Message], Any]
@@ -236,6 +236,10 @@ def http_poster(reactor: Any, *, allow_private: bool = False, allow_hosts: Itera
     return post
 
 
+class AnswerTooLarge(ValueError):
+    """An answer past the size L{http_exchange} reads."""
+
+
 class _Keep(Protocol):
     """Reads a response body of at most C{limit} bytes; a longer one fails C{done} (and is hung up on)."""
 
@@ -249,7 +253,7 @@ class _Keep(Protocol):
         self.size += len(data)
         if self.size > self.limit:
             if not self.done.called:
-                self.done.errback(Failure(ValueError(f"the answer is larger than {self.limit} bytes")))
+                self.done.errback(Failure(AnswerTooLarge(f"the answer is larger than {self.limit} bytes")))
             if self.transport is not None:
                 self.transport.stopProducing()
             return
@@ -348,10 +352,8 @@ def verify_callback(exchange: Callable[[str, bytes, Dict[str, str]], Deferred], 
         return None
 
     def failed(failure: Failure) -> None:
-        failure.trap(Exception)
-        if failure.check(WebhookNotVerified):
-            return failure  # type: ignore[return-value]
-        if failure.check(ValueError):
+        """The exchange failed (not the answer's checks, which raise their own refusal): say how."""
+        if failure.check(AnswerTooLarge):
             raise WebhookNotVerified(f"the callback's answer to the verification is too large (at most "
                                      f"{MAX_CHALLENGE_ANSWER} bytes)")
         if failure.check(CancelledError, Timeout):

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from magnet import Message
 
 from ooidx.people.records import ID_HEADER
-from ooidx.people.webhooks import (InvalidSecret, WebhookDelivery, WebhookNotVerified, check_secret,
+from ooidx.people.webhooks import (AnswerTooLarge, InvalidSecret, WebhookDelivery, WebhookNotVerified, check_secret,
                                    disabled_event, new_secret, signature_headers, signing_keys, verify_callback)
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -116,7 +116,7 @@ class ChallengeTests(SynchronousTestCase):
         self.refused(defer.succeed((500, {}, b"")), "HTTP 500")
         self.refused(defer.succeed((302, {"location": "http://169.254.169.254/x"}, b"")), "forbidden address")
         self.refused(defer.succeed((301, {"location": "https://other.example/x"}, b"")), "redirect")
-        self.refused(defer.fail(ValueError("the answer is larger than 4096 bytes")), "too large")
+        self.refused(defer.fail(AnswerTooLarge("the answer is larger than 4096 bytes")), "too large")
         self.refused(defer.fail(CancelledError()), "within 5 s")
         self.refused(defer.fail(ConnectionRefusedError("https://hooks.example/h?k=SECRETQ refused")),
                      "could not be verified")
