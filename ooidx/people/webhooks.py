@@ -55,7 +55,8 @@ from ooidx.people.records import ID_HEADER, WEBHOOK_DETAIL
 
 __all__ = ["http_poster", "http_exchange", "WebhookDelivery", "failure_event", "disabled_event", "webhook_host",
            "Report", "Logged", "new_secret", "check_secret", "signature_headers", "verify_callback",
-           "InvalidSecret", "WebhookNotVerified", "AnswerTooLarge", "signing_keys", "SECRET_PREFIX", "MAX_CHALLENGE_ANSWER", "VERIFICATION_TYPE"]
+           "InvalidSecret", "WebhookNotVerified", "AnswerTooLarge", "signing_keys", "SECRET_PREFIX",
+           "MAX_CHALLENGE_ANSWER", "VERIFICATION_TYPE"]
 
 #: Where a failure goes: C{report(record, event)}, the event an L{events.event_message}.
 Report = Callable[[Dict[str, Any], Message], Any]
