@@ -92,7 +92,8 @@ def new_secret() -> str:
 
 
 def check_secret(secret: Any) -> str:
-    """C{secret} if it is a Standard Webhooks secret of 24 to 64 bytes; L{InvalidSecret} (never echoing it) otherwise."""
+    """C{secret} if it is a Standard Webhooks secret of 24 to 64 bytes; otherwise L{InvalidSecret}, whose
+    message never repeats it."""
     if not isinstance(secret, str) or not _SECRET.match(secret):
         raise InvalidSecret("a webhook secret is whsec_ followed by the base64 of 24 to 64 random bytes "
                             "(or leave it out and the exchange makes one)")

@@ -39,7 +39,8 @@ from ooidx.errors import InvalidRegex
 from ooidx.http.answers import Answer, HTTPError
 from ooidx.routing import compile_filter
 
-__all__ = ["Feeds", "DEFAULT_LIMIT", "MAX_LIMIT", "MAX_REGEX", "CONTENT_TYPE", "dataset_regex", "summary_of", "title_of"]
+__all__ = ["Feeds", "DEFAULT_LIMIT", "MAX_LIMIT", "MAX_REGEX", "CONTENT_TYPE", "dataset_regex", "summary_of",
+           "title_of", "render_atom"]
 
 log = Logger(namespace="ooidx.web.feeds")
 
