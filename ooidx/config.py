@@ -222,6 +222,7 @@ class WebhookOptions:
     webhook_disable_after: int = 20  # failed attempts in a row after which a webhook is disabled
     webhook_verify_timeout: float = 5.0  # seconds a callback has to answer its challenge
     webhook_log_size: int = 50  # attempts kept in a webhook's delivery log
+    webhook_disabled_ttl: float = 604800.0  # seconds a disabled webhook waits to be verified again, then goes; 0: for ever
 
 
 @dataclass(frozen=True)
@@ -848,6 +849,7 @@ class _Parser:
                 "webhook_disable_after": (20, lambda v, p: self.integer(v, p, 1, 10_000)),
                 "webhook_verify_timeout": (5.0, self.number),
                 "webhook_log_size": (50, lambda v, p: self.integer(v, p, 1, 1000)),
+                "webhook_disabled_ttl": (604800.0, lambda v, p: self.number(v, p, allow_zero=True)),
             }
         elif name in LISTENING_COMPONENTS:
             specific = {

@@ -13,6 +13,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks, maybeDeferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from magnet import Message, RemoteError, Unroutable, operation
@@ -24,11 +25,11 @@ from ooidx.events import EVENT, TOPIC_HEADER
 from ooidx.people.records import (CHANGED_FANOUT, ID_HEADER, MAX_LENGTH, MAX_LENGTH_LIMIT,
                                   MAX_QUEUED_PER_PERSON, MAX_REGEX_PROGRAM_PER_PERSON, MAX_SUBSCRIPTIONS, MAX_URL,
                                   SUBSCRIPTION_KEY, WEBHOOK_DISABLE_AFTER, WEBHOOK_LOG_KEY, WEBHOOK_LOG_SIZE,
-                                  WEBHOOK_SECRET_GRACE, WEBHOOK_VERIFY_TIMEOUT, InvalidSubscription, OverBudget,
+                                  WEBHOOK_DISABLED_TTL, WEBHOOK_SECRET_GRACE, WEBHOOK_VERIFY_TIMEOUT, InvalidSubscription, OverBudget,
                                   UnknownSubscription, check_id, check_person, message_id, queue_name,
                                   regex_program_size, security_of)
-from ooidx.people.webhooks import (WebhookDelivery, check_secret, disabled_event, http_exchange, http_poster,
-                                   new_secret, verify_callback)
+from ooidx.people.webhooks import (WebhookDelivery, check_secret, disabled_event, expired_event, http_exchange,
+                                   http_poster, new_secret, verify_callback)
 from ooidx.routing import compile_filter, validate
 
 __all__ = ["PersonalSubscriptions"]
@@ -55,7 +56,8 @@ class PersonalSubscriptions(Component):
                  exchange: Optional[Callable[..., Deferred]] = None,
                  webhook_verify_timeout: Optional[float] = None, webhook_disable_after: Optional[int] = None,
                  webhook_log_size: Optional[int] = None,
-                 webhook_secret_grace: float = WEBHOOK_SECRET_GRACE) -> None:
+                 webhook_secret_grace: float = WEBHOOK_SECRET_GRACE,
+                 webhook_disabled_ttl: Optional[float] = None) -> None:
         """The webhook settings not given here come from the component's options in the config
         (L{ooidx.config.WebhookOptions}), else the defaults of L{ooidx.people.records}."""
         super().__init__(name, bus, node=node, instances=instances, config=config, clock=clock)
@@ -75,6 +77,9 @@ class PersonalSubscriptions(Component):
                                                  WEBHOOK_DISABLE_AFTER))
         self.webhook_log_size = int(setting(webhook_log_size, "webhook_log_size", WEBHOOK_LOG_SIZE))
         self.webhook_secret_grace = webhook_secret_grace
+        self.webhook_disabled_ttl = float(setting(webhook_disabled_ttl, "webhook_disabled_ttl",
+                                                  WEBHOOK_DISABLED_TTL))
+        self._expiry: Optional[LoopingCall] = None
         #: Log writes per subscription, one after the other (a read-modify-write of the store).
         self._log_writes: Dict[str, DeferredLock] = {}
         self.max_length = max_length
@@ -99,11 +104,50 @@ class PersonalSubscriptions(Component):
         yield self.bus.declare_fanout(CHANGED_FANOUT)
         self._subscriptions.append((yield self.bus.subscribe(CHANGED_FANOUT, self._on_changed)))
         yield self.reload()
+        if self.webhook_disabled_ttl > 0:
+            self._expiry = LoopingCall(self.expire_disabled)
+            self._expiry.clock = self.clock
+            d = self._expiry.start(min(3600.0, self.webhook_disabled_ttl / 4), now=False)
+            d.addErrback(lambda f: self.log.failure("{component}: expiring disabled webhooks", f,
+                                                    component=self.name))
 
     @inlineCallbacks
     def tearDown(self) -> Any:
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None and expiry.running:
+            expiry.stop()
         for queue in list(self.records):
             yield self._deactivate(queue)
+
+    @inlineCallbacks
+    def expire_disabled(self) -> Any:
+        """Remove the webhook subscriptions (queue, record, log) disabled for C{webhook_disabled_ttl}
+        seconds and not verified again since, telling their person first: a callback nobody fixes
+        must not hold a queue for ever. Never fails (it runs on a timer); how many were removed."""
+        now = self.clock.seconds()
+        removed = 0
+        for record in list(self.records.values()):
+            since = record.get("disabled")
+            if record.get("state") != "disabled" or not isinstance(since, (int, float)) or \
+                    now - since < self.webhook_disabled_ttl:
+                continue
+            try:
+                yield self.report_failure(record, expired_event(self.bus, record, disabled_for=now - since,
+                                                                now=time.time()))
+            except Exception as e:  # noqa: BLE001 - it goes all the same
+                self.log.warn("{component}: the expiry of {queue} not reported: {error}", component=self.name,
+                              queue=record["queue"], error=e)
+            try:
+                yield self.unsubscribe(record["person"], record["id"])
+                removed += 1
+                self.log.info("{component}: webhook subscription {queue} removed: disabled since {since} and "
+                              "not verified again", component=self.name, queue=record["queue"], since=since)
+            except UnknownSubscription:
+                pass  # another instance removed it
+            except Exception as e:  # noqa: BLE001 - tried again at the next round
+                self.log.warn("{component}: cannot remove the expired webhook subscription {queue}: {error}",
+                              component=self.name, queue=record["queue"], error=e)
+        return removed
 
     @property
     def poster(self) -> Callable[..., Deferred]:

@@ -25,7 +25,7 @@ __all__ = ["KINDS", "PERSON_NAME", "SUBSCRIPTION_ID", "MAX_LENGTH", "MAX_LENGTH_
            "MAX_URL", "MAX_QUEUED_PER_PERSON", "MAX_REGEX_PROGRAM_PER_PERSON", "MAX_STREAMS_PER_PERSON",
            "OverBudget", "regex_program_size", "CHANGED_FANOUT", "ID_HEADER", "PERSON_KEY", "SUBSCRIPTION_KEY", "WEBHOOK_DETAIL",
            "WEBHOOK_LOG_KEY", "WEBHOOK_LOG_SIZE", "WEBHOOK_DISABLE_AFTER", "WEBHOOK_VERIFY_TIMEOUT",
-           "WEBHOOK_SECRET_GRACE",
+           "WEBHOOK_SECRET_GRACE", "WEBHOOK_DISABLED_TTL",
            "InvalidSubscription", "UnknownSubscription", "QUEUE_PREFIX", "queue_name", "hash_token", "message_id", "check_person",
            "check_id", "security_of", "public_record"]
 
@@ -63,6 +63,8 @@ WEBHOOK_DISABLE_AFTER = 20
 WEBHOOK_VERIFY_TIMEOUT = 5.0
 #: After a rotation, POSTs carry the old secret's signature too for this long (seconds).
 WEBHOOK_SECRET_GRACE = 24 * 3600.0
+#: A webhook disabled this long (seconds) without being verified again is removed, queue and all (0: never).
+WEBHOOK_DISABLED_TTL = 7 * 24 * 3600.0
 #: Details of an event that a failing webhook caused: such events are never
 #: routed to webhook subscriptions, so failing webhooks cannot feed each other.
 WEBHOOK_DETAIL = "webhook_subscription"

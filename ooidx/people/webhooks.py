@@ -53,7 +53,7 @@ from ooidx import events, urlpolicy
 from ooidx.errors import DXError
 from ooidx.people.records import ID_HEADER, WEBHOOK_DETAIL
 
-__all__ = ["http_poster", "http_exchange", "WebhookDelivery", "failure_event", "disabled_event", "webhook_host",
+__all__ = ["http_poster", "http_exchange", "WebhookDelivery", "failure_event", "disabled_event", "expired_event", "webhook_host",
            "Report", "Logged", "new_secret", "check_secret", "signature_headers", "verify_callback",
            "InvalidSecret", "WebhookNotVerified", "AnswerTooLarge", "signing_keys", "SECRET_PREFIX",
            "MAX_CHALLENGE_ANSWER", "VERIFICATION_TYPE"]
@@ -158,6 +158,15 @@ def disabled_event(bus: Any, record: Dict[str, Any], *, failures: int, reason: s
         WEBHOOK_DETAIL: record["id"], "host": webhook_host(url), "disabled": True, "given_up": True,
         "consecutive_failures": failures, "reason": _scrub(reason, url)[:500],
         "enable": f"POST /api/subscriptions/{record['id']}/verify"})
+
+
+def expired_event(bus: Any, record: Dict[str, Any], *, disabled_for: float, now: float) -> Message:
+    """The event saying C{record}'s webhook, disabled C{disabled_for} seconds and never verified again,
+    has been removed (an C{event.failed.-} with C{expired: true})."""
+    url = str(record.get("webhook") or "")
+    return events.event_message("failed", None, node=bus.node, now=now, **{
+        WEBHOOK_DETAIL: record["id"], "host": webhook_host(url), "expired": True, "given_up": True,
+        "reason": f"disabled for {int(disabled_for)} s and not verified again: the subscription is removed"})
 
 
 def failure_event(bus: Any, record: Dict[str, Any], *, attempt: int, attempts: int, reason: str,

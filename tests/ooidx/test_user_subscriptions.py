@@ -215,7 +215,8 @@ class Stack:
         common = dict(node="n", config=self.config, webhook_attempts=options.get("attempts", 3),
                       webhook_base_delay=options.get("base_delay", 0.05), webhook_timeout=options.get("timeout", 1.0),
                       webhook_verify_timeout=options.get("verify_timeout", 1.0),
-                      webhook_disable_after=options.get("disable_after", 20))
+                      webhook_disable_after=options.get("disable_after", 20),
+                      webhook_disabled_ttl=options.get("disabled_ttl", 7 * 24 * 3600.0))
         self.user_notification = UserNotification("user_notification", self.bus, **common)
         self.user_pub_sub = UserPubSub("user_pub_sub", self.bus, **common)
         self.web = Web("web", self.bus, node="n", port=0, interface="127.0.0.1", token=TOKEN)
@@ -1240,5 +1241,32 @@ def test_delivery_log_and_disabled_after_failures_in_a_row() -> Any:
         # the log goes with the subscription
         yield stack.request("DELETE", f"/api/subscriptions/{sub['id']}", token=token)
         assert not [k for k in stack.store.data if k.startswith("webhook_log:")]
+    finally:
+        yield stack.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_disabled_webhook_not_verified_again_expires() -> Any:
+    stack = Stack(attempts=1, base_delay=0.02, disable_after=2, disabled_ttl=0.4)
+    yield stack.start()
+    try:
+        token = yield stack.person()
+        failures = yield stack.watch_failures(token)
+        keep = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.", webhook=stack.hook)
+        stack.receiver.mode = "fail"
+        sub = yield stack.subscribe(token, kind="events", regex=r"^event\.fetched\.", webhook=stack.hook)
+        for name in ("a", "b"):
+            yield stack.emit("fetched", name)
+        yield eventually(lambda: any(f.get("disabled") for f in failures), 10, "disabled")
+        yield eventually(lambda: any(f.get("expired") for f in failures), 10, "the expiry event")
+        expired = [f for f in failures if f.get("expired")][0]
+        assert expired["webhook_subscription"] == sub["id"] and "not verified again" in expired["reason"]
+        yield eventually(lambda: sub["queue"] not in stack.bus.transport.broker.queues, 5, "the queue removed")
+        code, answer = yield stack.request("GET", f"/api/subscriptions/{sub['id']}", token=token)
+        assert code == 404
+        assert not [k for k in stack.store.data if k.endswith(sub["id"])]
+        # the active one stays
+        code, answer = yield stack.request("GET", f"/api/subscriptions/{keep['id']}", token=token)
+        assert code == 200 and answer["state"] == "active"
     finally:
         yield stack.stop()

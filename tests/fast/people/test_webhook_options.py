@@ -21,7 +21,8 @@ def config(text: str) -> object:
 class WebhookOptionsTests(SynchronousTestCase):
     def test_defaults_and_settings(self) -> None:
         c = config("components: {user_notification: {}, user_pub_sub: {webhook_disable_after: 3, "
-                   "webhook_verify_timeout: 2.5, webhook_attempts: 4, webhook_log_size: 10}}\n")
+                   "webhook_verify_timeout: 2.5, webhook_attempts: 4, webhook_log_size: 10, "
+                   "webhook_disabled_ttl: 0}}\n")
         self.assertEqual(c.components["user_notification"].options, WebhookOptions())
         options = c.components["user_pub_sub"].options
         self.assertEqual((options.webhook_disable_after, options.webhook_verify_timeout, options.webhook_attempts,
@@ -29,17 +30,20 @@ class WebhookOptionsTests(SynchronousTestCase):
         bus = SimpleNamespace(node="a")
         component = UserPubSub("user_pub_sub", bus, node="a", config=c, clock=Clock())
         self.assertEqual((component.webhook_disable_after, component.webhook_verify_timeout,
-                          component.webhook_attempts, component.webhook_log_size), (3, 2.5, 4, 10))
+                          component.webhook_attempts, component.webhook_log_size,
+                          component.webhook_disabled_ttl), (3, 2.5, 4, 10, 0.0))
         # a keyword argument wins over the file
         component = UserPubSub("user_pub_sub", bus, node="a", config=c, clock=Clock(), webhook_disable_after=7)
         self.assertEqual(component.webhook_disable_after, 7)
         other = UserNotification("user_notification", bus, node="a", config=c, clock=Clock())
-        self.assertEqual((other.webhook_disable_after, other.webhook_verify_timeout), (20, 5.0))
+        self.assertEqual((other.webhook_disable_after, other.webhook_verify_timeout, other.webhook_disabled_ttl),
+                         (20, 5.0, 604800.0))
         self.assertEqual(c.to_dict()["components"]["user_pub_sub"]["webhook_disable_after"], 3)
 
     def test_refused_settings(self) -> None:
         for bad in ("webhook_disable_after: 0", "webhook_verify_timeout: 31", "webhook_verify_timeout: -1",
-                    "webhook_attempts: 1000", "webhook_log_size: x", "webhook_secret: 1"):
+                    "webhook_attempts: 1000", "webhook_log_size: x", "webhook_secret: 1",
+                    "webhook_disabled_ttl: -5"):
             with self.assertRaises(ConfigError, msg=bad):
                 config(f"components: {{user_notification: {{{bad}}}}}\n")
 
