@@ -45,6 +45,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "CsvOptions",
+    "WebhookOptions",
     "FetcherOptions",
     "HttpConfig",
     "ListenOptions",
@@ -145,6 +146,8 @@ class HttpConfig:
     interface: str = "127.0.0.1"  # "" or "0.0.0.0" listens on every IPv4 address
     # Host names both ports answer for besides loopback and the address reached (DNS rebinding)
     allowed_hosts: Tuple[str, ...] = ()
+    # /metrics labels this many datasets (the most requested) by name; the rest are summed under "other"
+    metrics_datasets: int = 50
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,17 @@ class PersisterOptions:
     subscription: str = "persister"  # same name: share the work; another name: a full copy of its own
     retry_after: float = 60.0  # seconds before the first new attempt; doubles per failure of a dataset
     retry_max: float = 900.0  # seconds: the longest wait between attempts
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    """user_notification / user_pub_sub: how people's webhooks are delivered (ooidx.people.webhooks)."""
+
+    webhook_attempts: int = 8  # POSTs of one message before it is given up (backing off 1 s, 2 s, 4 s, ...)
+    webhook_disable_after: int = 20  # failed attempts in a row after which a webhook is disabled
+    webhook_verify_timeout: float = 5.0  # seconds a callback has to answer its challenge
+    webhook_log_size: int = 50  # attempts kept in a webhook's delivery log
+    webhook_disabled_ttl: float = 604800.0  # seconds a disabled webhook waits to be verified again, then goes; 0: for ever
 
 
 @dataclass(frozen=True)
@@ -390,8 +404,10 @@ def component_arguments(config: Config, name: str) -> Dict[str, Any]:
         return {"url": url}
     if name == "cache":
         return {"options": options or CacheOptions(), "directory": os.path.join(config.data_dir, "cache")}
-    if name in ("controller", "user_pub_sub", "user_notification"):
+    if name == "controller":
         return {"security": config.security}
+    if name in ("user_pub_sub", "user_notification"):
+        return {"options": options or WebhookOptions(), "security": config.security}
     if name == "csv":
         return {"options": options or CsvOptions(), "fetch_timeout": fetch_timeout(config)}
     if name == "fetcher":
@@ -706,6 +722,7 @@ class _Parser:
             "web_port": (8080, lambda v, p: self.listen_port(v, p, "web")),
             "interface": ("127.0.0.1", self.interface),
             "allowed_hosts": ((), self.allowed_hosts),
+            "metrics_datasets": (50, lambda v, p: self.integer(v, p, 0, 1000)),
         }))
         data_dir = self.data_dir(data.get("data_dir"))
         components = self.components(data.get("components"), broker, origin, data_dir)
@@ -917,6 +934,14 @@ class _Parser:
                 "retry_after": (60.0, self.number),
                 "retry_max": (900.0, self.number),
             }
+        elif name in ("user_notification", "user_pub_sub"):
+            specific = {
+                "webhook_attempts": (8, lambda v, p: self.integer(v, p, 1, 100)),
+                "webhook_disable_after": (20, lambda v, p: self.integer(v, p, 1, 10_000)),
+                "webhook_verify_timeout": (5.0, self.number),
+                "webhook_log_size": (50, lambda v, p: self.integer(v, p, 1, 1000)),
+                "webhook_disabled_ttl": (604800.0, lambda v, p: self.number(v, p, allow_zero=True)),
+            }
         elif name in LISTENING_COMPONENTS:
             specific = {
                 "port": (None, lambda v, p: self.listen_port(v, p, name)),
@@ -962,6 +987,11 @@ class _Parser:
             options = PersisterOptions(**settings)
         elif name == "proxyng":
             options = ProxyOptions(**settings)
+        elif name in ("user_notification", "user_pub_sub"):
+            if settings["webhook_verify_timeout"] > 30:
+                raise self.error(f"{path}.webhook_verify_timeout", "expected at most 30 seconds (the web edge waits "
+                                 f"for the challenge), got {settings['webhook_verify_timeout']:g}")
+            options = WebhookOptions(**settings)
         elif name in LISTENING_COMPONENTS:
             options = ListenOptions(**settings)
         return ComponentConfig(name=name, instances=instances, process=process, options=options)

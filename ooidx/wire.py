@@ -21,7 +21,7 @@ __all__ = [
     "STATUS", "STATUS_REPLY", "PUBLICATION", "EVENT", "DISTRIBUTE",
     "TOPIC_HEADER", "ADDRESSES_HEADER", "DELIVER_TYPE_HEADER", "ID_HEADER",
     "DATASET_KEY", "STATS_KEY", "SUBSCRIPTION_KEY", "PERSON_KEY", "USER_SUBSCRIPTION_KEY",
-    "dataset_key", "stats_key", "HOP_BY_HOP", "HOP_BY_HOP_BYTES",
+    "WEBHOOK_LOG_KEY", "dataset_key", "stats_key", "HOP_BY_HOP", "HOP_BY_HOP_BYTES",
 ]
 
 
@@ -127,6 +127,8 @@ STATS_KEY = "stats:"
 SUBSCRIPTION_KEY = "subscription:"
 PERSON_KEY = "person:"
 USER_SUBSCRIPTION_KEY = "user_subscription:"
+#: A webhook subscription's delivery log: WEBHOOK_LOG_KEY + PERSON:ID (ooidx.people.component).
+WEBHOOK_LOG_KEY = "webhook_log:"
 
 
 def dataset_key(name: str) -> str:

@@ -44,7 +44,7 @@ def component_options(name: str, bus: Bus, config: Any) -> Dict[str, Any]:
     the web edge gets the operator token's reader and the /metrics renderer,
     so it needs nothing of the node's modules."""
     if name == "web":
-        return {"token": partial(token.ensure_token, config), "metrics": metrics.renderer_for(bus)}
+        return {"token": partial(token.ensure_token, config), "metrics": metrics.renderer_for(bus, config)}
     return {}
 
 

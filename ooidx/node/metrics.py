@@ -59,6 +59,8 @@ C{MultiProcessCollector}, to keep its known faults out:
 
 Without a web component in the daemon nothing of this is set up: the
 children count in memory, as before, and nothing is written to disk.
+
+Per-dataset series: L{ooidx.node.dataset_metrics}, added by L{renderer_for}.
 """
 from __future__ import annotations
 
@@ -77,9 +79,11 @@ from twisted.logger import Logger
 
 from magnet.observer import BusObserver
 
+from ooidx.node.dataset_metrics import DATASET_CAP, DATASET_TIMEOUT, DATASET_TTL, OTHER, DatasetMetrics
 from ooidx.people.records import QUEUE_PREFIX
 
 __all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "ChildMetrics", "MULTIPROC_ENV", "renderer_for",
+           "DatasetMetrics", "DATASET_CAP", "DATASET_TTL", "DATASET_TIMEOUT", "OTHER",
            "CHILD_METRICS_DIR", "prepare_directory", "share_with_daemon"]
 
 log = Logger(namespace="ooidx.node.metrics")
@@ -236,20 +240,36 @@ class PrometheusObserver(BusObserver):
         return generate_latest(_Collected(self.collect()))
 
 
-def renderer_for(bus: Any) -> Callable[[Mapping[str, bool]], Tuple[bytes, bytes]]:
+def renderer_for(bus: Any, config: Any = None, *,
+                 datasets: Optional[DatasetMetrics] = None) -> Callable[[Mapping[str, bool]], Any]:
     """What the web edge's /metrics calls: C{render(components_up) -> (body,
     content_type)}, from the bus's L{PrometheusObserver} (or, when the bus
     reports to some other observer, from one of its own: what the edge knows).
-    The node hands this to the web edge, which never imports this module."""
+    The node hands this to the web edge, which never imports this module.
+
+    Given the node's C{config} (or C{datasets}), the per-dataset series are
+    added (L{DatasetMetrics}, capped at C{config.http.metrics_datasets}); then
+    C{render} fires a Deferred with the same pair when the figures are
+    stale and have to be read first."""
     observer = getattr(bus, "observer", None)
     if not isinstance(observer, PrometheusObserver):
         observer = PrometheusObserver()
     content_type = CONTENT_TYPE.encode("ascii")
+    if datasets is None and config is not None and getattr(bus, "clock", None) is not None:
+        cap = getattr(getattr(config, "http", None), "metrics_datasets", DATASET_CAP)
+        datasets = DatasetMetrics(bus, bus.clock, cap=cap if isinstance(cap, int) else DATASET_CAP)
 
-    def render(components_up: Mapping[str, bool]) -> Tuple[bytes, bytes]:
+    def generate() -> Tuple[bytes, bytes]:
+        if datasets is None:
+            return observer.generate(), content_type
+        return generate_latest(_Collected(observer.collect() + datasets.families())), content_type
+
+    def render(components_up: Mapping[str, bool]) -> Any:
         if components_up:
             observer.components_up(components_up)
-        return observer.generate(), content_type
+        if datasets is None or datasets.fresh():
+            return generate()
+        return datasets.refresh().addCallback(lambda _: generate())
 
     return render
 

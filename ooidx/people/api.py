@@ -31,14 +31,17 @@ from ooidx import events
 from ooidx.errors import InvalidRegex
 from ooidx.http.answers import HTTPError, json_answer
 from ooidx.people.records import (ID_HEADER, KINDS, MAX_STREAMS_PER_PERSON, PERSON_KEY, PERSON_NAME,
-                                  SUBSCRIPTION_ID, SUBSCRIPTION_KEY, InvalidSubscription, check_person, hash_token)
+                                  SUBSCRIPTION_ID, SUBSCRIPTION_KEY,
+                                  InvalidSubscription, check_person, hash_token)
+from ooidx.people.records import public_record as _public
+from ooidx.people.webhook_api import WebhookEndpoints, http_error as _http_error, secret_field as _secret_field
 from ooidx.people.sse import SSE, gone
 from ooidx.people.tickets import TICKET_LIFETIME, TicketError, make_ticket, parse_ticket, ticket_key, ticket_mac
 from ooidx.routing import validate
 
 __all__ = ["SubscriptionsApi", "STREAMING"]
 
-class SubscriptionsApi:
+class SubscriptionsApi(WebhookEndpoints):
     """The person-facing part of the web API (and the operator's event tail).
 
         POST   /api/people                    operator: {"name"} -> 201 {"name", "token"}
@@ -48,6 +51,12 @@ class SubscriptionsApi:
         GET    /api/subscriptions             person: {"subscriptions": [record, ...]}
         GET    /api/subscriptions/ID          person: the record
         DELETE /api/subscriptions/ID          person: {"deleted": ID}
+        POST   /api/subscriptions/ID/secret   person: {"secret"?} -> {"id", "secret", "previous_valid_until"}: a
+                                              webhook's new signing secret (shown this once)
+        POST   /api/subscriptions/ID/verify   person: challenge the webhook again; active once it echoes
+        GET    /api/subscriptions/ID/deliveries
+                                              person: {"deliveries": [{time, status, attempt, latency, ok}],
+                                              "consecutive_failures", "state"} (the newest, bounded)
         POST   /api/subscriptions/ID/ticket   person: {"ticket", "expires", "expires_in", "url"}: a stream
                                               ticket for a browser (valid TICKET_LIFETIME seconds)
         GET    /api/subscriptions/ID/events   person (or ?ticket=): text/event-stream of what arrives in the queue
@@ -79,6 +88,8 @@ class SubscriptionsApi:
         #: What tickets are issued and checked by (C{seconds()}: Unix time); the reactor by default.
         self.clock = clock if clock is not None else reactor
         self.ticket_lifetime = ticket_lifetime
+        #: How long a call that challenges a webhook may take (the challenge's own timeout, and some).
+        self.verify_call_timeout = 45.0  # the longest challenge (webhook_verify_timeout, at most 30 s), and some
         self.streams: set = set()
         #: person -> their open event streams (at most max_streams_per_person each).
         self.max_streams_per_person = max_streams_per_person
@@ -113,6 +124,12 @@ class SubscriptionsApi:
                                                b"DELETE": lambda r: self.delete_subscription(r, rest[0])})
             if len(rest) == 2 and rest[1] == "events":
                 return self._methods(request, {b"GET": lambda r: self.subscription_events(r, rest[0])})
+            if len(rest) == 2 and rest[1] == "secret":
+                return self._methods(request, {b"POST": lambda r: self.rotate_secret(r, rest[0])})
+            if len(rest) == 2 and rest[1] == "verify":
+                return self._methods(request, {b"POST": lambda r: self.verify_webhook(r, rest[0])})
+            if len(rest) == 2 and rest[1] == "deliveries":
+                return self._methods(request, {b"GET": lambda r: self.deliveries(r, rest[0])})
             if len(rest) == 2 and rest[1] == "ticket":
                 return self._methods(request, {b"POST": lambda r: self.create_ticket(r, rest[0])})
         elif head == "events" and rest == ["stream"]:
@@ -308,7 +325,7 @@ class SubscriptionsApi:
 
         person = yield self._person(request)
         body = self._body(request)
-        unknown = set(body) - {"kind", "regex", "webhook", "max_length"}
+        unknown = set(body) - {"kind", "regex", "webhook", "max_length", "secret"}
         if unknown:
             raise HTTPError(400, "BadRequest", f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
         kind = body.get("kind")
@@ -326,13 +343,21 @@ class SubscriptionsApi:
         kwargs: Dict[str, Any] = {"person": person, "regex": regex, "webhook": webhook}
         if "max_length" in body:
             kwargs["max_length"] = body["max_length"]
+        if "secret" in body:
+            if webhook is None:
+                raise HTTPError(400, "BadRequest", "a secret signs webhook POSTs: give it with a webhook")
+            kwargs["secret"] = _secret_field(body["secret"])
         try:
-            record = yield self.bus.call_with(KINDS[kind], "subscribe", kwargs)
+            # With a webhook the component first challenges the callback (bounded by its own timeout).
+            record = yield self.bus.call_with(KINDS[kind], "subscribe", kwargs, timeout=self.verify_call_timeout)
         except RemoteError as e:
             raise _http_error(e) from None
         except Unroutable:
             raise HTTPError(503, "Unavailable", f"no {KINDS[kind]} is running to take the subscription") from None
-        return json_answer(_public(record), 201)
+        out = _public(record)
+        if isinstance(record, dict) and record.get("secret"):
+            out["secret"] = record["secret"]  # shown this once; POST .../secret makes a new one
+        return json_answer(out, 201)
 
     @inlineCallbacks
     def list_subscriptions(self, request: server.Request) -> Any:
@@ -535,21 +560,6 @@ class SubscriptionsApi:
 
 #: What a streaming handler returns: the answer is already under way.
 STREAMING = object()
-
-
-def _public(record: Any) -> Any:
-    if not isinstance(record, dict):
-        return record
-    out = {k: record.get(k) for k in ("id", "kind", "regex", "webhook", "max_length", "created", "queue")}
-    out["events"] = None if record.get("webhook") else f"/api/subscriptions/{record.get('id')}/events"
-    return out
-
-
-def _http_error(e: RemoteError) -> Exception:
-
-    status = {"InvalidRegex": 400, "InvalidURL": 400, "InvalidSubscription": 400, "BadArguments": 400,
-              "Forbidden": 403, "UnknownSubscription": 404, "OverBudget": 429}.get(e.remote_type, 502)
-    return HTTPError(status, e.remote_type, e.message)
 
 
 def _query(request: server.Request, name: bytes) -> Optional[str]:

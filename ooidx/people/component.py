@@ -12,21 +12,25 @@ import secrets
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks, maybeDeferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from magnet import Message, RemoteError, Unroutable, operation
 
 from ooidx import urlpolicy
 from ooidx.component import Component
-from ooidx.config import SecurityConfig
+from ooidx.config import SecurityConfig, WebhookOptions
 from ooidx.errors import InvalidRegex, InvalidURL
 from ooidx.events import EVENT, TOPIC_HEADER
 from ooidx.people.records import (CHANGED_FANOUT, ID_HEADER, MAX_LENGTH, MAX_LENGTH_LIMIT,
                                   MAX_QUEUED_PER_PERSON, MAX_REGEX_PROGRAM_PER_PERSON, MAX_SUBSCRIPTIONS, MAX_URL,
-                                  SUBSCRIPTION_KEY, InvalidSubscription, OverBudget, UnknownSubscription, check_id,
-                                  check_person, message_id, queue_name, regex_program_size)
-from ooidx.people.webhooks import WebhookDelivery, http_poster
+                                  SUBSCRIPTION_KEY, WEBHOOK_DISABLE_AFTER, WEBHOOK_LOG_KEY, WEBHOOK_LOG_SIZE,
+                                  WEBHOOK_DISABLED_TTL, WEBHOOK_SECRET_GRACE, WEBHOOK_VERIFY_TIMEOUT, InvalidSubscription, OverBudget,
+                                  UnknownSubscription, check_id, check_person, message_id, queue_name,
+                                  regex_program_size)
+from ooidx.people.webhooks import (WebhookDelivery, check_secret, disabled_event, expired_event, http_exchange,
+                                   http_poster, new_secret, verify_callback)
 from ooidx.routing import compile_filter, validate
 
 __all__ = ["PersonalSubscriptions"]
@@ -45,19 +49,46 @@ class PersonalSubscriptions(Component):
     kind = ""
 
     def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, clock: Any = None,
-                 reactor: Any = None, max_length: int = MAX_LENGTH, webhook_attempts: int = 8,
+                 reactor: Any = None, max_length: int = MAX_LENGTH, webhook_attempts: Optional[int] = None,
                  webhook_base_delay: float = 1.0, webhook_max_delay: float = 300.0, webhook_timeout: float = 10.0,
                  poster: Optional[Callable[..., Deferred]] = None, resolver: Any = None,
                  max_queued_per_person: int = MAX_QUEUED_PER_PERSON,
                  max_regex_program_per_person: int = MAX_REGEX_PROGRAM_PER_PERSON,
+                 exchange: Optional[Callable[..., Deferred]] = None,
+                 webhook_verify_timeout: Optional[float] = None, webhook_disable_after: Optional[int] = None,
+                 webhook_log_size: Optional[int] = None,
+                 webhook_secret_grace: float = WEBHOOK_SECRET_GRACE,
+                 webhook_disabled_ttl: Optional[float] = None, options: Optional[WebhookOptions] = None,
                  security: Optional[SecurityConfig] = None) -> None:
-        """C{security}: the config's C{security} section (which hosts a
-        person's webhooks may name)."""
+        """C{options}: the config's C{components.user_pub_sub} /
+        C{user_notification} (L{ooidx.config.WebhookOptions}); a webhook
+        setting given here wins over it, and the defaults of
+        L{ooidx.people.records} stand for what neither says. C{security}: the
+        config's C{security} section (which hosts a person's webhooks may name)."""
         super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
+
+        def setting(given: Any, key: str, default: Any) -> Any:
+            if given is not None:
+                return given
+            value = getattr(options, key, None)
+            return default if value is None else value
+
+        self._exchange = exchange
+        self.webhook_verify_timeout = float(setting(webhook_verify_timeout, "webhook_verify_timeout",
+                                                    WEBHOOK_VERIFY_TIMEOUT))
+        self.webhook_disable_after = int(setting(webhook_disable_after, "webhook_disable_after",
+                                                 WEBHOOK_DISABLE_AFTER))
+        self.webhook_log_size = int(setting(webhook_log_size, "webhook_log_size", WEBHOOK_LOG_SIZE))
+        self.webhook_secret_grace = webhook_secret_grace
+        self.webhook_disabled_ttl = float(setting(webhook_disabled_ttl, "webhook_disabled_ttl",
+                                                  WEBHOOK_DISABLED_TTL))
+        self._expiry: Optional[LoopingCall] = None
+        #: Log writes per subscription, one after the other (a read-modify-write of the store).
+        self._log_writes: Dict[str, DeferredLock] = {}
         self.max_length = max_length
         self.max_queued_per_person = max_queued_per_person
         self.max_regex_program_per_person = max_regex_program_per_person
-        self.webhook_attempts = webhook_attempts
+        self.webhook_attempts = int(setting(webhook_attempts, "webhook_attempts", 8))
         self.webhook_base_delay = webhook_base_delay
         self.webhook_max_delay = webhook_max_delay
         self.webhook_timeout = webhook_timeout
@@ -77,11 +108,50 @@ class PersonalSubscriptions(Component):
         yield self.bus.declare_fanout(CHANGED_FANOUT)
         self._subscriptions.append((yield self.bus.subscribe(CHANGED_FANOUT, self._on_changed)))
         yield self.reload()
+        if self.webhook_disabled_ttl > 0:
+            self._expiry = LoopingCall(self.expire_disabled)
+            self._expiry.clock = self.clock
+            d = self._expiry.start(min(3600.0, self.webhook_disabled_ttl / 4), now=False)
+            d.addErrback(lambda f: self.log.failure("{component}: expiring disabled webhooks", f,
+                                                    component=self.name))
 
     @inlineCallbacks
     def tearDown(self) -> Any:
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None and expiry.running:
+            expiry.stop()
         for queue in list(self.records):
             yield self._deactivate(queue)
+
+    @inlineCallbacks
+    def expire_disabled(self) -> Any:
+        """Remove the webhook subscriptions (queue, record, log) disabled for C{webhook_disabled_ttl}
+        seconds and not verified again since, telling their person first: a callback nobody fixes
+        must not hold a queue for ever. Never fails (it runs on a timer); how many were removed."""
+        now = self.clock.seconds()
+        removed = 0
+        for record in list(self.records.values()):
+            since = record.get("disabled")
+            if record.get("state") != "disabled" or not isinstance(since, (int, float)) or \
+                    now - since < self.webhook_disabled_ttl:
+                continue
+            try:
+                yield self.report_failure(record, expired_event(self.bus, record, disabled_for=now - since,
+                                                                now=time.time()))
+            except Exception as e:  # noqa: BLE001 - it goes all the same
+                self.log.warn("{component}: the expiry of {queue} not reported: {error}", component=self.name,
+                              queue=record["queue"], error=e)
+            try:
+                yield self.unsubscribe(record["person"], record["id"])
+                removed += 1
+                self.log.info("{component}: webhook subscription {queue} removed: disabled since {since} and "
+                              "not verified again", component=self.name, queue=record["queue"], since=since)
+            except UnknownSubscription:
+                pass  # another instance removed it
+            except Exception as e:  # noqa: BLE001 - tried again at the next round
+                self.log.warn("{component}: cannot remove the expired webhook subscription {queue}: {error}",
+                              component=self.name, queue=record["queue"], error=e)
+        return removed
 
     @property
     def poster(self) -> Callable[..., Deferred]:
@@ -89,6 +159,21 @@ class PersonalSubscriptions(Component):
             self._poster = http_poster(self.clock, allow_private=self.allow_private, allow_hosts=self.allow_hosts,
                                        timeout=self.webhook_timeout, resolver=self._resolver)
         return self._poster
+
+    @property
+    def exchange(self) -> Callable[..., Deferred]:
+        if self._exchange is None:
+            self._exchange = http_exchange(self.clock, allow_private=self.allow_private,
+                                           allow_hosts=self.allow_hosts, timeout=self.webhook_verify_timeout,
+                                           resolver=self._resolver)
+        return self._exchange
+
+    def verify_webhook(self, url: str, secret: str) -> Deferred:
+        """Send C{url} its challenge (L{ooidx.people.webhooks.verify_callback}): None once echoed, else
+        L{ooidx.people.webhooks.WebhookNotVerified}."""
+        return verify_callback(self.exchange, url, secret, now=self.clock.seconds(),
+                               lifetime=self.webhook_verify_timeout, allow_private=self.allow_private,
+                               allow_hosts=self.allow_hosts)
 
     # keeping up with the store -----------------------------------------------------
 
@@ -146,10 +231,11 @@ class PersonalSubscriptions(Component):
     def _activate(self, record: Dict[str, Any]) -> Any:
         self.records[record["queue"]] = record
         yield maybeDeferred(self.activate, record)
-        if record.get("webhook"):
+        if record.get("webhook") and record.get("state", "active") == "active":
             delivery = WebhookDelivery(self.bus, record, self.poster, self.clock, attempts=self.webhook_attempts,
                                        base_delay=self.webhook_base_delay, max_delay=self.webhook_max_delay,
-                                       component=self.name, report=self.report_failure)
+                                       component=self.name, report=self.report_failure,
+                                       logged=self.log_delivery)
             self.webhooks[record["queue"]] = delivery
             yield delivery.start()
 
@@ -233,12 +319,18 @@ class PersonalSubscriptions(Component):
     @operation
     @inlineCallbacks
     def subscribe(self, person: str, regex: str, webhook: Optional[str] = None,
-                  max_length: Optional[int] = None) -> Any:
+                  max_length: Optional[int] = None, secret: Optional[str] = None) -> Any:
         """Make a subscription for C{person}: its record
-        C{{"id", "person", "kind", "regex", "webhook", "queue", "max_length", "created"}}."""
+        C{{"id", "person", "kind", "regex", "webhook", "queue", "max_length", "created"}}.
+        With a webhook, the record has its C{secret} (C{secret} if given, else a new one) and
+        C{state: "active"}: nothing is stored until the callback has answered its challenge
+        (L{verify_webhook}); the caller shows the secret once and never again."""
         check_person(person)
         validate(regex)
+        if secret is not None and webhook is None:
+            raise InvalidSubscription("a secret signs webhook POSTs: give it with a webhook, or not at all")
         if webhook is not None:
+            secret = check_secret(secret) if secret is not None else new_secret()
             webhook = yield self.check_webhook(webhook)
         if max_length is None:
             max_length = self.max_length
@@ -248,10 +340,14 @@ class PersonalSubscriptions(Component):
         if len(mine or {}) >= MAX_SUBSCRIPTIONS:
             raise InvalidSubscription(f"{person} has {MAX_SUBSCRIPTIONS} subscriptions already (the most allowed)")
         program = self.check_budget(person, regex, max_length, [r for r in (mine or {}).values() if isinstance(r, dict)])
+        if webhook is not None:
+            yield self.verify_webhook(webhook, secret)  # refused: nothing made, nothing stored
         sid = secrets.token_hex(6)
         record = {"id": sid, "person": person, "kind": self.kind, "regex": regex, "webhook": webhook,
                   "queue": queue_name(person, sid), "max_length": max_length, "created": time.time(),
                   "regex_program": program}
+        if webhook is not None:
+            record.update(secret=secret, state="active", verified=self.clock.seconds())
         yield self.bus.transport.declare_queue(record["queue"], durable=True, arguments={
             "x-max-length": max_length, "x-overflow": "drop-head"})
         try:
@@ -309,6 +405,12 @@ class PersonalSubscriptions(Component):
             raise UnknownSubscription(f"{person} has no {self.kind} subscription {id}")
         yield self.bus.call("attribute_store", "delete", key=key)
         yield self._deactivate(record["queue"])
+        if record.get("webhook"):  # after its delivery here stopped, so no attempt writes it again
+            try:
+                yield self.bus.call("attribute_store", "delete", key=f"{WEBHOOK_LOG_KEY}{person}:{id}")
+            except Exception as e:  # noqa: BLE001 - a log left behind is harmless and bounded
+                self.log.warn("{component}: the delivery log of {person}:{id} not removed: {error}",
+                              component=self.name, person=person, id=id, error=e)
         try:
             yield maybeDeferred(self.release, record)
         except Exception as e:
@@ -324,8 +426,140 @@ class PersonalSubscriptions(Component):
         """The subscriptions of this kind (of C{person}, if given)."""
         prefix = SUBSCRIPTION_KEY + (check_person(person) + ":" if person is not None else "")
         found = yield self.bus.call("attribute_store", "query", regex="^" + prefix)
-        records = [v for v in (found or {}).values() if isinstance(v, dict) and v.get("kind") == self.kind]
+        # Never the webhook secrets (shown once, to the person, when made): not even to the operator.
+        records = [_public_state(v) for v in (found or {}).values()
+                   if isinstance(v, dict) and v.get("kind") == self.kind]
         return sorted(records, key=lambda r: (r.get("person", ""), r.get("created", 0)))
+
+    @inlineCallbacks
+    def _webhook_record(self, person: str, id: str) -> Any:
+        check_person(person)
+        check_id(id)
+        try:
+            record = yield self.bus.call("attribute_store", "get", key=f"{SUBSCRIPTION_KEY}{person}:{id}")
+        except RemoteError as e:
+            if e.remote_type == "KeyError":
+                raise UnknownSubscription(f"{person} has no subscription {id}") from None
+            raise
+        if not isinstance(record, dict) or record.get("kind") != self.kind:
+            raise UnknownSubscription(f"{person} has no {self.kind} subscription {id}")
+        if not record.get("webhook"):
+            raise InvalidSubscription(f"subscription {id} has no webhook (it is read as a stream)")
+        return record
+
+    @operation
+    @inlineCallbacks
+    def rotate_secret(self, person: str, id: str, secret: Optional[str] = None) -> Any:
+        """Give C{person}'s webhook subscription C{id} a new secret (C{secret}, or a new one):
+        C{{"id", "secret", "previous_valid_until"}}. For C{webhook_secret_grace} seconds its POSTs
+        carry the old secret's signature too, so the receiver can switch without losing any."""
+        secret = check_secret(secret) if secret is not None else new_secret()
+        record = yield self._webhook_record(person, id)
+        now = self.clock.seconds()
+        until = now + self.webhook_secret_grace
+        updated = dict(record, secret=secret, rotated=now)
+        if isinstance(record.get("secret"), str) and record["secret"] != secret:
+            updated["previous_secret"] = {"secret": record["secret"], "until": until}
+        yield self.bus.call("attribute_store", "set", key=f"{SUBSCRIPTION_KEY}{person}:{id}", value=updated)
+        yield self._changed()
+        self.log.info("{component}: {person} rotated the secret of {id}", component=self.name, person=person, id=id)
+        return {"id": id, "secret": secret, "previous_valid_until": until if "previous_secret" in updated else None}
+
+    @operation
+    @inlineCallbacks
+    def verify(self, person: str, id: str) -> Any:
+        """Send C{person}'s webhook C{id} a challenge again; once echoed it is active (a disabled one
+        delivers again, from what its queue kept). L{WebhookNotVerified} otherwise, and nothing changes."""
+        record = yield self._webhook_record(person, id)
+        secret = record.get("secret") if isinstance(record.get("secret"), str) else new_secret()
+        yield self.verify_webhook(record["webhook"], secret)
+        updated = dict(record, state="active", verified=self.clock.seconds(), secret=secret)
+        for key in ("disabled", "disabled_reason"):
+            updated.pop(key, None)
+        yield self.bus.call("attribute_store", "set", key=f"{SUBSCRIPTION_KEY}{person}:{id}", value=updated)
+        yield self._update_log(person, id, lambda log: dict(log, consecutive_failures=0))
+        yield self._changed()
+        out = _public_state(updated)
+        if secret != record.get("secret"):
+            out["secret"] = secret  # a subscription made before webhooks were signed: its first secret, once
+        return out
+
+    def log_delivery(self, record: Dict[str, Any], entry: Dict[str, Any]) -> Deferred:
+        """Add C{entry} (one attempt: time, status, attempt, latency, ok) to C{record}'s delivery log,
+        keeping the newest C{webhook_log_size}; after C{webhook_disable_after} failures in a row the
+        webhook is disabled (L{disable_webhook})."""
+        person, sid = record["person"], record["id"]
+        failures: List[int] = []
+
+        def change(log: Dict[str, Any]) -> Dict[str, Any]:
+            entries = [e for e in (log.get("entries") or []) if isinstance(e, dict)][-(self.webhook_log_size - 1):]
+            entries.append(entry)
+            consecutive = 0 if entry.get("ok") else int(log.get("consecutive_failures") or 0) + 1
+            failures.append(consecutive)
+            return {"entries": entries, "consecutive_failures": consecutive}
+
+        d = self._update_log(person, sid, change)
+
+        def check(_: Any) -> Any:
+            if failures and failures[0] >= self.webhook_disable_after:
+                return self.disable_webhook(record, failures[0], str(entry.get("error") or "failed"))
+            return None
+
+        return d.addCallback(check)
+
+    def _update_log(self, person: str, sid: str, change: Callable[[Dict[str, Any]], Dict[str, Any]]) -> Deferred:
+        """Read, change and write a delivery log, after this instance's previous write of it."""
+        key = f"{WEBHOOK_LOG_KEY}{person}:{sid}"
+
+        @inlineCallbacks
+        def write() -> Any:
+            try:
+                log = yield self.bus.call("attribute_store", "get", key=key)
+            except RemoteError as e:
+                if e.remote_type != "KeyError":
+                    raise
+                log = {}
+            log = change(log if isinstance(log, dict) else {})
+            yield self.bus.call("attribute_store", "set", key=key, value=log)
+            return log
+
+        lock = self._log_writes.setdefault(key, DeferredLock())
+        d = lock.run(write)
+
+        def settled(result: Any) -> Any:
+            if not lock.locked and not lock.waiting and self._log_writes.get(key) is lock:
+                del self._log_writes[key]
+            return result
+
+        return d.addBoth(settled)
+
+    @inlineCallbacks
+    def disable_webhook(self, record: Dict[str, Any], failures: int, reason: str) -> Any:
+        """Mark C{record}'s webhook disabled (it stops; its queue keeps what arrives, within its bound)
+        and tell its person (an C{event.failed.-} with C{disabled: true}). Once only."""
+        key = f"{SUBSCRIPTION_KEY}{record['person']}:{record['id']}"
+        try:
+            current = yield self.bus.call("attribute_store", "get", key=key)
+        except RemoteError as e:
+            if e.remote_type == "KeyError":
+                return False  # removed meanwhile
+            raise
+        if not isinstance(current, dict) or current.get("state") == "disabled":
+            return False
+        now = self.clock.seconds()
+        updated = dict(current, state="disabled", disabled=now,
+                       disabled_reason=f"{failures} failed deliveries in a row; the last: {reason}"[:400])
+        yield self.bus.call("attribute_store", "set", key=key, value=updated)
+        self.log.warn("{component}: webhook of {queue} disabled after {failures} failures in a row",
+                      component=self.name, queue=record["queue"], failures=failures)
+        try:
+            yield self.report_failure(record, disabled_event(self.bus, record, failures=failures, reason=reason,
+                                                             now=time.time()))
+        except Exception as e:  # noqa: BLE001 - the record says it anyway
+            self.log.warn("{component}: the disabling of {queue} not reported: {error}", component=self.name,
+                          queue=record["queue"], error=e)
+        yield self._changed()
+        return True
 
     def _changed(self) -> Deferred:
         d = self.bus.send(CHANGED_FANOUT, Message.of_json({"component": self.name}, type="changed",
@@ -335,3 +569,8 @@ class PersonalSubscriptions(Component):
         # This instance need not wait for the fanout to come round.
         d.addCallback(lambda _: self.reload())
         return d
+
+
+def _public_state(record: Dict[str, Any]) -> Dict[str, Any]:
+    """What L{PersonalSubscriptions.verify} answers: the record without its secrets."""
+    return {k: v for k, v in record.items() if k not in ("secret", "previous_secret")}

@@ -4,6 +4,7 @@ Attribute store keys:
 
     person:NAME                       {"name", "token_sha256", "created"}
     user_subscription:NAME:ID         the subscription record (L{ooidx.people.component.PersonalSubscriptions.subscribe})
+    webhook_log:NAME:ID               a webhook subscription's delivery log {"entries": [...], "consecutive_failures"}
 
 Everything else in L{ooidx.people} builds on these.
 """
@@ -23,8 +24,10 @@ from ooidx import routing, wire
 __all__ = ["KINDS", "PERSON_NAME", "SUBSCRIPTION_ID", "MAX_LENGTH", "MAX_LENGTH_LIMIT", "MAX_SUBSCRIPTIONS",
            "MAX_URL", "MAX_QUEUED_PER_PERSON", "MAX_REGEX_PROGRAM_PER_PERSON", "MAX_STREAMS_PER_PERSON",
            "OverBudget", "regex_program_size", "CHANGED_FANOUT", "ID_HEADER", "PERSON_KEY", "SUBSCRIPTION_KEY", "WEBHOOK_DETAIL",
+           "WEBHOOK_LOG_KEY", "WEBHOOK_LOG_SIZE", "WEBHOOK_DISABLE_AFTER", "WEBHOOK_VERIFY_TIMEOUT",
+           "WEBHOOK_SECRET_GRACE", "WEBHOOK_DISABLED_TTL",
            "InvalidSubscription", "UnknownSubscription", "QUEUE_PREFIX", "queue_name", "hash_token", "message_id", "check_person",
-           "check_id"]
+           "check_id", "public_record"]
 
 #: kind -> the component that serves it.
 KINDS = {"datasets": "user_pub_sub", "events": "user_notification"}
@@ -51,6 +54,17 @@ CHANGED_FANOUT = wire.USER_SUBSCRIPTIONS_CHANGED
 ID_HEADER = wire.ID_HEADER
 PERSON_KEY = wire.PERSON_KEY
 SUBSCRIPTION_KEY = wire.USER_SUBSCRIPTION_KEY
+WEBHOOK_LOG_KEY = wire.WEBHOOK_LOG_KEY
+#: A webhook's delivery log keeps this many attempts (the newest).
+WEBHOOK_LOG_SIZE = 50
+#: A webhook is disabled after this many failed attempts in a row.
+WEBHOOK_DISABLE_AFTER = 20
+#: How long a verification challenge is open (seconds): the callback answers within it or not at all.
+WEBHOOK_VERIFY_TIMEOUT = 5.0
+#: After a rotation, POSTs carry the old secret's signature too for this long (seconds).
+WEBHOOK_SECRET_GRACE = 24 * 3600.0
+#: A webhook disabled this long (seconds) without being verified again is removed, queue and all (0: never).
+WEBHOOK_DISABLED_TTL = 7 * 24 * 3600.0
 #: Details of an event that a failing webhook caused: such events are never
 #: routed to webhook subscriptions, so failing webhooks cannot feed each other.
 WEBHOOK_DETAIL = "webhook_subscription"
@@ -111,3 +125,18 @@ def check_id(sid: Any) -> str:
     if not isinstance(sid, str) or not SUBSCRIPTION_ID.match(sid):
         raise UnknownSubscription(f"no subscription {str(sid)[:40]!r}")
     return sid
+
+
+def public_record(record: Any) -> Any:
+    """A subscription record as its person sees it: never its webhook secrets (shown once, when made)."""
+    if not isinstance(record, dict):
+        return record
+    out = {k: record.get(k) for k in ("id", "kind", "regex", "webhook", "max_length", "created", "queue")}
+    out["events"] = None if record.get("webhook") else f"/api/subscriptions/{record.get('id')}/events"
+    if record.get("webhook"):  # never the secret: it is shown once, when made
+        out.update({k: record.get(k) for k in ("verified", "disabled", "disabled_reason", "rotated")
+                    if record.get(k) is not None})
+        out["state"] = record.get("state", "active")
+        out["signed"] = isinstance(record.get("secret"), str)
+        out["deliveries"] = f"/api/subscriptions/{record.get('id')}/deliveries"
+    return out

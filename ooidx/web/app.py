@@ -9,6 +9,8 @@
                                    L{ooidx.people.api.SubscriptionsApi}
     GET  /api/datasets/NAME/versions[/V[/diff/V2]]
                                    saved versions and what changed: L{ooidx.web.versions.VersionsApi}
+    GET  /feeds/datasets/NAME.atom, /feeds/events.atom?regex=
+                                   Atom feeds of events: L{ooidx.web.feeds}
 
 C{/api/call} answers 200 with C{{"result": ...}} (or the raw bytes, as
 C{application/octet-stream}, when the operation returns bytes), or a JSON
@@ -55,6 +57,7 @@ from ooidx.http.edge import (EdgePort, TrackingSite, listen_spec, mask_query,
                              masking_log_formatter)
 from ooidx.http.listen import is_loopback
 from ooidx.people.api import SubscriptionsApi
+from ooidx.web.feeds import Feeds
 from ooidx.web.page import ManagementPage
 from ooidx.web.versions import VersionsApi
 from ooidx.wire import BUS_TABLE
@@ -62,7 +65,7 @@ from ooidx.wire import BUS_TABLE
 __all__ = ["Web", "NAME", "MAX_BODY", "ping_components", "MetricsRenderer", "TokenSource"]
 
 #: What /metrics is made by: given which components are up, the exposition's body and content type.
-MetricsRenderer = Callable[[Mapping[str, bool]], Tuple[bytes, bytes]]
+MetricsRenderer = Callable[[Mapping[str, bool]], Any]  # (body, content type), or a Deferred of them
 #: The operator token, or a function that finds (or makes) it when the edge starts.
 TokenSource = Union[str, Callable[[], str]]
 
@@ -123,9 +126,10 @@ class _Api(Resource):
 
     isLeaf = True
 
-    def __init__(self, web: "Web", page: ManagementPage) -> None:
+    def __init__(self, web: "Web", page: ManagementPage, feeds: Optional[Feeds] = None) -> None:
         super().__init__()
         self.web = web
+        self.feeds = feeds
         self.routes: Dict[bytes, Dict[bytes, Callable[[server.Request], Any]]] = {
             b"/healthz": {b"GET": web.render_healthz, b"HEAD": web.render_healthz},
             b"/metrics": {b"GET": web.render_metrics, b"HEAD": web.render_metrics},
@@ -145,6 +149,8 @@ class _Api(Resource):
             return answer(request, result)
         if path.startswith(b"/api/call/"):
             methods = {b"POST": self.web.render_call}
+        elif self.feeds is not None and path.startswith(Feeds.PREFIX):
+            methods = self.feeds.methods(path)
         else:
             methods = self.routes.get(path) or self.page.methods(path) or self.web.versions.methods(path)
         try:
@@ -246,7 +252,8 @@ class Web(Component):
         self.versions = VersionsApi(self.bus, check_operator=self._check_token, read_token=self.read_token)
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
         # The access log masks ?ticket= (a person's stream ticket, user_subscriptions).
-        site = TrackingSite(_Api(self, page), requestFactory=request_factory, parsePOSTFormSubmission=False,
+        feeds = Feeds(self.bus, check_operator=self._check_token, read_token=self.read_token, clock=self.clock)
+        site = TrackingSite(_Api(self, page, feeds), requestFactory=request_factory, parsePOSTFormSubmission=False,
                             reactor=self.clock, timeout=IDLE_TIMEOUT, logFormatter=masking_log_formatter(),
                             allowed_hosts=self.allowed_hosts)
         site.displayTracebacks = False
@@ -305,10 +312,10 @@ class Web(Component):
             if isinstance(components, dict):
                 up = {name: up is True or (isinstance(up, dict) and up.get("started") is True)
                       for name, up in components.items()}
-            body, content_type = render(up)
-            return Answer(200, body, content_type)
+            # The renderer may read per-dataset figures first (a Deferred, bounded: ooidx.node.metrics).
+            return maybeDeferred(render, up).addCallback(lambda rendered: Answer(200, *rendered))
 
-        def failed(failure: Failure) -> Answer:
+        def failed(failure: Failure) -> Any:
             self.log.failure("reading health for /metrics", failure)
             return answer(None)
 

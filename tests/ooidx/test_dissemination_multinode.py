@@ -88,6 +88,8 @@ class Hook(Resource):
             parsed = json.loads(body)
         except ValueError:
             parsed = {"unparsed": body.decode("utf-8", "replace")}
+        if isinstance(parsed, dict) and parsed.get("type") == "webhook.verification":
+            return json.dumps({"challenge": parsed["challenge"]}).encode()  # the callback's challenge, echoed
         self.requests.append({"path": request.path.decode(), "body": parsed,
                               "content-type": (request.getHeader(b"content-type") or b"").decode()})
         request.setResponseCode(200)

@@ -4,6 +4,7 @@ user_pub_sub, real HTTP clients (treq, an Agent reading SSE) and a real
 webhook receiver that can succeed, fail, hang or be gone."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -12,6 +13,7 @@ import uuid
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task, threads
@@ -98,12 +100,44 @@ class Receiver(Resource):
         super().__init__()
         self.mode = "ok"
         self.requests: List[Dict[str, Any]] = []
+        self.verifications: List[Dict[str, Any]] = []
         self.hanging: List[Any] = []
+        #: How the challenge is answered: echo, header (with `secret`), wrong, fail, slow, redirect, huge.
+        self.verify_mode = "echo"
+        self.secret: Optional[str] = None
+
+    def answer_challenge(self, request: server.Request, challenge: str) -> Any:
+        mode = self.verify_mode
+        request.setHeader(b"content-type", b"application/json")
+        if mode == "header":
+            from standardwebhooks import Webhook
+            request.setHeader(b"webhook-challenge-response",
+                              Webhook(self.secret).endpoint_verification_response(challenge).encode())
+            return b""
+        if mode == "wrong":
+            return json.dumps({"challenge": challenge[::-1]}).encode()
+        if mode == "fail":
+            request.setResponseCode(500)
+            return b"{}"
+        if mode == "slow":
+            self.hanging.append(request)
+            return server.NOT_DONE_YET
+        if mode == "redirect":
+            request.setResponseCode(302)
+            request.setHeader(b"location", b"http://169.254.169.254/latest/meta-data/")
+            return b""
+        if mode == "huge":
+            return json.dumps({"challenge": challenge, "pad": "x" * 100_000}).encode()
+        return json.dumps({"challenge": challenge}).encode()
 
     def render_POST(self, request: server.Request) -> Any:
-        self.requests.append({"headers": {k.decode().lower(): v[0].decode() for k, v in
-                                          request.requestHeaders.getAllRawHeaders()},
-                              "body": json.loads(request.content.read())})
+        raw = request.content.read()
+        headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
+        body = json.loads(raw)
+        if body.get("type") == "webhook.verification":  # the callback's challenge: echoed (verify_mode)
+            self.verifications.append({"headers": headers, "body": body, "raw": raw})
+            return self.answer_challenge(request, body["challenge"])
+        self.requests.append({"headers": headers, "body": body, "raw": raw})
         if self.mode == "slow":
             self.hanging.append(request)
             return server.NOT_DONE_YET
@@ -168,7 +202,10 @@ class Stack:
         self.store = FakeStore()
         self.notification = Notification("notification", self.bus, node="n")
         common = dict(node="n", security=self.security, webhook_attempts=options.get("attempts", 3),
-                      webhook_base_delay=options.get("base_delay", 0.05), webhook_timeout=options.get("timeout", 1.0))
+                      webhook_base_delay=options.get("base_delay", 0.05), webhook_timeout=options.get("timeout", 1.0),
+                      webhook_verify_timeout=options.get("verify_timeout", 1.0),
+                      webhook_disable_after=options.get("disable_after", 20),
+                      webhook_disabled_ttl=options.get("disabled_ttl", 7 * 24 * 3600.0))
         self.user_notification = UserNotification("user_notification", self.bus, **common)
         self.user_pub_sub = UserPubSub("user_pub_sub", self.bus, **common)
         self.web = Web("web", self.bus, node="n", port=0, interface="127.0.0.1", token=TOKEN)
@@ -227,6 +264,16 @@ class Stack:
     def subscribe(self, token: str, **body: Any) -> Any:
         code, answer = yield self.request("POST", "/api/subscriptions", body, token=token)
         assert code == 201, answer
+        return answer
+
+    @defer.inlineCallbacks
+    def subscribe_then_gone(self, token: str, **body: Any) -> Any:
+        """Subscribe with a webhook on dead_port, whose receiver answers its challenge and then goes."""
+        port = reactor.listenTCP(self.dead_port, server.Site(Receiver()), interface="127.0.0.1")
+        try:
+            answer = yield self.subscribe(token, **body)
+        finally:
+            yield port.stopListening()
         return answer
 
     @defer.inlineCallbacks
@@ -860,8 +907,8 @@ def test_webhook_delivery_and_its_failures(stack: Stack) -> Any:
 def test_unreachable_webhook(stack: Stack) -> Any:
     token = yield stack.person()
     failures = yield stack.watch_failures(token)
-    sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.",
-                                webhook=f"http://127.0.0.1:{stack.dead_port}/hook")
+    sub = yield stack.subscribe_then_gone(token, kind="events", regex=r"^event\.saved\.",
+                                          webhook=f"http://127.0.0.1:{stack.dead_port}/hook")
     yield stack.emit("saved", "x")
     yield eventually(lambda: any(f.get("given_up") for f in failures), 5, "giving up")
     assert all(f["webhook_subscription"] == sub["id"] for f in failures)
@@ -880,7 +927,7 @@ def test_a_failing_webhook_tells_its_person_only_and_never_its_url(stack: Stack)
     attacker = yield stack.person()
     attacker_failures = yield stack.watch_failures(attacker)
     hook = f"http://127.0.0.1:{stack.dead_port}/hook/{secret}?sig={secret}x"
-    sub = yield stack.subscribe(victim, kind="events", regex=r"^event\.saved\.", webhook=hook)
+    sub = yield stack.subscribe_then_gone(victim, kind="events", regex=r"^event\.saved\.", webhook=hook)
     yield stack.emit("saved", "x")
     yield eventually(lambda: any(f.get("given_up") for f in victim_failures), 5, "giving up")
     failure = victim_failures[0]
@@ -1033,3 +1080,182 @@ def test_kept_and_bounded_on_rabbitmq(broker_url: str) -> Any:
 
 def test_changed_fanout_name() -> None:
     assert CHANGED_FANOUT == "user_subscriptions.changed"
+
+
+# --------------------------------------------------------------------------- #
+# Standard Webhooks: signatures, the challenge, rotation, the delivery log
+
+
+def verified(secret: str, request: Dict[str, Any]) -> Any:
+    """What a receiver does: standardwebhooks checks the POST as it arrived (raises if forged)."""
+    from standardwebhooks import Webhook
+    return Webhook(secret).verify(request["raw"], request["headers"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_webhooks_are_signed_and_verified_by_standardwebhooks(stack: Stack) -> Any:
+    from standardwebhooks import WebhookVerificationError
+    token = yield stack.person()
+    sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.", webhook=stack.hook)
+    secret = sub["secret"]
+    assert secret.startswith("whsec_") and sub["state"] == "active" and sub["signed"] is True
+    # the challenge came first, signed too, and the secret is shown once only
+    assert len(stack.receiver.verifications) == 1
+    challenge = stack.receiver.verifications[0]
+    assert verified(secret, challenge)["type"] == "webhook.verification"
+    assert challenge["headers"]["webhook-challenge"] == challenge["body"]["challenge"]
+    for path in (f"/api/subscriptions/{sub['id']}", "/api/subscriptions"):
+        code, answer = yield stack.request("GET", path, token=token)
+        assert code == 200 and secret not in json.dumps(answer) and "secret" not in json.dumps(answer)
+    assert secret not in json.dumps((yield stack.request("GET", "/api/user_subscriptions", token=TOKEN)))
+
+    yield stack.emit("saved", "sig1")
+    yield eventually(lambda: stack.receiver.requests, 5, "the signed POST")
+    request = stack.receiver.requests[0]
+    assert verified(secret, request)["dataset"] == "sig1"
+    assert request["headers"]["webhook-id"].startswith("msg_")
+    forged = dict(request, raw=request["raw"].replace(b"sig1", b"sig2"))
+    with pytest.raises(WebhookVerificationError):
+        verified(secret, forged)
+    with pytest.raises(WebhookVerificationError):
+        verified("whsec_" + "A" * 43 + "=", request)
+
+    # retries keep the webhook-id (the receiver's key for dropping duplicates)
+    stack.receiver.mode = "fail"
+    yield stack.emit("saved", "retried")
+    yield eventually(lambda: len([r for r in stack.receiver.requests if r["body"]["dataset"] == "retried"]) >= 2,
+                     5, "a retry")
+    tries = [r for r in stack.receiver.requests if r["body"]["dataset"] == "retried"]
+    assert len({r["headers"]["webhook-id"] for r in tries}) == 1
+    stack.receiver.mode = "ok"
+
+    # rotation: a new secret, shown once; meanwhile POSTs verify with the old and the new one
+    code, rotated = yield stack.request("POST", f"/api/subscriptions/{sub['id']}/secret", {}, token=token)
+    assert code == 200 and rotated["secret"] != secret and rotated["previous_valid_until"]
+    before = len(stack.receiver.requests)
+    yield stack.emit("saved", "rotated")
+    yield eventually(lambda: any(r["body"]["dataset"] == "rotated" for r in stack.receiver.requests[before:]),
+                     10, "a POST after the rotation")
+    after = [r for r in stack.receiver.requests[before:] if r["body"]["dataset"] == "rotated"][0]
+    assert verified(rotated["secret"], after) and verified(secret, after)
+    assert len(after["headers"]["webhook-signature"].split(" ")) == 2
+
+    # a secret the person brings (bad ones refused, never echoed)
+    own = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    code, answer = yield stack.request("POST", f"/api/subscriptions/{sub['id']}/secret", {"secret": own},
+                                       token=token)
+    assert code == 200 and answer["secret"] == own
+    for bad in ("whsec_short", "nope" + own, 42, "whsec_" + "!" * 44, "whsec_" + base64.b64encode(b"k" * 80).decode()):
+        code, answer = yield stack.request("POST", f"/api/subscriptions/{sub['id']}/secret", {"secret": bad},
+                                           token=token)
+        assert code == 400 and error_type(answer) == "InvalidSecret", answer
+        assert str(bad) not in answer["error"]["message"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_callback_that_does_not_answer_its_challenge_is_refused(stack: Stack) -> Any:
+    token = yield stack.person()
+    reasons = {}
+    for mode, words in (("wrong", "another challenge"), ("fail", "HTTP 500"), ("slow", "within"),
+                        ("redirect", "forbidden address"), ("huge", "too large")):
+        stack.receiver.verify_mode = mode
+        queues = set(stack.bus.transport.broker.queues)
+        code, answer = yield stack.request("POST", "/api/subscriptions", {
+            "kind": "events", "regex": ".", "webhook": stack.hook}, token=token)
+        assert code == 422 and error_type(answer) == "WebhookNotVerified", (mode, answer)
+        assert words in answer["error"]["message"], (mode, answer)
+        reasons[mode] = answer["error"]["message"]
+        assert set(stack.bus.transport.broker.queues) == queues  # nothing made
+        code, listed = yield stack.request("GET", "/api/subscriptions", token=token)
+        assert listed["subscriptions"] == [], mode
+    assert "169.254" not in reasons["redirect"] or "forbidden" in reasons["redirect"]
+    # the Standard Webhooks endpoint verification header is an answer too
+    own = "whsec_" + base64.b64encode(b"s" * 32).decode()
+    stack.receiver.verify_mode, stack.receiver.secret = "header", own
+    sub = yield stack.subscribe(token, kind="events", regex=".", webhook=stack.hook, secret=own)
+    assert sub["secret"] == own and sub["state"] == "active"
+
+
+@pytest_twisted.inlineCallbacks
+def test_delivery_log_and_disabled_after_failures_in_a_row() -> Any:
+    stack = Stack(attempts=2, base_delay=0.02, disable_after=4)
+    yield stack.start()
+    try:
+        token = yield stack.person()
+        failures = yield stack.watch_failures(token)
+        sub = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.", webhook=stack.hook)
+        yield stack.emit("saved", "a")
+        yield eventually(lambda: stack.receiver.requests, 5, "the first POST")
+        path = f"/api/subscriptions/{sub['id']}/deliveries"
+        yield eventually(lambda: [k for k in stack.store.data if k.startswith("webhook_log:")], 5, "the log")
+        code, log = yield stack.request("GET", path, token=token)
+        assert code == 200 and log["state"] == "active"
+        stack.receiver.mode = "fail"
+        for name in ("b", "c", "d"):
+            yield stack.emit("saved", name)
+        yield eventually(lambda: any(f.get("disabled") for f in failures), 10, "the disabled event")
+        event = [f for f in failures if f.get("disabled")][0]
+        assert event["webhook_subscription"] == sub["id"] and event["consecutive_failures"] == 4
+        assert event["enable"].endswith(f"/{sub['id']}/verify")
+        code, record = yield stack.request("GET", f"/api/subscriptions/{sub['id']}", token=token)
+        assert record["state"] == "disabled" and "4 failed deliveries" in record["disabled_reason"]
+        code, log = yield stack.request("GET", path, token=token)
+        assert code == 200 and log["state"] == "disabled" and log["consecutive_failures"] >= 4
+        first = log["deliveries"][-1]
+        assert first["ok"] is True and first["status"] == 200 and first["attempt"] == 1
+        assert set(first) >= {"time", "status", "attempt", "latency"} and first["latency"] >= 0
+        failed = [e for e in log["deliveries"] if not e["ok"]]
+        assert failed and all(e["status"] == 500 for e in failed) and {e["attempt"] for e in failed} == {1, 2}
+        # disabled: nothing more is POSTed; what arrives waits in the queue
+        yield sleep(0.3)
+        count = len(stack.receiver.requests)
+        yield stack.emit("saved", "kept")
+        yield sleep(0.3)
+        assert len(stack.receiver.requests) == count
+        # a verification that fails changes nothing; one that passes enables it, and what waited arrives
+        stack.receiver.verify_mode = "wrong"
+        code, answer = yield stack.request("POST", f"/api/subscriptions/{sub['id']}/verify", token=token)
+        assert code == 422 and error_type(answer) == "WebhookNotVerified"
+        code, record = yield stack.request("GET", f"/api/subscriptions/{sub['id']}", token=token)
+        assert record["state"] == "disabled"
+        stack.receiver.verify_mode, stack.receiver.mode = "echo", "ok"
+        code, answer = yield stack.request("POST", f"/api/subscriptions/{sub['id']}/verify", token=token)
+        assert code == 200 and answer["state"] == "active" and "secret" not in answer
+        yield eventually(lambda: any(r["body"]["dataset"] == "kept" for r in stack.receiver.requests), 5,
+                         "what waited, delivered")
+        code, log = yield stack.request("GET", path, token=token)
+        assert log["deliveries"][0]["ok"] is True
+        # the log is bounded
+        assert len(log["deliveries"]) <= 50
+        # the log goes with the subscription
+        yield stack.request("DELETE", f"/api/subscriptions/{sub['id']}", token=token)
+        assert not [k for k in stack.store.data if k.startswith("webhook_log:")]
+    finally:
+        yield stack.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_disabled_webhook_not_verified_again_expires() -> Any:
+    stack = Stack(attempts=1, base_delay=0.02, disable_after=2, disabled_ttl=0.4)
+    yield stack.start()
+    try:
+        token = yield stack.person()
+        failures = yield stack.watch_failures(token)
+        keep = yield stack.subscribe(token, kind="events", regex=r"^event\.saved\.", webhook=stack.hook)
+        stack.receiver.mode = "fail"
+        sub = yield stack.subscribe(token, kind="events", regex=r"^event\.fetched\.", webhook=stack.hook)
+        for name in ("a", "b"):
+            yield stack.emit("fetched", name)
+        yield eventually(lambda: any(f.get("disabled") for f in failures), 10, "disabled")
+        yield eventually(lambda: any(f.get("expired") for f in failures), 10, "the expiry event")
+        expired = [f for f in failures if f.get("expired")][0]
+        assert expired["webhook_subscription"] == sub["id"] and "not verified again" in expired["reason"]
+        yield eventually(lambda: sub["queue"] not in stack.bus.transport.broker.queues, 5, "the queue removed")
+        code, answer = yield stack.request("GET", f"/api/subscriptions/{sub['id']}", token=token)
+        assert code == 404
+        assert not [k for k in stack.store.data if k.endswith(sub["id"])]
+        # the active one stays
+        code, answer = yield stack.request("GET", f"/api/subscriptions/{keep['id']}", token=token)
+        assert code == 200 and answer["state"] == "active"
+    finally:
+        yield stack.stop()
