@@ -284,7 +284,7 @@ class ConfigTests(FastCase):
 
     def test_unknown_nested_key(self):
         assert error_of("http: {web_prot: 80}\n") == (
-            "etc/dx.yaml: http.web_prot: unknown key (known: proxy_port, web_port, interface, allowed_hosts)"
+            "etc/dx.yaml: http.web_prot: unknown key (known: proxy_port, web_port, interface, allowed_hosts, metrics_datasets)"
         )
         assert error_of("components: {controller: {port: 1}}\n") == (
             "etc/dx.yaml: components.controller.port: unknown key (known: instances, process)"
