@@ -613,9 +613,11 @@ _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def _own_url(target: str, proxy: str) -> Optional[Tuple[str, str]]:
-    """(proxy, /datasets/... path) when C{target} is an URL of the exchange's
-    proxy itself (same port, same host or both loopback, a path under
-    /datasets/), else None: such a URL is not forwarded, it is the request."""
+    """(proxy, /datasets/... path) when C{target} is an URL of an exchange's
+    proxy itself, else None: such a URL is not forwarded, it is the request.
+    An URL under /datasets/ is one when it names the proxy's host (or both
+    are loopback) and port, or any loopback port (an exchange on other ports
+    than the config's: forwarding to loopback would be refused anyway)."""
     if not target.startswith("http://"):
         return None
     try:
@@ -623,11 +625,10 @@ def _own_url(target: str, proxy: str) -> Optional[Tuple[str, str]]:
         t_port, p_port = t.port or 80, p.port or 80
     except ValueError:
         return None
-    if not t.path.startswith("/datasets/") or t_port != p_port or not t.hostname or not p.hostname:
+    if not t.path.startswith("/datasets/") or not t.hostname or not p.hostname:
         return None
-    same_host = t.hostname.lower() == p.hostname.lower() or (
-        _is_loopback(t.hostname) and _is_loopback(p.hostname))
-    if not same_host:
+    same = t_port == p_port and t.hostname.lower() == p.hostname.lower()
+    if not (same or _is_loopback(t.hostname)):
         return None
     return f"http://{t.netloc}", t.path + (f"?{t.query}" if t.query else "")
 
@@ -737,10 +738,13 @@ class HttpClient:
     """The daemon's web API, with a blocking urllib client. Its methods
     return already-fired Deferreds, so commands run without a reactor."""
 
-    def __init__(self, url: str, token: Optional[str], timeout: Optional[float] = None) -> None:
+    def __init__(self, url: str, token: Optional[str], timeout: Optional[float] = None,
+                 config_path: Optional[str] = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        #: the config this command read (its ports, its token): named in errors that say to edit a config
+        self.config_path = config_path
 
     def call(self, service: str, op: str, kwargs: Dict[str, Any]) -> Deferred:
         path = "/api/call/{}/{}".format(urllib.parse.quote(service, safe=""), urllib.parse.quote(op, safe=""))
@@ -798,6 +802,8 @@ class HttpClient:
             kind, message = str(info["type"]), str(info["message"])
         except (ValueError, KeyError, TypeError, OSError):
             kind, message = f"HTTP {e.code}", str(e.reason)
+        if "security.allow_hosts" in message and self.config_path:
+            message += f" (the config this command read: {os.path.abspath(self.config_path)})"
         if e.code == 401 and authorize and not self.token:
             message += (f" (no token found: set {TOKEN_ENV}, pass --token, or run on the daemon's machine "
                         "with --config pointing at its config)")
@@ -966,7 +972,7 @@ def run(argv: Optional[List[str]] = None, stdout: Optional[TextIO] = None, stder
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
         token = find_cli_token(args, environ, config_path) if _needs_token(cmd) else None
-        ctx = Context(args, HttpClient(url, token, args.timeout), stdout, stderr, environ, proxy=proxy,
+        ctx = Context(args, HttpClient(url, token, args.timeout, config_path), stdout, stderr, environ, proxy=proxy,
                       config_path=config_path)
         return _exit_status(_outcome(cmd.run(ctx)), stderr)
     except CliError as e:
