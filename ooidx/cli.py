@@ -6,10 +6,12 @@
     ooidx --broker amqp://user:pass@rabbit/ status
 
 It reaches the components through a running daemon's web port (C{--url},
-default http://127.0.0.1:8080, or C{OOIDX_URL}) with the operator token
-(C{--token}, else C{OOIDX_TOKEN}, else the token file the daemon keeps in the
-data directory of C{--config}), or, with C{--broker amqp://...}, straight
-through the broker.
+else C{OOIDX_URL}, else C{http.web_port} of the daemon's config, else
+http://127.0.0.1:8080) with the operator token (C{--token}, else
+C{OOIDX_TOKEN}, else the token file the daemon keeps in the data directory of
+its config), or, with C{--broker amqp://...}, straight through the broker.
+The config is C{--config}, else C{OOIDX_CONFIG}, else C{etc/dx.yaml} when it
+exists. C{ooidx demo} and C{ooidx config init} run on this machine alone.
 
 Exit status: 0 done; 1 the daemon or a component answered with an error;
 2 a usage error; 3 the daemon (or broker) cannot be reached.
@@ -55,6 +57,7 @@ EXIT_UNREACHABLE = 3  # no daemon (or broker) answered at all
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_CONFIG = os.path.join("etc", "dx.yaml")
 URL_ENV = "OOIDX_URL"
+CONFIG_ENV = "OOIDX_CONFIG"
 DEFAULT_PROXY = "http://127.0.0.1:8100"
 PROXY_ENV = "OOIDX_PROXY"
 TOKEN_ENV = "OOIDX_TOKEN"
@@ -695,7 +698,7 @@ def demo(ctx: Context) -> Deferred:
             return outcome
 
         options.attach = blocking_call
-        options.config_hint = ctx.args.config or ""
+        options.config_hint = ctx.config_path or ""
         web, proxy = urllib.parse.urlsplit(client.url), urllib.parse.urlsplit(ctx.proxy)
         options.web_port, options.proxy_port = web.port or 80, proxy.port or 80
     problem = demo_main(options, ctx.stdout)
@@ -861,7 +864,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help=f"the operator token (default: ${TOKEN_ENV}, else the token file "
                                    "in the data directory of --config)")
     p.add_argument("--config", help=f"the daemon's config: its web and proxy ports and its token file "
-                                    f"(default: {DEFAULT_CONFIG} if it exists)")
+                                    f"(default: ${CONFIG_ENV}, else {DEFAULT_CONFIG} if it exists)")
     p.add_argument("--broker", metavar="AMQP_URL",
                    help="go straight to this amqp:// broker instead of through the web port")
     p.add_argument("--timeout", type=_positive, metavar="SECONDS",
@@ -884,10 +887,12 @@ def _positive(text: str) -> float:
     return value
 
 
-def config_path_of(args: argparse.Namespace) -> Optional[str]:
-    """--config, else etc/dx.yaml when it exists (run from a checkout), else None."""
+def config_path_of(args: argparse.Namespace, environ: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """--config, else OOIDX_CONFIG, else etc/dx.yaml when it exists (run from a checkout), else None."""
     if args.config is not None:
         return args.config
+    if environ and environ.get(CONFIG_ENV):
+        return environ[CONFIG_ENV]
     return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
 
 
@@ -934,7 +939,7 @@ def find_cli_token(args: argparse.Namespace, environ: Dict[str, str],
     if environ.get(TOKEN_ENV):
         return environ[TOKEN_ENV]
     if config_path is None:
-        config_path = config_path_of(args)
+        config_path = config_path_of(args, environ)
     if config_path is None:
         return None
     from ooidx.config import ConfigError
@@ -967,7 +972,7 @@ def run(argv: Optional[List[str]] = None, stdout: Optional[TextIO] = None, stder
             if cmd.name in LOCAL_COMMANDS:
                 raise UsageError(f"{cmd.name} does not go through --broker; leave it out")
             return _run_on_broker(cmd, args, stdout, stderr, environ)
-        config_path = config_path_of(args)
+        config_path = config_path_of(args, environ)
         url, proxy = endpoints(args, environ, load_cli_config(config_path, environ))
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
