@@ -120,6 +120,8 @@ def cluster_status(bus: Bus, timeout: float = 1.5, clock: Any = None, expect: It
     return sorted(replies, key=lambda r: (str(r.get("node")), r.get("pid") or 0))
 
 
+#: memory:// broker URL -> the nodes of this process running on it (they are all its nodes).
+_MEMORY_NODES: Dict[str, Set[str]] = {}
 #: How often (seconds) a status round on a broker waits its full timeout, to find nodes that joined.
 STATUS_FULL_EVERY = 30.0
 
@@ -240,6 +242,9 @@ class Daemon(MultiService):
         #: the nodes that answered the last full status round, and when it was (cluster_status)
         self._known_nodes: Set[str] = set()
         self._full_status_at: Optional[float] = None
+        #: the memory:// broker's URL (its nodes all live in this process), else None
+        self._memory_broker: Optional[str] = (config.broker[0] if len(config.broker) == 1
+                                              and config.broker[0].startswith("memory:") else None)
 
     # twistd ----------------------------------------------------------------------
 
@@ -255,6 +260,8 @@ class Daemon(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self._memory_broker is not None:
+            _MEMORY_NODES.setdefault(self._memory_broker, set()).add(self.config.node)
         self.bus.startService()
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
@@ -386,6 +393,8 @@ class Daemon(MultiService):
             self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred:
+        if self._memory_broker is not None:
+            _MEMORY_NODES.get(self._memory_broker, set()).discard(self.config.node)
         if self._stopping is not None:
             return self._stopping
         self.log.info("node {node} stopping", node=self.config.node)
@@ -466,13 +475,13 @@ class Daemon(MultiService):
 
     def cluster_status(self, timeout: float = 1.5) -> Deferred:
         """Every node's status (this one's too), sorted by node. It returns as
-        soon as the expected nodes have answered: on a memory:// bus this node
-        (there is no other); on a broker the nodes of the last round that waited
+        soon as the expected nodes have answered: on a memory:// bus the nodes
+        of this process on it (there can be no other); on a broker the nodes of the last round that waited
         its full C{timeout}, if that was less than L{STATUS_FULL_EVERY} seconds
         ago (else this round waits it, so that nodes that joined show up)."""
         now = self.reactor.seconds()
-        if all(url.startswith("memory:") for url in self.config.broker):
-            expect: Set[str] = {self.config.node}
+        if self._memory_broker is not None:
+            expect: Set[str] = {self.config.node} | _MEMORY_NODES.get(self._memory_broker, set())
         elif self._full_status_at is not None and now - self._full_status_at < STATUS_FULL_EVERY:
             expect = {self.config.node} | self._known_nodes
         else:
