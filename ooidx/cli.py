@@ -965,12 +965,12 @@ def run(argv: Optional[List[str]] = None, stdout: Optional[TextIO] = None, stder
         return int(e.code or 0)
     cmd = COMMANDS[args.command]
     try:
+        if args.broker and cmd.name in LOCAL_COMMANDS:
+            raise UsageError(f"{cmd.name} does not go through --broker; leave it out")
         if cmd.name in LOCAL_COMMANDS and not _needs_daemon(args):
             ctx = Context(args, None, stdout, stderr, environ, config_path=args.config)
             return _exit_status(_outcome(cmd.run(ctx)), stderr)
         if args.broker:
-            if cmd.name in LOCAL_COMMANDS:
-                raise UsageError(f"{cmd.name} does not go through --broker; leave it out")
             return _run_on_broker(cmd, args, stdout, stderr, environ)
         config_path = config_path_of(args, environ)
         url, proxy = endpoints(args, environ, load_cli_config(config_path, environ))
