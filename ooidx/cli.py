@@ -352,7 +352,8 @@ def _events_over_http(ctx: Context) -> None:
         finally:
             e.close()
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise Unreachable(f"cannot reach the daemon at {client.url}: {getattr(e, 'reason', e)}") from None
+        raise Unreachable(f"cannot reach the daemon at {client.url}: {getattr(e, 'reason', e)}"
+                          f"{client.where_hint()}") from None
     seen = 0
     data: List[str] = []
     with response:
@@ -748,6 +749,8 @@ class HttpClient:
         self.timeout = timeout
         #: the config this command read (its ports, its token): named in errors that say to edit a config
         self.config_path = config_path
+        #: whether C{url} is the config's web port (not --url or OOIDX_URL)
+        self.url_from_config = False
 
     def call(self, service: str, op: str, kwargs: Dict[str, Any]) -> Deferred:
         path = "/api/call/{}/{}".format(urllib.parse.quote(service, safe=""), urllib.parse.quote(op, safe=""))
@@ -797,7 +800,15 @@ class HttpClient:
             reason = getattr(e, "reason", e)
             if isinstance(reason, socket.timeout) or isinstance(e, socket.timeout):
                 reason = f"no answer within {wait or 60.0:g} s"
-            return fail(Unreachable(f"cannot reach the daemon at {self.url}: {reason}"))
+            return fail(Unreachable(f"cannot reach the daemon at {self.url}: {reason}{self.where_hint()}"))
+
+    def where_hint(self) -> str:
+        """Why this URL: what to check when no daemon answers there."""
+        if self.config_path and self.url_from_config:
+            return (f" (the web port of {self.config_path}; is that daemon running? "
+                    f"twistd -n ooidx --config {self.config_path})")
+        return (" (is a daemon running? `twistd -n ooidx --config FILE` or `ooidx demo` starts one; "
+                "--config FILE or --url tell where it listens)")
 
     def _http_error(self, e: urllib.error.HTTPError, authorize: bool) -> CliError:
         try:
@@ -973,12 +984,14 @@ def run(argv: Optional[List[str]] = None, stdout: Optional[TextIO] = None, stder
         if args.broker:
             return _run_on_broker(cmd, args, stdout, stderr, environ)
         config_path = config_path_of(args, environ)
-        url, proxy = endpoints(args, environ, load_cli_config(config_path, environ))
+        config = load_cli_config(config_path, environ)
+        url, proxy = endpoints(args, environ, config)
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
         token = find_cli_token(args, environ, config_path) if _needs_token(cmd) else None
-        ctx = Context(args, HttpClient(url, token, args.timeout, config_path), stdout, stderr, environ, proxy=proxy,
-                      config_path=config_path)
+        client = HttpClient(url, token, args.timeout, config_path)
+        client.url_from_config = config is not None and not (args.url or environ.get(URL_ENV))
+        ctx = Context(args, client, stdout, stderr, environ, proxy=proxy, config_path=config_path)
         return _exit_status(_outcome(cmd.run(ctx)), stderr)
     except CliError as e:
         return _report(e, stderr)

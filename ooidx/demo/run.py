@@ -19,19 +19,17 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.error import CannotListenError
-from twisted.internet.task import LoopingCall, deferLater
-from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
-from ooidx.demo import sample, upstream
+from ooidx.demo import sample
 
 __all__ = ["DemoOptions", "DemoError", "config_text", "run_demo", "commands"]
 
@@ -109,19 +107,22 @@ def run_demo(reactor: Any, options: DemoOptions, out: TextIO) -> Any:
     """Start everything, register, print the commands; fires once all runs
     (the demo then goes on until the reactor stops)."""
     options.directory = Path(os.path.abspath(options.directory))
+    config = None if options.attach is not None else demo_config(options)  # ports in use: said before anything runs
     files = prepare(options)
-    pool = ThreadPool(minthreads=1, maxthreads=1, name="ooidx-demo")
-    pool.start()
-    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
+    upstream_process = UpstreamProcess(out)
+    args = [sys.executable, "-m", "ooidx.demo.upstream", str(files), str(options.upstream_port), f"{options.every:g}"]
+    reactor.spawnProcess(upstream_process, sys.executable, args, env=_child_env())
+    reactor.addSystemEventTrigger("before", "shutdown", upstream_process.stop)
     try:
-        port = upstream.listen(reactor, files, options.upstream_port, pool)
-    except CannotListenError as e:
-        raise DemoError(f"the demo upstream cannot listen on 127.0.0.1:{options.upstream_port} ({e.socketError}); "
-                        "pass --upstream-port N (the config written then allows that port)") from None
-    reactor.addSystemEventTrigger("before", "shutdown", port.stopListening)
+        yield upstream_process.listening.addTimeout(START_TIMEOUT, reactor)
+    except Exception:
+        reason = upstream_process.errors.strip() or "it did not start"
+        raise DemoError(f"the demo upstream cannot listen on 127.0.0.1:{options.upstream_port} ({reason}); "
+                        "pass --upstream-port N" + ("" if options.attach else " (demo.yaml then allows that port)")
+                        ) from None
     out.write(f"demo upstream: {options.upstream_base}/ serves {', '.join(f'{n}.nc' for n in sample.NAMES)}\n")
     if options.attach is None:
-        call = yield start_daemon(reactor, options, out)
+        call = yield start_daemon(reactor, options, config, out)
         config_arg = f" --config {_shown(options.config_path)}"
     else:
         def call(service: str, op: str, kwargs: Dict[str, Any]) -> Deferred:
@@ -135,22 +136,60 @@ def run_demo(reactor: Any, options: DemoOptions, out: TextIO) -> Any:
               "try:\n" + "".join(f"  {c}\n" for c in commands(options, config_arg))
               + "\nCtrl-C stops the demo.\n")
     out.flush()
-    step = [0]
+    upstream_process.announce = True  # its "new values" lines from now on
 
-    def update() -> Deferred:
-        step[0] += 1
-        d = deferToThreadPool(reactor, pool, sample.write_all, files, step[0])
-        d.addCallback(lambda _: (out.write(f"{time.strftime('%H:%M:%S')} new values (step {step[0]})\n"),
-                                 out.flush()))
-        d.addErrback(lambda f: out.write(f"cannot write new values: {f.getErrorMessage()}\n"))
-        return d
 
-    # new values half a period after each refresh: each refresh finds exactly one new step
-    yield deferLater(reactor, options.every / 2, lambda: None)
-    loop = LoopingCall(update)
-    loop.clock = reactor
-    loop.start(options.every, now=True).addErrback(lambda f: out.write(f"updates stopped: {f.getErrorMessage()}\n"))
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: loop.running and loop.stop())
+class UpstreamProcess(ProcessProtocol):
+    """The demo upstream's process (L{ooidx.demo.upstream.serve}): C{listening}
+    fires once it listens (errbacks if it exits first); its updates are shown."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.listening: Deferred = Deferred()
+        self.errors = ""
+        self.announce = False
+        self._buffer = b""
+        self.ended = False
+
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            text = line.decode("utf-8", "replace")
+            if text == "LISTENING" and not self.listening.called:
+                self.listening.callback(None)
+            elif text.startswith("STEP ") and self.announce:
+                step, _, when = text[5:].partition(" ")
+                self.out.write(f"{when} new values (step {step})\n")
+                self.out.flush()
+            elif text.startswith("FAILED ") and self.announce:
+                self.out.write(text[7:] + "\n")
+                self.out.flush()
+
+    def errReceived(self, data: bytes) -> None:
+        self.errors = (self.errors + data.decode("utf-8", "replace"))[-2000:]
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        if not self.listening.called:
+            self.listening.errback(reason)
+
+    def stop(self) -> None:
+        if not self.ended and self.transport is not None:
+            try:
+                self.transport.signalProcess("TERM")
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+def _child_env() -> Dict[str, str]:
+    """This environment, with the folder holding this ooidx first on PYTHONPATH
+    (so that the upstream process runs this copy of it)."""
+    import ooidx
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ooidx.__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
 
 
 def _shown(path: Path) -> str:
@@ -158,24 +197,31 @@ def _shown(path: Path) -> str:
     return relative if not relative.startswith("..") else str(path)
 
 
-@inlineCallbacks
-def start_daemon(reactor: Any, options: DemoOptions, out: TextIO) -> Any:
-    """A daemon in this process with the demo config; fires with its call function."""
-    from twisted.logger import globalLogBeginner
-
+def demo_config(options: DemoOptions) -> Any:
+    """Write DIR/demo.yaml and load it; L{DemoError} when its ports are taken."""
     from ooidx.config import ConfigError, check_ports_free, load
-    from ooidx.node.daemon import Daemon
-    from ooidx.node.logs import make_observer
 
+    options.directory.mkdir(parents=True, exist_ok=True)
     options.config_path.write_text(config_text(options))
     try:
         config = load(str(options.config_path))
         check_ports_free(config)
+        return config
     except ConfigError as e:
         raise DemoError(f"{e}. A daemon already running? Stop it, pick other ports (--web-port, --proxy-port), "
                         f"or register the demo with it: ooidx [--config ITS_CONFIG] demo --attach (its config "
                         f'must allow the demo upstream: security.allow_hosts: ["127.0.0.1:{options.upstream_port}"])'
                         ) from None
+
+
+@inlineCallbacks
+def start_daemon(reactor: Any, options: DemoOptions, config: Any, out: TextIO) -> Any:
+    """A daemon in this process with the demo config; fires with its call function."""
+    from twisted.logger import globalLogBeginner
+
+    from ooidx.node.daemon import Daemon
+    from ooidx.node.logs import make_observer
+
     log_path = options.directory / "daemon.log"
     log_file = open(log_path, "a", encoding="utf-8")
     reactor.addSystemEventTrigger("after", "shutdown", log_file.close)

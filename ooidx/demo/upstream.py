@@ -7,7 +7,8 @@ gunicorn and more) is not needed: L{DapFiles} maps C{/NAME.nc.SUFFIX} to
 the file C{NAME.nc} of a directory and hands the request to a handler made
 for that request (so a file renamed over by the demo's update is read
 afresh). It runs in a one-thread pool: HDF5 is not thread-safe, and the
-demo's updates run in the same pool.
+demo's updates run in the same pool. L{serve} is its process
+(C{python -m ooidx.demo.upstream DIR PORT EVERY}), apart from the daemon's.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.web import server
 from twisted.web.wsgi import WSGIResource
 
-__all__ = ["DapFiles", "listen"]
+__all__ = ["DapFiles", "listen", "serve"]
 
 _PATH = re.compile(r"/([A-Za-z0-9_.-]+\.nc)\.([a-z]+(?:\.[a-z]+)?)")
 
@@ -59,3 +60,67 @@ def listen(reactor: Any, directory: Path, port: int, pool: ThreadPool, interface
     site.displayTracebacks = False
     site.noisy = False
     return reactor.listenTCP(port, site, interface=interface)
+
+
+# --------------------------------------------------------------------------- #
+# the upstream's own process
+
+
+def serve(directory: Path, port: int, every: float, out: Any = None) -> None:  # pragma: no cover - a subprocess
+    """Serve C{directory} on 127.0.0.1:C{port} and write new values every
+    C{every} seconds (the first half a period in), until SIGTERM. Prints
+    C{LISTENING} once it listens, C{STEP n} after each update. A process of
+    its own: the daemon's persister writes netCDF files too, and the netCDF
+    library must not be used from two threads of one process."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from twisted.internet import reactor
+    from twisted.internet.task import LoopingCall
+    from twisted.internet.threads import deferToThreadPool
+
+    from ooidx.demo import sample
+
+    out = out or sys.stdout
+    pool = ThreadPool(minthreads=1, maxthreads=1, name="ooidx-demo-upstream")
+    pool.start()
+    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
+    try:
+        listen(reactor, directory, port, pool)
+    except Exception as e:  # noqa: BLE001 - said on stderr, status 2
+        sys.stderr.write(f"{e}\n")
+        pool.stop()
+        raise SystemExit(2)
+    step = [0]
+
+    def said(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
+
+    def update() -> Any:
+        step[0] += 1
+        d = deferToThreadPool(reactor, pool, sample.write_all, directory, step[0])
+        d.addCallbacks(lambda _: said(f"STEP {step[0]} {time.strftime('%H:%M:%S')}"),
+                       lambda f: said(f"FAILED cannot write new values: {f.getErrorMessage()}"))
+        return d
+
+    loop = LoopingCall(update)
+    reactor.callLater(every / 2, loop.start, every, True)
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the demo is gone (killed): so is its upstream
+        if os.getppid() != parent:
+            reactor.stop()
+
+    LoopingCall(orphaned).start(1.0, now=False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the demo, which stops this process
+    reactor.callWhenRunning(said, "LISTENING")
+    reactor.run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys as _sys
+
+    serve(Path(_sys.argv[1]), int(_sys.argv[2]), float(_sys.argv[3]))
