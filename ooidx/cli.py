@@ -687,6 +687,8 @@ def demo(ctx: Context) -> Deferred:
     from ooidx.demo.run import DemoOptions, main as demo_main
 
     args = ctx.args
+    if args.every < 1:
+        return fail(UsageError("--every takes 1 second or more (the shortest refresh period)"))
     options = DemoOptions(directory=args.dir, upstream_port=args.upstream_port, web_port=args.web_port,
                           proxy_port=args.proxy_port, every=args.every)
     if args.attach:

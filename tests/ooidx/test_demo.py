@@ -153,3 +153,36 @@ def test_attach_to_a_daemon_that_refuses_loopback(tmp_path: Path) -> None:
         assert "loopback address refused" in done.stderr
     finally:
         daemon.kill()
+
+
+def test_attach_to_a_daemon_that_allows_the_upstream(tmp_path: Path) -> None:
+    """--attach with a config that allows the demo upstream: the datasets go
+    through that daemon, found through its --config (ports and token)."""
+    web, proxy, upstream = free_port(), free_port(), free_port()
+    config = write_config(tmp_path / "dx.yaml", http={"web_port": web, "proxy_port": proxy},
+                          security={"allow_hosts": [f"127.0.0.1:{upstream}"]})
+    daemon = Daemon(config)
+    demo = None
+    try:
+        daemon.wait_log("started", timeout=60)
+        log = tmp_path / "attach.out"
+        with open(log, "w") as out:
+            demo = subprocess.Popen(CLI + ["--config", str(config), "demo", "--attach", "--dir", str(tmp_path / "d"),
+                                           "--upstream-port", str(upstream)],
+                                    cwd=tmp_path, env=environment(), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        deadline = time.monotonic() + 30
+        while "Ctrl-C stops the demo" not in log.read_text():
+            assert demo.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert f"ooidx --config {config} events" in log.read_text()
+        done = subprocess.run(["ncdump", "-h", f"http://127.0.0.1:{proxy}/datasets/timeseries"],
+                              capture_output=True, text=True, timeout=20)
+        assert "sea_water_temperature(station, time)" in done.stdout, done.stdout + done.stderr
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(30) == 0
+    finally:
+        if demo is not None and demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)
+        daemon.kill()

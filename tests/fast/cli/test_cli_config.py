@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 import urllib.error
+import urllib.request
 from typing import Any, Dict, List
 
 import yaml
@@ -21,6 +22,10 @@ from ooidx.errors import Forbidden
 from ooidx.urlpolicy import check_url
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+#: the real client, before any test patches it
+RealClient = cli.HttpClient
 
 
 class FakeClient:
@@ -278,3 +283,34 @@ class RefusalSaysWhatToDoTests(SynchronousTestCase):
         except Forbidden as e:
             return e
         raise AssertionError("not refused")
+
+
+class UnreachableSaysWhereTests(Base):
+    """No daemon answers: the CLI says where it looked, and how to start one."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(cli, "HttpClient", RealClient)
+
+        class Opener:
+            def open(self, *a: Any, **k: Any) -> Any:
+                raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+        self.patch(urllib.request, "build_opener", lambda *a: Opener())
+
+    def test_from_the_config(self) -> None:
+        path = self.config(web_port=9123)
+        code, _, err = self.run_cli("--config", path, "status")
+        self.assertEqual(code, cli.EXIT_UNREACHABLE)
+        self.assertIn("cannot reach the daemon at http://127.0.0.1:9123", err)
+        self.assertIn(f"(the web port of {path}; is that daemon running? twistd -n ooidx --config {path})", err)
+
+    def test_without_a_config(self) -> None:
+        code, _, err = self.run_cli("status")
+        self.assertEqual(code, cli.EXIT_UNREACHABLE)
+        self.assertIn("`twistd -n ooidx --config FILE` or `ooidx demo` starts one", err)
+
+    def test_demo_every_below_a_second(self) -> None:
+        code, _, err = self.run_cli("demo", "--every", "0.5")
+        self.assertEqual(code, cli.EXIT_USAGE)
+        self.assertIn("--every takes 1 second or more", err)
