@@ -173,13 +173,26 @@ class UpstreamProcess(ProcessProtocol):
         self.ended = True
         if not self.listening.called:
             self.listening.errback(reason)
+        if self._gone is not None and not self._gone.called:
+            self._gone.callback(None)
 
-    def stop(self) -> None:
-        if not self.ended and self.transport is not None:
-            try:
-                self.transport.signalProcess("TERM")
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+    _gone: Optional[Deferred] = None
+
+    def stop(self) -> Optional[Deferred]:
+        """SIGTERM, and SIGKILL if it is still there 5 s later; fires once it is gone."""
+        if self.ended or self.transport is None:
+            return None
+        from twisted.internet import reactor
+        self._gone = Deferred()
+        self._signal("TERM")
+        self._gone.addTimeout(5.0, reactor, onTimeoutCancel=lambda result, after: self._signal("KILL"))
+        return self._gone
+
+    def _signal(self, name: str) -> None:
+        try:
+            self.transport.signalProcess(name)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 def _child_env() -> Dict[str, str]:

@@ -118,6 +118,8 @@ def serve(directory: Path, port: int, every: float, out: Any = None) -> None:  #
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the demo, which stops this process
     reactor.callWhenRunning(said, "LISTENING")
     reactor.run()
+    out.flush()
+    os._exit(0)  # no thread left behind can keep a stopped upstream alive
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -143,7 +143,7 @@ def test_attach_to_a_daemon_that_refuses_loopback(tmp_path: Path) -> None:
     config = write_config(tmp_path / "dx.yaml", http={"web_port": web, "proxy_port": proxy})
     daemon = Daemon(config)
     try:
-        daemon.wait_log("started", timeout=60)
+        daemon.wait_log(" started: ", timeout=60)
         upstream = free_port()
         done = subprocess.run(CLI + ["--config", str(config), "demo", "--attach", "--dir", str(tmp_path / "d"),
                                      "--upstream-port", str(upstream)],
@@ -164,7 +164,7 @@ def test_attach_to_a_daemon_that_allows_the_upstream(tmp_path: Path) -> None:
     daemon = Daemon(config)
     demo = None
     try:
-        daemon.wait_log("started", timeout=60)
+        daemon.wait_log(" started: ", timeout=60)
         log = tmp_path / "attach.out"
         with open(log, "w") as out:
             demo = subprocess.Popen(CLI + ["--config", str(config), "demo", "--attach", "--dir", str(tmp_path / "d"),
