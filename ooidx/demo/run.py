@@ -4,7 +4,8 @@
     ooidx demo --attach         # register with the daemon already running (--url/--config)
 
 It copies the shipped sample files (L{ooidx.demo.sample}) into
-C{DIR/upstream/}, serves them on C{127.0.0.1:8099} (L{ooidx.demo.upstream}),
+C{DIR/upstream/}, serves them on C{127.0.0.1:8099} (L{ooidx.demo.upstream},
+in a process of its own, which also writes the new values),
 and either starts a daemon in this process with C{DIR/demo.yaml} (written
 here: the embedded memory:// bus, and C{security.allow_hosts} naming the demo
 upstream's port, which is how a loopback upstream is allowed explicitly; the
