@@ -6,10 +6,12 @@
     ooidx --broker amqp://user:pass@rabbit/ status
 
 It reaches the components through a running daemon's web port (C{--url},
-default http://127.0.0.1:8080, or C{OOIDX_URL}) with the operator token
-(C{--token}, else C{OOIDX_TOKEN}, else the token file the daemon keeps in the
-data directory of C{--config}), or, with C{--broker amqp://...}, straight
-through the broker.
+else C{OOIDX_URL}, else C{http.web_port} of the daemon's config, else
+http://127.0.0.1:8080) with the operator token (C{--token}, else
+C{OOIDX_TOKEN}, else the token file the daemon keeps in the data directory of
+its config), or, with C{--broker amqp://...}, straight through the broker.
+The config is C{--config}, else C{OOIDX_CONFIG}, else C{etc/dx.yaml} when it
+exists. C{ooidx demo} and C{ooidx config init} run on this machine alone.
 
 Exit status: 0 done; 1 the daemon or a component answered with an error;
 2 a usage error; 3 the daemon (or broker) cannot be reached.
@@ -55,6 +57,9 @@ EXIT_UNREACHABLE = 3  # no daemon (or broker) answered at all
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_CONFIG = os.path.join("etc", "dx.yaml")
 URL_ENV = "OOIDX_URL"
+CONFIG_ENV = "OOIDX_CONFIG"
+DEFAULT_PROXY = "http://127.0.0.1:8100"
+PROXY_ENV = "OOIDX_PROXY"
 TOKEN_ENV = "OOIDX_TOKEN"
 #: How much longer than the call's own timeout the HTTP client waits for the daemon's answer.
 HTTP_GRACE = 5.0
@@ -135,6 +140,10 @@ class Context:
     stdout: TextIO
     stderr: TextIO
     environ: Dict[str, str] = field(default_factory=dict)
+    #: the exchange's proxy: --proxy, else OOIDX_PROXY, else the config's http.proxy_port, else the default
+    proxy: str = DEFAULT_PROXY
+    #: the config file that was read (--config, or etc/dx.yaml when it exists), if any
+    config_path: Optional[str] = None
 
     def print(self, text: str = "") -> None:
         self.stdout.write(text + "\n")
@@ -343,7 +352,8 @@ def _events_over_http(ctx: Context) -> None:
         finally:
             e.close()
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise Unreachable(f"cannot reach the daemon at {client.url}: {getattr(e, 'reason', e)}") from None
+        raise Unreachable(f"cannot reach the daemon at {client.url}: {getattr(e, 'reason', e)}"
+                          f"{client.where_hint()}") from None
     seen = 0
     data: List[str] = []
     with response:
@@ -488,17 +498,16 @@ def _no_constant(name: str) -> Any:
     raise ValueError(name)
 
 
-DEFAULT_PROXY = "http://127.0.0.1:8100"
-PROXY_ENV = "OOIDX_PROXY"
-
 
 @command(
     "get", "download a URL through the exchange's proxy into a file, with a progress bar",
     arg("target", metavar="URL",
-        help="an http(s):// URL (asked of the proxy as a forward proxy), or /datasets/NAME.SUFFIX?CONSTRAINT"),
+        help="/datasets/NAME.SUFFIX?CONSTRAINT, the exchange's own http://HOST:PORT/datasets/... URL, "
+             "or any other http(s):// URL (asked of the proxy as a forward proxy)"),
     arg("-o", "--output", required=True, metavar="FILE",
         help="the file to write (a temporary file beside it, renamed once complete); - for stdout"),
-    arg("--proxy", metavar="URL", help=f"the exchange's proxy (default: ${PROXY_ENV}, else {DEFAULT_PROXY})"),
+    arg("--proxy", metavar="URL", help=f"the exchange's proxy (default: ${PROXY_ENV}, else http.proxy_port of "
+                                       f"--config, else {DEFAULT_PROXY})"),
     arg("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal"),
 )
 def get(ctx: Context) -> Deferred:
@@ -518,11 +527,15 @@ def download(ctx: Context) -> Tuple[int, str]:
     import time
 
     args = ctx.args
-    proxy = args.proxy or ctx.environ.get(PROXY_ENV) or DEFAULT_PROXY
+    proxy = args.proxy or ctx.environ.get(PROXY_ENV) or ctx.proxy
     parts = urllib.parse.urlsplit(proxy)
     if parts.scheme != "http" or not parts.hostname:
         raise UsageError(f"--proxy must be an http:// URL, got {proxy!r}")
     target = args.target
+    own = _own_url(target, proxy)
+    if own is not None:  # the exchange's own URL (http://127.0.0.1:8100/datasets/NAME.dods): asked of it directly
+        proxy, target = own
+        parts = urllib.parse.urlsplit(proxy)
     if target.startswith("/"):
         request_target = target
     elif target.startswith(("http://", "https://")):
@@ -600,6 +613,40 @@ def download(ctx: Context) -> Tuple[int, str]:
                 pass
 
 
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _own_url(target: str, proxy: str) -> Optional[Tuple[str, str]]:
+    """(proxy, /datasets/... path) when C{target} is an URL of an exchange's
+    proxy itself, else None: such a URL is not forwarded, it is the request.
+    An URL under /datasets/ is one when it names the proxy's host (or both
+    are loopback) and port, or any loopback port (an exchange on other ports
+    than the config's: forwarding to loopback would be refused anyway)."""
+    if not target.startswith("http://"):
+        return None
+    try:
+        t, p = urllib.parse.urlsplit(target), urllib.parse.urlsplit(proxy)
+        t_port, p_port = t.port or 80, p.port or 80
+    except ValueError:
+        return None
+    if not t.path.startswith("/datasets/") or not t.hostname or not p.hostname:
+        return None
+    same = t_port == p_port and t.hostname.lower() == p.hostname.lower()
+    if not (same or _is_loopback(t.hostname)):
+        return None
+    return f"http://{t.netloc}", t.path + (f"?{t.query}" if t.query else "")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def progress_bar(done: int, total: Optional[int], elapsed: float, width: int = 30) -> str:
     """One line: a bar when the total is known, bytes and rate either way."""
     def size(n: float) -> str:
@@ -616,6 +663,79 @@ def progress_bar(done: int, total: Optional[int], elapsed: float, width: int = 3
     return f"{size(done)} {rate}"
 
 
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 0 < int(text) < 65536):
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return int(text)
+
+
+@command(
+    "demo", "serve sample datasets from a DAP upstream on loopback and put them through an exchange",
+    arg("--dir", default="ooidx-demo", metavar="DIR",
+        help="where the demo keeps its config (demo.yaml), data and log (default: ./ooidx-demo)"),
+    arg("--attach", action="store_true",
+        help="register with the daemon already running (--url/--config) instead of starting one; its config "
+             "must allow the upstream: security.allow_hosts: [\"127.0.0.1:PORT\"]"),
+    arg("--upstream-port", type=_port, default=8099, metavar="PORT", help="the demo upstream's port (8099)"),
+    arg("--web-port", type=_port, default=8080, metavar="PORT", help="the demo daemon's web port (8080)"),
+    arg("--proxy-port", type=_port, default=8100, metavar="PORT", help="the demo daemon's proxy port (8100)"),
+    arg("--every", type=_positive_seconds, default=60.0, metavar="SECONDS",
+        help="refresh period, and how often the sample files get new values (60)"),
+)
+def demo(ctx: Context) -> Deferred:
+    """Runs the reactor until Ctrl-C (ooidx.demo.run); its Deferred fires after."""
+    from ooidx.demo.run import DemoOptions, main as demo_main
+
+    args = ctx.args
+    if args.every < 1:
+        return fail(UsageError("--every takes 1 second or more (the shortest refresh period)"))
+    options = DemoOptions(directory=args.dir, upstream_port=args.upstream_port, web_port=args.web_port,
+                          proxy_port=args.proxy_port, every=args.every)
+    if args.attach:
+        client = ctx.client
+
+        def blocking_call(service: str, op: str, kwargs: Dict[str, Any]) -> Any:
+            outcome = _outcome(client.call(service, op, kwargs))
+            if isinstance(outcome, Failure):
+                outcome.raiseException()
+            return outcome
+
+        options.attach = blocking_call
+        options.config_hint = ctx.config_path or ""
+        web, proxy = urllib.parse.urlsplit(client.url), urllib.parse.urlsplit(ctx.proxy)
+        options.web_port, options.proxy_port = web.port or 80, proxy.port or 80
+    problem = demo_main(options, ctx.stdout)
+    return fail(CliError(problem)) if problem else succeed(None)
+
+
+@command(
+    "config", "write an example config, commented key by key",
+    arg("action", choices=("init",), help="init PATH: write the example config to PATH"),
+    arg("path", metavar="PATH", help="the file to write (its directory is made; an existing file is kept)"),
+    arg("--example", default="dx", metavar="NAME",
+        help="which example: dx (one node, embedded bus; the default), dx-rabbitmq, node-edge, node-worker"),
+    arg("--force", action="store_true", help="overwrite PATH if it exists"),
+)
+def config_command(ctx: Context) -> Deferred:
+    from ooidx import examples
+
+    args = ctx.args
+    try:
+        text = examples.init_text(args.example)
+    except KeyError:
+        return fail(UsageError(f"no example config {args.example!r}; there are {', '.join(examples.NAMES)}"))
+    if os.path.exists(args.path) and not args.force:
+        return fail(CliError(f"{args.path} exists; keeping it (--force overwrites it)"))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.path)), exist_ok=True)
+        with open(args.path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        return fail(CliError(f"cannot write {args.path}: {e.strerror or e}"))
+    ctx.print(f"wrote {args.path} (the {args.example} example); start with: twistd -n ooidx --config {args.path}")
+    return succeed(None)
+
+
 # --------------------------------------------------------------------------- #
 # clients
 
@@ -624,10 +744,15 @@ class HttpClient:
     """The daemon's web API, with a blocking urllib client. Its methods
     return already-fired Deferreds, so commands run without a reactor."""
 
-    def __init__(self, url: str, token: Optional[str], timeout: Optional[float] = None) -> None:
+    def __init__(self, url: str, token: Optional[str], timeout: Optional[float] = None,
+                 config_path: Optional[str] = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        #: the config this command read (its ports, its token): named in errors that say to edit a config
+        self.config_path = config_path
+        #: whether C{url} is the config's web port (not --url or OOIDX_URL)
+        self.url_from_config = False
 
     def call(self, service: str, op: str, kwargs: Dict[str, Any]) -> Deferred:
         path = "/api/call/{}/{}".format(urllib.parse.quote(service, safe=""), urllib.parse.quote(op, safe=""))
@@ -677,7 +802,15 @@ class HttpClient:
             reason = getattr(e, "reason", e)
             if isinstance(reason, socket.timeout) or isinstance(e, socket.timeout):
                 reason = f"no answer within {wait or 60.0:g} s"
-            return fail(Unreachable(f"cannot reach the daemon at {self.url}: {reason}"))
+            return fail(Unreachable(f"cannot reach the daemon at {self.url}: {reason}{self.where_hint()}"))
+
+    def where_hint(self) -> str:
+        """Why this URL: what to check when no daemon answers there."""
+        if self.config_path and self.url_from_config:
+            return (f" (the web port of {self.config_path}; is that daemon running? "
+                    f"twistd -n ooidx --config {self.config_path})")
+        return (" (is a daemon running? `twistd -n ooidx --config FILE` or `ooidx demo` starts one; "
+                "--config FILE or --url tell where it listens)")
 
     def _http_error(self, e: urllib.error.HTTPError, authorize: bool) -> CliError:
         try:
@@ -685,6 +818,8 @@ class HttpClient:
             kind, message = str(info["type"]), str(info["message"])
         except (ValueError, KeyError, TypeError, OSError):
             kind, message = f"HTTP {e.code}", str(e.reason)
+        if "security.allow_hosts" in message and self.config_path:
+            message += f" (the config this command read: {os.path.abspath(self.config_path)})"
         if e.code == 401 and authorize and not self.token:
             message += (f" (no token found: set {TOKEN_ENV}, pass --token, or run on the daemon's machine "
                         "with --config pointing at its config)")
@@ -737,11 +872,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ooidx", description="Operate a Data Exchange: call its components, see what runs where.",
         epilog="exit status: 0 done, 1 an error answer, 2 usage, 3 the daemon or broker cannot be reached")
-    p.add_argument("--url", help=f"the daemon's web port (default: ${URL_ENV}, else {DEFAULT_URL})")
+    p.add_argument("--url", help=f"the daemon's web port (default: ${URL_ENV}, else http.web_port of --config, "
+                                 f"else {DEFAULT_URL})")
     p.add_argument("--token", help=f"the operator token (default: ${TOKEN_ENV}, else the token file "
                                    "in the data directory of --config)")
-    p.add_argument("--config", help=f"the daemon's config, to find the token file (default: {DEFAULT_CONFIG} "
-                                    "if it exists)")
+    p.add_argument("--config", help=f"the daemon's config: its web and proxy ports and its token file "
+                                    f"(default: ${CONFIG_ENV}, else {DEFAULT_CONFIG} if it exists)")
     p.add_argument("--broker", metavar="AMQP_URL",
                    help="go straight to this amqp:// broker instead of through the web port")
     p.add_argument("--timeout", type=_positive, metavar="SECONDS",
@@ -764,17 +900,61 @@ def _positive(text: str) -> float:
     return value
 
 
-def find_cli_token(args: argparse.Namespace, environ: Dict[str, str]) -> Optional[str]:
+def config_path_of(args: argparse.Namespace, environ: Optional[Dict[str, str]] = None) -> Optional[str]:
+    """--config, else OOIDX_CONFIG, else etc/dx.yaml when it exists (run from a checkout), else None."""
+    if args.config is not None:
+        return args.config
+    if environ and environ.get(CONFIG_ENV):
+        return environ[CONFIG_ENV]
+    return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
+
+
+def load_cli_config(path: Optional[str], environ: Dict[str, str]) -> Any:
+    """The daemon's config, for its ports and data directory; None without one."""
+    if path is None:
+        return None
+    from ooidx.config import ConfigError, load
+    try:
+        return load(path, environ=environ)
+    except ConfigError as e:
+        hint = ""
+        if not os.path.exists(path):
+            hint = (f" (the daemon's config, for its ports and token: pass --config FILE, or make one with "
+                    f"`ooidx config init {path}`)")
+        raise UsageError(f"{e}{hint}") from None
+
+
+def _http_host(interface: str) -> str:
+    """Where to reach a port that listens on C{interface}."""
+    if interface in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if interface == "::":
+        return "[::1]"
+    return f"[{interface}]" if ":" in interface else interface
+
+
+def endpoints(args: argparse.Namespace, environ: Dict[str, str], config: Any) -> Tuple[str, str]:
+    """(web URL, proxy URL): --url / --proxy, else OOIDX_URL / OOIDX_PROXY,
+    else the config's http.web_port / http.proxy_port, else the defaults."""
+    web, proxy = DEFAULT_URL, DEFAULT_PROXY
+    if config is not None:
+        host = _http_host(config.http.interface)
+        web, proxy = f"http://{host}:{config.http.web_port}", f"http://{host}:{config.http.proxy_port}"
+    url = args.url or environ.get(URL_ENV) or web
+    return url, environ.get(PROXY_ENV) or proxy
+
+
+def find_cli_token(args: argparse.Namespace, environ: Dict[str, str],
+                   config_path: Optional[str] = None) -> Optional[str]:
     """--token, else OOIDX_TOKEN, else the daemon's token file (via --config or etc/dx.yaml)."""
     if args.token:
         return args.token
     if environ.get(TOKEN_ENV):
         return environ[TOKEN_ENV]
-    config_path = args.config
     if config_path is None:
-        if not os.path.exists(DEFAULT_CONFIG):
-            return None
-        config_path = DEFAULT_CONFIG
+        config_path = config_path_of(args, environ)
+    if config_path is None:
+        return None
     from ooidx.config import ConfigError
     from ooidx.node.token import TokenError, find_token
     try:
@@ -798,23 +978,43 @@ def run(argv: Optional[List[str]] = None, stdout: Optional[TextIO] = None, stder
         return int(e.code or 0)
     cmd = COMMANDS[args.command]
     try:
+        if args.broker and cmd.name in LOCAL_COMMANDS:
+            raise UsageError(f"{cmd.name} does not go through --broker; leave it out")
+        if cmd.name in LOCAL_COMMANDS and not _needs_daemon(args):
+            ctx = Context(args, None, stdout, stderr, environ, config_path=args.config)
+            return _exit_status(_outcome(cmd.run(ctx)), stderr)
         if args.broker:
             return _run_on_broker(cmd, args, stdout, stderr, environ)
-        url = args.url or environ.get(URL_ENV) or DEFAULT_URL
+        config_path = config_path_of(args, environ)
+        config = load_cli_config(config_path, environ)
+        url, proxy = endpoints(args, environ, config)
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
-        token = find_cli_token(args, environ) if _needs_token(cmd) else None
-        ctx = Context(args, HttpClient(url, token, args.timeout), stdout, stderr, environ)
-        d = cmd.run(ctx)
-        outcome: List[Any] = []
-        d.addBoth(outcome.append)
-        if not outcome:  # pragma: no cover - an HTTP command waited on something that is not the client
-            raise CliError("the command did not finish")
-        return _exit_status(outcome[0], stderr)
+        token = find_cli_token(args, environ, config_path) if _needs_token(cmd) else None
+        client = HttpClient(url, token, args.timeout, config_path)
+        client.url_from_config = config is not None and not (args.url or environ.get(URL_ENV))
+        ctx = Context(args, client, stdout, stderr, environ, proxy=proxy, config_path=config_path)
+        return _exit_status(_outcome(cmd.run(ctx)), stderr)
     except CliError as e:
         return _report(e, stderr)
     except KeyboardInterrupt:
         return 130
+
+
+#: Commands that run on this machine (no daemon to reach, unless _needs_daemon says so).
+LOCAL_COMMANDS = ("config", "demo")
+
+
+def _needs_daemon(args: argparse.Namespace) -> bool:
+    return args.command == "demo" and bool(getattr(args, "attach", False))
+
+
+def _outcome(d: Deferred) -> Any:
+    outcome: List[Any] = []
+    d.addBoth(outcome.append)
+    if not outcome:  # pragma: no cover - an HTTP command waited on something that is not the client
+        raise CliError("the command did not finish")
+    return outcome[0]
 
 
 def _needs_token(cmd: Command) -> bool:

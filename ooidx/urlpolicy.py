@@ -196,7 +196,7 @@ def check_address(ip: IPAddress, host: str, port: int, *, allow_private: bool = 
     if reason is None or host_allowed(allow_hosts, host, port, ip):
         return
     shown = host if str(ip) == host else f"{host} ({ip})"
-    raise Forbidden(f"{shown}: {reason} refused")
+    raise Forbidden(f"{shown}: {reason} refused; to allow it, add \"{f'[{host}]' if ':' in host else host}:{port}\" to security.allow_hosts (or set security.allow_private: true) in the daemon's config and restart it")
 
 
 # --------------------------------------------------------------------------- #

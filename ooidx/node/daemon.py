@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (CancelledError, Deferred, inlineCallbacks,
@@ -82,12 +82,16 @@ def bus_for(config: Config, reactor: Any, observer: Optional[magnet.BusObserver]
 
 
 @inlineCallbacks
-def cluster_status(bus: Bus, timeout: float = 1.5, clock: Any = None) -> Any:
+def cluster_status(bus: Bus, timeout: float = 1.5, clock: Any = None, expect: Iterable[str] = ()) -> Any:
     """Ask every node on the bus for its status; fires with their replies
-    (sorted by node) that arrived within C{timeout} seconds."""
+    (sorted by node) that arrived within C{timeout} seconds, or as soon as
+    every node named in C{expect} has answered (without it, after C{timeout}:
+    no one knows how many nodes there are)."""
     clock = clock if clock is not None else bus.clock
     request_id = uuid.uuid4().hex
     replies: List[dict] = []
+    waiting = set(expect)
+    done: Deferred = Deferred()
 
     def on_reply(message: Message) -> None:
         if message.type != STATUS_REPLY or message.correlation_id != request_id:
@@ -98,17 +102,29 @@ def cluster_status(bus: Bus, timeout: float = 1.5, clock: Any = None) -> Any:
             return
         if isinstance(value, dict):
             replies.append(value)
+            waiting.discard(str(value.get("node")))
+            if expect and not waiting and not done.called:
+                done.callback(None)
 
     listener = yield bus.listen(on_reply)
     try:
         yield bus.declare_fanout(CONTROL_FANOUT)
         request = Message.of_json({}, type=STATUS, reply_to=listener.address, correlation_id=request_id,
                                   persistent=False)
+        done.addTimeout(timeout, clock, onTimeoutCancel=lambda result, after: None)
         yield bus.send(CONTROL_FANOUT, request, mandatory=False)
-        yield deferLater(clock, timeout, lambda: None)
+        yield done
     finally:
+        if not done.called:
+            done.cancel()
         yield listener.close().addErrback(lambda _: None)
     return sorted(replies, key=lambda r: (str(r.get("node")), r.get("pid") or 0))
+
+
+#: memory:// broker URL -> the nodes of this process running on it (they are all its nodes).
+_MEMORY_NODES: Dict[str, Set[str]] = {}
+#: How often (seconds) a status round on a broker waits its full timeout, to find nodes that joined.
+STATUS_FULL_EVERY = 30.0
 
 
 class ChildProcesses(ProcessMonitor):
@@ -224,6 +240,12 @@ class Daemon(MultiService):
         self._starting: Optional[Deferred] = None
         self._control: Any = None
         self._stopping: Optional[Deferred] = None
+        #: the nodes that answered the last full status round, and when it was (cluster_status)
+        self._known_nodes: Set[str] = set()
+        self._full_status_at: Optional[float] = None
+        #: the memory:// broker's URL (its nodes all live in this process), else None
+        self._memory_broker: Optional[str] = (config.broker[0] if len(config.broker) == 1
+                                              and config.broker[0].startswith("memory:") else None)
 
     # twistd ----------------------------------------------------------------------
 
@@ -239,6 +261,8 @@ class Daemon(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self._memory_broker is not None:
+            _MEMORY_NODES.setdefault(self._memory_broker, set()).add(self.config.node)
         self.bus.startService()
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
@@ -372,6 +396,8 @@ class Daemon(MultiService):
             self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred:
+        if self._memory_broker is not None:
+            _MEMORY_NODES.get(self._memory_broker, set()).discard(self.config.node)
         if self._stopping is not None:
             return self._stopping
         self.log.info("node {node} stopping", node=self.config.node)
@@ -451,8 +477,26 @@ class Daemon(MultiService):
         return out
 
     def cluster_status(self, timeout: float = 1.5) -> Deferred:
-        """Every node's status (this one's too), sorted by node."""
-        return cluster_status(self.bus, timeout, self.reactor)
+        """Every node's status (this one's too), sorted by node. It returns as
+        soon as the expected nodes have answered: on a memory:// bus the nodes
+        of this process on it (there can be no other); on a broker the nodes of the last round that waited
+        its full C{timeout}, if that was less than L{STATUS_FULL_EVERY} seconds
+        ago (else this round waits it, so that nodes that joined show up)."""
+        now = self.reactor.seconds()
+        if self._memory_broker is not None:
+            expect: Set[str] = {self.config.node} | _MEMORY_NODES.get(self._memory_broker, set())
+        elif self._full_status_at is not None and now - self._full_status_at < STATUS_FULL_EVERY:
+            expect = {self.config.node} | self._known_nodes
+        else:
+            expect = set()
+
+        def remember(nodes: List[dict]) -> List[dict]:
+            if not expect:
+                self._known_nodes = {str(n.get("node")) for n in nodes}
+                self._full_status_at = now
+            return nodes
+
+        return cluster_status(self.bus, timeout, self.reactor, expect).addCallback(remember)
 
     def _on_control(self, message: Message) -> Optional[Deferred]:
         if message.type != STATUS or not message.reply_to:

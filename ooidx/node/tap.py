@@ -45,7 +45,7 @@ def makeService(options: Options) -> Daemon:
         check_ports_free(config)
     except ConfigError as e:
         # twistd has not started logging yet: this line goes to stderr, status 1
-        raise SystemExit(f"ooidx: {e}") from None
+        raise SystemExit(f"ooidx: {e}{missing_config_hint(options['config'])}") from None
     observer = make_observer(config, _log_output(options))
     try:
         daemon = Daemon(config, reactor=reactor, config_path=options["config"], log_observer=observer,
@@ -55,6 +55,16 @@ def makeService(options: Options) -> Daemon:
     reactor.addSystemEventTrigger("after", "shutdown", exit_status_after_twistd,
                                   lambda: daemon.exit_code or 0)
     return daemon
+
+
+def missing_config_hint(path: str) -> str:
+    """What to do when the config file cannot be read: how to make one (an
+    installed ooidx has no etc/; the examples ship in the package)."""
+    if os.path.isfile(path) and os.access(path, os.R_OK):
+        return ""
+    from ooidx import examples
+    return (f"; make one with `ooidx config init {path}` (a commented example: {examples.path('dx')}), "
+            f"or pass --config FILE")
 
 
 def _log_output(options: Options) -> IO[str]:
