@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (CancelledError, Deferred, inlineCallbacks,
                                     maybeDeferred, succeed)
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor

@@ -312,7 +312,10 @@ class CliTests(FastCase):
     def test_an_unreachable_daemon_is_exit_3(self, error: Exception, expected: str) -> None:
         self.web.answer = lambda request: error
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "--timeout", "60", "call", "fetcher", "ping")
-        assert (code, out, err) == (3, "", expected)
+        # the reason, then a hint of what to do (is a daemon running; where the CLI looked)
+        assert (code, out) == (3, ""), err
+        assert err.startswith(expected.rstrip("\n") + " (is a daemon running?"), err
+        assert err.endswith(")\n") and err.count("\n") == 1, err
 
     def test_status_table_needs_no_token(self) -> None:
         code, out, err = self.run_cli("--url", URL, "status")
@@ -441,8 +444,8 @@ class CliTests(FastCase):
         assert self.run_cli("--url", URL, "--token", TOKEN, "events", "(")[::2] == (
             1, "error: InvalidRegex: bad regex\n")
         self.web.answer = lambda request: urllib.error.URLError("refused")
-        assert self.run_cli("--url", URL, "events")[::2] == (
-            3, "error: cannot reach the daemon at http://dx.test:8080: refused\n")
+        code, _, err = self.run_cli("--url", URL, "events")
+        assert code == 3 and err.startswith("error: cannot reach the daemon at http://dx.test:8080: refused ("), err
 
     def test_format_event(self) -> None:
         assert cli.format_event([1]) == "[1]"

@@ -213,10 +213,15 @@ class ConfigInitTests(Base):
         self.assertEqual(code, cli.EXIT_USAGE)
         self.assertIn("no example config 'big'; there are dx, dx-rabbitmq, node-edge, node-worker", err)
 
-    def test_the_package_examples_are_the_checkout_configs(self) -> None:
+    def test_the_checkout_configs_are_the_package_examples(self) -> None:
+        """One copy of each example: etc/NAME.yaml is a link to the file the
+        package ships (ooidx/examples), so the two cannot drift."""
         for name in examples.NAMES:
-            with open(os.path.join(ROOT, "etc", f"{name}.yaml")) as f:
-                self.assertEqual(examples.text(name), f.read(), f"ooidx/examples/{name}.yaml differs from etc/")
+            path = os.path.join(ROOT, "etc", f"{name}.yaml")
+            self.assertTrue(os.path.islink(path), f"etc/{name}.yaml is not a link to ooidx/examples/{name}.yaml")
+            self.assertEqual(os.path.realpath(path), os.path.join(ROOT, "ooidx", "examples", f"{name}.yaml"))
+            with open(path) as f:
+                self.assertEqual(examples.text(name), f.read())
 
     def test_the_examples_are_package_data(self) -> None:
         import configparser
