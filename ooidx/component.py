@@ -30,6 +30,11 @@ class Component(Service):
 
     log = Logger()
 
+    #: How many requests one consumer of this component's queue holds at once;
+    #: None: the bus's (the config's C{prefetch}). A component whose requests
+    #: last as long as a transfer says how many it runs at once.
+    prefetch: Optional[int] = None
+
     def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, clock: Any = None,
                  reactor: Any = None) -> None:
         self.name = name
@@ -76,7 +81,7 @@ class Component(Service):
                 self._subscriptions.append((yield self.bus.subscribe(self.name, self.on_fanout_message)))
         elif self.pattern is not None:
             for _ in range(self.instances):
-                self._subscriptions.append((yield self.bus.serve(self.name, self)))
+                self._subscriptions.append((yield self.bus.serve(self.name, self, prefetch=self.prefetch)))
         self.started = True
         self.log.info("{component} started on {node} ({instances} instance(s))",
                       component=self.name, node=self.node, instances=self.instances)

@@ -15,12 +15,14 @@ contract this module keeps:
   (a declared length over it), or the second stream is aborted as soon as
   the body passes it (length unknown). A body that breaks off aborts the streams;
   a failure before the first byte is an error reply to C{address}.
-  The request is settled (its message acknowledged) as soon as the transfer
-  starts, not when it ends: a message slot (the bus prefetch) is never tied
-  to how fast the client reads. Transfers run at once are bounded on their
-  own (C{max_transfers}); past the bound a request waits, holding its slot,
-  for a transfer to end. C{wait=True}: the reply comes when the transfer is
-  over, with its summary (for tools and tests).
+  The request is settled (its message acknowledged) when the transfer is
+  over, with its summary as the reply: a fetcher that dies mid-transfer
+  leaves its requests to the broker, which gives them to another fetcher.
+  How fast a client reads does not decide how many fetches run: the fetcher
+  takes as many requests at once as it runs transfers (its consumer's
+  prefetch is C{max_transfers}, not the bus-wide one), and the proxy cuts a
+  client that reads nothing for C{stall_timeout} seconds, which ends its
+  transfer.
 - an upstream's answer head is bounded: more than C{MAX_UPSTREAM_HEADERS}
   header fields or C{MAX_UPSTREAM_HEADER_BYTES} bytes of them is an
   C{UpstreamError} (a 502 at the proxy), read no further.
@@ -103,7 +105,9 @@ class Fetcher(Component):
         self.pauses = 0  # times an upstream was paused for want of room downstream
         #: transfers run at once (max_transfers), apart from the bus's message slots
         self.room = DeferredSemaphore(self.options.max_transfers)
-        self._running: set = set()  # the Deferreds of transfers whose request is settled
+        #: as many requests taken at once as transfers run (each is settled when its transfer ends)
+        self.prefetch = self.options.max_transfers
+        self._running: set = set()  # the Deferreds of the transfers under way
 
     # lifecycle ---------------------------------------------------------------
 
@@ -157,13 +161,13 @@ class Fetcher(Component):
 
     @operation
     def fetch(self, url: Any = None, method: Any = "GET", address: Any = None, request_id: Any = None,
-              store: Any = None, validators: Any = None, store_limit: Any = None, wait: Any = False) -> Deferred:
+              store: Any = None, validators: Any = None, store_limit: Any = None) -> Deferred:
         """GET or HEAD C{url} and stream the answer to C{address} (and a 200
         GET's to C{store} too, when the body is at most C{store_limit} bytes, the
         largest the cache will keep; null: no limit known). Never fails: problems
-        are answered at C{address}. Fires once the transfer has started (it goes
-        on, bounded by C{max_transfers}, after the request is settled), with
-        C{{"started": true}}; with C{wait} true, once it is over, with its summary."""
+        are answered at C{address}. Fires once the transfer is over, with its
+        summary (so the request's message is settled then: see the module
+        docstring); transfers at once are bounded by C{max_transfers}."""
         if not isinstance(address, str) or not address:
             self.log.error("{component}: fetch without an address to answer (url {url!r}); dropped",
                            component=self.name, url=url)
@@ -177,20 +181,19 @@ class Fetcher(Component):
             return self._refuse(address, request_id, url, e, record=False)
         transfer = Transfer(self, url, method, address, request_id, store=store, validators=validators,
                              store_limit=store_limit)
-        return self.room.acquire().addCallback(self._start, transfer, bool(wait))
+        return self.room.acquire().addCallback(self._start, transfer)
 
-    def _start(self, _: Any, transfer: "Transfer", wait: bool) -> Any:
-        """Run a transfer that has room; its request is settled now unless C{wait}."""
+    def _start(self, _: Any, transfer: "Transfer") -> Deferred:
+        """Run a transfer that has room; its request is settled when it ends."""
         try:
             d = transfer.run()
         except Exception:  # noqa: BLE001 - run is inlineCallbacks; this is a bug, logged by _bug
             d = fail()
         d.addCallback(self._recorded, transfer.url, transfer).addErrback(self._bug, transfer.url)
         d.addBoth(self._ended, d)
-        if wait:
-            return d
-        self._running.add(d)
-        return {"started": True}
+        if not d.called:
+            self._running.add(d)
+        return d
 
     def _ended(self, result: Any, d: Deferred) -> Any:
         self._running.discard(d)

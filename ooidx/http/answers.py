@@ -23,6 +23,9 @@ log = Logger(namespace="ooidx.http")
 
 JSON_TYPE = b"application/json"
 
+#: Reason phrases Twisted does not know (it would send "Unknown Status").
+REASONS = {421: b"Misdirected Request"}
+
 
 class HTTPError(Exception):
     """An answer other than 200, with a JSON error body."""
@@ -68,7 +71,7 @@ def result_answer(result: Any) -> Answer:
 
 def prepare(request: server.Request, answer: Answer) -> bytes:
     """Set the status and headers of C{answer}; its body, to be written."""
-    request.setResponseCode(answer.status)
+    request.setResponseCode(answer.status, REASONS.get(answer.status))
     request.setHeader(b"Cache-Control", b"no-store")
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
     request.setHeader(b"Content-Type", answer.content_type)

@@ -56,40 +56,36 @@ class TransferBoundTests(SynchronousTestCase):
         return fetcher.fetch(url=f"http://data.example.org/{n}.dods", method="GET", address=f"reply.{n}",
                              request_id=f"r{n}")
 
-    def test_settled_at_the_start_and_bounded_on_their_own(self) -> None:
+    def test_settled_at_the_end_and_bounded_on_their_own(self) -> None:
         fetcher, agent, bus, clock = make_fetcher(max_transfers=2)
+        self.assertEqual(fetcher.prefetch, 2)  # its consumer takes as many requests as it runs transfers
         first, second, third = (self.fetch(fetcher, n) for n in range(3))
-        # the first two are running (the upstream has not answered yet) and their requests settled
-        self.assertEqual(self.successResultOf(first), {"started": True})
-        self.assertEqual(self.successResultOf(second), {"started": True})
+        # the first two are running (the upstream has not answered yet): their requests are not settled
+        # (a fetcher that dies now leaves them to the broker for another fetcher)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
         self.assertEqual(fetcher.active, 2)
-        # the third waits for room, its request (message slot) held meanwhile
+        # the third waits for room
         self.assertNoResult(third)
         self.assertEqual(len(agent.requests), 2)
-        # a transfer ends (refused upstream: an error reply at its address): the third starts
+        # a transfer ends (refused upstream: an error reply at its address): its request is
+        # settled with the summary, and the third starts
         agent.requests[0].errback(ConnectionRefusedError())
-        self.assertEqual(self.successResultOf(third), {"started": True})
+        summary = self.successResultOf(first)
+        self.assertEqual((summary["error"], summary["status"]), ("UpstreamError", 502))
+        self.assertNoResult(third)
         self.assertEqual(len(agent.requests), 3)
         self.assertEqual(bus.sent[0][0], "reply.0")
         # every transfer ends (here: no answer within the fetch timeout): nothing is left
         clock.advance(30.0)
+        self.successResultOf(second)
+        self.successResultOf(third)
         self.assertEqual((fetcher.active, fetcher.room.tokens, fetcher._running), (0, 2, set()))
         self.assertEqual(sorted(address for address, _ in bus.sent), ["reply.0", "reply.1", "reply.2"])
 
-    def test_wait_replies_with_the_summary(self) -> None:
-        fetcher, agent, bus, clock = make_fetcher(max_transfers=1)
-        d = fetcher.fetch(url="http://data.example.org/x.dods", method="GET", address="reply", request_id="r",
-                          wait=True)
-        self.assertNoResult(d)
-        agent.requests[0].errback(ConnectionRefusedError())
-        summary = self.successResultOf(d)
-        self.assertEqual((summary["error"], summary["status"]), ("UpstreamError", 502))
-        self.assertEqual(fetcher.room.tokens, 1)
-
-
     def test_stop_waits_for_running_transfers_bounded(self) -> None:
         fetcher, agent, bus, clock = make_fetcher(max_transfers=4)
-        self.successResultOf(self.fetch(fetcher, 0))
+        self.fetch(fetcher, 0)
         stopped = fetcher.tearDown()
         self.assertNoResult(stopped)
         agent.requests[0].errback(ConnectionRefusedError())
@@ -97,7 +93,7 @@ class TransferBoundTests(SynchronousTestCase):
         # a transfer that does not end in time does not hold the stop for ever
         fetcher, agent, bus, clock = make_fetcher(max_transfers=4)
         fetcher.options = FetcherOptions(timeout=1000.0, max_transfers=4)
-        self.successResultOf(self.fetch(fetcher, 0))
+        self.fetch(fetcher, 0)
         stopped = fetcher.tearDown()
         clock.advance(10.0)
         self.successResultOf(stopped)

@@ -3,6 +3,8 @@ config's one-line errors for bad ones."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,7 +27,9 @@ class ParseListenTests(SynchronousTestCase):
         self.assertEqual(parse_listen("tcp6:8080", "127.0.0.1").interface, "::1")
 
     def test_ssl_reads_its_files_when_checked(self) -> None:
-        key = self.mktemp()
+        folder = tempfile.mkdtemp(prefix="ooidx-listen-")  # not mktemp: under pytest it writes into the checkout
+        self.addCleanup(shutil.rmtree, folder, True)
+        key = os.path.join(folder, "key.pem")
         with open(key, "w") as f:
             f.write("not checked here: only readable")
         spec = parse_listen(f"ssl:8443:privateKey={key}", "127.0.0.1")
