@@ -187,7 +187,9 @@ class PersonalSubscriptions(Component):
             out: Deferred = Deferred()
             self._reloading.addBoth(lambda r: (out.callback(None), r)[1])
             return out
-        self._reloading = self._reload()
+        # A local name: a reload that ends at once (the store unroutable) runs done() and clears
+        # self._reloading before the next line.
+        reloading = self._reloading = self._reload()
 
         def done(result: Any) -> Any:
             self._reloading = None
@@ -196,9 +198,9 @@ class PersonalSubscriptions(Component):
                 return self.reload()
             return result
 
-        self._reloading.addBoth(done)
+        reloading.addBoth(done)
         d: Deferred = Deferred()
-        self._reloading.addBoth(lambda r: (d.callback(None), r)[1] if not d.called else r)
+        reloading.addBoth(lambda r: (d.callback(None), r)[1] if not d.called else r)
         return d
 
     @inlineCallbacks

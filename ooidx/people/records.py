@@ -109,9 +109,17 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+_last_micros = [0]
+
+
 def message_id(now: float) -> str:
-    """Sortable (fixed width): microseconds since the epoch, then randomness."""
-    return f"{int(now * 1_000_000):017d}-{secrets.token_hex(3)}"
+    """Sortable (fixed width): microseconds since the epoch, then randomness.
+    Strictly increasing in this process (one microsecond past the last id at
+    least): a stream resuming after Last-Event-ID skips every id <= it, so two
+    ids of the same microsecond must not sort by their random part."""
+    micros = max(int(now * 1_000_000), _last_micros[0] + 1)
+    _last_micros[0] = micros
+    return f"{micros:017d}-{secrets.token_hex(3)}"
 
 
 def check_person(name: Any) -> str:

@@ -459,6 +459,7 @@ class WebhookDelivery:
             d = Deferred()
             d.errback(Failure())
         self._request = d
+        self._current = (message, delivery)  # in flight: stop() gives it back
         d.addCallbacks(lambda status: self._answered(message, delivery, attempt, status),
                        lambda f: self._failed(message, delivery, attempt, _reason(f)))
         d.addErrback(lambda f: self.log.failure("webhook delivery of {queue}", f, queue=self.queue,
@@ -493,6 +494,7 @@ class WebhookDelivery:
         self._request = None
         if isinstance(status, int) and 200 <= status < 300:
             self.delivered += 1
+            self._current = None
             delivery.ack()
             self._log(attempt, status, True)
             return
@@ -518,11 +520,11 @@ class WebhookDelivery:
                                                  error=f.getErrorMessage()))
         if give_up:
             self.given_up += 1
+            self._current = None
             delivery.ack()
             return
         delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         self._timer = self.clock.callLater(delay, self._attempt, message, delivery, attempt + 1)
-        self._current = (message, delivery)
 
     def stop(self) -> Deferred:
         """Stop delivering; a message in progress goes back to the queue."""
