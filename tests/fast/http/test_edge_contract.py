@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-from types import SimpleNamespace
 from typing import Any, List
 
 from twisted.internet import defer
@@ -19,7 +18,7 @@ from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 from ooidx.http import answers, edge
 from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer, json_arguments,
                                 json_kind, printable, result_answer)
-from ooidx.http.edge import (HostAllowList, TrackingSite, host_of, listen_address, mask_query,
+from ooidx.http.edge import (HostAllowList, TrackingSite, host_of, listen_spec, mask_query,
                              masking_log_formatter)
 from ooidx.http.listen import BadEndpoint
 
@@ -223,21 +222,21 @@ class MaskingTests(FastCase):
 
 class ListenTests(FastCase):
     def test_a_plain_tcp_address(self) -> None:
-        config = SimpleNamespace(http=SimpleNamespace(proxy_port=8081, interface="0.0.0.0"), components={})
-        self.assertEqual(listen_address(config, "proxy", None, None, http_port="proxy_port", default_port=1),
-                         (8081, "0.0.0.0"))
-        self.assertEqual(listen_address(None, "proxy", 9, "::1", http_port="proxy_port", default_port=1), (9, "::1"))
+        spec = listen_spec(8081, "0.0.0.0", default_port=1)
+        self.assertEqual((spec.port, spec.interface, spec.tls), (8081, "0.0.0.0", False))
+        spec = listen_spec(None, None, default_port=9)
+        self.assertEqual((spec.port, spec.interface), (9, "127.0.0.1"))
 
-    def test_tls_is_the_web_ports(self) -> None:
-        with self.assertRaises(BadEndpoint):
-            listen_address(None, "proxy", "ssl:8443:privateKey=k.pem:certKey=c.pem", None, http_port="proxy_port",
-                           default_port=1)
+    def test_either_edge_takes_tls(self) -> None:
+        with self.assertRaises(BadEndpoint):  # its files are read when it is checked
+            listen_spec("ssl:8443:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem", None, default_port=1)
 
     def test_the_components_own_options_win(self) -> None:
-        config = SimpleNamespace(http=SimpleNamespace(web_port=1), components={
-            "web": SimpleNamespace(options=SimpleNamespace(port=2, interface="127.0.0.2"))})
-        self.assertEqual(listen_address(config, "web", None, None, http_port="web_port", default_port=3),
-                         (2, "127.0.0.2"))
+        from ooidx.config import listen_of, parse
+
+        config = parse("http: {web_port: 1}\ncomponents: {web: {port: 2, interface: 127.0.0.2}}\n", "dx.yaml",
+                       environ={})
+        self.assertEqual(listen_of(config, "web"), (2, "127.0.0.2"))
 
 
 class StaticTests(FastCase):

@@ -5,11 +5,11 @@ fake poster and host names resolved by a fake resolver."""
 from __future__ import annotations
 
 import uuid
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 from twisted.internet import defer
 
+from ooidx.config import SecurityConfig
 from ooidx import events
 from ooidx.dissemination.notification import Notification
 from ooidx.people.user_notification import UserNotification
@@ -50,6 +50,16 @@ class Poster:
         if isinstance(answer, BaseException):
             return defer.fail(answer)
         return defer.succeed(answer)
+
+    def exchange(self, url: str, body: bytes, headers: Dict[str, str]) -> defer.Deferred:
+        """The receiver's answer to a webhook's verification challenge: it
+        echoes the challenge (as a receiver by the Standard Webhooks convention
+        does), so subscriptions with a webhook become active."""
+        import json
+
+        self.verified = getattr(self, "verified", []) + [url]
+        challenge = json.loads(body).get("challenge")
+        return defer.succeed((200, {}, json.dumps({"challenge": challenge}).encode()))
 
 
 class Stream:
@@ -98,9 +108,9 @@ class People:
         self.store = FakeStore()
         self.pub_sub = FakePubSub(self.bus)
         self.poster = Poster()
-        config = SimpleNamespace(security=SimpleNamespace(allow_private=False, allow_hosts=allow_hosts))
-        common = dict(node="n", config=config, clock=self.clock, webhook_attempts=attempts,
-                      webhook_base_delay=base_delay, webhook_timeout=1.0, poster=self.poster, resolver=resolve)
+        security = SecurityConfig(allow_private=False, allow_hosts=tuple(allow_hosts))
+        common = dict(node="n", security=security, clock=self.clock, webhook_attempts=attempts,
+                      webhook_base_delay=base_delay, webhook_timeout=1.0, poster=self.poster, exchange=self.poster.exchange, resolver=resolve)
         self.notification = Notification("notification", self.bus, node="n", clock=self.clock)
         self.user_notification = UserNotification("user_notification", self.bus, **common)
         self.user_pub_sub = UserPubSub("user_pub_sub", self.bus, **common)

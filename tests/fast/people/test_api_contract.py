@@ -6,7 +6,7 @@ Clock. The loopback version stays in tests/ooidx/test_user_subscriptions.py."""
 from __future__ import annotations
 
 import json
-from typing import Any, List
+from typing import Any
 
 from twisted.internet import defer
 

@@ -1,13 +1,12 @@
 """What a person and a subscription are (ooidx.people.records): names, ids, queue names, bounds."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from ooidx.errors import InvalidRegex
 from ooidx.people.records import (InvalidSubscription, UnknownSubscription, check_id, check_person, hash_token,
-                                  message_id, queue_name, regex_program_size, security_of)
+                                  message_id, queue_name, regex_program_size)
 
 
 class MessageIdTests(SynchronousTestCase):
@@ -42,9 +41,6 @@ class NameTests(SynchronousTestCase):
         self.assertEqual(queue_name("ann", "0123456789ab"), "user.ann.0123456789ab")
         self.assertEqual(len(hash_token("ann.secret")), 64)
         self.assertNotEqual(hash_token("ann.a"), hash_token("ann.b"))
-        self.assertEqual(security_of(None), (False, ()))
-        config = SimpleNamespace(security=SimpleNamespace(allow_private=1, allow_hosts=["h:1"]))
-        self.assertEqual(security_of(config), (True, ("h:1",)))
 
     def test_regex_sizes(self) -> None:
         self.assertLess(regex_program_size("a"), regex_program_size("[a-z]{50}"))

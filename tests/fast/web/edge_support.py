@@ -200,8 +200,9 @@ class Edge:
         self.bus = magnet.connect(f"memory://edge-{uuid.uuid4().hex}", self.clock, node="n", rpc_timeout=5)
         self.token = token
         self.declare = declare
-        self.web = Web("web", self.bus, node="n", port=0, interface=interface, token=token, config=config,
-                       clock=self.clock, **web_options)
+        given = dict(node="n", port=0, interface=interface, token=token, clock=self.clock, **web_options)
+        self.web = Web.from_config("web", self.bus, config, **given) if config is not None else Web("web", self.bus,
+                                                                                                  **given)
         self.site: Any = None
         self.connections: List[Connection] = []
 

@@ -10,10 +10,9 @@ controller stays in tests/ooidx/test_webpage.py.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 import magnet
 from magnet import operation
@@ -109,9 +108,7 @@ BOB = {"id": "ba9876543210", "person": "bob", "kind": "events", "regex": "^event
 class Case(FastCase):
     def edge(self, *, read_token: Optional[bool] = None, interface: str = "127.0.0.1",
              served: Optional[Dict[str, Any]] = None, **options: Any) -> Edge:
-        config = SimpleNamespace(http=SimpleNamespace(allowed_hosts=()), components={},
-                                 security=SimpleNamespace(read_token=read_token))
-        edge = Edge(self, config=config, interface=interface, **options)
+        edge = Edge(self, interface=interface, read_token=read_token, **options)
         self.controller = FakeController()
         all_served = {"controller": self.controller}
         all_served.update(served or {})

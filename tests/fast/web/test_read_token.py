@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Optional
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -11,9 +11,8 @@ from ooidx.web.app import Web
 
 
 def web(interface: str, read_token: Optional[bool]) -> Web:
-    config: Any = SimpleNamespace(http=SimpleNamespace(web_port=0, interface=interface, allowed_hosts=()),
-                                  security=SimpleNamespace(read_token=read_token), components={})
-    return Web.from_config("web", SimpleNamespace(clock=Clock()), config, node="n", token="t" * 20)  # type: ignore[arg-type]
+    return Web("web", SimpleNamespace(clock=Clock()), node="n", token="t" * 20,  # type: ignore[arg-type]
+               port=0, interface=interface, read_token=read_token)
 
 
 class ReadTokenTests(SynchronousTestCase):
