@@ -22,7 +22,7 @@ import os
 import _harness
 import atheris
 
-with atheris.instrument_imports(include=["ooidx.config", "yaml"]):
+with atheris.instrument_imports(include=["ooidx.config", "ooidx.config.model", "ooidx.config.parser", "yaml"]):
     import yaml
 
     from ooidx.config import ConfigError, parse
