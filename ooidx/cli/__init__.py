@@ -89,14 +89,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (0 < value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
-    return value
+_positive = _positive_seconds
 
 
 def config_path_of(args: argparse.Namespace, environ: Optional[Dict[str, str]] = None) -> Optional[str]:

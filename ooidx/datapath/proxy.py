@@ -90,7 +90,7 @@ from ooidx.datapath.hot import (HOT_BYTES, HOT_TTL, AnsweredCounts, Held, HotRes
                                 drop_on_purge, held_from)
 from ooidx.datapath.proxy_url import DAP_SUFFIXES, ProxyError, Target, parse_target, printable
 from ooidx.datapath.relay import HOP_BY_HOP, abort, passed_on_headers, relay
-from ooidx.http.edge import EdgePort, TrackingSite, listen_spec
+from ooidx.http.edge import EdgePort, Listens, TrackingSite, listen_spec
 
 __all__ = ["Proxy", "ProxyError", "DAP_SUFFIXES", "HOP_BY_HOP", "parse_target", "passed_on_headers", "Target"]
 
@@ -156,7 +156,7 @@ class _Root(Resource):
 
 
 
-class Proxy(Component):
+class Proxy(Listens, Component):
     """The HTTP edge for DAP clients: forward proxy and datasets by name."""
 
     log = Logger()
@@ -206,15 +206,6 @@ class Proxy(Component):
 
     # where it listens ----------------------------------------------------------------
 
-
-    @property
-    def port(self) -> int:
-        """The port listened on (the real one when configured as 0)."""
-        return self.edge.port
-
-    @property
-    def url(self) -> str:
-        return self.edge.url
 
     @property
     def _site(self) -> Optional[TrackingSite]:

@@ -6,7 +6,9 @@ an upstream's headers went out."""
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
+
+from ooidx.http.answers import HTTPError
 
 __all__ = ["DAP_SUFFIXES", "DATASETS_PREFIX", "MAX_URI", "NAME", "ProxyError", "Target", "parse_target",
            "printable"]
@@ -23,15 +25,9 @@ MAX_URI = 8192
 _SUFFIXES_LONGEST_FIRST = tuple(s.encode("ascii") for s in sorted(DAP_SUFFIXES, key=len, reverse=True))
 
 
-class ProxyError(Exception):
-    """An answer other than the upstream's, before any header went out."""
-
-    def __init__(self, status: int, kind: str, message: str, headers: Optional[Dict[bytes, bytes]] = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.message = message
-        self.headers = headers or {}
+class ProxyError(HTTPError):
+    """An answer other than the upstream's, before any header went out (a
+    status, a JSON error's type and message, more headers)."""
 
 
 

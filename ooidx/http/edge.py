@@ -185,6 +185,22 @@ def listen_spec(port: Any, interface: Optional[str], *, default_port: int) -> Li
     return parse_listen(default_port if port is None else port, "127.0.0.1" if interface is None else interface)
 
 
+class Listens:
+    """What a component that owns an L{EdgePort} (C{self.edge}) shows of it."""
+
+    edge: EdgePort
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one when configured as 0)."""
+        return self.edge.port
+
+    @property
+    def url(self) -> str:
+        """The edge's own URL (http or https), on an address this machine can use."""
+        return self.edge.url
+
+
 def listen_on(reactor: Any, spec: ListenSpec, site: server.Site) -> Deferred:
     """Listen with C{site} where C{spec} says, through Twisted's endpoints
     (C{serverFromString}: plain TCP or TLS alike); fires with the listening

@@ -53,7 +53,7 @@ from magnet.bus import WORKER
 from ooidx.component import Component
 from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer,
                                 json_arguments, printable, result_answer)
-from ooidx.http.edge import (EdgePort, TrackingSite, listen_spec, mask_query,
+from ooidx.http.edge import (EdgePort, Listens, TrackingSite, listen_spec, mask_query,
                              masking_log_formatter)
 from ooidx.http.listen import is_loopback
 from ooidx.people.api import SubscriptionsApi
@@ -167,7 +167,7 @@ class _Api(Resource):
         return answer(request, result)
 
 
-class Web(Component):
+class Web(Listens, Component):
     """The web edge of a node: /healthz, /metrics and the operator's /api.
 
     It has no queue of its own (pattern None): it listens on the web port
@@ -215,15 +215,6 @@ class Web(Component):
 
     # where it listens ------------------------------------------------------------
 
-
-    @property
-    def port(self) -> int:
-        """The port listened on (the real one when configured as 0)."""
-        return self.edge.port
-
-    @property
-    def url(self) -> str:
-        return self.edge.url
 
     @property
     def _interface(self) -> str:
