@@ -1,0 +1,253 @@
+"""The proxy (ooidx.datapath.proxy) through its own site, spoken to in HTTP/1.1
+bytes with no socket (tests.fast.web.edge_support's in-memory connection), on
+a memory:// bus on a Clock, with a fake controller that streams the answer to
+the request's address: forward proxy and by-name requests, the answer relayed,
+small cache answers held and answered without the bus (and dropped on a
+change), error replies, timeouts, an absent controller, the link going down,
+csv. Statuses and the error kind header only: the error body's shape is
+another helper's. The RabbitMQ version stays in tests/ooidx/test_proxyng.py."""
+from __future__ import annotations
+
+import uuid
+from typing import Any, Dict, List, Optional
+
+from twisted.internet import defer
+
+import magnet
+from magnet import operation, rpc
+
+from ooidx import events
+from ooidx.datapath.cache import PURGE_FANOUT
+from ooidx.datapath.proxy import Proxy
+from ooidx.errors import Forbidden, UpstreamError
+from ooidx.node.bootstrap import declare_topology
+
+from tests.fast.core.support import FastCase, cases, drive, expand, settle
+from tests.fast.web.edge_support import Connection, FakeStore, Response, edge_reactor, request_bytes
+
+UP = "http://data.example.org/opendap/sst.nc"
+
+
+class FakeController:
+    """get_url: answers at the request's address as the cache or a fetcher would."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        self.asked: List[Dict[str, Any]] = []
+        self.records: List[Dict[str, Any]] = []
+        self.mode = "stream"
+        self.via = "cache"
+        self.body = b"Dataset { Int32 x; } sst;\n"
+
+    @operation
+    def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
+                request_id: Optional[str] = None) -> Any:
+        self.asked.append({"url": url, "method": method, "dataset": dataset})
+        if self.mode == "forbidden":
+            raise Forbidden(f"{url} is under no registered dataset")
+        if self.mode == "upstream":
+            raise UpstreamError("connection refused")
+        if self.mode == "stream":
+            metadata = {"status": 200, "reason": "OK", "url": url, "source": self.via, "length": len(self.body),
+                        "headers": [["Content-Type", "text/plain"], ["Connection", "close"],
+                                    ["Set-Cookie", "a=b"]]}
+            self.bus.send_stream(address, metadata, [self.body], correlation_id=request_id)
+        return {"via": self.via}  # "silent": no stream ever comes
+
+    @operation
+    def record(self, **kwargs: Any) -> None:
+        self.records.append(kwargs)
+
+
+class FakeCsv:
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        self.asked: List[Dict[str, Any]] = []
+
+    @operation
+    def render(self, **kwargs: Any) -> None:
+        self.asked.append(kwargs)
+        self.bus.send_stream(kwargs["address"], {"status": 200, "headers": [["Content-Type", "text/csv"]],
+                                                 "length": 4}, [b"x,y\n"], correlation_id=kwargs["request_id"])
+
+
+@expand
+class ProxyTests(FastCase):
+    def start(self, *, controller: bool = True, **options: Any) -> Proxy:
+        self.clock = edge_reactor(self)
+        self.bus = magnet.connect(f"memory://proxy-{uuid.uuid4().hex}", self.clock, node="n", rpc_timeout=5)
+        self.store = FakeStore()
+        self.store.data["dataset:sst"] = {"name": "sst", "url": UP, "status": "registered"}
+        self.controller = FakeController(self.bus)
+        self.csv = FakeCsv(self.bus)
+        options.setdefault("answer_timeout", 20.0)
+        options.setdefault("lookup_timeout", 5.0)
+        proxy = Proxy("proxyng", self.bus, node="n", clock=self.clock, reactor=self.clock, port=0,
+                      interface="127.0.0.1", **options)
+
+        @defer.inlineCallbacks
+        def go() -> Any:
+            self.bus.startService()
+            yield self.bus.when_connected()
+            yield declare_topology(self.bus)
+            yield self.bus.serve("attribute_store", self.store)
+            yield self.bus.serve("csv", self.csv)
+            if controller:
+                yield self.bus.serve("controller", self.controller)
+            else:
+                yield self.bus.transport.delete_queue("controller")
+            yield proxy.start()
+
+        drive(self, self.clock, go())
+        self.site = self.clock.tcpServers[-1][1]
+        self.proxy = proxy
+        self.addCleanup(self.stop)
+        return proxy
+
+    def stop(self) -> None:
+        @defer.inlineCallbacks
+        def go() -> Any:
+            if self.proxy.running or self.proxy.started:
+                yield self.proxy.stopService()
+            yield self.bus.stopService()
+        drive(self, self.clock, go())
+
+    def open(self, target: str, method: str = "GET", peer: str = "127.0.0.1") -> Connection:
+        connection = Connection(self.site, peer=peer)
+        connection.send(request_bytes(method, target, None, {"Host": "127.0.0.1:8080", "Connection": "close"}))
+        return connection
+
+    def get(self, target: str, method: str = "GET", seconds: float = 30.0) -> Response:
+        connection = self.open(target, method)
+        settle(self.clock)
+        waited = 0.0
+        while True:
+            response = connection.response(method == "HEAD")
+            if response is not None and response.complete:
+                connection.close()
+                return response
+            if waited >= seconds:
+                self.fail(f"no whole response to {target}: {connection.transport.value()[:300]!r}")
+            self.clock.advance(0.05)
+            settle(self.clock)
+            waited += 0.05
+
+    def test_forward_proxy(self) -> None:
+        self.start()
+        r = self.get(UP + ".dds?time[0:1:2]")
+        self.assertEqual((r.status, r.body), (200, self.controller.body))
+        self.assertEqual(r.header("Content-Type"), "text/plain")
+        self.assertIsNone(r.header("Set-Cookie"))
+        self.assertEqual(self.controller.asked, [{"url": UP + ".dds?time[0:1:2]", "method": "GET",
+                                                  "dataset": None}])
+        self.assertEqual(self.proxy.active, 0)
+
+    def test_by_name_and_held(self) -> None:
+        proxy = self.start(record_interval=1.0)
+        r = self.get("/datasets/sst.dds?x")
+        self.assertEqual((r.status, r.body), (200, self.controller.body))
+        self.assertEqual(self.controller.asked[0], {"url": UP + ".dds?x", "method": "GET", "dataset": "sst"})
+        self.assertEqual(len(proxy.hot), 1)  # the cache served it: held
+        again = self.get("/datasets/sst.dds?x")
+        self.assertEqual((again.status, again.body), (200, self.controller.body))
+        self.assertEqual(len(self.controller.asked), 1)  # answered at the proxy
+        self.assertEqual(proxy.hot.hits, 1)
+        self.clock.advance(1.0)
+        settle(self.clock)
+        self.assertEqual([(rec["url"], rec["count"]) for rec in self.controller.records], [(UP + ".dds?x", 1)])
+        # a change of the dataset drops what is held (and the remembered base URL)
+        drive(self, self.clock, events.emit(self.bus, "fetched", "sst", url=UP))
+        settle(self.clock)
+        self.assertEqual(len(proxy.hot), 0)
+        self.get("/datasets/sst.dds?x")
+        self.assertEqual(len(self.controller.asked), 2)
+        drive(self, self.clock, self.bus.send(PURGE_FANOUT, rpc.request("purge", {"name": "sst", "base_url": UP})))
+        settle(self.clock)
+        self.assertEqual(len(proxy.hot), 0)
+
+    def test_a_fetchers_answer_is_not_held(self) -> None:
+        proxy = self.start()
+        self.controller.via = "fetcher"
+        self.assertEqual(self.get(UP + ".das").status, 200)
+        self.assertEqual(len(proxy.hot), 0)
+
+    def test_head(self) -> None:
+        self.start()
+        r = self.get(UP + ".dds", method="HEAD")
+        self.assertEqual((r.status, r.body), (200, b""))
+        self.assertEqual(self.controller.asked[0]["method"], "HEAD")
+
+    @cases("target, method, status, kind", [
+        (UP + ".dds", "POST", 405, "MethodNotAllowed"),
+        ("/nowhere", "GET", 404, "NotFound"),
+        ("/datasets/-x.dds", "GET", 400, "InvalidName"),
+        ("ftp://data.example.org/x", "GET", 400, "InvalidURL"),
+        ("/datasets/nope.dds", "GET", 404, "UnknownDataset"),
+    ])
+    def test_refused_before_the_bus(self, target: str, method: str, status: int, kind: str) -> None:
+        self.start()
+        r = self.get(target, method=method)
+        self.assertEqual((r.status, r.header("X-Ooidx-Error")), (status, kind))
+        self.assertEqual(r.header("Content-Type"), "text/plain; charset=utf-8")
+        self.assertEqual(self.controller.asked, [])
+
+    @cases("mode, status, kind", [("forbidden", 403, "Forbidden"), ("upstream", 502, "UpstreamError")])
+    def test_error_replies(self, mode: str, status: int, kind: str) -> None:
+        self.start()
+        self.controller.mode = mode
+        r = self.get(UP + ".dds")
+        self.assertEqual((r.status, r.header("X-Ooidx-Error")), (status, kind))
+        self.flushLoggedErrors()  # the bus logs an operation's failure
+
+    def test_no_answer_in_time_is_504(self) -> None:
+        self.start(answer_timeout=3.0)
+        self.controller.mode = "silent"
+        r = self.get(UP + ".dds", seconds=10)
+        self.assertEqual((r.status, r.header("X-Ooidx-Error")), (504, "GatewayTimeout"))
+
+    def test_no_controller_is_503(self) -> None:
+        self.start(controller=False)
+        r = self.get(UP + ".dds")
+        self.assertEqual(r.status, 503)
+
+    def test_link_down_answers_the_waiting_503(self) -> None:
+        proxy = self.start()
+        self.controller.mode = "silent"
+        connection = self.open(UP + ".dds")
+        settle(self.clock)
+        self.assertEqual(len(proxy._waiting), 1)
+        proxy._link_changed(True)  # up: nothing changes
+        proxy._link_changed(False)
+        settle(self.clock)
+        response = connection.response()
+        self.assertEqual((response.status, response.header("X-Ooidx-Error")), (503, "Unavailable"))
+
+    def test_too_many_from_one_client_is_429(self) -> None:
+        proxy = self.start(max_per_client=1)
+        self.controller.mode = "silent"
+        first = self.open(UP + ".dds", peer="192.0.2.7")
+        settle(self.clock)
+        second = self.open(UP + ".das", peer="192.0.2.7")
+        settle(self.clock)
+        response = second.response()
+        self.assertEqual((response.status, response.header("Retry-After")), (429, "1"))
+        self.assertEqual(proxy.refused, 1)
+        first.close()  # the client hangs up; its slot is held until the wait for the answer ends
+        self.clock.advance(proxy.answer_timeout)
+        settle(self.clock)
+        self.assertEqual(proxy._per_client, {})
+
+    def test_csv_goes_to_the_csv_component(self) -> None:
+        self.start()
+        r = self.get("/datasets/sst.csv?x")
+        self.assertEqual((r.status, r.body), (200, b"x,y\n"))
+        self.assertEqual(self.csv.asked[0]["url"], UP + ".dods?x")
+        self.assertEqual(self.controller.asked, [])
+
+    def test_a_request_body_is_refused(self) -> None:
+        self.start()
+        connection = Connection(self.site)
+        connection.send(request_bytes("GET", UP + ".dds", b"x" * (64 * 1024 + 1),
+                                      {"Host": "127.0.0.1:8080"}))
+        settle(self.clock)
+        self.assertIn(b"413 Payload Too Large", connection.transport.value())
