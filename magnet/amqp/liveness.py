@@ -38,7 +38,6 @@ from magnet.amqp.protocol import ChannelError, _AMQPProtocol, channel_error, des
 
 if TYPE_CHECKING:  # pragma: no cover
     from magnet.amqp.channels import AMQPConsumer
-    from magnet.amqp.transport import AMQPTransport
 
 #: why a consumer was restarted: the label values of magnet_consumer_restarts_total
 RECONNECT = "reconnect"
@@ -52,7 +51,8 @@ class LivenessCheck:
 
     log = Logger()
 
-    def __init__(self, transport: "AMQPTransport", interval: float) -> None:
+    def __init__(self, transport: Any, interval: float) -> None:
+        """C{transport}: the L{magnet.amqp.transport.AMQPTransport} whose consumers are checked."""
         self.transport = transport
         self.interval = interval
         self._loop: Optional[LoopingCall] = None
