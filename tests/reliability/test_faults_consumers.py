@@ -235,8 +235,13 @@ async def test_daemon_connection_closed_by_the_broker(tmp_path: Path, private_ra
         t_close = time.monotonic()
         for pid in daemon:
             await deferToThread(ctl, broker, "close_connection", pid, "reliability: consumer connection closed")
-        await eventually(lambda: metric_value(node.metrics(), "magnet_consumer_restarts_total", name="controller",
-                                              reason="reconnect") > before, 30, "the controller's consumer back")
+        try:
+            await eventually(lambda: metric_value(node.metrics(), "magnet_consumer_restarts_total",
+                                                  name="controller", reason="reconnect") > before, 30,
+                             "the controller's consumer back")
+        except AssertionError as e:
+            restarts = [line for line in node.metrics().splitlines() if "consumer_restarts" in line]
+            raise AssertionError(f"{e}\n{daemon} {rows}\n{restarts}\n{node.log()[-3000:]}") from None
         await eventually(lambda: producer.confirmed_since(time.monotonic() - 1) > 0, 30, "tasks flowing")
         t_back = time.monotonic() - t_close
         recovered = time.monotonic()
@@ -258,6 +263,11 @@ async def test_daemon_connection_closed_by_the_broker(tmp_path: Path, private_ra
     assert figures["lost"] == 0, figures
     assert outcomes["wrong"] == 0, [r for r in load.results if not r["ok"] and r["status"] not in (502, 503, 504)]
     assert after["ok"] == sum(after.values()) > 0, after
+    assert t_back < 10, notes_of(t_back)
+
+
+def notes_of(t_back: float) -> str:
+    return f"consumers back only {t_back:.1f} s after the broker closed the connection"
 
 
 def consumer_timeout_node(factory: Any, timeout_ms: int = 3000) -> Any:
