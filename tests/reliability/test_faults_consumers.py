@@ -320,9 +320,12 @@ async def test_consumer_timeout_on_a_slow_fetch(tmp_path: Path, private_rabbitmq
     record("consumer_timeout closes a slow fetcher's channel", faults_injected=1, sent=figures["sent"],
            confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
            duplicated=figures["duplicated"], errors=outcomes["wrong"],
-           notes=f"consumer_timeout 3 s, a 6 s fetch: {slow_results[0]['status']} "
+           notes=f"consumer_timeout 3 s, a 6 s fetch: the broker closed the fetcher's channel {restarts:.0f} "
+                 f"time(s), so the fetch was delivered {1 + restarts:.0f} times; its client got "
+                 f"{slow_results[0]['status']} "
                  f"{slow_results[0]['bytes']} bytes in {slow_results[0]['elapsed']:.1f} s (whole: "
-                 f"{slow_results[0]['ok']}); fetcher channel restarts {restarts:.0f}; fetcher deliveries during "
+                 f"{slow_results[0]['ok']}; a 502 when the proxy sees its request delivered again); fetcher "
+                 f"deliveries during "
                  f"the test {metric_value(metrics, 'magnet_messages_in_total', name='fetcher') - fetches_before:.0f}; "
                  f"HTTP {outcomes}, after {after}")
     assert figures["lost"] == 0, figures
