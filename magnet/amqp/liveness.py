@@ -19,6 +19,10 @@ consumes, how many consumers it has (a passive C{queue.declare}), and:
     topology when this transport declared it (as after the broker's cancel),
     else left until someone declares it.
 
+No check runs while the broker blocks the link's publishers (a memory or
+disk alarm): RabbitMQ then stops reading the link, and an unanswered check
+must not drop it (one already asked then gives up its channel, not the link).
+
 Every restart, by this check or by the transport's own handling of a cancel,
 a closed channel or a reconnect, is logged and counted
 (L{magnet.observer.BusObserver.consumer_restarted}, C{consumer_restarts}).
@@ -81,6 +85,8 @@ class LivenessCheck:
         """One pass over every queue consumed (at most one pass at a time; a pass never fails)."""
         if self._running is not None or protocol.lost or self.transport._stopping:
             return None
+        if protocol.blocked is not None:
+            return None  # the broker reads nothing of this link until the block lifts: the next tick checks
         d = self._check(protocol)
         self._running = d
 
@@ -101,7 +107,7 @@ class LivenessCheck:
             if not consumer.cancelled:
                 wanted.setdefault(consumer.queue, []).append(consumer)
         for queue, consumers in wanted.items():
-            if protocol.lost or transport._stopping:
+            if protocol.lost or transport._stopping or protocol.blocked is not None:
                 return
             if queue in transport._lost_queues or transport._redeclaring:
                 continue  # the broker cancelled them: being declared again already
@@ -129,7 +135,9 @@ class LivenessCheck:
         """The broker's count of C{queue}'s consumers; None if it has no such queue (or did not say)."""
         transport = self.transport
         try:
-            ok = yield transport._control_call(protocol, lambda ch: ch.queue_declare(queue=queue, passive=True))
+            # a broker that blocks publishers stops reading the link: no answer then is no reason to drop it
+            ok = yield transport._control_call(protocol, lambda ch: ch.queue_declare(queue=queue, passive=True),
+                                               drop_link=False)
         except Closed as e:
             if protocol.lost:
                 return None

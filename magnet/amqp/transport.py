@@ -41,7 +41,7 @@ from magnet.amqp.channels import AMQPConsumer, _ConsumerChannel, _Pending, _Publ
 from magnet.amqp.liveness import LivenessCheck
 from magnet.amqp.protocol import ChannelError, _AMQPProtocol, answer_within, channel_error, describe
 from magnet.amqp.publishing import Publishing
-from magnet.errors import ConnectionLost, Unroutable
+from magnet.errors import ConnectionLost, Timeout, Unroutable
 from magnet.transport import OnDelivery
 
 
@@ -208,15 +208,31 @@ class AMQPTransport(Publishing):
     # -- declarations
 
     @defer.inlineCallbacks
-    def _control_call(self, protocol: _AMQPProtocol, call: Callable[[Any], Deferred]) -> Any:
-        """Run one synchronous method on the declarations channel (one at a time)."""
+    def _control_call(self, protocol: _AMQPProtocol, call: Callable[[Any], Deferred],
+                      drop_link: bool = True) -> Any:
+        """Run one synchronous method on the declarations channel (one at a time).
+
+        No answer within C{operation_timeout} drops the link (the broker is
+        not answering), unless not C{drop_link}: then only the channel is
+        given up (a late answer must not be taken for the next request's),
+        for a caller that can tell a broker that stopped reading this link
+        (it blocks publishers) from a dead one.
+        """
         yield self._control_lock.acquire()
         try:
             ch = self._control
             if ch is None or ch.closed or ch.client is not protocol:
                 ch = yield protocol.open_channel()
                 self._control = ch
-            result = yield answer_within(call(ch), self.operation_timeout, self.reactor, protocol)
+            try:
+                result = yield answer_within(call(ch), self.operation_timeout, self.reactor,
+                                             protocol if drop_link else None)
+            except Timeout:
+                if self._control is ch:
+                    self._control = None
+                    if not protocol.lost:
+                        protocol.close_channel(ch).addErrback(lambda _: None)
+                raise
         finally:
             self._control_lock.release()
         return result

@@ -61,12 +61,17 @@ class LivenessTests(SynchronousTestCase):
         self.transport._protocol = self.proto
         self.transport.connected = True
         self.control = FakeControlChannel()
-        self.transport._control_call = lambda protocol, call: call(self.control)  # type: ignore[method-assign]
+        self.drop_link: List[bool] = []
+        self.transport._control_call = self._control_call  # type: ignore[method-assign]
         self.started: List[str] = []
         self.transport._start_consumer = self._start_consumer  # type: ignore[method-assign]
         self.closed: List[Any] = []
         self.proto.close_channel = lambda ch: (self.closed.append(ch), defer.succeed(None))[1]  # type: ignore
         self.channels = 0
+
+    def _control_call(self, protocol: Any, call: Any, drop_link: bool = True) -> Deferred:
+        self.drop_link.append(drop_link)
+        return call(self.control)
 
     def _start_consumer(self, protocol: Any, consumer: AMQPConsumer) -> Deferred:
         """What basic.consume does: the consumer delivers on a fresh channel."""
@@ -224,3 +229,43 @@ class LivenessTests(SynchronousTestCase):
         self.answer(0)
         text = prometheus.generate().decode()
         self.assertIn('magnet_consumer_restarts_total{name="fetcher",reason="missing"} 1.0', text)
+
+    def test_checks_never_drop_the_link(self) -> None:
+        self.consumer("fetcher")
+        self.transport.liveness.start(self.proto)
+        self.answer(1)
+        self.assertEqual(self.drop_link, [False])
+
+    def test_no_check_while_the_broker_blocks_publishers(self) -> None:
+        """RabbitMQ stops reading a blocked link: a check then would go unanswered."""
+        consumer = self.consumer("fetcher", active=False)
+        self.proto.blocked = "low on memory"
+        self.transport.liveness.start(self.proto)
+        self.clock.advance(self.INTERVAL * 3)
+        self.assertEqual(self.control.declares, [])
+        self.proto.blocked = None
+        self.clock.advance(self.INTERVAL)
+        self.answer(0)
+        self.assertTrue(consumer.active)
+
+
+class UnansweredCheckTests(SynchronousTestCase):
+    def test_an_unanswered_check_gives_up_its_channel_not_the_link(self) -> None:
+        clock = Clock()
+        transport = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=clock, operation_timeout=5)
+        proto = _AMQPProtocol(transport, transport.urls[0], transport.spec, clock, 0)
+        tcp = StringTransport()
+        proto.makeConnection(tcp)
+        control = FakeControlChannel()
+        control.closed, control.client = False, proto  # type: ignore[attr-defined]
+        transport._control = control
+        closed: List[Any] = []
+        proto.close_channel = lambda ch: (closed.append(ch), defer.succeed(None))[1]  # type: ignore
+        d = transport._control_call(proto, lambda ch: ch.queue_declare(queue="fetcher", passive=True),
+                                    drop_link=False)
+        clock.advance(5)
+        from magnet.errors import Timeout
+        self.failureResultOf(d, Timeout)
+        self.assertFalse(tcp.disconnecting)
+        self.assertIsNone(transport._control)
+        self.assertEqual(closed, [control])
