@@ -12,9 +12,10 @@ consumes, how many consumers it has (a passive C{queue.declare}), and:
 
   - a consumer with no channel here (lost, and not being restarted) is
     consumed again;
-  - consumers the broker does not count (fewer there than here) are
-    restarted: their channel closed (what they held goes back to the queue)
-    and consumed again;
+  - consumers of a queue the broker counts none for are restarted: their
+    channel closed (what they held goes back to the queue) and consumed
+    again. (Only none counts: the count takes in other nodes' consumers, and
+    a quorum queue with a single active consumer counts only the active one.)
   - a queue the broker no longer has is declared again with the remembered
     topology when this transport declared it (as after the broker's cancel),
     else left until someone declares it.
@@ -117,12 +118,12 @@ class LivenessCheck:
             consumers = [c for c in consumers if not c.cancelled and not c._resuming]
             missing = [c for c in consumers if c._channel is None]
             live = [c for c in consumers if c._channel is not None]
-            if live and count < len(live):
+            if live and count == 0:
                 for consumer in live:
                     self._drop(consumer)
                 missing += live
-                self.log.warn("queue {queue!r} has {count} consumer(s) at the broker, {mine} here: "
-                              "restarting them", queue=queue, count=count, mine=len(live))
+                self.log.warn("queue {queue!r} has no consumer at the broker, {mine} here: restarting them",
+                              queue=queue, mine=len(live))
             if missing:
                 for consumer in missing:
                     consumer._lost = MISSING

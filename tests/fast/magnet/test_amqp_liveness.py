@@ -152,6 +152,15 @@ class LivenessTests(SynchronousTestCase):
         self.assertIsNot(consumer._channel, old)
         self.assertEqual(self.observer.restarts, [("fetcher", "missing")])
 
+    def test_a_single_active_consumer_queue_counting_one_of_ours_is_left_alone(self) -> None:
+        """A quorum queue with a single active consumer counts only the active one."""
+        first, second = self.consumer("cache.node"), self.consumer("cache.node")
+        channels = (first._channel, second._channel)
+        self.transport.liveness.start(self.proto)
+        self.answer(1)
+        self.assertEqual((first._channel, second._channel), channels)
+        self.assertEqual(self.started, [])
+
     def test_a_queue_gone_at_the_broker_is_declared_again(self) -> None:
         self.consumer("fetcher")
         self.transport.liveness.start(self.proto)
