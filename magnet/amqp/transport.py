@@ -545,6 +545,7 @@ class AMQPTransport(Publishing):
         connection is gone, and still hold its exclusive queues for a moment.
         """
         deadline = self.reactor.seconds() + min(self.operation_timeout, 10.0)
+        waited = False
         while True:
             try:
                 yield step()
@@ -555,6 +556,11 @@ class AMQPTransport(Publishing):
                 error = channel_error(e)
             locked = isinstance(error, ChannelError) and error.reply_code == 405
             if locked and self.reactor.seconds() < deadline:
+                if not waited:
+                    self.log.info("after reconnecting, the {what} is still locked by the previous link; "
+                                  "trying again for up to {seconds:.0f} s", what=what,
+                                  seconds=deadline - self.reactor.seconds())
+                waited = True
                 yield deferLater(self.reactor, 0.2, lambda: None)
                 continue
             self.log.error("after reconnecting, the broker refused the {what}: {reason}", what=what,
