@@ -24,3 +24,9 @@ class BusObserver:
 
     def rpc_latency(self, address: str, op: str, seconds: float, outcome: str) -> None:
         """A call finished (C{outcome} is 'ok' or 'error')."""
+
+    def consumer_restarted(self, queue: str, reason: str) -> None:
+        """A consumer of C{queue} consumes again after it was lost; C{reason} is
+        'reconnect', 'cancelled' (its queue deleted), 'channel_closed' (by the
+        broker: an error, consumer_timeout) or 'missing' (found by the liveness
+        check of L{magnet.amqp.liveness})."""

@@ -105,6 +105,8 @@ class AMQPConsumer:
         self._channel: Optional[_ConsumerChannel] = None
         self._ch: Any = None  # the txAMQP channel under it
         self._resuming = False
+        #: why it lost its channel (a reason of L{magnet.amqp.liveness}), until it consumes again
+        self._lost: Optional[str] = None
 
     def cancel(self) -> Deferred:
         """Stop deliveries; unacknowledged messages go back to the queue."""

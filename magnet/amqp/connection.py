@@ -57,6 +57,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp.client import Closed
@@ -318,7 +319,7 @@ class Link:
 
     def _wait_link(self, timeout: Optional[float]) -> Deferred:
         """Fires with the protocol once the link is up; L{NotConnected} after C{timeout}."""
-        if self.connected and self._protocol is not None:
+        if self.connected and self._protocol is not None and not self._protocol.closed:
             return succeed(self._protocol)
         if self._stopping:
             return defer.fail(NotConnected("the transport is stopped"))
@@ -354,7 +355,10 @@ class Link:
             try:
                 result = yield run(protocol)
             except Closed as e:
-                if protocol.lost or protocol is not self._protocol:
-                    continue  # the link went down under it: try again on the next one
+                if protocol.lost or protocol.closed or protocol is not self._protocol:
+                    # the link went down under it (or the broker closed it): try again on the next
+                    # one, after a pause, so that this never spins while the old link is going
+                    yield deferLater(self.reactor, 0.05, lambda: None)
+                    continue
                 raise channel_error(e) from None
             return result

@@ -106,11 +106,22 @@ class _Delegate(TwistedDelegate):
         client.start_heartbeat(heartbeat)
         client.started.fire()
 
+    #: seconds from the broker's connection.close to dropping a socket that did not close by itself
+    CLOSE_GRACE = 1.0
+
     def connection_close(self, ch: Any, msg: Any) -> None:
         self.client.close_reason = f"{msg.reply_code} {msg.reply_text}"
         self.log.warn("broker {url} closed the connection: {code} {text}", url=self.client.url,
                       code=msg.reply_code, text=msg.reply_text)
-        TwistedDelegate.connection_close(self, ch, msg)
+        TwistedDelegate.connection_close(self, ch, msg)  # close-ok, then loseConnection
+        # loseConnection waits until what is buffered is written, and a broker
+        # that closed the connection may stop reading it (RabbitMQ after
+        # `rabbitmqctl close_connection` under load: it waits 30 s for a
+        # close-ok stuck behind our publishes, heartbeating meanwhile). The
+        # link would look alive, every consumer idle, for that long: the
+        # socket is aborted if it is not gone within CLOSE_GRACE.
+        client = self.client
+        client.clock.callLater(self.CLOSE_GRACE, client.abort_if_open)
 
     def channel_close(self, ch: Any, msg: Any) -> None:
         ch.channel_close_ok()
@@ -396,6 +407,13 @@ class _AMQPProtocol(AMQClient):
                               url=self.url, seconds=self._heartbeat * 2)
                 self.transport.abortConnection()
         self._received = False
+
+    def abort_if_open(self) -> None:
+        """Drop the socket unless it is gone already (see L{_Delegate.connection_close})."""
+        if not self.lost and self.transport is not None:
+            self.log.warn("broker {url} closed the connection but the socket is still open; dropping it",
+                          url=self.url)
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.lost = True

@@ -14,7 +14,12 @@ broker's blocks), and here what else the bus asks of a transport:
   - consumers, one channel each, that survive reconnects, a channel the
     broker closes, and a cancel from the broker (their queue deleted: a
     queue declared here is declared again, with the rest of the remembered
-    topology, and the consumers resume).
+    topology, and the consumers resume);
+  - consumer liveness (L{magnet.amqp.liveness}): after every reconnect and
+    then every C{liveness_interval}, every queue consumed is checked at the
+    broker for its consumers, and what is missing is consumed again; every
+    restart of a consumer is logged and counted (C{consumer_restarts}, and
+    the observer's C{consumer_restarted}).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import functools
 import itertools
 import uuid
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Union
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -31,10 +36,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp.client import Closed
 
+from magnet.amqp import liveness
 from magnet.amqp.channels import AMQPConsumer, _ConsumerChannel, _Pending, _PublishChannel
+from magnet.amqp.liveness import LivenessCheck
 from magnet.amqp.protocol import ChannelError, _AMQPProtocol, answer_within, channel_error, describe
 from magnet.amqp.publishing import Publishing
-from magnet.errors import ConnectionLost, Unroutable
+from magnet.errors import ConnectionLost, Timeout, Unroutable
 from magnet.transport import OnDelivery
 
 
@@ -60,6 +67,14 @@ class AMQPTransport(Publishing):
         a channel to a quorum queue whose first publish there found the
         queue's leader on a node that had just died, for as long as the
         channel lives; a fresh channel publishes fine.)
+    @param liveness_interval: seconds between two checks that every queue
+        consumed has its consumers at the broker (L{magnet.amqp.liveness});
+        by default the heartbeat's interval, or 30 s without heartbeats; 0:
+        no periodic check.
+    @param observer: told of every consumer restart
+        (C{consumer_restarted(queue, reason)}, see L{magnet.observer}); the
+        daemon hands the bus's observer here (also settable later, as
+        C{transport.observer}).
     @param tls_options: an C{IOpenSSLClientConnectionCreator} for amqps URLs,
         for what the URL options cannot say (it names one host, so it suits
         one broker, not a cluster). By default an C{amqps://} URL verifies the
@@ -91,6 +106,8 @@ class AMQPTransport(Publishing):
         auth_mechanism: str = "PLAIN",
         tls_options: Any = None,
         nack_retries: int = 8,
+        liveness_interval: Optional[float] = None,
+        observer: Any = None,
     ) -> None:
         Publishing.__init__(self, urls, reactor=reactor, heartbeat=heartbeat, operation_timeout=operation_timeout,
                             backoff=backoff, connect_timeout=connect_timeout, close_timeout=close_timeout,
@@ -105,6 +122,12 @@ class AMQPTransport(Publishing):
         self._lost_queues: Set[str] = set()
         self._redeclaring = False
         self._redeclare_call: Any = None
+        if liveness_interval is None:
+            liveness_interval = heartbeat if heartbeat > 0 else 30.0
+        self.liveness = LivenessCheck(self, liveness_interval)
+        self.observer = observer
+        #: consumers restarted since the start, by reason (see L{magnet.amqp.liveness})
+        self.consumer_restarts: Dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<AMQPTransport {', '.join(u.masked() for u in self.urls)} connected={self.connected}>"
@@ -114,7 +137,31 @@ class AMQPTransport(Publishing):
         if self._redeclare_call is not None and self._redeclare_call.active():
             self._redeclare_call.cancel()
         self._redeclare_call = None
+        self.liveness.stop()
         return Publishing.stop(self)
+
+    @property
+    def blocked(self) -> Optional[str]:
+        """The broker's reason while it blocks this link's publishers (a memory or disk alarm), else None."""
+        protocol = self._protocol
+        return protocol.blocked if protocol is not None and not protocol.lost else None
+
+    def consumer_health(self) -> Dict[str, Any]:
+        """What a health page shows of the consumers: the queues without a consumer now, restarts so far."""
+        down: List[str] = sorted({c.queue for c in self._consumers.values() if not c.cancelled and not c.active})
+        return {"down": down, "restarts": sum(self.consumer_restarts.values())}
+
+    def _restarted(self, consumer: AMQPConsumer) -> None:
+        """C{consumer} consumes again after it was lost: log it and count it."""
+        reason, consumer._lost = consumer._lost or liveness.MISSING, None
+        self.consumer_restarts[reason] = self.consumer_restarts.get(reason, 0) + 1
+        self.log.info("consumer of queue {queue!r} restarted ({reason})", queue=consumer.queue, reason=reason)
+        observer = self.observer
+        if observer is not None and hasattr(observer, "consumer_restarted"):
+            try:
+                observer.consumer_restarted(consumer.queue, reason)
+            except Exception:
+                self.log.failure("the observer failed to count a consumer restart")
 
     # -- the link's setup and loss (see Link)
 
@@ -128,6 +175,7 @@ class AMQPTransport(Publishing):
         self._publisher = publisher
         self._control = None
         yield self._replay(protocol)
+        self.liveness.start(protocol)
 
     def _link_lost(self, protocol: _AMQPProtocol, current: bool) -> None:
         """Publishes awaiting a confirm fail with L{ConnectionLost}; consumers wait for the next link."""
@@ -149,8 +197,10 @@ class AMQPTransport(Publishing):
                 if fast.consumer._channel is fast:
                     fast.consumer._channel = None
                     fast.consumer.active = False
+                    fast.consumer._lost = liveness.RECONNECT
         protocol.fast.clear()
         if current:
+            self.liveness.stop()
             self._control = None
             # the next link starts unblocked: publishes held for this one wait for it instead
             self._release_held()
@@ -158,15 +208,31 @@ class AMQPTransport(Publishing):
     # -- declarations
 
     @defer.inlineCallbacks
-    def _control_call(self, protocol: _AMQPProtocol, call: Callable[[Any], Deferred]) -> Any:
-        """Run one synchronous method on the declarations channel (one at a time)."""
+    def _control_call(self, protocol: _AMQPProtocol, call: Callable[[Any], Deferred],
+                      drop_link: bool = True) -> Any:
+        """Run one synchronous method on the declarations channel (one at a time).
+
+        No answer within C{operation_timeout} drops the link (the broker is
+        not answering), unless not C{drop_link}: then only the channel is
+        given up (a late answer must not be taken for the next request's),
+        for a caller that can tell a broker that stopped reading this link
+        (it blocks publishers) from a dead one.
+        """
         yield self._control_lock.acquire()
         try:
             ch = self._control
             if ch is None or ch.closed or ch.client is not protocol:
                 ch = yield protocol.open_channel()
                 self._control = ch
-            result = yield answer_within(call(ch), self.operation_timeout, self.reactor, protocol)
+            try:
+                result = yield answer_within(call(ch), self.operation_timeout, self.reactor,
+                                             protocol if drop_link else None)
+            except Timeout:
+                if self._control is ch:
+                    self._control = None
+                    if not protocol.lost:
+                        protocol.close_channel(ch).addErrback(lambda _: None)
+                raise
         finally:
             self._control_lock.release()
         return result
@@ -334,6 +400,7 @@ class AMQPTransport(Publishing):
         if consumer._channel is state:
             consumer._channel = None
             consumer.active = False
+            consumer._lost = liveness.CANCELLED
         mine = ("queue", consumer.queue) in self._topology
         if not consumer.cancelled:
             if mine:
@@ -397,7 +464,7 @@ class AMQPTransport(Publishing):
 
                 def resumed(c: AMQPConsumer) -> None:
                     c._resuming = False
-                    self.log.info("consumer of queue {queue!r} resumed", queue=c.queue)
+                    self._restarted(c)
 
                 def not_resumed(f: Failure, c: AMQPConsumer = consumer) -> None:
                     c._resuming = False
@@ -431,6 +498,7 @@ class AMQPTransport(Publishing):
             if was_active:
                 consumer._channel = None
                 consumer.active = False
+                consumer._lost = liveness.CHANNEL_CLOSED
             if was_active and not consumer.cancelled:
                 self.log.warn("broker closed the channel of the consumer of {queue!r}: {code} {text}; "
                               "resuming it", queue=consumer.queue, code=code, text=text)
@@ -446,10 +514,16 @@ class AMQPTransport(Publishing):
         """Declare the remembered topology again, then resume every consumer."""
         yield self._replay_topology(protocol)
         for consumer in list(self._consumers.values()):
-            if consumer.cancelled:
+            if consumer.cancelled or consumer._channel is not None:
                 continue
-            yield self._replay_step(protocol, functools.partial(self._start_consumer, protocol, consumer),
-                                    f"consumer of {consumer.queue!r}")
+            consumer._resuming = True
+            try:
+                yield self._replay_step(protocol, functools.partial(self._start_consumer, protocol, consumer),
+                                        f"consumer of {consumer.queue!r}")
+            finally:
+                consumer._resuming = False
+            if consumer._channel is not None:
+                self._restarted(consumer)
 
     @defer.inlineCallbacks
     def _replay_topology(self, protocol: _AMQPProtocol) -> Any:
@@ -471,6 +545,7 @@ class AMQPTransport(Publishing):
         connection is gone, and still hold its exclusive queues for a moment.
         """
         deadline = self.reactor.seconds() + min(self.operation_timeout, 10.0)
+        waited = False
         while True:
             try:
                 yield step()
@@ -481,6 +556,11 @@ class AMQPTransport(Publishing):
                 error = channel_error(e)
             locked = isinstance(error, ChannelError) and error.reply_code == 405
             if locked and self.reactor.seconds() < deadline:
+                if not waited:
+                    self.log.info("after reconnecting, the {what} is still locked by the previous link; "
+                                  "trying again for up to {seconds:.0f} s", what=what,
+                                  seconds=deadline - self.reactor.seconds())
+                waited = True
                 yield deferLater(self.reactor, 0.2, lambda: None)
                 continue
             self.log.error("after reconnecting, the broker refused the {what}: {reason}", what=what,

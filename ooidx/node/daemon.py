@@ -66,7 +66,7 @@ def metrics_observer() -> Optional[magnet.BusObserver]:
 def bus_for(config: Config, reactor: Any, observer: Optional[magnet.BusObserver] = None) -> Bus:
     """A (not started) L{Bus} on the config's broker, with its timeouts and limits."""
     broker: Any = list(config.broker) if len(config.broker) > 1 else config.broker[0]
-    return magnet.connect(
+    bus = magnet.connect(
         broker, reactor,
         node=config.node,
         rpc_timeout=config.timeouts.rpc,
@@ -79,6 +79,9 @@ def bus_for(config: Config, reactor: Any, observer: Optional[magnet.BusObserver]
         connect_timeout=config.timeouts.connect,
         observer=observer,
     )
+    if observer is not None and hasattr(bus.transport, "observer"):
+        bus.transport.observer = observer  # the AMQP transport's consumer restarts, in the same metrics
+    return bus
 
 
 @inlineCallbacks
@@ -439,11 +442,27 @@ class Daemon(MultiService):
         return bool(component is not None and component.started)
 
     def health(self) -> dict:
-        """C{ok} iff the broker link is up and every component of this node has started."""
-        broker_up = bool(self.bus.running and self.bus.transport.connected)
+        """C{ok} iff the broker link is up and every component of this node has started.
+
+        While the broker blocks publishers (a memory or disk alarm: sends are
+        held, then fail naming the alarm) C{broker_blocked} says so, and
+        C{ok} stays as it is (what is cached is served, consumers consume);
+        C{consumers}, once a consumer was lost, names the queues without
+        their consumer now (being restarted) and counts the restarts so far.
+        """
+        transport = self.bus.transport
+        broker_up = bool(self.bus.running and transport.connected)
         components = {name: self.component_started(name) for name in self.config.components}
-        return {"ok": broker_up and all(components.values()), "broker": "up" if broker_up else "down",
-                "components": components}
+        health = {"ok": broker_up and all(components.values()), "broker": "up" if broker_up else "down",
+                  "components": components}
+        blocked = getattr(transport, "blocked", None)
+        if broker_up and blocked:
+            health["broker_blocked"] = f"blocked by the broker: {blocked}"
+        consumer_health = getattr(transport, "consumer_health", None)
+        consumers = consumer_health() if callable(consumer_health) else None
+        if consumers and (consumers.get("down") or consumers.get("restarts")):
+            health["consumers"] = consumers
+        return health
 
     def status(self) -> dict:
         """What this node runs, for C{ooidx status} (the answer to a status request)."""
@@ -455,7 +474,8 @@ class Daemon(MultiService):
                 entry["running"] = self.children.running_count(name) if self.children is not None else 0
             components[name] = entry
         return {"node": self.config.node, "pid": os.getpid(), "components": components,
-                "broker": self.config.redacted_broker(), "dead_letters": self.dead_letters()}
+                "broker": self.config.redacted_broker(), "dead_letters": self.dead_letters(),
+                **{k: v for k, v in self.health().items() if k in ("broker_blocked", "consumers")}}
 
     def dead_letters(self) -> Dict[str, int]:
         """Messages this node dead-lettered since it started (its child processes

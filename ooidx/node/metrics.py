@@ -166,6 +166,10 @@ class PrometheusObserver(BusObserver):
                                     multiprocess_mode="livesum")
         self.dead_letters = Counter("magnet_dead_letters", "Messages dead-lettered, by the name they came from",
                                     ["name"], registry=r)
+        self.consumer_restarts = Counter("magnet_consumer_restarts",
+                                         "Consumers that consume again after they were lost, by queue and why "
+                                         "(reconnect, cancelled, channel_closed, missing)",
+                                         ["name", "reason"], registry=r)
         self.component_up_gauge = Gauge("ooidx_component_up", "1 if the component is started on this node",
                                         ["component"], registry=r, multiprocess_mode="livemax")
 
@@ -194,6 +198,10 @@ class PrometheusObserver(BusObserver):
     @_guarded
     def rpc_latency(self, address: str, op: str, seconds: float, outcome: str) -> None:
         self.rpc_latency_seconds.labels(metric_label(address), op, outcome).observe(max(0.0, seconds))
+
+    @_guarded
+    def consumer_restarted(self, queue: str, reason: str) -> None:
+        self.consumer_restarts.labels(metric_label(queue), reason).inc()
 
     # the daemon's own ----------------------------------------------------------
 

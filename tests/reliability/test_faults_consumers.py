@@ -1,0 +1,362 @@
+"""Faults that kill consumers in the field (issue 17, points 1-4), against real
+`twistd -n ooidx` daemons on private RabbitMQ nodes, a real DAP upstream,
+steady load: controller tasks from a test bus (each confirmed one must be
+done) and proxied requests (hits and misses that cross the bus to a fetcher).
+
+  - the broker's resource alarms (memory, then disk): sends fail within a
+    bound naming the alarm, never hang; /healthz says the broker blocks
+    publishers; work resumes by itself when the alarm clears;
+  - the fetcher's queue deleted while work flows: declared again with its
+    dead-letter queue, consumed again within seconds, /healthz names it
+    meanwhile;
+  - the daemon's connection closed by the broker (rabbitmqctl
+    close_connection): consumers restarted, counted in /metrics;
+  - consumer_timeout: the broker closes the channel of a fetcher slower than
+    it allows; the fetch is redelivered and done once more (a duplicate,
+    counted), and the fetcher keeps serving.
+
+Each writes one JSON line (tests.reliability.results) with 0 lost, 0 errors.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from tests.reliability.faultlib import (HttpLoad, Node, TaskProducer, classify, eventually, http_fetch,
+                                        metric_value, sleep, start_node, wait_started)
+
+pytestmark = [pytest.mark.slow]
+
+
+def components() -> dict:
+    return {"attribute_store": None, "controller": None, "fetcher": {"instances": 2, "timeout": 20},
+            "cache": None, "proxyng": None}
+
+
+async def data_node(tmp_path: Path, broker: Any, upstream: Any, nodes: list, **settings: Any) -> Node:
+    settings.setdefault("timeouts", {"heartbeat": 2, "connect": 2})
+    node = start_node(tmp_path, "dx", broker.url, components(), proxy=True, **settings)
+    nodes.append(node)
+    await wait_started(node)
+    await deferToThread(node.api, "controller", "register", name="sst", url=upstream.url("sst.nc"))
+    return node
+
+
+#: the proxy's own bound on waiting for an answer to start (ooidx.datapath.proxy.DEFAULT_ANSWER_TIMEOUT)
+PROXY_ANSWER_BOUND = 75.0
+
+
+def load_on(node: Node, upstream: Any) -> HttpLoad:
+    """Proxied requests: a DAP answer and a 20 kB file, every other one a miss (a fetch over the bus).
+
+    The clients wait longer than the proxy's own bound, so a request the
+    proxy gives up on ends as its 504, and one that outlasts it is a hang."""
+    small = upstream.url("sst.nc.das")
+    blob = upstream.url("big/20000.bin")
+    return HttpLoad(node.proxy_port, [small, blob], clients=3, timeout=PROXY_ANSWER_BOUND + 15,
+                    expect={blob: b"\xab" * 20000},
+                    unique_every=2).start()
+
+
+class HealthWatch:
+    """/healthz polled every 0.1 s in a thread; keeps every answer seen."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.seen: List[Dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            health = self.node.health(timeout=2)
+            if health is not None:
+                self.seen.append(health)
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def wrong(results: List[Dict[str, Any]]) -> List[tuple]:
+    """The requests that ended neither well nor with a visible failure: what the assertion shows."""
+    return [(r["url"], r["status"], r["error"], r["bytes"], round(r["elapsed"], 1), r["started"])
+            for r in results if not r["ok"] and r["status"] not in (502, 503, 504)]
+
+
+def log_about(node: Node, requests: List[tuple]) -> List[str]:
+    """The daemon's log lines that name one of C{requests}' URLs (to see where a request stalled)."""
+    marks = [url.rsplit("?", 1)[-1] for url, *_ in requests]
+    return [line[:600] for line in node.log().splitlines() if any(m in line for m in marks)][:20]
+
+
+def ctl(broker: Any, *args: str) -> str:
+    done = broker.ctl(*args)
+    assert done.returncode == 0, (args, done.stdout)
+    return done.stdout.decode(errors="replace")
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_then_disk_alarm_under_load(tmp_path: Path, private_rabbitmq: Any, upstream: Any,
+                                                 nodes: list, buses: Any, record: Any) -> None:
+    broker = private_rabbitmq
+    node = await data_node(tmp_path, broker, upstream, nodes)
+    bus = buses(broker.url, operation_timeout=5, send_timeout=5)
+    await bus.when_connected(20)
+    producer = TaskProducer(bus, rate=100, concurrency=10).start()
+    load = load_on(node, upstream)
+    watch = HealthWatch(node)
+    send_seconds: List[float] = []
+    alarms: Dict[str, Any] = {}
+    try:
+        await sleep(3)
+        for alarm, raise_it, clear, words in (
+                ("memory", ("set_vm_memory_high_watermark", "0.0000001"), ("set_vm_memory_high_watermark", "0.4"),
+                 "low on memory"),
+                ("disk", ("set_disk_free_limit", str(shutil.disk_usage(broker.basedir).free + 10 ** 12)),
+                 ("set_disk_free_limit", "10MB"), "low on disk")):
+            t0 = time.monotonic()
+            failed_before = len(producer.failed)
+            await deferToThread(ctl, broker, *raise_it)
+            await eventually(lambda: any(words in (h.get("broker_blocked") or "") for h in watch.seen[-20:]), 40,
+                             f"/healthz to say the broker blocks publishers ({alarm} alarm)")
+            t_blocked = time.monotonic() - t0
+            await eventually(lambda: len(producer.failed) >= failed_before + 5, 30,
+                             f"sends to fail during the {alarm} alarm")
+            # a send during the alarm: it fails within the bus's send timeout, naming the alarm
+            began = time.monotonic()
+            try:
+                await bus.post("controller", "record", dataset=f"alarm-{alarm}", url=None, hit=False, bytes=0,
+                               status=200)
+                outcome = "sent"
+            except Exception as e:  # noqa: BLE001 - the failure is what is measured
+                outcome = f"{type(e).__name__}: {e}"
+            send_seconds.append(time.monotonic() - began)
+            errors = sorted({e for _, e in producer.failed[failed_before:]})
+            await deferToThread(ctl, broker, *clear)
+            t_clear = time.monotonic()
+            await eventually(lambda: producer.confirmed_since(t_clear) >= 50, 60,
+                             f"tasks to be confirmed again after the {alarm} alarm")
+            await eventually(lambda: not (watch.seen and watch.seen[-1].get("broker_blocked")), 30,
+                             "/healthz to stop saying blocked")
+            alarms[alarm] = {"healthz_blocked_after_s": round(t_blocked, 1), "send": outcome[:160],
+                             "send_s": round(send_seconds[-1], 1), "failed_sends": len(producer.failed) - failed_before,
+                             "errors": [e[:120] for e in errors[:2]],
+                             "resumed_after_s": round(time.monotonic() - t_clear, 1)}
+            assert words in outcome and "Blocked" in outcome, outcome
+            assert all(words in e for e in errors), errors
+        after = time.monotonic()
+        await sleep(3)
+    finally:
+        watch.stop()
+        load.stop()
+        await producer.stop()
+    figures = await producer.settle(bus, timeout=60)
+    outcomes = classify(load.results)
+    late = classify([r for r in load.results if r["started"] >= after])
+    blocked_said = sorted({h["broker_blocked"] for h in watch.seen if h.get("broker_blocked")})
+    slowest = max(load.results, key=lambda r: r["elapsed"])
+    record("broker memory then disk alarm under load", faults_injected=2, sent=figures["sent"],
+           confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
+           duplicated=figures["duplicated"], errors=outcomes["wrong"],
+           notes=f"alarms {alarms}; /healthz said {blocked_said}; longest send {max(send_seconds):.1f} s "
+                 f"(bus send timeout 5 s); HTTP {outcomes}, after both alarms {late}; slowest request "
+                 f"{slowest['elapsed']:.1f} s ({slowest['status']}; a miss whose answer the blocked broker holds "
+                 f"ends at the proxy's answer timeout, {PROXY_ANSWER_BOUND:.0f} s)")
+    assert figures["lost"] == 0, figures
+    if outcomes["wrong"]:
+        pytest.fail("\n".join([repr(wrong(load.results))] + log_about(node, wrong(load.results))))
+    assert max(send_seconds) < 10, send_seconds
+    assert slowest["elapsed"] < PROXY_ANSWER_BOUND + 5, wrong([slowest])
+    assert late["ok"] == sum(late.values()) > 0, late
+    assert any("memory" in b for b in blocked_said) and any("disk" in b for b in blocked_said), blocked_said
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetcher_queue_deleted_while_work_flows(tmp_path: Path, private_rabbitmq: Any, upstream: Any,
+                                                      nodes: list, buses: Any, record: Any) -> None:
+    broker = private_rabbitmq
+    node = await data_node(tmp_path, broker, upstream, nodes)
+    bus = buses(broker.url)
+    await bus.when_connected(20)
+    producer = TaskProducer(bus, rate=100, concurrency=10).start()
+    load = load_on(node, upstream)
+    watch = HealthWatch(node)
+    try:
+        await sleep(3)
+        t_delete = time.monotonic()
+        await deferToThread(ctl, broker, "delete_queue", "fetcher")
+        await deferToThread(ctl, broker, "delete_queue", "fetcher.dead")
+
+        def back() -> bool:
+            out = ctl(broker, "list_queues", "name", "consumers")
+            rows = dict(line.split("\t")[:2] for line in out.splitlines() if "\t" in line)
+            return rows.get("fetcher", "0") not in ("0", "consumers") and "fetcher.dead" in rows
+
+        await eventually(lambda: deferToThread(back), 30, "the fetcher queue and its dead-letter queue back, "
+                                                          "consumed", interval=0.2)
+        t_back = time.monotonic() - t_delete
+        n = [0]
+
+        def fresh_miss() -> bool:
+            n[0] += 1
+            r = http_fetch(node.proxy_port, upstream.url(f"big/{2000 + n[0]}.bin"), timeout=15)
+            return r["ok"] and r["bytes"] == 2000 + n[0]
+
+        await eventually(lambda: deferToThread(fresh_miss), 30, "a fresh miss to be fetched again", interval=0.1)
+        recovered = time.monotonic()
+        await sleep(3)
+    finally:
+        watch.stop()
+        load.stop()
+        await producer.stop()
+    figures = await producer.settle(bus, timeout=60)
+    outcomes = classify(load.results)
+    after = classify([r for r in load.results if r["started"] >= recovered])
+    shown = [h["consumers"] for h in watch.seen if "fetcher" in (h.get("consumers") or {}).get("down", [])]
+    restarts = metric_value(node.metrics(), "magnet_consumer_restarts_total", name="fetcher", reason="cancelled")
+    record("fetcher queue deleted under its consumers while work flows", faults_injected=1, sent=figures["sent"],
+           confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
+           duplicated=figures["duplicated"], errors=outcomes["wrong"],
+           notes=f"queue and dead-letter queue declared again and consumed {t_back:.1f} s after the delete; "
+                 f"/healthz named it down {len(shown)} times; consumer restarts (cancelled) {restarts:.0f}; "
+                 f"HTTP {outcomes}, after recovery {after}")
+    assert figures["lost"] == 0, figures
+    assert outcomes["wrong"] == 0, wrong(load.results)
+    assert after["ok"] == sum(after.values()) > 0, after
+    assert t_back < 10 and restarts >= 2 and shown, (t_back, restarts, shown)
+
+
+#: the daemon's bound on setting a new link up (timeouts.connect + the bus's operation timeout, 30 s) and a
+#: margin: usually the consumers are back within 1-2 s, but about one run in five the new link's setup
+#: takes ~30 s (not yet understood; see the report of branch faults2)
+RECONNECT_BOUND = 40.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_daemon_connection_closed_by_the_broker(tmp_path: Path, private_rabbitmq: Any, upstream: Any,
+                                                      nodes: list, buses: Any, record: Any) -> None:
+    """`rabbitmqctl close_connection` on the daemon's connection: its consumers are
+    restarted on the next link (counted in /metrics), the work resumes."""
+    broker = private_rabbitmq
+    node = await data_node(tmp_path, broker, upstream, nodes)
+    bus = buses(broker.url)
+    await bus.when_connected(20)
+    mine = bus.transport._protocol.transport.getHost().port
+    producer = TaskProducer(bus, rate=100, concurrency=10).start()
+    load = load_on(node, upstream)
+    try:
+        await sleep(3)
+        before = metric_value(node.metrics(), "magnet_consumer_restarts_total", name="controller",
+                              reason="reconnect")
+        rows = (await deferToThread(ctl, broker, "list_connections", "pid", "peer_port")).splitlines()
+        daemon = [line.split("\t")[0] for line in rows if "\t" in line and line.split("\t")[1] != str(mine)
+                  and line.startswith("<")]
+        assert daemon, rows
+        t_close = time.monotonic()
+        for pid in daemon:
+            await deferToThread(ctl, broker, "close_connection", pid, "reliability: consumer connection closed")
+        try:
+            await eventually(lambda: metric_value(node.metrics(), "magnet_consumer_restarts_total",
+                                                  name="controller", reason="reconnect") > before,
+                             RECONNECT_BOUND, "the controller's consumer back")
+        except AssertionError as e:
+            restarts = [line for line in node.metrics().splitlines() if "consumer_restarts" in line]
+            link = [line[:300] for line in node.log().splitlines() if "magnet" in line][-30:]
+            raise AssertionError("\n".join([str(e), f"{daemon} {rows}"] + restarts + link)) from None
+        await eventually(lambda: producer.confirmed_since(time.monotonic() - 1) > 0, 30, "tasks flowing")
+        t_back = time.monotonic() - t_close
+        recovered = time.monotonic()
+        await sleep(3)
+    finally:
+        load.stop()
+        await producer.stop()
+    figures = await producer.settle(bus, timeout=60)
+    outcomes = classify(load.results)
+    after = classify([r for r in load.results if r["started"] >= recovered])
+    metrics = node.metrics()
+    restarts = sum(float(line.rpartition(" ")[2]) for line in metrics.splitlines()
+                   if line.startswith("magnet_consumer_restarts_total{") and 'reason="reconnect"' in line)
+    record("daemon's consumer connection closed by the broker", faults_injected=len(daemon), sent=figures["sent"],
+           confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
+           duplicated=figures["duplicated"], errors=outcomes["wrong"],
+           notes=f"{len(daemon)} connection(s) closed; consumers back in {t_back:.1f} s; "
+                 f"magnet_consumer_restarts_total (reconnect) {restarts:.0f}; HTTP {outcomes}, after {after}")
+    assert figures["lost"] == 0, figures
+    assert outcomes["wrong"] == 0, wrong(load.results)
+    assert after["ok"] == sum(after.values()) > 0, after
+    assert t_back < RECONNECT_BOUND, f"consumers back only {t_back:.1f} s after the broker closed the connection"
+
+
+def consumer_timeout_node(factory: Any, timeout_ms: int = 3000) -> Any:
+    """A private node that closes the channel of a delivery unacknowledged for
+    C{timeout_ms}, checked every second (RabbitMQ looks once a minute by default)."""
+    node = factory(start=False)
+    with open(os.path.join(node.basedir, "rabbitmq.conf"), "a") as f:
+        f.write(f"consumer_timeout = {timeout_ms}\n")
+    with open(os.path.join(node.basedir, "advanced.config"), "w") as f:
+        f.write("[{rabbit, [{channel_tick_interval, 1000}]}].\n")
+    node.start()
+    return node
+
+
+@pytest_twisted.ensureDeferred
+async def test_consumer_timeout_on_a_slow_fetch(tmp_path: Path, private_rabbitmq_factory: Any, upstream: Any,
+                                                nodes: list, buses: Any, record: Any) -> None:
+    """consumer_timeout 3 s; a fetch of a slow upstream file (about 6 s) keeps
+    its message unacknowledged longer: the broker closes the fetcher's
+    channel; magnet consumes again, the fetch is redelivered and done once
+    more (counted), the client still gets its whole file, and the fetcher
+    keeps serving (tasks and fast misses meanwhile)."""
+    broker = consumer_timeout_node(private_rabbitmq_factory)
+    node = await data_node(tmp_path, broker, upstream, nodes)
+    bus = buses(broker.url)
+    await bus.when_connected(20)
+    producer = TaskProducer(bus, rate=50, concurrency=5).start()
+    load = load_on(node, upstream)
+    slow_results: List[Dict[str, Any]] = []
+    try:
+        await sleep(2)
+        fetches_before = metric_value(node.metrics(), "magnet_messages_in_total", name="fetcher")
+        size = 300_000
+        slow = upstream.url(f"big/{size}.bin?rate=50000")
+        slow_results.append(await deferToThread(http_fetch, node.proxy_port, slow, timeout=60,
+                                                expect=b"\xab" * size))
+        await eventually(lambda: metric_value(node.metrics(), "magnet_consumer_restarts_total", name="fetcher",
+                                              reason="channel_closed") >= 1, 30, "the fetcher's channel closed")
+        await sleep(8)  # the redelivered slow fetch runs to its end too
+        recovered = time.monotonic()
+        await sleep(3)
+    finally:
+        load.stop()
+        await producer.stop()
+    figures = await producer.settle(bus, timeout=60)
+    outcomes = classify(load.results + slow_results)
+    after = classify([r for r in load.results if r["started"] >= recovered])
+    metrics = node.metrics()
+    restarts = metric_value(metrics, "magnet_consumer_restarts_total", name="fetcher", reason="channel_closed")
+    record("consumer_timeout closes a slow fetcher's channel", faults_injected=1, sent=figures["sent"],
+           confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
+           duplicated=figures["duplicated"], errors=outcomes["wrong"],
+           notes=f"consumer_timeout 3 s, a 6 s fetch: the broker closed the fetcher's channel {restarts:.0f} "
+                 f"time(s), so the fetch was delivered {1 + restarts:.0f} times; its client got "
+                 f"{slow_results[0]['status']} "
+                 f"{slow_results[0]['bytes']} bytes in {slow_results[0]['elapsed']:.1f} s (whole: "
+                 f"{slow_results[0]['ok']}; a 502 when the proxy sees its request delivered again); fetcher "
+                 f"deliveries during "
+                 f"the test {metric_value(metrics, 'magnet_messages_in_total', name='fetcher') - fetches_before:.0f}; "
+                 f"HTTP {outcomes}, after {after}")
+    assert figures["lost"] == 0, figures
+    assert outcomes["wrong"] == 0, wrong(load.results + slow_results)
+    assert restarts >= 1
+    assert after["ok"] == sum(after.values()) > 0, after
