@@ -307,6 +307,29 @@ def test_errors(exchange: Exchange, upstream: Upstream) -> None:
     assert code == 405
 
 
+def test_ncdump_prints_the_reason_of_an_error_cleanly(exchange: Exchange, upstream: Upstream,
+                                                       tmp_path: Path) -> None:
+    """A DAP request's error is a DAP error object: ncdump prints the reason,
+    not a parse error of a plain-text body (issue 18)."""
+    done = run([NCDUMP, "-h", f"{exchange.proxy}/datasets/nosuch"], HOME=str(tmp_path))
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode != 0
+    # netCDF-C prints no message for a 404, only its own "file not found"
+    assert "file not found" in err and "syntax error" not in err, err
+    # through the forward proxy (.dodsrc), a URL under no registered base
+    home = dodsrc_home(tmp_path, exchange.proxy)
+    done = run([NCDUMP, "-h", "http://example.invalid/x.nc"], HOME=home)
+    err = done.stderr.decode("utf-8", "replace")
+    assert 'code=403 message="Forbidden: ' in err and "syntax error" not in err, err
+    code, headers, body = http_get(f"{exchange.proxy}/datasets/nosuch.dds")
+    assert code == 404 and headers.get("Content-Description") == "dods_error"
+    assert body.startswith(b"Error {") and b"code = 404;" in body, body
+    code, headers, body = http_get(f"{exchange.proxy}/datasets/nosuch.dmr")
+    assert body.startswith(b"<?xml") and b'<Error httpcode="404">' in body, body
+    code, headers, body = http_get(f"{exchange.proxy}/elsewhere")
+    assert code == 404 and body.startswith(b"404 Not Found: NotFound:"), body
+
+
 # --------------------------------------------------------------------------- #
 # csv
 
