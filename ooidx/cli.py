@@ -843,7 +843,9 @@ class BrokerClient:
         self.status_timeout = status_timeout
 
     def call(self, service: str, op: str, kwargs: Dict[str, Any]) -> Deferred:
-        return self.bus.call_with(service, op, kwargs, timeout=self.timeout).addErrback(self._translate)
+        from ooidx.wire import operations_address
+        return self.bus.call_with(operations_address(service), op, kwargs,
+                                  timeout=self.timeout).addErrback(self._translate)
 
     def status(self) -> Deferred:
         from ooidx.node.daemon import cluster_status

@@ -24,7 +24,9 @@ what went wrong:
     405  a method the path does not take
     413  a body larger than C{max_body}
     422  arguments that do not fit the operation (BadArguments)
-    502  the operation failed remotely (any other remote exception)
+    400/403/404/502/504  the operation refused or failed remotely: the status of
+         its error type as the rest of the API answers it (L{ooidx.errors.HTTP_STATUS}:
+         Forbidden 403, UnknownDataset 404, InvalidURL 400 ...), 502 for any other
     503  the broker link is down (ConnectionLost, NotConnected, NotConfirmed)
     504  no reply in time (Timeout)
 
@@ -48,7 +50,6 @@ from twisted.web.resource import Resource
 
 from magnet import (BadArguments, ConnectionLost, NotConfirmed, NotConnected, RemoteError, Timeout,
                     UnknownOperation, Unroutable)
-from magnet.bus import WORKER
 
 from ooidx.component import Component
 from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer,
@@ -60,7 +61,8 @@ from ooidx.people.api import SubscriptionsApi
 from ooidx.web.feeds import Feeds
 from ooidx.web.page import ManagementPage
 from ooidx.web.versions import VersionsApi
-from ooidx.wire import BUS_TABLE
+from ooidx.errors import HTTP_STATUS
+from ooidx.wire import BUS_TABLE, operations_address
 
 __all__ = ["Web", "NAME", "MAX_BODY", "ping_components", "MetricsRenderer", "TokenSource"]
 
@@ -344,7 +346,7 @@ class Web(Component):
                             f"no service {service!r} (callable: {', '.join(callable_services())})")
         kwargs = self._arguments(request)
         timeout = self._call_timeout(request)
-        d = self.bus.call_with(service, op, kwargs, timeout=timeout)
+        d = self.bus.call_with(operations_address(service), op, kwargs, timeout=timeout)
         return d.addCallbacks(result_answer, lambda failure: error_answer(self._call_error(service, op, failure)))
 
     # call helpers --------------------------------------------------------------------
@@ -376,7 +378,8 @@ class Web(Component):
         if isinstance(exc, BadArguments):
             return HTTPError(422, "BadArguments", exc.message)
         if isinstance(exc, RemoteError):
-            return HTTPError(502, exc.remote_type, exc.message)
+            # the statuses the rest of the API answers with (Forbidden 403, UnknownDataset 404, ...)
+            return HTTPError(HTTP_STATUS.get(exc.remote_type, 502), exc.remote_type, exc.message)
         if isinstance(exc, Timeout):
             return HTTPError(504, "Timeout", str(exc))
         if isinstance(exc, (ConnectionLost, NotConnected, NotConfirmed)):
@@ -394,13 +397,15 @@ def callable_services() -> List[str]:
 
 @inlineCallbacks
 def ping_components(bus: Any, timeout: float = STATUS_TIMEOUT) -> Any:
-    """Who answers: ping every worker-queue component of the table, grouped by
+    """Who answers: ping every component of the table (a fanout one at its
+    operations queue), grouped by
     node and process. The stand-in for the daemon's cluster status where no
     daemon is at hand (a web edge standing alone, C{ooidx --broker status}).
     Each queue answers once, so a component running on several nodes shows
     on the one that answered."""
-    names = sorted(name for name, pattern in BUS_TABLE.items() if pattern == WORKER)
-    results = yield DeferredList([bus.call(name, "ping", timeout=timeout) for name in names], consumeErrors=True)
+    names = sorted(BUS_TABLE)
+    results = yield DeferredList([bus.call(operations_address(name), "ping", timeout=timeout) for name in names],
+                                 consumeErrors=True)
     nodes: Dict[Tuple[str, Any], Dict[str, Any]] = {}
     for name, (ok, value) in zip(names, results):
         if not ok or not isinstance(value, dict):
