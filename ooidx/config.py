@@ -177,6 +177,7 @@ class SecurityConfig:
 class LoggingConfig:
     format: str = "text"  # "text" or "json" (JSON lines)
     level: str = "info"  # "debug", "info", "warn", "error"
+    access: bool = False  # an access log line per HTTP request (web and proxy ports)
 
 
 @dataclass(frozen=True)
@@ -419,11 +420,12 @@ def component_arguments(config: Config, name: str) -> Dict[str, Any]:
         port, interface = listen_of(config, name)
         return {"options": options or ProxyOptions(), "port": port, "interface": interface,
                 "allowed_hosts": config.http.allowed_hosts, "fetch_timeout": fetch_timeout(config),
-                "rpc_timeout": config.timeouts.rpc, "cache_max_age": cache_max_age(config)}
+                "rpc_timeout": config.timeouts.rpc, "cache_max_age": cache_max_age(config),
+                "access_log": config.logging.access}
     if name == "web":
         port, interface = listen_of(config, name)
         return {"port": port, "interface": interface, "allowed_hosts": config.http.allowed_hosts,
-                "read_token": config.security.read_token}
+                "read_token": config.security.read_token, "access_log": config.logging.access}
     return {}
 
 
@@ -757,6 +759,7 @@ class _Parser:
                 "format": ("text", lambda v, p: self.choice(v, p, ("text", "json"))),
                 "level": ("info", lambda v, p: self.choice(
                     v, p, ("debug", "info", "warn", "error"))),
+                "access": (False, self.boolean),
             })),
         )
         self.check_listeners(config)

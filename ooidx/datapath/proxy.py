@@ -175,7 +175,7 @@ class Proxy(Component):
                  answer_timeout: Optional[float] = None, lookup_timeout: Optional[float] = None,
                  base_ttl: float = BASE_TTL, hot_ttl: Optional[float] = None, hot_bytes: int = HOT_BYTES,
                  record_interval: float = RECORD_INTERVAL, max_per_client: Optional[int] = None,
-                 stall_timeout: Optional[float] = None) -> None:
+                 stall_timeout: Optional[float] = None, access_log: bool = False) -> None:
         """What the config gives it (L{ooidx.config.component_arguments}):
         C{options} (C{components.proxyng}), where it listens (C{port}: a number
         or an endpoint string, on C{interface}), the extra Host names it answers
@@ -187,6 +187,7 @@ class Proxy(Component):
         self.edge = EdgePort(listen_spec(port, interface, default_port=8100))
         self._interface = self.edge.spec.interface
         self.allowed_hosts = tuple(allowed_hosts)
+        self.access_log = access_log  # a line per request (logging.access)
         if answer_timeout is None:
             answer_timeout = max(DEFAULT_ANSWER_TIMEOUT, (fetch_timeout or 0) + 15.0)
         self.answer_timeout = answer_timeout
@@ -230,7 +231,7 @@ class Proxy(Component):
 
     def setUp(self) -> Deferred:
         site = TrackingSite(_Root(self), requestFactory=_ProxyRequest, reactor=self.reactor, timeout=IDLE_TIMEOUT,
-                            allowed_hosts=self.allowed_hosts)
+                            allowed_hosts=self.allowed_hosts, access_log=self.access_log)
         site.displayTracebacks = False
         site.noisy = False
         return self.edge.listen(self.reactor, site).addCallback(lambda _: self._listening_now())

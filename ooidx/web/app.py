@@ -196,12 +196,13 @@ class Web(Component):
                  token: Optional[TokenSource] = None, metrics: Optional[MetricsRenderer] = None,
                  health: Optional[Callable[[], Any]] = None,
                  cluster_status: Optional[Callable[..., Any]] = None, max_body: int = MAX_BODY,
-                 status_timeout: float = STATUS_TIMEOUT) -> None:
+                 status_timeout: float = STATUS_TIMEOUT, access_log: bool = False) -> None:
         super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         #: Where it listens: a port number or an endpoint string (tcp:, tcp6:, ssl:), ooidx.http.listen.
         self.listen = listen_spec(port, interface, default_port=8080)
         self.edge = EdgePort(self.listen)
         self.allowed_hosts = tuple(allowed_hosts)
+        self.access_log = access_log  # a line per request (logging.access)
         self._read_token = read_token
         self._token_source = token
         self._token: Optional[str] = token if isinstance(token, str) else None
@@ -257,7 +258,7 @@ class Web(Component):
         feeds = Feeds(self.bus, check_operator=self._check_token, read_token=self.read_token, clock=self.clock)
         site = TrackingSite(_Api(self, page, feeds), requestFactory=request_factory, parsePOSTFormSubmission=False,
                             reactor=self.clock, timeout=IDLE_TIMEOUT, logFormatter=masking_log_formatter(),
-                            allowed_hosts=self.allowed_hosts)
+                            allowed_hosts=self.allowed_hosts, access_log=self.access_log)
         site.displayTracebacks = False
         site.noisy = False
 

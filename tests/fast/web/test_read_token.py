@@ -12,7 +12,8 @@ from ooidx.web.app import Web
 
 def web(interface: str, read_token: Optional[bool]) -> Web:
     config: Any = SimpleNamespace(http=SimpleNamespace(web_port=0, interface=interface, allowed_hosts=()),
-                                  security=SimpleNamespace(read_token=read_token), components={})
+                                  security=SimpleNamespace(read_token=read_token), components={},
+                                  logging=SimpleNamespace(access=False))
     return Web.from_config("web", SimpleNamespace(clock=Clock()), config, node="n", token="t" * 20)  # type: ignore[arg-type]
 
 
