@@ -470,6 +470,7 @@ def test_a_normal_start_and_requests_log_nothing_at_warn_and_no_access_lines_unl
     log = d.log()
     loud = [line for line in log.splitlines() if any(level in line for level in QUIET_LEVELS)]
     assert loud == [], "\n".join(loud)
+    assert "get refused: KeyError" not in log  # a lookup of a missing key is no news (debug)
     if access:
         assert len(_access_lines(log)) >= 8, log
     else:
