@@ -76,14 +76,19 @@ class Component(Service):
         if self.pattern == FANOUT:
             for _ in range(self.instances):
                 self._subscriptions.append((yield self.bus.subscribe(self.name, self.on_fanout_message)))
-            # its operations (ping ...) on a worker queue of its own: a fanout takes no calls
-            self._subscriptions.append((yield self.bus.serve(operations_address(self.name), self)))
+            self._subscriptions.append((yield self.serve_operations()))
         elif self.pattern is not None:
             for _ in range(self.instances):
                 self._subscriptions.append((yield self.bus.serve(self.name, self)))
         self.started = True
         self.log.info("{component} started on {node} ({instances} instance(s))",
                       component=self.name, node=self.node, instances=self.instances)
+
+    def serve_operations(self) -> Deferred:
+        """Serve this fanout component's operations (C{ping} ...) on a worker
+        queue of its own (C{NAME.ops}): a fanout takes no calls. Fires with
+        the subscription, for L{stopService} to cancel."""
+        return self.bus.serve(operations_address(self.name), self)
 
     def stopService(self) -> Optional[Deferred]:
         super().stopService()

@@ -460,6 +460,10 @@ def test_a_normal_start_and_requests_log_nothing_at_warn_and_no_access_lines_unl
             code, _, _ = http_get(f"{ex.proxy}/datasets/{part}")
             assert code == 200
         api_call(ex.web, "pub_sub", "publish", topic="dataset.sst", message={"note": "hello"})
+        for fanout in ("notification", "distributor"):  # fanout components answer ping too
+            done = cli("--url", ex.web, "--token", TOKEN, "call", fanout, "ping")
+            assert done.returncode == 0, (done.stdout, done.stderr)
+            assert json.loads(done.stdout)["component"] == fanout
         time.sleep(1.5)
     finally:
         d.terminate()
