@@ -238,10 +238,12 @@ class Link:
         self._failures += 1
         delay = self.backoff(self._failures)
         self.last_error = describe(failure)
-        self.log.warn("broker unreachable at {url} ({reason}), retrying in {delay:.1f} s", url=url,
+        refused = failure.check(LoginRefused) is not None
+        self.log.warn("broker {url} refused the login ({reason}), retrying in {delay:.1f} s" if refused else
+                      "broker unreachable at {url} ({reason}), retrying in {delay:.1f} s", url=url,
                       reason=self.last_error, delay=delay)
         self._retry_call = self.reactor.callLater(delay, self._connect)
-        if failure.check(LoginRefused):  # those waiting for the link learn it will not come by itself
+        if refused:  # those waiting for the link learn it will not come by itself
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 waiter.errback(LoginRefused(f"{url.masked()} refused the login: {self.last_error}"))
