@@ -515,8 +515,10 @@ class Bus(Service):
             return fail(failure)  # send-only: retried, then dead-lettered, like any worker-queue message
         self.observer.handler_error(name)
         if failure.check(RemoteError, BadMessage, Refusal, LookupError, ValueError):
-            self.log.info("{name}: {op} refused: {error}", name=name, op=message.headers.get(rpc.OP_HEADER),
-                          error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
+            # a lookup of a key that is not there is a routine answer (debug), not news
+            emit = self.log.debug if failure.check(LookupError) else self.log.info
+            emit("{name}: {op} refused: {error}", name=name, op=message.headers.get(rpc.OP_HEADER),
+                 error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
         else:
             self.log.failure("operation on {name} failed", failure, name=name)
         return self._send_reply(name, message, rpc.error_reply(failure, message.correlation_id))

@@ -3,8 +3,10 @@
 A worker-queue component serves its operations (methods marked with
 L{magnet.operation}) on the queue of its name, with as many competing
 consumers as the config's C{instances}. A fanout component subscribes to the
-fanout of its name and gets every message sent to it. Either way it answers
-C{ping}, so the operator's C{ooidx call NAME ping} shows which node answered.
+fanout of its name and gets every message sent to it, and serves its
+operations on a worker queue of its own (C{NAME.ops}, L{ooidx.wire.operations_address}).
+Either way it answers C{ping}, so the operator's C{ooidx call NAME ping} shows
+which node answered.
 
 Components that do real work subclass L{Component}, add operations, and
 override L{setUp} / L{tearDown} for what they must open and close.
@@ -22,7 +24,7 @@ from magnet import Bus, Message, operation
 from magnet.bus import FANOUT
 
 from ooidx.config import Config, component_arguments
-from ooidx.wire import BUS_TABLE, COMPONENTS
+from ooidx.wire import BUS_TABLE, COMPONENTS, operations_address
 
 
 class Component(Service):
@@ -79,12 +81,19 @@ class Component(Service):
         if self.pattern == FANOUT:
             for _ in range(self.instances):
                 self._subscriptions.append((yield self.bus.subscribe(self.name, self.on_fanout_message)))
+            self._subscriptions.append((yield self.serve_operations()))
         elif self.pattern is not None:
             for _ in range(self.instances):
                 self._subscriptions.append((yield self.bus.serve(self.name, self, prefetch=self.prefetch)))
         self.started = True
         self.log.info("{component} started on {node} ({instances} instance(s))",
                       component=self.name, node=self.node, instances=self.instances)
+
+    def serve_operations(self) -> Deferred:
+        """Serve this fanout component's operations (C{ping} ...) on a worker
+        queue of its own (C{NAME.ops}): a fanout takes no calls. Fires with
+        the subscription, for L{stopService} to cancel."""
+        return self.bus.serve(operations_address(self.name), self)
 
     def stopService(self) -> Optional[Deferred]:
         super().stopService()

@@ -15,7 +15,8 @@ from typing import Dict, FrozenSet, Optional, Tuple
 from magnet.bus import FANOUT, WORKER
 
 __all__ = [
-    "ComponentSpec", "COMPONENTS", "COMPONENT_NAMES", "LISTENING", "BUS_TABLE",
+    "ComponentSpec", "COMPONENTS", "COMPONENT_NAMES", "LISTENING", "BUS_TABLE", "OPERATIONS_SUFFIX",
+    "operations_address",
     "CONTROL_FANOUT", "CACHE_PURGE_FANOUT", "NOTIFICATION", "NOTIFICATION_API", "PUBSUB_CHANGED",
     "SUBSCRIBER_PREFIX", "DISTRIBUTOR_WORK", "USER_EVENTS_QUEUE", "USER_SUBSCRIPTIONS_CHANGED",
     "STATUS", "STATUS_REPLY", "PUBLICATION", "EVENT", "DISTRIBUTE",
@@ -72,6 +73,16 @@ COMPONENT_NAMES: Tuple[str, ...] = tuple(spec.name for spec in COMPONENTS)
 LISTENING: Tuple[str, ...] = tuple(spec.name for spec in COMPONENTS if spec.listens)
 #: name -> pattern, for the components that meet the bus (the edge "web" does not).
 BUS_TABLE: Dict[str, str] = {spec.name: spec.pattern for spec in COMPONENTS if spec.pattern is not None}
+#: A fanout takes no calls (a call has one answer, a fanout many receivers), so a
+#: fanout component serves its operations (C{ping} ...) on a worker queue of
+#: its own, its name and this suffix: C{notification.ops}.
+OPERATIONS_SUFFIX = ".ops"
+
+
+def operations_address(name: str) -> str:
+    """Where a call to component C{name}'s operations goes: its worker queue,
+    or for a fanout component its C{NAME.ops} queue."""
+    return name + OPERATIONS_SUFFIX if BUS_TABLE.get(name) == FANOUT else name
 
 
 # Addresses --------------------------------------------------------------------------

@@ -69,6 +69,11 @@ from magnet.errors import BadURL, ConnectionLost, NotConnected, Timeout
 from magnet.transport import LinkListener
 
 
+class LoginRefused(NotConnected):
+    """The broker refused the login (403 ACCESS_REFUSED): no retry helps until
+    the credentials change, so whoever waits for the link is told at once."""
+
+
 class Link:
     """One link at a time to one of the brokers, kept up until L{stop}.
 
@@ -208,7 +213,8 @@ class Link:
             if protocol.tls_error:
                 raise ConnectionLost(protocol.tls_error) from None
             reason = protocol.close_reason or "connection closed during the handshake"
-            raise ConnectionLost(f"AMQP handshake failed: {reason}") from None
+            refused = LoginRefused if reason.startswith("403") else ConnectionLost
+            raise refused(f"AMQP handshake failed: {reason}") from None
         yield self._link_ready(protocol)
 
     def _attempt_succeeded(self, protocol: _AMQPProtocol) -> None:
@@ -233,9 +239,15 @@ class Link:
         self._failures += 1
         delay = self.backoff(self._failures)
         self.last_error = describe(failure)
-        self.log.warn("broker unreachable at {url} ({reason}), retrying in {delay:.1f} s", url=url,
+        refused = failure.check(LoginRefused) is not None
+        self.log.warn("broker {url} refused the login ({reason}), retrying in {delay:.1f} s" if refused else
+                      "broker unreachable at {url} ({reason}), retrying in {delay:.1f} s", url=url,
                       reason=self.last_error, delay=delay)
         self._retry_call = self.reactor.callLater(delay, self._connect)
+        if refused:  # those waiting for the link learn it will not come by itself
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.errback(LoginRefused(f"{url.masked()} refused the login: {self.last_error}"))
 
     def _connection_lost(self, protocol: _AMQPProtocol, reason: Failure) -> None:
         """Called by the protocol: its connection is gone. Reconnect at once if it was the link in use."""

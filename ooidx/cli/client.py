@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
+from ooidx.wire import operations_address
 from ooidx.cli.registry import HTTP_GRACE, TOKEN_ENV, CliError, RemoteFailure, Unreachable, UsageError
 
 class HttpClient:
@@ -120,7 +121,8 @@ class BrokerClient:
         self.status_timeout = status_timeout
 
     def call(self, service: str, op: str, kwargs: Dict[str, Any]) -> Deferred:
-        return self.bus.call_with(service, op, kwargs, timeout=self.timeout).addErrback(self._translate)
+        return self.bus.call_with(operations_address(service), op, kwargs,
+                                  timeout=self.timeout).addErrback(self._translate)
 
     def status(self) -> Deferred:
         from ooidx.node.daemon import cluster_status

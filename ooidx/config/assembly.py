@@ -81,9 +81,10 @@ def component_arguments(config: Config, name: str) -> Dict[str, Any]:
         port, interface = listen_of(config, name)
         return {"options": options or ProxyOptions(), "port": port, "interface": interface,
                 "allowed_hosts": config.http.allowed_hosts, "fetch_timeout": fetch_timeout(config),
-                "rpc_timeout": config.timeouts.rpc, "cache_max_age": cache_max_age(config)}
+                "rpc_timeout": config.timeouts.rpc, "cache_max_age": cache_max_age(config),
+                "access_log": config.logging.access}
     if name == "web":
         port, interface = listen_of(config, name)
         return {"port": port, "interface": interface, "allowed_hosts": config.http.allowed_hosts,
-                "read_token": config.security.read_token}
+                "read_token": config.security.read_token, "access_log": config.logging.access}
     return {}

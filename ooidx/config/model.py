@@ -126,6 +126,7 @@ class SecurityConfig:
 class LoggingConfig:
     format: str = "text"  # "text" or "json" (JSON lines)
     level: str = "info"  # "debug", "info", "warn", "error"
+    access: bool = False  # an access log line per HTTP request (web and proxy ports)
 
 
 @dataclass(frozen=True)

@@ -343,6 +343,7 @@ class _Parser:
                 "format": ("text", lambda v, p: self.choice(v, p, ("text", "json"))),
                 "level": ("info", lambda v, p: self.choice(
                     v, p, ("debug", "info", "warn", "error"))),
+                "access": (False, self.boolean),
             })),
         )
         self.check_listeners(config)

@@ -54,7 +54,10 @@ What the client gets:
     declared Content-Length) after the headers went out: the connection
     is closed short of the declared length, or without the final chunk; the
     client sees a failed transfer, never a clean end;
-  - errors before the headers, as C{text/plain}: 400 (InvalidName,
+  - errors before the headers: for a DAP request (C{.das .dds .dods .ascii
+    .csv}) a DAP 2 error object (C{Error { code = 404; message = "..."; };},
+    C{Content-Description: dods_error}) that ncdump and pydap print, for
+    C{.dmr}/C{.dap} the DAP 4 C{<Error>} XML, otherwise C{text/plain}: 400 (InvalidName,
     InvalidURL, malformed requests), 403 (Forbidden), 404 (UnknownDataset,
     no such path), 405 (methods other than GET and HEAD), 502
     (UpstreamError, any other remote error), 503 (the bus or the controller
@@ -88,7 +91,8 @@ from ooidx.datapath.bases import BASE_TTL, BaseURLs
 from ooidx.datapath.exchange import Exchange, as_http_error
 from ooidx.datapath.hot import (HOT_BYTES, HOT_TTL, AnsweredCounts, Held, HotResponses, answer_held, drop_on_event,
                                 drop_on_purge, held_from)
-from ooidx.datapath.proxy_url import DAP_SUFFIXES, ProxyError, Target, parse_target, printable
+from ooidx.datapath.proxy_url import (DAP_SUFFIXES, ProxyError, Target, dap2_error_body, dap4_error_body,
+                                     error_dialect, parse_target, printable)
 from ooidx.datapath.relay import HOP_BY_HOP, abort, passed_on_headers, relay
 from ooidx.http.edge import EdgePort, Listens, TrackingSite, listen_spec
 
@@ -107,6 +111,8 @@ RECORD_INTERVAL = 1.0
 MAX_PER_CLIENT = 100
 #: The fanout the caches tell each other about purges on (ooidx.datapath.cache.PURGE_FANOUT).
 CACHE_PURGE_FANOUT = wire.CACHE_PURGE_FANOUT
+#: The Content-Type of a DAP 4 error response.
+DAP4_ERROR_TYPE = b"application/vnd.opendap.dap4.error+xml; charset=utf-8"
 
 
 class _ProxyRequest(server.Request):
@@ -169,7 +175,7 @@ class Proxy(Listens, Component):
                  answer_timeout: Optional[float] = None, lookup_timeout: Optional[float] = None,
                  base_ttl: float = BASE_TTL, hot_ttl: Optional[float] = None, hot_bytes: int = HOT_BYTES,
                  record_interval: float = RECORD_INTERVAL, max_per_client: Optional[int] = None,
-                 stall_timeout: Optional[float] = None) -> None:
+                 stall_timeout: Optional[float] = None, access_log: bool = False) -> None:
         """What the config gives it (L{ooidx.config.component_arguments}):
         C{options} (C{components.proxyng}), where it listens (C{port}: a number
         or an endpoint string, on C{interface}), the extra Host names it answers
@@ -181,6 +187,7 @@ class Proxy(Listens, Component):
         self.edge = EdgePort(listen_spec(port, interface, default_port=8100))
         self._interface = self.edge.spec.interface
         self.allowed_hosts = tuple(allowed_hosts)
+        self.access_log = access_log  # a line per request (logging.access)
         if answer_timeout is None:
             answer_timeout = max(DEFAULT_ANSWER_TIMEOUT, (fetch_timeout or 0) + 15.0)
         self.answer_timeout = answer_timeout
@@ -215,7 +222,7 @@ class Proxy(Listens, Component):
 
     def setUp(self) -> Deferred:
         site = TrackingSite(_Root(self), requestFactory=_ProxyRequest, reactor=self.reactor, timeout=IDLE_TIMEOUT,
-                            allowed_hosts=self.allowed_hosts)
+                            allowed_hosts=self.allowed_hosts, access_log=self.access_log)
         site.displayTracebacks = False
         site.noisy = False
         return self.edge.listen(self.reactor, site).addCallback(lambda _: self._listening_now())
@@ -293,13 +300,25 @@ class Proxy(Listens, Component):
     def _prepare_error(self, request: server.Request, error: ProxyError) -> bytes:
         request.setResponseCode(error.status)
         request.responseHeaders.removeHeader(b"content-type")
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        dialect = error_dialect(request.uri)
+        if dialect == "dap4":
+            request.setHeader(b"Content-Type", DAP4_ERROR_TYPE)
+        else:
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        if dialect == "dap2":
+            # the OPeNDAP 2 convention: clients look for this to read the body as an error object
+            request.setHeader(b"Content-Description", b"dods_error")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Ooidx-Error", error.kind.encode("ascii", "replace"))
         for name, value in error.headers.items():
             request.setHeader(name, value)
-        phrase = http.RESPONSES.get(error.status, b"Error").decode("ascii")
-        body = f"{error.status} {phrase}: {error.kind}: {error.message}\n".encode("utf-8", "replace")
+        if dialect == "dap2":
+            body = dap2_error_body(error.status, error.kind, error.message)
+        elif dialect == "dap4":
+            body = dap4_error_body(error.status, error.kind, error.message)
+        else:
+            phrase = http.RESPONSES.get(error.status, b"Error").decode("ascii")
+            body = f"{error.status} {phrase}: {error.kind}: {error.message}\n".encode("utf-8", "replace")
         request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
         return body
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import re
 from typing import Optional, Tuple
+from xml.sax.saxutils import escape, quoteattr
 
 from ooidx.http.answers import HTTPError
 
 __all__ = ["DAP_SUFFIXES", "DATASETS_PREFIX", "MAX_URI", "NAME", "ProxyError", "Target", "parse_target",
-           "printable"]
+           "printable", "DAP2_ERROR_SUFFIXES", "DAP4_ERROR_SUFFIXES", "error_dialect", "dap2_error_body",
+           "dap4_error_body"]
 
 #: A dataset name (docs/data-path.md; the same as ooidx.dap.valid_name).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
@@ -23,6 +25,46 @@ DATASETS_PREFIX = b"/datasets/"
 MAX_URI = 8192
 #: by-name suffixes, longest first
 _SUFFIXES_LONGEST_FIRST = tuple(s.encode("ascii") for s in sorted(DAP_SUFFIXES, key=len, reverse=True))
+
+
+#: Requests for these get their errors as a DAP 2 error object (C{Error { code; message; };}),
+#: which netCDF-C (ncdump) and pydap parse and print; anything else gets plain text.
+DAP2_ERROR_SUFFIXES = (".das", ".dds", ".dods", ".ascii", ".asc", ".csv")
+#: ... and these (DAP 4) the DAP 4 one (C{<Error httpcode="N"><Message>...</Message></Error>}).
+DAP4_ERROR_SUFFIXES = (".dmr", ".dap", ".dmr.xml", ".dap.xml")
+
+
+def error_dialect(uri: bytes) -> Optional[str]:
+    """How a client asking for C{uri} wants its errors: C{"dap2"}, C{"dap4"}, or
+    None (plain text), from the suffix of the URI's path (by name or forward)."""
+    path = uri.split(b"?", 1)[0].split(b"#", 1)[0].lower()
+    if b"://" in path:
+        rest = path.split(b"://", 1)[1]
+        path = rest[rest.find(b"/"):] if b"/" in rest else b""
+    for suffix in DAP4_ERROR_SUFFIXES:
+        if path.endswith(suffix.encode("ascii")):
+            return "dap4"
+    for suffix in DAP2_ERROR_SUFFIXES:
+        if path.endswith(suffix.encode("ascii")):
+            return "dap2"
+    return None
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+def dap2_error_body(status: int, kind: str, message: str) -> bytes:
+    """The OPeNDAP 2 error object for an error: the message a quoted string
+    (backslashes and quotes escaped, one line), the HTTP status as its code."""
+    text = _one_line(f"{kind}: {message}").replace("\\", "\\\\").replace('"', '\\"')
+    return f'Error {{\n    code = {int(status)};\n    message = "{text}";\n}};\n'.encode("utf-8", "replace")
+
+
+def dap4_error_body(status: int, kind: str, message: str) -> bytes:
+    """The DAP 4 error response (its XML form) for an error."""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error httpcode={quoteattr(str(int(status)))}>\n'
+            f'  <Message>{escape(_one_line(f"{kind}: {message}"))}</Message>\n</Error>\n').encode("utf-8", "replace")
 
 
 class ProxyError(HTTPError):

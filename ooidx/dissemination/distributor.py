@@ -134,6 +134,7 @@ class Distributor(Component):
         yield declare_work_queue(self.bus)
         for _ in range(self.instances):
             self._subscriptions.append((yield self.bus.consume(WORK_QUEUE, self.on_distribute)))
+        self._subscriptions.append((yield self.serve_operations()))  # ping (distributor.ops)
         self.started = True
         self.log.info("{component} started on {node} ({instances} consumer(s) of {queue})",
                       component=self.name, node=self.node, instances=self.instances, queue=WORK_QUEUE)

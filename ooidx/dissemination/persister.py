@@ -325,8 +325,10 @@ class Persister(Component):
     # the subscription address ------------------------------------------------------------
 
     def _on_message(self, message: Message) -> None:
-        raise BadMessage(f"a {message.type or 'plain'} message at the persister's address; only dataset "
-                         "streams belong here")
+        """A plain publication on a C{dataset.*} topic (C{pub_sub publish}) reaches
+        this address too: not an error, only nothing to save (datasets come as streams)."""
+        self.log.debug("{component}: a {type} message at {address} (nothing to save: datasets come as streams)",
+                       component=self.name, type=message.type or "plain", address=self.address)
 
     def _on_stream(self, stream: Any) -> None:
         """A dataset stream. Returns at once: its start must be acknowledged for its chunks to come."""

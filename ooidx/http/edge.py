@@ -121,12 +121,20 @@ class _Misdirected(Resource):
 class TrackingSite(server.Site):
     """A Site that remembers its open connections, so its owner can close them
     at stop, and that answers only for the hosts of its L{HostAllowList}
-    (C{allowed_hosts}: the extra names)."""
+    (C{allowed_hosts}: the extra names). Its access log (a line per request)
+    is written only when C{access_log} is true (config C{logging.access}):
+    the page polls every few seconds, and a request is no event."""
 
-    def __init__(self, *args: Any, allowed_hosts: Iterable[str] = (), **kwargs: Any) -> None:
+    def __init__(self, *args: Any, allowed_hosts: Iterable[str] = (), access_log: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.open_channels: set = set()
         self.hosts = HostAllowList(allowed_hosts)
+        self.access_log = access_log
+
+    def log(self, request: server.Request) -> None:
+        if self.access_log:
+            super().log(request)
 
     def getResourceFor(self, request: server.Request) -> Any:
         refusal = self.misdirected(request)

@@ -3,9 +3,13 @@
     daemon = Daemon(config, reactor=reactor, config_path="etc/dx.yaml")
     daemon.startService()      # twistd does this; see ooidx.node.tap
 
-Start: the bus connects (and keeps retrying, with backoff, while the broker
-is away: the node waits, it does not exit), the component table is declared,
-every inline component of this node is created and started in the config's
+Start: the components with no queue of their own (the web edge) start at
+once, so /healthz answers (503, with the broker's last error, while there is
+no link); the bus connects (and keeps retrying, with backoff, while the
+broker is unreachable: the node waits, it does not exit; but a broker that
+refuses the login stops the start with one line and exit 1, since no retry
+helps until the config changes), the component table is declared, every
+other inline component of this node is created and started in the config's
 order, the child processes of ``process: child`` components are spawned
 under a L{ProcessMonitor}, and the node subscribes to the control fanout to
 answer status requests. If a component fails to start, the node logs one
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 
@@ -38,6 +43,7 @@ from twisted.runner.procmon import ProcessMonitor
 import magnet
 import ooidx
 from magnet import Bus, Message
+from magnet.amqp.connection import LoginRefused
 from magnet.errors import BadMessage
 
 from ooidx.node.bootstrap import CONTROL_FANOUT, declare_topology
@@ -206,6 +212,16 @@ def _reason(failure: Failure) -> str:
     return f"{kind}: {text}" if text else kind
 
 
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _refusal(failure: Failure) -> str:
+    """The broker's own words for a refused login (C{403 ACCESS_REFUSED - ...})."""
+    text = failure.getErrorMessage()
+    return text.split("AMQP handshake failed: ", 1)[-1]
+
+
 class Daemon(MultiService):
     """A node of the Data Exchange.
 
@@ -241,6 +257,8 @@ class Daemon(MultiService):
         self.log_observer = log_observer
         self._on_fatal = on_fatal
         self._starting: Optional[Deferred] = None
+        #: when the broker link went down (reactor seconds), None while it is up
+        self._broker_down_since: Optional[float] = None
         self._control: Any = None
         self._stopping: Optional[Deferred] = None
         #: the nodes that answered the last full status round, and when it was (cluster_status)
@@ -266,6 +284,8 @@ class Daemon(MultiService):
         super().startService()
         if self._memory_broker is not None:
             _MEMORY_NODES.setdefault(self._memory_broker, set()).add(self.config.node)
+        self._broker_down_since = self.reactor.seconds()
+        self.bus.transport.add_link_listener(self._link_changed)
         self.bus.startService()
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
@@ -283,30 +303,46 @@ class Daemon(MultiService):
             running: Deferred = Deferred()
             when_running(lambda: running.called or running.callback(None))
             yield running
+        private_directory(config.data_dir, self.log)
+        inline = [name for name, settings in config.components.items() if settings.process != "child"]
+        # the edges with no queue of their own (web) first, before the broker: /healthz says why not
+        edges = [name for name in inline if name not in wire.BUS_TABLE]
+        for name in edges:
+            yield self._start_component(name)
         if not self.bus.transport.connected:
             self.log.info("waiting for the broker at {broker}", broker=config.redacted_broker())
             yield self.bus.transport.when_connected(None)
         yield declare_topology(self.bus)
-        private_directory(config.data_dir, self.log)
-        for name, settings in config.components.items():
-            if settings.process == "child":
-                continue
-            component = make_component(name, self.bus, node=config.node, instances=settings.instances,
-                                       config=config, reactor=self.reactor)
-            component.setServiceParent(self)
-            self.components[name] = component
-            try:
-                yield component.start()
-            except CancelledError:
-                raise
-            except Exception:
-                raise ComponentFailed(name, Failure())
+        for name in inline:
+            if name not in edges:
+                yield self._start_component(name)
         self._hide_generated_token()
         self._start_children()
         self._control = yield self.bus.subscribe(CONTROL_FANOUT, self._on_control)
         self.started = True
         self.log.info("node {node} started: {count} component(s)", node=config.node,
                       count=len(config.components))
+
+    @inlineCallbacks
+    def _start_component(self, name: str) -> Any:
+        settings = self.config.components[name]
+        component = make_component(name, self.bus, node=self.config.node, instances=settings.instances,
+                                   config=self.config, reactor=self.reactor)
+        component.setServiceParent(self)
+        self.components[name] = component
+        try:
+            yield component.start()
+        except CancelledError:
+            raise
+        except Exception:
+            raise ComponentFailed(name, Failure())
+
+    def _link_changed(self, up: bool) -> None:
+        """Remember since when the broker link is down, for /healthz."""
+        if up:
+            self._broker_down_since = None
+        elif self._broker_down_since is None:
+            self._broker_down_since = self.reactor.seconds()
 
     def _hide_generated_token(self) -> None:
         """A token the web edge made at first start (in the data directory) is a
@@ -379,7 +415,12 @@ class Daemon(MultiService):
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(CancelledError) or self._stopping is not None:
             return
-        if failure.check(ComponentFailed):
+        if failure.check(LoginRefused):
+            self.log.critical("node {node} cannot start: the broker {broker} refused the login ({reason}); "
+                              "check the user and password of broker: in {config} (or {env}); exiting",
+                              node=self.config.node, broker=self.config.redacted_broker(),
+                              reason=_refusal(failure), config=self.config_path, env=BROKER_ENV)
+        elif failure.check(ComponentFailed):
             # not "message": twisted.python.log owns that key and a legacy observer
             # (trial's, or any log.addObserver) replaces it with () before ours reads it
             self.log.critical("{reason}; stopping node {node}", reason=str(failure.value),
@@ -453,8 +494,13 @@ class Daemon(MultiService):
         transport = self.bus.transport
         broker_up = bool(self.bus.running and transport.connected)
         components = {name: self.component_started(name) for name in self.config.components}
-        health = {"ok": broker_up and all(components.values()), "broker": "up" if broker_up else "down",
-                  "components": components}
+        health: Dict[str, Any] = {"ok": broker_up and all(components.values()),
+                                  "broker": "up" if broker_up else "down", "components": components}
+        if not broker_up:
+            # why, and since when: the last attempt's error (no password in it)
+            health["broker_error"] = getattr(transport, "last_error", None) or "not connected yet"
+            if self._broker_down_since is not None:
+                health["broker_down_since"] = _iso(self._broker_down_since)
         blocked = getattr(transport, "blocked", None)
         if broker_up and blocked:
             health["broker_blocked"] = f"blocked by the broker: {blocked}"

@@ -49,6 +49,8 @@ LEVELS = {
 #: scheme://user:password@  ->  scheme://user:***@
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):(?P<password>[^\s@/]*)@")
 MASK = "***"
+#: the user name of a URL whose password is masked already
+_MASKED_USER = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://(?P<user>[^\s:/@]*):\*\*\*@")
 #: ?ticket=VALUE / &ticket=VALUE  ->  ?ticket=***
 _TICKET_QUERY = re.compile(r"(?P<head>[?&;]ticket=)(?P<value>[^\s&;#\"'<>]+)", re.IGNORECASE)
 
@@ -77,6 +79,19 @@ class Redactor:
             return text
         text = _URL_PASSWORD.sub(lambda m: m.group("head") + ":" + MASK + "@", text)
         text = _TICKET_QUERY.sub(lambda m: m.group("head") + MASK, text)
+        # A URL's user name shows as it is, its password as ***, whatever they
+        # are: the literal secrets are masked everywhere but in the user name
+        # (so guest:guest reads guest:*** like guest:wrong, not ***:***).
+        parts = []
+        at = 0
+        for m in _MASKED_USER.finditer(text):
+            parts.append(self._literal(text[at:m.start("user")]))
+            parts.append(m.group("user"))
+            at = m.end("user")
+        parts.append(self._literal(text[at:]))
+        return "".join(parts)
+
+    def _literal(self, text: str) -> str:
         for secret in sorted(self._secrets, key=len, reverse=True):  # longest first
             if secret in text:
                 text = text.replace(secret, MASK)

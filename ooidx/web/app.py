@@ -24,7 +24,9 @@ what went wrong:
     405  a method the path does not take
     413  a body larger than C{max_body}
     422  arguments that do not fit the operation (BadArguments)
-    502  the operation failed remotely (any other remote exception)
+    400/403/404/502/504  the operation refused or failed remotely: the status of
+         its error type as the rest of the API answers it (L{ooidx.errors.HTTP_STATUS}:
+         Forbidden 403, UnknownDataset 404, InvalidURL 400 ...), 502 for any other
     503  the broker link is down (ConnectionLost, NotConnected, NotConfirmed)
     504  no reply in time (Timeout)
 
@@ -48,7 +50,6 @@ from twisted.web.resource import Resource
 
 from magnet import (BadArguments, ConnectionLost, NotConfirmed, NotConnected, RemoteError, Timeout,
                     UnknownOperation, Unroutable)
-from magnet.bus import WORKER
 
 from ooidx.component import Component
 from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_answer, json_answer,
@@ -60,7 +61,8 @@ from ooidx.people.api import SubscriptionsApi
 from ooidx.web.feeds import Feeds
 from ooidx.web.page import ManagementPage
 from ooidx.web.versions import VersionsApi
-from ooidx.wire import BUS_TABLE
+from ooidx.errors import HTTP_STATUS
+from ooidx.wire import BUS_TABLE, operations_address
 
 __all__ = ["Web", "NAME", "MAX_BODY", "ping_components", "MetricsRenderer", "TokenSource"]
 
@@ -194,12 +196,13 @@ class Web(Listens, Component):
                  token: Optional[TokenSource] = None, metrics: Optional[MetricsRenderer] = None,
                  health: Optional[Callable[[], Any]] = None,
                  cluster_status: Optional[Callable[..., Any]] = None, max_body: int = MAX_BODY,
-                 status_timeout: float = STATUS_TIMEOUT) -> None:
+                 status_timeout: float = STATUS_TIMEOUT, access_log: bool = False) -> None:
         super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         #: Where it listens: a port number or an endpoint string (tcp:, tcp6:, ssl:), ooidx.http.listen.
         self.listen = listen_spec(port, interface, default_port=8080)
         self.edge = EdgePort(self.listen)
         self.allowed_hosts = tuple(allowed_hosts)
+        self.access_log = access_log  # a line per request (logging.access)
         self._read_token = read_token
         self._token_source = token
         self._token: Optional[str] = token if isinstance(token, str) else None
@@ -246,7 +249,7 @@ class Web(Listens, Component):
         feeds = Feeds(self.bus, check_operator=self._check_token, read_token=self.read_token, clock=self.clock)
         site = TrackingSite(_Api(self, page, feeds), requestFactory=request_factory, parsePOSTFormSubmission=False,
                             reactor=self.clock, timeout=IDLE_TIMEOUT, logFormatter=masking_log_formatter(),
-                            allowed_hosts=self.allowed_hosts)
+                            allowed_hosts=self.allowed_hosts, access_log=self.access_log)
         site.displayTracebacks = False
         site.noisy = False
 
@@ -335,7 +338,7 @@ class Web(Listens, Component):
                             f"no service {service!r} (callable: {', '.join(callable_services())})")
         kwargs = self._arguments(request)
         timeout = self._call_timeout(request)
-        d = self.bus.call_with(service, op, kwargs, timeout=timeout)
+        d = self.bus.call_with(operations_address(service), op, kwargs, timeout=timeout)
         return d.addCallbacks(result_answer, lambda failure: error_answer(self._call_error(service, op, failure)))
 
     # call helpers --------------------------------------------------------------------
@@ -367,7 +370,8 @@ class Web(Listens, Component):
         if isinstance(exc, BadArguments):
             return HTTPError(422, "BadArguments", exc.message)
         if isinstance(exc, RemoteError):
-            return HTTPError(502, exc.remote_type, exc.message)
+            # the statuses the rest of the API answers with (Forbidden 403, UnknownDataset 404, ...)
+            return HTTPError(HTTP_STATUS.get(exc.remote_type, 502), exc.remote_type, exc.message)
         if isinstance(exc, Timeout):
             return HTTPError(504, "Timeout", str(exc))
         if isinstance(exc, (ConnectionLost, NotConnected, NotConfirmed)):
@@ -385,13 +389,15 @@ def callable_services() -> List[str]:
 
 @inlineCallbacks
 def ping_components(bus: Any, timeout: float = STATUS_TIMEOUT) -> Any:
-    """Who answers: ping every worker-queue component of the table, grouped by
+    """Who answers: ping every component of the table (a fanout one at its
+    operations queue), grouped by
     node and process. The stand-in for the daemon's cluster status where no
     daemon is at hand (a web edge standing alone, C{ooidx --broker status}).
     Each queue answers once, so a component running on several nodes shows
     on the one that answered."""
-    names = sorted(name for name, pattern in BUS_TABLE.items() if pattern == WORKER)
-    results = yield DeferredList([bus.call(name, "ping", timeout=timeout) for name in names], consumeErrors=True)
+    names = sorted(BUS_TABLE)
+    results = yield DeferredList([bus.call(operations_address(name), "ping", timeout=timeout) for name in names],
+                                 consumeErrors=True)
     nodes: Dict[Tuple[str, Any], Dict[str, Any]] = {}
     for name, (ok, value) in zip(names, results):
         if not ok or not isinstance(value, dict):

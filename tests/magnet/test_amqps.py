@@ -183,6 +183,8 @@ def refused(make_transport: Any, url: str, seconds: float = 2.0, **options: Any)
         poll.stop()
     assert not t.connected
     elapsed = time.monotonic() - started
+    if not first and t.last_error:  # a refused login fails the wait at once (LoginRefused), before a poll
+        first.append(elapsed)
     assert elapsed < seconds + 2, f"took {elapsed:.1f} s for a {seconds} s wait"
     assert first, "no attempt failed"
     return error, first[0]

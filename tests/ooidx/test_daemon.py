@@ -72,8 +72,11 @@ async def test_an_unreachable_broker_is_retried_and_the_node_waits(tmp_path: Pat
         await eventually(lambda: sum("unreachable" in line for line in captured.lines()) >= 2, 15,
                          "two retries logged")
         assert fatal == [] and not node.started
-        assert node.health() == {"ok": False, "broker": "down",
-                                 "components": {"cache": False, "fetcher": False, "notification": False}}
+        health = node.health()
+        assert {k: health[k] for k in ("ok", "broker", "components")} == {
+            "ok": False, "broker": "down", "components": {"cache": False, "fetcher": False, "notification": False}}
+        assert "refused" in health["broker_error"].lower(), health  # the last attempt's error: why
+        assert health["broker_down_since"].endswith("Z"), health
     finally:
         await node.stopService()
     assert fatal == []
@@ -206,3 +209,66 @@ def test_a_failed_start_exits_nonzero_with_one_clear_line(tmp_path: Path, daemon
     assert "node n1 stopped cleanly" in d.log()
     assert "Server Shut Down." in d.log()
     assert "Traceback" not in d.log() + d.stderr()
+
+
+# --------------------------------------------------------------------------- #
+# a wrong broker (issue 18)
+
+
+def _healthz(port: int) -> Any:
+    import urllib.error
+    import urllib.request
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_a_refused_login_stops_the_start_with_one_line_and_exit_1(tmp_path: Path,
+                                                                   daemons: List[DaemonProcess]) -> None:
+    """The real RabbitMQ, a wrong password: no retry helps, so the node says
+    so once and exits 1 (systemd retries), instead of retrying forever."""
+    web_port = free_port()
+    d = DaemonProcess(node_config(tmp_path, broker="amqp://guest:wrong-Passw0rd@127.0.0.1:5672/",
+                                  components={"fetcher": None, "web": None},
+                                  http={"web_port": web_port, "proxy_port": 0},
+                                  timeouts={"shutdown": 3, "connect": 2}))
+    daemons.append(d)
+    assert d.wait_exit(30) == 1, d.describe()
+    log = d.log()
+    critical = [line for line in log.splitlines() if " critical " in line]
+    assert len(critical) == 1, d.describe()
+    assert "refused the login (403 ACCESS_REFUSED" in critical[0], critical
+    assert "check the user and password of broker: in " in critical[0] and "n1.yaml" in critical[0], critical
+    assert "amqp://guest:***@127.0.0.1:5672/" in critical[0], critical
+    assert "wrong-Passw0rd" not in log + d.stderr()
+    assert log.count("retrying in") <= 1, d.describe()  # not retried like a network error
+    assert "Traceback" not in log + d.stderr()
+
+
+def test_an_unreachable_broker_opens_the_web_port_and_healthz_says_why(tmp_path: Path,
+                                                                        daemons: List[DaemonProcess]) -> None:
+    """A closed broker port: the node keeps retrying, but the web port opens at
+    once and /healthz answers 503 with the reason; guest:guest is masked like
+    any other credentials (the user name shown, the password not)."""
+    web_port, closed = free_port(), free_port()
+    d = DaemonProcess(node_config(tmp_path, broker=f"amqp://guest:guest@127.0.0.1:{closed}/",
+                                  components={"fetcher": None, "web": None},
+                                  http={"web_port": web_port, "proxy_port": 0},
+                                  timeouts={"shutdown": 3, "connect": 1}))
+    daemons.append(d)
+    d.wait_log(f"web listening on http://127.0.0.1:{web_port}", 20)
+    d.wait_log("broker unreachable", 20)
+    code, health = _healthz(web_port)
+    assert code == 503, health
+    assert health["ok"] is False and health["broker"] == "down", health
+    assert "refused" in health["broker_error"].lower(), health
+    assert health["broker_down_since"].endswith("Z"), health
+    assert health["components"] == {"fetcher": False, "web": True}, health
+    log = d.log()
+    assert f"amqp://guest:***@127.0.0.1:{closed}/" in log, d.describe()
+    assert "***:***@" not in log, d.describe()
+    d.terminate()
+    assert d.wait_exit(15) == 0, d.describe()

@@ -76,7 +76,7 @@ def test_the_server_keeps_the_promises_of_the_file(case: Any, node: Node) -> Non
 @pytest.mark.parametrize("path, body, token, status", [
     ("/api/call/controller/get_stats", {}, True, 200),
     ("/api/call/controller/get", {"name": "sst"}, True, 200),
-    ("/api/call/controller/get", {"name": "nothere"}, True, 502),
+    ("/api/call/controller/get", {"name": "nothere"}, True, 404),  # UnknownDataset, as /api/datasets says it
     ("/api/call/controller/get", {"nme": "sst"}, True, 422),
     ("/api/call/nosuchservice/ping", {}, True, 404),
     ("/api/call/controller/get_stats", {}, False, 401),

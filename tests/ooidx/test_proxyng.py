@@ -425,7 +425,12 @@ async def test_by_name_errors(stack: Stack, path: str, status: int, kind: str) -
     assert code == status, body
     assert headers.getRawHeaders("Content-Type") == ["text/plain; charset=utf-8"]
     assert headers.getRawHeaders("X-Ooidx-Error") == [kind]
-    assert body.startswith(f"{status} ".encode()) and body.endswith(b"\n") and len(body) < 400
+    assert body.endswith(b"\n") and len(body) < 400
+    if path.endswith(".dds"):  # a DAP request: the DAP 2 error object
+        assert headers.getRawHeaders("Content-Description") == ["dods_error"]
+        assert body.startswith(f"Error {{\n    code = {status};\n    message = \"{kind}: ".encode()), body
+    else:
+        assert body.startswith(f"{status} ".encode())
 
 
 @pytest_twisted.ensureDeferred

@@ -25,7 +25,8 @@ from ooidx.component import Component
 from ooidx.config import load
 from ooidx.node.metrics import PrometheusObserver, renderer_for
 from ooidx.node.token import TOKEN_FILE
-from ooidx.web.app import MAX_BODY, Web
+from ooidx.errors import Forbidden
+from ooidx.web.app import MAX_BODY, Web, ping_components
 
 TOKEN = "test-token-" + "x" * 20
 
@@ -60,6 +61,10 @@ class Store:
     @operation
     def echo(self, **kwargs: Any) -> Any:
         return kwargs
+
+    @operation
+    def refuse(self) -> Any:
+        raise Forbidden("127.0.0.1: loopback address refused")
 
     @operation
     def raw(self) -> bytes:
@@ -248,7 +253,7 @@ async def test_call_bytes_result_is_raw(stack: Stack) -> None:
     ("attribute_store", "nope", {}, 404, "UnknownOperation"),
     ("attribute_store", "_private", {}, 404, "UnknownOperation"),
     ("attribute_store", "get", {"wrong": 1}, 422, "BadArguments"),
-    ("distributor", "ping", {}, 404, "Unroutable"),  # a fanout: no queue takes a call
+    ("attribute_store", "refuse", {}, 403, "Forbidden"),  # the status /api/datasets answers it with
     ("nosuch", "ping", {}, 404, "UnknownService"),
 ])
 @pytest_twisted.ensureDeferred
@@ -256,6 +261,22 @@ async def test_call_errors(stack: Stack, service: str, op: str, body: Any, statu
     code, answer = await stack.call(service, op, body)
     assert code == status, answer
     assert error_of(answer)[0] == kind
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fanout_component_answers_ping(stack: Stack) -> None:
+    """A fanout takes no calls: a fanout component answers its operations on
+    its own worker queue (NAME.ops), where /api/call sends them (issue 18)."""
+    distributor = Component("distributor", stack.bus, node="node-a")
+    await distributor.start()
+    try:
+        code, answer = await stack.call("distributor", "ping")
+        assert code == 200, answer
+        assert answer["result"]["component"] == "distributor" and answer["result"]["node"] == "node-a"
+        nodes = await ping_components(stack.bus, timeout=2)
+        assert "distributor" in nodes[0]["components"], nodes
+    finally:
+        await distributor.stopService()
 
 
 @pytest_twisted.ensureDeferred
@@ -273,6 +294,10 @@ async def test_call_timeout_is_504(stack: Stack) -> None:
     (magnet.Timeout("slow"), 504),
     (magnet.Unroutable("nobody"), 404),
     (magnet.RemoteError("ValueError", "bad value"), 502),
+    (magnet.RemoteError("Forbidden", "loopback refused"), 403),
+    (magnet.RemoteError("UnknownDataset", "no dataset named 'x'"), 404),
+    (magnet.RemoteError("InvalidURL", "not http"), 400),
+    (magnet.RemoteError("UpstreamTimeout", "slow upstream"), 504),
     (RuntimeError("a bug"), 500),
 ])
 @pytest_twisted.ensureDeferred

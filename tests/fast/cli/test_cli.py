@@ -503,7 +503,16 @@ class BrokerClientTests(FastCase):
         assert (e.exception.kind, e.exception.code) == ("KeyError", cli.EXIT_ERROR)
         with self.assertRaises(cli.RemoteFailure) as e:
             run(cli.COMMANDS["call"].run(self.ctx(out, "call", "distributor", "ping")))
-        assert e.exception.kind == "Unroutable"
+        assert e.exception.kind == "Unroutable"  # no distributor runs
+        # a fanout component that runs answers ping (on its NAME.ops queue; issue 18)
+        distributor = Component("distributor", self.daemon.bus, node="node-a")
+        run(distributor.start())
+        try:
+            out = io.StringIO()
+            run(cli.COMMANDS["call"].run(self.ctx(out, "call", "distributor", "ping")))
+            assert json.loads(out.getvalue())["component"] == "distributor"
+        finally:
+            run(distributor.stopService())
         with self.assertRaises(cli.CliError) as e:  # no daemon on this bus answers the control fanout
             run(cli.COMMANDS["status"].run(self.ctx(out, "status")))
         assert "no daemon answered" in str(e.exception)

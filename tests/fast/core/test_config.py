@@ -68,6 +68,7 @@ class ConfigTests(FastCase):
         assert cfg.queue_type == "classic"
         assert cfg.security == config.SecurityConfig(None, (), False)
         assert cfg.logging == config.LoggingConfig("text", "info")
+        assert cfg.logging.access is False  # the access log is off unless switched on
 
     def test_comment_only_file_is_empty(self):
         assert parse("# nothing here\n", "x.yaml", environ={}).broker == ("memory://",)
@@ -374,6 +375,7 @@ class ConfigTests(FastCase):
             ("logging: {format: xml}", "logging.format: expected 'text' or 'json', got 'xml'"),
             ("logging: {level: verbose}",
              "logging.level: expected 'debug' or 'info' or 'warn' or 'error', got 'verbose'"),
+            ("logging: {access: 'on'}", "logging.access: expected true or false, got 'on'"),
         ],
     )
     def test_wrong_type_or_value(self, text, expected):

@@ -208,7 +208,7 @@ class Stand(Component):
     takes and drops what the node hands the web port (token, metrics)."""
 
     def __init__(self, *args: Any, token: Any = None, metrics: Any = None, port: Any = None, interface: Any = None,
-                 allowed_hosts: Any = (), read_token: Any = None, **kwargs: Any) -> None:
+                 allowed_hosts: Any = (), read_token: Any = None, access_log: Any = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
 
 

@@ -78,6 +78,15 @@ class LogLineTests(FastCase):
         assert messages[:3] == ["connecting to amqp://dx:***@rabbit:5672/dx", "decoded *** and amqps://u:***@h/",
                                 "token is ***"]
 
+    def test_credentials_are_masked_the_same_way_whatever_they_are(self) -> None:
+        """guest:guest and guest:wrong both read guest:*** (issue 18): the
+        password literal is masked everywhere but in a URL's user name."""
+        for password in ("guest", "wrong-pw"):
+            redact = Redactor([password])
+            line = redact(f"broker unreachable at amqp://guest:{password}@h:5672/ (amqp://guest:***@h:5672/%2F)")
+            self.assertEqual(line, "broker unreachable at amqp://guest:***@h:5672/ (amqp://guest:***@h:5672/%2F)")
+            self.assertEqual(redact(f"the password is {password}"), "the password is ***")
+
     def test_redactor_masks_url_passwords_and_added_secrets(self) -> None:
         redact = Redactor(["generated-token-xyz"])
         assert redact("amqp://guest:guest@127.0.0.1:5672/") == "amqp://guest:***@127.0.0.1:5672/"
