@@ -206,7 +206,8 @@ class FakeBroker:
             return b""
         args: Dict[str, Any] = {}
         if name == "queue.declare":
-            args = {"queue": fields["queue"] or "amq.gen-1"}
+            # a passive declare (the liveness check) is told how many consumers it has
+            args = {"queue": fields["queue"] or "amq.gen-1", "consumer_count": len(self.consumer_tags)}
         elif name == "basic.consume":
             self.consumer_tags[channel] = fields["consumer_tag"]
             args = {"consumer_tag": fields["consumer_tag"]}

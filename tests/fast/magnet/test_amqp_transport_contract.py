@@ -223,6 +223,9 @@ class DeclarationTests(SynchronousTestCase):
         self.broker.drop()
         self.h.clock.advance(0)
         self.h.pump()
+        # it waits a moment (never spinning while the old link goes), then runs on the new one
+        self.h.clock.advance(0.05)
+        self.h.pump()
         self.successResultOf(d)
         self.assertEqual(len(self.h.sent("queue.declare")), 1)
 

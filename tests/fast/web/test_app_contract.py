@@ -519,7 +519,7 @@ class LifecycleTests(FastCase):
         self.assertIn("ticket=***", text)
 
     def test_the_access_log_masks_tickets(self) -> None:
-        edge = Edge(self).start()
+        edge = Edge(self, access_log=True).start()  # the access log is a switch (logging.access)
         import io
 
         log = io.StringIO()

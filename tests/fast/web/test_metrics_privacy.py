@@ -19,6 +19,7 @@ class MetricsPrivacyTests(SynchronousTestCase):
             observer.message_out(name)
         body, content_type = renderer_for(type("Bus", (), {"observer": observer})())({"web": True})
         self.assertTrue(content_type.startswith(b"text/plain"))
-        self.assertNotIn(b"ann", body)
+        self.assertNotIn(b"user.ann", body)
+        self.assertNotIn(b"0123456789ab", body)
         self.assertNotIn(b"0123456789ab", body)
         self.assertIn(b'magnet_messages_in_total{name="user.*"} 2.0', body)
