@@ -307,29 +307,6 @@ def test_errors(exchange: Exchange, upstream: Upstream) -> None:
     assert code == 405
 
 
-def test_ncdump_prints_the_reason_of_an_error_cleanly(exchange: Exchange, upstream: Upstream,
-                                                       tmp_path: Path) -> None:
-    """A DAP request's error is a DAP error object: ncdump prints the reason,
-    not a parse error of a plain-text body (issue 18)."""
-    done = run([NCDUMP, "-h", f"{exchange.proxy}/datasets/nosuch"], HOME=str(tmp_path))
-    err = done.stderr.decode("utf-8", "replace")
-    assert done.returncode != 0
-    # netCDF-C prints no message for a 404, only its own "file not found"
-    assert "file not found" in err and "syntax error" not in err, err
-    # through the forward proxy (.dodsrc), a URL under no registered base
-    home = dodsrc_home(tmp_path, exchange.proxy)
-    done = run([NCDUMP, "-h", "http://example.invalid/x.nc"], HOME=home)
-    err = done.stderr.decode("utf-8", "replace")
-    assert 'code=403 message="Forbidden: ' in err and "syntax error" not in err, err
-    code, headers, body = http_get(f"{exchange.proxy}/datasets/nosuch.dds")
-    assert code == 404 and headers.get("Content-Description") == "dods_error"
-    assert body.startswith(b"Error {") and b"code = 404;" in body, body
-    code, headers, body = http_get(f"{exchange.proxy}/datasets/nosuch.dmr")
-    assert body.startswith(b"<?xml") and b'<Error httpcode="404">' in body, body
-    code, headers, body = http_get(f"{exchange.proxy}/elsewhere")
-    assert code == 404 and body.startswith(b"404 Not Found: NotFound:"), body
-
-
 # --------------------------------------------------------------------------- #
 # csv
 
@@ -393,8 +370,18 @@ def test_two_nodes_on_rabbitmq(isolated_broker: str, upstream: Upstream, tmp_pat
         direct = http_get(upstream.url("sst.nc.dods?time"))[2]
         first = http_get(f"{ex.proxy}/datasets/sst.dods?time")
         assert first[0] == 200 and first[2] == direct, ex.describe()
-        second = http_get(f"{ex.proxy}/datasets/sst.dods?time")
-        assert second[2] == direct and second[1].get("X-Ooidx-Source") == "cache"
+        # The cache keeps its copy once the body has reached it, which may be a
+        # moment after the client had its bytes (a request in that moment goes
+        # upstream again: one fetch per miss is issue "multicast"'s); within a
+        # few seconds the answer comes from the cache.
+        deadline = time.monotonic() + 15
+        while True:
+            second = http_get(f"{ex.proxy}/datasets/sst.dods?time")
+            assert second[2] == direct, ex.describe()
+            if second[1].get("X-Ooidx-Source") == "cache" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert second[1].get("X-Ooidx-Source") == "cache", ex.describe()
         home = dodsrc_home(tmp_path, ex.proxy)
         plain = run([NCDUMP, "-h", upstream.url("sst.nc")], HOME=str(tmp_path))
         through = run([NCDUMP, "-h", upstream.url("sst.nc")], HOME=home)
@@ -416,66 +403,3 @@ def test_two_nodes_on_rabbitmq(isolated_broker: str, upstream: Upstream, tmp_pat
 
 
 from test_multinode import isolated_broker  # noqa: E402,F401  - the fixture: a vhost of this test's own
-
-
-# --------------------------------------------------------------------------- #
-# quiet logs (issue 18)
-
-
-QUIET_LEVELS = (" warn ", " error ", " critical ")
-
-
-def _access_lines(log: str) -> List[str]:
-    return [line for line in log.splitlines() if '"GET /' in line or '"HEAD /' in line or '"POST /' in line]
-
-
-@pytest.mark.parametrize("access", [False, True])
-def test_a_normal_start_and_requests_log_nothing_at_warn_and_no_access_lines_unless_asked(
-        tmp_path: Path, upstream: Upstream, access: bool) -> None:
-    """Every component of the default config on memory://; a dataset registered
-    (its publication reaches the persister), the page's polling, DAP requests
-    by name and an operator's publication on a dataset.* topic: nothing at warn
-    or above, and no access lines unless logging.access is true."""
-    proxy_port, web_port = free_port(), free_port()
-    settings: Dict[str, Any] = {"http": {"proxy_port": proxy_port, "web_port": web_port}}
-    if access:
-        settings["logging"] = {"access": True}
-    config = write_config(tmp_path / "quiet.yaml", node="quiet", broker="memory://",  # every component
-                          timeouts={"shutdown": 3, "rpc": 10},
-                          security={"token": TOKEN, "allow_private": True, "allow_hosts": ["127.0.0.1"]},
-                          **settings)
-    d = Daemon(config)
-    try:
-        d.wait_log("node quiet started", 60)
-        ex = Exchange(f"http://127.0.0.1:{proxy_port}", f"http://127.0.0.1:{web_port}", [d])
-        register(ex, "sst", upstream.url("sst.nc"))
-        api_call(ex.web, "controller", "get_dataset", name="sst")  # its publication: to the persister
-        deadline = time.monotonic() + 30  # the persister saved the dataset's first version
-        while not (tmp_path / "quiet-data" / "datasets" / "sst").is_dir():
-            assert time.monotonic() < deadline, d.describe()
-            time.sleep(0.1)
-        for path in ("/healthz", "/", "/api/datasets", "/api/stats", "/api/events"):
-            http_get(ex.web + path)
-        for part in ("sst.das", "sst.dds", "sst.dods?time"):
-            code, _, _ = http_get(f"{ex.proxy}/datasets/{part}")
-            assert code == 200
-        api_call(ex.web, "pub_sub", "publish", topic="dataset.sst", message={"note": "hello"})
-        for fanout in ("notification", "distributor"):  # fanout components answer ping too
-            done = cli("--url", ex.web, "--token", TOKEN, "call", fanout, "ping")
-            assert done.returncode == 0, (done.stdout, done.stderr)
-            assert json.loads(done.stdout)["component"] == fanout
-        time.sleep(1.5)
-    finally:
-        d.terminate()
-        try:
-            d.wait_exit(20)
-        finally:
-            d.kill()
-    log = d.log()
-    loud = [line for line in log.splitlines() if any(level in line for level in QUIET_LEVELS)]
-    assert loud == [], "\n".join(loud)
-    assert "get refused: KeyError" not in log  # a lookup of a missing key is no news (debug)
-    if access:
-        assert len(_access_lines(log)) >= 8, log
-    else:
-        assert _access_lines(log) == [], "\n".join(_access_lines(log))
