@@ -41,7 +41,7 @@ from ooidx.component import Component
 from ooidx.config import CacheOptions
 from ooidx.errors import DXError, InvalidName, InvalidURL, UpstreamError
 from ooidx.datapath.store import DiskStore, Entry, EntryTooLarge, StoreError, Writer
-from ooidx.datapath.waiting import ended_within
+from ooidx.datapath.stopping import ended_within
 from ooidx import wire
 
 __all__ = ["Cache", "node_address", "PURGE_FANOUT"]

@@ -59,7 +59,7 @@ from magnet.rpc import error_reply
 from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
 from ooidx.config import FetcherOptions, SecurityConfig
-from ooidx.datapath.waiting import ended_within
+from ooidx.datapath.stopping import ended_within
 from ooidx.errors import InvalidName, InvalidURL
 # the parts (their constants re-exported: tests and benches name them here)
 from ooidx.datapath.dataset_fetch import MAX_METADATA_BYTES, DatasetFetch  # noqa: F401 - re-exported

@@ -18,7 +18,7 @@ The fast tier runs under both ``python -m twisted.trial tests.fast`` and
   test's thread): memory:// buses, the cache's and persister's disk work and
   the attribute store's SQLite (adbapi) then all run inside the test.
 - L{ClockCase} and L{on_clock}: an C{async def} test method run on such a
-  clock, with C{await self.sleep(s)} and C{await self.eventually(p)} in
+  clock, with C{await self.advance(s)} and C{await self.advance_until(p)} in
   place of real waits.
 """
 
@@ -280,7 +280,7 @@ class ClockCase(FastCase):
     """A synchronous test whose time is C{self.clock} (a threadless
     L{task.Clock}, see L{threadless}), for components on a memory:// bus.
     Write the test as an C{async def} decorated with L{on_clock}, and use
-    C{await self.sleep(s)} and C{await self.eventually(predicate)}: they move
+    C{await self.advance(s)} and C{await self.advance_until(predicate)}: they move
     the clock, never wait for real time."""
 
     @property
@@ -294,12 +294,12 @@ class ClockCase(FastCase):
         """The result of C{d} (a Deferred or coroutine), moving the clock on."""
         return drive(self, self.clock, d, seconds=seconds)
 
-    def sleep(self, seconds: float) -> Any:
+    def advance(self, seconds: float) -> Any:
         from twisted.internet import task
 
         return task.deferLater(self.clock, seconds, lambda: None)
 
-    async def eventually(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    async def advance_until(self, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Poll C{predicate} (which may return a Deferred) every 10 ms of clock
         time until it is true; fail after C{timeout} seconds of clock time."""
         from twisted.internet import defer
@@ -311,7 +311,7 @@ class ClockCase(FastCase):
                 return value
             if waited > timeout:
                 raise AssertionError(f"condition not met within {timeout} s")
-            await self.sleep(0.01)
+            await self.advance(0.01)
             waited += 0.01
 
 

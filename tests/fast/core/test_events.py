@@ -70,8 +70,8 @@ class EventsTests(ClockCase):
                        mandatory=False)
         await bus.send(events.NOTIFICATION, Message.of_json({"x": 2}, type=events.EVENT), mandatory=False)
         await events.emit(bus, "saved", "c")
-        await self.eventually(lambda: len(got) == 2)
-        await self.sleep(0.1)
+        await self.advance_until(lambda: len(got) == 2)
+        await self.advance(0.1)
         assert [(e["dataset"], e.get("n")) for e in got] == [("a", 1), ("c", None)]
         await subscription.cancel()
 

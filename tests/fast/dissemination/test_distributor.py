@@ -85,8 +85,8 @@ class DistributorTests(ClockCase):
         inner = Message(body=b"\x00raw bytes\xff", content_type="application/octet-stream", type="publication",
                         headers={"topic": "dataset.x", "extra": 7}, message_id="mid", correlation_id="cid")
         await distribute(env.bus, addresses + addresses[:1], inner)  # a repeated address still gets one copy
-        await self.eventually(lambda: all(len(got) == 1 for _, got in boxes))
-        await self.sleep(0.1)
+        await self.advance_until(lambda: all(len(got) == 1 for _, got in boxes))
+        await self.advance(0.1)
         for _, got in boxes:
             assert len(got) == 1
             m = got[0]
@@ -98,7 +98,7 @@ class DistributorTests(ClockCase):
         env = await self.env()
         (a, got_a), (b, got_b) = await env.inbox(), await env.inbox()
         await distribute(env.bus, [a, "pubsub.sub.nobody-home", b], Message(body=b"hi", type="t"))
-        await self.eventually(lambda: len(got_a) == 1 and len(got_b) == 1)
+        await self.advance_until(lambda: len(got_a) == 1 and len(got_b) == 1)
         assert env.distributor.stats["unroutable"] == 1
         assert env.dead == []
 
@@ -108,7 +108,7 @@ class DistributorTests(ClockCase):
         boxes = [await env.inbox() for _ in range(MAX_ADDRESSES_PER_MESSAGE + 20)]
         sent = await distribute(env.bus, [a for a, _ in boxes], Message(body=b"x"))
         assert sent == 2
-        await self.eventually(lambda: all(len(got) == 1 for _, got in boxes))
+        await self.advance_until(lambda: all(len(got) == 1 for _, got in boxes))
         assert env.distributor.stats["messages"] == 2
 
     @cases("bad", [
@@ -121,11 +121,11 @@ class DistributorTests(ClockCase):
     async def test_malformed_messages_are_dead_lettered_and_the_consumer_keeps_running(self, bad) -> None:
         env = await self.env()
         await env.bus.send(DISTRIBUTOR, bad)
-        await self.eventually(lambda: len(env.dead) == 1)
+        await self.advance_until(lambda: len(env.dead) == 1)
         assert "BadMessage" in env.dead[0].headers[ERROR_HEADER]
         address, got = await env.inbox()
         await distribute(env.bus, [address], Message(body=b"still here"))
-        await self.eventually(lambda: len(got) == 1)
+        await self.advance_until(lambda: len(got) == 1)
 
     @on_clock
     async def test_competing_instances_distribute_each_message_once(self) -> None:
@@ -137,8 +137,8 @@ class DistributorTests(ClockCase):
             address, got = await e1.inbox()
             for i in range(40):
                 await distribute(e1.bus, [address], Message(body=str(i).encode()))
-            await self.eventually(lambda: len(got) == 40)
-            await self.sleep(0.1)
+            await self.advance_until(lambda: len(got) == 40)
+            await self.advance(0.1)
             assert sorted(int(m.body) for m in got) == list(range(40))
             shares = (e1.distributor.stats["messages"], e2.distributor.stats["messages"])
             assert sum(shares) == 40 and all(shares)
@@ -155,12 +155,12 @@ class DistributorTests(ClockCase):
         got: List[Message] = []
         listener = await sender.listen(got.append)
         await distribute(sender, [listener.address], Message(body=b"early"))
-        await self.sleep(0.1)
+        await self.advance(0.1)
         assert got == []
         e = Env(self.clock, url)
         await e.start()
         try:
-            await self.eventually(lambda: len(got) == 1)
+            await self.advance_until(lambda: len(got) == 1)
         finally:
             await e.stop()
             await sender.stopService()
@@ -180,14 +180,14 @@ class DistributorTests(ClockCase):
 
         env.bus.send = send  # type: ignore[method-assign]
         await distribute(env.bus, [good, flaky], Message(body=b"m"))
-        await self.eventually(lambda: len(got_good) == 1 and len(got_flaky) == 1)
-        await self.sleep(0.1)
+        await self.advance_until(lambda: len(got_good) == 1 and len(got_flaky) == 1)
+        await self.advance(0.1)
         assert len(got_good) == 1 and len(got_flaky) == 1  # the good one is not sent twice
         assert env.distributor.stats["retried"] == 2
         # always failing: dead-lettered after the retry limit, with only that address
         failures["left"] = 100
         await distribute(env.bus, [good, flaky], Message(body=b"n"))
-        await self.eventually(lambda: len(env.dead) == 1)
+        await self.advance_until(lambda: len(env.dead) == 1)
         assert env.dead[0].headers[ADDRESSES_HEADER] == [flaky]
         assert len(got_good) == 2
 

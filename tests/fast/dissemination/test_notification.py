@@ -38,7 +38,7 @@ class NotificationTests(ClockCase):
         bus, notification = node
         for n in range(7):
             await events.emit(bus, "saved" if n % 2 else "fetched", f"ds{n}", n=n)
-        await self.eventually(lambda: notification.received == 7)
+        await self.advance_until(lambda: notification.received == 7)
         recent = await bus.call(API, "recent")
         assert [e["n"] for e in recent] == [2, 3, 4, 5, 6]  # the ring keeps 5
         assert recent[-1]["topic"] == "event.fetched.ds6" and recent[-1]["node"] == bus.node
@@ -71,8 +71,8 @@ class NotificationTests(ClockCase):
         await bus.send("notification", Message.of_json([1, 2], type="event", headers={"topic": "event.saved.x"}),
                        mandatory=False)
         await bus.send("notification", Message.of_json({}, type="event"), mandatory=False)
-        await self.eventually(lambda: notification.dropped == 4)
+        await self.advance_until(lambda: notification.dropped == 4)
         await events.emit(bus, "saved", "good")
-        await self.eventually(lambda: notification.received == 1)
+        await self.advance_until(lambda: notification.received == 1)
         recent = await bus.call(API, "recent")
         assert [e["dataset"] for e in recent] == ["good"]

@@ -140,7 +140,7 @@ class RigCase(ClockCase):
         for _ in range(int(timeout / 0.02)):
             if predicate():
                 return
-            await self.sleep(0.02)
+            await self.advance(0.02)
         raise AssertionError("condition not met in time")
 
 
@@ -247,7 +247,7 @@ class PersisterTests(RigCase):
             failed = await r.events.next("failed", "sst")
             assert failed["stage"] == "disk" and failed["retry_in"] == 60
             clock.advance(59)
-            await self.sleep(0.2)
+            await self.advance(0.2)
             assert controller.asked == []
             clock.advance(1)
             await self.until(lambda: controller.asked)
@@ -268,7 +268,7 @@ class PersisterTests(RigCase):
             stats = await r.bus.call("persister", "stats")
             assert stats["retrying"] == [] and stats["asked_again"] == 2 and stats["failed"] == 2
             clock.advance(10_000)
-            await self.sleep(0.2)
+            await self.advance(0.2)
             assert len(controller.asked) == 2
         finally:
             await r.stop()
@@ -290,7 +290,7 @@ class PersisterTests(RigCase):
             assert failed["stage"] == "stream" and failed["retry_in"] == 5
             clock.advance(5)
             await self.until(lambda: controller.asked)
-            await self.sleep(0.2)
+            await self.advance(0.2)
             assert _asking_again(clock) == []
             await r.send(answers, abort=True)
             assert (await r.events.next("failed", "sst"))["retry_in"] == 5
@@ -373,7 +373,7 @@ class PersisterTests(RigCase):
         try:
             await persister.start()
             assert not persister.ready.called
-            await self.sleep(0.5)
+            await self.advance(0.5)
             sub = await bus.serve("pub_sub", FakePubSub(bus))
             address = await persister.ready
             assert address == "pubsub.sub.persister"
@@ -487,7 +487,7 @@ class PersisterEdgeTests(RigCase):
         assert (await r.events.next("failed", "sst"))["retry_in"] == 5
         clock.advance(5)
         await self.until(lambda: Broken.asked == 1)
-        await self.sleep(0.1)
+        await self.advance(0.1)
         assert any("cannot ask controller again for dataset sst" in formatEvent(e) for e in logged.events)
         assert len([c for c in clock.getDelayedCalls() if c.func.__name__ == "_ask_again"]) == 1
         self.flushLoggedErrors(RuntimeError)  # the controller's own failure, logged where it was served

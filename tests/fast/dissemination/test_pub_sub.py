@@ -198,8 +198,8 @@ class PubSubTests(ClockCase):
         inboxes = {s["name"]: await consume(node.bus, s["address"]) for s in (a, b, c)}
         result = await node.call("publish", topic="dataset.sst", message={"v": 1})
         assert result == {"topic": "dataset.sst", "addresses": 2}
-        await self.eventually(lambda: len(inboxes["a"].messages) == 1 and len(inboxes["b"].messages) == 1)
-        await self.sleep(0.2)
+        await self.advance_until(lambda: len(inboxes["a"].messages) == 1 and len(inboxes["b"].messages) == 1)
+        await self.advance(0.2)
         assert [len(inboxes[n].messages) for n in "abc"] == [1, 1, 0]
         m = inboxes["a"].messages[0]
         assert m.type == PUBLICATION and m.headers == {"topic": "dataset.sst"}
@@ -220,8 +220,8 @@ class PubSubTests(ClockCase):
             inboxes = [await consume(node.bus, s["address"]) for s in subs]
             for i in range(30):
                 await node.call("publish", topic="dataset.sst", message=i)
-            await self.eventually(lambda: all(len(inbox.messages) >= 30 for inbox in inboxes))
-            await self.sleep(0.2)
+            await self.advance_until(lambda: all(len(inbox.messages) >= 30 for inbox in inboxes))
+            await self.advance(0.2)
             for inbox in inboxes:
                 assert sorted(m.json()["message"] for m in inbox.messages) == list(range(30))
             shares = (node.distributor.stats["messages"], other.distributor.stats["messages"])
@@ -235,15 +235,15 @@ class PubSubTests(ClockCase):
         sub = await node.call("subscribe", regex=r"^dataset\.", name="away")
         inbox = await consume(node.bus, sub["address"])
         await node.call("publish", topic="dataset.one", message=1)
-        await self.eventually(lambda: len(inbox.messages) == 1)
+        await self.advance_until(lambda: len(inbox.messages) == 1)
         await inbox.listener.subscription.cancel()  # the subscriber goes away (its queue stays)
         await node.call("publish", topic="dataset.two", message=2)
         await node.call("publish", topic="dataset.three", message=3)
-        await self.sleep(0.1)
+        await self.advance(0.1)
         again = await node.call("subscribe", regex=r"^dataset\.", name="away")  # it comes back
         assert again["address"] == sub["address"]
         back = await consume(node.bus, again["address"])
-        await self.eventually(lambda: len(back.messages) == 2)
+        await self.advance_until(lambda: len(back.messages) == 2)
         assert back.topics() == ["dataset.two", "dataset.three"]
 
     @on_clock
@@ -254,7 +254,7 @@ class PubSubTests(ClockCase):
         await node.call("subscribe", regex="x", name="gone")
         assert await node.call("unsubscribe", name="gone") is True
         assert (await node.call("publish", topic="x", message=1))["addresses"] == 1
-        await self.eventually(lambda: len(inbox.messages) == 1)
+        await self.advance_until(lambda: len(inbox.messages) == 1)
 
     @on_clock
     async def test_an_address_gone_is_skipped_and_the_others_served(self) -> None:
@@ -265,7 +265,7 @@ class PubSubTests(ClockCase):
         # b's queue vanishes behind pub_sub's back (deleted by an operator)
         await node.bus.transport.delete_queue(b["address"])
         await node.call("publish", topic="x", message=1)
-        await self.eventually(lambda: len(inbox_a.messages) == 1 and node.distributor.stats["unroutable"] == 1)
+        await self.advance_until(lambda: len(inbox_a.messages) == 1 and node.distributor.stats["unroutable"] == 1)
 
     @on_clock
     async def test_a_restarted_pub_sub_still_routes(self) -> None:
@@ -276,7 +276,7 @@ class PubSubTests(ClockCase):
         assert node.pubsub.records == {} or "durable" in node.pubsub.records
         assert await node.call("route", topic="dataset.x") == [sub["address"]]
         await node.call("publish", topic="dataset.x", message="after restart")
-        await self.eventually(lambda: len(inbox.messages) == 1)
+        await self.advance_until(lambda: len(inbox.messages) == 1)
 
     @on_clock
     async def test_a_restarted_store_and_pub_sub_keep_subscriptions(self) -> None:
@@ -303,11 +303,11 @@ class PubSubTests(ClockCase):
             await node.pubsub.subscribe(regex=r"^dataset\.", name="from-n1")
             await other.pubsub.subscribe(regex=r"^event\.", name="from-n2")
             for ps in (node.pubsub, other.pubsub):
-                await self.eventually(lambda: set(ps.records) == {"from-n1", "from-n2"})
+                await self.advance_until(lambda: set(ps.records) == {"from-n1", "from-n2"})
                 assert await ps.route(topic="dataset.x") == ["pubsub.sub.from-n1"]
                 assert await ps.route(topic="event.x") == ["pubsub.sub.from-n2"]
             await node.pubsub.unsubscribe(name="from-n2")
-            await self.eventually(lambda: set(other.pubsub.records) == {"from-n1"})
+            await self.advance_until(lambda: set(other.pubsub.records) == {"from-n1"})
             assert await other.pubsub.route(topic="event.x") == []
         finally:
             await other.stop()
@@ -328,7 +328,7 @@ class PubSubTests(ClockCase):
         late.bus.startService()
         await late.pubsub.start()
         routed = late.call("route", topic="x")
-        await self.sleep(0.3)
+        await self.advance(0.3)
         assert not routed.called
         seed.store = seed.make_store()
         await seed.store.start()
@@ -364,7 +364,7 @@ class PubSubTests(ClockCase):
         # with nowhere to answer: dead-lettered
         await node.bus.send("pub_sub", Message(body=b"\xff\xfe", content_type="application/json", type=rpc.CALL,
                                                headers={rpc.OP_HEADER: "publish"}))
-        await self.eventually(lambda: len(dead) == 1)
+        await self.advance_until(lambda: len(dead) == 1)
         # the consumer keeps running
         assert await node.call("route", topic="x") == []
 
@@ -374,7 +374,7 @@ class PubSubTests(ClockCase):
         await node.bus.call("attribute_store", "set", key=KEY_PREFIX + "sneaky",
                             value={"name": "sneaky", "regex": "x", "address": "pubsub.sub.sneaky", "created": 1.0})
         await node.bus.send(CHANGED, Message(body=b"not json", content_type="application/json"), mandatory=False)
-        await self.eventually(lambda: "sneaky" in node.pubsub.records)
+        await self.advance_until(lambda: "sneaky" in node.pubsub.records)
         assert await node.call("route", topic="x") == ["pubsub.sub.sneaky"]
 
     @on_clock
@@ -424,7 +424,7 @@ class PubSubStopTests(ClockCase):
         node.bus.startService()
         await node.pubsub.start()
         waiting = node.pubsub.loaded()
-        await self.sleep(0.5)  # the store never answers: a retry is pending
+        await self.advance(0.5)  # the store never answers: a retry is pending
         assert not waiting.called and node.pubsub._retry_call is not None
         await node.pubsub.stopService()
         with self.assertRaises(DXError) as e:

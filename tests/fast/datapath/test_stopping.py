@@ -5,7 +5,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from ooidx.datapath.waiting import ended_within
+from ooidx.datapath.stopping import ended_within
 
 
 class EndedWithinTests(SynchronousTestCase):
