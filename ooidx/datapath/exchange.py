@@ -15,11 +15,20 @@ from magnet import (ConnectionLost, MagnetError, NotConfirmed, NotConnected, Rem
 from magnet.rpc import ERROR, REPLY
 
 from ooidx.datapath.proxy_url import ProxyError
-from ooidx.errors import http_status
+from ooidx.errors import http_status as _errors_status
 
 __all__ = ["Exchange", "as_http_error"]
 
 log = Logger()
+
+#: the persister's refusals of a saved version (NAME@VERSION), by remote type
+_SAVED_STATUS = {"UnknownVersion": 404, "InvalidVersion": 400}
+
+
+def http_status(error_type: str) -> int:
+    """The HTTP status for a remote error type: the data path's (ooidx.errors),
+    and the persister's for saved versions."""
+    return _SAVED_STATUS.get(error_type) or _errors_status(error_type)
 
 
 class Exchange:

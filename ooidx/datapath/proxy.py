@@ -6,6 +6,10 @@ Two ways in, on C{http.proxy_port} (or C{components.proxyng.port}):
     HTTP/1.1}, which is what DAP clients send with C{http_proxy} set or
     C{HTTP.PROXY.SERVER} in C{.dodsrc}. The URL goes to the controller as it
     came, query string byte for byte.
+  - a saved version: C{GET /datasets/NAME@VERSION.SUFFIX} (VERSION as the
+    persister names them, or C{latest}; SUFFIX .das .dds .dods .nc): the
+    persister (C{persister.open_version}) streams the file saved on disk,
+    byte for byte; no constraint but on the .das (400), an unknown version 404.
   - by name: C{GET /datasets/NAME.SUFFIX?CONSTRAINT}. The proxy reads the
     dataset record (C{attribute_store.get(key="dataset:NAME")}) for its base
     URL and asks for C{BASE + SUFFIX + "?" + CONSTRAINT}. C{.csv} goes to the
@@ -265,7 +269,7 @@ class Proxy(Listens, Component):
         except ProxyError as e:
             return self._error_now(request, e)
         hot = self.hot
-        if hot is not None and not target.csv:
+        if hot is not None and not target.csv and target.version is None:
             url = target.url if target.url is not None else self.bases.remembered_url(target)
             if url is not None:
                 held = hot.get(request.method, url, self.clock.seconds())
@@ -348,19 +352,25 @@ class Proxy(Listens, Component):
         started = time.monotonic()
         try:
             try:
-                url = yield self.bases.url_of(target)
+                url = None if target.version is not None else (yield self.bases.url_of(target))
                 exchange.listener = yield self.bus.listen(exchange.on_message, on_stream=exchange.on_stream) \
                     .addTimeout(self.lookup_timeout, self.clock, _gateway_timeout("making a listen address"))
                 address = exchange.listener.address
-                if target.csv:
+                if target.version is not None:
+                    # a saved version: any persister of the node's data directory streams it from disk
+                    asked = self.bus.tell("persister", "open_version", address, correlation_id=request_id,
+                                          name=target.name, version=target.version, part=target.suffix,
+                                          method=method, address=address, request_id=request_id)
+                elif target.csv:
                     asked = self.bus.post("csv", "render", url=url, dataset=target.name, method=method,
                                           address=address, request_id=request_id)
                 else:
                     asked = self.bus.tell("controller", "get_url", address, correlation_id=request_id,
                                           url=url, method=method, dataset=target.name, address=address,
                                           request_id=request_id)
-                yield asked.addTimeout(self.lookup_timeout, self.clock,
-                                       _gateway_timeout("asking csv" if target.csv else "asking the controller"))
+                asking = ("asking the persister" if target.version is not None else
+                          "asking csv" if target.csv else "asking the controller")
+                yield asked.addTimeout(self.lookup_timeout, self.clock, _gateway_timeout(asking))
                 self._waiting.add(exchange)
                 try:
                     stream = yield exchange.answer.addTimeout(self.answer_timeout, self.clock,

@@ -1,6 +1,7 @@
 """What a proxy request asks for (docs/data-path.md): the request line's URI
 made into a L{Target}, a URL (forward proxy) or a dataset by name
-(C{/datasets/NAME.SUFFIX?CONSTRAINT}), and L{ProxyError}, the answer the
+(C{/datasets/NAME.SUFFIX?CONSTRAINT}) or one saved version of it
+(C{/datasets/NAME@VERSION.SUFFIX}, served by the persister from disk), and L{ProxyError}, the answer the
 proxy gives itself (an HTTP status, an error kind, a message) before any of
 an upstream's headers went out."""
 from __future__ import annotations
@@ -12,11 +13,18 @@ from xml.sax.saxutils import escape, quoteattr
 from ooidx.http.answers import HTTPError
 
 __all__ = ["DAP_SUFFIXES", "DATASETS_PREFIX", "MAX_URI", "NAME", "ProxyError", "Target", "parse_target",
-           "printable", "DAP2_ERROR_SUFFIXES", "DAP4_ERROR_SUFFIXES", "error_dialect", "dap2_error_body",
+           "printable", "VERSION", "LATEST", "SAVED_SUFFIXES", "DAP2_ERROR_SUFFIXES", "DAP4_ERROR_SUFFIXES", "error_dialect", "dap2_error_body",
            "dap4_error_body"]
 
 #: A dataset name (docs/data-path.md; the same as ooidx.dap.valid_name).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+#: A saved version's name: the persister's syntax (ooidx.dissemination.saved.VERSION), kept
+#: here too since the data path does not import dissemination.
+VERSION = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{12}\Z")
+#: The version name that means a dataset's last saved version.
+LATEST = "latest"
+#: What a saved version is served as (the files of its directory).
+SAVED_SUFFIXES = (".das", ".dds", ".dods", ".nc")
 #: The suffixes a by-name path may end in; the longest match wins.
 DAP_SUFFIXES = (".dods", ".das", ".dds", ".asc", ".ascii", ".html", ".info", ".ver", ".csv", ".nc")
 #: What the datasets path looks like.
@@ -76,18 +84,19 @@ class ProxyError(HTTPError):
 class Target:
     """What a request asks for: a URL (forward proxy) or a dataset by name."""
 
-    __slots__ = ("url", "name", "suffix", "query", "csv")
+    __slots__ = ("url", "name", "suffix", "query", "csv", "version")
 
     def __init__(self, url: Optional[str] = None, name: Optional[str] = None, suffix: str = "",
-                 query: Optional[str] = None) -> None:
+                 query: Optional[str] = None, version: Optional[str] = None) -> None:
         self.url = url
+        self.version = version  # a saved version (NAME@VERSION), served from disk
         self.name = name
         self.suffix = suffix
         self.query = query  # None: no "?" at all; "" : a "?" with nothing after it
         self.csv = suffix == ".csv"
 
     def __repr__(self) -> str:
-        return f"Target(url={self.url!r}, name={self.name!r}, suffix={self.suffix!r}, query={self.query!r})"
+        return f"Target(url={self.url!r}, name={self.name!r}, suffix={self.suffix!r}, query={self.query!r}, version={self.version!r})"
 
 
 def printable(raw: bytes, limit: int = 120) -> str:
@@ -136,6 +145,10 @@ def _by_name(path_and_query: bytes) -> Target:
             suffix = candidate
             rest = rest[: -len(candidate)]
             break
+    version: Optional[str] = None
+    if b"@" in rest:
+        rest, _, raw_version = rest.partition(b"@")
+        version = _version(raw_version, suffix.decode("ascii"))
     try:
         name = rest.decode("ascii")
     except UnicodeDecodeError:
@@ -143,7 +156,27 @@ def _by_name(path_and_query: bytes) -> Target:
     if name is None or not NAME.match(name):
         raise ProxyError(400, "InvalidName", f"bad dataset name {printable(rest)}: expected "
                                              "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-    return Target(name=name, suffix=suffix.decode("ascii"),
-                  query=_ascii(query, "the constraint expression") if sep else None)
+    text_query = _ascii(query, "the constraint expression") if sep else None
+    if version is not None and text_query and suffix != b".das":
+        # the saved .dds/.dods are the whole dataset: a projection or selection cannot be applied from disk
+        raise ProxyError(400, "ConstraintNotSupported", f"constraints are not supported on saved versions "
+                                                        f"(ask for {name}@{version}{suffix.decode('ascii')} whole)")
+    return Target(name=name, suffix=suffix.decode("ascii"), query=text_query, version=version)
+
+
+def _version(raw: bytes, suffix: str) -> str:
+    """The version of a C{NAME@VERSION.SUFFIX} path, checked: a version name
+    (C{YYYYmmddTHHMMSSZ-SHA12}) or C{latest}, and a suffix a saved version has."""
+    try:
+        version = raw.decode("ascii")
+    except UnicodeDecodeError:
+        version = ""
+    if version != LATEST and not VERSION.match(version):
+        raise ProxyError(400, "InvalidVersion", f"bad version {printable(raw)}: expected "
+                                                f"YYYYmmddTHHMMSSZ-SHA12 or {LATEST}")
+    if suffix not in SAVED_SUFFIXES:
+        raise ProxyError(404, "NotFound", f"a saved version is served as {', '.join(SAVED_SUFFIXES)}, "
+                                          f"not {suffix or 'without a suffix'}")
+    return version
 
 

@@ -30,7 +30,12 @@ C{/api/datasets/NAME/versions}, L{ooidx.web.versions}): C{versions(name,
 limit)} the manifests, C{version(name, version)} one of them (or
 C{"latest"}), C{diff(name, before, after, limit)} the summary between any
 two. A version name that is not one is L{InvalidVersion}, one not saved
-L{UnknownVersion}.
+L{UnknownVersion}. C{open_version(name, version, part, address, request_id)}
+streams one saved file (C{part}: .das .dds .dods .nc) to C{address}
+as a magnet stream, byte for byte, with the HTTP status and header fields a
+DAP client reads it by (the proxy's C{/datasets/NAME@VERSION.SUFFIX}); the
+call's answer says which version. Every persister on the node's data
+directory can serve it.
 
 Atomicity: the version is built in C{NAME/.tmp-PID-RANDOM/}; each file is
 written to a C{.part-} file there, fsync'd and renamed; then the directory
@@ -86,8 +91,9 @@ from ooidx.dissemination import changes
 from ooidx.dissemination.saved import (DATASETS, LATEST, MANIFEST, TEMP_PREFIX, VERSION, InvalidVersion,
                                        UnknownVersion, _check_name, _check_version, _cleanup, _describe, _diff,
                                        _finish_version, _last_saved, _make_temp, _manifests, _one_manifest,
-                                       _open_part, _prepare, _write_all, _write_file, list_versions,
-                                       read_manifest, valid_version, version_name)
+                                       _open_part, _open_saved, _prepare, _write_all, _write_file, list_versions,
+                                       read_manifest, saved_headers, valid_version, version_name,
+                                       SAVED_PARTS)
 
 __all__ = ["Persister", "DATASETS", "MANIFEST", "TEMP_PREFIX", "version_name", "read_manifest", "list_versions",
            "VERSION", "LATEST", "valid_version", "InvalidVersion", "UnknownVersion"]
@@ -97,6 +103,8 @@ DEFAULT_RETRY_AFTER = 60.0
 DEFAULT_RETRY_MAX = 900.0
 SUBSCRIBE_REGEX = r"^dataset\."
 THREADS = 2
+#: bytes read from a saved file at a time when streaming it
+READ_SIZE = 256 * 1024
 
 
 class Persister(Component):
@@ -141,7 +149,8 @@ class Persister(Component):
         self.address: Optional[str] = None
         #: fires with the address once subscribed (tests wait for it)
         self.ready: Deferred = Deferred()
-        self.counters = {"saved": 0, "unchanged": 0, "failed": 0, "bytes": 0, "asked_again": 0}
+        self.counters = {"saved": 0, "unchanged": 0, "failed": 0, "bytes": 0, "asked_again": 0, "served": 0,
+                         "served_bytes": 0}
 
     # lifecycle ---------------------------------------------------------------------
 
@@ -261,6 +270,65 @@ class Persister(Component):
         if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= changes.MAX_LIMIT:
             raise ValueError(f"limit is a whole number from 0 to {changes.MAX_LIMIT}")
         return self._io(_diff, os.path.join(self.root, name), name, before, after, limit)
+
+    @operation
+    def open_version(self, name: str, version: str, part: str, address: str, request_id: Optional[str] = None,
+                     method: str = "GET") -> Deferred:
+        """Stream the file C{part} (.das .dds .dods .nc) of a saved version of
+        C{name} (L{LATEST}: the last saved) to C{address}, with C{request_id} as
+        the stream's correlation id. Answers, once the file is open,
+        C{{"via", "version", "bytes"}}; the stream goes on after the answer.
+        An unknown version (or file of it) is L{UnknownVersion}."""
+        _check_name(name)
+        _check_version(version)
+        if part not in SAVED_PARTS:
+            raise InvalidVersion(f"a saved version is served as {', '.join(sorted(SAVED_PARTS))}, not {part!r}")
+        if not isinstance(address, str) or not address:
+            raise BadMessage("open_version needs an address to stream to")
+        if not isinstance(request_id, (str, type(None))) or method not in ("GET", "HEAD"):
+            raise BadMessage("open_version: request_id is a string, method GET or HEAD")
+        d = self._io(_open_saved, os.path.join(self.root, name), name, version, part)
+
+        def opened(result: Tuple[str, Any, int]) -> Dict[str, Any]:
+            resolved, f, size = result
+            streaming = self._stream_saved(address, request_id, name, resolved, part, f, size, method,
+                                           version == LATEST)
+            self._active.add(streaming)
+            streaming.addBoth(lambda r: (self._active.discard(streaming), None)[1])
+            return {"via": f"persister {self.node}", "version": resolved, "bytes": size}
+
+        return d.addCallback(opened)
+
+    @inlineCallbacks
+    def _stream_saved(self, address: str, request_id: Optional[str], name: str, version: str, part: str, f: Any,
+                      size: int, method: str, latest: bool) -> Any:
+        """The saved file to C{address}, chunk by chunk (the stream's window bounds what is in flight)."""
+        metadata = {"status": 200, "headers": saved_headers(part, version, latest), "length": size,
+                    "source": "saved", "dataset": name, "version": version}
+        writer = self.bus.open_stream(address, metadata, correlation_id=request_id)
+        sent = 0
+        try:
+            if method != "HEAD":
+                while True:
+                    data = yield self._io(f.read, READ_SIZE)
+                    if not data:
+                        break
+                    sent += len(data)
+                    yield writer.write(data)
+                if sent != size:
+                    raise OSError(errno.EIO, f"{name}@{version}{part} is {sent} bytes, not {size}")
+            yield writer.finish()
+        except Exception as e:  # noqa: BLE001 - the reader sees a broken stream, never a clean end
+            self.log.warn("{component}: streaming {name}@{version}{part} to {address} failed after {bytes} bytes: "
+                          "{error}", component=self.name, name=name, version=version, part=part, address=address,
+                          bytes=sent, error=_describe(e))
+            writer.abort(e).addErrback(lambda f: self.log.debug("{component}: abort not sent: {error}",
+                                                               component=self.name, error=f.getErrorMessage()))
+            return
+        finally:
+            f.close()
+        self.counters["served"] += 1
+        self.counters["served_bytes"] += sent
 
     @operation
     def stats(self) -> Dict[str, Any]:

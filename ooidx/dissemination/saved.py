@@ -26,7 +26,8 @@ from ooidx.dissemination import changes
 from ooidx.dissemination.netcdf import DecodeError, to_netcdf
 
 __all__ = ["DATASETS", "MANIFEST", "TEMP_PREFIX", "PART_PREFIX", "VERSION", "LATEST", "InvalidVersion",
-           "UnknownVersion", "valid_version", "version_name", "read_manifest", "list_versions"]
+           "UnknownVersion", "valid_version", "version_name", "read_manifest", "list_versions",
+           "SAVED_PARTS", "saved_headers"]
 
 DATASETS = "datasets"
 MANIFEST = "manifest.json"
@@ -37,6 +38,13 @@ _CHUNK_WRITE = 1024 * 1024
 VERSION = re.compile(r"[0-9]{8}T[0-9]{6}Z-[0-9a-f]{12}\Z")
 #: The name that means a dataset's last saved version.
 LATEST = "latest"
+#: The files of a version served by name (C{persister.open_version}): suffix -> (Content-Type, Content-Description).
+SAVED_PARTS = {
+    ".das": ("text/plain; charset=utf-8", "dods_das"),
+    ".dds": ("text/plain; charset=utf-8", "dods_dds"),
+    ".dods": ("application/octet-stream", "dods_data"),
+    ".nc": ("application/x-netcdf", None),
+}
 
 
 class InvalidVersion(Refusal):
@@ -266,6 +274,38 @@ def _one_manifest(dataset_dir: str, name: str, version: str) -> Dict[str, Any]:
     if manifest is None:
         raise UnknownVersion(f"no version {version} of {name} is saved")
     return manifest
+
+
+def saved_headers(part: str, version: str, latest: bool) -> List[List[str]]:
+    """The HTTP header fields of a saved file served as C{part}: what a DAP
+    client reads it by (C{Content-Description}), and which version it is."""
+    content_type, description = SAVED_PARTS[part]
+    headers = [["Content-Type", content_type], ["X-Ooidx-Version", version],
+               ["Cache-Control", "no-cache" if latest else "public, max-age=86400"]]
+    if description is not None:
+        headers += [["Content-Description", description], ["XDODS-Server", "dods/2.0"]]
+    return headers
+
+
+def _open_saved(dataset_dir: str, name: str, version: str, part: str) -> Tuple[str, Any, int]:
+    """Open the file C{part} of a saved version (L{LATEST}: the last saved):
+    (the version's name, the open file, its size). L{UnknownVersion} when the
+    version, or that file of it (a .nc pydap could not make), is not saved."""
+    manifest = _one_manifest(dataset_dir, name, version)
+    resolved = manifest.get("version") if version == LATEST else version
+    if not isinstance(resolved, str) or not VERSION.match(resolved):
+        raise UnknownVersion(f"the last version of {name} has no valid name in its manifest")
+    path = os.path.join(dataset_dir, resolved, name + part)
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError):
+        raise UnknownVersion(f"version {resolved} of {name} has no {part} saved") from None
+    try:
+        size = os.fstat(f.fileno()).st_size
+    except BaseException:
+        f.close()
+        raise
+    return resolved, f, size
 
 
 def _diff(dataset_dir: str, name: str, before: str, after: str, limit: int) -> Dict[str, Any]:
