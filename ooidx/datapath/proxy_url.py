@@ -18,7 +18,8 @@ __all__ = ["DAP_SUFFIXES", "DATASETS_PREFIX", "MAX_URI", "NAME", "ProxyError", "
 #: A dataset name (docs/data-path.md; the same as ooidx.dap.valid_name).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 #: The suffixes a by-name path may end in; the longest match wins.
-DAP_SUFFIXES = (".dods", ".das", ".dds", ".asc", ".ascii", ".html", ".info", ".ver", ".csv", ".nc")
+DAP_SUFFIXES = (".dods", ".das", ".dds", ".asc", ".ascii", ".html", ".info", ".ver", ".csv", ".nc",
+                ".dmr", ".dmr.xml", ".dap")
 #: What the datasets path looks like.
 DATASETS_PREFIX = b"/datasets/"
 #: The longest request target taken (414 past it).
