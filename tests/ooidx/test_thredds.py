@@ -185,3 +185,15 @@ def test_pydap_s_own_dmr_by_name(exchange: Exchange, upstream: Upstream) -> None
     direct = http_get(upstream.url("sst.nc.dmr"))
     through = http_get(f"{exchange.proxy}/datasets/sst.dmr")
     assert (through[0], through[2]) == (200, direct[2]), through
+
+
+def test_pydap_dap4_client_reads_the_metadata_by_name(exchange: Exchange, upstream: Upstream,
+                                                      no_proxy_env: None) -> None:
+    """pydap's client with protocol="dap4" (it reads NAME.dmr; pydap's server
+    cannot answer .dap, so the data itself is not read here)."""
+    from pydap.client import open_url
+    direct = open_url(upstream.url("sst.nc"), protocol="dap4")
+    through = open_url(f"{exchange.proxy}/datasets/sst", protocol="dap4")
+    assert sorted(through.keys()) == sorted(direct.keys()) == ["lat", "sst", "time"]
+    assert through["sst"].shape == direct["sst"].shape == (5, 4)
+    assert through["sst"].attributes["units"] == "degC"
