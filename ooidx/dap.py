@@ -16,8 +16,12 @@ from __future__ import annotations
 import re
 from typing import IO, Any, List, NamedTuple, Optional, Tuple
 
-#: The DAP 2 responses (.asc is the short form of .ascii), and .csv, our own.
-DAP_SUFFIXES = (".das", ".dds", ".dods", ".asc", ".ascii", ".html", ".info", ".ver")
+#: The DAP 2 responses (.asc is the short form of .ascii), and DAP 4's (.dmr, .dmr.xml: the
+#: metadata; .dap: the data), so a DAP 4 client's requests pass to an upstream that speaks it.
+DAP2_SUFFIXES = (".das", ".dds", ".dods", ".asc", ".ascii", ".html", ".info", ".ver")
+DAP4_SUFFIXES = (".dmr", ".dmr.xml", ".dap")
+DAP_SUFFIXES = DAP2_SUFFIXES + DAP4_SUFFIXES
+#: .csv, our own.
 CSV_SUFFIX = ".csv"
 SUFFIXES = DAP_SUFFIXES + (CSV_SUFFIX,)
 

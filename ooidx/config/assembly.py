@@ -85,6 +85,8 @@ def component_arguments(config: Config, name: str) -> Dict[str, Any]:
                 "access_log": config.logging.access}
     if name == "web":
         port, interface = listen_of(config, name)
+        proxy_port, proxy_interface = listen_of(config, "proxyng")
         return {"port": port, "interface": interface, "allowed_hosts": config.http.allowed_hosts,
-                "read_token": config.security.read_token, "access_log": config.logging.access}
+                "read_token": config.security.read_token, "access_log": config.logging.access,
+                "proxy_port": proxy_port, "proxy_interface": proxy_interface}
     return {}

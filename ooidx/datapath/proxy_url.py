@@ -26,7 +26,8 @@ LATEST = "latest"
 #: What a saved version is served as (the files of its directory).
 SAVED_SUFFIXES = (".das", ".dds", ".dods", ".nc")
 #: The suffixes a by-name path may end in; the longest match wins.
-DAP_SUFFIXES = (".dods", ".das", ".dds", ".asc", ".ascii", ".html", ".info", ".ver", ".csv", ".nc")
+DAP_SUFFIXES = (".dods", ".das", ".dds", ".asc", ".ascii", ".html", ".info", ".ver", ".csv", ".nc",
+                ".dmr", ".dmr.xml", ".dap")
 #: What the datasets path looks like.
 DATASETS_PREFIX = b"/datasets/"
 #: The longest request target taken (414 past it).

@@ -56,8 +56,9 @@ from ooidx.http.answers import (Answer, HTTPError, answer, check_bearer, error_a
                                 json_arguments, printable, result_answer)
 from ooidx.http.edge import (EdgePort, Listens, TrackingSite, listen_spec, mask_query,
                              masking_log_formatter)
-from ooidx.http.listen import is_loopback
+from ooidx.http.listen import ListenSpec, is_loopback, parse_listen
 from ooidx.people.api import SubscriptionsApi
+from ooidx.web.thredds import ThreddsCatalog
 from ooidx.web.feeds import Feeds
 from ooidx.web.page import ManagementPage
 from ooidx.web.versions import VersionsApi
@@ -154,7 +155,8 @@ class _Api(Resource):
         elif self.feeds is not None and path.startswith(Feeds.PREFIX):
             methods = self.feeds.methods(path)
         else:
-            methods = self.routes.get(path) or self.page.methods(path) or self.web.versions.methods(path)
+            methods = (self.routes.get(path) or self.page.methods(path) or self.web.versions.methods(path)
+                       or self.web.thredds.methods(path))
         try:
             if methods is None:
                 raise HTTPError(404, "NotFound", f"no such path: {printable(path)}")
@@ -196,7 +198,9 @@ class Web(Listens, Component):
                  token: Optional[TokenSource] = None, metrics: Optional[MetricsRenderer] = None,
                  health: Optional[Callable[[], Any]] = None,
                  cluster_status: Optional[Callable[..., Any]] = None, max_body: int = MAX_BODY,
-                 status_timeout: float = STATUS_TIMEOUT, access_log: bool = False) -> None:
+                 status_timeout: float = STATUS_TIMEOUT, access_log: bool = False,
+                 proxy_port: Any = None, proxy_interface: Optional[str] = None,
+                 public_proxy_url: Optional[str] = None) -> None:
         super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         #: Where it listens: a port number or an endpoint string (tcp:, tcp6:, ssl:), ooidx.http.listen.
         self.listen = listen_spec(port, interface, default_port=8080)
@@ -215,6 +219,13 @@ class Web(Listens, Component):
         self.subscriptions: Optional[SubscriptionsApi] = None
         #: A dataset's saved versions (ooidx.web.versions), mounted at setUp.
         self.versions: Optional[VersionsApi] = None
+        #: Where the proxy listens (http.proxy_port / interface), for the THREDDS catalog's
+        #: OPeNDAP base (ooidx.web.thredds); its key files are the proxy's to read.
+        self.proxy: Optional[ListenSpec] = (None if proxy_port is None else parse_listen(
+            proxy_port, "127.0.0.1" if proxy_interface is None else proxy_interface, read_files=False))
+        self.public_proxy_url = public_proxy_url
+        self.thredds = ThreddsCatalog(bus, check_operator=self._check_token, read_token=False, proxy=self.proxy,
+                                      public_url=public_proxy_url)
 
     # where it listens ------------------------------------------------------------
 
@@ -244,6 +255,7 @@ class Web(Listens, Component):
         page = ManagementPage(self.bus, check_operator=self._check_token, arguments=self._arguments,
                               max_body=self.max_body, read_token=self.read_token)
         self.versions = VersionsApi(self.bus, check_operator=self._check_token, read_token=self.read_token)
+        self.thredds.read_token = self.read_token
         request_factory = type("Request", (_LimitedRequest,), {"max_body": self.max_body})
         # The access log masks ?ticket= (a person's stream ticket, user_subscriptions).
         feeds = Feeds(self.bus, check_operator=self._check_token, read_token=self.read_token, clock=self.clock)

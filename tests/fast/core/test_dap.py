@@ -84,7 +84,8 @@ class DapTests(FastCase):
         assert split_url("http://h/dir/.dds") == DapURL("http://h/dir/.dds", None, None)
 
     def test_suffixes_listed(self):
-        assert set(SUFFIXES) == {".das", ".dds", ".dods", ".asc", ".ascii", ".html", ".info", ".ver", ".csv"}
+        assert set(SUFFIXES) == {".das", ".dds", ".dods", ".asc", ".ascii", ".html", ".info", ".ver", ".csv",
+                                 ".dmr", ".dmr.xml", ".dap"}
 
     def test_dataset_url_takes_suffix_with_or_without_dot(self):
         assert dataset_url("http://h/sst.nc", "dds") == "http://h/sst.nc.dds"
