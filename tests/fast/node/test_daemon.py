@@ -207,9 +207,10 @@ class Stand(Component):
     """A component that only starts and stops (in place of the web port); it
     takes and drops what the node hands the web port (token, metrics)."""
 
-    def __init__(self, *args: Any, token: Any = None, metrics: Any = None, port: Any = None, interface: Any = None,
-                 allowed_hosts: Any = (), read_token: Any = None, access_log: Any = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, clock: Any = None,
+                 reactor: Any = None, **web_arguments: Any) -> None:
+        super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
+        self.web_arguments = web_arguments  # what the node gives the web port (token, metrics, listen...)
 
 
 class ChildrenTests(FastCase):
