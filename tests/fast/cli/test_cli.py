@@ -360,8 +360,9 @@ class CliTests(FastCase):
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "list")
         assert code == 0, err
         header, row = out.splitlines()
-        assert header.split() == ["NAME", "STATUS", "URL", "REFRESH", "LAST", "FETCH", "HITS", "MISSES"]
-        assert row.split() == ["sst", "ok", "http://up/sst.nc", "60s", "-", "3", "1"]
+        assert header.split() == ["NAME", "STATUS", "URL", "REFRESH", "LAST", "FETCH", "HITS", "MISSES", "LAST",
+                                  "ERROR"]
+        assert row.split() == ["sst", "ok", "http://up/sst.nc", "60s", "-", "3", "1", "-"]
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "list", "--json")
         assert json.loads(out)[0]["name"] == "sst"
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "list", "--pattern", "none")
@@ -385,8 +386,8 @@ class CliTests(FastCase):
     def test_format_datasets_shows_times(self) -> None:
         table = cli.format_datasets([{"name": "a", "last_fetch": 0}])
         row = table.splitlines()[1].split()
-        assert row[:4] == ["a", "?", "?", "-"] and row[-2:] == ["0", "0"]
-        assert len(row) == 8  # the date and the time of last_fetch
+        assert row[:4] == ["a", "?", "?", "-"] and row[-3:] == ["0", "0", "-"]
+        assert len(row) == 9  # the date and the time of last_fetch
 
     def test_subscriptions_of_pub_sub_and_people(self) -> None:
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "subscriptions")
