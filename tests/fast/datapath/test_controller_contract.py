@@ -96,8 +96,9 @@ class FakeFetcher(Recorder):
         self.calls.append(("fetch_dataset", kwargs))
 
 
-@expand
-class ControllerTests(FastCase):
+class ControllerCase(FastCase):
+    """A controller on a memory:// bus with the fakes served (no tests of its own)."""
+
     def setUp(self) -> None:
         self.clock = threadless(self)
         self.bus = magnet.connect(f"memory://controller-{uuid.uuid4().hex}", self.clock, node="n", rpc_timeout=5)
@@ -155,6 +156,10 @@ class ControllerTests(FastCase):
         kwargs.setdefault("request_id", "r1")
         return self.call("get_url", url=url, **kwargs)
 
+
+
+@expand
+class ControllerTests(ControllerCase):
     # the registry ------------------------------------------------------------------
 
     def test_register_get_list_purge(self) -> None:
