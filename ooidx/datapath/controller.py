@@ -60,7 +60,7 @@ from magnet.rpc import decode_reply
 
 from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
-from ooidx.config import SecurityConfig
+from ooidx.config import ControllerOptions, SecurityConfig
 from ooidx.errors import Forbidden, InvalidName, InvalidURL, UnknownDataset, UpstreamError, UpstreamTimeout
 from ooidx import wire
 
@@ -138,10 +138,16 @@ class Controller(Component):
     check_max_bytes = CHECK_MAX_BYTES
 
     def __init__(self, name: str, bus: Any, *, peers: Optional[Dict[str, str]] = None,
-                 security: Optional[SecurityConfig] = None, **kwargs: Any) -> None:
+                 security: Optional[SecurityConfig] = None, options: Optional[ControllerOptions] = None,
+                 **kwargs: Any) -> None:
         """C{security}: the config's C{security} section (which upstream hosts
-        a registration may name)."""
+        a registration may name); C{options}: C{components.controller} (the
+        registration check's bounds, how often freshness is looked at)."""
         super().__init__(name, bus, **kwargs)
+        if options is not None:
+            self.check_timeout = options.check_timeout
+            self.check_max_bytes = options.check_max_bytes
+            self.freshness_interval = options.freshness_interval
         self.security = security if security is not None else SecurityConfig()
         #: the names of the components this one talks to (tests rename them)
         self.peers = {"attribute_store": "attribute_store", "cache": "cache", "fetcher": "fetcher",

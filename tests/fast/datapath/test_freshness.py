@@ -74,3 +74,22 @@ class FreshnessTests(contract.ControllerCase):
         self.call("purge", name="sst")
         self.pass_time(600)
         self.assertEqual(self.stale_events(), [])
+
+
+class ControllerOptionsTests(contract.ControllerCase):
+    def test_components_controller_sets_the_bounds(self) -> None:
+        from ooidx import config as config_module
+        from ooidx.config import ConfigError
+        from ooidx.datapath.controller import Controller
+
+        config = config_module.parse("components: {controller: {check_timeout: 3, check_max_bytes: 4096, "
+                                     "freshness_interval: 30}}\n", "/tmp/dx.yaml", environ={})
+        controller = Controller.from_config("controller", self.bus, config, node="n", clock=self.clock)
+        self.assertEqual((controller.check_timeout, controller.check_max_bytes, controller.freshness_interval),
+                         (3.0, 4096, 30.0))
+        default = Controller.from_config("controller", self.bus, config_module.parse(
+            "components: {controller: {}}\n", "/tmp/dx.yaml", environ={}), node="n", clock=self.clock)
+        self.assertEqual((default.check_timeout, default.check_max_bytes), (8.0, 1024 * 1024))
+        for bad in ("check_timeout: 30", "check_max_bytes: 10", "freshness_interval: -1", "colour: red"):
+            with self.assertRaises(ConfigError):
+                config_module.parse(f"components: {{controller: {{{bad}}}}}\n", "/tmp/dx.yaml", environ={})
