@@ -2,7 +2,13 @@
 
 Operations (docs/data-path.md is the contract):
 
-- C{register(name, url, refresh=None)} -> the dataset record
+- C{register(name, url, refresh=None, check=True, replace=False, expect_every=None)} -> the
+  dataset record. C{check}: the upstream's C{.dds} and C{.das} are fetched first, through the
+  fetcher (its URL policy, its HTTP client; within C{check_timeout} seconds and C{check_max_bytes}
+  bytes each) and an answer that is not DAP refuses the registration with its reason
+  (C{UpstreamError} 502, C{UpstreamTimeout} 504, C{Forbidden} 403, C{InvalidURL} 400). Moving
+  a registered name to another URL needs C{replace} (the record's C{replaced} says the URL it
+  had). A C{failed} event leaves C{last_error} (reason, stage, time) in the record.
 - C{purge(name)} -> the record, marked C{purged}; the cache is told to drop the dataset
 - C{list(pattern=None)} -> records (sorted by name); C{pattern} a regex on names
 - C{get(name)} -> one record
@@ -25,6 +31,12 @@ marks the record (C{refreshed}) and the others skip that round. The record's
 C{status}, C{last_fetch}, C{size} and C{versions} follow the C{fetched},
 C{saved} and C{failed} events (docs/dissemination.md); the controller emits
 C{registered} and C{purged}.
+
+Freshness (issue 16): a dataset registered with C{expect_every: SECONDS} is
+marked C{stale} (with C{stale_since}) when no C{fetched} or C{saved} event came
+for 1.5 times that period (C{fresh_since} is when the clock last started); one
+C{stale} event says so, and the next version clears the mark. The controllers
+look every C{freshness_interval} seconds.
 
 The registry lives in the attribute store (C{dataset:NAME}); each controller
 keeps it in memory too, so that C{get_url} needs no store round trip. Several
