@@ -21,7 +21,7 @@ from ooidx import wire
 NOTIFICATION = wire.NOTIFICATION
 EVENT = wire.EVENT
 TOPIC_HEADER = wire.TOPIC_HEADER
-KINDS = frozenset(("registered", "fetched", "cached", "purged", "saved", "failed", "refreshed"))
+KINDS = frozenset(("registered", "fetched", "cached", "purged", "saved", "failed", "refreshed", "stale"))
 
 log = Logger(namespace="ooidx.events")
 

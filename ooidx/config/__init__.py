@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ooidx.config.model import (COMPONENTS, LISTENING_COMPONENTS, BROKER_ENV, DEFAULT_BROKER, GiB,
                                 AttributeStoreOptions, CacheOptions, ComponentConfig, Config, ConfigError,
-                                CsvOptions, FetcherOptions, HttpConfig, ListenOptions, Listener,
+                                ControllerOptions, CsvOptions, FetcherOptions, HttpConfig, ListenOptions, Listener,
                                 LoggingConfig, PersisterOptions, ProxyOptions, RetriesConfig, SecurityConfig,
                                 TimeoutsConfig, WebhookOptions, redact_url)
 from ooidx.config.assembly import cache_max_age, component_arguments, fetch_timeout, listen_of
@@ -40,6 +40,7 @@ __all__ = [
     "ComponentConfig",
     "Config",
     "ConfigError",
+    "ControllerOptions",
     "CsvOptions",
     "WebhookOptions",
     "FetcherOptions",

@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict, Tuple
 
 
-from ooidx.config.model import (CacheOptions, Config, CsvOptions, FetcherOptions, PersisterOptions,
+from ooidx.config.model import (CacheOptions, Config, ControllerOptions, CsvOptions, FetcherOptions, PersisterOptions,
                                 ProxyOptions, WebhookOptions)
 
 
@@ -67,7 +67,7 @@ def component_arguments(config: Config, name: str) -> Dict[str, Any]:
     if name == "cache":
         return {"options": options or CacheOptions(), "directory": os.path.join(config.data_dir, "cache")}
     if name == "controller":
-        return {"security": config.security}
+        return {"security": config.security, "options": options or ControllerOptions()}
     if name in ("user_pub_sub", "user_notification"):
         return {"options": options or WebhookOptions(), "security": config.security}
     if name == "csv":

@@ -152,6 +152,21 @@ class FetcherOptions:
 
 
 @dataclass(frozen=True)
+class ControllerOptions:
+    """How the controller checks a registration and watches freshness.
+
+    ``check_timeout`` (default 8 s, at most 9: the web port waits 10 s for the
+    controller): how long a registration waits for the upstream's .dds and
+    .das, fetched at once; ``check_max_bytes`` (default 1 MiB): the most it
+    reads of each; ``freshness_interval`` (default 60 s): how often datasets
+    with an ``expect_every`` are looked at for being out of date."""
+
+    check_timeout: float = 8.0
+    check_max_bytes: int = 1024 * 1024
+    freshness_interval: float = 60.0
+
+
+@dataclass(frozen=True)
 class CsvOptions:
     """How the csv component writes what the upstream sent.
 

@@ -17,7 +17,7 @@ import yaml
 from ooidx.config.model import (_SUBSCRIPTION_NAME, BROKER_ENV, BROKER_SCHEMES, COMPONENTS, DEFAULT_BROKER,
                                 HOST_NAME, LISTENING_COMPONENTS, MAX_INTEGER, MAX_PREFETCH, MIN_TOKEN_LENGTH,
                                 NODE_NAME, _allow_host_entry, AttributeStoreOptions, CacheOptions,
-                                ComponentConfig, Config, ConfigError, CsvOptions, FetcherOptions, GiB,
+                                ComponentConfig, Config, ConfigError, ControllerOptions, CsvOptions, FetcherOptions, GiB,
                                 HttpConfig, Listener, ListenOptions, LoggingConfig, PersisterOptions,
                                 ProxyOptions, redact_url, RetriesConfig, SecurityConfig, TimeoutsConfig,
                                 WebhookOptions)
@@ -515,6 +515,12 @@ class _Parser:
             }
         elif name == "csv":
             specific = {"formula_escape": (True, self.boolean)}
+        elif name == "controller":
+            specific = {
+                "check_timeout": (8.0, self.number),
+                "check_max_bytes": (1024 * 1024, lambda v, p: self.integer(v, p, 1024, 64 * 1024 * 1024)),
+                "freshness_interval": (60.0, self.number),
+            }
         elif name == "persister":
             specific = {
                 "subscription": ("persister", self.subscription_name),
@@ -567,6 +573,11 @@ class _Parser:
             options = FetcherOptions(**settings)
         elif name == "csv":
             options = CsvOptions(**settings)
+        elif name == "controller":
+            if settings["check_timeout"] > 9:
+                raise self.error(f"{path}.check_timeout", "expected at most 9 seconds (the web port waits 10 s for "
+                                 f"the controller), got {settings['check_timeout']:g}")
+            options = ControllerOptions(**settings)
         elif name == "persister":
             if settings["retry_max"] < settings["retry_after"]:
                 raise self.error(f"{path}.retry_max", f"expected at least retry_after ({settings['retry_after']:g} s), "

@@ -2,7 +2,13 @@
 
 Operations (docs/data-path.md is the contract):
 
-- C{register(name, url, refresh=None)} -> the dataset record
+- C{register(name, url, refresh=None, check=True, replace=False, expect_every=None)} -> the
+  dataset record. C{check}: the upstream's C{.dds} and C{.das} are fetched first, through the
+  fetcher (its URL policy, its HTTP client; within C{check_timeout} seconds and C{check_max_bytes}
+  bytes each) and an answer that is not DAP refuses the registration with its reason
+  (C{UpstreamError} 502, C{UpstreamTimeout} 504, C{Forbidden} 403, C{InvalidURL} 400). Moving
+  a registered name to another URL needs C{replace} (the record's C{replaced} says the URL it
+  had). A C{failed} event leaves C{last_error} (reason, stage, time) in the record.
 - C{purge(name)} -> the record, marked C{purged}; the cache is told to drop the dataset
 - C{list(pattern=None)} -> records (sorted by name); C{pattern} a regex on names
 - C{get(name)} -> one record
@@ -25,6 +31,12 @@ marks the record (C{refreshed}) and the others skip that round. The record's
 C{status}, C{last_fetch}, C{size} and C{versions} follow the C{fetched},
 C{saved} and C{failed} events (docs/dissemination.md); the controller emits
 C{registered} and C{purged}.
+
+Freshness (issue 16): a dataset registered with C{expect_every: SECONDS} is
+marked C{stale} (with C{stale_since}) when no C{fetched} or C{saved} event came
+for 1.5 times that period (C{fresh_since} is when the clock last started); one
+C{stale} event says so, and the next version clears the mark. The controllers
+look every C{freshness_interval} seconds.
 
 The registry lives in the attribute store (C{dataset:NAME}); each controller
 keeps it in memory too, so that C{get_url} needs no store round trip. Several
@@ -49,17 +61,19 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from magnet import BadArguments, MagnetError, RemoteError, Unroutable, operation
+from magnet.rpc import ERROR, REPLY
+from magnet.rpc import decode_reply
 
 from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
-from ooidx.config import SecurityConfig
-from ooidx.errors import Forbidden, InvalidName, InvalidURL, UnknownDataset
+from ooidx.config import ControllerOptions, SecurityConfig
+from ooidx.errors import Forbidden, InvalidName, InvalidURL, UnknownDataset, UpstreamError, UpstreamTimeout
 from ooidx import wire
 
 __all__ = ["Controller", "DATASET_PREFIX", "STATS_PREFIX", "dataset_key", "check_name", "check_base_url"]
@@ -72,6 +86,17 @@ MAX_PATTERN_LENGTH = 256
 MAX_REFRESH = 366 * 24 * 3600.0
 MIN_REFRESH = 1.0
 COUNTERS = ("requests", "hits", "misses", "bytes", "errors")
+#: how long a registration's check waits for the .dds and .das (fetched at once; seconds):
+#: under the web port's 10 s call timeout, so that the answer is the upstream's reason
+CHECK_TIMEOUT = 8.0
+#: the most bytes a registration's check reads of each of the .dds and .das
+CHECK_MAX_BYTES = 1024 * 1024
+#: what each checked response starts with when it is DAP
+CHECK_SIGNATURES = {".dds": b"Dataset", ".das": b"Attributes"}
+#: a dataset is out of date when no version came for this many times its expect_every
+STALE_FACTOR = 1.5
+#: the fetcher's refusals a check passes on as they are (others become UpstreamError)
+CHECK_ERRORS = {"Forbidden": Forbidden, "InvalidURL": InvalidURL, "UpstreamTimeout": UpstreamTimeout}
 
 
 def dataset_key(name: str) -> str:
@@ -118,12 +143,23 @@ class Controller(Component):
     registry_interval = 10.0
     #: how long get_url waits for the cache's lookup before it goes to a fetcher without one
     lookup_timeout = 5.0
+    #: seconds between two looks for datasets that stopped updating (expect_every)
+    freshness_interval = 60.0
+    #: a registration's check: seconds and bytes for each of the .dds and .das
+    check_timeout = CHECK_TIMEOUT
+    check_max_bytes = CHECK_MAX_BYTES
 
     def __init__(self, name: str, bus: Any, *, peers: Optional[Dict[str, str]] = None,
-                 security: Optional[SecurityConfig] = None, **kwargs: Any) -> None:
+                 security: Optional[SecurityConfig] = None, options: Optional[ControllerOptions] = None,
+                 **kwargs: Any) -> None:
         """C{security}: the config's C{security} section (which upstream hosts
-        a registration may name)."""
+        a registration may name); C{options}: C{components.controller} (the
+        registration check's bounds, how often freshness is looked at)."""
         super().__init__(name, bus, **kwargs)
+        if options is not None:
+            self.check_timeout = options.check_timeout
+            self.check_max_bytes = options.check_max_bytes
+            self.freshness_interval = options.freshness_interval
         self.security = security if security is not None else SecurityConfig()
         #: the names of the components this one talks to (tests rename them)
         self.peers = {"attribute_store": "attribute_store", "cache": "cache", "fetcher": "fetcher",
@@ -164,6 +200,7 @@ class Controller(Component):
             component=self.name, reason=f.getErrorMessage()))
         self._every(self.stats_interval, self.save_stats, "saving statistics")
         self._every(self.registry_interval, self.reload, "reloading the registry")
+        self._every(self.freshness_interval, self.check_freshness, "looking for out-of-date datasets")
         d = self.bus.subscribe(events.NOTIFICATION, self._on_event)
         d.addCallback(lambda subscription: setattr(self, "_events", subscription))
         return d.addErrback(lambda f: self.log.warn(
@@ -280,31 +317,109 @@ class Controller(Component):
 
     @operation
     @inlineCallbacks
-    def register(self, name: str, url: str, refresh: Optional[float] = None) -> Any:
+    def register(self, name: str, url: str, refresh: Optional[float] = None, check: bool = True,
+                 replace: bool = False, expect_every: Optional[float] = None) -> Any:
         """Register (or re-register) dataset C{name} at base URL C{url}; C{refresh}
-        is a period in seconds for issue 5's periodic fetch, kept in the record."""
+        is a period in seconds for issue 5's periodic fetch, kept in the record.
+
+        C{check} (default true): the fetcher gets the dataset's C{.dds} and
+        C{.das} first (each within L{check_timeout} seconds and
+        L{check_max_bytes} bytes), and an upstream that does not answer them
+        as DAP refuses the registration with its reason (L{UpstreamError},
+        L{UpstreamTimeout}, L{Forbidden}, L{InvalidURL}), so that a typo is
+        found now, not in the daemon's log later. C{replace}: a name already
+        registered at another URL moves only with it (the record's
+        C{replaced} says the URL it had). C{expect_every}: the period in
+        seconds the dataset is expected to update in; no new version within
+        L{STALE_FACTOR} times it marks it C{stale} (L{check_freshness})."""
         check_name(name)
         base = check_base_url(url, self.allow_hosts, self.allow_private)
-        if refresh is not None:
-            if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or \
-                    not (MIN_REFRESH <= refresh <= MAX_REFRESH):
-                raise ValueError(f"refresh is a number of seconds in [{MIN_REFRESH:g}, {MAX_REFRESH:g}] or null, "
-                                 f"got {refresh!r}")
-            refresh = float(refresh)
+        refresh = _period("refresh", refresh)
+        expect_every = _period("expect_every", expect_every)
+        for flag, value in (("check", check), ("replace", replace)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} is true or false, got {value!r}"[:200])
         existing = yield self._lookup(name)
-        if existing is not None and existing.get("status") != "purged":
-            record = dict(existing, url=base, refresh=refresh)
+        live = existing is not None and existing.get("status") != "purged"
+        if live and existing.get("url") != base and not replace:
+            raise ValueError(f"dataset {name!r} is registered at {existing.get('url')}; "
+                             f"register it again with replace (--replace) to move it to {base}")
+        if check:
+            yield self.check_upstream(base)
+        now = self._now()
+        if live:
+            record = dict(existing, url=base, refresh=refresh, expect_every=expect_every)
+            record.pop("replaced", None)
             if existing.get("url") != base:  # a new upstream: what was fetched is no longer known
-                record.update(status="registered", last_fetch=None, size=0, versions=0)
+                record.update(status="registered", last_fetch=None, size=0, versions=0, replaced=existing.get("url"),
+                              last_error=None, stale=False, fresh_since=now)
         else:
             record = {"name": name, "url": base, "status": "registered", "registered": time.time(),
-                      "last_fetch": None, "size": 0, "versions": 0, "hits": 0, "misses": 0, "refresh": refresh}
+                      "last_fetch": None, "size": 0, "versions": 0, "hits": 0, "misses": 0, "refresh": refresh,
+                      "expect_every": expect_every, "last_error": None, "stale": False, "fresh_since": now}
+        record.setdefault("fresh_since", now)
         yield self._store("set", key=dataset_key(name), value=record)
         self.datasets[name] = record
         self._schedule_refreshes()
-        self.log.info("{component}: dataset {name} registered at {url}", component=self.name, name=name, url=base)
-        yield events.emit(self.bus, "registered", name, component=self.name, url=base, refresh=refresh)
+        self.log.info("{component}: dataset {name} registered at {url}{replaced}", component=self.name, name=name,
+                      url=base, replaced=f" (was {record['replaced']})" if record.get("replaced") else "")
+        yield events.emit(self.bus, "registered", name, component=self.name, url=base, refresh=refresh,
+                          replaced=record.get("replaced"))
         return record
+
+    @inlineCallbacks
+    def check_upstream(self, base: str) -> Any:
+        """Fetch C{base}.dds and C{base}.das through the fetcher (its URL
+        policy, its HTTP client) and fail with the upstream's reason unless
+        both are DAP. Fires with None."""
+        checks = [self._check_one(base + suffix, suffix) for suffix in (".dds", ".das")]
+        results = yield DeferredList(checks, consumeErrors=True)
+        for ok, result in results:  # the .dds's reason first
+            if not ok:
+                result.raiseException()
+        return None
+
+    @inlineCallbacks
+    def _check_one(self, url: str, suffix: str) -> Any:
+        request_id = uuid.uuid4().hex
+        answer = _CheckAnswer(request_id)
+        listener = yield self.bus.listen(answer.on_message, on_stream=answer.on_stream)
+        timeout = self.check_timeout
+
+        def too_slow(result: Any, t: float) -> None:
+            raise UpstreamTimeout(f"{url}: no answer within {t:g} s")
+
+        try:
+            try:
+                yield self.bus.post(self.peers["fetcher"], "fetch", url=url, method="GET",
+                                    address=listener.address, request_id=request_id)
+            except Unroutable:
+                raise UpstreamError("no fetcher is running to check the upstream (register with check false "
+                                    "to skip the check)") from None
+            answer.answer.addTimeout(timeout, self.clock, onTimeoutCancel=too_slow)
+            try:
+                stream = yield answer.answer
+            except RemoteError as e:
+                cls = CHECK_ERRORS.get(e.remote_type, UpstreamError)
+                raise cls(f"{url}: {e.message}"[:500]) from None
+            meta = stream.metadata if isinstance(stream.metadata, dict) else {}
+            body = stream.read_all(limit=self.check_max_bytes)
+            body.addTimeout(timeout, self.clock, onTimeoutCancel=too_slow)
+            try:
+                data = yield body
+            except MagnetError as e:
+                raise UpstreamError(f"{url}: {e}"[:500]) from None
+            status = meta.get("status")
+            if status != 200:
+                first = data[:200].decode("utf-8", "replace").strip().splitlines()
+                raise UpstreamError(f"{url}: the upstream answered {status} {meta.get('reason') or ''}".rstrip()
+                                    + (f": {first[0]}" if first else ""))
+            if not data.lstrip().startswith(CHECK_SIGNATURES[suffix]):
+                raise UpstreamError(f"{url}: not DAP (the {suffix} does not start with "
+                                    f"{CHECK_SIGNATURES[suffix].decode()})")
+        finally:
+            listener.close().addErrback(lambda _: None)
+        return None
 
     @operation
     @inlineCallbacks
@@ -512,6 +627,46 @@ class Controller(Component):
         result = yield self.get_dataset(name)
         return result
 
+    # freshness -----------------------------------------------------------------------
+
+    @inlineCallbacks
+    def check_freshness(self) -> Any:
+        """Mark C{stale} every live dataset with an C{expect_every} that has had
+        no new version (no C{fetched} or C{saved}) for L{STALE_FACTOR} times
+        that period, and emit one C{stale} event for it; the next version
+        clears the mark. Fires with the names newly marked."""
+        now = self._now()
+        marked = []
+        for name, record in sorted(self.datasets.items()):
+            period = record.get("expect_every")
+            since = record.get("fresh_since")
+            if record.get("status") == "purged" or record.get("stale") or \
+                    not isinstance(period, (int, float)) or not isinstance(since, (int, float)):
+                continue
+            if now - since <= STALE_FACTOR * period:
+                continue
+            try:
+                current = yield self._store("get", key=dataset_key(name))
+            except RemoteError as e:
+                if e.remote_type != "KeyError":
+                    raise
+                continue
+            if not isinstance(current, dict) or current.get("stale") or current.get("status") == "purged" or \
+                    current.get("fresh_since") != since:
+                if isinstance(current, dict):
+                    self.datasets[name] = current
+                continue  # changed elsewhere (a new version, another controller's mark)
+            updated = dict(current, stale=True, stale_since=now)
+            yield self._store("set", key=dataset_key(name), value=updated)
+            self.datasets[name] = updated
+            marked.append(name)
+            self.log.warn("{component}: dataset {name} is out of date: no new version for {age:.0f} s "
+                          "(expected every {period:g} s)", component=self.name, name=name, age=now - since,
+                          period=period)
+            yield events.emit(self.bus, "stale", name, component=self.name, url=current.get("url"),
+                              expect_every=period, age=now - since)
+        return marked
+
     # following events ----------------------------------------------------------------
 
     def _on_event(self, message: Any) -> Any:
@@ -558,6 +713,11 @@ class Controller(Component):
                                       or value > updated["last_fetch"]):
                 updated["last_fetch"] = value
 
+        if kind in ("fetched", "saved"):
+            if updated.get("stale"):
+                self.log.info("{component}: dataset {name} is up to date again", component=self.name, name=name)
+            updated["stale"] = False
+            updated["fresh_since"] = self._now()
         if kind == "fetched":
             updated["status"] = "fetched"
             later(number("time"))
@@ -572,6 +732,9 @@ class Controller(Component):
                 updated["versions"] = max(int(versions), int(updated.get("versions") or 0))
         else:
             updated["status"] = "failed"
+            reason = event.get("reason") or event.get("error") or "failed"
+            updated["last_error"] = {"reason": str(reason)[:500], "stage": event.get("stage"),
+                                     "time": number("time") or time.time()}
         if updated == record:
             return None
         yield self._store("set", key=dataset_key(name), value=updated)
@@ -660,3 +823,37 @@ class Controller(Component):
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _period(what: str, value: Any) -> Optional[float]:
+    """A period in seconds from MIN_REFRESH to MAX_REFRESH, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (MIN_REFRESH <= value <= MAX_REFRESH):
+        raise ValueError(f"{what} is a number of seconds in [{MIN_REFRESH:g}, {MAX_REFRESH:g}] or null, "
+                         f"got {value!r}"[:200])
+    return float(value)
+
+
+class _CheckAnswer:
+    """A registration check's answer at the controller's own listen address: a stream or an error reply."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.answer: Deferred = Deferred()
+
+    def on_message(self, message: Any) -> None:
+        if message.correlation_id != self.request_id or message.type not in (ERROR, REPLY):
+            return
+        if message.type == ERROR:
+            try:
+                decode_reply(message)
+            except MagnetError as e:
+                if not self.answer.called:
+                    self.answer.errback(Failure(e))
+
+    def on_stream(self, stream: Any) -> None:
+        if stream.correlation_id != self.request_id or self.answer.called:
+            stream.deliver(lambda data: None).addErrback(lambda _: None)
+            return
+        self.answer.callback(stream)

@@ -184,16 +184,25 @@ class ManagementPage:
     def render_register(self, request: server.Request) -> Deferred:
         self._check_operator(request)
         body = self._body(request)
-        unknown = sorted(set(body) - {"name", "url", "refresh"})
+        unknown = sorted(set(body) - {"name", "url", "refresh", "check", "replace", "expect_every"})
         if unknown:
             raise self._error(400, "BadRequest", f"unknown field(s): {', '.join(map(str, unknown))} "
-                                                 "(a dataset takes name, url and refresh)")
+                                                 "(a dataset takes name, url, refresh, check, replace and "
+                                                 "expect_every)")
         name = check_name(body.get("name"))
         url = check_url(body.get("url"))
         kwargs: Dict[str, Any] = {"name": name, "url": url}
         refresh = check_refresh(body.get("refresh"))
         if refresh is not None:
             kwargs["refresh"] = refresh
+        expect_every = check_refresh(body.get("expect_every"), "expect_every")
+        if expect_every is not None:
+            kwargs["expect_every"] = expect_every
+        for flag in ("check", "replace"):
+            if flag in body:
+                if not isinstance(body[flag], bool):
+                    raise self._error(400, "BadRequest", f"{flag} is true or false")
+                kwargs[flag] = body[flag]
         log.info("web page: register {name} at {url}", name=name, url=url)
         return self._call("controller", "register", kwargs, lambda record: {"dataset": record}, status=201)
 
@@ -404,11 +413,11 @@ def check_url(url: Any) -> str:
     return url
 
 
-def check_refresh(refresh: Any) -> Optional[float]:
+def check_refresh(refresh: Any, what: str = "refresh") -> Optional[float]:
     if refresh is None:
         return None
     if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or \
             not (MIN_REFRESH <= refresh <= MAX_REFRESH):
-        raise HTTPError(400, "BadRequest", f"refresh is a number of seconds from {MIN_REFRESH:g} to "
+        raise HTTPError(400, "BadRequest", f"{what} is a number of seconds from {MIN_REFRESH:g} to "
                                            f"{MAX_REFRESH:g} (366 days), or null for none")
     return float(refresh)

@@ -156,7 +156,7 @@ async def test_timers_follow_the_registry(dx: Exchange, upstream: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_failed_fetch_marks_the_record(dx: Exchange, upstream: Any) -> None:
-    await dx.call("register", name="gone", url=upstream["url"] + "/gone", refresh=5)
+    await dx.call("register", name="gone", url=upstream["url"] + "/gone", refresh=5, check=False)  # 404: not checked
     dx.clock.advance(5)
     event = await dx.events.next("failed", "gone")
     assert event["stage"] == "das" and event["component"] == "fetcher"

@@ -66,8 +66,9 @@ class Node(DaemonNode):
         finally:
             conn.close()
 
-    def register(self, name: str, url: str) -> Tuple[int, Any]:
-        return self.api("POST", "/api/datasets", {"name": name, "url": url})
+    def register(self, name: str, url: str, check: bool = True) -> Tuple[int, Any]:
+        """POST /api/datasets; C{check=False}: no upstream check (an upstream that is not a DAP dataset)."""
+        return self.api("POST", "/api/datasets", {"name": name, "url": url, **({} if check else {"check": False})})
 
 
 def start_node(tmp: Path, name: str, *, broker: str = "memory://", upstream_port: Optional[int] = None,

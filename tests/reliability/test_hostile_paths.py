@@ -151,9 +151,9 @@ def test_directory_base_cannot_be_escaped(world: Dict[str, Any]) -> None:
     up.requests.clear()
     up.served_outside.clear()
 
-    status, answer = node.register("dir", up.url("/a/"))
+    status, answer = node.register("dir", up.url("/a/"), check=False)
     assert status == 201, answer
-    status, answer = node.register("inside", up.url("/a/inside.nc"))
+    status, answer = node.register("inside", up.url("/a/inside.nc"), check=False)
     assert status == 201, answer
     # what is under /a/ is served, forward and by name
     answer = _raw_get(node.proxy_port, up.url("/a/inside.nc.dds").encode())
@@ -174,7 +174,7 @@ def test_directory_base_cannot_be_escaped(world: Dict[str, Any]) -> None:
             bad.append(("forward", what, s, answer[:200]))
         if SECRET in answer:
             leaked.append(("forward", what))
-        status, reply = node.register(f"esc{i}", url)
+        status, reply = node.register(f"esc{i}", url, check=False)  # the registry's path rule, not the upstream
         statuses["register"][status] = statuses["register"].get(status, 0) + 1
         if not 400 <= status < 500:
             bad.append(("register", what, status, reply))
@@ -211,7 +211,7 @@ def test_directory_base_cannot_be_escaped(world: Dict[str, Any]) -> None:
 def test_formula_cells_are_escaped(world: Dict[str, Any]) -> None:
     node: Node = world["node"]
     up: HostileUpstream = world["upstream"]
-    status, answer = node.register("cells", up.url("/f/cells.nc"))
+    status, answer = node.register("cells", up.url("/f/cells.nc"), check=False)
     assert status == 201, answer
     status, headers, body = node.proxy_get("/datasets/cells.csv")
     assert status == 200, (status, body[:300])

@@ -286,9 +286,14 @@ function renderDatasets() {
     const c = row.cells;
     setText(c.url, d.url || "", d.url || "");
     const status = d.status || "unknown";
-    if (c.status.dataset.status !== status) {
-      c.status.dataset.status = status;
-      c.status.replaceChildren(make("span", { text: status, cls: `badge ${status}` }));
+    const error = d.last_error && d.last_error.reason ? `last error: ${d.last_error.reason}` : "";
+    const shown = `${status}|${d.stale ? "stale" : ""}|${error}`;
+    if (c.status.dataset.status !== shown) {
+      c.status.dataset.status = shown;
+      const badges = [make("span", { text: status, cls: `badge ${status}` })];
+      if (d.stale) badges.push(make("span", { text: "out of date", cls: "badge stale" }));
+      c.status.replaceChildren(...badges);
+      c.status.title = error;
     }
     setText(c.fetched, ago(d.last_fetch), fullTime(d.last_fetch));
     setText(c.versions, number.format(d.versions || 0));

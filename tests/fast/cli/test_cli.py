@@ -121,7 +121,13 @@ def api(request: urllib.request.Request) -> Any:
             {"name": "sst", "status": "ok", "url": "http://up/sst.nc", "refresh": 60, "last_fetch": None,
              "hits": 3, "misses": 1}] if kwargs.get("pattern") != "none" else []}).encode())
     if (service, op) == ("controller", "register"):
-        return Answer(json.dumps({"result": dict(kwargs)}).encode())
+        return Answer(json.dumps({"result": dict(kwargs, **({"replaced": "http://old/x"} if kwargs.get("replace")
+                                                            else {}))}).encode())
+    if (service, op) == ("controller", "get"):
+        return Answer(json.dumps({"result": {"name": kwargs["name"], "url": "http://up/x", "status": "failed",
+                                             "stale": True, "expect_every": 3600,
+                                             "last_error": {"reason": "the upstream answered 404", "time": 0}}}
+                                 ).encode())
     if (service, op) in (("controller", "purge"), ("controller", "get_dataset")):
         return Answer(json.dumps({"result": {"name": kwargs["name"], "url": "http://up/x"}}).encode())
     if (service, op) == ("pub_sub", "list"):
@@ -360,13 +366,27 @@ class CliTests(FastCase):
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "list")
         assert code == 0, err
         header, row = out.splitlines()
-        assert header.split() == ["NAME", "STATUS", "URL", "REFRESH", "LAST", "FETCH", "HITS", "MISSES"]
-        assert row.split() == ["sst", "ok", "http://up/sst.nc", "60s", "-", "3", "1"]
+        assert header.split() == ["NAME", "STATUS", "URL", "REFRESH", "LAST", "FETCH", "HITS", "MISSES", "LAST",
+                                  "ERROR"]
+        assert row.split() == ["sst", "ok", "http://up/sst.nc", "60s", "-", "3", "1", "-"]
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "list", "--json")
         assert json.loads(out)[0]["name"] == "sst"
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "list", "--pattern", "none")
         assert (code, out) == (0, "no datasets registered\n")
         assert json.loads(self.web.requests[-1][0].data) == {"pattern": "none"}
+
+    def test_datasets_register_check_replace_expect_every_and_show(self) -> None:
+        code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "register", "sst", "http://up/x",
+                                      "--no-check", "--replace", "--expect-every", "3600")
+        assert (code, out) == (0, "registered sst: http://up/x (replaced http://old/x)\n"), err
+        assert json.loads(self.web.requests[-1][0].data) == {"name": "sst", "url": "http://up/x", "check": False,
+                                                             "replace": True, "expect_every": 3600.0}
+        code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "show", "sst")
+        assert code == 0, err
+        assert "status: failed (stale: no new version in time)" in out
+        assert "expect every: 3600 s" in out and "the upstream answered 404" in out
+        code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "list", "--no-check")
+        assert code != 0 and "--no-check" in err
 
     def test_datasets_register_purge_refresh(self) -> None:
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "datasets", "register", "sst",
@@ -385,8 +405,8 @@ class CliTests(FastCase):
     def test_format_datasets_shows_times(self) -> None:
         table = cli.format_datasets([{"name": "a", "last_fetch": 0}])
         row = table.splitlines()[1].split()
-        assert row[:4] == ["a", "?", "?", "-"] and row[-2:] == ["0", "0"]
-        assert len(row) == 8  # the date and the time of last_fetch
+        assert row[:4] == ["a", "?", "?", "-"] and row[-3:] == ["0", "0", "-"]
+        assert len(row) == 9  # the date and the time of last_fetch
 
     def test_subscriptions_of_pub_sub_and_people(self) -> None:
         code, out, err = self.run_cli("--url", URL, "--token", TOKEN, "subscriptions")

@@ -85,7 +85,7 @@ class ConfigTests(FastCase):
         assert opts["web"] == config.ListenOptions(None, None)
         assert opts["proxyng"] == config.ProxyOptions(None, None, max_per_client=100, stall_timeout=5.0)
         assert opts["persister"] == config.PersisterOptions("persister", 60.0, 900.0)
-        assert opts["controller"] is None
+        assert opts["controller"] == config.ControllerOptions(8.0, 1 << 20, 60.0)
 
     def test_persister_options(self):
         cfg = parse("components: {persister: {subscription: west-coast.1, retry_after: 5, retry_max: 5}}\n",
@@ -288,7 +288,8 @@ class ConfigTests(FastCase):
             "etc/dx.yaml: http.web_prot: unknown key (known: proxy_port, web_port, interface, allowed_hosts, metrics_datasets)"
         )
         assert error_of("components: {controller: {port: 1}}\n") == (
-            "etc/dx.yaml: components.controller.port: unknown key (known: instances, process)"
+            "etc/dx.yaml: components.controller.port: unknown key (known: instances, process, check_timeout, "
+            "check_max_bytes, freshness_interval)"
         )
         assert error_of("components: {cache: {max_redirects: 1}}\n").startswith(
             "etc/dx.yaml: components.cache.max_redirects: unknown key (known: instances, process, "

@@ -17,7 +17,7 @@ from twisted.internet import defer
 import magnet
 from magnet import operation
 
-from ooidx.errors import Forbidden, InvalidRegex, UnknownDataset
+from ooidx.errors import Forbidden, InvalidRegex, UnknownDataset, UpstreamError
 from ooidx.web import page
 from ooidx.web.page import STATIC_FILES, ManagementPage, check_refresh
 
@@ -43,9 +43,12 @@ class FakeController:
         return self.datasets[name]
 
     @operation
-    def register(self, name: str, url: str, refresh: Optional[float] = None) -> Dict[str, Any]:
+    def register(self, name: str, url: str, refresh: Optional[float] = None, **flags: Any) -> Dict[str, Any]:
         if "127.0.0.1" in url:
             raise Forbidden(f"{url} is a private address")
+        if "unreachable" in url:
+            raise UpstreamError(f"{url}.dds: connection refused")
+        self.flags = flags
         record = {"name": name, "url": url, "refresh": refresh, "status": "registered"}
         self.datasets[name] = record
         return record
@@ -237,6 +240,9 @@ class DatasetTests(Case):
         ({"name": "sst", "url": BASE, "refresh": "hourly"}, "BadRequest", "refresh is a number of seconds"),
         ({"name": "sst", "url": BASE, "refresh": True}, "BadRequest", "refresh is a number of seconds"),
         ({"name": "sst", "url": BASE, "colour": "red"}, "BadRequest", "unknown field(s): colour"),
+        ({"name": "sst", "url": BASE, "check": "no"}, "BadRequest", "check is true or false"),
+        ({"name": "sst", "url": BASE, "replace": 1}, "BadRequest", "replace is true or false"),
+        ({"name": "sst", "url": BASE, "expect_every": 0}, "BadRequest", "expect_every is a number of seconds"),
         ({}, "BadRequest", "JSON object"),
         ([1, 2], "BadRequest", "JSON object"),
     ])
@@ -248,6 +254,16 @@ class DatasetTests(Case):
         self.assertEqual(got_kind, kind, r)
         self.assertIn(words, message)
         self.assertEqual(self.controller.datasets, {})
+
+    def test_register_passes_check_replace_and_expect_every(self) -> None:
+        edge = self.edge()
+        r = edge.request("POST", "/api/datasets", {"name": "sst", "url": BASE, "check": False, "replace": True,
+                                                   "expect_every": 3600})
+        self.assertEqual(r.status, 201, r)
+        self.assertEqual(self.controller.flags, {"check": False, "replace": True, "expect_every": 3600.0})
+        r = edge.request("POST", "/api/datasets", {"name": "gone", "url": "http://unreachable.example.org/x"})
+        self.assertEqual((r.status, r.error()[0]), (502, "UpstreamError"))
+        self.assertIn("connection refused", r.error()[1])
 
     def test_register_bad_json_is_400(self) -> None:
         edge = self.edge()
