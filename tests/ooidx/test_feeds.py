@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from types import SimpleNamespace
 from typing import Any, Dict, Optional
 
 import feedparser
@@ -18,6 +17,7 @@ from twisted.web.client import HTTPConnectionPool
 import magnet
 from magnet import operation
 
+from ooidx.config import parse
 from ooidx import events
 from ooidx.dissemination.notification import Notification
 from ooidx.errors import UnknownDataset
@@ -62,11 +62,11 @@ class Stack:
     def __init__(self, read_token: Optional[bool] = None) -> None:
         self.bus = magnet.connect(f"memory://feeds-{uuid.uuid4().hex}", reactor, rpc_timeout=5)
         self.notification = Notification("notification", self.bus, node="n")
-        config = SimpleNamespace(http=SimpleNamespace(web_port=0, interface="127.0.0.1", allowed_hosts=()),
-                                 security=SimpleNamespace(read_token=read_token, allow_private=False,
-                                                          allow_hosts=()), components={})
-        config.http.metrics_datasets = 1
-        self.web = Web.from_config("web", self.bus, config, node="n", token=TOKEN, metrics=renderer_for(self.bus, config))
+        token_line = "" if read_token is None else f"security: {{read_token: {str(read_token).lower()}}}\n"
+        config = parse("http: {web_port: 0, metrics_datasets: 1}\ncomponents: {web: }\n" + token_line,
+                       "feeds.yaml", environ={})
+        self.web = Web.from_config("web", self.bus, config, node="n", token=TOKEN,
+                                   metrics=renderer_for(self.bus, config))
         self.pool = HTTPConnectionPool(reactor, persistent=False)
 
     @defer.inlineCallbacks

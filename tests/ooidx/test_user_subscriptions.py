@@ -208,7 +208,8 @@ class Stack:
                       webhook_disabled_ttl=options.get("disabled_ttl", 7 * 24 * 3600.0))
         self.user_notification = UserNotification("user_notification", self.bus, **common)
         self.user_pub_sub = UserPubSub("user_pub_sub", self.bus, **common)
-        self.web = Web("web", self.bus, node="n", port=0, interface="127.0.0.1", token=TOKEN)
+        self.web = Web("web", self.bus, node="n", port=0, interface="127.0.0.1", token=TOKEN,
+                       access_log=True)  # the ticket test reads the access log
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.failures: List[Dict[str, Any]] = []
         self.streams: List[SSE] = []
