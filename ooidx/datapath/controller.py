@@ -61,7 +61,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -166,6 +166,7 @@ class Controller(Component):
                       "pub_sub": "pub_sub"}
         self.peers.update(peers or {})
         self.datasets: Dict[str, Dict[str, Any]] = {}
+        self._record_locks: Dict[str, DeferredLock] = {}
         self.instance_id = f"{self.node}:{uuid.uuid4().hex[:12]}"
         self.stats_key = f"{STATS_PREFIX}controller:{self.instance_id}"
         self.since = time.time()
@@ -421,15 +422,30 @@ class Controller(Component):
             listener.close().addErrback(lambda _: None)
         return None
 
+    def _record_lock(self, name: str) -> DeferredLock:
+        """The lock a dataset's record is read and written under in this
+        controller: an event's update (read, change, write) and a purge never
+        interleave, so an event of a fetch that ends just after a purge cannot
+        write the record back as not purged."""
+        lock = self._record_locks.get(name)
+        if lock is None:
+            lock = self._record_locks[name] = DeferredLock()
+        return lock
+
+    @inlineCallbacks
+    def _mark_purged(self, name: str) -> Any:
+        record = yield self._live(name)
+        record = dict(record, status="purged", purged=time.time())
+        yield self._store("set", key=dataset_key(name), value=record)
+        self.datasets[name] = record
+        return record
+
     @operation
     @inlineCallbacks
     def purge(self, name: str) -> Any:
         """Take dataset C{name} out of the exchange: its record is marked
         C{purged} (requests for it are refused) and the cache drops what it holds."""
-        record = yield self._live(name)
-        record = dict(record, status="purged", purged=time.time())
-        yield self._store("set", key=dataset_key(name), value=record)
-        self.datasets[name] = record
+        record = yield self._record_lock(name).run(self._mark_purged, name)
         try:
             yield self.bus.post(self.peers["cache"], "purge", name=name, base_url=record.get("url"))
         except Unroutable:
@@ -684,7 +700,7 @@ class Controller(Component):
             return None
         if not isinstance(body, dict):
             return None
-        d = self._apply_event(parts[1], parts[2], body)
+        d = self._record_lock(parts[2]).run(self._apply_event, parts[1], parts[2], body)
         d.addErrback(lambda f: self.log.warn("{component}: record of {name} not updated after {kind}: {reason}",
                                              component=self.name, name=parts[2], kind=parts[1],
                                              reason=f.getErrorMessage()))
