@@ -445,7 +445,7 @@ class Controller(Component):
     def purge(self, name: str) -> Any:
         """Take dataset C{name} out of the exchange: its record is marked
         C{purged} (requests for it are refused) and the cache drops what it holds."""
-        record = yield self._record_lock(name).run(self._mark_purged, name)
+        record = yield self._record_lock(check_name(name)).run(self._mark_purged, name)
         try:
             yield self.bus.post(self.peers["cache"], "purge", name=name, base_url=record.get("url"))
         except Unroutable:
