@@ -191,6 +191,12 @@ def test_register_watch_and_purge_in_the_browser(browser: Any, node: Node, upstr
         "return window.ooidx.series.requests.some((p) => p.v > 0)"), "the requests chart saw the requests")
     assert d.execute_script("return window.ooidx.series.requests.length") > before
     assert d.find_elements(By.CSS_SELECTOR, "#chart-requests svg path.line")
+    # sizes as the CLI prints them (binary units), and a rate axis of under a
+    # byte a second keeps its digit (it read "1 B/s, 1 B/s, 0 B/s")
+    sizes = d.execute_script("return [0, 0.5, 1, 1536, 5 * 1024 * 1024, 3 * 2 ** 30].map(window.ooidx.bytes)")
+    assert sizes == ["0 B", "0.5 B", "1 B", "1.5 KiB", "5.0 MiB", "3.0 GiB"], sizes
+    axis = [t.text for t in d.find_elements(By.CSS_SELECTOR, "#chart-bytes svg text.axis")]
+    assert len(set(a for a in axis if a)) == len([a for a in axis if a]), axis  # no two ticks read the same
 
     # subscriptions and events: a table, or a clear "not available on this node"
     for table, note in (("pubsub-table", "pubsub-unavailable"), ("people-table", "people-unavailable")):

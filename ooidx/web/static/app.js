@@ -59,12 +59,15 @@ async function api(method, path, body) {
 
 const number = new Intl.NumberFormat();
 
+// Binary units, as the CLI prints them (KiB = 1024 B); a fraction of a byte
+// (a rate's axis: 0.5 B/s) keeps its digit instead of rounding to 1.
 function bytes(n) {
   if (!Number.isFinite(n)) return "–";
-  const units = ["B", "KB", "MB", "GB", "TB"];
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let i = 0;
-  while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
-  return `${i === 0 ? Math.round(n) : n.toFixed(n < 10 ? 1 : 0)} ${units[i]}`;
+  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  const shown = i === 0 && Number.isInteger(n) ? String(n) : n.toFixed(Math.abs(n) < 10 ? 1 : 0);
+  return `${shown} ${units[i]}`;
 }
 
 function rate(n) {
@@ -559,4 +562,4 @@ window.addEventListener("resize", () => {
 showTokenState();
 drawCharts();
 refreshAll();
-window.ooidx = { loops, series }; // for the curious, and the browser test
+window.ooidx = { loops, series, bytes }; // for the curious, and the browser test
