@@ -240,9 +240,12 @@ class Link:
         delay = self.backoff(self._failures)
         self.last_error = describe(failure)
         refused = failure.check(LoginRefused) is not None
-        self.log.warn("broker {url} refused the login ({reason}), retrying in {delay:.1f} s" if refused else
-                      "broker unreachable at {url} ({reason}), retrying in {delay:.1f} s", url=url,
-                      reason=self.last_error, delay=delay)
+        # A refused login with someone waiting for the link is theirs to report
+        # (the daemon stops with one critical line naming it): info here, then.
+        emit = self.log.info if refused and self._waiters else self.log.warn
+        emit("broker {url} refused the login ({reason}), retrying in {delay:.1f} s" if refused else
+             "broker unreachable at {url} ({reason}), retrying in {delay:.1f} s", url=url,
+             reason=self.last_error, delay=delay)
         self._retry_call = self.reactor.callLater(delay, self._connect)
         if refused:  # those waiting for the link learn it will not come by itself
             waiters, self._waiters = self._waiters, []

@@ -111,8 +111,10 @@ class _Delegate(TwistedDelegate):
 
     def connection_close(self, ch: Any, msg: Any) -> None:
         self.client.close_reason = f"{msg.reply_code} {msg.reply_text}"
-        self.log.warn("broker {url} closed the connection: {code} {text}", url=self.client.url,
-                      code=msg.reply_code, text=msg.reply_text)
+        # a refused login (403) is reported by the link, once, with what to do
+        emit = self.log.info if msg.reply_code == 403 else self.log.warn
+        emit("broker {url} closed the connection: {code} {text}", url=self.client.url,
+             code=msg.reply_code, text=msg.reply_text)
         TwistedDelegate.connection_close(self, ch, msg)  # close-ok, then loseConnection
         # loseConnection waits until what is buffered is written, and a broker
         # that closed the connection may stop reading it (RabbitMQ after

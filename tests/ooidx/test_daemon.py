@@ -245,6 +245,10 @@ def test_a_refused_login_stops_the_start_with_one_line_and_exit_1(tmp_path: Path
     assert "amqp://guest:***@127.0.0.1:5672/" in critical[0], critical
     assert "wrong-Passw0rd" not in log + d.stderr()
     assert log.count("retrying in") <= 1, d.describe()  # not retried like a network error
+    # the one clear line: nothing else at warn or above says it (the link's and
+    # the protocol's own lines about the refusal are info)
+    loud = [line for line in log.splitlines() if " warn " in line or " error " in line]
+    assert not [line for line in loud if "refused" in line or "closed the connection" in line], loud
     assert "Traceback" not in log + d.stderr()
 
 
