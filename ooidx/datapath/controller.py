@@ -67,9 +67,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from magnet import BadArguments, MagnetError, RemoteError, Unroutable, operation
-from magnet.rpc import ERROR, REPLY
-from magnet.rpc import decode_reply
 
+from ooidx.datapath.answer import StreamAnswer
 from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
 from ooidx.config import ControllerOptions, SecurityConfig
@@ -383,7 +382,7 @@ class Controller(Component):
     @inlineCallbacks
     def _check_one(self, url: str, suffix: str) -> Any:
         request_id = uuid.uuid4().hex
-        answer = _CheckAnswer(request_id)
+        answer = StreamAnswer(request_id)
         listener = yield self.bus.listen(answer.on_message, on_stream=answer.on_stream)
         timeout = self.check_timeout
 
@@ -849,27 +848,3 @@ def _period(what: str, value: Any) -> Optional[float]:
         raise ValueError(f"{what} is a number of seconds in [{MIN_REFRESH:g}, {MAX_REFRESH:g}] or null, "
                          f"got {value!r}"[:200])
     return float(value)
-
-
-class _CheckAnswer:
-    """A registration check's answer at the controller's own listen address: a stream or an error reply."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.answer: Deferred = Deferred()
-
-    def on_message(self, message: Any) -> None:
-        if message.correlation_id != self.request_id or message.type not in (ERROR, REPLY):
-            return
-        if message.type == ERROR:
-            try:
-                decode_reply(message)
-            except MagnetError as e:
-                if not self.answer.called:
-                    self.answer.errback(Failure(e))
-
-    def on_stream(self, stream: Any) -> None:
-        if stream.correlation_id != self.request_id or self.answer.called:
-            stream.deliver(lambda data: None).addErrback(lambda _: None)
-            return
-        self.answer.callback(stream)

@@ -49,9 +49,10 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from magnet import MagnetError, RemoteError, StreamError, Timeout, decode_reply, operation
-from magnet.rpc import ERROR, REPLY, error_reply
+from magnet import RemoteError, StreamError, Timeout, operation
+from magnet.rpc import error_reply
 
+from ooidx.datapath.answer import StreamAnswer
 from ooidx import dap
 from ooidx.component import Component
 from ooidx.config import CsvOptions
@@ -198,30 +199,6 @@ def _csv_bytes(rows: List[List[str]], formula_escape: bool = False) -> bytes:
     return out.getvalue().encode("utf-8")
 
 
-class _Answer:
-    """The .dods answer at csv's own listen address: a stream or an error reply."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.answer: Deferred = Deferred()
-
-    def on_message(self, message: Any) -> None:
-        if message.correlation_id != self.request_id or message.type not in (ERROR, REPLY):
-            return
-        if message.type == ERROR:
-            try:
-                decode_reply(message)
-            except MagnetError as e:
-                if not self.answer.called:
-                    self.answer.errback(Failure(e))
-
-    def on_stream(self, stream: Any) -> None:
-        if stream.correlation_id != self.request_id or self.answer.called:
-            stream.deliver(lambda data: None).addErrback(lambda _: None)
-            return
-        self.answer.callback(stream)
-
-
 class CSV(Component):
     """Datasets as CSV, decoded with pydap's parsers."""
 
@@ -321,7 +298,7 @@ class CSV(Component):
     def _fetch(self, url: str, dataset: Optional[str], spool: Any) -> Any:
         """Get C{url} through the data path into C{spool}; (status, bytes)."""
         request_id = uuid.uuid4().hex
-        answer = _Answer(request_id)
+        answer = StreamAnswer(request_id)
         listener = yield self.bus.listen(answer.on_message, on_stream=answer.on_stream)
         try:
             yield self.bus.tell("controller", "get_url", listener.address, correlation_id=request_id, url=url,
