@@ -216,6 +216,30 @@ def test_register_watch_and_purge_in_the_browser(browser: Any, node: Node, upstr
     find(By.CSS_SELECTOR, 'button[aria-label="Refresh sst now"]').click()
     wait_for(lambda: "fresh copy of sst" in text_of("ok"), "refresh confirmed", on_fail=node.describe)
 
+    # the whole dataset fetched, the persister saves a version: the table
+    # counts it, and "Versions" lists it with what changed (the first version's
+    # summary), in text nodes only
+    wait_for(lambda: int(cell("sst", 3) or 0) >= 1, "sst's saved version counted in the table",
+             timeout=60, on_fail=node.describe)
+    find(By.CSS_SELECTOR, 'button[aria-label="Versions of sst"]').click()
+    items = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#versions-list li"), "sst's versions listed",
+                     on_fail=node.describe)
+    assert shown("versions") and text_of("versions-title").lower() == "versions of sst"  # h3 in capitals
+    status, answer = node.api("GET", "/api/datasets/sst/versions", token=node.token)
+    assert status == 200 and answer["versions"], answer
+    newest = answer["versions"][-1]
+    first = items[0]
+    assert first.get_attribute("data-version") == newest["version"]
+    assert first.find_element(By.CSS_SELECTOR, ".version").text == newest["version"]
+    assert first.find_element(By.CSS_SELECTOR, ".changes").text == newest["changes"]["text"]
+    assert newest["changes"]["text"].startswith("first version"), newest["changes"]
+    assert first.find_element(By.CSS_SELECTOR, ".when").text not in ("", "–")
+    assert first.find_element(By.CSS_SELECTOR, ".size").text.endswith("B")
+    assert not shown("versions-note")
+    screenshot(d, tmp_path, "1b-versions")
+    find(By.ID, "versions-close").click()
+    wait_for(lambda: not shown("versions"), "the versions closed")
+
     # purge, through the confirmation dialog
     find(By.CSS_SELECTOR, 'button[aria-label="Purge sst"]').click()
     dialog = wait_for(lambda: find(By.ID, "confirm").is_displayed() and find(By.ID, "confirm"), "purge dialog open")
