@@ -43,7 +43,11 @@ def upstream(tmp_path_factory: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: Any, upstream: Any) -> Iterator[Node]:
-    yield from run_node(tmp_path_factory.mktemp("page-node"), upstream.port)
+    # every component; the controller looks for out-of-date datasets twice a second (default: every minute)
+    from ooidx.config.model import COMPONENTS
+    components = {name: None for name in COMPONENTS}
+    components["controller"] = {"freshness_interval": 0.5}
+    yield from run_node(tmp_path_factory.mktemp("page-node"), upstream.port, components=components)
 
 
 def start_chromium() -> Any:
@@ -239,6 +243,19 @@ def test_register_watch_and_purge_in_the_browser(browser: Any, node: Node, upstr
     screenshot(d, tmp_path, "1b-versions")
     find(By.ID, "versions-close").click()
     wait_for(lambda: not shown("versions"), "the versions closed")
+
+    # a dataset that should update every second and has no new version for
+    # 1.5 s is flagged out of date: the badge next to its status
+    status, late = node.api("POST", "/api/datasets", {"name": "late", "url": upstream.url("sst.nc"), "expect_every": 1},
+                            token=node.token)
+    assert status == 201, late
+    assert wait_for(lambda: row("late") is not None, "late listed")
+    wait_for(lambda: "out of date" in [b.text for b in row("late").find_elements(By.CSS_SELECTOR, ".badge.stale")],
+             "late's out-of-date badge", timeout=30, on_fail=node.describe)
+    assert not row("sst").find_elements(By.CSS_SELECTOR, ".badge.stale")  # sst declared no period
+    status, _ = node.api("DELETE", "/api/datasets/late", token=node.token)
+    assert status == 200
+    wait_for(lambda: row("late") is None, "late purged")
 
     # purge, through the confirmation dialog
     find(By.CSS_SELECTOR, 'button[aria-label="Purge sst"]').click()
