@@ -240,6 +240,11 @@ def test_register_watch_and_purge_in_the_browser(browser: Any, node: Node, upstr
     assert first.find_element(By.CSS_SELECTOR, ".when").text not in ("", "–")
     assert first.find_element(By.CSS_SELECTOR, ".size").text.endswith("B")
     assert not shown("versions-note")
+    # the saved event in the recent events says the same words (not the summary's JSON)
+    saved = wait_for(lambda: [li.text for li in d.find_elements(By.CSS_SELECTOR, "#events-list li")
+                              if f"changes: {newest['changes']['text']}" in li.text],
+                     "the saved event's change summary in words", timeout=30, on_fail=node.describe)
+    assert '"sha256"' not in saved[0], saved[0]
     screenshot(d, tmp_path, "1b-versions")
     find(By.ID, "versions-close").click()
     wait_for(lambda: not shown("versions"), "the versions closed")

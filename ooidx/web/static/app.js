@@ -547,8 +547,11 @@ let eventsRegex = "";
 
 function eventDetails(ev) {
   const skip = new Set(["topic", "kind", "dataset", "time", "node"]);
+  // a saved version's change summary reads as its one line of words, not as its JSON
+  const shown = (k, v) => (k === "changes" && v && typeof v === "object" && typeof v.text === "string" ? v.text
+    : typeof v === "object" ? JSON.stringify(v) : v);
   return Object.entries(ev).filter(([k, v]) => !skip.has(k) && v !== null && v !== undefined && v !== "")
-    .map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ");
+    .map(([k, v]) => `${k}: ${shown(k, v)}`).join(" · ");
 }
 
 async function loadEvents() {
