@@ -18,7 +18,7 @@ from ooidx.cli.registry import Context, RemoteFailure, UsageError, _positive_sec
 DEFAULT_VERSIONS, MAX_VERSIONS = 100, 1000
 
 @command(
-    "datasets", "register, list, purge or refresh the exchange's datasets",
+    "datasets", "register, list, purge or refresh the exchange's datasets, or read their saved versions",
     arg("action", choices=("register", "list", "show", "purge", "refresh", "versions"),
         help="register NAME URL | list | show NAME | purge NAME | refresh NAME (fetch it now) | "
              "versions NAME (its saved versions and what each changed)"),
@@ -37,7 +37,7 @@ DEFAULT_VERSIONS, MAX_VERSIONS = 100, 1000
         help="versions: what changed from version V1 to V2 (either may be 'latest')"),
     arg("--limit", type=int, metavar="N",
         help=f"versions: the last N versions (default {DEFAULT_VERSIONS}, at most {MAX_VERSIONS})"),
-    arg("--json", action="store_true", help="print the controller's answer as JSON"),
+    arg("--json", action="store_true", help="print the answer (the controller's, or the versions') as JSON"),
 )
 @inlineCallbacks
 def datasets(ctx: Context) -> Any:
