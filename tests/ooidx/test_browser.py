@@ -43,7 +43,11 @@ def upstream(tmp_path_factory: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: Any, upstream: Any) -> Iterator[Node]:
-    yield from run_node(tmp_path_factory.mktemp("page-node"), upstream.port)
+    # every component; the controller looks for out-of-date datasets twice a second (default: every minute)
+    from ooidx.config.model import COMPONENTS
+    components = {name: None for name in COMPONENTS}
+    components["controller"] = {"freshness_interval": 0.5}
+    yield from run_node(tmp_path_factory.mktemp("page-node"), upstream.port, components=components)
 
 
 def start_chromium() -> Any:
@@ -215,6 +219,48 @@ def test_register_watch_and_purge_in_the_browser(browser: Any, node: Node, upstr
     # refresh now: the fetcher is asked for the dataset
     find(By.CSS_SELECTOR, 'button[aria-label="Refresh sst now"]').click()
     wait_for(lambda: "fresh copy of sst" in text_of("ok"), "refresh confirmed", on_fail=node.describe)
+
+    # the whole dataset fetched, the persister saves a version: the table
+    # counts it, and "Versions" lists it with what changed (the first version's
+    # summary), in text nodes only
+    wait_for(lambda: int(cell("sst", 3) or 0) >= 1, "sst's saved version counted in the table",
+             timeout=60, on_fail=node.describe)
+    find(By.CSS_SELECTOR, 'button[aria-label="Versions of sst"]').click()
+    items = wait_for(lambda: d.find_elements(By.CSS_SELECTOR, "#versions-list li"), "sst's versions listed",
+                     on_fail=node.describe)
+    assert shown("versions") and text_of("versions-title").lower() == "versions of sst"  # h3 in capitals
+    status, answer = node.api("GET", "/api/datasets/sst/versions", token=node.token)
+    assert status == 200 and answer["versions"], answer
+    newest = answer["versions"][-1]
+    first = items[0]
+    assert first.get_attribute("data-version") == newest["version"]
+    assert first.find_element(By.CSS_SELECTOR, ".version").text == newest["version"]
+    assert first.find_element(By.CSS_SELECTOR, ".changes").text == newest["changes"]["text"]
+    assert newest["changes"]["text"].startswith("first version"), newest["changes"]
+    assert first.find_element(By.CSS_SELECTOR, ".when").text not in ("", "–")
+    assert first.find_element(By.CSS_SELECTOR, ".size").text.endswith("B")
+    assert not shown("versions-note")
+    # the saved event in the recent events says the same words (not the summary's JSON)
+    saved = wait_for(lambda: [li.text for li in d.find_elements(By.CSS_SELECTOR, "#events-list li")
+                              if f"changes: {newest['changes']['text']}" in li.text],
+                     "the saved event's change summary in words", timeout=30, on_fail=node.describe)
+    assert '"sha256"' not in saved[0], saved[0]
+    screenshot(d, tmp_path, "1b-versions")
+    find(By.ID, "versions-close").click()
+    wait_for(lambda: not shown("versions"), "the versions closed")
+
+    # a dataset that should update every second and has no new version for
+    # 1.5 s is flagged out of date: the badge next to its status
+    status, late = node.api("POST", "/api/datasets", {"name": "late", "url": upstream.url("sst.nc"), "expect_every": 1},
+                            token=node.token)
+    assert status == 201, late
+    assert wait_for(lambda: row("late") is not None, "late listed")
+    wait_for(lambda: "out of date" in [b.text for b in row("late").find_elements(By.CSS_SELECTOR, ".badge.stale")],
+             "late's out-of-date badge", timeout=30, on_fail=node.describe)
+    assert not row("sst").find_elements(By.CSS_SELECTOR, ".badge.stale")  # sst declared no period
+    status, _ = node.api("DELETE", "/api/datasets/late", token=node.token)
+    assert status == 200
+    wait_for(lambda: row("late") is None, "late purged")
 
     # purge, through the confirmation dialog
     find(By.CSS_SELECTOR, 'button[aria-label="Purge sst"]').click()

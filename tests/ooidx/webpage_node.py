@@ -31,13 +31,16 @@ def upstream_in(directory: Path) -> Upstream:
     return Upstream(directory)
 
 
-def run_node(tmp: Path, upstream_port: int, name: str = "page", token: str = TOKEN) -> Iterator[Node]:
-    """A generator for a fixture: yields the running node, stops it after."""
+def run_node(tmp: Path, upstream_port: int, name: str = "page", token: str = TOKEN,
+             **settings: Any) -> Iterator[Node]:
+    """A generator for a fixture: yields the running node, stops it after.
+    C{settings}: more of the config (e.g. C{components}) over these."""
     proxy_port, web_port = free_port(), free_port()
-    config = write_config(tmp / f"{name}.yaml", node=name, broker="memory://",
+    config = write_config(tmp / f"{name}.yaml", **dict(dict(
+                          node=name, broker="memory://",
                           http={"proxy_port": proxy_port, "web_port": web_port},
                           timeouts={"shutdown": 3, "rpc": 10},
-                          security={"token": token, "allow_hosts": [f"127.0.0.1:{upstream_port}"]})
+                          security={"token": token, "allow_hosts": [f"127.0.0.1:{upstream_port}"]}), **settings))
     daemon = Daemon(config)
     try:
         daemon.wait_log(f"node {name} started", 60)

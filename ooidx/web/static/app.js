@@ -264,9 +264,13 @@ function newRow(name) {
                                                                                 "aria-label": `Refresh ${name} now` } });
   const purge = make("button", { text: "Purge…", cls: "small danger-quiet", attrs: { type: "button", "data-action": "purge",
                                                                                       "aria-label": `Purge ${name}` } });
+  const versions = make("button", { text: "Versions", cls: "small", attrs: { type: "button", "data-action": "versions",
+                                                                              "aria-label": `Versions of ${name}`,
+                                                                              "aria-controls": "versions" } });
   refresh.addEventListener("click", () => refreshDataset(name, refresh));
   purge.addEventListener("click", () => purgeDataset(name, purge));
-  cells.actions.append(refresh, purge);
+  versions.addEventListener("click", () => showVersions(name, versions));
+  cells.actions.append(versions, refresh, purge);
   cells.refresh = refresh;
   cells.purge = purge;
   return { tr, cells };
@@ -391,6 +395,63 @@ async function refreshDataset(name, button) {
   }
 }
 
+// a dataset's saved versions, newest first, each with what changed from the
+// one before it (the manifest's change summary): text nodes only
+
+function versionSize(manifest) {
+  const files = manifest && typeof manifest.files === "object" && manifest.files ? Object.values(manifest.files) : [];
+  const total = files.reduce((sum, f) => sum + (f && Number.isFinite(f.bytes) ? f.bytes : 0), 0);
+  return files.length ? bytes(total) : "–";
+}
+
+function versionItem(manifest) {
+  const changes = manifest.changes && typeof manifest.changes === "object" ? manifest.changes : {};
+  const li = make("li");
+  li.dataset.version = String(manifest.version || "");
+  li.append(
+    make("span", { text: String(manifest.version || "?"), cls: "version" }),
+    make("span", { text: fullTime(manifest.saved) || "–", cls: "when" }),
+    make("span", { text: versionSize(manifest), cls: "size" }),
+    make("span", { text: typeof changes.text === "string" && changes.text ? changes.text : "–", cls: "changes" }),
+  );
+  return li;
+}
+
+let versionsShown = null; // the dataset whose versions are listed
+
+async function showVersions(name, button) {
+  const panel = $("versions");
+  const note = $("versions-note");
+  const list = $("versions-list");
+  versionsShown = name;
+  $("versions-title").textContent = `Versions of ${name}`;
+  note.textContent = "Loading…";
+  note.hidden = false;
+  list.replaceChildren();
+  panel.hidden = false;
+  button.disabled = true;
+  try {
+    const answer = await api("GET", `/api/datasets/${encodeURIComponent(name)}/versions`);
+    if (versionsShown !== name) return; // another dataset's versions were asked for meanwhile
+    const manifests = Array.isArray(answer.versions) ? answer.versions.filter((m) => m && typeof m === "object") : [];
+    list.replaceChildren(...manifests.slice().reverse().map(versionItem));
+    note.textContent = manifests.length ? "" : `No saved versions of ${name} yet: a version is saved when it is fetched whole.`;
+    note.hidden = manifests.length > 0;
+  } catch (e) {
+    if (versionsShown !== name) return;
+    note.textContent = `Could not read the versions of ${name}: ${e.message}`;
+    note.hidden = false;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+$("versions-close").addEventListener("click", () => {
+  versionsShown = null;
+  $("versions").hidden = true;
+  $("versions-list").replaceChildren();
+});
+
 function confirmPurge(name) {
   const dialog = $("confirm");
   $("confirm-title").textContent = `Purge ${name}?`;
@@ -486,8 +547,11 @@ let eventsRegex = "";
 
 function eventDetails(ev) {
   const skip = new Set(["topic", "kind", "dataset", "time", "node"]);
+  // a saved version's change summary reads as its one line of words, not as its JSON
+  const shown = (k, v) => (k === "changes" && v && typeof v === "object" && typeof v.text === "string" ? v.text
+    : typeof v === "object" ? JSON.stringify(v) : v);
   return Object.entries(ev).filter(([k, v]) => !skip.has(k) && v !== null && v !== undefined && v !== "")
-    .map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join(" · ");
+    .map(([k, v]) => `${k}: ${shown(k, v)}`).join(" · ");
 }
 
 async function loadEvents() {
