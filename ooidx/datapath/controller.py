@@ -61,7 +61,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -69,6 +69,8 @@ from twisted.python.failure import Failure
 from magnet import BadArguments, MagnetError, RemoteError, Unroutable, operation
 
 from ooidx.datapath.answer import StreamAnswer
+from ooidx.datapath.controller_events import STALE_FACTOR, FollowsEvents  # noqa: F401 (STALE_FACTOR: docs)
+from ooidx.datapath.controller_stats import COUNTERS, Statistics, _counters  # noqa: F401
 from ooidx import dap, events, urlpolicy
 from ooidx.component import Component
 from ooidx.config import ControllerOptions, SecurityConfig
@@ -84,7 +86,6 @@ METHODS = ("GET", "HEAD")
 MAX_PATTERN_LENGTH = 256
 MAX_REFRESH = 366 * 24 * 3600.0
 MIN_REFRESH = 1.0
-COUNTERS = ("requests", "hits", "misses", "bytes", "errors")
 #: how long a registration's check waits for the .dds and .das (fetched at once; seconds):
 #: under the web port's 10 s call timeout, so that the answer is the upstream's reason
 CHECK_TIMEOUT = 8.0
@@ -92,8 +93,6 @@ CHECK_TIMEOUT = 8.0
 CHECK_MAX_BYTES = 1024 * 1024
 #: what each checked response starts with when it is DAP
 CHECK_SIGNATURES = {".dds": b"Dataset", ".das": b"Attributes"}
-#: a dataset is out of date when no version came for this many times its expect_every
-STALE_FACTOR = 1.5
 #: the fetcher's refusals a check passes on as they are (others become UpstreamError)
 CHECK_ERRORS = {"Forbidden": Forbidden, "InvalidURL": InvalidURL, "UpstreamTimeout": UpstreamTimeout}
 
@@ -125,11 +124,7 @@ def check_base_url(url: Any, allow_hosts: Any = (), allow_private: bool = False)
     return base
 
 
-def _counters() -> Dict[str, int]:
-    return {k: 0 for k in COUNTERS}
-
-
-class Controller(Component):
+class Controller(FollowsEvents, Statistics, Component):
     """Registers datasets and routes every proxied request to the cache or a fetcher."""
 
     log = Logger()
@@ -641,203 +636,6 @@ class Controller(Component):
         self.log.info("{component}: refreshing dataset {name}", component=self.name, name=name)
         result = yield self.get_dataset(name)
         return result
-
-    # freshness -----------------------------------------------------------------------
-
-    @inlineCallbacks
-    def check_freshness(self) -> Any:
-        """Mark C{stale} every live dataset with an C{expect_every} that has had
-        no new version (no C{fetched} or C{saved}) for L{STALE_FACTOR} times
-        that period, and emit one C{stale} event for it; the next version
-        clears the mark. Fires with the names newly marked."""
-        now = self._now()
-        marked = []
-        for name, record in sorted(self.datasets.items()):
-            period = record.get("expect_every")
-            since = record.get("fresh_since")
-            if record.get("status") == "purged" or record.get("stale") or \
-                    not isinstance(period, (int, float)) or not isinstance(since, (int, float)):
-                continue
-            if now - since <= STALE_FACTOR * period:
-                continue
-            try:
-                current = yield self._store("get", key=dataset_key(name))
-            except RemoteError as e:
-                if e.remote_type != "KeyError":
-                    raise
-                continue
-            if not isinstance(current, dict) or current.get("stale") or current.get("status") == "purged" or \
-                    current.get("fresh_since") != since:
-                if isinstance(current, dict):
-                    self.datasets[name] = current
-                continue  # changed elsewhere (a new version, another controller's mark)
-            updated = dict(current, stale=True, stale_since=now)
-            yield self._store("set", key=dataset_key(name), value=updated)
-            self.datasets[name] = updated
-            marked.append(name)
-            self.log.warn("{component}: dataset {name} is out of date: no new version for {age:.0f} s "
-                          "(expected every {period:g} s)", component=self.name, name=name, age=now - since,
-                          period=period)
-            yield events.emit(self.bus, "stale", name, component=self.name, url=current.get("url"),
-                              expect_every=period, age=now - since)
-        return marked
-
-    # following events ----------------------------------------------------------------
-
-    def _on_event(self, message: Any) -> Any:
-        """An event on the notification fanout: C{fetched}, C{saved} and
-        C{failed} of a dataset update its record. Never fails (an event is a report)."""
-        topic = message.headers.get(events.TOPIC_HEADER) if isinstance(message.headers, dict) else None
-        if message.type != events.EVENT or not isinstance(topic, str):
-            return None
-        parts = topic.split(".", 2)
-        if len(parts) != 3 or parts[1] not in ("fetched", "saved", "failed") or not dap.valid_name(parts[2]):
-            return None
-        try:
-            body = message.json()
-        except MagnetError:
-            return None
-        if not isinstance(body, dict):
-            return None
-        d = self._record_lock(parts[2]).run(self._apply_event, parts[1], parts[2], body)
-        d.addErrback(lambda f: self.log.warn("{component}: record of {name} not updated after {kind}: {reason}",
-                                             component=self.name, name=parts[2], kind=parts[1],
-                                             reason=f.getErrorMessage()))
-        return d
-
-    @inlineCallbacks
-    def _apply_event(self, kind: str, name: str, event: Dict[str, Any]) -> Any:
-        try:
-            record = yield self._store("get", key=dataset_key(name))
-        except RemoteError as e:
-            if e.remote_type == "KeyError":
-                return None
-            raise
-        if not isinstance(record, dict) or record.get("status") == "purged":
-            return None
-        if isinstance(event.get("url"), str) and record.get("url") not in (None, event["url"]):
-            return None  # an event of the dataset's former upstream
-        updated = dict(record)
-
-        def number(key: str) -> Optional[float]:
-            value = event.get(key)
-            return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-        def later(value: Optional[float]) -> None:
-            if value is not None and (not isinstance(updated.get("last_fetch"), (int, float))
-                                      or value > updated["last_fetch"]):
-                updated["last_fetch"] = value
-
-        if kind in ("fetched", "saved"):
-            if updated.get("stale"):
-                self.log.info("{component}: dataset {name} is up to date again", component=self.name, name=name)
-            updated["stale"] = False
-            updated["fresh_since"] = self._now()
-        if kind == "fetched":
-            updated["status"] = "fetched"
-            later(number("time"))
-            if number("bytes") is not None and event.get("addresses"):
-                updated["size"] = int(event["bytes"])
-        elif kind == "saved":
-            later(number("fetched"))
-            if number("bytes") is not None:
-                updated["size"] = int(event["bytes"])
-            versions = number("versions")
-            if versions is not None:
-                updated["versions"] = max(int(versions), int(updated.get("versions") or 0))
-        else:
-            updated["status"] = "failed"
-            reason = event.get("reason") or event.get("error") or "failed"
-            updated["last_error"] = {"reason": str(reason)[:500], "stage": event.get("stage"),
-                                     "time": number("time") or time.time()}
-        if updated == record:
-            return None
-        yield self._store("set", key=dataset_key(name), value=updated)
-        if name in self.datasets:
-            self.datasets[name] = updated
-        return updated
-
-    # statistics ----------------------------------------------------------------------
-
-    @operation
-    def record(self, dataset: Optional[str] = None, url: Optional[str] = None, hit: bool = False, bytes: int = 0,
-               status: Optional[int] = None, count: int = 1, requests: int = 0, **extra: Any) -> None:
-        """Count one answered request (posted by the cache and the fetchers).
-        Without a dataset name, the dataset is the one whose base URL C{url} is under.
-        C{count}: how many answered requests this stands for (the proxy posts its
-        held answers once a second); C{requests}: how many of them to add to the
-        routed requests too (they never reached get_url)."""
-        name = dataset if dap.valid_name(dataset) else None
-        if name is None and isinstance(url, str):
-            try:
-                name = urlpolicy.check_registered(url, self._bases(), self.allow_hosts, self.allow_private)
-            except Exception:
-                name = None
-        size = bytes if isinstance(bytes, int) and not isinstance(bytes, bool) and bytes > 0 else 0
-        failed = isinstance(status, int) and not isinstance(status, bool) and status >= 400
-        # proxyng (hot answers held at the proxy): one record for many requests
-        n = count if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= 10**9 else 1
-        routed = requests if isinstance(requests, int) and not isinstance(requests, bool) and 0 < requests <= n else 0
-        self._count(name, hits=n if hit else 0, misses=0 if hit else n, bytes=size, errors=n if failed else 0,
-                    requests=routed)
-
-    def _count(self, name: Optional[str], **counts: int) -> None:
-        for key, n in counts.items():
-            self.totals[key] += n
-        if name is not None:
-            per = self.per_dataset.setdefault(name, _counters())
-            for key, n in counts.items():
-                per[key] += n
-        self._stats_dirty = True
-
-    def _snapshot(self) -> Dict[str, Any]:
-        return {"node": self.node, "since": self.since, "totals": dict(self.totals),
-                "datasets": {k: dict(v) for k, v in self.per_dataset.items()}}
-
-    def save_stats(self, timeout: Optional[float] = None) -> Deferred:
-        """Write this controller's counters to the store (if they changed)."""
-        if not self._stats_dirty:
-            return succeed(None)
-        self._stats_dirty = False
-        d = self._store("set", timeout=timeout, key=self.stats_key, value=self._snapshot())
-
-        def failed(failure: Any) -> Any:
-            self._stats_dirty = True
-            return failure
-
-        return d.addErrback(failed)
-
-    @operation
-    @inlineCallbacks
-    def get_stats(self) -> Any:
-        """Requests, hits, misses, bytes and errors, in total and per dataset,
-        of every controller since it started (C{since}: the earliest start)."""
-        snapshots = [self._snapshot()]
-        try:
-            saved = yield self._store("query", regex="^" + re.escape(STATS_PREFIX + "controller:"))
-        except MagnetError as e:
-            self.log.warn("{component}: other controllers' statistics unavailable: {reason}",
-                          component=self.name, reason=e)
-            saved = {}
-        snapshots += [v for k, v in saved.items() if k != self.stats_key and isinstance(v, dict)]
-        out: Dict[str, Any] = dict(_counters(), datasets={}, since=self.since)
-        for snap in snapshots:
-            totals = snap.get("totals") or {}
-            for key in COUNTERS:
-                out[key] += _int(totals.get(key))
-            if isinstance(snap.get("since"), (int, float)):
-                out["since"] = min(out["since"], snap["since"])
-            for name, counts in (snap.get("datasets") or {}).items():
-                if not isinstance(counts, dict):
-                    continue
-                per = out["datasets"].setdefault(name, {k: 0 for k in ("requests", "hits", "misses", "bytes")})
-                for key in per:
-                    per[key] += _int(counts.get(key))
-        return out
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _period(what: str, value: Any) -> Optional[float]:
