@@ -8,7 +8,7 @@
 
 Patterns: worker queues and fanouts (L{Bus.declare_worker_queue},
 L{Bus.declare_fanout}, L{Bus.consume}, L{Bus.subscribe}), confirmed sends
-(L{Bus.send}), RPC (L{Bus.serve}, L{Bus.call}), third-party coordination
+(L{Bus.send}), multicast to a set of addresses (L{Bus.multicast}), RPC (L{Bus.serve}, L{Bus.call}), third-party coordination
 (L{Bus.tell}), listen addresses (L{Bus.listen}) and streams
 (L{Bus.open_stream}, L{Listener.next_stream}).
 
@@ -23,6 +23,7 @@ from magnet.bus import Bus, Listener, Subscription
 from magnet.errors import (BadArguments, BadMessage, BadURL, Blocked, ConnectionLost, MagnetError, NotConfirmed,
                            NotConnected, Refusal, RemoteError, StreamError, Timeout, UnknownOperation, Unroutable)
 from magnet.message import BINARY, JSON, Message
+from magnet.multicast import MulticastError, MulticastResult
 from magnet.observer import BusObserver
 from magnet.rpc import decode_reply, operation
 
@@ -30,7 +31,7 @@ __all__ = [
     "connect", "transport_for", "Bus", "Listener", "Subscription", "Message", "JSON", "BINARY", "operation",
     "decode_reply", "BusObserver", "MagnetError", "ConnectionLost", "NotConnected", "Unroutable",
     "NotConfirmed", "Refusal", "Timeout", "BadMessage", "BadURL", "RemoteError", "UnknownOperation", "BadArguments",
-    "StreamError", "Blocked",
+    "StreamError", "Blocked", "MulticastResult", "MulticastError",
 ]
 
 #: Options that go to the transport rather than to the bus.

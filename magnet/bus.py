@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import deque
 from types import CoroutineType
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, maybeDeferred, succeed
@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from magnet import rpc, stream
+from magnet import multicast as _multicast, rpc, stream
 from magnet.errors import BadMessage, ConnectionLost, MagnetError, Refusal, RemoteError, Timeout
 from magnet.message import Message
 from magnet.observer import BusObserver
@@ -206,6 +206,7 @@ class Bus(Service):
         stream_idle_timeout: float = 60.0,
         queue_type: str = "classic",
         observer: Optional[BusObserver] = None,
+        address_recheck: float = 10.0,
     ) -> None:
         self.transport = transport
         self.clock = clock
@@ -232,6 +233,8 @@ class Bus(Service):
         self._dead_letters_declared: Optional[Deferred] = None
         self._private_listeners: set = set()  # listen addresses that die with the link
         self._accepting = True
+        #: which addresses exist at the broker, for L{multicast}
+        self.addresses = _multicast.AddressBook(self, address_recheck)
         transport.add_link_listener(self._link_changed)
 
     # lifecycle -------------------------------------------------------------
@@ -337,6 +340,26 @@ class Bus(Service):
             if isinstance(result, Failure) and result.check(CancelledError):
                 raise Timeout(f"send to {address!r} not confirmed within {timeout} s")
         return result
+
+    def multicast(self, addresses: Sequence[str], message: Message, *, timeout: Optional[float] = None) -> Deferred:
+        """Deliver C{message} to each of C{addresses} (durable or listen
+        addresses, not fanouts) in one broker operation (several for a list
+        too long for one AMQP header). Fires once the broker has confirmed it,
+        with a L{magnet.multicast.MulticastResult} that names the addresses
+        that got a copy and those that do not exist (no copy); fails with
+        L{magnet.multicast.MulticastError} (naming the addresses concerned)
+        if a publish was not confirmed within C{timeout} (the send timeout by
+        default), and with TypeError / ValueError on a bad list (empty, not
+        strings, an address twice, more than
+        L{magnet.multicast.MAX_ADDRESSES}). Which addresses exist is known
+        from a check at the broker at most C{address_recheck} seconds old:
+        see L{magnet.multicast}."""
+        return _multicast.multicast(self, self.addresses, addresses, message, timeout)
+
+    def forget_addresses(self, addresses: Iterable[str]) -> None:
+        """Check these addresses at the broker again on their next L{multicast}
+        (someone just made or deleted them)."""
+        self.addresses.forget(addresses)
 
     def send_json(self, address: str, value: Any, **properties: Any) -> Deferred:
         return self.send(address, Message.of_json(value, **properties))
@@ -672,7 +695,12 @@ class Bus(Service):
         a service that hands out addresses others will consume, such as a
         named subscription. Everyone declaring it must use this, since RabbitMQ
         refuses a redeclaration with other arguments."""
-        return self.transport.declare_queue(name, durable=True, arguments=DURABLE_ADDRESS_ARGUMENTS)
+        d = self.transport.declare_queue(name, durable=True, arguments=DURABLE_ADDRESS_ARGUMENTS)
+        return d.addCallback(self._declared_address, name)
+
+    def _declared_address(self, result: Any, name: str) -> Any:
+        self.addresses.mark((name,), True)
+        return result
 
     def open_stream(self, address: str, metadata: Dict[str, Any], *, correlation_id: Optional[str] = None,
                     chunk_size: int = stream.DEFAULT_CHUNK_SIZE, window: int = stream.DEFAULT_WINDOW) -> stream.StreamWriter:

@@ -5,7 +5,10 @@ fast test tier runs every pattern here. It keeps to what magnet relies on in
 RabbitMQ: durable queues with competing consumers and round-robin delivery,
 per-consumer prefetch, manual acks, requeue on nack or cancel (redelivered
 flag set), fanout and direct exchanges, mandatory publishes that fail when
-nothing routes, exclusive and auto-delete queues, and publisher confirms.
+nothing routes, exclusive and auto-delete queues, publisher confirms, and
+sender-selected distribution (the C{CC} and C{BCC} headers: more routing
+keys on a direct exchange; C{BCC} removed before delivery; a mandatory
+publish fails only when no queue at all took it).
 
 Deliveries are always made from a later reactor turn, never from inside
 C{publish} or C{ack}, as a network broker would; that keeps handlers free of
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -30,7 +33,7 @@ from twisted.logger import Logger
 
 from magnet.errors import MagnetError, NotConnected, Unroutable
 from magnet.message import Message
-from magnet.transport import DEFAULT_EXCHANGE, LinkListener, OnDelivery
+from magnet.transport import BCC_HEADER, CC_HEADER, DEFAULT_EXCHANGE, LinkListener, OnDelivery
 
 HIGH_WATER_BYTES = 4 * 1024 * 1024
 LOW_WATER_BYTES = 1 * 1024 * 1024
@@ -280,6 +283,39 @@ class MemoryBroker:
         names = {q for q, key in bindings if kind == "fanout" or key == routing_key}
         return [self.queues[n] for n in sorted(names) if n in self.queues]
 
+    def route_message(self, exchange: str, routing_key: str, message: Message) -> Tuple[List[_Queue], Message]:
+        """The queues C{message} goes to, and the message as they get it.
+
+        As RabbitMQ's sender-selected distribution: the routing keys of the
+        C{CC} and C{BCC} headers (arrays of strings) route the message too,
+        each queue gets one copy however many keys name it, and C{BCC} is
+        removed from what is delivered. A header of another type is refused,
+        as RabbitMQ refuses it."""
+        headers = message.headers
+        if CC_HEADER not in headers and BCC_HEADER not in headers:
+            return self.route(exchange, routing_key), message
+        keys = [routing_key]
+        for name in (CC_HEADER, BCC_HEADER):
+            value = headers.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple)):
+                raise ChannelError(f"PRECONDITION_FAILED: unacceptable type in header {name!r}: "
+                                   f"{type(value).__name__} (an array of strings is expected)")
+            keys.extend(k for k in value if isinstance(k, str))
+        kind = DEFAULT_EXCHANGE if exchange == DEFAULT_EXCHANGE else self.exchanges.get(exchange, ("", None))[0]
+        if kind == "fanout":
+            queues = self.route(exchange, routing_key)
+        else:
+            seen: Dict[str, _Queue] = {}
+            for key in keys:
+                for queue in self.route(exchange, key):
+                    seen.setdefault(queue.name, queue)
+            queues = list(seen.values())
+        if BCC_HEADER in headers:
+            message = message.evolve(headers={k: v for k, v in headers.items() if k != BCC_HEADER})
+        return queues, message
+
     def disconnect(self, owner: "MemoryTransport") -> None:
         for consumer in owner.consumers:
             consumer.disconnect()
@@ -375,7 +411,7 @@ class MemoryTransport:
         if not self.connected:
             return fail(NotConnected("memory transport is not started"))
         try:
-            queues = self.broker.route(exchange, routing_key)
+            queues, message = self.broker.route_message(exchange, routing_key, message)
         except MagnetError as e:
             return fail(e)
         if not queues:
@@ -390,6 +426,13 @@ class MemoryTransport:
                 confirm = Deferred()
                 queue.withhold(confirm)
         return confirm
+
+    def existing_queues(self, names: Sequence[str]) -> Deferred:
+        """The set of C{names} that are queues now (see L{magnet.transport.Transport.existing_queues})."""
+        if not self.connected:
+            return fail(NotConnected("memory transport is not started"))
+        queues = self.broker.queues
+        return succeed({name for name in names if name in queues})
 
     def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10) -> Deferred:
         if not self.connected:

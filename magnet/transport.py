@@ -11,13 +11,21 @@ again and resume each consumer under the same L{Consumer} object.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
 from magnet.message import Message
 
 DEFAULT_EXCHANGE = ""
+
+#: RabbitMQ's sender-selected distribution: a publish to a direct exchange
+#: (the default exchange included) is also routed with each routing key of
+#: these headers (arrays of strings). The broker keeps C{CC} on what it
+#: delivers and removes C{BCC}, so consumers never see the list. A
+#: C{mandatory} publish is returned only when it reached no queue at all.
+CC_HEADER = "CC"
+BCC_HEADER = "BCC"
 
 
 class Delivery(Protocol):
@@ -112,6 +120,11 @@ class Transport(Protocol):
         L{NotConfirmed} on a broker nack, with L{ConnectionLost} if the link
         dropped before the confirm.
         """
+
+    def existing_queues(self, names: Sequence[str]) -> Deferred:
+        """Fires with the set of C{names} that are queues at the broker now
+        (a queue exclusive to another connection counts: it takes publishes).
+        Declares nothing and remembers nothing."""
 
     def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10) -> Deferred:
         """Fires with a L{Consumer}. C{on_delivery} is called synchronously for

@@ -18,9 +18,9 @@ __all__ = [
     "ComponentSpec", "COMPONENTS", "COMPONENT_NAMES", "LISTENING", "BUS_TABLE", "OPERATIONS_SUFFIX",
     "operations_address",
     "CONTROL_FANOUT", "CACHE_PURGE_FANOUT", "NOTIFICATION", "NOTIFICATION_API", "PUBSUB_CHANGED",
-    "SUBSCRIBER_PREFIX", "DISTRIBUTOR_WORK", "USER_EVENTS_QUEUE", "USER_SUBSCRIPTIONS_CHANGED",
-    "STATUS", "STATUS_REPLY", "PUBLICATION", "EVENT", "DISTRIBUTE",
-    "TOPIC_HEADER", "ADDRESSES_HEADER", "DELIVER_TYPE_HEADER", "ID_HEADER",
+    "SUBSCRIBER_PREFIX", "USER_EVENTS_QUEUE", "USER_SUBSCRIPTIONS_CHANGED",
+    "STATUS", "STATUS_REPLY", "PUBLICATION", "EVENT",
+    "TOPIC_HEADER", "ADDRESSES_HEADER", "ID_HEADER", "RETIRED_COMPONENTS",
     "DATASET_KEY", "STATS_KEY", "SUBSCRIPTION_KEY", "PERSON_KEY", "USER_SUBSCRIPTION_KEY",
     "WEBHOOK_LOG_KEY", "dataset_key", "stats_key", "HOP_BY_HOP", "HOP_BY_HOP_BYTES",
 ]
@@ -54,7 +54,6 @@ COMPONENTS: Tuple[ComponentSpec, ...] = (
     ComponentSpec("cache", WORKER, "ooidx.datapath.cache:Cache"),
     ComponentSpec("controller", WORKER, "ooidx.datapath.controller:Controller"),
     ComponentSpec("csv", WORKER, "ooidx.datapath.csv:CSV"),
-    ComponentSpec("distributor", FANOUT, "ooidx.dissemination.distributor:Distributor"),
     ComponentSpec("fetcher", WORKER, "ooidx.datapath.fetcher:Fetcher"),
     ComponentSpec("notification", FANOUT, "ooidx.dissemination.notification:Notification"),
     ComponentSpec("persister", WORKER, "ooidx.dissemination.persister:Persister"),
@@ -64,6 +63,13 @@ COMPONENTS: Tuple[ComponentSpec, ...] = (
     ComponentSpec("user_pub_sub", WORKER, "ooidx.people.user_pub_sub:UserPubSub"),
     ComponentSpec("web", None, "ooidx.web.app:Web", listens=True),
 )
+
+#: Components that are no more, and what took their place: a config may still
+#: name them (with a warning, and nothing runs).
+RETIRED_COMPONENTS: Dict[str, str] = {
+    "distributor": "pub_sub delivers to its subscribers itself, in one multicast per publication "
+                   "(magnet's Bus.multicast); remove 'distributor' from 'components'",
+}
 
 #: name -> spec.
 BY_NAME: Dict[str, ComponentSpec] = {spec.name: spec for spec in COMPONENTS}
@@ -99,8 +105,6 @@ NOTIFICATION_API = "notification.api"
 PUBSUB_CHANGED = "pubsub.changed"
 #: The prefix of a pub_sub subscriber's own queue.
 SUBSCRIBER_PREFIX = "pubsub.sub."
-#: The distributor's shared work queue.
-DISTRIBUTOR_WORK = "distributor.work"
 #: The queue user_notification takes events from.
 USER_EVENTS_QUEUE = "user_notification.events"
 #: The fanout people's subscription changes go out on.
@@ -116,17 +120,14 @@ STATUS_REPLY = "status.reply"
 PUBLICATION = "publication"
 #: An event (registered, fetched, cached, purged, saved, failed, refreshed).
 EVENT = "event"
-#: A message to the distributor: deliver this to these addresses.
-DISTRIBUTE = "distribute"
 
 
 # Headers ---------------------------------------------------------------------------
 
 #: The topic of a publication or an event (what subscriptions match).
 TOPIC_HEADER = "topic"
-#: The distributor's addresses and the type to deliver as.
+#: The addresses a dead-lettered publication did not reach (pub_sub.dead).
 ADDRESSES_HEADER = "addresses"
-DELIVER_TYPE_HEADER = "deliver_type"
 #: The id of a message queued for a person.
 ID_HEADER = "x-ooidx-id"
 

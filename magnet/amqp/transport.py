@@ -309,6 +309,36 @@ class AMQPTransport(Publishing):
             p, lambda ch: ch.exchange_delete(exchange=name)))
         return d.addCallback(forget)
 
+    def existing_queues(self, names: Sequence[str]) -> Deferred:
+        """The set of C{names} that are queues at the broker now: a passive
+        C{queue.declare} of each on the declarations channel, as the liveness
+        check asks (a missing queue, 404, closes that channel; the next call
+        opens a fresh one). A queue exclusive to another connection (405)
+        exists: it takes publishes. Nothing is declared or remembered."""
+        wanted = list(dict.fromkeys(names))
+
+        @defer.inlineCallbacks
+        def check(protocol: _AMQPProtocol) -> Any:
+            found: Set[str] = set()
+            for name in wanted:
+                try:
+                    # a broker that blocks publishers stops reading the link: no reason to drop it
+                    yield self._control_call(protocol, lambda ch, n=name: ch.queue_declare(queue=n, passive=True),
+                                             drop_link=False)
+                except Closed as e:
+                    if protocol.lost:
+                        raise
+                    error = channel_error(e)
+                    code = error.reply_code if isinstance(error, ChannelError) else None
+                    if code == 404:
+                        continue
+                    if code != 405:
+                        raise error from None
+                found.add(name)
+            return found
+
+        return self._operation(f"check {len(wanted)} queue(s)", check)
+
     def _forget_queue(self, name: str) -> None:
         for key in [k for k in self._topology if (k[0] == "queue" and k[1] == name)
                     or (k[0] == "bind" and k[1] == name)]:

@@ -248,6 +248,9 @@ class Config:
     queue_type: str = "classic"  # "classic" or "quorum"
     security: SecurityConfig = field(default_factory=SecurityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: what the file says that still works but should change (a retired
+    #: component named): the daemon logs each when it starts
+    warnings: Tuple[str, ...] = field(default=(), compare=False)
 
     __hash__ = None  # type: ignore[assignment]  # components is a read-only mapping
 

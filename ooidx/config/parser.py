@@ -3,6 +3,7 @@ L{Config}, every problem one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import math
@@ -23,6 +24,7 @@ from ooidx.config.model import (_SUBSCRIPTION_NAME, BROKER_ENV, BROKER_SCHEMES, 
                                 WebhookOptions)
 
 from ooidx.http.listen import BadEndpoint, parse_listen
+from ooidx.wire import RETIRED_COMPONENTS
 
 
 
@@ -175,6 +177,7 @@ class _Parser:
         self.base_dir = os.path.dirname(os.path.abspath(filename))
         self.environ = environ
         self.broker_override = broker_override
+        self.warnings: list = []
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.filename, key, message)
@@ -347,6 +350,8 @@ class _Parser:
             })),
         )
         self.check_listeners(config)
+        if self.warnings:
+            config = dataclasses.replace(config, warnings=tuple(self.warnings))
         return config
 
     def node(self, value: Any) -> str:
@@ -479,7 +484,17 @@ class _Parser:
                 "components",
                 "no components: name the ones this node runs, or leave the key out to run all",
             )
+        retired = [name for name in value if name in RETIRED_COMPONENTS]
+        for name in retired:
+            self.warnings.append(f"{self.filename}: {_join('components', name)}: deprecated: the {name} "
+                                 f"component is retired and is ignored: {RETIRED_COMPONENTS[name]}")
+        if retired and len(retired) == len(value):
+            raise self.error("components", f"no components but retired ones ({', '.join(retired)}): "
+                             f"{RETIRED_COMPONENTS[retired[0]]}; name the ones this node runs, "
+                             "or leave the key out to run all")
         for name in value:
+            if name in RETIRED_COMPONENTS:
+                continue
             if name not in COMPONENTS:
                 raise self.error(
                     _join("components", name),

@@ -19,8 +19,14 @@ applies the change a C{pubsub.changed} fanout message names, and reloads
 them all every C{reload_interval} seconds (to catch changes sent while its
 link was down).
 
-C{publish} does not send to the subscribers itself: it hands the list of
-addresses to the distributor (L{ooidx.dissemination.distributor.distribute}).
+C{publish} delivers a publication to every matching subscription in one
+multicast (L{magnet.Bus.multicast}: on RabbitMQ one publish with the other
+addresses in its C{BCC} header, confirmed). A subscription whose address is
+gone (its queue deleted) gets nothing: it is counted, logged (once a minute
+per address) and named in the answer, and never retried. Addresses whose
+publish the broker did not confirm are multicast to again, alone, up to the
+bus's retry limit, then the publication is dead-lettered to C{pub_sub.dead}
+with the addresses it did not reach in its C{addresses} header.
 """
 from __future__ import annotations
 
@@ -31,14 +37,14 @@ import uuid
 from typing import Any, Dict, List, Optional, Set
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from magnet import Bus, Message, RemoteError, operation
+from magnet import Bus, Message, MulticastError, RemoteError, operation
+from magnet.bus import DEAD_SUFFIX, ERROR_HEADER, ORIGIN_HEADER
 
 from ooidx.component import Component
-from ooidx.dissemination.distributor import distribute, declare_work_queue
 from ooidx.errors import DXError, InvalidName
 from ooidx.routing import Router, validate
 from ooidx import wire
@@ -54,6 +60,8 @@ ADDRESS_PREFIX = wire.SUBSCRIBER_PREFIX
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 MAX_TOPIC_BYTES = 1024
 MAX_MESSAGE_BYTES = 1 << 20
+#: Seconds between two warnings about the same address being gone.
+GONE_WARNING_INTERVAL = 60.0
 
 
 class InvalidTopic(DXError):
@@ -123,13 +131,18 @@ class PubSub(Component):
         self._retry_call: Any = None
         self._changed_subscription: Any = None
         self._stopping = False
+        #: address -> when its being gone was last logged
+        self._gone_logged: Dict[str, float] = {}
+        #: counters (the C{stats} operation): publications, copies delivered,
+        #: copies for addresses that are gone, multicasts retried, publications dead-lettered
+        self.stats: Dict[str, int] = {"publications": 0, "delivered": 0, "unroutable": 0, "retried": 0,
+                                      "dead": 0}
 
     # lifecycle -------------------------------------------------------------------
 
     @inlineCallbacks
     def setUp(self) -> Any:
         self._stopping = False
-        yield declare_work_queue(self.bus)
         yield self.bus.declare_fanout(CHANGED)
         self._changed_subscription = yield self.bus.subscribe(CHANGED, self._on_changed)
         # The first load does not hold up the start; operations wait for it.
@@ -260,6 +273,8 @@ class PubSub(Component):
         else:
             self.router.add(name, record["regex"])
             self.records[name] = record
+            # (re)made, maybe on another node: look at its address again before the next multicast
+            self.bus.forget_addresses((record["address"],))
 
     def _announce(self, name: str) -> Deferred:
         d = self.bus.send(CHANGED, Message.of_json({"name": name, "node": self.node}, persistent=False),
@@ -347,12 +362,84 @@ class PubSub(Component):
     @operation
     @inlineCallbacks
     def publish(self, topic: str, message: Any = None) -> Any:
-        """Deliver C{message} to every subscription matching C{topic}, once each
-        (through the distributor). Fires with C{{"topic", "addresses"}} (the count)."""
+        """Deliver C{message} to every subscription matching C{topic}, once each,
+        in one multicast. Fires with C{{"topic", "addresses"}} (the count
+        matched) and C{"unroutable"}: the addresses that are gone (no copy)."""
         check_topic(topic)
         out = publication(topic, message)
         yield self.loaded()
         addresses = self.addresses_for(topic)
+        unroutable: List[str] = []
         if addresses:
-            yield distribute(self.bus, addresses, out)
-        return {"topic": topic, "addresses": len(addresses)}
+            unroutable = yield self.deliver(addresses, out)
+        return {"topic": topic, "addresses": len(addresses), "unroutable": unroutable}
+
+    @operation
+    def counters(self) -> Dict[str, int]:
+        """This instance's counters: publications, copies delivered and unroutable, retries, dead letters."""
+        return dict(self.stats)
+
+    @inlineCallbacks
+    def deliver(self, addresses: List[str], out: Message) -> Any:
+        """Multicast C{out} to C{addresses}; the addresses that are gone.
+
+        Addresses whose publish was not confirmed (a timeout, the link lost,
+        a nack) are multicast to again, alone, after C{retry_delay} times the
+        attempt, up to the bus's retry limit; then the publication is
+        dead-lettered for them. An address that got its copy never gets a second
+        from here (one whose confirm was lost may: at least once)."""
+        self.stats["publications"] += 1
+        unroutable: List[str] = []
+        pending = list(addresses)
+        attempt = 0
+        while pending:
+            attempt += 1
+            try:
+                result = yield self.bus.multicast(pending, out)
+            except MulticastError as e:
+                result, failed = e.result, e.failed
+            except Exception as e:  # the existence check failed (no link): none of them was sent
+                result, failed = None, {a: f"{type(e).__name__}: {e}" for a in pending}
+            if result is not None:
+                self.stats["delivered"] += len(result.delivered)
+                if result.unroutable:
+                    self._gone(result.unroutable, out)
+                    unroutable.extend(result.unroutable)
+            pending = [a for a in pending if a in failed] if failed else []
+            if not pending:
+                break
+            reason = "; ".join(sorted(set(failed.values())))[:1000]
+            if attempt > self.bus.retry_limit or self._stopping:
+                yield self._dead_letter(out, pending, attempt, reason)
+                break
+            self.stats["retried"] += 1
+            self.log.warn("{component}: {count} address(es) not confirmed (attempt {attempt}), multicasting "
+                          "to them again: {reason}", component=self.name, count=len(pending), attempt=attempt,
+                          reason=reason)
+            yield deferLater(self.clock, self.retry_delay * attempt, lambda: None)
+        return sorted(unroutable)
+
+    def _gone(self, addresses: Any, out: Message) -> None:
+        self.stats["unroutable"] += len(addresses)
+        now = self.clock.seconds()
+        for address in addresses:
+            last = self._gone_logged.get(address)
+            if last is None or now - last >= GONE_WARNING_INTERVAL:
+                if len(self._gone_logged) > 10_000:
+                    self._gone_logged.clear()
+                self._gone_logged[address] = now
+                self.log.warn("{component}: address {address} is gone (no such queue); publication {topic} "
+                              "not delivered there (said once a minute)", component=self.name, address=address,
+                              topic=out.headers.get(TOPIC_HEADER))
+
+    def _dead_letter(self, out: Message, addresses: List[str], attempt: int, reason: str) -> Deferred:
+        self.stats["dead"] += 1
+        self.log.error("{component}: giving up on {count} address(es) of publication {topic} after {attempt} "
+                       "attempt(s), dead-lettering it: {reason}", component=self.name, count=len(addresses),
+                       topic=out.headers.get(TOPIC_HEADER), attempt=attempt, reason=reason)
+        dead = out.with_headers(**{wire.ADDRESSES_HEADER: list(addresses), ERROR_HEADER: reason,
+                                   ORIGIN_HEADER: self.name})
+        d = self.bus.send(self.name + DEAD_SUFFIX, dead)
+        d.addErrback(lambda f: self.log.failure("{component}: could not dead-letter publication {topic}", f,
+                                                component=self.name, topic=out.headers.get(TOPIC_HEADER)))
+        return d

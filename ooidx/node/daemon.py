@@ -293,6 +293,8 @@ class Daemon(MultiService):
     @inlineCallbacks
     def _start(self) -> Any:
         config = self.config
+        for warning in config.warnings:
+            self.log.warn("{warning}", warning=warning)
         self.log.info("node {node} starting (pid {pid}): {components}; broker {broker}",
                       node=config.node, pid=os.getpid(), components=", ".join(
                           f"{name} x{c.instances}" + (" (child)" if c.process == "child" else "")

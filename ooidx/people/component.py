@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks, mayb
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from magnet import Message, RemoteError, Unroutable, operation
+from magnet import Message, RemoteError, operation
 
 from ooidx import urlpolicy
 from ooidx.component import Component
@@ -260,7 +260,7 @@ class PersonalSubscriptions(Component):
         person = record["person"]
         topic = event.headers.get(TOPIC_HEADER)
         found = yield self.bus.call("attribute_store", "query", regex=f"^{SUBSCRIPTION_KEY}{check_person(person)}:")
-        sent = 0
+        targets = []
         for other in (found or {}).values():
             if not isinstance(other, dict) or other.get("kind") != "events" or other.get("webhook") \
                     or other.get("person") != person or not isinstance(other.get("queue"), str):
@@ -270,14 +270,14 @@ class PersonalSubscriptions(Component):
                     continue
             except InvalidRegex:
                 continue
-            out = Message(body=event.body, content_type=event.content_type, type=EVENT,
-                          headers={TOPIC_HEADER: topic, ID_HEADER: message_id(self.clock.seconds())})
-            try:
-                yield self.bus.send(other["queue"], out)
-                sent += 1
-            except Unroutable:
-                pass  # the subscription went meanwhile
-        return sent
+            targets.append(other["queue"])
+        if not targets:
+            return 0
+        out = Message(body=event.body, content_type=event.content_type, type=EVENT,
+                      headers={TOPIC_HEADER: topic, ID_HEADER: message_id(self.clock.seconds())})
+        # one multicast; a subscription that went meanwhile is unroutable, not an error
+        result = yield self.bus.multicast(sorted(set(targets)), out)
+        return len(result.delivered)
 
     # what subclasses add -----------------------------------------------------------
 

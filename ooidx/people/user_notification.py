@@ -5,7 +5,7 @@ It hears the C{notification} fanout through one shared queue
 once however many instances run), matches the event's topic against every
 person's regex in one pass (L{ooidx.routing.Router}, an RE2 Set) and sends the
 event into the durable, bounded queue of each matching subscription
-(C{user.PERSON.ID}), stamped with a sortable id for SSE's C{Last-Event-ID}.
+(C{user.PERSON.ID}) in one multicast (L{magnet.Bus.multicast}), stamped with a sortable id for SSE's C{Last-Event-ID}.
 
 Events caused by a failing webhook (they carry C{webhook_subscription}) go
 to subscriptions read as streams only, never to webhook subscriptions, so
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
-from magnet import Message, Unroutable
+from magnet import Message
 
 from ooidx.events import EVENT, NOTIFICATION, TOPIC_HEADER
 from ooidx.routing import Router
@@ -55,6 +55,8 @@ class UserNotification(PersonalSubscriptions):
 
     def activate(self, record: Dict[str, Any]) -> None:
         self.router.add(record["queue"], record["regex"])
+        # made now, maybe on another node: look at it again before the next multicast
+        self.bus.forget_addresses((record["queue"],))
 
     def deactivate(self, record: Dict[str, Any]) -> None:
         self.router.remove(record["queue"])
@@ -78,20 +80,20 @@ class UserNotification(PersonalSubscriptions):
             return None
         out = Message(body=message.body, content_type=message.content_type, type=EVENT,
                       headers={TOPIC_HEADER: topic, ID_HEADER: message_id(self.clock.seconds())})
-        sends = []
+        targets = []
         for queue in sorted(queues):
             record = self.records.get(queue)
             if record is None or (from_webhook and record.get("webhook")):
                 continue
-            d = self.bus.send(queue, out)
-            d.addErrback(self._not_sent, queue, topic)
-            sends.append(d)
+            targets.append(queue)
         self.routed += 1
-        return DeferredList(sends, fireOnOneErrback=True, consumeErrors=True) if sends else None
+        if not targets:
+            return None
+        # one multicast for every matching person (magnet.Bus.multicast); a copy
+        # not confirmed fails the handler, so the event is retried as a whole
+        return self.bus.multicast(targets, out).addCallback(self._sent, topic)
 
-    def _not_sent(self, failure: Any, queue: str, topic: str) -> None:
-        if failure.check(Unroutable):  # the subscription went meanwhile
+    def _sent(self, result: Any, topic: str) -> None:
+        for queue in result.unroutable:  # the subscription went meanwhile
             self.log.info("{component}: {queue} is gone; event {topic} not kept", component=self.name,
                           queue=queue, topic=topic)
-            return None
-        return failure
