@@ -394,6 +394,7 @@ class PubSub(Component):
         attempt = 0
         while pending:
             attempt += 1
+            failed: Dict[str, str] = {}
             try:
                 result = yield self.bus.multicast(pending, out)
             except MulticastError as e:
