@@ -299,7 +299,7 @@ class Config:
         out = {
             f.name: plain(getattr(self, f.name))
             for f in fields(self)
-            if f.name not in ("source", "broker_origin")
+            if f.name not in ("source", "broker_origin", "warnings")
         }
         for settings in out["components"].values():  # the file's flat shape
             del settings["name"]

@@ -522,17 +522,17 @@ class BrokerClientTests(FastCase):
             run(cli.COMMANDS["call"].run(self.ctx(out, "call", "attribute_store", "get", "key=nope")))
         assert (e.exception.kind, e.exception.code) == ("KeyError", cli.EXIT_ERROR)
         with self.assertRaises(cli.RemoteFailure) as e:
-            run(cli.COMMANDS["call"].run(self.ctx(out, "call", "distributor", "ping")))
-        assert e.exception.kind == "Unroutable"  # no distributor runs
+            run(cli.COMMANDS["call"].run(self.ctx(out, "call", "notification", "ping")))
+        assert e.exception.kind == "Unroutable"  # no notification runs
         # a fanout component that runs answers ping (on its NAME.ops queue; issue 18)
-        distributor = Component("distributor", self.daemon.bus, node="node-a")
-        run(distributor.start())
+        notification = Component("notification", self.daemon.bus, node="node-a")
+        run(notification.start())
         try:
             out = io.StringIO()
-            run(cli.COMMANDS["call"].run(self.ctx(out, "call", "distributor", "ping")))
-            assert json.loads(out.getvalue())["component"] == "distributor"
+            run(cli.COMMANDS["call"].run(self.ctx(out, "call", "notification", "ping")))
+            assert json.loads(out.getvalue())["component"] == "notification"
         finally:
-            run(distributor.stopService())
+            run(notification.stopService())
         with self.assertRaises(cli.CliError) as e:  # no daemon on this bus answers the control fanout
             run(cli.COMMANDS["status"].run(self.ctx(out, "status")))
         assert "no daemon answered" in str(e.exception)

@@ -299,9 +299,19 @@ class ConfigTests(FastCase):
     def test_unknown_component(self):
         assert error_of("components: {fetchr: {}}\n") == (
             "etc/dx.yaml: components.fetchr: unknown component (known: attribute_store, cache, "
-            "controller, csv, distributor, fetcher, notification, persister, proxyng, pub_sub, "
+            "controller, csv, fetcher, notification, persister, proxyng, pub_sub, "
             "user_notification, user_pub_sub, web)"
         )
+
+    def test_the_retired_distributor_is_accepted_with_a_warning(self):
+        config = parse("components: {fetcher: {}, distributor: {instances: 2}}\n", "etc/dx.yaml", environ={})
+        assert set(config.components) == {"fetcher"}
+        [warning] = config.warnings
+        assert warning.startswith("etc/dx.yaml: components.distributor: deprecated: the distributor component "
+                                  "is retired and is ignored: pub_sub delivers")
+        assert parse("components: {fetcher: {}}\n", "etc/dx.yaml", environ={}).warnings == ()
+        assert error_of("components: {distributor: }\n").startswith(
+            "etc/dx.yaml: components: no components but retired ones (distributor)")
 
     def test_components_shape(self):
         assert error_of("components: [fetcher, cache]\n") == (
@@ -444,7 +454,7 @@ class ConfigTests(FastCase):
         assert rabbit.broker == (AMQP,) and tuple(rabbit.components) == COMPONENTS
         edge = load(str(ETC / "node-edge.yaml"), environ={})
         assert set(edge.components) == {
-            "proxyng", "controller", "attribute_store", "web", "pub_sub", "notification", "distributor"
+            "proxyng", "controller", "attribute_store", "web", "pub_sub", "notification"
         }
         worker = load(str(ETC / "node-worker.yaml"), environ={})
         assert set(worker.components) == {"fetcher", "cache", "csv", "persister"}

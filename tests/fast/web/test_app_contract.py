@@ -253,7 +253,7 @@ class CallTests(Case):
         ("attribute_store", "nope", {}, 404, "UnknownOperation"),
         ("attribute_store", "_private", {}, 404, "UnknownOperation"),
         ("attribute_store", "get", {"wrong": 1}, 422, "BadArguments"),
-        ("distributor", "ping", {}, 404, "Unroutable"),
+        ("notification", "ping", {}, 404, "Unroutable"),
         ("nosuch", "ping", {}, 404, "UnknownService"),
     ], ids=["remote", "unknown_op", "private_op", "bad_arguments", "fanout", "unknown_service"])
     def test_call_errors(self, service: str, op: str, body: Any, status: int, kind: str) -> None:
