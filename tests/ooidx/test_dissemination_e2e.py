@@ -5,11 +5,11 @@ ooidx.events subscriber, an SSE client of a person's subscription and a
 webhook receiver the test runs.
 
 The real components (attribute_store, controller, fetcher, pub_sub,
-distributor, notification, user_notification, web, persister) against
+notification, user_notification, web, persister) against
 pydap's real server: on memory:// in one process, and on RabbitMQ (a virtual
 host of the test's own) spread over two buses, two nodes in one process:
 node A runs attribute_store, controller, pub_sub, notification,
-user_notification and web; node B runs fetcher, persister and distributor."""
+user_notification and web; node B runs fetcher and persister."""
 from __future__ import annotations
 
 import os
@@ -31,7 +31,6 @@ from ooidx.attribute_store import AttributeStore
 from ooidx.node.bootstrap import declare_topology
 from ooidx.config import parse
 from ooidx.datapath.controller import Controller
-from ooidx.dissemination.distributor import Distributor
 from ooidx.datapath.fetcher import Fetcher
 from ooidx.dissemination.notification import Notification
 from ooidx.dissemination.persister import Persister
@@ -79,7 +78,6 @@ class Exchange:
             Web("web", a, node="a", port=0, interface="127.0.0.1", token=TOKEN),
         ]
         self.node_b = [
-            Distributor("distributor", b, node="b"),
             Fetcher.from_config("fetcher", b, self.config, node="b"),
             Persister("persister", b, node="b", data_dir=str(tmp / "data")),
         ]

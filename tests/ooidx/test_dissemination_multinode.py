@@ -4,7 +4,7 @@ when: ... across daemons on RabbitMQ").
 Two `twistd -n ooidx` processes share a RabbitMQ virtual host of this test's
 own (the `isolated_broker` fixture of test_multinode):
 
-- node A runs web, controller, attribute_store, pub_sub, distributor,
+- node A runs web, controller, attribute_store, pub_sub,
   notification, user_notification and user_pub_sub;
 - node B runs fetcher (2 instances), cache, persister and csv; versions land
   under node B's data_dir.
@@ -68,7 +68,7 @@ SAVED = r"event\.saved\."
 #: for a saved event that should not come.
 QUIET = 2.0
 
-NODE_A = {"web": None, "controller": None, "attribute_store": None, "pub_sub": None, "distributor": None,
+NODE_A = {"web": None, "controller": None, "attribute_store": None, "pub_sub": None,
           "notification": None, "user_notification": None, "user_pub_sub": None}
 NODE_B = {"fetcher": {"instances": 2, "timeout": 15}, "cache": None, "persister": None, "csv": None}
 

@@ -267,16 +267,16 @@ async def test_call_errors(stack: Stack, service: str, op: str, body: Any, statu
 async def test_a_fanout_component_answers_ping(stack: Stack) -> None:
     """A fanout takes no calls: a fanout component answers its operations on
     its own worker queue (NAME.ops), where /api/call sends them (issue 18)."""
-    distributor = Component("distributor", stack.bus, node="node-a")
-    await distributor.start()
+    notification = Component("notification", stack.bus, node="node-a")
+    await notification.start()
     try:
-        code, answer = await stack.call("distributor", "ping")
+        code, answer = await stack.call("notification", "ping")
         assert code == 200, answer
-        assert answer["result"]["component"] == "distributor" and answer["result"]["node"] == "node-a"
+        assert answer["result"]["component"] == "notification" and answer["result"]["node"] == "node-a"
         nodes = await ping_components(stack.bus, timeout=2)
-        assert "distributor" in nodes[0]["components"], nodes
+        assert "notification" in nodes[0]["components"], nodes
     finally:
-        await distributor.stopService()
+        await notification.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -133,7 +133,7 @@ async def test_persister_disk_full_then_room(tmp_path: Path, small_datasets_disk
 
     node = start_node(tmp_path, "dx", vhost, {
         "attribute_store": {"url": str(tmp_path / "attrs.sqlite3")}, "controller": None, "fetcher": None,
-        "pub_sub": None, "distributor": None, "notification": None,
+        "pub_sub": None, "notification": None,
         "persister": {"retry_after": 1, "retry_max": 2}})
     nodes.append(node)
     await wait_started(node)

@@ -29,7 +29,7 @@ from twistd_helpers import run_twistd  # noqa: E402
 EXAMPLES = 400
 FILENAME = "/etc/ooidx/hostile.yaml"
 
-COMPONENTS = ["attribute_store", "cache", "controller", "csv", "distributor", "fetcher", "notification",
+COMPONENTS = ["attribute_store", "cache", "controller", "csv", "fetcher", "notification",
               "persister", "proxyng", "pub_sub", "user_notification", "user_pub_sub", "web"]
 
 scalars = st.one_of(

@@ -29,7 +29,7 @@ from tests.reliability.results import record
 EXAMPLES = 1000
 COMPONENT_QUEUES = ["attribute_store", "cache", "controller", "csv", "fetcher", "persister", "proxyng", "pub_sub",
                     "user_notification", "user_pub_sub"]
-FANOUTS = ["distributor", "notification", "dx.control", "cache.purge"]
+FANOUTS = ["notification", "dx.control", "cache.purge"]
 PINGED = ["attribute_store", "cache", "controller", "csv", "fetcher", "persister", "proxyng", "pub_sub",
           "user_notification", "user_pub_sub"]
 OPS = ["ping", "fetch", "fetch_dataset", "lookup", "purge", "stats", "serve", "register", "list", "get", "get_url",
