@@ -1,4 +1,4 @@
-"""pub_sub (with the attribute store and the distributor) over RabbitMQ; the
+"""pub_sub (with the attribute store) over RabbitMQ, publishing in one multicast; the
 memory:// tests are in the fast tier, tests/fast/dissemination/test_pub_sub.py."""
 from __future__ import annotations
 
@@ -14,15 +14,14 @@ from magnet import Message
 
 from tests.ooidx.waiting import eventually, sleep
 from ooidx.attribute_store import AttributeStore
-from ooidx.dissemination.distributor import Distributor
 from ooidx.dissemination.pub_sub import PUBLICATION, PubSub
 
 
 class Node:
-    """A bus with any of: the attribute store, pub_sub, the distributor."""
+    """A bus with any of: the attribute store, pub_sub."""
 
     def __init__(self, url: str, tmp_path: Any, *, store: bool = True, pubsub: bool = True,
-                 distributor: bool = True, node: str = "n1", table: str = "attrs", **bus_options: Any) -> None:
+                 node: str = "n1", table: str = "attrs", **bus_options: Any) -> None:
         self.url = url
         self.tmp_path = tmp_path
         self.table = table
@@ -30,7 +29,6 @@ class Node:
         self.bus = magnet.connect(url, reactor, node=node, rpc_timeout=10, **bus_options)
         self.store = self.make_store() if store else None
         self.pubsub = self.make_pubsub() if pubsub else None
-        self.distributor = Distributor("distributor", self.bus, node=node, clock=reactor) if distributor else None
 
     def make_store(self) -> AttributeStore:
         return AttributeStore("attribute_store", self.bus, node=self.node,
@@ -43,7 +41,7 @@ class Node:
     def start(self) -> Any:
         self.bus.startService()
         yield self.bus.when_connected()
-        for c in (self.store, self.distributor, self.pubsub):
+        for c in (self.store, self.pubsub):
             if c is not None:
                 yield c.start()
         if self.pubsub is not None:
@@ -57,7 +55,7 @@ class Node:
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
-        for c in (self.pubsub, self.distributor, self.store):
+        for c in (self.pubsub, self.store):
             if c is not None and c.started:
                 yield c.stopService()
         yield self.bus.stopService()
@@ -96,7 +94,8 @@ async def test_subscribe_publish_over_rabbitmq(tmp_path: Any, broker_url: str) -
     tag = uuid.uuid4().hex[:10]
     service = f"test.pub_sub.{tag}"  # a queue of this test's own, so that no other pub_sub answers
     # the store and pub_sub on queues of this test's own, so that no other instance on the broker answers
-    n = Node(broker_url, tmp_path, store=False, pubsub=False, node=f"test-{tag}", table=f"attrs_{tag}")
+    n = Node(broker_url, tmp_path, store=False, pubsub=False, node=f"test-{tag}", table=f"attrs_{tag}",
+             address_recheck=0.5)
     await n.start()
     store_queue = f"test.attrs.{tag}"
     n.store = n.make_store()
@@ -127,6 +126,21 @@ async def test_subscribe_publish_over_rabbitmq(tmp_path: Any, broker_url: str) -
         assert away.messages[0].json() == {"topic": f"event.{tag}", "message": "while away"}
         for inbox in inboxes + [away]:
             await inbox.listener.subscription.cancel()
+        # the second subscriber's queue is deleted by an operator between publications: reported (within
+        # the bus's address_recheck, 0.5 s here), never retried, and the first still gets every one
+        inboxes[0] = await consume(n.bus, subs[0]["address"])
+        operator = magnet.connect(broker_url, reactor)
+        operator.startService()
+        await operator.transport.delete_queue(subs[1]["address"])
+        await operator.stopService()
+        await sleep(0.6)
+        for i in range(5, 8):
+            result = await n.bus.call(service, "publish", topic=topic, message={"i": i})
+            assert result == {"topic": topic, "addresses": 2, "unroutable": [subs[1]["address"]]}
+        await eventually(lambda: len(inboxes[0].messages) == 3)
+        assert [m.json()["message"]["i"] for m in inboxes[0].messages] == [5, 6, 7]
+        assert n.pubsub.stats["unroutable"] == 3 and n.pubsub.stats["retried"] == 0
+        await inboxes[0].listener.subscription.cancel()
     finally:
         for name in names:
             await n.bus.call(service, "unsubscribe", name=name)
