@@ -1,0 +1,160 @@
+"""A subscriber's queue deleted while publications flow (issue 15), against a
+real `twistd -n ooidx` daemon (attribute_store, pub_sub) on a private
+RabbitMQ node.
+
+pub_sub delivers each publication to its subscribers in one multicast
+(magnet's Bus.multicast: one publish, the other addresses in BCC). RabbitMQ
+returns such a publish only when it reached no queue at all, so a deleted
+queue among five is never returned: the bus's address book notices it at
+its next check (within `address_recheck`, 10 s). What must hold:
+
+  - the four living subscribers get every publication that pub_sub
+    answered, exactly once (0 lost);
+  - the deleted one is reported: in `publish`'s answer (`unroutable`), in
+    pub_sub's counters and in its log;
+  - nothing is retried for it, ever (counters `retried` and `dead` stay 0),
+    and the flow does not slow down.
+
+One JSON line (tests.reliability.results).
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+
+from magnet import Message
+
+from tests.reliability.faultlib import eventually, sleep, start_node, wait_started
+from tests.reliability.results import percentile
+
+pytestmark = [pytest.mark.slow]
+
+#: the daemon's bus checks an address it believes in again after this long (magnet.Bus address_recheck)
+RECHECK = 10.0
+
+
+def ctl(broker: Any, *args: str) -> str:
+    done = broker.ctl(*args)
+    assert done.returncode == 0, (args, done.stdout)
+    return done.stdout.decode(errors="replace")
+
+
+class Flow:
+    """Publications through pub_sub (RPC `publish`), a few in flight, until stopped."""
+
+    def __init__(self, bus: Any, topic: str, concurrency: int = 8, pause: float = 0.02) -> None:
+        self.bus = bus
+        self.topic = topic
+        self.semaphore = defer.DeferredSemaphore(concurrency)
+        self.pause = pause
+        self.stopped = False
+        self.sent = 0
+        self.answered: Dict[int, dict] = {}
+        self.failed: Dict[int, str] = {}
+        self.latencies: List[float] = []
+        self.at: Dict[int, float] = {}
+        self._pending: List[defer.Deferred] = []
+        self._loop: Any = None
+
+    def start(self) -> "Flow":
+        self._loop = defer.ensureDeferred(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while not self.stopped:
+            await self.semaphore.acquire()
+            self.sent += 1
+            i = self.sent
+            started = time.monotonic()
+            self.at[i] = started
+            d = self.bus.call("pub_sub", "publish", topic=self.topic, message={"i": i}, timeout=30)
+            d.addCallbacks(self._answered, self._failed, callbackArgs=(i, started), errbackArgs=(i,))
+            d.addBoth(lambda _: self.semaphore.release())
+            self._pending.append(d)
+            await sleep(self.pause)
+
+    def _answered(self, answer: dict, i: int, started: float) -> None:
+        self.answered[i] = answer
+        self.latencies.append((time.monotonic() - started) * 1000)
+
+    def _failed(self, failure: Any, i: int) -> None:
+        self.failed[i] = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+
+    async def stop(self) -> None:
+        self.stopped = True
+        await self._loop
+        await defer.DeferredList(self._pending)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_subscriber_queue_deleted_while_publications_flow(tmp_path: Path, private_rabbitmq: Any,
+                                                                  nodes: list, buses: Any, record: Any) -> None:
+    broker = private_rabbitmq
+    node = start_node(tmp_path, "dx", broker.url, {"attribute_store": {"url": str(tmp_path / "attrs.sqlite3")},
+                                                    "pub_sub": None})
+    nodes.append(node)
+    await wait_started(node)
+    bus = buses(broker.url)
+    await bus.when_connected(20)
+    names = [f"flow{i}" for i in range(5)]
+    victim = "flow2"
+    subs = {n: await bus.call("pub_sub", "subscribe", regex=r"^dataset\.flow$", name=n, timeout=20) for n in names}
+    got: Dict[str, Counter] = {n: Counter() for n in names if n != victim}
+
+    def take(name: str) -> Any:
+        def on(message: Message) -> None:
+            got[name][message.json()["message"]["i"]] += 1
+        return on
+
+    for n in got:
+        await bus.consume(subs[n]["address"], take(n), prefetch=100)
+    flow = Flow(bus, "dataset.flow").start()
+    try:
+        await sleep(4)
+        t_delete = time.monotonic()
+        await deferToThread(ctl, broker, "delete_queue", subs[victim]["address"])
+        deleted_after = flow.sent
+        await eventually(lambda: any(subs[victim]["address"] in a.get("unroutable", ())
+                                     for a in list(flow.answered.values())), RECHECK + 20,
+                         "pub_sub reports the deleted address")
+        t_reported = min(flow.at[i] for i, a in flow.answered.items()
+                         if subs[victim]["address"] in a.get("unroutable", ())) - t_delete
+        await sleep(4)
+    finally:
+        await flow.stop()
+    answered = sorted(flow.answered)
+    await eventually(lambda: all(set(answered) <= set(c) for c in got.values()), 60,
+                     "every living subscriber has every answered publication")
+    await sleep(1)
+    counters = await bus.call("pub_sub", "counters", timeout=20)
+    lost = sum(len(set(answered) - set(c)) for c in got.values())
+    duplicated = sum(n - 1 for c in got.values() for n in c.values() if n > 1)
+    reported = [i for i, a in flow.answered.items() if subs[victim]["address"] in a.get("unroutable", ())]
+    # before the deletion the victim got its copies; after it, at most RECHECK seconds' worth were not reported
+    first_reported = min(reported)
+    unreported_after = [i for i in answered if deleted_after < i < first_reported]
+    log = node.log()
+    said = log.count(f"address {subs[victim]['address']} is gone")
+    after_end = await bus.call("pub_sub", "counters", timeout=20)
+    record("a subscriber's queue deleted while publications flow", faults_injected=1, sent=flow.sent,
+           confirmed=len(answered), processed=len(answered) * len(got), lost=lost, duplicated=duplicated,
+           errors=len(flow.failed), p50_ms=percentile(flow.latencies, 50), p99_ms=percentile(flow.latencies, 99),
+           notes=f"5 subscribers, 1 queue deleted (rabbitmqctl delete_queue) after publication {deleted_after}; "
+                 f"reported unroutable {t_reported:.1f} s later (address_recheck {RECHECK:.0f} s), in "
+                 f"{len(reported)} answers, logged {said} time(s); {len(unreported_after)} publications in "
+                 f"between not reported; pub_sub counters {counters}")
+    assert flow.failed == {}, list(flow.failed.items())[:5]
+    assert lost == 0 and duplicated == 0, (lost, duplicated)
+    assert t_reported < RECHECK + 5, t_reported
+    assert all(subs[victim]["address"] in flow.answered[i]["unroutable"] for i in answered if i >= first_reported)
+    assert counters["retried"] == 0 and counters["dead"] == 0, counters
+    assert counters["unroutable"] == len(reported), (counters, len(reported))
+    assert after_end == counters, (after_end, counters)  # nothing goes on after the flow: no retries
+    assert 1 <= said <= 2 + int((time.monotonic() - t_delete) / 60), said
