@@ -27,14 +27,25 @@ Rows:
        and worst operation of the whole run, compactions included.
        Since a compile holds the GIL, an operation's time is how long it
        stalls the reactor.
-  5.   end to end over RabbitMQ: events per second from C{publish} (posted to
-       pub_sub) to delivery at 10 subscriber addresses, through the
-       distributor (the subject), against plain magnet fanout to 10
-       subscribers (the baseline), at most 100 events outstanding. Unit:
-       deliveries per second (events x 10), as the magnet group's fanout row.
+  5-7. end to end over RabbitMQ: events per second from C{publish} (posted to
+       pub_sub) to delivery at 1, 10 and 100 subscriber addresses, pub_sub
+       delivering each in one multicast (the subject: magnet's
+       C{Bus.multicast}, one publish with the other addresses in C{BCC}),
+       against a plain magnet fanout of the same (persistent) publications
+       to as many subscribers (the baseline): durable addresses, as
+       pub_sub's, bound to the fanout. At most 100 events outstanding.
+       Unit: deliveries per second (events x subscribers), as the magnet
+       group's fanout row.
+  8.   row 6 against the fanout the distributor was measured against: each
+       subscriber its own exclusive, non-durable queue (C{bus.subscribe}),
+       where the broker keeps nothing on disk.
+  9.   magnet's C{Bus.multicast} alone (no pub_sub in front: the publisher
+       multicasts the publication itself) to 10 durable addresses, against
+       the fanout of row 6: what the one-publish delivery costs, apart from
+       the hop through pub_sub's queue.
 
 Everything runs in this one process (one reactor): publisher, pub_sub, the
-attribute store (SQLite in a temporary directory), the distributor and the
+attribute store (SQLite in a temporary directory) and the
 consumers; on the subject side of row 4 pub_sub and the store are served on
 queues of this run's own, and the subscriptions are removed afterwards.
 """
@@ -299,7 +310,7 @@ def _check(route: Callable[[str], set], n: int) -> None:
 
 
 class PubSubSide(_Side):
-    """The subject: ooidx.routing.Router; pub_sub + distributor end to end."""
+    """The subject: ooidx.routing.Router; pub_sub (one multicast per publication) end to end."""
 
     def routing(self, n: int) -> Any:
         started = time.perf_counter()
@@ -317,9 +328,8 @@ class PubSubSide(_Side):
         return self._changes_load(router, n, "Router", TIMED_SUBSCRIBES)
 
     @inlineCallbacks
-    def end_to_end(self, subscribers: int = 10, window: int = 100) -> Any:
+    def end_to_end(self, subscribers: int = 10, window: int = 100, transient: bool = False) -> Any:
         from ooidx.attribute_store import AttributeStore
-        from ooidx.dissemination.distributor import Distributor
         from ooidx.dissemination.pub_sub import PubSub
 
         tag = uuid.uuid4().hex[:10]
@@ -331,11 +341,9 @@ class PubSubSide(_Side):
                                clock=self.reactor)
         yield store.setUp()
         yield bus.serve(store_queue, store)
-        distributor = Distributor("distributor", bus, node=bus.node, clock=self.reactor)
-        yield distributor.start()
         pubsub = PubSub(service, bus, node=bus.node, clock=self.reactor, store=store_queue)
         yield pubsub.setUp()
-        yield bus.serve(service, pubsub)
+        yield bus.serve(service, pubsub, prefetch=pubsub.prefetch)  # as Component.start serves it
         yield pubsub.loaded()
         topic = f"event.saved.bench{tag}"
         message = {"kind": "saved", "dataset": f"bench{tag}", "pad": "x" * 40}
@@ -362,11 +370,41 @@ class PubSubSide(_Side):
             for name in names:
                 yield bus.call(service, "unsubscribe", name=name)
             yield pubsub.tearDown()
-            yield distributor.stopService()
             yield store.tearDown()
             yield delete(self.reactor, self.settings.broker,
                          queues=[service, service + ".dead", store_queue, store_queue + ".dead"])
             shutil.rmtree(directory, ignore_errors=True)
+
+        load.on_close(cleanup)
+        return load
+
+
+    @inlineCallbacks
+    def multicast_alone(self, subscribers: int = 10, window: int = 100) -> Any:
+        """magnet's Bus.multicast by itself (no pub_sub in front): the same
+        publication to C{subscribers} durable addresses, one publish each time."""
+        from ooidx.dissemination.pub_sub import publication
+
+        tag = uuid.uuid4().hex[:10]
+        front = yield self._bus(f"bench-front-{tag}")
+        back = yield self._bus(f"bench-back-{tag}")
+        queues = [f"bench.pubsub.multicast.{tag}.{i}" for i in range(subscribers)]
+        message = publication(f"event.saved.bench{tag}", {"kind": "saved", "dataset": f"bench{tag}", "pad": "x" * 40})
+
+        def publish() -> Deferred:
+            return front.multicast(queues, message)
+
+        load = Pipeline(self.reactor, publish, copies=subscribers, window=window,
+                        drain_timeout=self.settings.drain_timeout)
+        subscriptions = []
+        for queue in queues:
+            yield back.declare_address(queue)
+            subscriptions.append((yield back.consume(queue, lambda _m: load.delivered())))
+
+        @inlineCallbacks
+        def cleanup() -> Any:
+            yield defer.gatherResults([s.cancel() for s in subscriptions], consumeErrors=True)
+            yield delete(self.reactor, self.settings.broker, queues=queues)
 
         load.on_close(cleanup)
         return load
@@ -388,18 +426,25 @@ class NaiveSide(_Side):
         router.match("warm.up")
         return self._changes_load(router, n, "full rebuild", TIMED_SUBSCRIBES_BASELINE)
 
+    def multicast_alone(self, subscribers: int = 10, window: int = 100) -> Any:
+        return self.end_to_end(subscribers, window)
+
     @inlineCallbacks
-    def end_to_end(self, subscribers: int = 10, window: int = 100) -> Any:
+    def end_to_end(self, subscribers: int = 10, window: int = 100, transient: bool = False) -> Any:
+        """A plain fanout of the same publications (persistent) to as many
+        subscribers: durable addresses as pub_sub's (C{bus.declare_address})
+        bound to the fanout, or, C{transient}, each subscriber's own
+        exclusive, non-durable queue (C{bus.subscribe}: the broker then keeps
+        nothing on disk), the comparison the distributor was measured against."""
         import magnet
+        from ooidx.dissemination.pub_sub import publication
 
         tag = uuid.uuid4().hex[:10]
         name = f"bench.pubsub.fanout.{tag}"
         front = yield self._bus(f"bench-front-{tag}")
         back = yield self._bus(f"bench-back-{tag}")
         yield front.declare_fanout(name)
-        body = {"topic": f"event.saved.bench{tag}",
-                "message": {"kind": "saved", "dataset": f"bench{tag}", "pad": "x" * 40}}
-        message = magnet.Message.of_json(body, type="publication", headers={"topic": body["topic"]})
+        message = publication(f"event.saved.bench{tag}", {"kind": "saved", "dataset": f"bench{tag}", "pad": "x" * 40})
 
         def publish() -> Deferred:
             return front.send(name, message)
@@ -407,15 +452,23 @@ class NaiveSide(_Side):
         load = Pipeline(self.reactor, publish, copies=subscribers, window=window,
                         drain_timeout=self.settings.drain_timeout)
         subscriptions = []
-        for _ in range(subscribers):
-            subscriptions.append((yield back.subscribe(name, lambda _m: load.delivered())))
+        queues = [f"{name}.{i}" for i in range(subscribers)] if not transient else []
+        if transient:
+            for _ in range(subscribers):
+                subscriptions.append((yield back.subscribe(name, lambda _m: load.delivered())))
+        else:
+            for queue in queues:
+                yield back.declare_address(queue)
+                yield back.transport.bind_queue(queue, name)
+                subscriptions.append((yield back.consume(queue, lambda _m: load.delivered())))
 
         @inlineCallbacks
         def cleanup() -> Any:
             yield defer.gatherResults([s.cancel() for s in subscriptions], consumeErrors=True)
-            yield delete(self.reactor, self.settings.broker, exchanges=[name])
+            yield delete(self.reactor, self.settings.broker, queues=queues, exchanges=[name])
 
         load.on_close(cleanup)
+        assert isinstance(message, magnet.Message) and message.persistent
         return load
 
 
@@ -433,7 +486,15 @@ def group() -> Group:
             Benchmark("route, 100,000 subscriptions", "topics/s", lambda side: side.routing(100_000)),
             Benchmark("(un)subscribe + route, 100,000 subscriptions", "changes/s",
                       lambda side: side.changes(100_000)),
+            Benchmark("publish -> 1 subscriber address (RabbitMQ)", "deliveries/s",
+                      lambda side: side.end_to_end(subscribers=1, window=100)),
             Benchmark("publish -> 10 subscriber addresses (RabbitMQ)", "deliveries/s",
                       lambda side: side.end_to_end(subscribers=10, window=100)),
+            Benchmark("publish -> 100 subscriber addresses (RabbitMQ)", "deliveries/s",
+                      lambda side: side.end_to_end(subscribers=100, window=100)),
+            Benchmark("publish -> 10 subscriber addresses, baseline's queues transient (RabbitMQ)",
+                      "deliveries/s", lambda side: side.end_to_end(subscribers=10, window=100, transient=True)),
+            Benchmark("Bus.multicast alone -> 10 addresses (RabbitMQ)", "deliveries/s",
+                      lambda side: side.multicast_alone(subscribers=10, window=100)),
         ],
     )

@@ -98,7 +98,9 @@ def check_addresses(addresses: Any) -> List[str]:
     for address in addresses:
         if not isinstance(address, str):
             raise TypeError(f"an address must be a string, got {type(address).__name__}: {address!r}"[:200])
-        if not address or len(address.encode("utf-8", "surrogatepass")) > MAX_ADDRESS_BYTES:
+        # at most 4 UTF-8 bytes a character: only a long address needs encoding to be measured
+        if not address or (len(address) > MAX_ADDRESS_BYTES // 4
+                           and len(address.encode("utf-8", "surrogatepass")) > MAX_ADDRESS_BYTES):
             raise ValueError(f"an address is 1 to {MAX_ADDRESS_BYTES} UTF-8 bytes, got {address[:40]!r}")
         if address in seen:
             raise ValueError(f"address {address!r} is listed twice")
@@ -109,6 +111,10 @@ def check_addresses(addresses: Any) -> List[str]:
 def chunks(addresses: Sequence[str], per_publish: int = MAX_PER_PUBLISH,
            header_bytes: int = MAX_HEADER_BYTES) -> List[List[str]]:
     """C{addresses} split into the address lists of one publish each."""
+    if not addresses:
+        return []
+    if len(addresses) <= per_publish and sum(map(len, addresses)) * 4 + 5 * len(addresses) <= header_bytes:
+        return [list(addresses)]  # the usual case: one publish, nothing to measure
     out: List[List[str]] = []
     current: List[str] = []
     size = 0
@@ -232,9 +238,10 @@ def multicast(bus: Any, book: AddressBook, addresses: Sequence[str], message: Me
         for name in (CC_HEADER, BCC_HEADER):
             if name in message.headers:
                 raise ValueError(f"a multicast message may not carry its own {name!r} header")
-        fanouts = [a for a in addresses if bus.kind_of(a) == "fanout"]
-        if fanouts:
-            raise ValueError(f"multicast goes to addresses, not fanouts: {fanouts[0]!r}")
+        fanouts = {name for name, kind in bus._kinds.items() if kind == "fanout"}
+        if fanouts and not fanouts.isdisjoint(addresses):
+            first = next(a for a in addresses if a in fanouts)
+            raise ValueError(f"multicast goes to addresses, not fanouts: {first!r}")
     except (TypeError, ValueError) as e:
         return fail(e)
     d = book.known(addresses)

@@ -112,6 +112,12 @@ class PubSub(Component):
 
     log = Logger()
 
+    #: Requests taken at once per instance. A publish spends its time waiting
+    #: for the broker to confirm its multicast (persistent, to durable
+    #: addresses: after the broker's disk write), so the bus's default (10)
+    #: would leave the broker idle between confirms.
+    prefetch = 100
+
     def __init__(self, name: str, bus: Bus, *, node: str, instances: int = 1, clock: Any = None,
                  reactor: Any = None, store: str = "attribute_store", reload_interval: float = 60.0,
                  store_timeout: float = 10.0, retry_delay: float = 1.0) -> None:
