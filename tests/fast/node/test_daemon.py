@@ -103,6 +103,22 @@ class DaemonTests(FastCase):
             drive(self, clock, a.stopService())
             drive(self, clock, b.stopService())
 
+    def test_a_retired_component_in_the_config_is_a_warning_at_start(self) -> None:
+        captured = LogEvents(self)
+        clock = threadless(self)
+        config = memory_config(self.tmp_path(), components={"notification": None, "distributor": {"instances": 2}})
+        node = Daemon(config, reactor=clock)
+        node.startService()
+        try:
+            until(self, clock, lambda: node.started)
+            assert set(node.components) == {"notification"}
+        finally:
+            drive(self, clock, node.stopService())
+        warnings = [line for e, line in zip(captured.events, lines_of(captured.events))
+                    if e.get("log_level") == LogLevel.warn and "retired" in line]
+        assert len(warnings) == 1 and "components.distributor: deprecated: the distributor component is retired" \
+            in warnings[0], warnings
+
     def test_a_component_that_fails_to_start_stops_the_node(self) -> None:
         captured = LogEvents(self)
         self.patch(bootstrap_module, "component_class",
