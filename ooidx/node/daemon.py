@@ -293,8 +293,9 @@ class Daemon(MultiService):
     @inlineCallbacks
     def _start(self) -> Any:
         config = self.config
-        for warning in config.warnings:
-            self.log.warn("{warning}", warning=warning)
+        for notice in config.warnings:
+            # (not a "warning" key: the legacy log bridge takes such an event for a Python warning)
+            self.log.warn("{config_notice}", config_notice=notice)
         self.log.info("node {node} starting (pid {pid}): {components}; broker {broker}",
                       node=config.node, pid=os.getpid(), components=", ".join(
                           f"{name} x{c.instances}" + (" (child)" if c.process == "child" else "")
