@@ -117,3 +117,18 @@ def test_bad_input_is_refused_before_the_broker(make_bus: Any, names: Any) -> An
         else:
             raise AssertionError(f"{addresses!r} was accepted")
     assert (yield ready_count(sender, a)) == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_private_listen_address_of_another_connection_counts_as_existing(make_bus: Any, names: Any) -> Any:
+    """A listen address is exclusive to its connection: RabbitMQ answers another
+    connection's passive declare with 405 RESOURCE_LOCKED, yet takes its publishes."""
+    sender, subscriber = make_bus(), make_bus()
+    got: List[Message] = []
+    listener = yield subscriber.listen(got.append)
+    durable = names("mc")
+    yield subscriber.declare_address(durable)
+    result = yield sender.multicast([listener.address, durable], Message(body=b"to a private address"))
+    assert result.delivered == (listener.address, durable) and result.unroutable == ()
+    yield eventually(lambda: len(got) == 1, what="the private address has its copy")
+    yield listener.close()
