@@ -261,7 +261,7 @@ def _publish_all(existing: Set[str], bus: Any, book: AddressBook, addresses: Lis
         sends.append(d.addCallbacks(_confirmed, _not_confirmed, callbackArgs=(chunk, outcome),
                                     errbackArgs=(chunk, outcome, book)))
     done = DeferredList(sends) if sends else succeed(None)
-    return done.addCallback(lambda _: _finish(addresses, outcome))
+    return done.addCallback(lambda _: _finish(bus, addresses, outcome))
 
 
 def _confirmed(_: Any, chunk: List[str], outcome: _Outcome) -> None:
@@ -279,9 +279,11 @@ def _not_confirmed(failure: Failure, chunk: List[str], outcome: _Outcome, book: 
         outcome.failed[address] = reason
 
 
-def _finish(addresses: List[str], outcome: _Outcome) -> MulticastResult:
+def _finish(bus: Any, addresses: List[str], outcome: _Outcome) -> MulticastResult:
     result = MulticastResult(delivered=tuple(a for a in addresses if a in outcome.delivered),
                              unroutable=tuple(a for a in addresses if a in outcome.unroutable))
+    for address in result.unroutable:
+        bus.observer.unroutable(address)
     if outcome.failed:
         raise MulticastError({a: outcome.failed[a] for a in addresses if a in outcome.failed}, result)
     return result

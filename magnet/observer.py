@@ -19,6 +19,9 @@ class BusObserver:
     def dead_letter(self, name: str) -> None:
         """A message from C{name} was dead-lettered."""
 
+    def unroutable(self, name: str) -> None:
+        """A multicast's copy for address C{name} was not sent: no such address."""
+
     def inflight(self, name: str, delta: int) -> None:
         """Handlers for C{name} running now changed by C{delta}."""
 

@@ -166,6 +166,8 @@ class PrometheusObserver(BusObserver):
                                     multiprocess_mode="livesum")
         self.dead_letters = Counter("magnet_dead_letters", "Messages dead-lettered, by the name they came from",
                                     ["name"], registry=r)
+        self.unroutable_copies = Counter("magnet_unroutable", "Multicast copies not sent because their address "
+                                         "does not exist, by address", ["name"], registry=r)
         self.consumer_restarts = Counter("magnet_consumer_restarts",
                                          "Consumers that consume again after they were lost, by queue and why "
                                          "(reconnect, cancelled, channel_closed, missing)",
@@ -190,6 +192,10 @@ class PrometheusObserver(BusObserver):
     @_guarded
     def dead_letter(self, name: str) -> None:
         self.dead_letters.labels(metric_label(name)).inc()
+
+    @_guarded
+    def unroutable(self, name: str) -> None:
+        self.unroutable_copies.labels(metric_label(name)).inc()
 
     @_guarded
     def inflight(self, name: str, delta: int) -> None:

@@ -11,7 +11,7 @@ its next check (within `address_recheck`, 10 s). What must hold:
   - the four living subscribers get every publication that pub_sub
     answered, exactly once (0 lost);
   - the deleted one is reported: in `publish`'s answer (`unroutable`), in
-    pub_sub's counters and in its log;
+    pub_sub's counters, /metrics (magnet_unroutable_total) and its log;
   - nothing is retried for it, ever (counters `retried` and `dead` stay 0),
     and the flow does not slow down.
 
@@ -31,7 +31,7 @@ from twisted.internet.threads import deferToThread
 
 from magnet import Message
 
-from tests.reliability.faultlib import eventually, sleep, start_node, wait_started
+from tests.reliability.faultlib import eventually, metric_value, sleep, start_node, wait_started
 from tests.reliability.results import percentile
 
 pytestmark = [pytest.mark.slow]
@@ -143,12 +143,14 @@ async def test_a_subscriber_queue_deleted_while_publications_flow(tmp_path: Path
     log = node.log()
     said = log.count(f"address {subs[victim]['address']} is gone")
     after_end = await bus.call("pub_sub", "counters", timeout=20)
+    metric = await deferToThread(lambda: metric_value(node.metrics(), "magnet_unroutable_total",
+                                                      name=subs[victim]["address"]))
     record("a subscriber's queue deleted while publications flow", faults_injected=1, sent=flow.sent,
            confirmed=len(answered), processed=len(answered) * len(got), lost=lost, duplicated=duplicated,
            errors=len(flow.failed), p50_ms=percentile(flow.latencies, 50), p99_ms=percentile(flow.latencies, 99),
            notes=f"5 subscribers, 1 queue deleted (rabbitmqctl delete_queue) after publication {deleted_after}; "
                  f"reported unroutable {t_reported:.1f} s later (address_recheck {RECHECK:.0f} s), in "
-                 f"{len(reported)} answers, logged {said} time(s); {len(unreported_after)} publications in "
+                 f"{len(reported)} answers, logged {said} time(s), magnet_unroutable_total {metric:.0f}; {len(unreported_after)} publications in "
                  f"between not reported; pub_sub counters {counters}")
     assert flow.failed == {}, list(flow.failed.items())[:5]
     assert lost == 0 and duplicated == 0, (lost, duplicated)
@@ -156,5 +158,6 @@ async def test_a_subscriber_queue_deleted_while_publications_flow(tmp_path: Path
     assert all(subs[victim]["address"] in flow.answered[i]["unroutable"] for i in answered if i >= first_reported)
     assert counters["retried"] == 0 and counters["dead"] == 0, counters
     assert counters["unroutable"] == len(reported), (counters, len(reported))
-    assert after_end == counters, (after_end, counters)  # nothing goes on after the flow: no retries
+    assert after_end == counters, (after_end, counters)
+    assert metric == len(reported), (metric, len(reported))  # nothing goes on after the flow: no retries
     assert 1 <= said <= 2 + int((time.monotonic() - t_delete) / 60), said

@@ -59,6 +59,22 @@ class MetricsTests(FastCase):
             obs.message_in(f"magnet.listen.n.{uuid.uuid4().hex}")
         assert samples(obs.generate().decode())[("magnet_messages_in_total", frozenset({("name", "magnet.listen")}))] == 5
 
+    def test_multicast_copies_for_missing_addresses_are_counted(self) -> None:
+        from magnet.testing import MemoryBroker
+
+        broker = MemoryBroker()
+        self.addCleanup(broker.stop)
+        obs = PrometheusObserver()
+        bus = broker.bus(observer=obs)
+        self.successResultOf(broker.bus().declare_address("pubsub.sub.here"))
+        d = bus.multicast(["pubsub.sub.here", "pubsub.sub.gone", "user.ann.1"], magnet.Message(body=b"x"))
+        broker.flush()
+        assert self.successResultOf(d).unroutable == ("pubsub.sub.gone", "user.ann.1")
+        s = samples(obs.generate().decode())
+        assert s[("magnet_unroutable_total", frozenset({("name", "pubsub.sub.gone")}))] == 1
+        assert s[("magnet_unroutable_total", frozenset({("name", "user.*")}))] == 1  # people's names stay out
+        assert ("magnet_unroutable_total", frozenset({("name", "pubsub.sub.here")})) not in s
+
     def test_direct_calls(self) -> None:
         obs = PrometheusObserver()
         obs.handler_error("cache")
