@@ -163,12 +163,15 @@ class AddressBook:
         now = self.bus.clock.seconds()
         seen = self.seen
         recheck = self.recheck
+        fresh: Set[str] = set()  # known to exist, recently enough
         due: List[str] = []
         waits: List[Deferred] = []
         joined: Set[int] = set()
         for address in addresses:
             entry = seen.get(address)
             if entry is not None and now - entry[1] < recheck:
+                if entry[0]:
+                    fresh.add(address)
                 continue
             inflight = self._checking.get(address)
             if inflight is None:
@@ -179,11 +182,14 @@ class AddressBook:
         if due:
             waits.append(self._check(due))
         if not waits:
-            return succeed({a for a in addresses if seen[a][0]})
+            return succeed(fresh)
         d = waits[0] if len(waits) == 1 else DeferredList(waits, fireOnOneErrback=True, consumeErrors=True)
 
-        def answer(_: Any) -> Set[str]:
-            return {a for a in addresses if a in seen and seen[a][0]}
+        def answer(found: Any) -> Set[str]:
+            # from the checks' own answers, not from the book (which may have started over meanwhile)
+            for one in ([found] if len(waits) == 1 else [f for _, f in found]):
+                fresh.update(one)
+            return {a for a in addresses if a in fresh}
 
         def unwrap(failure: Failure) -> Failure:
             return failure.value.subFailure if hasattr(failure.value, "subFailure") else failure
@@ -191,7 +197,7 @@ class AddressBook:
         return d.addCallbacks(answer, unwrap)
 
     def _check(self, due: List[str]) -> Deferred:
-        """Ask the broker about C{due}; a Deferred that fires when it has answered."""
+        """Ask the broker about C{due}; a Deferred that fires with those of them that exist."""
         self.checks += len(due)
         waiters: List[Deferred] = []
         mine = _wait(waiters)
@@ -203,13 +209,14 @@ class AddressBook:
                 if self._checking.get(address) is waiters:
                     del self._checking[address]
             if not isinstance(result, Failure):
-                self.mark([a for a in due if a in result], True)
+                result = {a for a in due if a in result}
+                self.mark(result, True)
                 self.mark([a for a in due if a not in result], False)
             for w in waiters:
                 if isinstance(result, Failure):
                     w.errback(result)
                 else:
-                    w.callback(None)
+                    w.callback(result)
 
         self.bus.transport.existing_queues(due).addBoth(done)
         return mine

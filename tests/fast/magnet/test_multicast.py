@@ -135,6 +135,14 @@ class MulticastTests(SynchronousTestCase):
         self.successResultOf(self.multicast(names))
         self.assertEqual(len(calls), 2)  # answered from the book
 
+    def test_the_book_starting_over_during_a_check_loses_no_address(self) -> None:
+        names = [self.address(f"mc.{i}") for i in range(4)]
+        self.successResultOf(self.multicast(names[:3]))  # three known
+        self.patch(mc, "MAX_REMEMBERED", 2)  # the next mark starts the book over
+        result = self.successResultOf(self.multicast(names))  # mc.3 checked now
+        self.assertEqual(result.delivered, tuple(names))
+        self.assertEqual(result.unroutable, ())
+
     def test_a_failed_check_fails_the_multicast_and_every_waiter(self) -> None:
         names = [self.address("mc.a")]
         pending: List[Deferred] = []
