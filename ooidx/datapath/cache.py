@@ -56,8 +56,10 @@ READ_SIZE = 256 * 1024
 MAX_SERVING = 32
 #: Seconds between writes of the in-memory access times to disk.
 FLUSH_INTERVAL = 60.0
-#: Disk threads of one cache process.
+#: Disk threads of one cache process for reads (lookups, serving), and for writes
+#: (stored copies: their fsyncs must not hold a lookup up in the same queue).
 THREADS = 4
+WRITE_THREADS = 2
 #: Seconds the cache waits at stop for running serves and writes to finish their disk work.
 STOP_WAIT = 10.0
 #: Seconds a purge waits for the attribute store's record of the dataset.
@@ -117,6 +119,7 @@ class Cache(Component):
                                          "invalidated": 0}
         self._id = uuid.uuid4().hex
         self._pool: Optional[ThreadPool] = None
+        self._write_pool: Optional[ThreadPool] = None
         self._reactor: Any = None
         self._listener: Any = None
         self._purge_subscription: Any = None
@@ -134,6 +137,8 @@ class Cache(Component):
         self._reactor = self.bus.clock if IReactorThreads.providedBy(self.bus.clock) else _global_reactor()
         self._pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="ooidx-cache-io")
         self._pool.start()
+        self._write_pool = ThreadPool(minthreads=0, maxthreads=WRITE_THREADS, name="ooidx-cache-write")
+        self._write_pool.start()
         yield self._io(self.store.open)
         self._listener = yield self.bus.listen(self._on_node_message, name=self.address, shared=True,
                                                on_stream=self._on_stream)
@@ -179,12 +184,22 @@ class Cache(Component):
                 self.log.warn("closing the cache store: {error}", error=e, component=self.name)
             self._pool.stop()
             self._pool = None
+        if self._write_pool is not None:
+            self._write_pool.stop()
+            self._write_pool = None
 
     def _io(self, f: Any, *args: Any, **kwargs: Any) -> Deferred:
         """Run blocking disk work in the cache's threads."""
         if self._pool is None:
             return fail(StoreError("the cache is not running"))
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    def _write_io(self, f: Any, *args: Any, **kwargs: Any) -> Deferred:
+        """Run blocking disk work of a stored copy (open, write, commit, abort) in the
+        cache's write threads: a commit's fsyncs never queue ahead of a lookup."""
+        if self._write_pool is None:
+            return fail(StoreError("the cache is not running"))
+        return deferToThreadPool(self._reactor, self._write_pool, f, *args, **kwargs)
 
     def _flush(self) -> Deferred:
         d = self._io(self.store.flush)
@@ -651,10 +666,10 @@ class _Incoming:
         if self.problem is not None:
             cache.counters["store_failures"] += 1
             log.warn("not keeping {url}: {reason}", url=self.url, reason=self.problem, component=cache.name)
-            yield cache._io(writer.abort)
+            yield cache._write_io(writer.abort)
             return None
         try:
-            entry = yield cache._io(writer.commit)
+            entry = yield cache._write_io(writer.commit)
         except (StoreError, OSError) as e:
             cache.counters["store_failures"] += 1
             log.warn("not keeping {url}: {error}", url=self.url, error=e, component=cache.name)
@@ -682,14 +697,14 @@ class _Incoming:
         if not (isinstance(dataset, str) and _NAME.match(dataset)):
             dataset = self.cache._recent_datasets.get(url)
         self.dataset = dataset
-        return self.cache._io(self.cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
+        return self.cache._write_io(self.cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
                               headers=metadata.get("headers") or [], validators=metadata.get("validators"),
                               dataset=dataset, length=length)
 
     def _sink(self, data: bytes) -> Optional[Deferred]:
         if self.problem is not None or self.writer is None:
             return None
-        d = self.cache._io(self.writer.write, data)
+        d = self.cache._write_io(self.writer.write, data)
         d.addErrback(self._write_failed)
         return d
 
@@ -768,7 +783,7 @@ class _Tee:
         self._ended = False
         self.writer: Optional[Writer] = None
         length = metadata.get("length")
-        self._chain = cache._io(cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
+        self._chain = cache._write_io(cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
                                 headers=metadata.get("headers") or [], validators=metadata.get("validators"),
                                 dataset=dataset, length=length if isinstance(length, int) else None)
         self._chain.addCallbacks(self._opened, self._failed)
@@ -796,7 +811,7 @@ class _Tee:
         if self.problem is not None or self.writer is None:
             self.pending -= len(data)
             return None
-        d = self.cache._io(self.writer.write, data)
+        d = self.cache._write_io(self.writer.write, data)
 
         def written(_: Any) -> None:
             self.pending -= len(data)
@@ -826,16 +841,16 @@ class _Tee:
         if self.problem is not None:
             cache.counters["store_failures"] += 1
             cache.log.warn("not keeping {url}: {reason}", url=self.url, reason=self.problem, component=cache.name)
-            yield cache._io(writer.abort)
+            yield cache._write_io(writer.abort)
             return None
         try:
-            entry = yield cache._io(writer.commit)
+            entry = yield cache._write_io(writer.commit)
         except (StoreError, OSError) as e:
             cache.counters["store_failures"] += 1
             cache.log.warn("not keeping {url}: {error}", url=self.url, error=e, component=cache.name)
             return None
         if self.problem is not None:  # cancelled (the dataset changed) while committing
-            yield cache._io(cache.store.remove, self.url)
+            yield cache._write_io(cache.store.remove, self.url)
             return None
         cache.counters["stores"] += 1
         cache.log.info("stored {url} ({bytes} bytes)", url=entry.url, bytes=entry.size, component=cache.name)

@@ -162,7 +162,7 @@ class CacheAnswerTests(FastCase):
         response = FakeResponse(chunks=[b"a" * 300, b"b" * 300, b"c" * 300])
         cache = self.start({URL: response})
         held: List[Callable[[], None]] = []
-        io = cache._io
+        io = cache._write_io
 
         def slow_io(f: Any, *args: Any, **kwargs: Any) -> Deferred:
             if getattr(f, "__name__", "") == "write" and getattr(f, "__self__", None).__class__.__name__ == "Writer":
@@ -171,7 +171,7 @@ class CacheAnswerTests(FastCase):
                 return d
             return io(f, *args, **kwargs)
 
-        self.monkeypatch().setattr(cache, "_io", slow_io)
+        self.monkeypatch().setattr(cache, "_write_io", slow_io)
         self.answer()
         self.assertEqual(self.body("r1"), b"a" * 300 + b"b" * 300 + b"c" * 300)  # whole, the disk not done
         self.assertEqual(response.transport.paused, 0)  # the upstream never waited for the disk
@@ -186,8 +186,8 @@ class CacheAnswerTests(FastCase):
         from ooidx.datapath import cache as cache_module
         self.monkeypatch().setattr(cache_module, "TEE_BUFFER", 500)
         cache = self.start({URL: FakeResponse(chunks=[b"a" * 300, b"b" * 300, b"c" * 300])})
-        io = cache._io
-        self.monkeypatch().setattr(cache, "_io", lambda f, *a, **k: Deferred() if getattr(
+        io = cache._write_io
+        self.monkeypatch().setattr(cache, "_write_io", lambda f, *a, **k: Deferred() if getattr(
             f, "__name__", "") == "write" and f.__self__.__class__.__name__ == "Writer" else io(f, *a, **k))
         self.answer()
         self.assertEqual(len(self.body("r1")), 900)
