@@ -2,9 +2,13 @@
 
 Two ways in (docs/data-path.md):
 
-- the worker queue C{cache} (RPC): L{Cache.lookup}, L{Cache.purge},
-  L{Cache.stats}, C{ping}. Any node's cache may answer a lookup; its answer
-  names that node's address, where the rest happens.
+- the worker queue C{cache}: L{Cache.answer}, the controller's one post for a
+  routed request (a fresh entry streamed to the proxy; else the URL fetched
+  here, by a fetcher of this process, streamed to the proxy and written to
+  the store as it passes, with one fetch per URL at a time: L{_Fill},
+  L{_Tee}); and (RPC) L{Cache.lookup}, L{Cache.purge}, L{Cache.stats},
+  C{ping}. Any node's cache may answer a lookup; its answer names that
+  node's address, where the rest happens.
 - the node address C{cache.node.NODE}, a shared listen address every cache
   instance of this node consumes (one listener per process):
   - posts of C{serve(url, method, address, request_id, revalidated=False,
@@ -15,8 +19,12 @@ Two ways in (docs/data-path.md):
 Purges reach every node: C{purge} on the worker queue purges the node that
 took it and tells the others on the fanout C{cache.purge}.
 
-Disk work runs in a small thread pool of its own, never on the reactor
-thread; the store module (L{ooidx.datapath.store}) knows nothing of the bus.
+A dataset's change events (fetched, saved, refreshed, registered) on the
+notification fanout drop its entries, so a new version is not hidden behind
+the old one's for max_age.
+
+Disk work runs in small thread pools of its own (reads; stored copies' writes),
+never on the reactor thread; the store module (L{ooidx.datapath.store}) knows nothing of the bus.
 """
 from __future__ import annotations
 

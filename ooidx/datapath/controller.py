@@ -12,7 +12,10 @@ Operations (docs/data-path.md is the contract):
 - C{purge(name)} -> the record, marked C{purged}; the cache is told to drop the dataset
 - C{list(pattern=None)} -> records (sorted by name); C{pattern} a regex on names
 - C{get(name)} -> one record
-- C{get_url(url, method="GET", dataset=None, address=, request_id=)}: sent with
+- C{route(url=None, dataset=None, suffix="", query=None, method="GET", address=, request_id=)}:
+  the proxy's one call (issue 15): the name resolved from the registry in memory, the URL
+  checked, and one post to the cache (C{cache.answer}), which streams or fetches it.
+- C{get_url(url, method="GET", dataset=None, address=, request_id=)} (csv's): sent with
   L{magnet.Bus.tell} by the proxy. Checks the URL, asks the cache, and posts
   C{serve} to the cache node (fresh) or C{fetch} to the fetchers (stale, miss)
   with the proxy's address; its own return value, C{{"via": ...}}, reaches the

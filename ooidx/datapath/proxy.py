@@ -10,13 +10,14 @@ Two ways in, on C{http.proxy_port} (or C{components.proxyng.port}):
     persister names them, or C{latest}; SUFFIX .das .dds .dods .nc): the
     persister (C{persister.open_version}) streams the file saved on disk,
     byte for byte; no constraint but on the .das (400), an unknown version 404.
-  - by name: C{GET /datasets/NAME.SUFFIX?CONSTRAINT}. The proxy reads the
-    dataset record (C{attribute_store.get(key="dataset:NAME")}) for its base
-    URL and asks for C{BASE + SUFFIX + "?" + CONSTRAINT}. C{.csv} goes to the
-    csv component instead (C{BASE.dods?CONSTRAINT} as CSV).
+  - by name: C{GET /datasets/NAME.SUFFIX?CONSTRAINT}. The proxy names the
+    dataset, suffix and constraint to the controller, which resolves them
+    (C{BASE + SUFFIX + "?" + CONSTRAINT}) from its registry. C{.csv} goes to
+    the csv component instead (C{BASE.dods?CONSTRAINT} as CSV; the base URL
+    read from the dataset record, C{attribute_store.get(key="dataset:NAME")}).
 
 For each request the proxy makes a listen address C{L} of its own, asks
-(C{controller.get_url} or C{csv.render}) for the answer to be sent there,
+(C{controller.route}, C{csv.render} or C{persister.open_version}) for the answer to be sent there,
 waits (bounded) for the stream or an error reply, and closes C{L}.
 
 Hot responses: a small answer the cache served (status 200, at most
