@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads
@@ -777,24 +777,28 @@ class _Fill:
 class _Tee:
     """The store's copy of a body on its way from the upstream to the client,
     written on this node as it passes (no second stream on the bus). Its C{write}
-    never holds the transfer back: the disk work is queued, and a copy more than
-    L{TEE_BUFFER} bytes behind is dropped (the client never waits on the disk).
-    Kept only after C{finish} (the transfer saw the whole body) and the store's
-    commit (which checks the declared length); an C{abort} or a C{cancel} keeps
-    nothing."""
+    never holds the transfer back: chunks queue here and go to the disk in
+    batches (one thread call writes all that queued while the last one ran), and
+    a copy more than L{TEE_BUFFER} bytes behind is dropped (the client never
+    waits on the disk). Kept only after C{finish} (the transfer saw the whole
+    body) and the store's commit (which checks the declared length); an
+    C{abort} or a C{cancel} keeps nothing."""
 
     def __init__(self, cache: Cache, url: str, dataset: Optional[str], metadata: Dict[str, Any]) -> None:
         self.cache = cache
         self.url = url
         self.problem: Optional[str] = None
-        self.pending = 0
-        self._ended = False
+        self.pending = 0  # bytes queued or being written
         self.writer: Optional[Writer] = None
+        self._queue: List[bytes] = []
+        self._busy = True  # until the writer is open
+        self._ending: Optional[Deferred] = None
         length = metadata.get("length")
-        self._chain = cache._write_io(cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
-                                headers=metadata.get("headers") or [], validators=metadata.get("validators"),
-                                dataset=dataset, length=length if isinstance(length, int) else None)
-        self._chain.addCallbacks(self._opened, self._failed)
+        d = cache._write_io(cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
+                            headers=metadata.get("headers") or [], validators=metadata.get("validators"),
+                            dataset=dataset, length=length if isinstance(length, int) else None)
+        d.addCallbacks(self._opened, self._failed)
+        d.addBoth(self._idle)
 
     def _opened(self, writer: Writer) -> None:
         self.writer = writer
@@ -805,6 +809,7 @@ class _Tee:
     def cancel(self, reason: str) -> None:
         if self.problem is None:
             self.problem = reason
+        self._queue = []
 
     def write(self, data: bytes) -> Deferred:
         if self.problem is None:
@@ -812,36 +817,45 @@ class _Tee:
             if self.pending > TEE_BUFFER:
                 self.cancel(f"the disk is more than {TEE_BUFFER} bytes behind the client")
             else:
-                self._chain.addCallback(self._write, data)
+                self._queue.append(data)
+                if not self._busy:
+                    self._next()
         return succeed(None)
 
-    def _write(self, _: Any, data: bytes) -> Any:
-        if self.problem is not None or self.writer is None:
-            self.pending -= len(data)
-            return None
-        d = self.cache._write_io(self.writer.write, data)
+    def _next(self) -> None:
+        """Write what queued, in one thread call; or, at the end, commit or abort."""
+        if self._queue and self.problem is None and self.writer is not None:
+            batch, self._queue = self._queue, []
+            self._busy = True
+            d = self.cache._write_io(_write_all, self.writer, batch)
+            d.addCallback(self._written, sum(len(b) for b in batch))
+            d.addErrback(self._failed)
+            d.addBoth(self._idle)
+        elif self._ending is not None and not self._ending.called:
+            self._busy = True
+            ending = self._ending
+            d = self._commit()
+            d.addErrback(lambda f: self.cache.log.failure("storing {url}", f, url=self.url,
+                                                          component=self.cache.name))
+            d.addBoth(lambda _: ending.callback(None))
 
-        def written(_: Any) -> None:
-            self.pending -= len(data)
+    def _written(self, _: Any, size: int) -> None:
+        self.pending -= size
 
-        return d.addCallbacks(written, self._failed)
+    def _idle(self, _: Any) -> None:
+        self._busy = False
+        self._next()
 
     def finish(self) -> Deferred:
         """Commit the copy once its writes are done; fires with None (never fails)."""
-        d: Deferred = Deferred()
-        self._end()
-        self._chain.addBoth(lambda _: d.callback(None))
-        return d
-
-    def _end(self) -> None:
-        if not self._ended:
-            self._ended = True
-            self._chain.addCallback(self._commit)
-            self._chain.addErrback(lambda f: self.cache.log.failure("storing {url}", f, url=self.url,
-                                                                    component=self.cache.name))
+        if self._ending is None:
+            self._ending = Deferred()
+            if not self._busy:
+                self._next()
+        return self._ending
 
     @inlineCallbacks
-    def _commit(self, _: Any) -> Any:
+    def _commit(self) -> Any:
         cache, writer = self.cache, self.writer
         if writer is None:
             cache.counters["store_failures"] += 1
@@ -868,8 +882,14 @@ class _Tee:
     def abort(self, exc: BaseException) -> Deferred:
         """The body broke off (or is not to be kept): nothing of it stays."""
         self.cancel(f"{type(exc).__name__}: {exc}")
-        self._end()
+        self.finish()
         return succeed(None)
+
+
+def _write_all(writer: Writer, batch: List[bytes]) -> None:
+    """(In a write thread.) Write a batch of a copy's chunks, in order."""
+    for data in batch:
+        writer.write(data)
 
 
 def _check_url(url: Any) -> None:
