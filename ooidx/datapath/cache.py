@@ -888,8 +888,7 @@ class _Tee:
 
 def _write_all(writer: Writer, batch: List[bytes]) -> None:
     """(In a write thread.) Write a batch of a copy's chunks, in order."""
-    for data in batch:
-        writer.write(data)
+    writer.write_many(batch)
 
 
 def _check_url(url: Any) -> None:
