@@ -75,9 +75,14 @@ ATTRIBUTE_TIMEOUT = 5.0
 #: Seconds a request for a URL this process is fetching already waits for that
 #: fetch (nginx's proxy_cache_lock_timeout); then it goes upstream itself, unstored.
 LOCK_TIMEOUT = 5.0
-#: Bytes of a body's stored copy (the tee) that may wait for the disk: past it the
-#: copy is dropped, never the client slowed (the client never waits on the disk).
+#: Bytes of a body's stored copy (the tee) that may wait for the disk while the
+#: transfer goes on at the client's pace (the disk's latency, its fsyncs and the
+#: commit never hold the client). Past it the transfer waits for the disk to be
+#: half this behind (a disk slower than the client sets the pace, as in nginx),
+#: but at most TEE_STALL seconds at a time: then the copy is dropped and the
+#: client goes on (a stuck disk never stalls it).
 TEE_BUFFER = 16 * 1024 * 1024
+TEE_STALL = 2.0
 #: Events after which a dataset's stored answers are dropped (a new version was
 #: fetched or saved, the dataset was refreshed or registered again).
 CHANGE_KINDS = ("fetched", "saved", "refreshed", "registered")
@@ -776,11 +781,11 @@ class _Fill:
 
 class _Tee:
     """The store's copy of a body on its way from the upstream to the client,
-    written on this node as it passes (no second stream on the bus). Its C{write}
-    never holds the transfer back: chunks queue here and go to the disk in
-    batches (one thread call writes all that queued while the last one ran), and
-    a copy more than L{TEE_BUFFER} bytes behind is dropped (the client never
-    waits on the disk). Kept only after C{finish} (the transfer saw the whole
+    written on this node as it passes (no second stream on the bus). Chunks
+    queue here and go to the disk in batches (one thread call, one C{writev},
+    for all that queued while the last one ran); C{write} holds the transfer
+    back only while the copy is more than L{TEE_BUFFER} bytes behind, and for
+    at most L{TEE_STALL} seconds at a time, then the copy is dropped. Kept only after C{finish} (the transfer saw the whole
     body) and the store's commit (which checks the declared length); an
     C{abort} or a C{cancel} keeps nothing."""
 
@@ -791,6 +796,9 @@ class _Tee:
         self.pending = 0  # bytes queued or being written
         self.writer: Optional[Writer] = None
         self._queue: List[bytes] = []
+        self._ended = False  # the commit (or abort) has begun
+        self._held: Optional[Deferred] = None  # the transfer's wait while the disk is far behind
+        self._stall: Any = None
         self._busy = True  # until the writer is open
         self._ending: Optional[Deferred] = None
         length = metadata.get("length")
@@ -810,17 +818,35 @@ class _Tee:
         if self.problem is None:
             self.problem = reason
         self._queue = []
+        self._release()
+        if self._ending is not None:
+            self._settle()
 
     def write(self, data: bytes) -> Deferred:
-        if self.problem is None:
-            self.pending += len(data)
-            if self.pending > TEE_BUFFER:
-                self.cancel(f"the disk is more than {TEE_BUFFER} bytes behind the client")
-            else:
-                self._queue.append(data)
-                if not self._busy:
-                    self._next()
-        return succeed(None)
+        if self.problem is not None:
+            return succeed(None)
+        self.pending += len(data)
+        self._queue.append(data)
+        if not self._busy:
+            self._next()
+        if self.pending <= TEE_BUFFER:
+            return succeed(None)
+        if self._held is None:  # the disk is far behind: hold the transfer, bounded
+            self._held = Deferred()
+            self._stall = self.cache.clock.callLater(TEE_STALL, self._stalled)
+        return self._held
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self.cancel(f"the disk stayed more than {TEE_BUFFER // 2} bytes behind the client for {TEE_STALL:g} s")
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        stall, self._stall = self._stall, None
+        if stall is not None and stall.active():
+            stall.cancel()
+        if held is not None:
+            held.callback(None)
 
     def _next(self) -> None:
         """Write what queued, in one thread call; or, at the end, commit or abort."""
@@ -831,28 +857,38 @@ class _Tee:
             d.addCallback(self._written, sum(len(b) for b in batch))
             d.addErrback(self._failed)
             d.addBoth(self._idle)
-        elif self._ending is not None and not self._ending.called:
+        elif self._ending is not None and not self._ended:
+            self._ended = True
             self._busy = True
-            ending = self._ending
             d = self._commit()
             d.addErrback(lambda f: self.cache.log.failure("storing {url}", f, url=self.url,
                                                           component=self.cache.name))
-            d.addBoth(lambda _: ending.callback(None))
+            d.addBoth(lambda _: self._settle())
 
     def _written(self, _: Any, size: int) -> None:
         self.pending -= size
+        if self._held is not None and self.pending <= TEE_BUFFER // 2:
+            self._release()
 
     def _idle(self, _: Any) -> None:
         self._busy = False
         self._next()
 
     def finish(self) -> Deferred:
-        """Commit the copy once its writes are done; fires with None (never fails)."""
+        """Commit the copy once its writes are done; fires with None (never fails),
+        at once for a copy that will not be kept (a write stuck on the disk must not
+        hold the transfer: the writer is aborted when that write returns)."""
         if self._ending is None:
             self._ending = Deferred()
             if not self._busy:
                 self._next()
+        if self.problem is not None:
+            self._settle()
         return self._ending
+
+    def _settle(self) -> None:
+        if self._ending is not None and not self._ending.called:
+            self._ending.callback(None)
 
     @inlineCallbacks
     def _commit(self) -> Any:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Dict, List
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 
 import magnet
 from magnet import RemoteError, StreamError
@@ -182,16 +184,53 @@ class CacheAnswerTests(FastCase):
             settle(self.clock)
         self.assertEqual(self.stored().size, 900)
 
-    def test_a_disk_far_behind_drops_the_copy_not_the_client(self) -> None:
+    def test_a_disk_far_behind_holds_the_transfer_then_drops_the_copy(self) -> None:
+        """Past TEE_BUFFER bytes behind, the upstream is paused for the disk, at most
+        TEE_STALL seconds; a disk stuck that long loses the copy, never the client."""
         from ooidx.datapath import cache as cache_module
         self.monkeypatch().setattr(cache_module, "TEE_BUFFER", 500)
-        cache = self.start({URL: FakeResponse(chunks=[b"a" * 300, b"b" * 300, b"c" * 300])})
+        response = FakeResponse(chunks=[b"a" * 300, b"b" * 300, b"c" * 300], end=None)
+        cache = self.start({URL: response})
         io = cache._write_io
         self.monkeypatch().setattr(cache, "_write_io", lambda f, *a, **k: Deferred() if f is _write_all
                                    else io(f, *a, **k))
         self.answer()
+        self.assertEqual(response.transport.paused, 1)  # held for the disk
+        self.assertEqual(response.transport.resumed, 0)
+        self.clock.advance(cache_module.TEE_STALL)
+        settle(self.clock)
+        self.assertEqual(response.transport.resumed, 1)  # given up on the copy, not the client
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        settle(self.clock)
         self.assertEqual(len(self.body("r1")), 900)
         self.assertIsNone(self.stored())
+
+    def test_a_disk_that_catches_up_keeps_the_copy(self) -> None:
+        from ooidx.datapath import cache as cache_module
+        self.monkeypatch().setattr(cache_module, "TEE_BUFFER", 500)
+        response = FakeResponse(chunks=[b"a" * 300, b"b" * 300, b"c" * 300], end=None)
+        cache = self.start({URL: response})
+        held: List[Callable[[], None]] = []
+        io = cache._write_io
+
+        def slow_io(f: Any, *args: Any, **kwargs: Any) -> Deferred:
+            if f is _write_all:
+                d: Deferred = Deferred()
+                held.append(lambda: io(f, *args, **kwargs).chainDeferred(d))
+                return d
+            return io(f, *args, **kwargs)
+
+        self.monkeypatch().setattr(cache, "_write_io", slow_io)
+        self.answer()
+        self.assertEqual(response.transport.paused, 1)
+        while held:
+            held.pop(0)()
+            settle(self.clock)
+        self.assertEqual(response.transport.resumed, 1)  # the disk caught up: the transfer goes on
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        settle(self.clock)
+        self.assertEqual(self.body("r1"), b"a" * 300 + b"b" * 300 + b"c" * 300)
+        self.assertEqual(self.stored().size, 900)
 
     def test_a_body_cut_short_is_not_kept(self) -> None:
         cache = self.start({URL: FakeResponse(chunks=[b"abc"], length=10, end="broken")})
