@@ -40,6 +40,16 @@ Rows:
      practice, as for the static file) and streams over the bus.
   9. 128 MiB hit from disk, peak RSS: the node's resident size during row 8.
 
+  10. small .dds miss, latency p50 / 11. p99 (ms; lower is better): one client
+     asking, one request at a time on a keep-alive connection, for a small .dds
+     as a new URL every time (C{?k=RANDOM}). For C{proxy}: by name
+     (C{/datasets/sdds.dds?k=...}), dataset C{sdds} registered at the static
+     server, so every request is a miss fetched from a static file; C{static}:
+     the same file fetched directly (the baseline of the ratio); C{pydap}: the
+     same .dds from pydap directly. The figure is the percentile of the last
+     200 requests, averaged over the measured window; the harness keeps the
+     largest of the rounds (the worst), on every side alike.
+
 Rows 5-9 are checked, not just timed: every download's status, length and
 bytes (byte i of the body is i % 251, compared chunk by chunk) and, through
 the proxy, its C{X-Ooidx-Source} (C{fetcher} for a miss, C{cache} for a
@@ -151,6 +161,26 @@ while True:
 """
 
 
+#: argv: URL. GETs URL?k=RANDOM (a new URL each time) one after another on one
+#: keep-alive connection and prints each one's latency, "L MS".
+LATENCY_CLIENT = r"""
+import http.client, sys, time, urllib.parse, uuid
+url = sys.argv[1]
+target = urllib.parse.urlsplit(url)
+conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+while True:
+    path = target.path + "?k=" + uuid.uuid4().hex
+    started = time.perf_counter()
+    conn.request("GET", path)
+    r = conn.getresponse()
+    body = r.read()
+    elapsed = (time.perf_counter() - started) * 1000.0
+    if r.status != 200 or not body:
+        print("E", r.status, flush=True); sys.exit(1)
+    print("L %.3f" % elapsed, flush=True)
+"""
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -199,7 +229,7 @@ class Environment:
         self._write_config, self._daemon, self._environment = write_config, Daemon, environment
         self.node, self.proxy, self.web = self._start_node("bench", None)
         self._call("controller", "register", name="sst", url=self.upstream.url("sst.nc"))
-        self._call("controller", "register", name="bigfile", url=self.upstream.url(f"big/{BIG}"))
+        self._call("controller", "register", name="bigfile", url=self.upstream.url(f"big/{BIG}"), check=False)
         self.dds = urllib.request.urlopen(self.sst, timeout=30).read()
         for _ in range(3):  # into the cache
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -260,8 +290,8 @@ class Environment:
                     f.write(piece)
             node, proxy, web = self._start_node("nostore", {"max_bytes": NOSTORE_CACHE_BYTES})
             base = self.upstream.url(f"pattern/{LARGE}")
-            self._call("controller", "register", name="large", url=base)
-            self._call("controller", "register", name="large", url=base, web=web)
+            self._call("controller", "register", name="large", url=base, check=False)
+            self._call("controller", "register", name="large", url=base, web=web, check=False)
             limit = self._call("cache", "lookup", url=base + ".bin", web=web)["max_entry_bytes"]
             if limit >= LARGE:
                 raise BenchError(f"the second node's cache would keep {LARGE} bytes (limit {limit})")
@@ -269,6 +299,12 @@ class Environment:
                                 hit_url=f"{base}.bin?k=hit-{uuid.uuid4().hex}", nostore_node=node,
                                 nostore_proxy=proxy, nostore_web=web)
         return self._large
+
+    def static_dataset(self) -> None:
+        """Dataset C{sdds} at the static server (rows 10-11: a static-file upstream)."""
+        if not getattr(self, "_sdds", False):
+            self._call("controller", "register", name="sdds", url=f"{self.static}/sst", check=False)
+            self._sdds = True
 
     @staticmethod
     def _healthy(web: str) -> bool:
@@ -320,6 +356,8 @@ class _LineCounter(protocol.ProcessProtocol):
                 self.load.failed_with(f"non-200 answer: {line.decode(errors='replace')}")
             elif line.strip().isdigit():  # wrk's own report lines are not counts
                 self.load.count(int(line))
+            elif line.startswith(b"L "):  # one request's latency in ms (LATENCY_CLIENT)
+                self.load.latency(float(line[2:]))
             elif line.startswith(b"U "):  # a whole, checked download (LARGE_DOWNLOADER)
                 self.load.downloaded(line[2:].decode(errors="replace").strip())
 
@@ -347,6 +385,9 @@ class ProcessLoad(Load):
         self.completed += n * self.scale
 
     def downloaded(self, url: str) -> None:
+        pass
+
+    def latency(self, ms: float) -> None:
         pass
 
     def failed_with(self, text: str) -> None:
@@ -399,6 +440,49 @@ class RssLoad(ProcessLoad):
         from twisted.internet.task import LoopingCall
         super()._begin()
         self.peak = 0.0
+        self._last = time.perf_counter()
+        self._sampler = LoopingCall(self._sample)
+        self._sampler.clock = self.reactor
+        self._sampler.start(0.05, now=True)
+
+    def _stop(self) -> Deferred:
+        if self._sampler is not None and self._sampler.running:
+            self._sampler.stop()
+        return super()._stop()
+
+
+class LatencyLoad(ProcessLoad):
+    """Requests one after another (another process) printing their latencies:
+    C{completed} grows by the C{quantile} of the last L{WINDOW} latencies (ms)
+    times elapsed seconds, so the harness's rate is that percentile."""
+
+    WINDOW = 200
+
+    def __init__(self, reactor: Any, url: str, quantile: float) -> None:
+        super().__init__(reactor, [sys.executable, "-c", LATENCY_CLIENT, url], scale=0.0)
+        self.quantile = quantile
+        self.recent: List[float] = []
+        self._sampler: Any = None
+
+    def latency(self, ms: float) -> None:
+        self.recent.append(ms)
+        if len(self.recent) > self.WINDOW:
+            del self.recent[0]
+
+    def _value(self) -> float:
+        ordered = sorted(self.recent)
+        if not ordered:
+            return 0.0
+        return ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+
+    def _sample(self) -> None:
+        now = time.perf_counter()
+        self.completed += self._value() * (now - self._last)
+        self._last = now
+
+    def _begin(self) -> None:
+        from twisted.internet.task import LoopingCall
+        super()._begin()
         self._last = time.perf_counter()
         self._sampler = LoopingCall(self._sample)
         self._sampler.clock = self.reactor
@@ -544,6 +628,12 @@ class _Side:
 
         return d.addCallback(made)
 
+    def miss_latency(self, quantile: float) -> Load:
+        return LatencyLoad(self.reactor, self.miss_url(), quantile)
+
+    def miss_url(self) -> str:
+        raise NotImplementedError
+
     def large_check(self, large: Large, kind: str) -> None:
         raise NotImplementedError
 
@@ -564,6 +654,10 @@ class _Side:
 
 
 class ProxySide(_Side):
+    def miss_url(self) -> str:
+        self.env.static_dataset()
+        return f"{self.env.proxy}/datasets/sdds.dds"
+
     def small_url(self) -> str:
         return f"{self.env.proxy}/datasets/sst.dds"
 
@@ -605,6 +699,9 @@ class ProxySide(_Side):
 
 
 class PydapSide(_Side):
+    def miss_url(self) -> str:
+        return self.env.sst
+
     def small_url(self) -> str:
         return self.env.sst
 
@@ -624,6 +721,9 @@ class PydapSide(_Side):
 
 
 class StaticSide(_Side):
+    def miss_url(self) -> str:
+        return f"{self.env.static}/sst.dds"
+
     def small_url(self) -> str:
         return f"{self.env.static}/sst.dds"
 
@@ -658,5 +758,9 @@ def group() -> Group:
             Benchmark(f"{LARGE_NAME} miss, not stored", "MB/s", lambda side: side.large("nostore")),
             Benchmark(f"{LARGE_NAME} hit from disk", "MB/s", lambda side: side.large("hit")),
             Benchmark(f"{LARGE_NAME} hit from disk, peak RSS", "MB", lambda side: side.large("hit", rss=True)),
+            Benchmark("small .dds miss, latency p50", "ms",
+                      lambda side: defer.maybeDeferred(side.miss_latency, 0.5)),
+            Benchmark("small .dds miss, latency p99", "ms",
+                      lambda side: defer.maybeDeferred(side.miss_latency, 0.99)),
         ],
     )

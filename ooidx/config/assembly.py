@@ -65,7 +65,11 @@ def component_arguments(config: Config, name: str) -> Dict[str, Any]:
         url = options.url if options is not None else os.path.join(config.data_dir, "attributes.sqlite3")
         return {"url": url}
     if name == "cache":
-        return {"options": options or CacheOptions(), "directory": os.path.join(config.data_dir, "cache")}
+        # a miss is fetched where its body is stored: the fetcher's options and the security policy
+        fetcher = config.components.get("fetcher")
+        return {"options": options or CacheOptions(), "directory": os.path.join(config.data_dir, "cache"),
+                "security": config.security,
+                "fetch_options": (fetcher.options if fetcher is not None else None) or FetcherOptions()}
     if name == "controller":
         return {"security": config.security, "options": options or ControllerOptions()}
     if name in ("user_pub_sub", "user_notification"):

@@ -78,6 +78,14 @@ class BaseURLs:
             self._known = {k: v for k, v in self._known.items() if v[0] > now}
         return base
 
+    def remember(self, name: str, base: str) -> None:
+        """Remember C{base} as dataset C{name}'s base URL for C{ttl} seconds (as the
+        controller resolved it for a request by name)."""
+        now = self.clock.seconds()
+        self._known[name] = (now + self.ttl, base)
+        if len(self._known) > MAX_REMEMBERED:
+            self._known = {k: v for k, v in self._known.items() if v[0] > now}
+
     def forget(self, name: Optional[str] = None) -> None:
         """Drop remembered base URLs (one dataset's, or all)."""
         if name is None:

@@ -2,9 +2,13 @@
 
 Two ways in (docs/data-path.md):
 
-- the worker queue C{cache} (RPC): L{Cache.lookup}, L{Cache.purge},
-  L{Cache.stats}, C{ping}. Any node's cache may answer a lookup; its answer
-  names that node's address, where the rest happens.
+- the worker queue C{cache}: L{Cache.answer}, the controller's one post for a
+  routed request (a fresh entry streamed to the proxy; else the URL fetched
+  here, by a fetcher of this process, streamed to the proxy and written to
+  the store as it passes, with one fetch per URL at a time: L{_Fill},
+  L{_Tee}); and (RPC) L{Cache.lookup}, L{Cache.purge}, L{Cache.stats},
+  C{ping}. Any node's cache may answer a lookup; its answer names that
+  node's address, where the rest happens.
 - the node address C{cache.node.NODE}, a shared listen address every cache
   instance of this node consumes (one listener per process):
   - posts of C{serve(url, method, address, request_id, revalidated=False,
@@ -15,17 +19,21 @@ Two ways in (docs/data-path.md):
 Purges reach every node: C{purge} on the worker queue purges the node that
 took it and tells the others on the fanout C{cache.purge}.
 
-Disk work runs in a small thread pool of its own, never on the reactor
-thread; the store module (L{ooidx.datapath.store}) knows nothing of the bus.
+A dataset's change events (fetched, saved, refreshed, registered) on the
+notification fanout drop its entries, so a new version is not hidden behind
+the old one's for max_age.
+
+Disk work runs in small thread pools of its own (reads; stored copies' writes),
+never on the reactor thread; the store module (L{ooidx.datapath.store}) knows nothing of the bus.
 """
 from __future__ import annotations
 
 import os
 import re
 import uuid
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
@@ -38,9 +46,11 @@ from magnet.errors import MagnetError
 
 from ooidx import events
 from ooidx.component import Component
-from ooidx.config import CacheOptions
+from ooidx.config import CacheOptions, FetcherOptions, SecurityConfig
 from ooidx.errors import DXError, InvalidName, InvalidURL, UpstreamError
+from ooidx.datapath.fetcher import Fetcher
 from ooidx.datapath.store import DiskStore, Entry, EntryTooLarge, StoreError, Writer
+from ooidx.datapath.transfer import Transfer
 from ooidx.datapath.stopping import ended_within
 from ooidx import wire
 
@@ -54,12 +64,28 @@ READ_SIZE = 256 * 1024
 MAX_SERVING = 32
 #: Seconds between writes of the in-memory access times to disk.
 FLUSH_INTERVAL = 60.0
-#: Disk threads of one cache process.
+#: Disk threads of one cache process for reads (lookups, serving), and for writes
+#: (stored copies: their fsyncs must not hold a lookup up in the same queue).
 THREADS = 4
+WRITE_THREADS = 2
 #: Seconds the cache waits at stop for running serves and writes to finish their disk work.
 STOP_WAIT = 10.0
 #: Seconds a purge waits for the attribute store's record of the dataset.
 ATTRIBUTE_TIMEOUT = 5.0
+#: Seconds a request for a URL this process is fetching already waits for that
+#: fetch (nginx's proxy_cache_lock_timeout); then it goes upstream itself, unstored.
+LOCK_TIMEOUT = 5.0
+#: Bytes of a body's stored copy (the tee) that may wait for the disk while the
+#: transfer goes on at the client's pace (the disk's latency, its fsyncs and the
+#: commit never hold the client). Past it the transfer waits for the disk to be
+#: half this behind (a disk slower than the client sets the pace, as in nginx),
+#: but at most TEE_STALL seconds at a time: then the copy is dropped and the
+#: client goes on (a stuck disk never stalls it).
+TEE_BUFFER = 16 * 1024 * 1024
+TEE_STALL = 2.0
+#: Events after which a dataset's stored answers are dropped (a new version was
+#: fetched or saved, the dataset was refreshed or registered again).
+CHANGE_KINDS = ("fetched", "saved", "refreshed", "registered")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _METHODS = ("GET", "HEAD")
@@ -78,19 +104,35 @@ class Cache(Component):
     log = Logger()
 
     def __init__(self, name: str, bus: Any, *, options: Optional[CacheOptions] = None,
-                 directory: Optional[str] = None, **kwargs: Any) -> None:
+                 directory: Optional[str] = None, security: Optional[SecurityConfig] = None,
+                 fetch_options: Optional[FetcherOptions] = None, lock_timeout: float = LOCK_TIMEOUT,
+                 **kwargs: Any) -> None:
         """C{options}: the config's C{components.cache}; C{directory}: where the
         store lives (the node's data directory's C{cache/}; C{var/cache} here
-        when not given)."""
+        when not given); C{security} and C{fetch_options} (the config's
+        C{security} and C{components.fetcher}): how a miss is fetched here, where
+        its body is stored (L{answer}); C{lock_timeout}: how long a request waits
+        for the fetch of the same URL under way (L{LOCK_TIMEOUT})."""
         super().__init__(name, bus, **kwargs)
         self.options: CacheOptions = options if options is not None else CacheOptions()
+        #: the upstream side of a miss: a fetcher of this process (its URL policy, HTTP client,
+        #: bound on transfers), not a component on the bus
+        self.fetcher = Fetcher(f"{name}.fetch", bus, node=self.node, clock=self.clock, reactor=kwargs.get("reactor"),
+                               options=fetch_options, security=security)
+        self.lock_timeout = lock_timeout
+        self.prefetch = self.fetcher.options.max_transfers + MAX_SERVING
+        #: URL -> the fetch of it under way here whose body is being stored (the per-URL lock)
+        self._fills: Dict[str, "_Fill"] = {}
+        self._change_subscription: Any = None
         self.address = node_address(self.node)
         self.store = DiskStore(directory or os.path.abspath(os.path.join("var", "cache")), self.options.max_bytes,
                                now=self.clock.seconds)
         self.counters: Dict[str, int] = {"lookups": 0, "hits": 0, "misses": 0, "stale": 0, "served_bytes": 0,
-                                         "stores": 0, "store_failures": 0, "gone": 0}
+                                         "stores": 0, "store_failures": 0, "gone": 0, "waited": 0,
+                                         "invalidated": 0}
         self._id = uuid.uuid4().hex
         self._pool: Optional[ThreadPool] = None
+        self._write_pool: Optional[ThreadPool] = None
         self._reactor: Any = None
         self._listener: Any = None
         self._purge_subscription: Any = None
@@ -108,10 +150,13 @@ class Cache(Component):
         self._reactor = self.bus.clock if IReactorThreads.providedBy(self.bus.clock) else _global_reactor()
         self._pool = ThreadPool(minthreads=0, maxthreads=THREADS, name="ooidx-cache-io")
         self._pool.start()
+        self._write_pool = ThreadPool(minthreads=0, maxthreads=WRITE_THREADS, name="ooidx-cache-write")
+        self._write_pool.start()
         yield self._io(self.store.open)
         self._listener = yield self.bus.listen(self._on_node_message, name=self.address, shared=True,
                                                on_stream=self._on_stream)
         self._purge_subscription = yield self.bus.subscribe(PURGE_FANOUT, self._on_purge_broadcast)
+        self._change_subscription = yield self.bus.subscribe(events.NOTIFICATION, self._on_event)
         self._flusher = LoopingCall(self._flush)
         self._flusher.clock = self.clock
         self._flusher.start(FLUSH_INTERVAL, now=False)
@@ -122,7 +167,8 @@ class Cache(Component):
             self._flusher.stop()
         # Cancel, not delete: other processes of this node may consume the same
         # shared address; the broker removes it when its last consumer goes.
-        subscriptions = [self._purge_subscription, self._listener.subscription if self._listener else None]
+        subscriptions = [self._purge_subscription, self._change_subscription,
+                         self._listener.subscription if self._listener else None]
         for subscription in subscriptions:
             if subscription is not None:
                 try:
@@ -130,9 +176,15 @@ class Cache(Component):
                 except Exception as e:  # the bus may already be gone
                     self.log.debug("cancelling {what}: {error}", what=subscription.name, error=e,
                                    component=self.name)
-        self._listener = self._purge_subscription = None
+        self._listener = self._purge_subscription = self._change_subscription = None
         for incoming in list(self._writers.values()):
             incoming.cancel("the cache is stopping")
+        for fill in list(self._fills.values()):
+            fill.cancel("the cache is stopping")
+        try:
+            yield self.fetcher.tearDown()
+        except Exception as e:
+            self.log.warn("{component}: stopping its fetches: {error}", component=self.name, error=e)
         # Let running serves and writes finish their disk work (they end quickly once the bus is gone).
         ended = yield ended_within(list(self._active), STOP_WAIT, self._reactor)
         if not ended:
@@ -145,12 +197,22 @@ class Cache(Component):
                 self.log.warn("closing the cache store: {error}", error=e, component=self.name)
             self._pool.stop()
             self._pool = None
+        if self._write_pool is not None:
+            self._write_pool.stop()
+            self._write_pool = None
 
     def _io(self, f: Any, *args: Any, **kwargs: Any) -> Deferred:
         """Run blocking disk work in the cache's threads."""
         if self._pool is None:
             return fail(StoreError("the cache is not running"))
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    def _write_io(self, f: Any, *args: Any, **kwargs: Any) -> Deferred:
+        """Run blocking disk work of a stored copy (open, write, commit, abort) in the
+        cache's write threads: a commit's fsyncs never queue ahead of a lookup."""
+        if self._write_pool is None:
+            return fail(StoreError("the cache is not running"))
+        return deferToThreadPool(self._reactor, self._write_pool, f, *args, **kwargs)
 
     def _flush(self) -> Deferred:
         d = self._io(self.store.flush)
@@ -249,6 +311,9 @@ class Cache(Component):
         for incoming in list(self._writers.values()):
             if incoming.belongs(name, base_url):
                 incoming.cancel(f"dataset {name} purged")
+        for fill in list(self._fills.values()):
+            if fill.belongs(name, base_url):
+                fill.cancel(f"dataset {name} purged")
         self._recent_datasets = {u: d for u, d in self._recent_datasets.items() if d != name}
         d = self._io(self.store.purge, dataset=name, base_url=base_url)
 
@@ -339,15 +404,22 @@ class Cache(Component):
             self.log.warn("cannot refresh {url} ({error}); serving what is stored", url=url, error=e,
                           component=self.name)
             entry = yield self._io(self.store.get, url)
-        body = None
+        served = False
         if entry is not None:
-            try:
-                body = yield self._io(self.store.open_body, entry)
-            except FileNotFoundError:
-                entry = None
-        if entry is None:
+            served = yield self._serve_entry(entry, method, address, request_id, dataset)
+        if not served:
             yield self._gone(url, method, address, request_id)
-            return
+
+    @inlineCallbacks
+    def _serve_entry(self, entry: Entry, method: str, address: str, request_id: Optional[str],
+                     dataset: Optional[str]) -> Any:
+        """Stream a stored entry to C{address}; False if its body has gone meanwhile
+        (nothing was sent), else True (sent whole, or the stream aborted)."""
+        url = entry.url
+        try:
+            body = yield self._io(self.store.open_body, entry)
+        except FileNotFoundError:
+            return False
         metadata = {"status": entry.status, "reason": entry.reason, "headers": entry.headers, "url": entry.url,
                     "source": "cache", "length": entry.size}
         writer = self.bus.open_stream(address, metadata, correlation_id=request_id)
@@ -367,7 +439,7 @@ class Cache(Component):
             self.log.warn("serving {url} to {address} failed after {bytes} bytes: {error}", url=url,
                           address=address, bytes=sent, error=e, component=self.name)
             writer.abort(e)
-            return
+            return True
         finally:
             self._io(body.close).addErrback(lambda _: None)
         self.counters["hits"] += 1
@@ -375,6 +447,140 @@ class Cache(Component):
         self.log.debug("served {url} ({bytes} bytes) to {address}", url=url, bytes=sent, address=address,
                        component=self.name)
         self._record(url, entry.dataset or dataset, sent, entry.status)
+        return True
+
+    # the worker queue: a request answered here, from the store or upstream ---------------
+
+    @operation
+    def answer(self, url: Any = None, method: Any = "GET", address: Any = None, request_id: Any = None,
+               dataset: Any = None) -> Any:
+        """The controller's one call on the data path (posted to the C{cache} worker
+        queue with the proxy's address): stream a fresh stored answer to C{address},
+        or fetch C{url} here and stream it to C{address} while the body is written
+        to this node's store on its way (the tee). A URL another request of this
+        process is fetching already waits for that fetch (at most C{lock_timeout}
+        seconds) and is then served from the store. Never fails: a problem is an
+        error reply to C{address}. Fires when the answer is over, so that the
+        request is delivered again (and the proxy cuts the client's transfer) if
+        this process dies meanwhile."""
+        if not isinstance(address, str) or not address:
+            self.log.warn("{component}: answer without an address (url {url!r}); dropped", component=self.name,
+                          url=str(url)[:200])
+            return None
+        if not isinstance(request_id, (str, type(None))):
+            request_id = None
+        try:
+            _check_url(url)
+            if method not in _METHODS:
+                raise InvalidURL(f"method {str(method)[:16]!r} is not served (GET or HEAD)")
+            if dataset is not None:
+                _check_name(dataset)
+        except (InvalidURL, InvalidName) as e:
+            return self._error_to(address, request_id, e)
+        d = self._answer(url, method, address, request_id, dataset)
+
+        def failed(failure: Failure) -> Any:
+            self.log.failure("{component}: answering {url}", failure, component=self.name, url=url)
+            return self._error_to(address, request_id, UpstreamError("internal error in the cache"))
+
+        return self._track(d.addErrback(failed))
+
+    def _is_fresh(self, entry: Entry) -> bool:
+        return self.clock.seconds() - entry.stored < self.options.max_age
+
+    @inlineCallbacks
+    def _answer(self, url: str, method: str, address: str, request_id: Optional[str], dataset: Optional[str],
+                waited: bool = False) -> Any:
+        self.counters["lookups"] += 1
+        if dataset is not None:
+            self._remember_dataset(url, dataset)
+        entry = yield self._io(self.store.get, url, touch=False)
+        if entry is not None and self._is_fresh(entry):
+            served = yield self._serving.run(self._serve_entry, entry, method, address, request_id, dataset)
+            if served:
+                return None
+            entry = None  # gone meanwhile
+        fill = self._fills.get(url)
+        if fill is not None and not waited:
+            # the per-URL lock: one upstream fetch for concurrent misses
+            self.counters["waited"] += 1
+            yield fill.wait(self.lock_timeout)
+            result = yield self._answer(url, method, address, request_id, dataset, waited=True)
+            return result
+        self.counters["misses" if entry is None else "stale"] += 1
+        store = method == "GET" and fill is None
+        result = yield self._fetch(url, method, address, request_id, dataset, entry if store else None, store)
+        return result
+
+    def _fetch(self, url: str, method: str, address: str, request_id: Optional[str], dataset: Optional[str],
+               entry: Optional[Entry], store: bool) -> Deferred:
+        """Fetch C{url} here, streaming it to C{address}; with C{store}, the body is
+        also written to the store as it goes (and C{entry}, a stale one, revalidated)."""
+        fill = None
+        if store:
+            fill = self._fills[url] = _Fill(self, url, dataset or self._recent_datasets.get(url))
+        validators = {"etag": entry.validators.get("etag"), "last_modified": entry.validators.get("last_modified")} \
+            if entry is not None else {}
+        not_modified = (lambda: self._revalidated(url, method, address, request_id, dataset)) \
+            if entry is not None else None
+        transfer = Transfer(self.fetcher, url, method, address, request_id, validators=validators,
+                            store_limit=self.max_entry_bytes(url) if store else None,
+                            tee=fill.tee if fill is not None else None, not_modified=not_modified)
+        d = self.fetcher.run_transfer(transfer)
+
+        def done(result: Any) -> Any:
+            if fill is not None:
+                if self._fills.get(url) is fill:
+                    del self._fills[url]
+                fill.release()
+            return result
+
+        return d.addBoth(done)
+
+    @inlineCallbacks
+    def _revalidated(self, url: str, method: str, address: str, request_id: Optional[str],
+                     dataset: Optional[str]) -> Any:
+        """The upstream said 304 to a stale entry's validators: it is stored now again, and served."""
+        try:
+            entry = yield self._io(self.store.refresh, url)
+        except (OSError, StoreError) as e:
+            self.log.warn("cannot refresh {url} ({error}); serving what is stored", url=url, error=e,
+                          component=self.name)
+            entry = yield self._io(self.store.get, url)
+        served = False
+        if entry is not None:
+            served = yield self._serving.run(self._serve_entry, entry, method, address, request_id, dataset)
+        if not served:
+            yield self._fetch(url, method, address, request_id, dataset, None, False)
+        return None
+
+    # dataset changes: what was stored of a dataset goes with its old version ---------------
+
+    def _on_event(self, message: Message) -> Any:
+        """C{fetched}, C{saved}, C{refreshed} or C{registered} of a dataset on the
+        notification fanout: its stored answers (and those under the event's C{url})
+        are dropped and the stores of it under way cancelled, so that no read through
+        the exchange returns the old version's bytes. Never fails."""
+        topic = message.headers.get(events.TOPIC_HEADER) if isinstance(message.headers, dict) else None
+        if message.type != events.EVENT or not isinstance(topic, str):
+            return None
+        parts = topic.split(".", 2)
+        if len(parts) != 3 or parts[1] not in CHANGE_KINDS or not _NAME.match(parts[2]):
+            return None
+        name = parts[2]
+        try:
+            body = message.json()
+        except MagnetError:
+            body = None
+        base_url = body.get("url") if isinstance(body, dict) else None
+        if not (isinstance(base_url, str) and base_url.startswith(("http://", "https://"))):
+            base_url = None
+        self.counters["invalidated"] += 1
+        d = self._purge_here(name, base_url)
+        d.addErrback(lambda f: self.log.warn("{component}: dropping {dataset} after {kind}: {error}",
+                                             component=self.name, dataset=name, kind=parts[1],
+                                             error=f.getErrorMessage()))
+        return d
 
     def _gone(self, url: str, method: str, address: str, request_id: Optional[str]) -> Deferred:
         """The entry went between lookup and serve: have a fetcher get it (and store it
@@ -473,10 +679,10 @@ class _Incoming:
         if self.problem is not None:
             cache.counters["store_failures"] += 1
             log.warn("not keeping {url}: {reason}", url=self.url, reason=self.problem, component=cache.name)
-            yield cache._io(writer.abort)
+            yield cache._write_io(writer.abort)
             return None
         try:
-            entry = yield cache._io(writer.commit)
+            entry = yield cache._write_io(writer.commit)
         except (StoreError, OSError) as e:
             cache.counters["store_failures"] += 1
             log.warn("not keeping {url}: {error}", url=self.url, error=e, component=cache.name)
@@ -504,14 +710,14 @@ class _Incoming:
         if not (isinstance(dataset, str) and _NAME.match(dataset)):
             dataset = self.cache._recent_datasets.get(url)
         self.dataset = dataset
-        return self.cache._io(self.cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
+        return self.cache._write_io(self.cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
                               headers=metadata.get("headers") or [], validators=metadata.get("validators"),
                               dataset=dataset, length=length)
 
     def _sink(self, data: bytes) -> Optional[Deferred]:
         if self.problem is not None or self.writer is None:
             return None
-        d = self.cache._io(self.writer.write, data)
+        d = self.cache._write_io(self.writer.write, data)
         d.addErrback(self._write_failed)
         return d
 
@@ -520,6 +726,205 @@ class _Incoming:
             self.cancel(failure.getErrorMessage())
         else:
             self.cancel(f"cannot write: {failure.getErrorMessage()}")
+
+
+class _Fill:
+    """The fetch of one URL under way in this process whose body is being stored:
+    the per-URL lock (other requests for the URL wait for it, bounded) and the
+    store's copy of the body (L{_Tee})."""
+
+    def __init__(self, cache: Cache, url: str, dataset: Optional[str]) -> None:
+        self.cache = cache
+        self.url = url
+        self.dataset = dataset
+        self.copy: Optional[_Tee] = None
+        self.problem: Optional[str] = None
+        self._waiters: list = []
+
+    def tee(self, metadata: Dict[str, Any]) -> Optional["_Tee"]:
+        """The transfer's writer for the store's copy (Transfer's C{tee})."""
+        if self.problem is not None:
+            return None
+        self.copy = _Tee(self.cache, self.url, self.dataset, metadata)
+        return self.copy
+
+    def belongs(self, name: str, base_url: Optional[str]) -> bool:
+        if self.dataset is not None:
+            return self.dataset == name
+        return bool(base_url) and self.url.startswith(base_url)  # type: ignore[arg-type]
+
+    def cancel(self, reason: str) -> None:
+        """Keep nothing of this fetch (the dataset changed or went; the cache stops)."""
+        if self.problem is None:
+            self.problem = reason
+        if self.copy is not None:
+            self.copy.cancel(reason)
+
+    def wait(self, timeout: float) -> Deferred:
+        """Fires with None when the fetch is over (its body stored or not), or after
+        C{timeout} seconds; never fails."""
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        call = self.cache.clock.callLater(timeout, self._timed_out, d)
+        return d.addBoth(lambda result: (call.cancel() if call.active() else None, None)[1])
+
+    def _timed_out(self, d: Deferred) -> None:
+        if d in self._waiters:
+            self._waiters.remove(d)
+            d.callback(None)
+
+    def release(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+class _Tee:
+    """The store's copy of a body on its way from the upstream to the client,
+    written on this node as it passes (no second stream on the bus). Chunks
+    queue here and go to the disk in batches (one thread call, one C{writev},
+    for all that queued while the last one ran); C{write} holds the transfer
+    back only while the copy is more than L{TEE_BUFFER} bytes behind, and for
+    at most L{TEE_STALL} seconds at a time, then the copy is dropped. Kept only after C{finish} (the transfer saw the whole
+    body) and the store's commit (which checks the declared length); an
+    C{abort} or a C{cancel} keeps nothing."""
+
+    def __init__(self, cache: Cache, url: str, dataset: Optional[str], metadata: Dict[str, Any]) -> None:
+        self.cache = cache
+        self.url = url
+        self.problem: Optional[str] = None
+        self.pending = 0  # bytes queued or being written
+        self.writer: Optional[Writer] = None
+        self._queue: List[bytes] = []
+        self._ended = False  # the commit (or abort) has begun
+        self._held: Optional[Deferred] = None  # the transfer's wait while the disk is far behind
+        self._stall: Any = None
+        self._busy = True  # until the writer is open
+        self._ending: Optional[Deferred] = None
+        length = metadata.get("length")
+        d = cache._write_io(cache.store.writer, url, status=200, reason=metadata.get("reason") or "OK",
+                            headers=metadata.get("headers") or [], validators=metadata.get("validators"),
+                            dataset=dataset, length=length if isinstance(length, int) else None)
+        d.addCallbacks(self._opened, self._failed)
+        d.addBoth(self._idle)
+
+    def _opened(self, writer: Writer) -> None:
+        self.writer = writer
+
+    def _failed(self, failure: Failure) -> None:
+        self.cancel(f"cannot write: {failure.getErrorMessage()}")
+
+    def cancel(self, reason: str) -> None:
+        if self.problem is None:
+            self.problem = reason
+        self._queue = []
+        self._release()
+        if self._ending is not None:
+            self._settle()
+
+    def write(self, data: bytes) -> Deferred:
+        if self.problem is not None:
+            return succeed(None)
+        self.pending += len(data)
+        self._queue.append(data)
+        if not self._busy:
+            self._next()
+        if self.pending <= TEE_BUFFER:
+            return succeed(None)
+        if self._held is None:  # the disk is far behind: hold the transfer, bounded
+            self._held = Deferred()
+            self._stall = self.cache.clock.callLater(TEE_STALL, self._stalled)
+        return self._held
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self.cancel(f"the disk stayed more than {TEE_BUFFER // 2} bytes behind the client for {TEE_STALL:g} s")
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        stall, self._stall = self._stall, None
+        if stall is not None and stall.active():
+            stall.cancel()
+        if held is not None:
+            held.callback(None)
+
+    def _next(self) -> None:
+        """Write what queued, in one thread call; or, at the end, commit or abort."""
+        if self._queue and self.problem is None and self.writer is not None:
+            batch, self._queue = self._queue, []
+            self._busy = True
+            d = self.cache._write_io(_write_all, self.writer, batch)
+            d.addCallback(self._written, sum(len(b) for b in batch))
+            d.addErrback(self._failed)
+            d.addBoth(self._idle)
+        elif self._ending is not None and not self._ended:
+            self._ended = True
+            self._busy = True
+            d = self._commit()
+            d.addErrback(lambda f: self.cache.log.failure("storing {url}", f, url=self.url,
+                                                          component=self.cache.name))
+            d.addBoth(lambda _: self._settle())
+
+    def _written(self, _: Any, size: int) -> None:
+        self.pending -= size
+        if self._held is not None and self.pending <= TEE_BUFFER // 2:
+            self._release()
+
+    def _idle(self, _: Any) -> None:
+        self._busy = False
+        self._next()
+
+    def finish(self) -> Deferred:
+        """Commit the copy once its writes are done; fires with None (never fails),
+        at once for a copy that will not be kept (a write stuck on the disk must not
+        hold the transfer: the writer is aborted when that write returns)."""
+        if self._ending is None:
+            self._ending = Deferred()
+            if not self._busy:
+                self._next()
+        if self.problem is not None:
+            self._settle()
+        return self._ending
+
+    def _settle(self) -> None:
+        if self._ending is not None and not self._ending.called:
+            self._ending.callback(None)
+
+    @inlineCallbacks
+    def _commit(self) -> Any:
+        cache, writer = self.cache, self.writer
+        if writer is None:
+            cache.counters["store_failures"] += 1
+            return None
+        if self.problem is not None:
+            cache.counters["store_failures"] += 1
+            cache.log.warn("not keeping {url}: {reason}", url=self.url, reason=self.problem, component=cache.name)
+            yield cache._write_io(writer.abort)
+            return None
+        try:
+            entry = yield cache._write_io(writer.commit)
+        except (StoreError, OSError) as e:
+            cache.counters["store_failures"] += 1
+            cache.log.warn("not keeping {url}: {error}", url=self.url, error=e, component=cache.name)
+            return None
+        if self.problem is not None:  # cancelled (the dataset changed) while committing
+            yield cache._write_io(cache.store.remove, self.url)
+            return None
+        cache.counters["stores"] += 1
+        cache.log.info("stored {url} ({bytes} bytes)", url=entry.url, bytes=entry.size, component=cache.name)
+        events.emit(cache.bus, "cached", entry.dataset, component=cache.name, url=entry.url, bytes=entry.size)
+        return entry
+
+    def abort(self, exc: BaseException) -> Deferred:
+        """The body broke off (or is not to be kept): nothing of it stays."""
+        self.cancel(f"{type(exc).__name__}: {exc}")
+        self.finish()
+        return succeed(None)
+
+
+def _write_all(writer: Writer, batch: List[bytes]) -> None:
+    """(In a write thread.) Write a batch of a copy's chunks, in order."""
+    writer.write_many(batch)
 
 
 def _check_url(url: Any) -> None:

@@ -12,7 +12,10 @@ Operations (docs/data-path.md is the contract):
 - C{purge(name)} -> the record, marked C{purged}; the cache is told to drop the dataset
 - C{list(pattern=None)} -> records (sorted by name); C{pattern} a regex on names
 - C{get(name)} -> one record
-- C{get_url(url, method="GET", dataset=None, address=, request_id=)}: sent with
+- C{route(url=None, dataset=None, suffix="", query=None, method="GET", address=, request_id=)}:
+  the proxy's one call (issue 15): the name resolved from the registry in memory, the URL
+  checked, and one post to the cache (C{cache.answer}), which streams or fetches it.
+- C{get_url(url, method="GET", dataset=None, address=, request_id=)} (csv's): sent with
   L{magnet.Bus.tell} by the proxy. Checks the URL, asks the cache, and posts
   C{serve} to the cache node (fresh) or C{fetch} to the fetchers (stale, miss)
   with the proxy's address; its own return value, C{{"via": ...}}, reaches the
@@ -84,6 +87,10 @@ STATS_PREFIX = wire.STATS_KEY
 STATUSES = ("registered", "fetched", "failed", "purged")
 METHODS = ("GET", "HEAD")
 MAX_PATTERN_LENGTH = 256
+#: The suffixes a by-name route takes (the proxy's, less .csv: that goes to the csv component).
+ROUTE_SUFFIXES = dap.DAP_SUFFIXES + (".nc",)
+#: The longest constraint (query string) a by-name route takes (the proxy's URI bound).
+MAX_QUERY = 8192
 MAX_REFRESH = 366 * 24 * 3600.0
 MIN_REFRESH = 1.0
 #: how long a registration's check waits for the .dds and .das (fetched at once; seconds):
@@ -513,6 +520,56 @@ class Controller(FollowsEvents, Statistics, Component):
             raise
         return {"via": via, "dataset": name}
 
+    @operation
+    @inlineCallbacks
+    def route(self, url: Optional[str] = None, dataset: Optional[str] = None, suffix: str = "",
+              query: Optional[str] = None, method: str = "GET", *, address: str,
+              request_id: Optional[str] = None) -> Any:
+        """The proxy's one call for a request (docs/data-path.md, "route"): what it
+        names (an absolute C{url}, or a C{dataset} by name with the request's DAP
+        C{suffix} and C{query}, the constraint: None for no "?") is resolved here,
+        from the registry in memory, checked, counted, and handed to the cache in
+        one post (C{cache.answer}, with the proxy's C{address}): the cache streams
+        a fresh stored answer, or fetches it and stores it as it goes. Without a
+        cache on the bus a fetcher fetches it, not stored. Returns C{{"via",
+        "dataset", "url"}} (a reply at C{address}, only logged there)."""
+        try:
+            if method not in METHODS:
+                raise InvalidURL(f"method {str(method)[:16]!r} is not supported (GET or HEAD)")
+            if not isinstance(address, str) or not address:
+                raise ValueError("route needs the address to answer at")
+            if dataset is not None:
+                if url is not None:
+                    raise ValueError("route takes a url or a dataset, not both")
+                record = yield self._live(dataset)
+                url = _by_name_url(record.get("url"), suffix, query)
+            elif not isinstance(url, str):
+                raise InvalidURL("route needs a url or a dataset")
+            name = yield self._route(url, dataset)
+        except Exception:
+            self._count(None, errors=1)
+            raise
+        self._count(name, requests=1)
+        try:
+            via = yield self._answer(url, method, address, request_id, name)
+        except Exception:
+            self._count(name, errors=1)
+            raise
+        return {"via": via, "dataset": name, "url": url}
+
+    @inlineCallbacks
+    def _answer(self, url: str, method: str, address: str, request_id: Optional[str], name: Optional[str]) -> Any:
+        """Hand a routed request to the cache (one post), or to a fetcher when no cache runs."""
+        try:
+            yield self.bus.post(self.peers["cache"], "answer", url=url, method=method, address=address,
+                                request_id=request_id, dataset=name)
+            return "cache"
+        except Unroutable:
+            self.log.info("{component}: no cache on the bus; fetching {url} unstored", component=self.name, url=url)
+        yield self.bus.post(self.peers["fetcher"], "fetch", url=url, method=method, address=address,
+                            request_id=request_id, store=None, validators=None)
+        return "fetcher"
+
     @inlineCallbacks
     def _route(self, url: Any, dataset: Optional[str]) -> Any:
         """The dataset C{url} belongs to (None for an allowed host), or the error to answer."""
@@ -636,6 +693,20 @@ class Controller(FollowsEvents, Statistics, Component):
         self.log.info("{component}: refreshing dataset {name}", component=self.name, name=name)
         result = yield self.get_dataset(name)
         return result
+
+
+def _by_name_url(base: Any, suffix: Any, query: Any) -> str:
+    """The URL a by-name request asks for: the dataset's base URL, the request's
+    DAP suffix, and C{"?" + query} when the request had a "?"."""
+    if not isinstance(base, str) or not base:
+        raise InvalidURL("the dataset's record has no base URL")
+    if not isinstance(suffix, str) or (suffix and suffix not in ROUTE_SUFFIXES):
+        raise InvalidURL(f"not a DAP suffix: {str(suffix)[:20]!r}")
+    if query is not None and (not isinstance(query, str) or len(query) > MAX_QUERY
+                              or any(not 0x21 <= ord(c) <= 0x7E for c in query)):
+        raise InvalidURL("the constraint is printable ASCII, percent-encoded, of at most "
+                         f"{MAX_QUERY} characters")
+    return base + suffix + ("?" + query if query is not None else "")
 
 
 def _period(what: str, value: Any) -> Optional[float]:

@@ -183,6 +183,11 @@ class Fetcher(Component):
                              store_limit=store_limit)
         return self.room.acquire().addCallback(self._start, transfer)
 
+    def run_transfer(self, transfer: "Transfer") -> Deferred:
+        """Run a transfer made elsewhere (the cache's miss path, which fetches where the
+        body is stored) under this fetcher's bound on transfers at once."""
+        return self.room.acquire().addCallback(self._start, transfer)
+
     def _start(self, _: Any, transfer: "Transfer") -> Deferred:
         """Run a transfer that has room; its request is settled when it ends."""
         try:

@@ -10,13 +10,14 @@ Two ways in, on C{http.proxy_port} (or C{components.proxyng.port}):
     persister names them, or C{latest}; SUFFIX .das .dds .dods .nc): the
     persister (C{persister.open_version}) streams the file saved on disk,
     byte for byte; no constraint but on the .das (400), an unknown version 404.
-  - by name: C{GET /datasets/NAME.SUFFIX?CONSTRAINT}. The proxy reads the
-    dataset record (C{attribute_store.get(key="dataset:NAME")}) for its base
-    URL and asks for C{BASE + SUFFIX + "?" + CONSTRAINT}. C{.csv} goes to the
-    csv component instead (C{BASE.dods?CONSTRAINT} as CSV).
+  - by name: C{GET /datasets/NAME.SUFFIX?CONSTRAINT}. The proxy names the
+    dataset, suffix and constraint to the controller, which resolves them
+    (C{BASE + SUFFIX + "?" + CONSTRAINT}) from its registry. C{.csv} goes to
+    the csv component instead (C{BASE.dods?CONSTRAINT} as CSV; the base URL
+    read from the dataset record, C{attribute_store.get(key="dataset:NAME")}).
 
 For each request the proxy makes a listen address C{L} of its own, asks
-(C{controller.get_url} or C{csv.render}) for the answer to be sent there,
+(C{controller.route}, C{csv.render} or C{persister.open_version}) for the answer to be sent there,
 waits (bounded) for the stream or an error reply, and closes C{L}.
 
 Hot responses: a small answer the cache served (status 200, at most
@@ -352,7 +353,8 @@ class Proxy(Listens, Component):
         started = time.monotonic()
         try:
             try:
-                url = None if target.version is not None else (yield self.bases.url_of(target))
+                # by name, the controller resolves the dataset (no store read here); csv needs the URL
+                url = (yield self.bases.url_of(target)) if target.csv else target.url
                 exchange.listener = yield self.bus.listen(exchange.on_message, on_stream=exchange.on_stream) \
                     .addTimeout(self.lookup_timeout, self.clock, _gateway_timeout("making a listen address"))
                 address = exchange.listener.address
@@ -365,8 +367,10 @@ class Proxy(Listens, Component):
                     asked = self.bus.post("csv", "render", url=url, dataset=target.name, method=method,
                                           address=address, request_id=request_id)
                 else:
-                    asked = self.bus.tell("controller", "get_url", address, correlation_id=request_id,
-                                          url=url, method=method, dataset=target.name, address=address,
+                    # one call names what is asked; the controller routes it to the cache in one more
+                    asked = self.bus.tell("controller", "route", address, correlation_id=request_id,
+                                          url=target.url, dataset=target.name, suffix=target.suffix,
+                                          query=target.query, method=method, address=address,
                                           request_id=request_id)
                 asking = ("asking the persister" if target.version is not None else
                           "asking csv" if target.csv else "asking the controller")
@@ -388,6 +392,8 @@ class Proxy(Listens, Component):
             if gone:
                 stream.deliver(lambda data: None).addErrback(lambda _: None)
                 return
+            if url is None and target.version is None:
+                url = self._asked_url(target, stream)
             yield self._relay(request, stream, method, exchange.via, started, url, target.name)
         finally:
             self.active -= 1
@@ -395,6 +401,20 @@ class Proxy(Listens, Component):
                 exchange.listener.close().addErrback(
                     lambda f: self.log.info("{component}: closing {address}: {reason}", component=self.name,
                                             address=exchange.listener.address, reason=f.getErrorMessage()))
+
+    def _asked_url(self, target: Target, stream: Any) -> Optional[str]:
+        """The URL a by-name request was answered for (its stream's C{url}): the
+        key its answer may be held under; the dataset's base URL is remembered
+        from it, for the held answers of the next requests."""
+        meta = stream.metadata if isinstance(stream.metadata, dict) else {}
+        url = meta.get("url")
+        if not isinstance(url, str) or target.name is None:
+            return None
+        tail = target.suffix + ("?" + target.query if target.query is not None else "")
+        if tail and not url.endswith(tail):
+            return None
+        self.bases.remember(target.name, url[:len(url) - len(tail)] if tail else url)
+        return url
 
     def _link_changed(self, up: bool) -> None:
         """The bus link went down: the private addresses of the requests waiting

@@ -70,7 +70,13 @@ class Transfer:
 
     def __init__(self, fetcher: Any, url: str, method: str, address: str, request_id: Optional[str], *,
                  store: Optional[str] = None, validators: Optional[Dict[str, Optional[str]]] = None,
-                 extra: Optional[Dict[str, Any]] = None, store_limit: Optional[int] = None) -> None:
+                 extra: Optional[Dict[str, Any]] = None, store_limit: Optional[int] = None,
+                 tee: Any = None, not_modified: Any = None) -> None:
+        """C{tee}: for a fetch made where the store is (the cache's miss path), a
+        callable C{metadata -> writer} that gives the store's copy a local writer
+        (C{write}, C{finish}, C{abort}, as a stream writer has) in place of a
+        second stream on the bus; C{not_modified}: what to do on a 304 to a
+        revalidation in place of posting C{serve} to C{store} (fires with None)."""
         self.fetcher = fetcher
         self.log = fetcher.log
         self.name = fetcher.name
@@ -85,6 +91,8 @@ class Transfer:
         self.options = fetcher.options
         self.clock = fetcher.clock
         self.revalidated = False
+        self.tee = tee
+        self.not_modified = not_modified
 
     @inlineCallbacks
     def run(self) -> Any:
@@ -154,11 +162,14 @@ class Transfer:
 
     def _answer(self, response: Any) -> Deferred:
         status = response.code
-        if status == 304 and self.store and self.validators and any(self.validators.values()):
+        if status == 304 and (self.store or self.not_modified) and self.validators and any(self.validators.values()):
             discard(response)
             self.revalidated = True
-            d = self.fetcher.bus.post(self.store, "serve", url=self.url, method=self.method, address=self.address,
-                                      request_id=self.request_id, revalidated=True)
+            if self.not_modified is not None:
+                d = self.not_modified()
+            else:
+                d = self.fetcher.bus.post(self.store, "serve", url=self.url, method=self.method,
+                                          address=self.address, request_id=self.request_id, revalidated=True)
 
             def not_sent(f: Failure) -> Deferred:
                 self.revalidated = False
@@ -185,14 +196,20 @@ class Transfer:
         bus = self.fetcher.bus
         sinks = [Sink(bus.open_stream(self.address, metadata, correlation_id=self.request_id,
                                        chunk_size=STREAM_CHUNK_SIZE, window=STREAM_WINDOW), "client")]
-        if self.store and self.method == "GET" and status == 200 and not (
+        storing = self.store or self.tee is not None
+        if storing and self.method == "GET" and status == 200 and not (
                 self.store_limit is not None and length is not None and length > self.store_limit):
             validators = {"etag": last_header(response.headers, b"etag"),
                           "last_modified": last_header(response.headers, b"last-modified")}
             store_metadata = {**metadata, "store": True, "validators": validators}
-            sinks.append(Sink(bus.open_stream(self.store, store_metadata, correlation_id=self.request_id,
-                                               chunk_size=STREAM_CHUNK_SIZE, window=STREAM_WINDOW), "store"))
-        elif self.store and self.method == "GET" and status == 200:
+            if self.tee is not None:
+                writer = self.tee(store_metadata)
+            else:
+                writer = bus.open_stream(self.store, store_metadata, correlation_id=self.request_id,
+                                         chunk_size=STREAM_CHUNK_SIZE, window=STREAM_WINDOW)
+            if writer is not None:
+                sinks.append(Sink(writer, "store"))
+        elif storing and self.method == "GET" and status == 200:
             self.log.debug("{component}: {url}: {length} bytes, over the cache's limit of {limit}; not stored",
                            component=self.name, url=self.url, length=length, limit=self.store_limit)
         pump = BodyPump(self, sinks, status, store_limit=self.store_limit)

@@ -43,10 +43,25 @@ class FakeController:
         self.calls: List[Dict[str, Any]] = []
         self.writers: List[Any] = []
         self.records: List[Dict[str, Any]] = []
+        self.registry: Dict[str, Dict[str, Any]] = {}
+        self.routes = 0
 
     @operation
     def record(self, **kwargs: Any) -> None:
         self.records.append(kwargs)
+
+    @operation
+    def route(self, url: Optional[str] = None, dataset: Optional[str] = None, suffix: str = "",
+              query: Optional[str] = None, method: str = "GET", address: Optional[str] = None,
+              request_id: Optional[str] = None) -> Any:
+        """route as the controller answers it: a name resolved from the registry it holds."""
+        self.routes += 1
+        if dataset is not None:
+            record = self.registry.get(dataset)
+            if record is None or record.get("status") == "purged":
+                raise UnknownDataset(f"no dataset {dataset!r} is registered")
+            url = record["url"] + suffix + ("?" + query if query is not None else "")
+        return self.get_url(url, method, dataset, address, request_id)
 
     @operation
     def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None,
@@ -63,17 +78,17 @@ class FakeController:
         known = ("/ok", "/evil", "/manyheaders", "/notfound", "/chunked", "/big", "/midfail", "/chunkfail", "/short", "/stall", "/earlyfail")
         if not path.startswith(known):
             raise UpstreamError(f"fake: nothing at {path}")
-        task.deferLater(reactor, 0, self._answer, path, method, address, request_id)
+        task.deferLater(reactor, 0, self._answer, path, method, address, request_id, url)
         return {"via": "fetcher"}
 
-    def _answer(self, path: str, method: str, address: str, request_id: str) -> Any:
+    def _answer(self, path: str, method: str, address: str, request_id: str, url: str = "x") -> Any:
         headers = [["Content-Type", "text/plain; charset=ascii"], ["X-Upstream", "one"], ["X-Upstream", "two"],
                    ["Connection", "close"], ["Keep-Alive", "timeout=5"], ["Proxy-Authenticate", "x"]]
         if path.startswith("/ok"):
             body = DDS + path.encode()
             return self._stream(address, request_id, 200, headers + [["Content-Length", str(len(body))]],
                                 [] if method == "HEAD" else [body], length=len(body),
-                                source="cache" if "cached" in path else "fetcher")
+                                source="cache" if "cached" in path else "fetcher", url=url)
         if path.startswith("/evil"):
             return self._stream(address, request_id, 200,
                                 [["Content-Type", "text/html"], ["Set-Cookie", "injected=1"],
@@ -113,8 +128,9 @@ class FakeController:
 
     @defer.inlineCallbacks
     def _stream(self, address: str, request_id: str, status: int, headers: list, chunks: list,
-                length: Optional[int] = None, reason: str = "", abort: bool = False, source: str = "fetcher") -> Any:
-        meta = {"status": status, "reason": reason, "headers": headers, "url": "x", "source": source,
+                length: Optional[int] = None, reason: str = "", abort: bool = False, source: str = "fetcher",
+                url: str = "x") -> Any:
+        meta = {"status": status, "reason": reason, "headers": headers, "url": url, "source": source,
                 "length": length}
         writer = self.bus.open_stream(address, meta, correlation_id=request_id, chunk_size=CHUNK)
         self.writers.append(writer)
@@ -133,6 +149,10 @@ class FakeStore:
                         "dataset:with.dots": {"name": "with.dots", "url": UP + "/ok/dots", "status": "fetched"},
                         "dataset:hot": {"name": "hot", "url": UP + "/ok/cached/hot", "status": "fetched"}}
         self.gets = 0
+
+    def records_by_name(self) -> Dict[str, Dict[str, Any]]:
+        """The registry as the controller holds it in memory (the same records)."""
+        return {key.split(":", 1)[1]: record for key, record in self.records.items()}
 
     @operation
     def get(self, key: str) -> Any:
@@ -165,6 +185,7 @@ class Stack:
         self.controller = FakeController(self.bus)
         self.store = FakeStore()
         self.csv = FakeCSV(self.bus)
+        self.controller.registry = self.store.records_by_name()
         self.proxy = Proxy("proxyng", self.bus, node="node-a", port=0, interface="127.0.0.1",
                            answer_timeout=answer_timeout, lookup_timeout=3.0)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -325,9 +346,10 @@ async def test_by_name_builds_the_url_from_the_registered_base(stack: Stack) -> 
     assert body == DDS + b"/ok/sst.nc.dds?time[0:1:2]"
     code, _, _ = await stack.get("/datasets/with.dots.das")
     assert code == 200 and stack.controller.calls[-1]["url"] == UP + "/ok/dots.das"
-    # the base is remembered for a moment: one lookup per name
+    # the controller resolves the names (from its registry in memory): the proxy reads no record
     await stack.get("/datasets/sst.dds")
-    assert stack.store.gets == 2
+    assert stack.store.gets == 0
+    assert stack.controller.routes == 3
 
 
 @pytest_twisted.ensureDeferred

@@ -1,9 +1,11 @@
 """Node faults: a daemon killed (kill -9) in the middle of downloads, and a
 daemon stopped with SIGTERM during load.
 
-Scenario 2: node W1 runs the only fetcher; slow clients hold three downloads
-from it through the proxy of node E. Node W2 (a second fetcher) starts, W1 is
-killed with SIGKILL: the fetches W1 held are redelivered to W2 and done there;
+Scenario 2: node W1 runs the only cache, which fetches every miss (the cache
+answers the controller's one post, docs/data-path.md "route"); slow clients
+hold three downloads from it through the proxy of node E. Node W2 (a second
+cache) starts, W1 is killed with SIGKILL: the answers W1 held are redelivered
+to W2 and done there;
 the clients' cut transfers end promptly (never a spliced or truncated body
 passed as whole), and their retries are served whole by W2.
 
@@ -33,9 +35,9 @@ RATE = 1_000_000  # bytes a second: each download lasts about 6 s
 @pytest_twisted.ensureDeferred
 async def test_fetcher_node_killed_mid_download(tmp_path: Path, vhost: str, upstream: Any, nodes: list,
                                                 record: Any) -> None:
-    edge = start_node(tmp_path, "edge", vhost, {"attribute_store": None, "controller": None, "proxyng": None,
-                                                "cache": None}, proxy=True)
-    w1 = start_node(tmp_path, "w1", vhost, {"fetcher": {"instances": 1, "timeout": 30}})
+    edge = start_node(tmp_path, "edge", vhost, {"attribute_store": None, "controller": None, "proxyng": None},
+                      proxy=True)
+    w1 = start_node(tmp_path, "w1", vhost, {"cache": None})
     nodes += [edge, w1]
     await wait_started(edge)
     await wait_started(w1)
@@ -52,42 +54,42 @@ async def test_fetcher_node_killed_mid_download(tmp_path: Path, vhost: str, upst
     for t in threads:
         t.start()
     try:
-        await eventually(lambda: metric_value(w1.metrics(), "magnet_inflight", name="fetcher") >= 3, 30,
+        await eventually(lambda: metric_value(w1.metrics(), "magnet_inflight", name="cache") >= 3, 30,
                          "w1 to hold three downloads")
     except AssertionError:
-        raise AssertionError("\n".join(l for l in w1.metrics().splitlines() if "fetcher" in l) + str(first)
+        raise AssertionError("\n".join(l for l in w1.metrics().splitlines() if "cache" in l) + str(first)
                              + edge.describe() + w1.describe())
-    w2 = start_node(tmp_path, "w2", vhost, {"fetcher": {"instances": 1, "timeout": 30}})
+    w2 = start_node(tmp_path, "w2", vhost, {"cache": None})
     nodes.append(w2)
     await wait_started(w2)
-    assert metric_value(w2.metrics(), "magnet_messages_in_total", name="fetcher") == 0
+    assert metric_value(w2.metrics(), "magnet_messages_in_total", name="cache") == 0
 
     t_kill = time.monotonic()
     await deferToThread(w1.kill9)
-    await eventually(lambda: metric_value(w2.metrics(), "magnet_messages_in_total", name="fetcher") >= 3, 30,
-                     "the three fetches w1 held to be redelivered to w2")
+    await eventually(lambda: metric_value(w2.metrics(), "magnet_messages_in_total", name="cache") >= 3, 30,
+                     "the three answers w1 held to be redelivered to w2")
     t_redelivered = time.monotonic() - t_kill
     for t in threads:
         await deferToThread(t.join, 120)
     t_clients = time.monotonic() - t_kill
     outcomes = classify(first)
     # the redelivered fetches run to their end at w2 (nothing left in flight there)
-    await eventually(lambda: metric_value(w2.metrics(), "magnet_inflight", name="fetcher") == 0, 60,
+    await eventually(lambda: metric_value(w2.metrics(), "magnet_inflight", name="cache") == 0, 60,
                      "w2 to finish the redelivered fetches")
 
     retries = [await deferToThread(http_fetch, edge.proxy_port, u, timeout=120,
                                    expect=pattern_bytes(SIZE + i)) for i, u in enumerate(urls)]
     retried = classify(retries)
-    w2_in = metric_value(w2.metrics(), "magnet_messages_in_total", name="fetcher")
+    w2_in = metric_value(w2.metrics(), "magnet_messages_in_total", name="cache")
     notes = (f"3 downloads of {SIZE // 10**6} MB at {RATE // 1000} kB/s held by w1 when it was killed; redelivered to w2 "
              f"{t_redelivered:.1f} s after the kill; the first transfers ended {t_clients:.1f} s after the kill: "
-             f"{outcomes}; retries {retried}; w2 took {w2_in:.0f} fetch messages")
-    record("fetcher node kill -9 mid-download", faults_injected=1, sent=3, confirmed=3,
+             f"{outcomes}; retries {retried}; w2 took {w2_in:.0f} answer messages")
+    record("cache node (the miss's fetch) kill -9 mid-download", faults_injected=1, sent=3, confirmed=3,
            processed=int(min(w2_in, 3)), lost=3 - int(min(w2_in, 3)), errors=outcomes["wrong"] + 3 - retried["ok"],
            notes=notes)
     assert outcomes["wrong"] == 0, first
     assert retried["ok"] == 3, retries
-    assert t_clients < 30, f"the cut transfers took {t_clients:.1f} s to end after the fetcher died"
+    assert t_clients < 30, f"the cut transfers took {t_clients:.1f} s to end after the cache died"
 
 
 @pytest.mark.slow

@@ -63,6 +63,21 @@ class DiskStoreTests(FastCase):
         assert body_of(s, URL) == b"hello world" * 100
         assert s.get("http://example.org/other") is None
 
+    def test_write_many_is_the_chunks_in_order(self) -> None:
+        s = make(self.tmp_path())
+        chunks = [bytes([i]) * (1000 + i) for i in range(40)] + [b""]
+        w = s.writer(URL, status=200, reason="OK", headers=[], length=sum(len(c) for c in chunks))
+        self.monkeypatch().setattr(store_module, "_IOV_MAX", 7)  # several writev calls
+        w.write_many(chunks[:30])
+        w.write(chunks[30])
+        w.write_many(chunks[31:])
+        w.commit()
+        assert body_of(s, URL) == b"".join(chunks)
+        small = make(self.tmp_path() / "small", max_bytes=100)
+        w = small.writer(URL, status=200, reason="OK", headers=[])
+        with self.assertRaises(EntryTooLarge):
+            w.write_many([b"x" * 60, b"y" * 60])
+
     def test_entry_is_invisible_until_commit_and_abort_leaves_nothing(self) -> None:
         tmp_path = self.tmp_path()
         s = make(tmp_path)

@@ -79,6 +79,10 @@ class FakeCache(Recorder):
         self.calls.append(("purge", {"name": name, "base_url": base_url}))
         return 0
 
+    @operation
+    def answer(self, **kwargs: Any) -> None:
+        self.calls.append(("answer", kwargs))
+
 
 class FakeNode(Recorder):
     @operation
@@ -283,6 +287,76 @@ class ControllerTests(ControllerCase):
         kwargs.setdefault("address", "proxy.reply")
         self.assertEqual(self.refused("get_url", **kwargs).remote_type, kind)
         self.assertEqual(controller.totals["errors"], 1)
+
+    # route: the proxy's one call (issue 15) ------------------------------------------
+
+    def route(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("address", "proxy.reply")
+        kwargs.setdefault("request_id", "r1")
+        return self.call("route", **kwargs)
+
+    def test_route_by_name_is_one_post_to_the_cache(self) -> None:
+        """The controller resolves the name from memory (no store read) and hands
+        the request to the cache in one post: two bus hops before the first byte."""
+        controller = self.start()
+        self.call("register", name="sst", url=BASE)
+        sent: List[str] = []
+        send = self.bus.send
+        self.monkeypatch().setattr(self.bus, "send", lambda address, message, **kw: (
+            sent.append(address), send(address, message, **kw))[1])
+        got = self.route(dataset="sst", suffix=".dds", query="time[0:1:2]", method="GET")
+        self.assertEqual(got, {"via": "cache", "dataset": "sst", "url": BASE + ".dds?time[0:1:2]"})
+        settle(self.clock)
+        self.assertEqual(self.cache.of("answer"), [{"url": BASE + ".dds?time[0:1:2]", "method": "GET",
+                                                    "address": "proxy.reply", "request_id": "r1",
+                                                    "dataset": "sst"}])
+        # the request was the test's call; the controller sent one post (and its reply)
+        self.assertEqual([a for a in sent if a not in ("controller",) and not a.startswith("magnet.")], ["cache"])
+        self.assertEqual(self.cache.of("lookup"), [])
+        self.assertEqual(self.fetcher.of("fetch"), [])
+        self.assertEqual(controller.per_dataset["sst"]["requests"], 1)
+        # no "?": no query; an empty "?" is kept
+        self.assertEqual(self.route(dataset="sst", suffix=".das")["url"], BASE + ".das")
+        self.assertEqual(self.route(dataset="sst", suffix=".dds", query="")["url"], BASE + ".dds?")
+        self.assertEqual(self.route(url=BASE + ".dods?x")["dataset"], "sst")
+
+    def test_route_without_a_cache_goes_to_a_fetcher_unstored(self) -> None:
+        self.start(cache=False)
+        self.wait(self.bus.transport.delete_queue("cache"))
+        self.call("register", name="sst", url=BASE)
+        self.assertEqual(self.route(dataset="sst", suffix=".dds")["via"], "fetcher")
+        settle(self.clock)
+        self.assertEqual([(f["url"], f["store"]) for f in self.fetcher.of("fetch")], [(BASE + ".dds", None)])
+
+    @cases("kwargs, kind", [
+        ({"dataset": "nope", "suffix": ".dds"}, "UnknownDataset"),
+        ({"dataset": "-x", "suffix": ".dds"}, "InvalidName"),
+        ({"dataset": "sst", "suffix": ".exe"}, "InvalidURL"),
+        ({"dataset": "sst", "suffix": ".dds", "query": "a b"}, "InvalidURL"),
+        ({"dataset": "sst", "suffix": ".dds", "method": "PUT"}, "InvalidURL"),
+        ({"dataset": "sst", "url": BASE + ".dds"}, "ValueError"),
+        ({}, "InvalidURL"),
+        ({"url": "http://elsewhere.example.org/x.dds"}, "Forbidden"),
+        ({"url": BASE + "/../../etc/passwd"}, "InvalidURL"),
+    ])
+    def test_route_refusals(self, kwargs: Dict[str, Any], kind: str) -> None:
+        self.start()
+        self.call("register", name="sst", url=BASE)
+        try:
+            self.route(**kwargs)
+        except RemoteError as e:
+            self.assertEqual(e.remote_type, kind)
+        else:
+            self.fail("not refused")
+        self.assertEqual(self.cache.of("answer"), [])
+
+    def test_route_of_a_purged_dataset_is_unknown(self) -> None:
+        self.start()
+        self.call("register", name="sst", url=BASE)
+        self.call("purge", name="sst")
+        with self.assertRaises(RemoteError) as caught:
+            self.route(dataset="sst", suffix=".dds")
+        self.assertEqual(caught.exception.remote_type, "UnknownDataset")
 
     def test_no_fetcher_is_an_error(self) -> None:
         controller = self.start(fetcher=False)

@@ -19,7 +19,7 @@ from magnet import operation, rpc
 from ooidx import events
 from ooidx.datapath.cache import PURGE_FANOUT
 from ooidx.datapath.proxy import Proxy
-from ooidx.errors import Forbidden, UpstreamError
+from ooidx.errors import Forbidden, UnknownDataset, UpstreamError
 from ooidx.node.bootstrap import declare_topology
 
 from tests.fast.core.support import FastCase, cases, drive, expand, settle
@@ -38,6 +38,8 @@ class FakeController:
         self.mode = "stream"
         self.via = "cache"
         self.body = b"Dataset { Int32 x; } sst;\n"
+        self.registry = {"sst": UP}
+        self.routes = 0
 
     @operation
     def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
@@ -53,6 +55,18 @@ class FakeController:
                                     ["Set-Cookie", "a=b"]]}
             self.bus.send_stream(address, metadata, [self.body], correlation_id=request_id)
         return {"via": self.via}  # "silent": no stream ever comes
+
+    @operation
+    def route(self, url: Optional[str] = None, dataset: Optional[str] = None, suffix: str = "",
+              query: Optional[str] = None, method: str = "GET", *, address: str,
+              request_id: Optional[str] = None) -> Any:
+        """route as the controller answers it: a dataset by name resolved from its registry."""
+        self.routes += 1
+        if dataset is not None:
+            if dataset not in self.registry:
+                raise UnknownDataset(f"no dataset {dataset!r} is registered")
+            url = self.registry[dataset] + suffix + ("?" + query if query is not None else "")
+        return self.get_url(url, method, dataset, address=address, request_id=request_id)
 
     @operation
     def record(self, **kwargs: Any) -> None:
@@ -164,6 +178,26 @@ class ProxyTests(FastCase):
         drive(self, self.clock, self.bus.send(PURGE_FANOUT, rpc.request("purge", {"name": "sst", "base_url": UP})))
         settle(self.clock)
         self.assertEqual(len(proxy.hot), 0)
+
+    def test_by_name_is_one_call_to_the_controller(self) -> None:
+        """Issue 15: the proxy names what it wants once (controller.route); it reads
+        no dataset record itself (the controller has the registry in memory)."""
+        self.start()
+        sent: List[Any] = []
+        send = self.bus.send
+        self.monkeypatch().setattr(self.bus, "send", lambda address, message, **kw: (
+            sent.append((address, message.headers.get("op") if hasattr(message, "headers") else None)),
+            send(address, message, **kw))[1])
+        calls: List[Any] = []
+        call = self.bus.call
+        self.monkeypatch().setattr(self.bus, "call", lambda *a, **kw: (calls.append(a), call(*a, **kw))[1])
+        r = self.get("/datasets/sst.dds?x")
+        self.assertEqual((r.status, r.body), (200, self.controller.body))
+        self.assertEqual(calls, [])  # no attribute_store.get
+        # (the fake controller's reply and stream to the request's address go on the same bus)
+        self.assertEqual([a for a, _ in sent if not a.startswith("magnet.listen.")], ["controller"])
+        self.assertEqual(self.controller.routes, 1)
+        self.assertEqual(self.controller.asked, [{"url": UP + ".dds?x", "method": "GET", "dataset": "sst"}])
 
     def test_a_fetchers_answer_is_not_held(self) -> None:
         proxy = self.start()
