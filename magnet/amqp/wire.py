@@ -534,9 +534,13 @@ def _decode_properties(buf: bytes, pos: int, body: bytes, limit: int) -> Tuple[M
         mtype, pos = _read_shortstr(buf, pos)
     if pos > limit:
         raise _overrun("content header's properties", pos, limit)
-    message = Message(body=body, headers=headers, content_type=content_type,
-                      correlation_id=correlation_id, reply_to=reply_to, message_id=message_id,
-                      type=mtype, persistent=persistent, expiration=expiration, timestamp=timestamp)
+    if type(body) is not bytes:  # a frame reader hands bytes; anything else gets Message's checks
+        message = Message(body=body, headers=headers, content_type=content_type,
+                          correlation_id=correlation_id, reply_to=reply_to, message_id=message_id,
+                          type=mtype, persistent=persistent, expiration=expiration, timestamp=timestamp)
+    else:
+        message = Message._trusted(body, headers, content_type, correlation_id, reply_to, message_id, mtype,
+                                   persistent, expiration, timestamp)
     return message, seq
 
 
