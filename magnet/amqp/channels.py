@@ -24,20 +24,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from magnet.amqp.wire import (
-    PUBLISH_SEQ_HEADER,
-    _P_CONTENT_ENCODING,
-    _P_CONTENT_TYPE,
-    _P_HEADERS,
     _PUBLISH_PREFIX,
     _S_H,
     _S_Q,
     _content_frames,
-    _decode_table,
     _method_frame,
     _read_shortstr,
     _shortstr_cached,
     _within,
     decode_properties,
+    publish_seq,
 )
 from magnet.errors import Timeout, Unroutable
 from magnet.message import Message
@@ -354,17 +350,7 @@ class _PublishChannel:
     def header(self, buf: bytes, start: int, end: int) -> None:
         _within(start + 14, end, "a content header")
         size = _S_Q.unpack_from(buf, start + 4)[0]
-        flags = _S_H.unpack_from(buf, start + 12)[0]
-        seq = None
-        if flags & _P_HEADERS:
-            pos = start + 14
-            if flags & _P_CONTENT_TYPE:
-                pos += 1 + buf[pos]
-            if flags & _P_CONTENT_ENCODING:
-                pos += 1 + buf[pos]
-            headers, _ = _decode_table(buf, pos, end)
-            seq = headers.get(PUBLISH_SEQ_HEADER)
-        self._return_seq = seq
+        self._return_seq = publish_seq(buf, start + 12, end)
         self._remaining = size
         if size == 0:
             self._returned()

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from magnet.amqp import AMQPConsumer, AMQPDelivery, AMQPTransport, ChannelError, from_url
-from magnet.amqp.wire import BrokerURL, _content_frames, decode_properties
+from magnet.amqp.wire import BrokerURL, _content_frames, decode_properties, publish_seq
 from magnet.errors import ConnectionLost, NotConfirmed, NotConnected, Timeout, Unroutable
 from magnet.message import Message
 from tests.fast.magnet.test_amqp_protocol_contract import FakeBroker, ack, deliver, method
@@ -471,8 +471,8 @@ class PublishTests(SynchronousTestCase):
     def test_a_mandatory_publish_no_queue_took_is_unroutable(self) -> None:
         d = self.publish()
         header = [f for c, n, f in self.broker.received if n == "header"][-1]
-        _, seq = decode_properties(header["raw"], 12, b"")
-        self.assertEqual(seq, 1)
+        self.assertEqual(publish_seq(header["raw"], 12, len(header["raw"])), 1)
+        self.assertEqual(decode_properties(header["raw"], 12, b"")[0].headers, {})  # not in a header
         self.broker.feed(method(1, "basic.return", reply_code=312, reply_text="NO_ROUTE", exchange="ex",
                                 routing_key="rk")
                          + b"".join(_content_frames(
