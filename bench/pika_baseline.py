@@ -17,6 +17,13 @@ L{bench.magnet_bench} and L{bench.raw_txamqp}):
     replies are consumed with manual acks and no prefetch limit;
   - worker-queue and fanout messages are persistent (delivery-mode 2) to
     durable queues / a durable exchange; RPC messages are transient.
+
+L{PikaTwistedNoConfirms} is the same work B{without} publisher confirms,
+what most pika users run: C{basic_publish} returns an already-fired
+Deferred, so a producer's only limit is the window of messages not yet
+consumed, and an RPC server acks a request as soon as its reply is written.
+Publishes stay C{mandatory} (a return would only be logged), everything
+else (persistence, manual acks after the handler, prefetch) is as above.
 """
 from __future__ import annotations
 
@@ -63,7 +70,7 @@ class PikaConnection:
 
     @staticmethod
     def publish(ch: Any, exchange: str, routing_key: str, body: bytes, properties: Any) -> Deferred:
-        """basic.publish (mandatory) on a confirm channel; fires on the broker's ack."""
+        """basic.publish (mandatory); on a confirm channel it fires on the broker's ack, else at once."""
         return ch.basic_publish(exchange=exchange, routing_key=routing_key, body=body,
                                 properties=properties, mandatory=True)
 
@@ -91,6 +98,9 @@ class PikaConnection:
 
 class PikaTwisted:
     """The side: a caller/producer connection and a server/consumer connection."""
+
+    #: publish on channels in confirm mode (a publish's Deferred fires on the broker's ack)
+    confirms = True
 
     def __init__(self, reactor: Any, settings: Settings) -> None:
         self.reactor = reactor
@@ -125,7 +135,7 @@ class PikaTwisted:
         pending: Dict[str, Deferred] = {}
 
         server_in = yield back.channel()
-        server_out = yield back.channel(confirm=True)
+        server_out = yield back.channel(confirm=self.confirms)
         yield server_in.queue_declare(queue=name, durable=True)
         yield server_in.basic_qos(prefetch_count=PREFETCH)
 
@@ -139,7 +149,7 @@ class PikaTwisted:
         server_tag = yield back.consume(server_in, name, serve)
 
         caller_in = yield front.channel()
-        caller_out = yield front.channel(confirm=True)
+        caller_out = yield front.channel(confirm=self.confirms)
         yield caller_in.queue_declare(queue=reply_queue, exclusive=True, auto_delete=True)
 
         def on_reply(ch: Any, method: Any, properties: Any, data: bytes) -> None:
@@ -190,7 +200,7 @@ class PikaTwisted:
         body = b"x" * size
         persistent = pika.BasicProperties(delivery_mode=2)
         consumer_ch = yield back.channel()
-        producer_ch = yield front.channel(confirm=True)
+        producer_ch = yield front.channel(confirm=self.confirms)
         yield consumer_ch.queue_declare(queue=name, durable=True)
         yield consumer_ch.basic_qos(prefetch_count=PREFETCH)
 
@@ -225,7 +235,7 @@ class PikaTwisted:
         name = self._name("fanout")
         body = b"x" * size
         persistent = pika.BasicProperties(delivery_mode=2)
-        producer_ch = yield front.channel(confirm=True)
+        producer_ch = yield front.channel(confirm=self.confirms)
         yield producer_ch.exchange_declare(exchange=name, exchange_type="fanout", durable=True)
 
         def publish() -> Deferred:
@@ -258,6 +268,12 @@ class PikaTwisted:
 
         load.on_close(cleanup)
         return load
+
+
+class PikaTwistedNoConfirms(PikaTwisted):
+    """The same side without publisher confirms (see the module's docstring)."""
+
+    confirms = False
 
 
 def _close(ch: Any) -> Deferred:

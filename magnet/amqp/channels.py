@@ -24,20 +24,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from magnet.amqp.wire import (
-    PUBLISH_SEQ_HEADER,
-    _P_CONTENT_ENCODING,
-    _P_CONTENT_TYPE,
-    _P_HEADERS,
     _PUBLISH_PREFIX,
     _S_H,
     _S_Q,
     _content_frames,
-    _decode_table,
     _method_frame,
     _read_shortstr,
     _shortstr_cached,
     _within,
     decode_properties,
+    publish_seq,
 )
 from magnet.errors import Timeout, Unroutable
 from magnet.message import Message
@@ -71,8 +67,7 @@ class AMQPDelivery:
         self._settled = True
         channel = self._channel
         if channel.open:
-            channel.protocol.write_ack(channel.id, self._tag)
-            channel.settled()
+            channel.ack(self._tag)
 
     def nack(self, requeue: bool = True) -> None:
         """Give it back to the queue (C{requeue}) or drop it (or dead-letter it)."""
@@ -139,6 +134,8 @@ class _ConsumerChannel:
         self._header: Optional[Tuple[bytes, int]] = None
         self._parts: List[bytes] = []
         self._remaining = 0
+        #: delivery tags acked during the protocol's read in progress, written at its end (L{flush_acks})
+        self._acks: List[int] = []
 
     def method(self, method_id: int, buf: bytes, pos: int, end: int) -> bool:
         """A basic method frame's arguments at C{pos}, ending by C{end}: True if taken here."""
@@ -183,6 +180,43 @@ class _ConsumerChannel:
             assert header is not None
             self._deliver(header[0], header[1], body)
 
+    def ack(self, tag: int) -> None:
+        """Ack delivery C{tag}: at once, or at the end of the read in progress (see L{flush_acks})."""
+        protocol = self.protocol
+        if protocol._reading:
+            if not self._acks:
+                protocol._ackers.append(self)
+            self._acks.append(tag)
+        else:
+            protocol.write_ack(self.id, tag)
+        self.settled()
+
+    def flush_acks(self) -> None:
+        """Write the acks kept during a read: one C{basic.ack} with C{multiple} if that is exact.
+
+        A handler that finishes synchronously acks its message while the
+        frames of a read are still being handled, so a read that brought
+        several deliveries acks them all before it ends. Their acks go out
+        together at its end, where they would have left anyway (the
+        transport writes on the reactor's next turn). When no delivery of the
+        channel is left unsettled, every delivery up to the highest tag kept
+        is settled: acked now, or nacked already (a nack is written at once),
+        and an ack with C{multiple} of that tag acks exactly the kept ones
+        (RabbitMQ acks the outstanding deliveries up to the tag). Otherwise
+        (a handler still holds one) each is acked on its own.
+        """
+        tags, self._acks = self._acks, []
+        if not tags or not self.open:
+            return  # the channel is gone: the broker gives what it held back to the queue
+        protocol = self.protocol
+        if len(tags) == 1:
+            protocol.write_ack(self.id, tags[0])
+        elif self.unsettled == 0:
+            protocol.write_ack(self.id, max(tags), multiple=True)
+        else:
+            for tag in tags:
+                protocol.write_ack(self.id, tag)
+
     def settled(self) -> None:
         self.unsettled -= 1
         if self.cancelled and self.unsettled <= 0:
@@ -192,6 +226,7 @@ class _ConsumerChannel:
         """Close the channel (whatever is still unacknowledged goes back to the queue)."""
         if not self.open:
             return
+        self.flush_acks()
         self.open = False
         self.delivering = False
         if self.txchannel is not None and not self.protocol.lost:
@@ -315,17 +350,7 @@ class _PublishChannel:
     def header(self, buf: bytes, start: int, end: int) -> None:
         _within(start + 14, end, "a content header")
         size = _S_Q.unpack_from(buf, start + 4)[0]
-        flags = _S_H.unpack_from(buf, start + 12)[0]
-        seq = None
-        if flags & _P_HEADERS:
-            pos = start + 14
-            if flags & _P_CONTENT_TYPE:
-                pos += 1 + buf[pos]
-            if flags & _P_CONTENT_ENCODING:
-                pos += 1 + buf[pos]
-            headers, _ = _decode_table(buf, pos, end)
-            seq = headers.get(PUBLISH_SEQ_HEADER)
-        self._return_seq = seq
+        self._return_seq = publish_seq(buf, start + 12, end)
         self._remaining = size
         if size == 0:
             self._returned()

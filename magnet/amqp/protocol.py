@@ -10,7 +10,12 @@ bind, qos, consume, cancel, close). L{_AMQPProtocol} keeps those, and adds:
     channel state (L{magnet.amqp.channels}) without a Deferred per frame, and
     everything else to txAMQP; a frame larger than the agreed C{frame_max} or
     one that ends badly drops the connection at once;
-  - writers for the fast paths (publish frames, acks, nacks);
+  - writers for the fast paths (publish frames, acks, nacks), and one write
+    of the frames of a read: what the frames of one C{dataReceived} cause
+    this link to send (acks, publishes, answers) goes out in one
+    C{transport.write} at its end, the consumers' acks of it as one
+    C{basic.ack} with C{multiple} per channel where that acks exactly the
+    same deliveries (L{magnet.amqp.channels._ConsumerChannel.flush_acks});
   - heartbeats of its own: sent when idle, and a broker silent for two
     intervals is taken for dead;
   - over TLS, a bound on the handshake and the words for why TLS refused
@@ -168,6 +173,11 @@ class _AMQPProtocol(AMQClient):
         self.fast: Dict[int, Any] = {}
         self._next_channel = 0
         self._rbuf = b""
+        #: True while dataReceived runs: writes wait in _wbuf for its end
+        self._reading = False
+        self._wbuf: List[bytes] = []
+        #: consumer channels with acks waiting for the end of the read
+        self._ackers: List[Any] = []
         self._heartbeat_call: Optional[LoopingCall] = None
         self._sent = False
         self._received = False
@@ -199,11 +209,21 @@ class _AMQPProtocol(AMQClient):
 
     # -- writing
 
+    def _write(self, data: bytes) -> None:
+        """Write C{data}, or keep it for the end of the read in progress (one write for all)."""
+        self._sent = True
+        if self._reading:
+            self._wbuf.append(data)
+        else:
+            self.transport.write(data)
+
     def send_frame(self, frame: Frame) -> None:
         if self.transport is None:
             return
-        self._sent = True
-        self.transport.write(self._pack_frame(frame))
+        if self._ackers:
+            # acks go before any other method (a channel.close, a basic.cancel, connection.close)
+            self._flush_acks()
+        self._write(self._pack_frame(frame))
 
     def _pack_frame(self, frame: Frame) -> bytes:
         payload = frame.payload
@@ -240,21 +260,44 @@ class _AMQPProtocol(AMQClient):
         self.transport.write(b"AMQP\x00\x00\x09\x01")
 
     def write_frames(self, frames: List[bytes]) -> None:
-        self._sent = True
-        self.transport.write(b"".join(frames))
+        if self._reading:
+            self._sent = True
+            self._wbuf.extend(frames)
+        else:
+            self._write(b"".join(frames))
 
-    def write_ack(self, channel: int, tag: int) -> None:
-        self._sent = True
-        self.transport.write(_ACK.pack(1, channel, 13, 60, 80, tag, 0, _FRAME_END))
+    def write_ack(self, channel: int, tag: int, multiple: bool = False) -> None:
+        self._write(_ACK.pack(1, channel, 13, 60, 80, tag, 1 if multiple else 0, _FRAME_END))
 
     def write_nack(self, channel: int, tag: int, requeue: bool) -> None:
-        self._sent = True
-        self.transport.write(_ACK.pack(1, channel, 13, 60, 120, tag, 2 if requeue else 0, _FRAME_END))
+        self._write(_ACK.pack(1, channel, 13, 60, 120, tag, 2 if requeue else 0, _FRAME_END))
+
+    def _flush_acks(self) -> None:
+        ackers, self._ackers = self._ackers, []
+        for channel in ackers:
+            channel.flush_acks()
 
     # -- reading
 
     def dataReceived(self, data: bytes) -> None:
         self._received = True
+        if self._reading:  # cannot happen (a frame's handler does not read); never lose data
+            self._read(data)
+            return
+        self._reading = True
+        try:
+            self._read(data)
+            if self._ackers:
+                self._flush_acks()
+        finally:
+            self._reading = False
+            wbuf = self._wbuf
+            if wbuf:
+                self._wbuf = []
+                if self.transport is not None:
+                    self.transport.write(wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))
+
+    def _read(self, data: bytes) -> None:
         buf = self._rbuf + data if self._rbuf else data
         n = len(buf)
         pos = 0
@@ -278,6 +321,7 @@ class _AMQPProtocol(AMQClient):
         except Exception:
             self.log.failure("bad data from broker {url}; dropping the connection", url=self.url)
             self._rbuf = b""
+            self._wbuf, self._ackers = [], []  # nothing more goes out on this link
             self.transport.abortConnection()
             return
         self._rbuf = buf[pos:] if pos < n else b""
@@ -398,7 +442,7 @@ class _AMQPProtocol(AMQClient):
         if self.lost or self.transport is None:
             return
         if not self._sent:
-            self.transport.write(_HEARTBEAT_FRAME)
+            self._write(_HEARTBEAT_FRAME)
         self._sent = False
         if self._received:
             self._silent_ticks = 0

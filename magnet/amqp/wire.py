@@ -27,9 +27,15 @@ from magnet.message import Message
 
 SPEC_RESOURCE = "amqp0-9-1-rabbitmq.xml"
 
-#: Header carrying a publish's sequence number on the publishing channel, so
-#: that a basic.return is matched to its publish exactly; consumers on this
-#: transport never see it.
+#: A mandatory publish carries its sequence number on the publishing channel,
+#: so that a basic.return is matched to its publish exactly, in the content
+#: header's C{cluster-id} property (a short string of decimal digits;
+#: AMQP 0-9-1 deprecated the property, RabbitMQ passes it through, magnet's
+#: L{Message} has no such field, and the consumers on this transport skip it).
+#: Not in a header: a field table costs the broker, which decodes the
+#: properties of every publish, and both ends far more per message than one
+#: short string. Earlier magnets sent it in this header; a consumer still
+#: takes it out of the headers of a message from one of them.
 PUBLISH_SEQ_HEADER = "x-magnet-publish-seq"
 
 # ---------------------------------------------------------------------------
@@ -440,9 +446,6 @@ def encode_properties(message: Message, seq: Optional[int] = None) -> bytes:
         flags |= _P_CONTENT_TYPE
         out.append(_shortstr_cached(message.content_type))
     headers = message.headers
-    if seq is not None:
-        headers = dict(headers)
-        headers[PUBLISH_SEQ_HEADER] = seq
     if headers:
         flags |= _P_HEADERS
         out.append(encode_table(headers))
@@ -466,7 +469,53 @@ def encode_properties(message: Message, seq: Optional[int] = None) -> bytes:
     if message.type is not None:
         flags |= _P_TYPE
         out.append(_shortstr_cached(message.type))
+    if seq is not None:  # the last property: see PUBLISH_SEQ_HEADER
+        flags |= _P_CLUSTER_ID
+        digits = b"%d" % seq
+        out.append(_S_B.pack(len(digits)) + digits)
     return _S_H.pack(flags) + b"".join(out)
+
+
+#: property flag -> how to skip the property: a short string, or a fixed size in bytes
+_SKIP = ((_P_CONTENT_TYPE, 0), (_P_CONTENT_ENCODING, 0), (_P_HEADERS, -1), (_P_DELIVERY_MODE, 1), (_P_PRIORITY, 1),
+         (_P_CORRELATION_ID, 0), (_P_REPLY_TO, 0), (_P_EXPIRATION, 0), (_P_MESSAGE_ID, 0), (_P_TIMESTAMP, 8),
+         (_P_TYPE, 0), (_P_USER_ID, 0), (_P_APP_ID, 0))
+
+
+def publish_seq(buf: bytes, pos: int, end: int) -> Optional[int]:
+    """The publish sequence number a content header's properties at C{pos} carry
+    (see L{PUBLISH_SEQ_HEADER}), or None; L{BadFrame} if they run past C{end}.
+
+    Read from a message the broker returned (C{basic.return}): only the
+    properties before the number are skipped, a header table by its length.
+    """
+    if pos + 2 > end:
+        raise _overrun("property flags", pos + 2, end)
+    flags = _S_H.unpack_from(buf, pos)[0]
+    pos += 2
+    headers_at = None
+    for flag, size in _SKIP:
+        if not flags & flag:
+            continue
+        if pos >= end:
+            raise _overrun("content header's properties", pos + 1, end)
+        if size == 0:
+            pos += 1 + buf[pos]
+        elif size < 0:
+            if pos + 4 > end:
+                raise _overrun("table length", pos + 4, end)
+            headers_at = pos
+            pos += 4 + _S_I.unpack_from(buf, pos)[0]
+        else:
+            pos += size
+    if flags & _P_CLUSTER_ID:
+        digits, pos = _read_shortstr(buf, pos)
+        _within(pos, end, "the cluster-id property")
+        return int(digits) if digits.isdigit() else None
+    if headers_at is not None:  # an earlier magnet's header
+        value = _table(buf, headers_at, end, 0)[0].get(PUBLISH_SEQ_HEADER)
+        return value if isinstance(value, int) else None
+    return None
 
 
 def _read_shortstr(buf: bytes, pos: int) -> Tuple[str, int]:
@@ -483,7 +532,9 @@ def _read_shortstr(buf: bytes, pos: int) -> Tuple[str, int]:
 def decode_properties(buf: bytes, pos: int, body: bytes, end: Optional[int] = None) -> Tuple[Message, Optional[int]]:
     """A L{Message} from a content header's property flags and list at C{pos}.
 
-    Also returns the publish sequence header (if any), removed from the headers.
+    Also returns the publish sequence number of an earlier magnet's header
+    (L{PUBLISH_SEQ_HEADER}), if any, removed from the headers; the
+    C{cluster-id} property that carries it now is skipped.
     The property list must end by C{end} (default: the end of C{buf}); if it
     does not, or does not decode, L{BadFrame} (a ValueError).
     """
@@ -534,9 +585,13 @@ def _decode_properties(buf: bytes, pos: int, body: bytes, limit: int) -> Tuple[M
         mtype, pos = _read_shortstr(buf, pos)
     if pos > limit:
         raise _overrun("content header's properties", pos, limit)
-    message = Message(body=body, headers=headers, content_type=content_type,
-                      correlation_id=correlation_id, reply_to=reply_to, message_id=message_id,
-                      type=mtype, persistent=persistent, expiration=expiration, timestamp=timestamp)
+    if type(body) is not bytes:  # a frame reader hands bytes; anything else gets Message's checks
+        message = Message(body=body, headers=headers, content_type=content_type,
+                          correlation_id=correlation_id, reply_to=reply_to, message_id=message_id,
+                          type=mtype, persistent=persistent, expiration=expiration, timestamp=timestamp)
+    else:
+        message = Message._trusted(body, headers, content_type, correlation_id, reply_to, message_id, mtype,
+                                   persistent, expiration, timestamp)
     return message, seq
 
 

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from magnet.amqp import AMQPConsumer, AMQPDelivery, AMQPTransport, ChannelError, from_url
-from magnet.amqp.wire import BrokerURL, _content_frames, decode_properties
+from magnet.amqp.wire import BrokerURL, _content_frames, decode_properties, publish_seq
 from magnet.errors import ConnectionLost, NotConfirmed, NotConnected, Timeout, Unroutable
 from magnet.message import Message
 from tests.fast.magnet.test_amqp_protocol_contract import FakeBroker, ack, deliver, method
@@ -272,6 +272,67 @@ class ConsumerTests(SynchronousTestCase):
                    if c == 2 and n in ("basic.ack", "basic.nack")]
         self.assertEqual(settled, [("basic.ack", 1), ("basic.nack", 2)])
 
+    def acks(self) -> List[Any]:
+        return [(f["delivery_tag"], f["multiple"]) for c, n, f in self.broker.received
+                if c == 2 and n == "basic.ack"]
+
+    def test_the_deliveries_of_one_read_acked_at_once_go_out_as_one_multiple_ack(self) -> None:
+        self.consume(lambda d: d.ack())
+        self.broker.feed(deliver(2, 1, Message(body=b"a")) + deliver(2, 2, Message(body=b"b"))
+                         + deliver(2, 3, Message(body=b"c")))
+        self.h.pump()
+        self.assertEqual(self.acks(), [(3, True)])
+        self.broker.feed(deliver(2, 4, Message(body=b"d")))  # one delivery: a plain ack
+        self.h.pump()
+        self.assertEqual(self.acks(), [(3, True), (4, False)])
+
+    def test_acks_are_one_by_one_while_a_delivery_of_the_channel_is_unsettled(self) -> None:
+        held: List[AMQPDelivery] = []
+
+        def on_delivery(delivery: AMQPDelivery) -> None:
+            if delivery.message.body == b"hold":
+                held.append(delivery)
+            else:
+                delivery.ack()
+
+        self.consume(on_delivery)
+        self.broker.feed(deliver(2, 1, Message(body=b"hold")) + deliver(2, 2, Message(body=b"a"))
+                         + deliver(2, 3, Message(body=b"b")))
+        self.h.pump()
+        self.assertEqual(self.acks(), [(2, False), (3, False)])  # a multiple ack of 3 would ack 1 too
+        held[0].ack()  # outside a read: at once
+        self.h.pump()
+        self.assertEqual(self.acks(), [(2, False), (3, False), (1, False)])
+
+    def test_a_nack_in_the_same_read_goes_out_before_the_multiple_ack(self) -> None:
+        def on_delivery(delivery: AMQPDelivery) -> None:
+            if delivery.message.body == b"bad":
+                delivery.nack(requeue=False)
+            else:
+                delivery.ack()
+
+        self.consume(on_delivery)
+        self.broker.feed(deliver(2, 1, Message(body=b"a")) + deliver(2, 2, Message(body=b"bad"))
+                         + deliver(2, 3, Message(body=b"c")))
+        self.h.pump()
+        settled = [(n, f["delivery_tag"], f.get("multiple")) for c, n, f in self.broker.received
+                   if c == 2 and n in ("basic.ack", "basic.nack")]
+        self.assertEqual(settled, [("basic.nack", 2, False), ("basic.ack", 3, True)])
+
+    def test_acks_of_a_read_go_out_before_the_channel_closes(self) -> None:
+        consumer = self.consume()
+        self.broker.feed(deliver(2, 1, Message(body=b"x")))
+        cancelled = consumer.cancel()
+        self.h.pump()
+        self.successResultOf(cancelled)
+        # acked once its reply is confirmed (as an RPC server does): during the read of the confirm
+        d = self.h.transport.publish("", "reply", Message(body=b"r"))
+        d.addCallback(lambda _: self.got[0].ack())
+        self.h.pump()
+        self.broker.feed(ack(1, 1))
+        self.h.pump()
+        self.assertEqual(self.broker.names(2)[-2:], ["basic.ack", "channel.close"])
+
     def test_a_body_in_several_frames(self) -> None:
         self.consume()
         self.broker.feed(method(2, "basic.deliver", delivery_tag=1, exchange="", routing_key="q")
@@ -410,8 +471,8 @@ class PublishTests(SynchronousTestCase):
     def test_a_mandatory_publish_no_queue_took_is_unroutable(self) -> None:
         d = self.publish()
         header = [f for c, n, f in self.broker.received if n == "header"][-1]
-        _, seq = decode_properties(header["raw"], 12, b"")
-        self.assertEqual(seq, 1)
+        self.assertEqual(publish_seq(header["raw"], 12, len(header["raw"])), 1)
+        self.assertEqual(decode_properties(header["raw"], 12, b"")[0].headers, {})  # not in a header
         self.broker.feed(method(1, "basic.return", reply_code=312, reply_text="NO_ROUTE", exchange="ex",
                                 routing_key="rk")
                          + b"".join(_content_frames(

@@ -33,6 +33,7 @@ from magnet.amqp.wire import (
     encode_table,
     load_spec,
     parse_url,
+    publish_seq,
 )
 from magnet.errors import BadFrame, BadURL
 from magnet.message import Message
@@ -270,12 +271,34 @@ class PropertiesTests(SynchronousTestCase):
         self.assertEqual(decoded, message)
         self.assertEqual(encode_properties(message), struct.pack(">H", 1 << 12) + b"\x01")
 
-    def test_the_publish_sequence_travels_in_a_header_and_is_taken_out(self) -> None:
-        message = Message(body=b"x", headers={"a": 1})
-        decoded, seq = decode_properties(encode_properties(message, seq=42), 0, b"x")
+    def test_the_publish_sequence_travels_in_the_cluster_id_property_and_consumers_skip_it(self) -> None:
+        message = Message(body=b"x", headers={"a": 1}, content_type="a/b", correlation_id="c", reply_to="r",
+                          expiration="5", message_id="m", timestamp=7, type="t")
+        props = encode_properties(message, seq=42)
+        self.assertEqual(props[-3:], b"\x0242")  # the last property, after everything a Message has
+        self.assertEqual(struct.unpack(">H", props[:2])[0] & (1 << 2), 1 << 2)
+        self.assertEqual(publish_seq(props, 0, len(props)), 42)
+        decoded, seq = decode_properties(props, 0, b"x")
+        self.assertEqual(decoded, message)  # no trace of it
+        self.assertIsNone(seq)
+        self.assertIsNone(publish_seq(encode_properties(message), 0, len(encode_properties(message))))
+
+    def test_the_publish_sequence_is_found_past_every_other_property(self) -> None:
+        # content-encoding, priority, user-id and app-id come before cluster-id too
+        flags = (1 << 15) | (1 << 14) | (1 << 13) | (1 << 12) | (1 << 11) | (1 << 4) | (1 << 3) | (1 << 2)
+        props = (struct.pack(">H", flags) + b"\x01a" + b"\x04gzip" + encode_table({"k": "v"}) + b"\x02\x05"
+                 + b"\x04user" + b"\x03app" + b"\x017")
+        self.assertEqual(publish_seq(props, 0, len(props)), 7)
+        with self.assertRaises(BadFrame):
+            publish_seq(props, 0, len(props) - 1)
+        self.assertIsNone(publish_seq(props[:-2] + b"\x01x", 0, len(props)))  # not a number: matches nothing
+
+    def test_an_earlier_magnets_sequence_header_is_still_read_and_taken_out(self) -> None:
+        props = encode_properties(Message(body=b"x", headers={"a": 1, PUBLISH_SEQ_HEADER: 42}))
+        self.assertEqual(publish_seq(props, 0, len(props)), 42)
+        decoded, seq = decode_properties(props, 0, b"x")
         self.assertEqual(seq, 42)
         self.assertEqual(decoded.headers, {"a": 1})
-        self.assertNotIn(PUBLISH_SEQ_HEADER, message.headers)  # the caller's message is untouched
 
     def test_properties_magnet_does_not_keep_are_skipped(self) -> None:
         # content-encoding (bit 14), priority (bit 11), user-id/app-id/cluster-id are ignored
