@@ -529,9 +529,14 @@ class DistPartition:
                                f"{done.stderr.decode(errors='replace')[-300:]}")
         return done
 
-    def isolate(self, node: Any, others: Sequence[Any], silence_ports: Sequence[int] = ()) -> None:
+    def isolate(self, node: Any, others: Sequence[Any], silence_ports: Sequence[int] = (),
+                target: Sequence[str] = ("DROP",)) -> None:
         """Drop every packet of C{node}'s cluster links with C{others}, and
-        every packet to or from C{silence_ports} (e.g. C{node.port}: its
+        C{target}: DROP (silence, a dead network: the other side learns
+        it only when C{net_ticktime} runs out, and every attempt to reach the
+        node again waits for C{net_setuptime}) or e.g. REJECT --reject-with
+        tcp-reset (a firewall that refuses: the links fail at once). Every
+        packet to or from C{silence_ports} is dropped (e.g. C{node.port}: its
         AMQP clients' links go silent too, and new ones are never answered)."""
         self.rules = []
         for port in silence_ports:
@@ -540,8 +545,8 @@ class DistPartition:
         for other in others:
             for a, b in ((node, other), (other, node)):
                 # a's link to b (a connects from a.dist_ip to b's dist_port) and b's answers
-                self.rules.append(["-p", "tcp", "-s", a.dist_ip, "--dport", str(b.dist_port), "-j", "DROP"])
-                self.rules.append(["-p", "tcp", "-d", a.dist_ip, "--sport", str(b.dist_port), "-j", "DROP"])
+                self.rules.append(["-p", "tcp", "-s", a.dist_ip, "--dport", str(b.dist_port), "-j", *target])
+                self.rules.append(["-p", "tcp", "-d", a.dist_ip, "--sport", str(b.dist_port), "-j", *target])
         self._ipt("-N", self.chain)
         for rule in self.rules:
             self._ipt("-A", self.chain, *rule)
