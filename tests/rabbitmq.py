@@ -410,6 +410,9 @@ class PrivateRabbitMQ:
         self.dist_port = dist_port or free_port()
         self.process = None
         self._logfile = None
+        #: more ``erl`` arguments for the node and its rabbitmqctl (e.g.
+        #: ``-kernel net_ticktime 6``: both ends of a link should agree)
+        self.extra_erl_flags = ""
         self.tls_port = None
         self.ca = None
         self.tls_cert_file = None
@@ -551,7 +554,8 @@ class PrivateRabbitMQ:
             "RABBITMQ_ENABLED_PLUGINS": "",
             "RABBITMQ_PID_FILE": self.pid_file,
             "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "ERL_FLAGS": ("-kernel inet_dist_use_interface {127,0,0,1} "
+                          + self.extra_erl_flags).strip(),
         })
         env.setdefault("LANG", "C.UTF-8")
         env.setdefault("LC_ALL", "C.UTF-8")

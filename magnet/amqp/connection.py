@@ -334,7 +334,7 @@ class Link:
 
     def _wait_link(self, timeout: Optional[float]) -> Deferred:
         """Fires with the protocol once the link is up; L{NotConnected} after C{timeout}."""
-        if self.connected and self._protocol is not None and not self._protocol.closed:
+        if self.connected and self._protocol is not None and not self._protocol.going:
             return succeed(self._protocol)
         if self._stopping:
             return defer.fail(NotConnected("the transport is stopped"))
@@ -370,9 +370,10 @@ class Link:
             try:
                 result = yield run(protocol)
             except Closed as e:
-                if protocol.lost or protocol.closed or protocol is not self._protocol:
-                    # the link went down under it (or the broker closed it): try again on the next
-                    # one, after a pause, so that this never spins while the old link is going
+                if protocol.going or protocol is not self._protocol:
+                    # the link went down under it (or the broker closed it: a node that stops or
+                    # pauses closes with 320 CONNECTION_FORCED): try again on the next one, after a
+                    # pause, so that this never spins while the old link is going
                     yield deferLater(self.reactor, 0.05, lambda: None)
                     continue
                 raise channel_error(e) from None

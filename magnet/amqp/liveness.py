@@ -140,7 +140,7 @@ class LivenessCheck:
             ok = yield transport._control_call(protocol, lambda ch: ch.queue_declare(queue=queue, passive=True),
                                                drop_link=False)
         except Closed as e:
-            if protocol.lost:
+            if protocol.going:  # the link went (e.g. the node paused): nothing to say of the queue
                 return None
             error = channel_error(e)
             if isinstance(error, ChannelError) and error.reply_code == 404:

@@ -191,6 +191,15 @@ class _AMQPProtocol(AMQClient):
         self.tls_error: Optional[str] = None
         self._tls_timer: Any = None
 
+    @property
+    def going(self) -> bool:
+        """The link is gone or on its way: the socket is lost, the client closed
+        it, or the broker sent connection.close (a node that stops or pauses:
+        320 CONNECTION_FORCED). txAMQP fails every waiting method with Closed
+        before it marks the connection closed, so C{closed} alone is still
+        false for whoever that Closed reaches; C{close_reason} is set first."""
+        return self.lost or self.closed or self.close_reason is not None
+
     def handshakeCompleted(self) -> None:
         """The TLS handshake is done (L{IHandshakeListener}): the broker's certificate passed."""
         self.tls_done = True

@@ -581,7 +581,7 @@ class AMQPTransport(Publishing):
                 yield step()
                 return
             except Closed as e:
-                if protocol.lost:
+                if protocol.going:  # the link went, not a refusal of this step: the attempt fails
                     raise
                 error = channel_error(e)
             locked = isinstance(error, ChannelError) and error.reply_code == 405

@@ -9,7 +9,9 @@
   rabbitmqctl cannot manage the broker. Never stopped.
 - ``private_rabbitmq`` / ``private_rabbitmq_factory`` (tests/conftest.py): nodes
   of the test's own, for the faults that kill or restart a broker.
-- ``rabbit_cluster``: three private nodes joined in one RabbitMQ cluster.
+- ``rabbit_cluster``: three private nodes joined in one RabbitMQ cluster;
+  ``rabbit_cluster_pause_minority``: the same with ``pause_minority`` and a
+  short ``net_ticktime``, for the partition scenario.
 - ``nodes``: a list; every ``faultlib.Node`` put in it is killed at teardown.
 - ``buses``: ``make(urls, **options)`` -> a started magnet Bus, stopped at teardown.
 - ``upstream``: the real DAP upstream (pydap's server, plus /big/ and /pattern/).
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, List
+from typing import Any, List, Optional
 
 import pytest
 import pytest_twisted
@@ -94,12 +96,30 @@ class Cluster:
         return next(n for n in self.nodes if n.port == port)
 
 
-def form_cluster(make_node: Any, size: int = 3) -> Cluster:
+def form_cluster(make_node: Any, size: int = 3, partition_handling: Optional[str] = None,
+                 net_ticktime: Optional[int] = None) -> Cluster:
     """Start C{size} private nodes sharing one cookie and join them to the
     first (stop_app, reset, join_cluster, start_app). Fails with rabbitmqctl's
-    own words if the cluster cannot be formed."""
+    own words if the cluster cannot be formed.
+
+    Node i opens its links to the other nodes from a loopback address of its
+    own (C{node.dist_ip}, 127.0.0.(40+i)), so a firewall rule can tell them
+    apart (faultlib.DistPartition). C{partition_handling} is RabbitMQ's
+    C{cluster_partition_handling}; C{net_ticktime} (seconds, the node and its
+    rabbitmqctl alike) bounds how long a silent link takes to count as down
+    (RabbitMQ's default is 60 s)."""
     started = time.monotonic()
     nodes = [make_node(start=False) for _ in range(size)]
+    base = 40 + (os.getpid() % 50) * 4
+    for i, n in enumerate(nodes):
+        n.dist_ip = f"127.0.0.{base + i}"
+        with open(os.path.join(n.basedir, "advanced.config"), "w") as f:
+            f.write("[{kernel, [{inet_dist_connect_options, [{ip, {%s}}]}]}].\n" % n.dist_ip.replace(".", ","))
+        if partition_handling:
+            with open(os.path.join(n.basedir, "rabbitmq.conf"), "a") as f:
+                f.write(f"cluster_partition_handling = {partition_handling}\n")
+        if net_ticktime:
+            n.extra_erl_flags = f"-kernel net_ticktime {int(net_ticktime)}"
     cookie_of = lambda n: os.path.join(n.basedir, "home", ".erlang.cookie")  # noqa: E731
     with open(cookie_of(nodes[0])) as f:
         cookie = f.read()
@@ -130,3 +150,11 @@ def form_cluster(make_node: Any, size: int = 3) -> Cluster:
 @pytest.fixture
 def rabbit_cluster(private_rabbitmq_factory: Any) -> Any:
     return form_cluster(private_rabbitmq_factory)
+
+
+@pytest.fixture
+def rabbit_cluster_pause_minority(private_rabbitmq_factory: Any) -> Any:
+    """Three nodes with C{cluster_partition_handling = pause_minority} and a
+    6 s C{net_ticktime}: a node cut off from the other two pauses within
+    about 6-8 s, and comes back by itself once its links do."""
+    return form_cluster(private_rabbitmq_factory, partition_handling="pause_minority", net_ticktime=6)

@@ -33,7 +33,7 @@ if str(OOIDX_TESTS) not in sys.path:
 
 from twistd_helpers import Daemon, environment, eventually, free_port, write_config  # noqa: E402
 
-__all__ = ["Daemon", "Node", "start_node", "TcpFaultProxy", "TaskProducer", "HttpLoad", "http_fetch",
+__all__ = ["Daemon", "Node", "start_node", "TcpFaultProxy", "DistPartition", "partition_unavailable", "TaskProducer", "HttpLoad", "http_fetch",
            "sleep", "eventually", "free_port", "TOKEN", "metric_value"]
 
 TOKEN = "reliability-token-" + uuid.uuid4().hex
@@ -480,3 +480,94 @@ class TcpFaultProxy:
         self.stalled = False
         self._listener.close()
         self.drop()
+
+
+# --------------------------------------------------------------------------- #
+# a network partition between RabbitMQ cluster nodes
+
+
+def partition_unavailable() -> Optional[str]:
+    """Why L{DistPartition} cannot work here (no iptables, not root, no
+    netfilter), or None when it can."""
+    import shutil
+    import subprocess
+    if shutil.which("iptables") is None:
+        return "iptables is not installed"
+    try:
+        done = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"iptables -S INPUT: {e}"
+    if done.returncode != 0:
+        return f"iptables -S INPUT exited {done.returncode}: {done.stderr.decode(errors='replace')[-300:]}"
+    return None
+
+
+class DistPartition:
+    """Cuts one RabbitMQ node off from the others of its cluster, with
+    iptables, on the Erlang distribution links only: AMQP (clients) and
+    rabbitmqctl (from 127.0.0.1) still reach every node.
+
+    Every node listens for its cluster links on its own C{dist_port} and
+    opens links to the others from its own loopback address C{dist_ip}
+    (conftest.form_cluster), so the links of node C with node A are exactly
+    the packets from C{C.dist_ip} to C{A.dist_port} and back, and from
+    C{A.dist_ip} to C{C.dist_port} and back. The rules DROP them in a chain
+    of their own jumped to from INPUT (on loopback every packet passes
+    INPUT): silence, as a dead network, not a reset, so the nodes learn of
+    it only when C{net_ticktime} runs out. L{heal} deletes the chain."""
+
+    def __init__(self) -> None:
+        self.chain = f"ooidx-part-{uuid.uuid4().hex[:8]}"
+        self.cut = False
+        self.rules: List[List[str]] = []
+
+    def _ipt(self, *args: str, check: bool = True) -> "Any":
+        import subprocess
+        done = subprocess.run(["iptables", "-w", "10", *args], capture_output=True, timeout=30)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"iptables {' '.join(args)} exited {done.returncode}: "
+                               f"{done.stderr.decode(errors='replace')[-300:]}")
+        return done
+
+    def isolate(self, node: Any, others: Sequence[Any], silence_ports: Sequence[int] = (),
+                target: Sequence[str] = ("DROP",)) -> None:
+        """Drop every packet of C{node}'s cluster links with C{others}, and
+        C{target}: DROP (silence, a dead network: the other side learns
+        it only when C{net_ticktime} runs out, and every attempt to reach the
+        node again waits for C{net_setuptime}) or e.g. REJECT --reject-with
+        tcp-reset (a firewall that refuses: the links fail at once). Every
+        packet to or from C{silence_ports} is dropped (e.g. C{node.port}: its
+        AMQP clients' links go silent too, and new ones are never answered)."""
+        self.rules = []
+        for port in silence_ports:
+            self.rules.append(["-p", "tcp", "--dport", str(port), "-j", "DROP"])
+            self.rules.append(["-p", "tcp", "--sport", str(port), "-j", "DROP"])
+        for other in others:
+            for a, b in ((node, other), (other, node)):
+                # a's link to b (a connects from a.dist_ip to b's dist_port) and b's answers
+                self.rules.append(["-p", "tcp", "-s", a.dist_ip, "--dport", str(b.dist_port), "-j", *target])
+                self.rules.append(["-p", "tcp", "-d", a.dist_ip, "--sport", str(b.dist_port), "-j", *target])
+        self._ipt("-N", self.chain)
+        for rule in self.rules:
+            self._ipt("-A", self.chain, *rule)
+        self._ipt("-I", "INPUT", "-j", self.chain)
+        self.cut = True
+
+    def dropped(self) -> int:
+        """Packets dropped so far (the proof that the cut cut something)."""
+        done = self._ipt("-L", self.chain, "-n", "-v", "-x", check=False)
+        total = 0
+        for line in done.stdout.decode(errors="replace").splitlines()[2:]:
+            fields = line.split()
+            if fields and fields[0].isdigit():
+                total += int(fields[0])
+        return total
+
+    def heal(self) -> None:
+        """Remove the rules: the links come back (the nodes reconnect)."""
+        if not self.cut:
+            return
+        self._ipt("-D", "INPUT", "-j", self.chain, check=False)
+        self._ipt("-F", self.chain, check=False)
+        self._ipt("-X", self.chain, check=False)
+        self.cut = False

@@ -219,3 +219,54 @@ class LifecycleTests(SynchronousTestCase):
         h.clock.advance(2)
         h.pump()
         self.assertIn("did not complete within 2.0 s", h.transport.last_error or "")
+
+
+class BrokerClosesTheConnectionTests(SynchronousTestCase):
+    """A node that pauses (RabbitMQ's pause_minority in a partition) or stops
+    closes its clients' connections with connection.close 320
+    CONNECTION_FORCED. txAMQP fails every waiting method with Closed before it
+    marks the connection closed: an operation waiting then is the link's loss,
+    tried again on the next node, not a channel error for the caller."""
+
+    def _forced_close(self, h: Harness) -> None:
+        h.broker.feed(method(0, "connection.close", reply_code=320,
+                             reply_text="CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'"))
+
+    def test_an_operation_waiting_when_the_broker_closes_the_connection_goes_to_the_next_node(self) -> None:
+        h = Harness(["amqp://a/", "amqp://b/"])
+        first = h.up()
+        first.hold.add("queue.declare")
+        d = h.transport.declare_queue("q")
+        h.pump()
+        self.assertNoResult(d)
+        self._forced_close(h)
+        self.assertNoResult(d)  # not ChannelError(320)
+        h.clock.advance(0.1)
+        h.pump()
+        self.successResultOf(d)
+        self.assertEqual(h.attempts, ["a", "b"])
+        self.assertIn("queue.declare", h.broker.names())
+        self.assertIsNot(h.broker, first)
+
+    def test_a_replay_step_cut_by_a_forced_close_is_not_logged_as_a_refusal(self) -> None:
+        h = Harness(["amqp://a/", "amqp://b/"])
+        h.up()
+        self.successResultOf(self._declared(h))
+        h.broker.drop()
+        h.clock.advance(0)  # at once to b, whose replay of the queue is held...
+        h.brokers[-1].hold.add("queue.declare")
+        h.pump()
+        self.assertFalse(h.transport.connected)
+        refusals: list = []
+        from twisted.logger import globalLogPublisher
+        observer = lambda event: refusals.append(event) if "refused the" in event.get("log_format", "") else None  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self._forced_close(h)  # ...and b closes the connection meanwhile
+        self.assertEqual(refusals, [])
+        self.assertFalse(h.transport.connected)
+
+    def _declared(self, h: Harness) -> object:
+        d = h.transport.declare_queue("q")
+        h.pump()
+        return d
