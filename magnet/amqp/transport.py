@@ -213,6 +213,8 @@ class AMQPTransport(Publishing):
             self._control = None
             # the next link starts unblocked: publishes held for this one wait for it instead
             self._release_held()
+            if protocol.blocked is not None:
+                self._notify_blocked(None)
 
     # -- declarations
 

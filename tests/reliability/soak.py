@@ -36,6 +36,8 @@ import itertools
 import json
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
+#: the checkout (scripts/soak is there)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -57,6 +60,29 @@ HOT = ["sst.das", "sst.dds", "sst.dods", "series.das", "series.dods", "sst.dods?
        "grid.das", "timeseries.dds"]
 #: The datasets whose files change (ooidx.demo.sample), refreshed after each change.
 CHANGING = ("timeseries", "profile", "grid")
+
+
+#: With --tracemalloc: the daemon traces its allocations and writes a snapshot on SIGUSR2 (to the path in
+#: OOIDX_SOAK_TRACEMALLOC, numbered), at the end of the warm-up and at the end of the load.
+TRACEMALLOC_PRELUDE = (
+    "import os, signal, tracemalloc, itertools\n"
+    "tracemalloc.start(12)\n"
+    "_n = itertools.count(1)\n"
+    "signal.signal(signal.SIGUSR2, lambda *_: tracemalloc.take_snapshot().dump("
+    "os.environ['OOIDX_SOAK_TRACEMALLOC'] + '.' + str(next(_n))))\n")
+
+
+def tracemalloc_report(first: Path, second: Path, limit: int = 25) -> str:
+    """What grew between two snapshots, by traceback (the largest first)."""
+    import tracemalloc
+    a, b = tracemalloc.Snapshot.load(str(first)), tracemalloc.Snapshot.load(str(second))
+    keep = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
+    a, b = a.filter_traces(keep), b.filter_traces(keep)
+    lines = []
+    for stat in b.compare_to(a, "traceback")[:limit]:
+        lines.append(f"{stat.size_diff / 1024:+.1f} KiB in {stat.count_diff:+d} blocks (now {stat.size / 1024:.1f} KiB)")
+        lines.extend("    " + line for line in stat.traceback.format(limit=8))
+    return "\n".join(lines)
 
 
 def log(text: str) -> None:
@@ -125,14 +151,19 @@ def pending(web_port: int) -> Tuple[float, Dict[str, float]]:
     return (sum(kinds.values()) if kinds else float("nan")), kinds
 
 
-def queues(vhost: str) -> Dict[str, int]:
+def local_ctl(*args: str) -> Tuple[int, str]:
+    """rabbitmqctl of the machine's default node: (exit status, output)."""
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout + done.stderr
+
+
+def queues(ctl: Any, vhost: str) -> Dict[str, int]:
     """name -> messages (ready and unacknowledged) of every queue in C{vhost}."""
-    done = subprocess.run(["rabbitmqctl", "list_queues", "-p", vhost, "name", "messages", "-q",
-                           "--no-table-headers"], capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl list_queues: {done.stderr.strip() or done.stdout.strip()}")
+    status, text = ctl("list_queues", "-p", vhost, "name", "messages", "-q", "--no-table-headers")
+    if status != 0:
+        raise RuntimeError(f"rabbitmqctl list_queues: {text.strip()[-500:]}")
     out = {}
-    for line in done.stdout.splitlines():
+    for line in text.splitlines():
         parts = line.rsplit("\t", 1)
         if len(parts) == 2 and parts[1].strip().isdigit():
             out[parts[0]] = int(parts[1])
@@ -260,7 +291,19 @@ class EventStream(Stoppable):
         self.events = 0
         self.reconnects = 0
         self.last_id: Optional[str] = None
+        self.conn: Optional[http.client.HTTPConnection] = None
         self.spawn(self._run)
+
+    def halt(self, timeout: float = 30.0) -> None:
+        """Stop, dropping the stream now (its reader would wait for the next keep-alive)."""
+        self.stop.set()
+        conn = self.conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(2)
+            except OSError:
+                pass
+        super().halt(timeout)
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -268,7 +311,7 @@ class EventStream(Stoppable):
             if self.last_id:
                 headers["Last-Event-ID"] = self.last_id
             # longer than the stream's keep-alive (15 s): a socket that timed out cannot be read again
-            conn = http.client.HTTPConnection("127.0.0.1", self.web_port, timeout=30)
+            conn = self.conn = http.client.HTTPConnection("127.0.0.1", self.web_port, timeout=30)
             until = time.monotonic() + self.every
             try:
                 conn.request("GET", self.path, headers=headers)
@@ -415,19 +458,35 @@ def run(options: argparse.Namespace) -> int:
     from tests.reliability.hostile_node import own_vhost, start_node, stop_node
     from tests.support import vhost as support_vhost
 
+    began = time.monotonic()
     out = Path(options.out).resolve()
     workdir = out / "run"
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists():
+        shutil.rmtree(workdir)  # a node of an earlier run left its datasets there
+    workdir.mkdir(parents=True)
     seconds = options.minutes * 60.0
     warmup = options.warmup if options.warmup is not None else min(300.0, seconds / 3)
     broker = options.broker
-    if not support_vhost.manageable(broker):
-        log(f"cannot manage the broker of {broker} with rabbitmqctl here (queue depths need it)")
-        return 2
-    vhost_url, delete_vhost = own_vhost(broker, "soak")
-    vhost = vhost_url.rsplit("/", 1)[1]
-    from urllib.parse import unquote
-    vhost = unquote(vhost)
+    rabbit = None
+    if broker == "private":
+        from tests.rabbitmq import PrivateRabbitMQ, ensure_rabbitmq_server
+        rabbit = PrivateRabbitMQ(tmpdir=str(out / "rabbitmq"), bindir=ensure_rabbitmq_server(log=log))
+        rabbit.start()
+        log(f"private RabbitMQ node {rabbit.nodename} at {rabbit.url}")
+        vhost_url, delete_vhost, vhost = rabbit.url, (lambda: None), "/"
+
+        def ctl(*args: str) -> Tuple[int, str]:
+            done = rabbit.ctl(*args, timeout=60)
+            return done.returncode, done.stdout.decode(errors="replace")
+    else:
+        if not support_vhost.manageable(broker):
+            log(f"cannot manage the broker of {broker} with rabbitmqctl here (queue depths need it); "
+                f"--broker private starts a node of the soak's own")
+            return 2
+        vhost_url, delete_vhost = own_vhost(broker, "soak")
+        from urllib.parse import unquote
+        vhost = unquote(vhost_url.rsplit("/", 1)[1])
+        ctl = local_ctl
     updir = workdir / "upstream"
     make_files(updir)
     sample.write_all(updir, 0)
@@ -437,7 +496,10 @@ def run(options: argparse.Namespace) -> int:
     loads: List[Stoppable] = []
     samples: List[Sample] = []
     try:
+        if options.tracemalloc:
+            os.environ["OOIDX_SOAK_TRACEMALLOC"] = str(out / "tracemalloc")
         node = start_node(workdir, "soak", broker=vhost_url, upstream_port=up.port,
+                          prelude=TRACEMALLOC_PRELUDE if options.tracemalloc else None,
                           extra_security={"allow_hosts": [f"127.0.0.1:{up.port}", f"127.0.0.1:{hook.port}"]},
                           timeouts={"shutdown": 5, "rpc": 10},
                           logging={"format": "text", "level": "info"})
@@ -477,7 +539,7 @@ def run(options: argparse.Namespace) -> int:
         started = time.monotonic()
 
         def look(phase: str) -> Sample:
-            depths = queues(vhost)
+            depths = queues(ctl, vhost)
             live = {q: n for q, n in depths.items() if not q.endswith(".dead")}
             deepest = max(live.items(), key=lambda kv: kv[1], default=("", 0))
             total, kinds = pending(node.web_port)
@@ -494,12 +556,18 @@ def run(options: argparse.Namespace) -> int:
             return s
 
         next_at = started
+        snapped = False
         while time.monotonic() - started < seconds:
             if not node.alive():
                 raise RuntimeError(f"the node died\n{node.describe()}")
             look("load")
+            if options.tracemalloc and not snapped and time.monotonic() - started >= warmup:
+                os.kill(node.pid, signal.SIGUSR2)
+                snapped = True
             next_at += options.every
             time.sleep(max(0.0, next_at - time.monotonic()))
+        if options.tracemalloc:
+            os.kill(node.pid, signal.SIGUSR2)
         for load in producers:
             load.halt()
         stopped = time.monotonic()
@@ -512,10 +580,20 @@ def run(options: argparse.Namespace) -> int:
                 drained_after = time.monotonic() - stopped
             if drained_after is not None:
                 after += 1
-                if after >= 3:
+                if after >= 2:  # the sample that found them empty, and one more for what is still pending
                     break
             time.sleep(min(options.every, 5.0))
         checks = soakstats.verdict(samples, warmup, options.every, drained_after, options.drain)
+        if options.tracemalloc:
+            first, second = out / "tracemalloc.1", out / "tracemalloc.2"
+            for _ in range(120):
+                if second.exists() and first.exists():
+                    break
+                time.sleep(1)
+            time.sleep(2)
+            report = tracemalloc_report(first, second)
+            (out / "tracemalloc.txt").write_text(report + "\n")
+            log(f"what grew in the daemon after the warm-up: {out}/tracemalloc.txt")
         problems = [p for load in loads for p in load.problems]
         extra = {"minutes": options.minutes, "every": options.every, "warmup_s": warmup,
                  "requests": clients.requests, "errors_sample": clients.errors[:10],
@@ -534,7 +612,8 @@ def run(options: argparse.Namespace) -> int:
                              f"{options.every:g} s")
         print(table)
         print(json.dumps(extra, indent=2))
-        log(f"verdict: {'PASS' if soakstats.passed(checks) else 'FAIL'}; {out}/soak.png, verdict.md, summary.json")
+        log(f"verdict: {'PASS' if soakstats.passed(checks) else 'FAIL'}; {out}/soak.png, verdict.md, summary.json "
+            f"({time.monotonic() - began:.0f} s in all)")
         return 0 if soakstats.passed(checks) else 1
     except Exception:
         traceback.print_exc()
@@ -548,10 +627,13 @@ def run(options: argparse.Namespace) -> int:
             if isinstance(load, PubSubChurn):
                 load.halt_consumers()
         if node is not None:
+            log("stopping the node")
             stop_node(node)
         up.stop()
         hook.close()
         delete_vhost()
+        if rabbit is not None:
+            rabbit.stop()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -567,8 +649,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--change-every", type=float, default=30.0, help="seconds between upstream changes (30)")
     parser.add_argument("--churn-every", type=float, default=20.0, help="seconds between pub_sub subscribers (20)")
     parser.add_argument("--sse-every", type=float, default=60.0, help="seconds an event stream stays open (60)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="trace the daemon's allocations; write what grew after the warm-up to tracemalloc.txt")
     parser.add_argument("--broker", default=os.environ.get("OOIDX_SOAK_BROKER", "amqp://guest:guest@127.0.0.1:5672/"),
-                        help="a RabbitMQ that rabbitmqctl here manages (a vhost of the soak's own is made)")
+                        help="a RabbitMQ that rabbitmqctl here manages (a vhost of the soak's own is made), "
+                             "or 'private': a RabbitMQ node of the soak's own, stopped at the end")
     options = parser.parse_args(argv)
     if options.minutes <= 0 or options.every <= 0:
         parser.error("--minutes and --every must be positive")
