@@ -393,6 +393,11 @@ class Proxy(Listens, Component):
                     self._waiting.discard(exchange)
             except Exception as e:  # noqa: BLE001 - every failure before the headers is an HTTP error
                 error = as_http_error(e, self.name)
+                blocked = getattr(self.bus, "blocked", None)
+                if blocked and error.status in (502, 503, 504):
+                    # a publish written just before the broker said it blocks (its confirm held) fails
+                    # as a timeout: the client is told why, and when to come back
+                    error = blocked_error(blocked)
                 if not gone:
                     self._send_error(request, error)
                 self.log.info("{component} {method} {uri} -> {status} {kind}: {message}", component=self.name,

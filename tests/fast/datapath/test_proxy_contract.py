@@ -323,3 +323,17 @@ class BrokerBlockedTests(FastCase):
         self.bus.tell = real_tell  # type: ignore[method-assign]
         settle(self.clock)
         self.assertEqual(proxy._exchanges, set())
+
+    def test_a_timeout_while_the_broker_blocks_is_503_blocked(self) -> None:
+        # a request whose publish went out just before the block: its confirm is held, the lookup times out
+        self.start()
+        d: defer.Deferred = defer.Deferred()
+        self.bus.tell = lambda *a, **k: d  # type: ignore[method-assign]
+        connection = self.open(UP + ".dds")
+        settle(self.clock)
+        self.broker.blocked = "low on memory"  # the broker blocks, but its notice has not come yet
+        self.clock.advance(30.0)
+        settle(self.clock)
+        response = connection.response()
+        self.assertEqual((response.status, response.header("X-Ooidx-Error")), (503, "BrokerBlocked"))
+        self.broker.blocked = None
