@@ -292,6 +292,42 @@ class Bus(Service):
     def when_connected(self, timeout: Optional[float] = None) -> Deferred:
         return self.transport.when_connected(self.send_timeout if timeout is None else timeout)
 
+    @property
+    def blocked(self) -> Optional[str]:
+        """The broker's reason while it blocks publishers (RabbitMQ's memory or disk
+        alarm, C{connection.blocked}: "low on memory"), else None. Every send and
+        call waits (then fails) while it lasts; a caller that must answer quickly
+        (an HTTP edge) answers at once instead."""
+        return getattr(self.transport, "blocked", None)
+
+    def add_block_listener(self, listener: Callable[[Optional[str]], None]) -> None:
+        """C{listener(reason)} when the broker starts blocking publishers,
+        C{listener(None)} when it stops (a transport that cannot tell never calls it)."""
+        add = getattr(self.transport, "add_block_listener", None)
+        if callable(add):
+            add(listener)
+
+    def pending(self) -> Dict[str, int]:
+        """What this bus is waiting on now, by kind: the Deferreds a leak would
+        pile up, for a gauge (C{magnet_pending} on the daemon's /metrics) and
+        a soak that watches it from outside.
+
+        C{calls}: RPC calls waiting for their reply; C{sends}: sends waiting
+        for the broker's confirm within the send timeout; C{handlers}:
+        handlers running; C{listeners}: private listen addresses open (one
+        per proxied request or stream being received); C{streams}: streams
+        arriving at them; plus what the transport waits on (its own
+        C{pending()}, e.g. C{unconfirmed} publishes and publishes C{held}
+        while the broker blocks publishers)."""
+        calls = len(self._pending_calls)
+        out = {"calls": calls, "sends": max(0, len(self._deadlines) - calls), "handlers": self._inflight,
+               "listeners": len(self._private_listeners),
+               "streams": sum(len(listener._streams) for listener in list(self._private_listeners))}
+        transport_pending = getattr(self.transport, "pending", None)
+        if callable(transport_pending):
+            out.update(transport_pending())
+        return out
+
     # topology --------------------------------------------------------------
 
     def declare_worker_queue(self, name: str) -> Deferred:

@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from magnet.errors import MagnetError, NotConnected, Unroutable
+from magnet.errors import Blocked, MagnetError, NotConnected, Unroutable
 from magnet.message import Message
 from magnet.transport import BCC_HEADER, CC_HEADER, DEFAULT_EXCHANGE, LinkListener, OnDelivery
 
@@ -236,6 +236,26 @@ class MemoryBroker:
         self.clock = clock
         self.queues: Dict[str, _Queue] = {}
         self.exchanges: Dict[str, Tuple[str, set]] = {}
+        #: the connections started on this broker (told when it blocks publishers)
+        self.transports: List["MemoryTransport"] = []
+        #: why the broker blocks publishers (as RabbitMQ's connection.blocked says), None when it does not
+        self.blocked: Optional[str] = None
+
+    def block(self, reason: str = "low on memory") -> None:
+        """Block publishers, as RabbitMQ does on a memory or disk alarm
+        (C{connection.blocked} with C{reason}): every publish is held until
+        L{unblock}, or until its sender gives up (the bus's send timeout
+        cancels it), when it fails with L{Blocked}, naming the alarm.
+        Consuming and acking go on. Each connection's block listeners are told."""
+        self.blocked = reason
+        for transport in list(self.transports):
+            transport._blocked_changed(reason)
+
+    def unblock(self) -> None:
+        """Lift the block (C{connection.unblocked}): the held publishes go out, in order."""
+        self.blocked = None
+        for transport in list(self.transports):
+            transport._blocked_changed(None)
 
     def declare_queue(self, name: str, owner: "MemoryTransport", durable: bool, exclusive: bool,
                       auto_delete: bool, arguments: Mapping[str, Any]) -> None:
@@ -352,6 +372,8 @@ class MemoryTransport:
         self.connected = False
         self._stopped = False
         self._listeners: List[LinkListener] = []
+        self._block_listeners: List[Callable[[Optional[str]], None]] = []
+        self._held: List[Tuple[Deferred, Callable[[], Deferred]]] = []
         self.consumers: List[MemoryConsumer] = []
 
     # link ---------------------------------------------------------------
@@ -359,17 +381,44 @@ class MemoryTransport:
     def start(self) -> None:
         self._stopped = False
         self.connected = True
+        if self not in self.broker.transports:
+            self.broker.transports.append(self)
         for listener in list(self._listeners):
             listener(True)
 
     def stop(self) -> Deferred:
+        if self in self.broker.transports:
+            self.broker.transports.remove(self)
         if self.connected:
             self.connected = False
             self._stopped = True
             self.broker.disconnect(self)
+            held, self._held = self._held, []
+            for d, _ in held:
+                d.errback(NotConnected("memory transport stopped while the broker blocked publishers"))
             for listener in list(self._listeners):
                 listener(False)
         return succeed(None)
+
+    @property
+    def blocked(self) -> Optional[str]:
+        """The broker's reason while it blocks publishers (L{MemoryBroker.block}), else None."""
+        return self.broker.blocked if self.connected else None
+
+    def add_block_listener(self, listener: Callable[[Optional[str]], None]) -> None:
+        """C{listener(reason)} when the broker starts blocking publishers, C{listener(None)} when it stops."""
+        self._block_listeners.append(listener)
+
+    def _blocked_changed(self, reason: Optional[str]) -> None:
+        if reason is None:
+            held, self._held = self._held, []
+            for d, publish in held:
+                publish().chainDeferred(d)
+        for listener in list(self._block_listeners):
+            try:
+                listener(reason)
+            except Exception:
+                self.log.failure("block listener {listener!r} raised", listener=listener)
 
     def when_connected(self, timeout: Optional[float] = None) -> Deferred:
         if self.connected:
@@ -410,6 +459,28 @@ class MemoryTransport:
     def publish(self, exchange: str, routing_key: str, message: Message, *, mandatory: bool = True) -> Deferred:
         if not self.connected:
             return fail(NotConnected("memory transport is not started"))
+        reason = self.broker.blocked
+        if reason is not None:
+            return self._hold(reason, exchange, routing_key, message, mandatory)
+        return self._publish(exchange, routing_key, message, mandatory)
+
+    def _hold(self, reason: str, exchange: str, routing_key: str, message: Message, mandatory: bool) -> Deferred:
+        """As the AMQP transport: a publish while the broker blocks publishers waits for the
+        block to lift; a sender that gives up first (cancels) gets L{Blocked} naming the alarm."""
+        entry: List[Any] = []
+
+        def give_up(d: Deferred) -> None:
+            if entry and entry[0] in self._held:
+                self._held.remove(entry[0])
+            d.errback(Blocked(f"publish to exchange {exchange!r} with routing key {routing_key!r} not sent: the "
+                              f"broker blocks publishers ({reason}; connection.blocked)"))
+
+        held: Deferred = Deferred(give_up)
+        entry.append((held, lambda: self._publish(exchange, routing_key, message, mandatory)))
+        self._held.append(entry[0])
+        return held
+
+    def _publish(self, exchange: str, routing_key: str, message: Message, mandatory: bool) -> Deferred:
         try:
             queues, message = self.broker.route_message(exchange, routing_key, message)
         except MagnetError as e:

@@ -61,6 +61,10 @@ its own connection (so exclusive queues, private listen addresses and
 redelivery on disconnect behave as they do there). L{bus} is the short form
 for one bus on a broker of its own.
 
+A resource alarm is L{MemoryBroker.block} (and C{unblock}): publishes are
+held, a sender that gives up gets L{magnet.Blocked}, and C{bus.blocked} and
+the bus's block listeners say so, as with RabbitMQ's C{connection.blocked}.
+
 What the in-process broker does not imitate: topic exchanges (magnet uses
 fanout and direct only), message TTLs, broker-side dead-letter exchanges
 (magnet dead-letters itself, see L{magnet.bus}), and the network (no

@@ -83,6 +83,12 @@ class Transport(Protocol):
         """C{listener(True)} after every (re)connect and topology replay,
         C{listener(False)} whenever the link goes down."""
 
+    # Optional (both magnet transports have them): C{blocked}, the broker's
+    # reason while it blocks publishers (a memory or disk alarm), else None;
+    # C{add_block_listener(listener)}: C{listener(reason)} when the block
+    # starts, C{listener(None)} when it ends. L{magnet.bus.Bus.blocked} and
+    # L{magnet.bus.Bus.add_block_listener} use them when they are there.
+
     def declare_queue(
         self,
         name: str,

@@ -47,6 +47,22 @@ class Publishing(Link):
         self._publisher: Optional[_PublishChannel] = None
         #: publishes held while the broker blocks publishers (L{_publish_when_unblocked})
         self._held: List[Deferred] = []
+        #: told the broker's reason when it blocks publishers, None when the block ends (or the link goes)
+        self._block_listeners: List[Callable[[Optional[str]], None]] = []
+
+    def add_block_listener(self, listener: Callable[[Optional[str]], None]) -> None:
+        """C{listener(reason)} when the broker starts blocking this link's publishers (a
+        memory or disk alarm: C{connection.blocked}), C{listener(None)} when it lifts the
+        block or the link goes (the next link starts unblocked). So a caller can answer
+        at once what needs a publish, instead of waiting for one to fail."""
+        self._block_listeners.append(listener)
+
+    def _notify_blocked(self, reason: Optional[str]) -> None:
+        for listener in list(self._block_listeners):
+            try:
+                listener(reason)
+            except Exception:
+                self.log.failure("block listener {listener!r} raised", listener=listener)
 
     def publish(self, exchange: str, routing_key: str, message: Message, *, mandatory: bool = True) -> Deferred:
         """Fires once the broker has confirmed the message (see L{Transport.publish})."""
@@ -114,12 +130,16 @@ class Publishing(Link):
         """Called by the protocol: the broker blocks publishers (a resource alarm)."""
         self.log.warn("broker {url} blocks publishers ({reason}); publishes wait at most {timeout:.1f} s for it "
                       "to lift the block", url=protocol.url, reason=reason, timeout=self.operation_timeout)
+        if protocol is self._protocol:
+            self._notify_blocked(reason)
 
     def _connection_unblocked(self, protocol: _AMQPProtocol) -> None:
         """Called by the protocol: the broker lifted the block; the held publishes go out, in order."""
         self.log.info("broker {url} lifted the block on publishers; {count} held publish(es) go out",
                       url=protocol.url, count=len(self._held))
         self._release_held()
+        if protocol is self._protocol:
+            self._notify_blocked(None)
 
     def _release_held(self) -> None:
         held, self._held = self._held, []

@@ -146,6 +146,15 @@ class AMQPTransport(Publishing):
         protocol = self._protocol
         return protocol.blocked if protocol is not None and not protocol.lost else None
 
+    def pending(self) -> Dict[str, int]:
+        """Publishes waiting for the broker's confirm (every publishing channel of the link in
+        use), and publishes held while the broker blocks publishers (see L{magnet.bus.Bus.pending})."""
+        protocol = self._protocol
+        unconfirmed = 0
+        if protocol is not None:
+            unconfirmed = sum(len(f.pending) for f in list(protocol.fast.values()) if isinstance(f, _PublishChannel))
+        return {"unconfirmed": unconfirmed, "held": len(self._held)}
+
     def consumer_health(self) -> Dict[str, Any]:
         """What a health page shows of the consumers: the queues without a consumer now, restarts so far."""
         down: List[str] = sorted({c.queue for c in self._consumers.values() if not c.cancelled and not c.active})
@@ -204,6 +213,8 @@ class AMQPTransport(Publishing):
             self._control = None
             # the next link starts unblocked: publishes held for this one wait for it instead
             self._release_held()
+            if protocol.blocked is not None:
+                self._notify_blocked(None)
 
     # -- declarations
 

@@ -4,20 +4,20 @@ as correlation id) or as an error reply, and how any failure before the
 answer's headers becomes an HTTP error (L{as_http_error})."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from magnet import (ConnectionLost, MagnetError, NotConfirmed, NotConnected, RemoteError, StreamError, Timeout,
+from magnet import (Blocked, ConnectionLost, MagnetError, NotConfirmed, NotConnected, RemoteError, StreamError, Timeout,
                     Unroutable, decode_reply)
 from magnet.rpc import ERROR, REPLY
 
 from ooidx.datapath.proxy_url import ProxyError
 from ooidx.errors import http_status as _errors_status
 
-__all__ = ["Exchange", "as_http_error"]
+__all__ = ["Exchange", "as_http_error", "blocked_error", "RETRY_AFTER_BLOCKED"]
 
 log = Logger()
 
@@ -41,6 +41,33 @@ class Exchange:
         self.answer: Deferred = Deferred()  # fires with a Stream, or fails with ProxyError
         self.stream: Any = None  # the answer being relayed
         self.via: Optional[str] = None
+        self.error: Optional[ProxyError] = None  # why it ended before its answer (L{_fail})
+        self._racing: List[Deferred] = []
+
+    def unless_failed(self, d: Deferred) -> Deferred:
+        """C{d}'s result, or this exchange's error if it fails first (the broker
+        blocked publishers, the link went): a step before the answer (a lookup,
+        the request's publish) need not run to its own timeout then. What C{d}
+        gives later is dropped."""
+        if self.error is not None:
+            d.addErrback(lambda _: None)
+            return fail(self.error)
+        out: Deferred = Deferred()
+        self._racing.append(out)
+
+        def settled(result: Any) -> None:
+            if out in self._racing:
+                self._racing.remove(out)
+            if out.called:
+                return None  # lost the race: dropped (a failure too)
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+            return None
+
+        d.addBoth(settled)
+        return out
 
     def on_message(self, message: Any) -> None:
         if message.correlation_id != self.request_id:
@@ -83,9 +110,28 @@ class Exchange:
         self.answer.callback(stream)
 
     def _fail(self, error: ProxyError) -> None:
+        if self.error is None and not self.answer.called:
+            self.error = error
+        racing, self._racing = self._racing, []
+        for d in racing:
+            if not d.called:
+                d.errback(Failure(error))
         if not self.answer.called:
             self.answer.errback(Failure(error))
 
+
+
+#: Seconds a client is asked to wait (Retry-After) while the broker blocks publishers.
+RETRY_AFTER_BLOCKED = 10
+
+
+def blocked_error(reason: str) -> ProxyError:
+    """The 503 for a request the exchange cannot ask anyone about while the broker
+    blocks publishers (RabbitMQ's memory or disk alarm, C{connection.blocked}):
+    answered at once, naming the alarm as /healthz does, with a Retry-After."""
+    return ProxyError(503, "BrokerBlocked", f"the message broker blocks publishers ({reason}): a resource alarm "
+                      f"on the broker; try again later",
+                      {b"Retry-After": str(RETRY_AFTER_BLOCKED).encode("ascii")})
 
 
 def as_http_error(e: BaseException, component: str = "proxyng") -> ProxyError:
@@ -95,6 +141,8 @@ def as_http_error(e: BaseException, component: str = "proxyng") -> ProxyError:
         return e
     if isinstance(e, RemoteError):
         return ProxyError(http_status(e.remote_type), e.remote_type, e.message)
+    if isinstance(e, Blocked):
+        return blocked_error(str(e))
     if isinstance(e, Unroutable):
         return ProxyError(503, "Unavailable", f"nobody serves the request now ({e})")
     if isinstance(e, (ConnectionLost, NotConnected, NotConfirmed)):

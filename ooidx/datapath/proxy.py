@@ -66,7 +66,10 @@ What the client gets:
     InvalidURL, malformed requests), 403 (Forbidden), 404 (UnknownDataset,
     no such path), 405 (methods other than GET and HEAD), 502
     (UpstreamError, any other remote error), 503 (the bus or the controller
-    is not there), 504 (UpstreamTimeout, no answer within C{answer_timeout}).
+    is not there; C{BrokerBlocked} with C{Retry-After} at once while the
+    broker blocks publishers, a memory or disk alarm, naming it, for new
+    requests and those waiting for their answer), 504 (UpstreamTimeout, no
+    answer within C{answer_timeout}).
 
 The parts, one thing each: L{ooidx.datapath.proxy_url} (what a request asks
 for), L{ooidx.datapath.bases} (a dataset's base URL), L{ooidx.datapath.exchange}
@@ -93,7 +96,7 @@ from ooidx import wire
 from ooidx.component import Component
 from ooidx.config import CacheOptions, ProxyOptions
 from ooidx.datapath.bases import BASE_TTL, BaseURLs
-from ooidx.datapath.exchange import Exchange, as_http_error
+from ooidx.datapath.exchange import Exchange, as_http_error, blocked_error
 from ooidx.datapath.hot import (HOT_BYTES, HOT_TTL, AnsweredCounts, Held, HotResponses, answer_held, drop_on_event,
                                 drop_on_purge, held_from)
 from ooidx.datapath.proxy_url import (DAP_SUFFIXES, ProxyError, Target, dap2_error_body, dap4_error_body,
@@ -201,6 +204,7 @@ class Proxy(Listens, Component):
         self._own: Tuple[str, ...] = ()
         self.active = 0  # requests in progress
         self._waiting: set = set()  # exchanges waiting for their answer to start
+        self._exchanges: set = set()  # every request's exchange until it ends (the broker's blocks fail them)
         self._following_link = False
         self.relayed = 0  # body bytes handed to HTTP transports, in all
         self.max_per_client: int = max_per_client if max_per_client is not None else options.max_per_client
@@ -241,6 +245,9 @@ class Proxy(Listens, Component):
         if not self._following_link:
             self._following_link = True
             self.bus.transport.add_link_listener(self._link_changed)
+            add_block_listener = getattr(self.bus, "add_block_listener", None)
+            if callable(add_block_listener):
+                add_block_listener(self._blocked_changed)
         if self.hot is not None:
             self._follow_changes()
             self._recorder = LoopingCall(self._record_answered)
@@ -351,10 +358,16 @@ class Proxy(Listens, Component):
         method = request.method.decode("ascii")
         self.active += 1
         started = time.monotonic()
+        self._exchanges.add(exchange)
         try:
             try:
+                blocked = getattr(self.bus, "blocked", None)
+                if blocked:
+                    # every step from here needs a publish, which the broker would hold for
+                    # as long as its alarm lasts: answer now, as /healthz says
+                    raise blocked_error(blocked)
                 # by name, the controller resolves the dataset (no store read here); csv needs the URL
-                url = (yield self.bases.url_of(target)) if target.csv else target.url
+                url = (yield exchange.unless_failed(self.bases.url_of(target))) if target.csv else target.url
                 exchange.listener = yield self.bus.listen(exchange.on_message, on_stream=exchange.on_stream) \
                     .addTimeout(self.lookup_timeout, self.clock, _gateway_timeout("making a listen address"))
                 address = exchange.listener.address
@@ -374,7 +387,8 @@ class Proxy(Listens, Component):
                                           request_id=request_id)
                 asking = ("asking the persister" if target.version is not None else
                           "asking csv" if target.csv else "asking the controller")
-                yield asked.addTimeout(self.lookup_timeout, self.clock, _gateway_timeout(asking))
+                yield exchange.unless_failed(asked.addTimeout(self.lookup_timeout, self.clock,
+                                                              _gateway_timeout(asking)))
                 self._waiting.add(exchange)
                 try:
                     stream = yield exchange.answer.addTimeout(self.answer_timeout, self.clock,
@@ -383,6 +397,11 @@ class Proxy(Listens, Component):
                     self._waiting.discard(exchange)
             except Exception as e:  # noqa: BLE001 - every failure before the headers is an HTTP error
                 error = as_http_error(e, self.name)
+                blocked = getattr(self.bus, "blocked", None)
+                if blocked and error.status in (502, 503, 504):
+                    # a publish written just before the broker said it blocks (its confirm held) fails
+                    # as a timeout: the client is told why, and when to come back
+                    error = blocked_error(blocked)
                 if not gone:
                     self._send_error(request, error)
                 self.log.info("{component} {method} {uri} -> {status} {kind}: {message}", component=self.name,
@@ -397,6 +416,9 @@ class Proxy(Listens, Component):
             yield self._relay(request, stream, method, exchange.via, started, url, target.name)
         finally:
             self.active -= 1
+            self._exchanges.discard(exchange)
+            # failed while a step before it ran (a block, a lost link): nobody waits for the answer now
+            exchange.answer.addErrback(lambda _: None)
             if exchange.listener is not None:
                 exchange.listener.close().addErrback(
                     lambda f: self.log.info("{component}: closing {address}: {reason}", component=self.name,
@@ -415,6 +437,22 @@ class Proxy(Listens, Component):
             return None
         self.bases.remember(target.name, url[:len(url) - len(tail)] if tail else url)
         return url
+
+    def _blocked_changed(self, reason: Optional[str]) -> None:
+        """The broker blocks publishers (a memory or disk alarm): no request
+        waiting for its answer (or still asking for it) can get one until the
+        alarm clears, since every answer is published; each is answered 503
+        now, naming the alarm, with a Retry-After, not at the answer timeout.
+        New requests are answered so at once while the block lasts (L{_serve}).
+        Answers already being relayed go on."""
+        if not reason:
+            return
+        exchanges = [e for e in self._exchanges if not e.answer.called]
+        if exchanges:
+            self.log.warn("{component}: the broker blocks publishers ({reason}); {count} request(s) waiting for "
+                          "their answer are answered 503", component=self.name, reason=reason, count=len(exchanges))
+        for exchange in exchanges:
+            exchange._fail(blocked_error(reason))
 
     def _link_changed(self, up: bool) -> None:
         """The bus link went down: the private addresses of the requests waiting

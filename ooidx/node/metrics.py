@@ -72,7 +72,7 @@ import shutil
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.utils import floatToGoString
 from twisted.logger import Logger
@@ -84,7 +84,7 @@ from ooidx.people.records import QUEUE_PREFIX
 
 __all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "ChildMetrics", "MULTIPROC_ENV", "renderer_for",
            "DatasetMetrics", "DATASET_CAP", "DATASET_TTL", "DATASET_TIMEOUT", "OTHER",
-           "CHILD_METRICS_DIR", "prepare_directory", "share_with_daemon"]
+           "CHILD_METRICS_DIR", "prepare_directory", "share_with_daemon", "pending_families"]
 
 log = Logger(namespace="ooidx.node.metrics")
 
@@ -274,9 +274,10 @@ def renderer_for(bus: Any, config: Any = None, *,
         datasets = DatasetMetrics(bus, bus.clock, cap=cap if isinstance(cap, int) else DATASET_CAP)
 
     def generate() -> Tuple[bytes, bytes]:
-        if datasets is None:
-            return observer.generate(), content_type
-        return generate_latest(_Collected(observer.collect() + datasets.families())), content_type
+        families = observer.collect() + pending_families(bus)
+        if datasets is not None:
+            families += datasets.families()
+        return generate_latest(_Collected(families)), content_type
 
     def render(components_up: Mapping[str, bool]) -> Any:
         if components_up:
@@ -286,6 +287,26 @@ def renderer_for(bus: Any, config: Any = None, *,
         return datasets.refresh().addCallback(lambda _: generate())
 
     return render
+
+
+def pending_families(bus: Any) -> List[Metric]:
+    """C{magnet_pending{kind}}: what the daemon's bus waits on now (L{magnet.bus.Bus.pending}:
+    RPC calls, unconfirmed sends, running handlers, private listen addresses, streams,
+    unconfirmed and held publishes). Read when /metrics is asked for, so a Deferred
+    that is never settled shows as a number that only grows (what a soak looks for)."""
+    pending = getattr(bus, "pending", None)
+    if not callable(pending):
+        return []
+    try:
+        figures = pending()
+    except Exception:  # noqa: BLE001 - metrics are a side channel
+        log.failure("metrics: reading the bus's pending work")
+        return []
+    family = GaugeMetricFamily("magnet_pending", "What the bus waits on now, by kind (calls, sends, handlers, "
+                               "listeners, streams, unconfirmed, held)", labels=["kind"])
+    for kind, value in sorted(figures.items()):
+        family.add_metric([kind], float(value))
+    return [family]
 
 
 class _Collected:

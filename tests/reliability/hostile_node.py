@@ -73,7 +73,9 @@ class Node(DaemonNode):
 
 def start_node(tmp: Path, name: str, *, broker: str = "memory://", upstream_port: Optional[int] = None,
                components: Any = None, token: str = TOKEN, extra_security: Optional[Dict[str, Any]] = None,
-               **settings: Any) -> Node:
+               prelude: Optional[str] = None, **settings: Any) -> Node:
+    """C{prelude}: Python statements run in the daemon before twistd starts
+    (twistd_helpers.LAUNCHER), e.g. to start tracemalloc (scripts/soak --tracemalloc)."""
     proxy_port, web_port = free_port(), free_port()
     security: Dict[str, Any] = {"token": token,
                                 "allow_hosts": [f"127.0.0.1:{upstream_port}"] if upstream_port else []}
@@ -82,13 +84,16 @@ def start_node(tmp: Path, name: str, *, broker: str = "memory://", upstream_port
     if broker.startswith("amqp"):
         env = environment(OOIDX_BROKER=broker)
         broker = "amqp://guest@127.0.0.1:5672/"
+    if prelude is not None:
+        env = env or environment()
+        env["OOIDX_TEST_PRELUDE"] = prelude
     settings.setdefault("timeouts", {"shutdown": 3, "rpc": 10})
     data_dir = tmp / f"{name}-data"
     if components is not None:
         settings["components"] = components
     config = write_config(tmp / f"{name}.yaml", node=name, broker=broker, data_dir=str(data_dir),
                           http={"proxy_port": proxy_port, "web_port": web_port}, security=security, **settings)
-    daemon = Daemon(config, env=env)
+    daemon = Daemon(config, env=env, launcher=prelude is not None)
     try:
         daemon.wait_log(f"node {name} started", 90)
     except BaseException:

@@ -5,7 +5,9 @@ done) and proxied requests (hits and misses that cross the bus to a fetcher).
 
   - the broker's resource alarms (memory, then disk): sends fail within a
     bound naming the alarm, never hang; /healthz says the broker blocks
-    publishers; work resumes by itself when the alarm clears;
+    publishers; a proxied miss is answered 503 BrokerBlocked at once, with a
+    Retry-After, naming the alarm (and no request waits for an answer the
+    blocked broker holds); work resumes by itself when the alarm clears;
   - the fetcher's queue deleted while work flows: declared again with its
     dead-letter queue, consumed again within seconds, /healthz names it
     meanwhile;
@@ -52,6 +54,27 @@ async def data_node(tmp_path: Path, broker: Any, upstream: Any, nodes: list, **s
 
 #: the proxy's own bound on waiting for an answer to start (ooidx.datapath.proxy.DEFAULT_ANSWER_TIMEOUT)
 PROXY_ANSWER_BOUND = 75.0
+#: while the broker blocks publishers a miss is answered 503 at once (ooidx.datapath.exchange.blocked_error);
+#: seconds allowed for that on a loaded test machine
+BLOCKED_ANSWER_BOUND = 5.0
+
+
+def blocked_miss(node: Node, upstream: Any, alarm: str) -> Dict[str, Any]:
+    """A miss nobody asked before, through the proxy, while the broker blocks publishers:
+    its status, error kind, Retry-After, body and time."""
+    import http.client
+    import uuid
+    words = {"memory": "low on memory", "disk": "low on disk"}[alarm]
+    conn = http.client.HTTPConnection("127.0.0.1", node.proxy_port, timeout=PROXY_ANSWER_BOUND + 15)
+    began = time.monotonic()
+    try:
+        conn.request("GET", upstream.url(f"big/{1000 + len(alarm)}.bin?alarm={uuid.uuid4().hex}"))
+        r = conn.getresponse()
+        body = r.read().decode(errors="replace")
+        return {"status": r.status, "kind": r.getheader("X-Ooidx-Error"), "retry_after": r.getheader("Retry-After"),
+                "body": body[:300], "words": words, "seconds": time.monotonic() - began}
+    finally:
+        conn.close()
 
 
 def load_on(node: Node, upstream: Any) -> HttpLoad:
@@ -118,6 +141,7 @@ async def test_memory_then_disk_alarm_under_load(tmp_path: Path, private_rabbitm
     watch = HealthWatch(node)
     send_seconds: List[float] = []
     alarms: Dict[str, Any] = {}
+    misses: Dict[str, Dict[str, Any]] = {}
     try:
         await sleep(3)
         for alarm, raise_it, clear, words in (
@@ -133,6 +157,8 @@ async def test_memory_then_disk_alarm_under_load(tmp_path: Path, private_rabbitm
             t_blocked = time.monotonic() - t0
             await eventually(lambda: len(producer.failed) >= failed_before + 5, 30,
                              f"sends to fail during the {alarm} alarm")
+            # a fresh miss through the proxy during the alarm: 503 at once, naming the alarm, with a Retry-After
+            misses[alarm] = await deferToThread(blocked_miss, node, upstream, alarm)
             # a send during the alarm: it fails within the bus's send timeout, naming the alarm
             began = time.monotonic()
             try:
@@ -166,17 +192,28 @@ async def test_memory_then_disk_alarm_under_load(tmp_path: Path, private_rabbitm
     late = classify([r for r in load.results if r["started"] >= after])
     blocked_said = sorted({h["broker_blocked"] for h in watch.seen if h.get("broker_blocked")})
     slowest = max(load.results, key=lambda r: r["elapsed"])
+    refused = [r for r in load.results if r["status"] in (502, 503, 504)]
+    slowest_refused = max((r["elapsed"] for r in refused), default=0.0)
     record("broker memory then disk alarm under load", faults_injected=2, sent=figures["sent"],
            confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
            duplicated=figures["duplicated"], errors=outcomes["wrong"],
            notes=f"alarms {alarms}; /healthz said {blocked_said}; longest send {max(send_seconds):.1f} s "
                  f"(bus send timeout 5 s); HTTP {outcomes}, after both alarms {late}; slowest request "
-                 f"{slowest['elapsed']:.1f} s ({slowest['status']}; a miss whose answer the blocked broker holds "
-                 f"ends at the proxy's answer timeout, {PROXY_ANSWER_BOUND:.0f} s)")
+                 f"{slowest['elapsed']:.1f} s ({slowest['status']}); a fresh miss during each alarm: "
+                 + ", ".join(f"{a} {m['status']} {m['kind']} Retry-After {m['retry_after']} in {m['seconds']:.2f} s"
+                             for a, m in misses.items())
+                 + f"; the slowest of the {len(refused)} requests answered 5xx took {slowest_refused:.1f} s "
+                   f"(was up to the proxy's answer timeout, {PROXY_ANSWER_BOUND:.0f} s, then 504)")
     assert figures["lost"] == 0, figures
     if outcomes["wrong"]:
         pytest.fail("\n".join([repr(wrong(load.results))] + log_about(node, wrong(load.results))))
     assert max(send_seconds) < 10, send_seconds
+    for alarm, miss in misses.items():
+        assert (miss["status"], miss["kind"], miss["retry_after"]) == (503, "BrokerBlocked", "10"), (alarm, miss)
+        assert miss["words"] in miss["body"] and miss["seconds"] < BLOCKED_ANSWER_BOUND, (alarm, miss)
+    # no request waits for an answer the blocked broker holds: each is answered 503 when the block starts
+    assert slowest_refused < BLOCKED_ANSWER_BOUND + 5, [(r["url"], r["status"], round(r["elapsed"], 1))
+                                                        for r in refused if r["elapsed"] >= BLOCKED_ANSWER_BOUND]
     assert slowest["elapsed"] < PROXY_ANSWER_BOUND + 5, wrong([slowest])
     assert late["ok"] == sum(late.values()) > 0, late
     assert any("memory" in b for b in blocked_said) and any("disk" in b for b in blocked_said), blocked_said

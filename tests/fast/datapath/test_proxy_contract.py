@@ -285,3 +285,89 @@ class ProxyTests(FastCase):
                                       {"Host": "127.0.0.1:8080"}))
         settle(self.clock)
         self.assertIn(b"413 Payload Too Large", connection.transport.value())
+
+
+class BrokerBlockedTests(FastCase):
+    """The broker blocks publishers (a memory or disk alarm, simulated by the
+    memory broker's L{magnet.memory.MemoryBroker.block}): a miss is answered
+    503 BrokerBlocked at once with a Retry-After naming the alarm, and so is a
+    request already waiting for its answer, never at the 75 s answer timeout."""
+
+    def start(self) -> Proxy:
+        proxy = ProxyTests.start(self, answer_timeout=75.0, lookup_timeout=30.0)  # type: ignore[arg-type]
+        self.broker = self.bus.transport.broker
+        self.addCleanup(lambda: self.broker.blocked and self.broker.unblock())
+        return proxy
+
+    stop = ProxyTests.stop
+    open = ProxyTests.open
+    get = ProxyTests.get
+
+    def test_a_miss_while_blocked_is_503_at_once(self) -> None:
+        self.start()
+        self.broker.block("low on memory")
+        began = self.clock.seconds()
+        r = self.get(UP + ".dds", seconds=1.0)
+        self.assertEqual((r.status, r.header("X-Ooidx-Error"), r.header("Retry-After")), (503, "BrokerBlocked", "10"))
+        self.assertIn(b"low on memory", r.body)
+        self.assertEqual(self.clock.seconds() - began, 0.0)
+        self.assertEqual(self.controller.asked, [])
+        # the block lifts: served again
+        self.broker.unblock()
+        self.assertEqual(self.get(UP + ".dds").status, 200)
+
+    def test_a_request_waiting_for_its_answer_is_503_when_the_block_starts(self) -> None:
+        proxy = self.start()
+        self.controller.mode = "silent"  # asked, but the answer would be published later
+        connection = self.open(UP + ".dds")
+        settle(self.clock)
+        self.assertEqual(len(self.controller.asked), 1)
+        self.assertIsNone(connection.response())
+        self.assertEqual(len(proxy._waiting), 1)  # asked; waiting for the answer
+        self.broker.block("low on disk")
+        settle(self.clock)
+        response = connection.response()
+        self.assertEqual((response.status, response.header("X-Ooidx-Error"), response.header("Retry-After")),
+                         (503, "BrokerBlocked", "10"))
+        self.assertIn(b"low on disk", response.body)
+        self.assertEqual(proxy.active, 0)
+        self.assertEqual(proxy._exchanges, set())
+
+    def test_a_request_still_asking_when_the_block_starts_is_503_at_once(self) -> None:
+        proxy = self.start()
+        self.broker.block("low on memory")
+        # the block began after the request's publish was written: it is held (as the AMQP transport holds it)
+        proxy._blocked_changed(None)  # a lifted block changes nothing
+        connection = self.open("/datasets/sst.dds")
+        settle(self.clock)
+        self.assertEqual(connection.response().status, 503)
+        self.broker.unblock()
+        self.get("/datasets/sst.dds")  # the base URL is remembered now
+        self.controller.mode = "silent"
+        d = defer.Deferred()
+        real_tell = self.bus.tell
+        self.bus.tell = lambda *a, **k: d  # type: ignore[method-assign]
+        waiting = self.open("/datasets/sst.das")
+        settle(self.clock)
+        self.assertIsNone(waiting.response())
+        self.broker.block("low on memory")
+        settle(self.clock)
+        self.assertEqual(waiting.response().header("X-Ooidx-Error"), "BrokerBlocked")
+        d.errback(magnet.Blocked("too late"))  # what the held publish says later is dropped
+        self.bus.tell = real_tell  # type: ignore[method-assign]
+        settle(self.clock)
+        self.assertEqual(proxy._exchanges, set())
+
+    def test_a_timeout_while_the_broker_blocks_is_503_blocked(self) -> None:
+        # a request whose publish went out just before the block: its confirm is held, the lookup times out
+        self.start()
+        d: defer.Deferred = defer.Deferred()
+        self.bus.tell = lambda *a, **k: d  # type: ignore[method-assign]
+        connection = self.open(UP + ".dds")
+        settle(self.clock)
+        self.broker.blocked = "low on memory"  # the broker blocks, but its notice has not come yet
+        self.clock.advance(30.0)
+        settle(self.clock)
+        response = connection.response()
+        self.assertEqual((response.status, response.header("X-Ooidx-Error")), (503, "BrokerBlocked"))
+        self.broker.blocked = None

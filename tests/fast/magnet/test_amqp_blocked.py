@@ -121,3 +121,81 @@ class BlockedTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.clock.pump([0.05] * 120)
         self.failureResultOf(d, NotConnected)
+
+
+class BlockListenerTests(SynchronousTestCase):
+    """add_block_listener: told the alarm when the block starts, None when it lifts or the link goes
+    (an HTTP edge answers at once instead of waiting for its publishes to fail)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.transport, self.proto, self.wire = _linked(self.clock)
+        self.told: list = []
+        self.transport.add_block_listener(self.told.append)
+
+    def test_told_when_the_block_starts_and_ends(self) -> None:
+        self.proto.dataReceived(BLOCKED)
+        self.assertEqual(self.told, ["low on memory"])
+        self.assertEqual(self.transport.blocked, "low on memory")
+        self.proto.dataReceived(UNBLOCKED)
+        self.assertEqual(self.told, ["low on memory", None])
+
+    def test_told_none_when_a_blocked_link_goes(self) -> None:
+        self.transport._running = False
+        self.proto.dataReceived(BLOCKED)
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.told, ["low on memory", None])
+        self.assertIsNone(self.transport.blocked)
+
+    def test_a_failing_listener_is_logged_and_the_others_told(self) -> None:
+        def broken(reason: object) -> None:
+            raise RuntimeError("boom")
+
+        later: list = []
+        self.transport._block_listeners.insert(0, broken)
+        self.transport.add_block_listener(later.append)
+        self.proto.dataReceived(BLOCKED)
+        self.assertEqual((self.told, later), (["low on memory"], ["low on memory"]))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class MemoryBlockedTests(SynchronousTestCase):
+    """The memory broker simulates the alarm (magnet.memory.MemoryBroker.block): publishes held until
+    the block lifts, a sender that gives up gets Blocked naming the alarm, the bus's listeners told."""
+
+    def setUp(self) -> None:
+        from magnet.testing import MemoryBroker
+        self.broker = MemoryBroker()
+        self.addCleanup(self.broker.stop)
+        self.bus = self.broker.bus(send_timeout=5)
+        self.bus.declare_worker_queue("work")
+        self.broker.flush()
+        self.told: list = []
+        self.bus.add_block_listener(self.told.append)
+
+    def test_a_send_is_held_then_sent_when_the_block_lifts(self) -> None:
+        self.broker.block("low on disk")
+        self.assertEqual((self.bus.blocked, self.told), ("low on disk", ["low on disk"]))
+        d = self.bus.send("work", Message(body=b"x"))
+        self.broker.advance(4)
+        self.assertNoResult(d)
+        self.broker.unblock()
+        self.broker.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.told, ["low on disk", None])
+        self.assertIsNone(self.bus.blocked)
+
+    def test_a_send_held_past_the_send_timeout_fails_naming_the_alarm(self) -> None:
+        self.broker.block("low on memory")
+        d = self.bus.send("work", Message(body=b"x"))
+        self.broker.advance(5)
+        failure = self.failureResultOf(d, Blocked)
+        self.assertIn("low on memory", str(failure.value))
+        self.broker.unblock()
+        self.broker.flush()  # nothing is sent late
+
+    def test_a_stopped_transport_fails_what_it_held(self) -> None:
+        self.broker.block("low on memory")
+        d = self.bus.transport.publish("", "work", Message(body=b"x"))
+        self.bus.transport.stop()
+        self.failureResultOf(d, NotConnected)
