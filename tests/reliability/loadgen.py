@@ -27,7 +27,8 @@ SPEC (JSON):
 OUT (JSON): ``hits`` and ``misses`` (latencies in seconds of the answers
 whose body was equal to the expected one), ``errors`` (their count and the
 first few), ``wrong`` (bodies not equal), ``elapsed``, ``per_target``
-(answers per target port), ``connect`` (connection set-up latencies).
+(answers per target port), ``connect`` (connection set-up latencies),
+``cpu_s`` (the CPU seconds the load generator itself took).
 """
 from __future__ import annotations
 
@@ -181,7 +182,8 @@ class Load:
         elapsed = time.monotonic() - began
         return {"hits": self.hits, "misses": self.miss_times, "connect": self.connects, "errors": self.errors,
                 "errors_sample": self.error_sample, "wrong": self.wrong, "wrong_sample": self.wrong_sample,
-                "elapsed": elapsed, "per_target": self.per_target, "clients": number}
+                "elapsed": elapsed, "per_target": self.per_target, "clients": number,
+                "cpu_s": time.process_time()}
 
 
 def main(argv: List[str]) -> int:

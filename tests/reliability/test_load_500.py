@@ -263,6 +263,7 @@ def summary(out: Dict[str, Any]) -> Dict[str, Any]:
     return {"hits": len(out["hits"]), "misses": len(out["misses"]), "rate": round(out["rate"], 1),
             "hit": h, "miss": m, "connect_p99_ms": c["p99_ms"], "errors": out["errors"], "wrong": out["wrong"],
             "elapsed": round(out["elapsed"], 2), "per_target": out["per_target"],
+            "load_generator_cpu_s": round(out.get("cpu_s", 0.0), 1),
             "errors_sample": out["errors_sample"][:5], "wrong_sample": out["wrong_sample"][:5]}
 
 
@@ -301,7 +302,8 @@ def test_five_hundred_clients(tmp_path: Path, broker_url: str, static_upstream: 
                  f"({s['rate']:.0f}/s), {s['hits']} hits (p50 {_ms(s['hit']['p50_ms'])} / p99 "
                  f"{_ms(s['hit']['p99_ms'])} ms), {s['misses']} misses (p50 {_ms(s['miss']['p50_ms'])} / p99 "
                  f"{_ms(s['miss']['p99_ms'])} ms); every body equal; {s['errors']} errors, {s['wrong']} wrong bodies; "
-                 f"node RSS {first:.0f} -> peak {peak:.0f} MiB (bound {RSS_BOUND_MB}), node CPU {cpu:.0f} s",
+                 f"node RSS {first:.0f} -> peak {peak:.0f} MiB (bound {RSS_BOUND_MB}), CPU: node {cpu:.0f} s, "
+                 f"load generator {s['load_generator_cpu_s']:.0f} s in {s['elapsed']:.0f} s",
            extra={**s, "rss_start_mb": round(first, 1), "rss_peak_mb": round(peak, 1),
                   "rss_end_mb": round(rss.last[node.pid], 1), "node_cpu_s": round(cpu, 1), "clients": CLIENTS,
                   "seconds": SECONDS})
