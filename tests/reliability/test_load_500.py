@@ -54,7 +54,8 @@ CLIENTS = int(os.environ.get("OOIDX_LOAD500_CLIENTS", "500"))
 #: Loopback addresses the clients connect from (127.0.0.2 ...): 10 clients each.
 SOURCES = 50
 MISS_SHARE = 0.3
-#: The node's resident memory may not pass this (it starts near 100 MiB; see docs/reliability.md).
+#: The node's resident memory may not pass this (it starts near 70 MiB and peaked near 110 MiB;
+#: see docs/reliability.md).
 RSS_BOUND_MB = 400
 DATASETS = ("sst", "series", "long")
 
