@@ -211,9 +211,11 @@ class Listens:
 
 def listen_on(reactor: Any, spec: ListenSpec, site: server.Site) -> Deferred:
     """Listen with C{site} where C{spec} says, through Twisted's endpoints
-    (C{serverFromString}: plain TCP or TLS alike); fires with the listening
-    port (C{getHost()}, C{stopListening()}), fails with CannotListenError."""
-    return serverFromString(reactor, spec.description).listen(site)
+    (C{serverFromString}: plain TCP or TLS alike), with the spec's backlog
+    (L{ooidx.http.listen.DEFAULT_BACKLOG} unless the endpoint names one);
+    fires with the listening port (C{getHost()}, C{stopListening()}), fails
+    with CannotListenError."""
+    return serverFromString(reactor, spec.endpoint).listen(site)
 
 
 class EdgePort:

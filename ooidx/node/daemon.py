@@ -233,13 +233,16 @@ class Daemon(MultiService):
         component failed to start); by default the reactor stops.
     @param log_observer: the log observer for the application, when run by twistd
         (see L{setServiceParent}).
+    @param open_files: the open-files limit (L{ooidx.node.limits.OpenFiles})
+        twistd's node raised itself to; said in the start log, with a warning
+        when it is low.
     """
 
     log = Logger()
 
     def __init__(self, config: Config, *, reactor: Any = None, config_path: Optional[str] = None,
                  bus: Optional[Bus] = None, on_fatal: Optional[Callable[[int], None]] = None,
-                 log_observer: Optional[ILogObserver] = None) -> None:
+                 log_observer: Optional[ILogObserver] = None, open_files: Any = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -255,6 +258,8 @@ class Daemon(MultiService):
         self.started = False
         self.exit_code: Optional[int] = None
         self.log_observer = log_observer
+        #: the open-files limit twistd's node raised itself to (L{ooidx.node.limits.OpenFiles}), said at start
+        self.open_files = open_files
         self._on_fatal = on_fatal
         self._starting: Optional[Deferred] = None
         #: when the broker link went down (reactor seconds), None while it is up
@@ -301,6 +306,11 @@ class Daemon(MultiService):
                           f"{name} x{c.instances}" + (" (child)" if c.process == "child" else "")
                           for name, c in config.components.items()),
                       broker=config.redacted_broker())
+        if self.open_files is not None:
+            self.log.info("node {node}: {note}", node=config.node, note=self.open_files.note())
+            warning = self.open_files.warning()
+            if warning is not None:
+                self.log.warn("node {node}: {text}", node=config.node, text=warning)
         when_running = getattr(self.reactor, "callWhenRunning", None)
         if when_running is not None:  # "started" means the reactor runs (signal handlers and all)
             running: Deferred = Deferred()

@@ -19,6 +19,7 @@ from twisted.python import usage
 
 from ooidx.config import ConfigError, check_ports_free, load
 from ooidx.node.daemon import Daemon
+from ooidx.node.limits import raise_open_files
 from magnet.errors import MagnetError
 
 from ooidx.node.logs import make_observer, redactor
@@ -47,9 +48,10 @@ def makeService(options: Options) -> Daemon:
         # twistd has not started logging yet: this line goes to stderr, status 1
         raise SystemExit(f"ooidx: {e}{missing_config_hint(options['config'])}") from None
     observer = make_observer(config, _log_output(options))
+    open_files = raise_open_files()  # said (and warned about when low) in the start log
     try:
         daemon = Daemon(config, reactor=reactor, config_path=options["config"], log_observer=observer,
-                        on_fatal=lambda code: reactor.callWhenRunning(reactor.stop))
+                        on_fatal=lambda code: reactor.callWhenRunning(reactor.stop), open_files=open_files)
     except MagnetError as e:  # a broker URL the transport cannot use
         raise SystemExit(f"ooidx: {config.source}: broker: {redactor(str(e))}") from None
     reactor.addSystemEventTrigger("after", "shutdown", exit_status_after_twistd,

@@ -276,3 +276,37 @@ def test_an_unreachable_broker_opens_the_web_port_and_healthz_says_why(tmp_path:
     assert "***:***@" not in log, d.describe()
     d.terminate()
     assert d.wait_exit(15) == 0, d.describe()
+
+
+def _open_files_soft_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+@pytest.mark.parametrize("soft,hard", [(256, 256), (256, 8192)])
+def test_the_node_raises_its_open_files_limit_or_warns(tmp_path: Path, daemons: List[DaemonProcess], soft: int,
+                                                       hard: int) -> None:
+    """Every HTTP client is an open file: a node started under a low soft
+    limit raises it to the hard one, and warns when it stays under 4096
+    (ooidx.node.limits; 500 clients on one node in tests/reliability/test_load_500.py)."""
+    from twistd_helpers import environment
+
+    prelude = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))"
+    d = DaemonProcess(node_config(tmp_path), env=environment(OOIDX_TEST_PRELUDE=prelude), launcher=True)
+    daemons.append(d)
+    d.wait_log("node n1 started")
+    assert _open_files_soft_limit(d.pid) == hard
+    log = d.log()
+    if hard == soft:
+        assert f"node n1: open files limit {soft}, hard limit {hard}: room for about" in log, d.describe()
+        warning = [line for line in log.splitlines() if "open files limited to 256 (hard limit 256)" in line]
+        assert len(warning) == 1 and " warn " in warning[0], d.describe()
+        assert "ulimit -n" in warning[0]
+    else:
+        assert f"node n1: open files limit {hard} (raised from {soft}), hard limit {hard}" in log, d.describe()
+        assert "open files limited" not in log
+    d.terminate()
+    assert d.wait_exit(15) == 0, d.describe()

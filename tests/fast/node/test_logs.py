@@ -181,3 +181,46 @@ class LogEdgeTests(FastCase):
         observer({"log_format": "[{tag}] {line}", "tag": "csv.0", "line": "oops\r", "stream": "stderr",
                   "log_level": LogLevel.warn, "log_namespace": CHILD_OUTPUT_NAMESPACE, "log_time": 1.0})
         assert out.getvalue() == "1970-01-01T00:00:01.000Z warn     n csv: [csv.0] oops\\r\n"
+
+
+class OutOfFilesTests(FastCase):
+    """A node out of open files: Twisted accepts each new client and closes it
+    at once, logging a line for each; the node's log says it once every 10 s
+    with the count (measured without this: 16779 lines in 15 s, 500 clients
+    against a limit of 300)."""
+
+    def emfile(self, observer: Any, at: float, closed: int) -> None:
+        ns = "twisted.internet.tcp.Port"
+        observer(event("EMFILE encountered; releasing reserved file descriptor.", namespace=ns, log_time=at))
+        for i in range(closed):
+            observer(event("EMFILE recovery: Closed socket from {address}", namespace=ns, log_time=at,
+                           address=("127.0.0.2", 40000 + i)))
+        observer(event("Re-reserving EMFILE recovery file descriptor.", namespace=ns, log_time=at))
+
+    def test_connections_closed_for_want_of_files_are_counted_not_logged_each(self) -> None:
+        config = parse("node: n\nbroker: memory://\ncomponents: {fetcher: }\n", "x.yaml")
+        out = io.StringIO()
+        observer = make_observer(config, out)
+        self.emfile(observer, 1000.0, 300)
+        self.emfile(observer, 1004.0, 200)
+        observer(event("still serving"))
+        self.emfile(observer, 1011.0, 50)
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("warn     n ooidx.node.limits: out of open files: 1 new connection(s) accepted and closed at "
+                      "once since the last such line (1 in all); raise the open files limit (ulimit -n", lines[0])
+        self.assertIn("still serving", lines[1])
+        self.assertIn("out of open files: 500 new connection(s)", lines[2])  # 299 + 200 + the first at 1011
+        self.assertIn("(501 in all)", lines[2])
+        self.assertNotIn("EMFILE", out.getvalue())
+
+    def test_other_lines_pass_as_they_are(self) -> None:
+        config = parse("node: n\nbroker: memory://\ncomponents: {fetcher: }\n", "x.yaml")
+        out = io.StringIO()
+        observer = make_observer(config, out)
+        observer(event("EMFILE in a message of our own", namespace="ooidx.datapath.cache"))
+        observer(event("Could not accept new connection ({acceptError})", namespace="twisted.internet.tcp.Port",
+                       acceptError="ENFILE"))
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("Could not accept new connection (ENFILE)", lines[1])

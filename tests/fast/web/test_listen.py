@@ -8,8 +8,12 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from twisted.internet.testing import MemoryReactor
+from twisted.web import resource, server
+
 from ooidx.config import ConfigError, parse
-from ooidx.http.listen import BadEndpoint, parse_listen
+from ooidx.http.edge import listen_on
+from ooidx.http.listen import DEFAULT_BACKLOG, BadEndpoint, parse_listen
 
 
 class ParseListenTests(SynchronousTestCase):
@@ -63,6 +67,35 @@ class ParseListenTests(SynchronousTestCase):
                 parse_listen(value, "127.0.0.1")  # type: ignore[arg-type]
             self.assertIn(words, str(caught.exception), repr(value))
             self.assertNotIn("\n", str(caught.exception))
+
+
+class BacklogTests(SynchronousTestCase):
+    """A port listens with a backlog for a burst of clients: Twisted's default
+    (50) made clients past the 50th of a burst of 500 wait 1-2 s for the
+    kernel to retry their SYN (tests/reliability/test_load_500.py)."""
+
+    def listened(self, value: object) -> tuple:
+        reactor = MemoryReactor()
+        listen_on(reactor, parse_listen(value, "127.0.0.1"), server.Site(resource.Resource()))  # type: ignore[arg-type]
+        servers = reactor.tcpServers + reactor.sslServers
+        self.assertEqual(len(servers), 1)
+        return servers[0]
+
+    def test_a_port_listens_with_the_default_backlog(self) -> None:
+        self.assertGreaterEqual(DEFAULT_BACKLOG, 512)
+        for value in (8080, "8080", "tcp:8080", "tcp:8080:interface=0.0.0.0", "tcp6:8080"):
+            port, _, backlog, _ = self.listened(value)[:4]
+            self.assertEqual((port, backlog), (8080, DEFAULT_BACKLOG), value)
+
+    def test_a_backlog_in_the_endpoint_string_is_kept(self) -> None:
+        self.assertEqual(self.listened("tcp:8080:backlog=7")[2], 7)
+        self.assertEqual(parse_listen("tcp:8080:backlog=7", "").backlog, 7)
+        self.assertEqual(parse_listen("tcp:8080:backlog=7", "").endpoint, parse_listen("tcp:8080:backlog=7", "").description)
+
+    def test_the_description_stays_as_configured(self) -> None:
+        spec = parse_listen(8080, "127.0.0.1")
+        self.assertEqual(spec.description, "tcp:8080:interface=127.0.0.1")
+        self.assertEqual(spec.endpoint, f"tcp:8080:interface=127.0.0.1:backlog={DEFAULT_BACKLOG}")
 
 
 class ConfigTests(SynchronousTestCase):
