@@ -36,13 +36,14 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Set
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from magnet import Bus, Message, MulticastError, RemoteError, operation
 from magnet.bus import DEAD_SUFFIX, ERROR_HEADER, ORIGIN_HEADER
+from magnet.multicast import MAX_ADDRESSES
 
 from ooidx.component import Component
 from ooidx.errors import DXError, InvalidName
@@ -401,17 +402,22 @@ class PubSub(Component):
         while pending:
             attempt += 1
             failed: Dict[str, str] = {}
-            try:
-                result = yield self.bus.multicast(pending, out)
-            except MulticastError as e:
-                result, failed = e.result, e.failed
-            except Exception as e:  # the existence check failed (no link): none of them was sent
-                result, failed = None, {a: f"{type(e).__name__}: {e}" for a in pending}
-            if result is not None:
-                self.stats["delivered"] += len(result.delivered)
-                if result.unroutable:
-                    self._gone(result.unroutable, out)
-                    unroutable.extend(result.unroutable)
+            # more matching subscriptions than one multicast takes: several, at once
+            batches = [pending[i:i + MAX_ADDRESSES] for i in range(0, len(pending), MAX_ADDRESSES)]
+            outcomes = yield DeferredList([self.bus.multicast(batch, out) for batch in batches], consumeErrors=True)
+            for batch, (ok, value) in zip(batches, outcomes):
+                result = value if ok else None
+                if not ok:
+                    if value.check(MulticastError):
+                        result = value.value.result
+                        failed.update(value.value.failed)
+                    else:  # the existence check failed (no link): none of them was sent
+                        failed.update({a: f"{value.type.__name__}: {value.getErrorMessage()}" for a in batch})
+                if result is not None:
+                    self.stats["delivered"] += len(result.delivered)
+                    if result.unroutable:
+                        self._gone(result.unroutable, out)
+                        unroutable.extend(result.unroutable)
             pending = [a for a in pending if a in failed] if failed else []
             if not pending:
                 break

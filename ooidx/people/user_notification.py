@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.logger import Logger
 
 from magnet import Message
+from magnet.multicast import MAX_ADDRESSES
 
 from ooidx.events import EVENT, NOTIFICATION, TOPIC_HEADER
 from ooidx.routing import Router
@@ -89,9 +90,15 @@ class UserNotification(PersonalSubscriptions):
         self.routed += 1
         if not targets:
             return None
-        # one multicast for every matching person (magnet.Bus.multicast); a copy
-        # not confirmed fails the handler, so the event is retried as a whole
-        return self.bus.multicast(targets, out).addCallback(self._sent, topic)
+        # one multicast for every matching person (magnet.Bus.multicast; one per
+        # MAX_ADDRESSES of them); a copy not confirmed fails the handler, so the
+        # event is retried as a whole
+        sends = [self.bus.multicast(targets[i:i + MAX_ADDRESSES], out).addCallback(self._sent, topic)
+                 for i in range(0, len(targets), MAX_ADDRESSES)]
+        if len(sends) == 1:
+            return sends[0]
+        return DeferredList(sends, fireOnOneErrback=True, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure)
 
     def _sent(self, result: Any, topic: str) -> None:
         for queue in result.unroutable:  # the subscription went meanwhile

@@ -339,6 +339,24 @@ class PubSubTests(ClockCase):
         assert node.pubsub.stats["dead"] == 1
 
     @on_clock
+    async def test_more_subscriptions_than_one_multicast_takes(self) -> None:
+        from magnet import multicast as mc
+        from ooidx.dissemination import pub_sub as pub_sub_module
+
+        node = await self.node()
+        subs = [await node.call("subscribe", regex="x", name=f"m{i}") for i in range(5)]
+        inboxes = [await consume(node.bus, s["address"]) for s in subs]
+        self.patch(mc, "MAX_ADDRESSES", 2)  # as if 10,000 were 2
+        self.patch(pub_sub_module, "MAX_ADDRESSES", 2)
+        real, sizes = node.bus.multicast, []
+        node.bus.multicast = lambda addresses, message, **kw: sizes.append(len(addresses)) or real(  # type: ignore
+            addresses, message, **kw)
+        result = await node.call("publish", topic="x", message=1)
+        assert result == {"topic": "x", "addresses": 5, "unroutable": []}
+        assert sizes == [2, 2, 1]
+        await self.advance_until(lambda: all(len(inbox.messages) == 1 for inbox in inboxes))
+
+    @on_clock
     async def test_no_link_for_the_existence_check_is_retried_too(self) -> None:
         node = await self.node()
         a = await node.call("subscribe", regex="x", name="a")

@@ -81,6 +81,19 @@ class UserNotificationTests(FastCase):
         s.edge.wait(un.on_event(event("event.saved.x")))
         self.assertTrue(any("is gone; event event.saved.x not kept" in t for t in log.texts()))
 
+    def test_more_matching_queues_than_one_multicast_takes(self) -> None:
+        from magnet import multicast as mc
+        from ooidx.people import user_notification as module
+
+        s = People(self)
+        un = s.user_notification
+        subs = [self.subscribe(s, un, "ann", ".") for _ in range(3)]
+        self.patch(mc, "MAX_ADDRESSES", 2)  # as if 10,000 were 2
+        self.patch(module, "MAX_ADDRESSES", 2)
+        s.edge.wait(un.on_event(event("event.saved.x")))
+        s.edge.until(lambda: True)
+        self.assertEqual([len(queued(s, sub["queue"])) for sub in subs], [1, 1, 1])
+
     def test_other_send_failures_are_failures(self) -> None:
         s = People(self)
         un = s.user_notification
