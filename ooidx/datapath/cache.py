@@ -59,7 +59,7 @@ __all__ = ["Cache", "node_address", "PURGE_FANOUT"]
 #: The fanout every cache node listens on for purges.
 PURGE_FANOUT = wire.CACHE_PURGE_FANOUT
 #: Bytes read from disk per step while serving (the stream chunks them further).
-READ_SIZE = 256 * 1024
+READ_SIZE = 1024 * 1024
 #: Streams served at once by one process; further serves wait their turn.
 MAX_SERVING = 32
 #: Seconds between writes of the in-memory access times to disk.

@@ -321,7 +321,6 @@ class DiskStore:
                 except BaseException:
                     _unlink(body_path)
                     raise
-                _fsync_dir(self.root)
                 if old is not None and old.body != entry.body:
                     _unlink(os.path.join(self.root, old.body))
                 known = self._index.pop(key, None)
@@ -333,6 +332,8 @@ class DiskStore:
         except BaseException:
             _unlink(meta_temp)
             raise
+        # the renames made durable outside the lock: a lookup (get) never waits for this fsync
+        _fsync_dir(self.root)
         return replace(entry)
 
     def refresh(self, url: str) -> Optional[Entry]:
