@@ -11,11 +11,12 @@ bind, qos, consume, cancel, close). L{_AMQPProtocol} keeps those, and adds:
     everything else to txAMQP; a frame larger than the agreed C{frame_max} or
     one that ends badly drops the connection at once;
   - writers for the fast paths (publish frames, acks, nacks), and one write
-    of the frames of a read: what the frames of one C{dataReceived} cause
-    this link to send (acks, publishes, answers) goes out in one
-    C{transport.write} at its end, the consumers' acks of it as one
-    C{basic.ack} with C{multiple} per channel where that acks exactly the
-    same deliveries (L{magnet.amqp.channels._ConsumerChannel.flush_acks});
+    per link for a read: what the frames of one C{dataReceived} cause any
+    link to send (acks, publishes, answers) goes to its socket in one write
+    at the end of the read (L{_Reads}, L{_write_now}), the consumers' acks of
+    it as one C{basic.ack} with C{multiple} per channel where that acks
+    exactly the same deliveries
+    (L{magnet.amqp.channels._ConsumerChannel.flush_acks});
   - heartbeats of its own: sent when idle, and a broker silent for two
     intervals is taken for dead;
   - over TLS, a bound on the handshake and the words for why TLS refused
@@ -32,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet import tcp
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -76,6 +78,53 @@ class ChannelError(MagnetError):
         self.reply_code = reply_code
         self.reply_text = reply_text
 
+
+
+def _write_now(transport: Any, data: bytes) -> None:
+    """C{transport.write(data)}, but onto the socket at once when nothing waits before it.
+
+    Twisted's transport keeps what is written until the reactor's next turn
+    finds the socket writable: two C{epoll_ctl} calls and a turn of the
+    reactor per write, and on the RPC path a turn of latency per hop. On a
+    plain TCP connection (no TLS) whose own buffer is empty, the bytes go to
+    the socket here; what it does not take (a full socket buffer), or any
+    error, is left to C{transport.write}, which then writes, waits or drops
+    the connection exactly as it would have (the order of the bytes is kept:
+    nothing was queued before them).
+    """
+    if (isinstance(transport, tcp.Connection) and not transport.TLS and transport.connected
+            and not transport.disconnecting and not transport._writeDisconnected
+            and not transport.dataBuffer and not transport._tempDataBuffer):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # would block, interrupted, reset: Twisted's own write sorts it out
+            sent = 0
+        if sent >= len(data):
+            return
+        if sent:
+            data = data[sent:]
+    transport.write(data)
+
+
+class _Reads:
+    """The reads of broker frames in progress, for all links of the process (one reactor thread).
+
+    While a link's C{dataReceived} runs, what any link writes (an ack, a
+    publish a handler makes on another bus, an answer) waits in that link's
+    C{_wbuf}; when the outermost read ends, each link with something waiting
+    writes it at once (L{_write_now}), one write per link. Outside a read,
+    writes go to C{transport.write} as they come (a loop of publishes from
+    a timer is still one write on the reactor's next turn).
+    """
+
+    depth = 0
+    waiting: List["_AMQPProtocol"] = []
+
+    @classmethod
+    def flush(cls) -> None:
+        waiting = cls.waiting
+        while waiting:
+            waiting.pop(0)._flush_wbuf()
 
 
 class _Delegate(TwistedDelegate):
@@ -173,8 +222,9 @@ class _AMQPProtocol(AMQClient):
         self.fast: Dict[int, Any] = {}
         self._next_channel = 0
         self._rbuf = b""
-        #: True while dataReceived runs: writes wait in _wbuf for its end
+        #: True while its dataReceived runs (its acks wait for the end of the read)
         self._reading = False
+        #: written while a read is in progress, written at its end (L{_Reads})
         self._wbuf: List[bytes] = []
         #: consumer channels with acks waiting for the end of the read
         self._ackers: List[Any] = []
@@ -219,12 +269,19 @@ class _AMQPProtocol(AMQClient):
     # -- writing
 
     def _write(self, data: bytes) -> None:
-        """Write C{data}, or keep it for the end of the read in progress (one write for all)."""
+        """Write C{data}, or keep it for the end of the read in progress (see L{_Reads})."""
         self._sent = True
-        if self._reading:
+        if _Reads.depth:
+            if not self._wbuf:
+                _Reads.waiting.append(self)
             self._wbuf.append(data)
         else:
             self.transport.write(data)
+
+    def _flush_wbuf(self) -> None:
+        wbuf, self._wbuf = self._wbuf, []
+        if wbuf and self.transport is not None:
+            _write_now(self.transport, wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))
 
     def send_frame(self, frame: Frame) -> None:
         if self.transport is None:
@@ -269,8 +326,10 @@ class _AMQPProtocol(AMQClient):
         self.transport.write(b"AMQP\x00\x00\x09\x01")
 
     def write_frames(self, frames: List[bytes]) -> None:
-        if self._reading:
+        if _Reads.depth:
             self._sent = True
+            if not self._wbuf:
+                _Reads.waiting.append(self)
             self._wbuf.extend(frames)
         else:
             self._write(b"".join(frames))
@@ -294,17 +353,16 @@ class _AMQPProtocol(AMQClient):
             self._read(data)
             return
         self._reading = True
+        _Reads.depth += 1
         try:
             self._read(data)
             if self._ackers:
                 self._flush_acks()
         finally:
             self._reading = False
-            wbuf = self._wbuf
-            if wbuf:
-                self._wbuf = []
-                if self.transport is not None:
-                    self.transport.write(wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))
+            _Reads.depth -= 1
+            if not _Reads.depth:
+                _Reads.flush()
 
     def _read(self, data: bytes) -> None:
         buf = self._rbuf + data if self._rbuf else data

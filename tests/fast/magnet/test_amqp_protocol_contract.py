@@ -30,11 +30,13 @@ from magnet.amqp.protocol import (
     ChannelError,
     _AMQPProtocol,
     _ProtocolFactory,
+    _write_now,
     answer_within,
     channel_error,
     describe,
 )
-from magnet.amqp.wire import _HEARTBEAT_FRAME, _Codec, _content_frames, _method_frame, load_spec, parse_url
+from magnet.amqp.wire import (_ACK, _FRAME_END, _HEARTBEAT_FRAME, _Codec, _content_frames, _method_frame, load_spec,
+                              parse_url)
 from magnet.errors import BadFrame, ConnectionLost, MagnetError, Timeout
 from magnet.message import Message
 
@@ -522,3 +524,124 @@ class ErrorWordsTests(SynchronousTestCase):
         self.assertIsInstance(lost, ConnectionLost)
         self.assertIn("channel closed: gone", str(lost))
         self.assertIsInstance(channel_error(Closed()), ConnectionLost)
+
+
+class _Socket:
+    """A socket for L{_write_now}: takes at most C{room} bytes per send, or raises C{error}."""
+
+    def __init__(self, room: int = 1 << 20, error: Optional[Exception] = None) -> None:
+        self.room = room
+        self.error = error
+        self.sent: List[bytes] = []
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return 99
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        taken = bytes(data[:self.room])
+        self.sent.append(taken)
+        return len(taken)
+
+
+class _Reactor:
+    def __init__(self) -> None:
+        self.writers: List[Any] = []
+
+    def addWriter(self, writer: Any) -> None:
+        self.writers.append(writer)
+
+    def removeWriter(self, writer: Any) -> None:
+        pass
+
+
+class WriteNowTests(SynchronousTestCase):
+    """L{_write_now}: onto a plain TCP connection's socket when nothing is queued; else Twisted's write."""
+
+    def connection(self, socket: _Socket) -> Any:
+        from twisted.internet import tcp
+
+        reactor = _Reactor()
+        conn = tcp.Connection(socket, None, reactor=reactor)
+        conn.connected = True
+        return conn, reactor
+
+    def test_nothing_queued_all_to_the_socket(self) -> None:
+        socket = _Socket()
+        conn, reactor = self.connection(socket)
+        _write_now(conn, b"frame")
+        self.assertEqual(socket.sent, [b"frame"])
+        self.assertEqual((conn._tempDataBuffer, reactor.writers), ([], []))  # no reactor turn, no epoll_ctl
+
+    def test_what_the_socket_does_not_take_is_queued_in_order(self) -> None:
+        socket = _Socket(room=3)
+        conn, reactor = self.connection(socket)
+        _write_now(conn, b"abcdef")
+        self.assertEqual(socket.sent, [b"abc"])
+        self.assertEqual(conn._tempDataBuffer, [b"def"])
+        self.assertEqual(reactor.writers, [conn])
+        _write_now(conn, b"gh")  # something is queued: after it, never before
+        self.assertEqual(socket.sent, [b"abc"])
+        self.assertEqual(conn._tempDataBuffer, [b"def", b"gh"])
+
+    def test_an_error_is_left_to_twisted(self) -> None:
+        for error in (BlockingIOError(), ConnectionResetError()):
+            socket = _Socket(error=error)
+            conn, reactor = self.connection(socket)
+            _write_now(conn, b"frame")
+            self.assertEqual(conn._tempDataBuffer, [b"frame"])
+            self.assertEqual(reactor.writers, [conn])
+
+    def test_tls_and_other_transports_use_their_write(self) -> None:
+        socket = _Socket()
+        conn, reactor = self.connection(socket)
+        conn.TLS = True
+        conn.write = lambda data: written.append(data)  # type: ignore[method-assign]
+        written: List[bytes] = []
+        _write_now(conn, b"secret")
+        self.assertEqual((socket.sent, written), ([], [b"secret"]))
+        transport = StringTransport()
+        _write_now(transport, b"x")
+        self.assertEqual(transport.value(), b"x")
+
+
+class OneWritePerReadTests(SynchronousTestCase):
+    """What a read makes any link write goes out once the read is over, one write per link."""
+
+    def test_writes_during_a_read_wait_for_its_end(self) -> None:
+        clock = Clock()
+        reader, reader_broker, d1, _ = connected(clock)
+        other, other_broker, d2, _ = connected(clock)
+        self.successResultOf(d1)
+        self.successResultOf(d2)
+        reader_broker.wire.clear()
+        other_broker.wire.clear()
+        seen: List[bytes] = []
+
+        class Channel:
+            expecting = 0
+
+            def method(self, method_id: int, buf: bytes, pos: int, end: int) -> bool:
+                other.write_ack(3, 1)
+                reader.write_ack(2, 1)
+                other.write_frames([b"A", b"B"])
+                seen.append(other_broker.wire.value() + reader_broker.wire.value())
+                return True
+
+        writes: List[bytes] = []
+        for proto in (reader, other):
+            write = proto.transport.write
+            proto.transport.write = lambda data, write=write: (writes.append(data), write(data))  # type: ignore
+        reader.fast[2] = Channel()
+        reader.dataReceived(ack(2, 7) + ack(2, 8))
+        self.assertEqual(seen, [b"", b""])  # nothing written while the read went on
+        one_ack = _ACK.pack(1, 3, 13, 60, 80, 1, 0, _FRAME_END)
+        self.assertEqual(other_broker.wire.value(), (one_ack + b"AB") * 2)
+        self.assertEqual(reader_broker.wire.value(), _ACK.pack(1, 2, 13, 60, 80, 1, 0, _FRAME_END) * 2)
+        self.assertEqual(len(writes), 2)  # one write per link
+        other.write_ack(3, 2)  # outside a read: at once
+        self.assertEqual(other_broker.wire.value()[-len(one_ack):], _ACK.pack(1, 3, 13, 60, 80, 2, 0, _FRAME_END))
