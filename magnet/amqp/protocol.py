@@ -351,10 +351,23 @@ class _AMQPProtocol(AMQClient):
 
     @defer.inlineCallbacks
     def open_channel(self) -> Any:
+        """A fresh channel, opened; L{Closed} if the link is down or goes meanwhile.
+
+        Getting the channel object waits for txAMQP's channel lock; if the
+        link closed meanwhile (the broker's connection.close, which closes
+        only the channels that exist then), a channel made after it would
+        send channel.open on a dead link and wait for an answer for ever,
+        and with it whoever waits on this (the transport's declarations,
+        one at a time): so the link is looked at again before opening."""
         if self.lost or self.closed:
             raise Closed("the link is down")
         channel_id = self.allocate_channel()
         ch = yield self.channel(channel_id)
+        if self.lost or self.closed:
+            ch.close(None)
+            if self.channels.get(channel_id) is ch:
+                del self.channels[channel_id]
+            raise Closed("the link went down while a channel was being opened")
         yield ch.channel_open()
         return ch
 
@@ -429,9 +442,24 @@ class _AMQPProtocol(AMQClient):
         if self._heartbeat_call is not None and self._heartbeat_call.running:
             self._heartbeat_call.stop()
         try:
+            # Every channel's waiters fail now: txAMQP closes the channels once,
+            # when the connection closes (the broker's connection.close, or
+            # here), so a channel made after the broker's close (its maker
+            # waited for txAMQP's channel lock) is never closed, and whoever
+            # waits on it waits for ever, least of all a declaration holding
+            # the transport's declarations lock, which the next link needs to
+            # replay the topology (see L{open_channel}).
+            self._close_channels(reason)
             self.owner._connection_lost(self, reason)
         finally:
             AMQClient.connectionLost(self, reason)
+
+    def _close_channels(self, reason: Any) -> None:
+        for ch in list(self.channels.values()):
+            try:
+                ch.close(reason)
+            except Exception:  # noqa: BLE001 - closing what is already gone: nothing to report
+                pass
 
 
 class _ProtocolFactory(Factory):
