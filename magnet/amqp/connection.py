@@ -372,7 +372,8 @@ class Link:
             except Closed as e:
                 # ConnectionClosed: the broker's connection.close failed the channel's waiters
                 # before txAMQP marked the protocol closed; the link is going, not the operation
-                if protocol.lost or protocol.closed or protocol is not self._protocol or isinstance(e, ConnectionClosed):
+                if (protocol.lost or protocol.closed or protocol is not self._protocol or isinstance(e, ConnectionClosed)
+                        or protocol.close_reason is not None):
                     # the link went down under it (or the broker closed it): try again on the next
                     # one, after a pause, so that this never spins while the old link is going
                     yield deferLater(self.reactor, 0.05, lambda: None)

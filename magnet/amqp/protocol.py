@@ -32,7 +32,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txamqp.client import Closed, TwistedDelegate
+from txamqp.client import Closed, ConnectionClosed, TwistedDelegate
 from txamqp.connection import Body, Frame, Header, Method
 from txamqp.protocol import AMQClient
 from zope.interface import implementer
@@ -353,21 +353,25 @@ class _AMQPProtocol(AMQClient):
     def open_channel(self) -> Any:
         """A fresh channel, opened; L{Closed} if the link is down or goes meanwhile.
 
-        Getting the channel object waits for txAMQP's channel lock; if the
-        link closed meanwhile (the broker's connection.close, which closes
-        only the channels that exist then), a channel made after it would
-        send channel.open on a dead link and wait for an answer for ever,
-        and with it whoever waits on this (the transport's declarations,
-        one at a time): so the link is looked at again before opening."""
-        if self.lost or self.closed:
-            raise Closed("the link is down")
+        The broker's connection.close closes the channels that exist then,
+        one after the other, and each closed channel fails its waiters at
+        once; one of them may be a declaration that, failing, lets the next
+        (the transport's declarations go one at a time) ask for a channel
+        while the closing is still going on (txAMQP marks the connection
+        closed only at its end). A channel made then is never closed: its
+        channel.open waits for ever, and whoever waits on it. So no channel
+        is made once the broker has said it closes (C{close_reason}), and
+        the link is looked at again once the channel object is had (that
+        waits for txAMQP's channel lock)."""
+        if self.lost or self.closed or self.close_reason is not None:
+            raise ConnectionClosed("the link is down")
         channel_id = self.allocate_channel()
         ch = yield self.channel(channel_id)
-        if self.lost or self.closed:
+        if self.lost or self.closed or self.close_reason is not None:
             ch.close(None)
             if self.channels.get(channel_id) is ch:
                 del self.channels[channel_id]
-            raise Closed("the link went down while a channel was being opened")
+            raise ConnectionClosed("the link went down while a channel was being opened")
         yield ch.channel_open()
         return ch
 
