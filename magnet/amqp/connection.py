@@ -60,7 +60,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txamqp.client import Closed
+from txamqp.client import Closed, ConnectionClosed
 
 from magnet.amqp.protocol import _AMQPProtocol, _ProtocolFactory, channel_error, describe
 from magnet.amqp.tls import tls_creator, trust_description
@@ -370,7 +370,9 @@ class Link:
             try:
                 result = yield run(protocol)
             except Closed as e:
-                if protocol.going or protocol is not self._protocol:
+                # ConnectionClosed: the broker's connection.close failed the channel's waiters
+                # before txAMQP marked the protocol closed; the link is going, not the operation
+                if protocol.going or protocol is not self._protocol or isinstance(e, ConnectionClosed):
                     # the link went down under it (or the broker closed it: a node that stops or
                     # pauses closes with 320 CONNECTION_FORCED): try again on the next one, after a
                     # pause, so that this never spins while the old link is going

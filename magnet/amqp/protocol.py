@@ -39,7 +39,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txamqp.client import Closed, TwistedDelegate
+from txamqp.client import Closed, ConnectionClosed, TwistedDelegate
 from txamqp.connection import Body, Frame, Header, Method
 from txamqp.protocol import AMQClient
 from zope.interface import implementer
@@ -462,10 +462,27 @@ class _AMQPProtocol(AMQClient):
 
     @defer.inlineCallbacks
     def open_channel(self) -> Any:
-        if self.lost or self.closed:
-            raise Closed("the link is down")
+        """A fresh channel, opened; L{Closed} if the link is down or goes meanwhile.
+
+        The broker's connection.close closes the channels that exist then,
+        one after the other, and each closed channel fails its waiters at
+        once; one of them may be a declaration that, failing, lets the next
+        (the transport's declarations go one at a time) ask for a channel
+        while the closing is still going on (txAMQP marks the connection
+        closed only at its end). A channel made then is never closed: its
+        channel.open waits for ever, and whoever waits on it. So no channel
+        is made once the broker has said it closes (C{close_reason}), and
+        the link is looked at again once the channel object is had (that
+        waits for txAMQP's channel lock)."""
+        if self.lost or self.closed or self.close_reason is not None:
+            raise ConnectionClosed("the link is down")
         channel_id = self.allocate_channel()
         ch = yield self.channel(channel_id)
+        if self.lost or self.closed or self.close_reason is not None:
+            ch.close(None)
+            if self.channels.get(channel_id) is ch:
+                del self.channels[channel_id]
+            raise ConnectionClosed("the link went down while a channel was being opened")
         yield ch.channel_open()
         return ch
 
@@ -540,9 +557,24 @@ class _AMQPProtocol(AMQClient):
         if self._heartbeat_call is not None and self._heartbeat_call.running:
             self._heartbeat_call.stop()
         try:
+            # Every channel's waiters fail now: txAMQP closes the channels once,
+            # when the connection closes (the broker's connection.close, or
+            # here), so a channel made after the broker's close (its maker
+            # waited for txAMQP's channel lock) is never closed, and whoever
+            # waits on it waits for ever, least of all a declaration holding
+            # the transport's declarations lock, which the next link needs to
+            # replay the topology (see L{open_channel}).
+            self._close_channels(reason)
             self.owner._connection_lost(self, reason)
         finally:
             AMQClient.connectionLost(self, reason)
+
+    def _close_channels(self, reason: Any) -> None:
+        for ch in list(self.channels.values()):
+            try:
+                ch.close(reason)
+            except Exception:  # noqa: BLE001 - closing what is already gone: nothing to report
+                pass
 
 
 class _ProtocolFactory(Factory):

@@ -34,7 +34,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txamqp.client import Closed
+from txamqp.client import Closed, ConnectionClosed
 
 from magnet.amqp import liveness
 from magnet.amqp.channels import AMQPConsumer, _ConsumerChannel, _Pending, _PublishChannel
@@ -231,9 +231,14 @@ class AMQPTransport(Publishing):
         """
         yield self._control_lock.acquire()
         try:
+            if protocol.lost:
+                # queued behind another declaration while this link went: the caller
+                # (L{_operation}) runs it again on the next link, which needs the lock now
+                raise ConnectionClosed("the link went down while the declaration waited for its turn")
             ch = self._control
             if ch is None or ch.closed or ch.client is not protocol:
-                ch = yield protocol.open_channel()
+                ch = yield answer_within(protocol.open_channel(), self.operation_timeout, self.reactor,
+                                         protocol if drop_link else None)
                 self._control = ch
             try:
                 result = yield answer_within(call(ch), self.operation_timeout, self.reactor,

@@ -13,7 +13,8 @@ The verdict (issue 17, scenario 6), on the samples taken after the warm-up:
   - Deferreds pending (magnet_pending: calls, sends, listen addresses,
     streams, unconfirmed and held publishes) do not pile up: the last
     window's median at most max(PENDING_SLACK, 50 %) over the largest seen in the first window,
-    and back to PENDING_IDLE or fewer once the load has stopped;
+    and back to PENDING_IDLE or fewer once the load has stopped (the fewest seen while the
+    queues drain: periodic work goes on then);
   - queues drain: once the load stops, every queue but the dead-letter
     ones is empty within the drain time;
   - no message dead-lettered, and no proxied request failed.
@@ -110,10 +111,12 @@ def verdict(samples: Sequence[Sample], warmup: float, every: float, drained_afte
     p_bound = p_base + max(PENDING_SLACK, PENDING_GROWTH * p_base)
     checks.append(Check("Deferreds pending do not pile up", p_end == p_end and p_base == p_base and p_end <= p_bound,
                         f"max {p_base:.0f} in the first window, median {p_end:.0f} in the last", f"<= {p_bound:.0f}"))
-    drain = [s for s in samples if s.phase == "drain"]
-    idle = drain[-1].pending if drain else float("nan")
+    # the fewest seen while the queues drain: the node still does its periodic work then (a
+    # scheduled refresh, statistics saved), but what a leak holds never goes
+    idle_seen = [s.pending for s in samples if s.phase == "drain" and s.pending == s.pending]
+    idle = min(idle_seen) if idle_seen else float("nan")
     checks.append(Check("Deferreds pending after the load", idle == idle and idle <= PENDING_IDLE,
-                        f"{idle:.0f}", f"<= {PENDING_IDLE}"))
+                        f"{idle:.0f} (fewest while draining)", f"<= {PENDING_IDLE}"))
 
     deepest = max(load, key=lambda s: s.deepest)
     checks.append(Check("queues drain after the load", drained_after is not None,

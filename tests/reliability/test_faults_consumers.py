@@ -12,7 +12,8 @@ done) and proxied requests (hits and misses that cross the bus to a fetcher).
     dead-letter queue, consumed again within seconds, /healthz names it
     meanwhile;
   - the daemon's connection closed by the broker (rabbitmqctl
-    close_connection): consumers restarted, counted in /metrics;
+    close_connection), five times in a row: each time the consumers are
+    restarted within seconds, counted in /metrics;
   - consumer_timeout: the broker closes the channel of a fetcher slower than
     it allows; the fetch is redelivered and done once more (a duplicate,
     counted), and the fetcher keeps serving.
@@ -274,17 +275,21 @@ async def test_fetcher_queue_deleted_while_work_flows(tmp_path: Path, private_ra
     assert t_back < 10 and restarts >= 2 and shown, (t_back, restarts, shown)
 
 
-#: the daemon's bound on setting a new link up (timeouts.connect + the bus's operation timeout, 30 s) and a
-#: margin: usually the consumers are back within 1-2 s, but about one run in five the new link's setup
-#: takes ~30 s (not yet understood; see the report of branch faults2)
-RECONNECT_BOUND = 40.0
+#: seconds from `rabbitmqctl close_connection` to the controller's consumer counted back (rabbitmqctl's own
+#: time, a second or two on a loaded machine, included; the link itself is back within a second). About one
+#: close in five used to take 30 s or never come back: a declaration made while the broker closed the
+#: connection held the declarations lock for ever (tests/fast/magnet/test_amqp_reconnect_lock.py)
+RECONNECT_BOUND = 15.0
+#: closes in a row (each must come back within the bound)
+CLOSES = 5
 
 
 @pytest_twisted.ensureDeferred
 async def test_daemon_connection_closed_by_the_broker(tmp_path: Path, private_rabbitmq: Any, upstream: Any,
                                                       nodes: list, buses: Any, record: Any) -> None:
-    """`rabbitmqctl close_connection` on the daemon's connection: its consumers are
-    restarted on the next link (counted in /metrics), the work resumes."""
+    """`rabbitmqctl close_connection` on the daemon's connection, CLOSES times in a
+    row under load: each time its consumers are restarted on the next link
+    (counted in /metrics) within RECONNECT_BOUND, and the work resumes."""
     broker = private_rabbitmq
     node = await data_node(tmp_path, broker, upstream, nodes)
     bus = buses(broker.url)
@@ -292,27 +297,32 @@ async def test_daemon_connection_closed_by_the_broker(tmp_path: Path, private_ra
     mine = bus.transport._protocol.transport.getHost().port
     producer = TaskProducer(bus, rate=100, concurrency=10).start()
     load = load_on(node, upstream)
+    backs: List[float] = []
+    closed = 0
     try:
         await sleep(3)
-        before = metric_value(node.metrics(), "magnet_consumer_restarts_total", name="controller",
-                              reason="reconnect")
-        rows = (await deferToThread(ctl, broker, "list_connections", "pid", "peer_port")).splitlines()
-        daemon = [line.split("\t")[0] for line in rows if "\t" in line and line.split("\t")[1] != str(mine)
-                  and line.startswith("<")]
-        assert daemon, rows
-        t_close = time.monotonic()
-        for pid in daemon:
-            await deferToThread(ctl, broker, "close_connection", pid, "reliability: consumer connection closed")
-        try:
-            await eventually(lambda: metric_value(node.metrics(), "magnet_consumer_restarts_total",
-                                                  name="controller", reason="reconnect") > before,
-                             RECONNECT_BOUND, "the controller's consumer back")
-        except AssertionError as e:
-            restarts = [line for line in node.metrics().splitlines() if "consumer_restarts" in line]
-            link = [line[:300] for line in node.log().splitlines() if "magnet" in line][-30:]
-            raise AssertionError("\n".join([str(e), f"{daemon} {rows}"] + restarts + link)) from None
-        await eventually(lambda: producer.confirmed_since(time.monotonic() - 1) > 0, 30, "tasks flowing")
-        t_back = time.monotonic() - t_close
+        for _ in range(CLOSES):
+            before = metric_value(node.metrics(), "magnet_consumer_restarts_total", name="controller",
+                                  reason="reconnect")
+            rows = (await deferToThread(ctl, broker, "list_connections", "pid", "peer_port")).splitlines()
+            daemon = [line.split("\t")[0] for line in rows if "\t" in line and line.split("\t")[1] != str(mine)
+                      and line.startswith("<")]
+            assert daemon, rows
+            t_close = time.monotonic()
+            for pid in daemon:
+                await deferToThread(ctl, broker, "close_connection", pid, "reliability: consumer connection closed")
+                closed += 1
+            try:
+                await eventually(lambda: metric_value(node.metrics(), "magnet_consumer_restarts_total",
+                                                      name="controller", reason="reconnect") > before,
+                                 RECONNECT_BOUND + 30, "the controller's consumer back")
+            except AssertionError as e:
+                restarts = [line for line in node.metrics().splitlines() if "consumer_restarts" in line]
+                link = [line[:300] for line in node.log().splitlines() if "magnet" in line][-30:]
+                raise AssertionError("\n".join([str(e), f"{daemon} {rows}"] + restarts + link)) from None
+            backs.append(time.monotonic() - t_close)
+            await eventually(lambda: producer.confirmed_since(time.monotonic() - 1) > 0, 30, "tasks flowing")
+            await sleep(2)
         recovered = time.monotonic()
         await sleep(3)
     finally:
@@ -324,15 +334,16 @@ async def test_daemon_connection_closed_by_the_broker(tmp_path: Path, private_ra
     metrics = node.metrics()
     restarts = sum(float(line.rpartition(" ")[2]) for line in metrics.splitlines()
                    if line.startswith("magnet_consumer_restarts_total{") and 'reason="reconnect"' in line)
-    record("daemon's consumer connection closed by the broker", faults_injected=len(daemon), sent=figures["sent"],
+    record("daemon's consumer connection closed by the broker", faults_injected=closed, sent=figures["sent"],
            confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
            duplicated=figures["duplicated"], errors=outcomes["wrong"],
-           notes=f"{len(daemon)} connection(s) closed; consumers back in {t_back:.1f} s; "
+           notes=f"{closed} connection(s) closed, {CLOSES} times in a row; consumers back in "
+                 f"{', '.join(f'{b:.1f}' for b in backs)} s (rabbitmqctl included); "
                  f"magnet_consumer_restarts_total (reconnect) {restarts:.0f}; HTTP {outcomes}, after {after}")
     assert figures["lost"] == 0, figures
     assert outcomes["wrong"] == 0, wrong(load.results)
     assert after["ok"] == sum(after.values()) > 0, after
-    assert t_back < RECONNECT_BOUND, f"consumers back only {t_back:.1f} s after the broker closed the connection"
+    assert max(backs) < RECONNECT_BOUND, f"consumers back {', '.join(f'{b:.1f}' for b in backs)} s after the closes"
 
 
 def consumer_timeout_node(factory: Any, timeout_ms: int = 3000) -> Any:
