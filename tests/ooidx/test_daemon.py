@@ -185,7 +185,7 @@ def test_json_logs_from_twistd(tmp_path: Path, daemons: List[DaemonProcess]) -> 
 FAILING_CACHE = """
 import dataclasses, ooidx.wire as wire, ooidx.component as component
 class FailingCache(component.Component):
-    def __init__(self, name, bus, options=None, directory=None, **kwargs):
+    def __init__(self, name, bus, options=None, directory=None, security=None, fetch_options=None, **kwargs):
         super().__init__(name, bus, **kwargs)
     def setUp(self):
         raise OSError('cannot open the cache store')
