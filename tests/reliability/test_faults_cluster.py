@@ -207,7 +207,7 @@ SILENT_STALLS = ("RabbitMQ 3.10.8: with a silent cut, the majority side waits in
 
 
 #: Refused cuts passed in 2 runs of 3, and with C's AMQP port silent too in 3
-#: of 6 (this machine: five test suites on two cores); see docs/reliability.md
+#: of 7 (this machine: five test suites on two cores); see docs/reliability.md
 #: for how the others failed (a daemon that never linked to A or B; the test's
 #: producer bus making no send for 40 s after its link to C went silent).
 REFUSED_STALLS = ("under load, some runs with a refused cut did no work during it (a daemon that never linked to "
