@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from magnet import multicast as _multicast, rpc, stream
-from magnet.errors import BadMessage, ConnectionLost, MagnetError, Refusal, RemoteError, Timeout
+from magnet.errors import BadMessage, ConnectionLost, MagnetError, NotConnected, Refusal, RemoteError, Timeout
 from magnet.message import Message
 from magnet.observer import BusObserver
 from magnet.transport import DEFAULT_EXCHANGE, Delivery, Transport
@@ -578,6 +578,12 @@ class Bus(Service):
             emit = self.log.debug if failure.check(LookupError) else self.log.info
             emit("{name}: {op} refused: {error}", name=name, op=message.headers.get(rpc.OP_HEADER),
                  error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        elif failure.check(ConnectionLost, NotConnected, Timeout):
+            # the operation's own sends or calls met a lost link, a node that paused or stopped, a peer that
+            # did not answer in time: a fault of the moment, answered as such; no bug, so no traceback
+            self.log.warn("{name}: {op} failed on the bus: {error}", name=name,
+                          op=message.headers.get(rpc.OP_HEADER),
+                          error=f"{failure.type.__name__}: {failure.getErrorMessage()}")
         else:
             self.log.failure("operation on {name} failed", failure, name=name)
         return self._send_reply(name, message, rpc.error_reply(failure, message.correlation_id))
