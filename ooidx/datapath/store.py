@@ -26,8 +26,9 @@ last to commit wins, whole. A crash leaves temporary files (removed at the
 next start when their process is gone) or an unreferenced body (removed by
 the start-up scan); never a visible half entry.
 
-Size: the total of bodies and metadata stays under ``max_bytes``; committing
-evicts the least recently used entries first. Access times live in memory
+Size: the total of bodies and metadata stays under ``max_bytes``, and the
+number of entries under ``max_entries`` (the index in memory costs about
+0.8 KB an entry); committing evicts the least recently used entries first. Access times live in memory
 and reach the metadata files lazily (L{DiskStore.flush}), so a read costs no
 write.
 """
@@ -183,14 +184,22 @@ def validators_of(headers: List[List[str]], given: Any = None) -> Dict[str, Opti
     return found
 
 
+#: Most entries a store keeps, whatever their bytes: its in-memory index costs about 0.8 KB an
+#: entry, and a byte bound alone lets a store of small answers (1 GiB of 137-byte .dods) index over
+#: a million of them (the soak, docs/reliability.md#soak). At this bound the index is about 80 MB.
+MAX_ENTRIES = 100_000
+
+
 class DiskStore:
-    """Responses on disk under C{root}, at most C{max_bytes} of them."""
+    """Responses on disk under C{root}, at most C{max_bytes} of them and at most C{max_entries}."""
 
     log = Logger()
 
-    def __init__(self, root: str, max_bytes: int, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, root: str, max_bytes: int, *, now: Callable[[], float] = time.time,
+                 max_entries: int = MAX_ENTRIES) -> None:
         self.root = os.path.abspath(root)
         self.max_bytes = max_bytes
+        self.max_entries = max_entries
         self.now = now
         self.evictions = 0
         self._lock = threading.RLock()
@@ -441,9 +450,12 @@ class DiskStore:
         return True
 
     def _evict(self, incoming: int, keep: Optional[str] = None) -> None:
-        """Remove least recently used entries until C{incoming} more bytes fit. Caller holds the lock."""
+        """Remove least recently used entries until C{incoming} more bytes fit, and one more
+        entry (C{incoming} > 0: an entry being committed, unless it replaces C{keep}'s) within
+        C{max_entries}. Caller holds the lock."""
+        room = 1 if incoming > 0 and (keep is None or keep not in self._index) else 0  # a new version: no room
         for key in list(self._index):
-            if self._bytes + incoming <= self.max_bytes:
+            if self._bytes + incoming <= self.max_bytes and len(self._index) + room <= self.max_entries:
                 break
             if key == keep:
                 continue

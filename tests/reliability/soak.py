@@ -26,7 +26,7 @@ When the load stops, the consumers stay and the queues must drain within
 verdict.md (the table), summary.json, and the node's files (run/).
 Exit status: 0 the verdict passed, 1 it failed, 2 the soak could not run.
 
-    scripts/soak --minutes 30 --out /tmp/soak-run
+    scripts/soak --minutes 30 --out soak-30min
 """
 from __future__ import annotations
 

@@ -427,3 +427,23 @@ class IndexMemoryTests(FastCase):
         self.assertEqual(entry.headers, self.HEADERS)
         self.assertEqual([e.headers for e in again.entries()[:1]], [self.HEADERS])
         again.close()
+
+    def test_the_number_of_entries_is_bounded_too(self) -> None:
+        now = Now()
+        root = str(self.tmp_path() / "cache")
+        s = DiskStore(root, 1 << 30, now=now, max_entries=3)
+        s.open()
+        for i in range(4):
+            now.t += 1
+            put(s, f"http://example.org/x{i}.dods", b"y" * 10)
+        self.assertEqual(s.stats()["entries"], 3)
+        self.assertEqual(s.evictions, 1)
+        self.assertIsNone(s.get("http://example.org/x0.dods"))  # the least recently used went
+        self.assertIsNotNone(s.get("http://example.org/x3.dods"))
+        put(s, "http://example.org/x3.dods", b"z" * 10)  # a new version of one held: nothing more goes
+        self.assertEqual((s.stats()["entries"], s.evictions), (3, 1))
+        s.close()
+        again = DiskStore(root, 1 << 30, max_entries=2)
+        again.open()  # reopened under a smaller bound: trimmed at once
+        self.assertEqual(again.stats()["entries"], 2)
+        again.close()
