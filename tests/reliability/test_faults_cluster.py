@@ -22,6 +22,7 @@ iptables on the nodes' Erlang distribution links
 """
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -214,14 +215,24 @@ REFUSED_STALLS = ("under load, some runs with a refused cut did no work during i
                   "A or B; the test's producer bus stuck after its link to C went silent): docs/reliability.md")
 
 
+#: The variants that run by default (CI: its 90 minutes cannot take three
+#: runs that may each wait out their 900 s bound); OOIDX_PARTITION_VARIANTS=all
+#: (or a comma-separated list of ids) runs the others.
+PARTITION_VARIANTS = os.environ.get("OOIDX_PARTITION_VARIANTS", "refused-cluster-links")
+
+
+def _variant(dist_cut: tuple, clients_cut: bool, id: str, reason: str) -> Any:
+    chosen = PARTITION_VARIANTS == "all" or id in PARTITION_VARIANTS.split(",")
+    return pytest.param(dist_cut, clients_cut, id=id, marks=[
+        pytest.mark.xfail(reason=reason, strict=False),
+        pytest.mark.skipif(not chosen, reason=f"{id}: not in OOIDX_PARTITION_VARIANTS ({PARTITION_VARIANTS})")])
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("dist_cut, clients_cut", [
-    pytest.param(REFUSED, False, id="refused-cluster-links",
-                 marks=pytest.mark.xfail(reason=REFUSED_STALLS, strict=False)),
-    pytest.param(REFUSED, True, id="refused-cluster-links-silent-client-links",
-                 marks=pytest.mark.xfail(reason=REFUSED_STALLS, strict=False)),
-    pytest.param(SILENT, False, id="silent-cluster-links",
-                 marks=pytest.mark.xfail(reason=SILENT_STALLS, strict=False)),
+    _variant(REFUSED, False, "refused-cluster-links", REFUSED_STALLS),
+    _variant(REFUSED, True, "refused-cluster-links-silent-client-links", REFUSED_STALLS),
+    _variant(SILENT, False, "silent-cluster-links", SILENT_STALLS),
 ])
 @pytest_twisted.ensureDeferred
 async def test_cluster_partition_minority_node_pauses_daemon_fails_over(
