@@ -893,8 +893,10 @@ class _Tee:
     @inlineCallbacks
     def _commit(self) -> Any:
         cache, writer = self.cache, self.writer
-        if writer is None:
+        if writer is None:  # the store could not even open the copy (a read-only or full disk)
             cache.counters["store_failures"] += 1
+            if self.problem is not None:
+                cache.log.warn("not keeping {url}: {reason}", url=self.url, reason=self.problem, component=cache.name)
             return None
         if self.problem is not None:
             cache.counters["store_failures"] += 1

@@ -346,6 +346,11 @@ async def test_daemon_connection_closed_by_the_broker(tmp_path: Path, private_ra
     assert max(backs) < RECONNECT_BOUND, f"consumers back {', '.join(f'{b:.1f}' for b in backs)} s after the closes"
 
 
+#: the component whose message a slow miss holds unacknowledged: the cache,
+#: which fetches a miss itself and acknowledges its answer when it ends
+HOLDER = "cache"
+
+
 def consumer_timeout_node(factory: Any, timeout_ms: int = 3000) -> Any:
     """A private node that closes the channel of a delivery unacknowledged for
     C{timeout_ms}, checked every second (RabbitMQ looks once a minute by default)."""
@@ -361,11 +366,12 @@ def consumer_timeout_node(factory: Any, timeout_ms: int = 3000) -> Any:
 @pytest_twisted.ensureDeferred
 async def test_consumer_timeout_on_a_slow_fetch(tmp_path: Path, private_rabbitmq_factory: Any, upstream: Any,
                                                 nodes: list, buses: Any, record: Any) -> None:
-    """consumer_timeout 3 s; a fetch of a slow upstream file (about 6 s) keeps
-    its message unacknowledged longer: the broker closes the fetcher's
-    channel; magnet consumes again, the fetch is redelivered and done once
-    more (counted), the client still gets its whole file, and the fetcher
-    keeps serving (tasks and fast misses meanwhile)."""
+    """consumer_timeout 3 s; a miss of a slow upstream file (about 6 s) keeps
+    its message unacknowledged longer: on the data path a miss is fetched by
+    the cache that answers it (C{cache.answer}, acknowledged when the answer
+    ends), so the broker closes the cache's channel; magnet consumes again,
+    the answer is redelivered and done once more (counted), and the cache and
+    the fetchers keep serving (tasks and fast misses meanwhile)."""
     broker = consumer_timeout_node(private_rabbitmq_factory)
     node = await data_node(tmp_path, broker, upstream, nodes)
     bus = buses(broker.url)
@@ -375,13 +381,13 @@ async def test_consumer_timeout_on_a_slow_fetch(tmp_path: Path, private_rabbitmq
     slow_results: List[Dict[str, Any]] = []
     try:
         await sleep(2)
-        fetches_before = metric_value(node.metrics(), "magnet_messages_in_total", name="fetcher")
+        fetches_before = metric_value(node.metrics(), "magnet_messages_in_total", name=HOLDER)
         size = 300_000
         slow = upstream.url(f"big/{size}.bin?rate=50000")
         slow_results.append(await deferToThread(http_fetch, node.proxy_port, slow, timeout=60,
                                                 expect=b"\xab" * size))
-        await eventually(lambda: metric_value(node.metrics(), "magnet_consumer_restarts_total", name="fetcher",
-                                              reason="channel_closed") >= 1, 30, "the fetcher's channel closed")
+        await eventually(lambda: metric_value(node.metrics(), "magnet_consumer_restarts_total", name=HOLDER,
+                                              reason="channel_closed") >= 1, 30, "the cache's channel closed")
         await sleep(8)  # the redelivered slow fetch runs to its end too
         recovered = time.monotonic()
         await sleep(3)
@@ -392,17 +398,17 @@ async def test_consumer_timeout_on_a_slow_fetch(tmp_path: Path, private_rabbitmq
     outcomes = classify(load.results + slow_results)
     after = classify([r for r in load.results if r["started"] >= recovered])
     metrics = node.metrics()
-    restarts = metric_value(metrics, "magnet_consumer_restarts_total", name="fetcher", reason="channel_closed")
-    record("consumer_timeout closes a slow fetcher's channel", faults_injected=1, sent=figures["sent"],
+    restarts = metric_value(metrics, "magnet_consumer_restarts_total", name=HOLDER, reason="channel_closed")
+    record("consumer_timeout closes the channel holding a slow miss", faults_injected=1, sent=figures["sent"],
            confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
            duplicated=figures["duplicated"], errors=outcomes["wrong"],
-           notes=f"consumer_timeout 3 s, a 6 s fetch: the broker closed the fetcher's channel {restarts:.0f} "
+           notes=f"consumer_timeout 3 s, a 6 s fetch: the broker closed the {HOLDER}'s channel {restarts:.0f} "
                  f"time(s), so the fetch was delivered {1 + restarts:.0f} times; its client got "
                  f"{slow_results[0]['status']} "
                  f"{slow_results[0]['bytes']} bytes in {slow_results[0]['elapsed']:.1f} s (whole: "
-                 f"{slow_results[0]['ok']}; a 502 when the proxy sees its request delivered again); fetcher "
+                 f"{slow_results[0]['ok']}; a 502 when the proxy sees its request delivered again); {HOLDER} "
                  f"deliveries during "
-                 f"the test {metric_value(metrics, 'magnet_messages_in_total', name='fetcher') - fetches_before:.0f}; "
+                 f"the test {metric_value(metrics, 'magnet_messages_in_total', name=HOLDER) - fetches_before:.0f}; "
                  f"HTTP {outcomes}, after {after}")
     assert figures["lost"] == 0, figures
     assert outcomes["wrong"] == 0, wrong(load.results + slow_results)

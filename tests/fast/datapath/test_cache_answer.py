@@ -25,7 +25,7 @@ from ooidx.config import CacheOptions, FetcherOptions, SecurityConfig
 from ooidx.datapath.cache import Cache, _write_all
 from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.core.support import FastCase, drive, expand, settle, threadless
+from tests.fast.core.support import FastCase, LogEvents, drive, expand, settle, threadless
 from tests.fast.datapath.test_cache_contract import FakeStore, Recorder
 from tests.fast.datapath.test_fetcher_contract import HOST, FakeAgent, FakeResponse
 
@@ -231,6 +231,24 @@ class CacheAnswerTests(FastCase):
         settle(self.clock)
         self.assertEqual(self.body("r1"), b"a" * 300 + b"b" * 300 + b"c" * 300)
         self.assertEqual(self.stored().size, 900)
+
+    def test_a_store_that_cannot_open_the_copy_says_why_and_the_client_gets_its_body(self) -> None:
+        """A read-only (or full) cache disk: the store cannot even open the copy.
+        The client gets the whole body, nothing is kept, and the log says why
+        (it said nothing before: the copy that never opened was dropped silently)."""
+        cache = self.start({URL: FakeResponse(chunks=[b"abc", b"def"])})
+        logged = LogEvents(self)
+
+        def read_only(*args: Any, **kwargs: Any) -> Any:
+            raise OSError(30, "Read-only file system")
+
+        self.monkeypatch().setattr(cache.store, "writer", read_only)
+        self.answer()
+        self.assertEqual(self.body("r1"), b"abcdef")
+        self.assertIsNone(self.stored())
+        self.assertEqual(cache.counters["store_failures"], 1)
+        self.assertTrue([t for t in logged.texts() if "not keeping" in t and "Read-only file system" in t],
+                        logged.texts())
 
     def test_a_body_cut_short_is_not_kept(self) -> None:
         cache = self.start({URL: FakeResponse(chunks=[b"abc"], length=10, end="broken")})
