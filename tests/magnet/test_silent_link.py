@@ -32,8 +32,10 @@ SEND_TIMEOUT = 5.0
 class Loops:
     """Send loops like faultlib.TaskProducer's, recording how long each send took to settle."""
 
-    def __init__(self, bus: magnet.Bus, queue: str, concurrency: int = 5, rate: float = 100.0) -> None:
+    def __init__(self, bus: magnet.Bus, queue: str, concurrency: int = 5, rate: float = 100.0,
+                 body: bytes = b"x") -> None:
         self.bus = bus
+        self.body = body
         self.queue = queue
         self.concurrency = concurrency
         self.rate = rate
@@ -50,7 +52,7 @@ class Loops:
             began = reactor.seconds()
             self.in_flight[i] = began
             try:
-                await self.bus.send(self.queue, Message(body=b"x"))
+                await self.bus.send(self.queue, Message(body=self.body))
                 error = None
             except Exception as e:  # noqa: BLE001 - every outcome is recorded
                 error = type(e).__name__
@@ -70,8 +72,13 @@ class Loops:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("silent, body_size", [
+    (False, 1),  # the proxy reads and holds everything: the bus's socket stays writable
+    (True, 256 * 1024),  # the proxy reads nothing (as iptables DROP): the bus's socket buffers fill
+], ids=["stalled", "silent-full-buffers"])
 @pytest_twisted.ensureDeferred
-async def test_sends_on_a_silent_link_settle_in_time_and_the_next_url_takes_them(broker_url: str) -> None:
+async def test_sends_on_a_silent_link_settle_in_time_and_the_next_url_takes_them(
+        broker_url: str, silent: bool, body_size: int) -> None:
     from tests.rabbitmq import url_host_port
     host, port = url_host_port(broker_url)
     proxy = TcpFaultProxy(port)
@@ -87,9 +94,10 @@ async def test_sends_on_a_silent_link_settle_in_time_and_the_next_url_takes_them
         await bus.when_connected(20)
         assert bus.transport._protocol.url.port == proxy.port
         await bus.transport.declare_queue(queue, durable=False, auto_delete=False)
-        loops = Loops(bus, queue)
+        loops = Loops(bus, queue, body=b"x" * body_size)
         await eventually(lambda: any(e is None for _, _, e in loops.settled), 20, "a send confirmed", interval=0.1)
         proxy.stalled = True
+        proxy.silent = silent
         cut = reactor.seconds()
         worst = [0.0]
 
@@ -111,7 +119,7 @@ async def test_sends_on_a_silent_link_settle_in_time_and_the_next_url_takes_them
     finally:
         if loops is not None:
             await loops.stop()
-        proxy.stalled = False
+        proxy.stalled = proxy.silent = False
         try:
             await bus.transport.delete_queue(queue)
         except Exception:  # noqa: BLE001 - cleanup
