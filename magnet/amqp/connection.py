@@ -182,7 +182,19 @@ class Link:
         """Connect to C{url} and set the link up, within C{connect_timeout + operation_timeout}."""
         heartbeat = url.heartbeat if url.heartbeat is not None else self.heartbeat
         factory = _ProtocolFactory(lambda: _AMQPProtocol(self, url, self.spec, self.reactor, heartbeat))
-        protocol = yield self._endpoint(url).connect(factory)
+        # HostnameEndpoint's timeout bounds each TCP connect, not the name resolution
+        # before them (getaddrinfo in the reactor's thread pool, which a busy pool
+        # delays without a bound): an attempt that hung there would leave the link
+        # down for ever, no other URL tried. Twice the connect timeout leaves room
+        # for the staggered connects to several addresses of one name.
+        bound = 2 * self.connect_timeout
+
+        def not_connected(result: Failure, seconds: float) -> Failure:
+            return Failure(ConnectionLost(f"{url.masked()} did not connect within {seconds:.1f} s "
+                                          f"(name resolution and TCP connect)"))
+
+        protocol = yield self._endpoint(url).connect(factory).addTimeout(bound, self.reactor,
+                                                                         onTimeoutCancel=not_connected)
         self._attempt_protocol = protocol
 
         def too_slow(result: Failure, seconds: float) -> Failure:

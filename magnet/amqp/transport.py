@@ -56,7 +56,9 @@ class AMQPTransport(Publishing):
     @param operation_timeout: how long a declaration or publish waits for the
         link to come up before it fails with L{NotConnected}.
     @param backoff: C{attempt -> seconds} between reconnect attempts.
-    @param connect_timeout: limit of one TCP connect + AMQP handshake.
+    @param connect_timeout: limit of one TCP connect + AMQP handshake; an
+        attempt still not connected (name resolution included) after twice it
+        is given up and the next URL tried.
     @param close_timeout: how long L{stop} waits for the broker's close-ok.
     @param nack_retries: how many times a message the broker refused
         (C{basic.nack}) is published again, each time on a fresh channel and

@@ -373,11 +373,14 @@ class TcpFaultProxy:
     """Forwards 127.0.0.1:port to a target, in threads. C{drop()} closes every
     connection (a reset link); C{stalled = True} stops forwarding without
     closing anything (a dead network: bytes are held, as TCP would retransmit
-    them once it heals); C{delay} adds latency to every chunk, each way."""
+    them once it heals); C{silent = True} stops reading as well (the sender's
+    socket buffers fill, as behind iptables DROP); C{delay} adds latency to every chunk, each way."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, target_port)
         self.stalled = False
+        #: stop reading too (as iptables DROP: the sender's socket buffers fill, nothing is acknowledged)
+        self.silent = False
         self.delay = 0.0
         self.accepted = 0
         self._conns: List[socket.socket] = []
@@ -441,6 +444,8 @@ class TcpFaultProxy:
         writer.start()
         try:
             while True:
+                while self.silent and not self._closed:  # read nothing: the sender's buffers fill
+                    time.sleep(0.005)
                 data = src.recv(65536)
                 if not data:
                     break
