@@ -28,7 +28,7 @@ the start-up scan); never a visible half entry.
 
 Size: the total of bodies and metadata stays under ``max_bytes``, and the
 number of entries under ``max_entries`` (the index in memory costs about
-0.8 KB an entry); committing evicts the least recently used entries first. Access times live in memory
+300 bytes an entry); committing evicts the least recently used entries first. Access times live in memory
 and reach the metadata files lazily (L{DiskStore.flush}), so a read costs no
 write.
 """
@@ -38,10 +38,11 @@ import fcntl
 import hashlib
 import json
 import os
+import re
+import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Set
 
@@ -59,6 +60,8 @@ try:
     _IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
 except (ValueError, OSError, AttributeError):
     _IOV_MAX = 16
+_BODY_LENGTH = _KEY_LENGTH + 1 + 32 + len(BODY_SUFFIX)  # KEY-TOKEN.body, TOKEN a uuid4 in hex
+_TOKEN = re.compile("[0-9a-f]{32}")
 
 
 class StoreError(Exception):
@@ -129,20 +132,47 @@ class Entry:
 class _Known:
     """What the in-memory index keeps of an entry: enough for the LRU order,
     the size bound, eviction and purges, not its headers or validators
-    (L{DiskStore.get} reads those from the metadata file every time). A
-    whole L{Entry} took about 3 KB of memory (a soak of the exchange, 30
-    minutes of fresh misses: RSS +44 MB for 15,000 cached answers); this
-    about a sixth of it, so a store of small answers, bounded by its bytes
-    on disk, does not grow the process by gigabytes."""
+    (L{DiskStore.get} reads those from the metadata file every time).
 
-    __slots__ = ("url", "body", "dataset", "footprint", "last_access")
+    A whole L{Entry} took about 3 KB of memory (a soak of the exchange, 30
+    minutes of fresh misses: RSS +44 MB for 15,000 cached answers); a record
+    of url, body name, dataset, footprint and last access about 590 bytes
+    with its key (the second soak: +12.5 MB for 18,374 entries); this one
+    about 250-300 (tracemalloc, 10,000 entries). It keeps nothing that can be
+    derived or shared: the index is keyed by the SHA-256's 32 bytes, not its
+    64 hex digits, in a plain dict, not an OrderedDict; the body's name is
+    C{KEY-TOKEN.body} and only TOKEN is kept, as an int (44 bytes, not a
+    102-character string); the dataset is interned (one string per dataset,
+    not one per entry); the URL is kept only for entries with no dataset,
+    the only ones a purge matches by URL (L{_belongs}). Behaviour is the
+    same; the metadata file still has everything."""
+
+    __slots__ = ("url", "token", "dataset", "footprint", "last_access")
 
     def __init__(self, entry: Entry) -> None:
-        self.url = entry.url
-        self.body = entry.body
-        self.dataset = entry.dataset
+        dataset = entry.dataset
+        self.dataset = sys.intern(str(dataset)) if dataset is not None else None
+        self.url = entry.url if dataset is None else None
+        body = entry.body
+        token = body[_KEY_LENGTH + 1:-len(BODY_SUFFIX)]
+        if (len(body) == _BODY_LENGTH and _TOKEN.fullmatch(token)
+                and body.startswith(entry.key + "-") and body.endswith(BODY_SUFFIX)):
+            self.token: Any = int(token, 16)  # the name is made again from it, exactly
+        else:
+            self.token = body  # a name this store did not make: kept whole
         self.footprint = entry.footprint
         self.last_access = entry.last_access
+
+    def body(self, key: str) -> str:
+        """The name of the body file this record knows, C{key} being its entry's key."""
+        if isinstance(self.token, int):
+            return f"{key}-{self.token:032x}{BODY_SUFFIX}"
+        return self.token
+
+
+def _ik(key: str) -> bytes:
+    """The index's key for a file-name key (64 hex digits): its 32 bytes."""
+    return bytes.fromhex(key)
 
 
 def _typed(data: Dict[str, Any], name: str, kind: Any) -> Any:
@@ -184,9 +214,10 @@ def validators_of(headers: List[List[str]], given: Any = None) -> Dict[str, Opti
     return found
 
 
-#: Most entries a store keeps, whatever their bytes: its in-memory index costs about 0.8 KB an
-#: entry, and a byte bound alone lets a store of small answers (1 GiB of 137-byte .dods) index over
-#: a million of them (the soak, docs/reliability.md#soak). At this bound the index is about 80 MB.
+#: Most entries a store keeps, whatever their bytes: its in-memory index costs about 300 bytes an
+#: entry (tracemalloc), and a byte bound alone lets a store of small answers (1 GiB of 137-byte .dods)
+#: index over a million of them (the soak, docs/reliability.md#soak). At this bound the index is
+#: about 30 MB.
 MAX_ENTRIES = 100_000
 
 
@@ -204,7 +235,10 @@ class DiskStore:
         self.evictions = 0
         self._lock = threading.RLock()
         self._lock_fd: Optional[int] = None
-        self._index: "OrderedDict[str, _Known]" = OrderedDict()  # least recently used first
+        # least recently used first: a plain dict keeps insertion order, and every use pops the
+        # key and puts it back at the end (an OrderedDict costs about 50 bytes more an entry)
+        # keyed by the URL's SHA-256 as 32 bytes (65 bytes of memory, the hex key 113)
+        self._index: Dict[bytes, _Known] = {}
         self._dirty: Set[str] = set()  # keys whose last access is not on disk yet
         self._bytes = 0
 
@@ -258,7 +292,7 @@ class DiskStore:
         self._index.clear()
         self._bytes = 0
         for entry in entries:
-            self._index[entry.key] = _Known(entry)
+            self._index[_ik(entry.key)] = _Known(entry)
             self._bytes += entry.footprint
         self._evict(0)
         self.log.info("cache store at {root}: {count} entries, {bytes} bytes", root=self.root,
@@ -273,7 +307,7 @@ class DiskStore:
         key = key_for(url)
         entry = self._read_meta(key)
         with self._lock:
-            known = self._index.pop(key, None)
+            known = self._index.pop(_ik(key), None)
             if known is not None:
                 self._bytes -= known.footprint
             if entry is None or entry.url != url:
@@ -284,7 +318,7 @@ class DiskStore:
             if touch:
                 entry.last_access = self.now()
                 self._dirty.add(key)
-            self._index[key] = _Known(entry)
+            self._index[_ik(key)] = _Known(entry)
             self._bytes += entry.footprint
             return replace(entry)
 
@@ -294,12 +328,12 @@ class DiskStore:
 
     def __contains__(self, url: str) -> bool:
         with self._lock:
-            return key_for(url) in self._index
+            return _ik(key_for(url)) in self._index
 
     def entries(self) -> List[Entry]:
         """The entries this process knows, least recently used first (their metadata read from disk)."""
         with self._lock:
-            known = [(key, k.last_access) for key, k in self._index.items()]
+            known = [(key.hex(), k.last_access) for key, k in self._index.items()]
         out = []
         for key, last_access in known:
             entry = self._read_meta(key)
@@ -358,10 +392,10 @@ class DiskStore:
                     raise
                 if old is not None and old.body != entry.body:
                     _unlink(os.path.join(self.root, old.body))
-                known = self._index.pop(key, None)
+                known = self._index.pop(_ik(key), None)
                 if known is not None:
                     self._bytes -= known.footprint
-                self._index[key] = _Known(entry)
+                self._index[_ik(key)] = _Known(entry)
                 self._bytes += entry.footprint
                 self._dirty.discard(key)
         except BaseException:
@@ -385,17 +419,17 @@ class DiskStore:
             entry = self._read_meta(key)
             if entry is None or entry.url != url:
                 return None
-            known = self._index.get(key)
+            known = self._index.get(_ik(key))
             if known is not None:
                 entry.last_access = max(entry.last_access, known.last_access)
             change(entry)
             raw = entry.to_json()
             os.rename(_write_temp(self.root, raw), os.path.join(self.root, key + META_SUFFIX))
-            known = self._index.pop(key, None)
+            known = self._index.pop(_ik(key), None)
             if known is not None:
                 self._bytes -= known.footprint
             entry.meta_size = len(raw)
-            self._index[key] = _Known(entry)
+            self._index[_ik(key)] = _Known(entry)
             self._bytes += entry.footprint
             self._dirty.discard(key)
             return replace(entry)
@@ -404,7 +438,11 @@ class DiskStore:
         """Write the access times kept in memory to the metadata files; how many were written."""
         with self._lock:
             dirty, self._dirty = self._dirty, set()
-            wanted = {k: self._index[k].last_access for k in dirty if k in self._index}
+            wanted = {}
+            for k in dirty:
+                known = self._index.get(_ik(k))
+                if known is not None:
+                    wanted[k] = known.last_access
         written = 0
         for key, last_access in wanted.items():
             try:
@@ -423,44 +461,49 @@ class DiskStore:
 
     def remove(self, url: str) -> bool:
         with self._locked():
-            return self._remove_key(key_for(url))
+            return self._remove_key(key_for(url)) is not None
 
     def purge(self, *, dataset: Optional[str] = None, base_url: Optional[str] = None) -> int:
         """Remove every entry of C{dataset}, and every entry with no dataset
         recorded whose URL is C{base_url} or lies under it; how many went."""
         removed = 0
         with self._locked():
-            for key, entry in list(self._index.items()):
-                if _belongs(entry, dataset, base_url):
-                    removed += self._remove_key(key)
+            for key, known in list(self._index.items()):
+                if _belongs(known, dataset, base_url):
+                    removed += self._remove_key(key.hex()) is not None
         return removed
 
-    def _remove_key(self, key: str) -> bool:
+    def _remove_key(self, key: str) -> Optional[str]:
+        """Remove C{key}'s entry, files and record; the URL removed (its key if none is known),
+        None if there was nothing. Caller holds the lock."""
         entry = self._read_meta(key)
-        known = self._index.pop(key, None)
+        known = self._index.pop(_ik(key), None)
         if known is not None:
             self._bytes -= known.footprint
         self._dirty.discard(key)
         if entry is None:
-            return known is not None
+            return None if known is None else (known.url or key)
         _unlink(os.path.join(self.root, key + META_SUFFIX))
         _unlink(os.path.join(self.root, entry.body))
-        if known is not None and known.body != entry.body:
-            _unlink(os.path.join(self.root, known.body))
-        return True
+        if known is not None:
+            known_body = known.body(key)
+            if known_body != entry.body:
+                _unlink(os.path.join(self.root, known_body))
+        return entry.url
 
     def _evict(self, incoming: int, keep: Optional[str] = None) -> None:
         """Remove least recently used entries until C{incoming} more bytes fit, and one more
         entry (C{incoming} > 0: an entry being committed, unless it replaces C{keep}'s) within
         C{max_entries}. Caller holds the lock."""
-        room = 1 if incoming > 0 and (keep is None or keep not in self._index) else 0  # a new version: no room
-        for key in list(self._index):
+        room = 1 if incoming > 0 and (keep is None or _ik(keep) not in self._index) else 0  # a new version: no room
+        for digest in list(self._index):
             if self._bytes + incoming <= self.max_bytes and len(self._index) + room <= self.max_entries:
                 break
+            key = digest.hex()
             if key == keep:
                 continue
-            url = self._index[key].url
-            if self._remove_key(key):
+            url = self._remove_key(key)
+            if url is not None:
                 self.evictions += 1
                 self.log.debug("evicted {url}", url=url, component="cache")
 
