@@ -233,8 +233,11 @@ async def test_fetcher_queue_deleted_while_work_flows(tmp_path: Path, private_ra
     try:
         await sleep(3)
         t_delete = time.monotonic()
-        await deferToThread(ctl, broker, "delete_queue", "fetcher")
+        # the dead-letter queue first: deleted after the queue, it could go after magnet had declared
+        # both again (the queue's cancel comes at once), and a dead-letter queue alone has no consumer
+        # whose cancel would tell (a gap of its own: the liveness check looks at consumed queues only)
         await deferToThread(ctl, broker, "delete_queue", "fetcher.dead")
+        await deferToThread(ctl, broker, "delete_queue", "fetcher")
 
         def back() -> bool:
             out = ctl(broker, "list_queues", "name", "consumers")
