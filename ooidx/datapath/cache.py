@@ -98,6 +98,20 @@ def node_address(node: str) -> str:
     return f"cache.node.{node}"
 
 
+def _request_problem(url: Any, method: Any, dataset: Any) -> Optional[Exception]:
+    """What is wrong with a C{serve} or C{answer} request's URL, method or
+    dataset name (L{InvalidURL}, L{InvalidName}), or None: both refuse alike."""
+    try:
+        _check_url(url)
+        if method not in _METHODS:
+            raise InvalidURL(f"method {str(method)[:16]!r} is not served (GET or HEAD)")
+        if dataset is not None:
+            _check_name(dataset)
+    except (InvalidURL, InvalidName) as e:
+        return e
+    return None
+
+
 class Cache(Component):
     """The cache component of one node."""
 
@@ -374,15 +388,7 @@ class Cache(Component):
             raise BadMessage("serve needs an address to stream to")
         if not isinstance(request_id, (str, type(None))):
             raise BadMessage("request_id must be a string")
-        problem = None
-        try:
-            _check_url(url)
-            if method not in _METHODS:
-                raise InvalidURL(f"method {method!r} is not served (GET or HEAD)")
-            if dataset is not None:
-                _check_name(dataset)
-        except (InvalidURL, InvalidName) as e:
-            problem = e
+        problem = _request_problem(url, method, dataset)
         if problem is not None:
             self.log.warn("refusing serve of {url!r}: {error}", url=url, error=problem, component=self.name)
             return self._error_to(address, request_id, problem)
@@ -469,14 +475,9 @@ class Cache(Component):
             return None
         if not isinstance(request_id, (str, type(None))):
             request_id = None
-        try:
-            _check_url(url)
-            if method not in _METHODS:
-                raise InvalidURL(f"method {str(method)[:16]!r} is not served (GET or HEAD)")
-            if dataset is not None:
-                _check_name(dataset)
-        except (InvalidURL, InvalidName) as e:
-            return self._error_to(address, request_id, e)
+        problem = _request_problem(url, method, dataset)
+        if problem is not None:
+            return self._error_to(address, request_id, problem)
         d = self._answer(url, method, address, request_id, dataset)
 
         def failed(failure: Failure) -> Any:

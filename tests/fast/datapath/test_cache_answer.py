@@ -99,6 +99,21 @@ class CacheAnswerTests(FastCase):
     def source(self, request_id: str) -> str:
         return [s for s in self.streams if s["id"] == request_id][0]["metadata"]["source"]
 
+    def hold_disk_writes(self, cache: Cache) -> List[Callable[[], None]]:
+        """The cache's body writes wait, in order, until the test runs them (a slow disk)."""
+        held: List[Callable[[], None]] = []
+        io = cache._write_io
+
+        def slow_io(f: Any, *args: Any, **kwargs: Any) -> Deferred:
+            if f is _write_all:
+                d: Deferred = Deferred()
+                held.append(lambda: io(f, *args, **kwargs).chainDeferred(d))
+                return d
+            return io(f, *args, **kwargs)
+
+        self.monkeypatch().setattr(cache, "_write_io", slow_io)
+        return held
+
     def stored(self) -> Any:
         return self.wait(self.cache._io(self.cache.store.get, URL, touch=False))
 
@@ -163,17 +178,7 @@ class CacheAnswerTests(FastCase):
     def test_the_client_never_waits_on_the_disk(self) -> None:
         response = FakeResponse(chunks=[b"a" * 300, b"b" * 300, b"c" * 300])
         cache = self.start({URL: response})
-        held: List[Callable[[], None]] = []
-        io = cache._write_io
-
-        def slow_io(f: Any, *args: Any, **kwargs: Any) -> Deferred:
-            if f is _write_all:
-                d: Deferred = Deferred()
-                held.append(lambda: io(f, *args, **kwargs).chainDeferred(d))
-                return d
-            return io(f, *args, **kwargs)
-
-        self.monkeypatch().setattr(cache, "_write_io", slow_io)
+        held = self.hold_disk_writes(cache)
         self.answer()
         self.assertEqual(self.body("r1"), b"a" * 300 + b"b" * 300 + b"c" * 300)  # whole, the disk not done
         self.assertEqual(response.transport.paused, 0)  # the upstream never waited for the disk
@@ -210,17 +215,7 @@ class CacheAnswerTests(FastCase):
         self.monkeypatch().setattr(cache_module, "TEE_BUFFER", 500)
         response = FakeResponse(chunks=[b"a" * 300, b"b" * 300, b"c" * 300], end=None)
         cache = self.start({URL: response})
-        held: List[Callable[[], None]] = []
-        io = cache._write_io
-
-        def slow_io(f: Any, *args: Any, **kwargs: Any) -> Deferred:
-            if f is _write_all:
-                d: Deferred = Deferred()
-                held.append(lambda: io(f, *args, **kwargs).chainDeferred(d))
-                return d
-            return io(f, *args, **kwargs)
-
-        self.monkeypatch().setattr(cache, "_write_io", slow_io)
+        held = self.hold_disk_writes(cache)
         self.answer()
         self.assertEqual(response.transport.paused, 1)
         while held:
