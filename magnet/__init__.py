@@ -60,4 +60,7 @@ def connect(url: Any, reactor: Optional[Any] = None, **options: Any) -> Bus:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
     transport_options = {k: options.pop(k) for k in _TRANSPORT_OPTIONS if k in options}
+    heartbeat = transport_options.get("heartbeat")
+    if "dead_letter_check" not in options and isinstance(heartbeat, (int, float)) and heartbeat > 0:
+        options["dead_letter_check"] = heartbeat  # as often as the consumers' liveness check (magnet.amqp.liveness)
     return Bus(transport_for(url, reactor, **transport_options), clock=reactor, **options)

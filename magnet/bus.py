@@ -11,6 +11,19 @@ the message is published again with its attempt count raised, up to
 C{retry_limit} attempts, then put on the name's dead-letter queue
 (C{NAME.dead}) with the error in its headers; an undecodable message
 (L{BadMessage}) is dead-lettered at once, since retrying cannot help.
+
+The bus dead-letters by publishing to C{NAME.dead} itself (mandatory, through
+the default exchange: no binding, no broker dead-letter exchange), so a
+dead-letter queue deleted alone (C{rabbitmqctl delete_queue fetcher.dead}) has
+no consumer whose cancel would tell, and every message dead-lettered then
+would be unroutable. So the bus keeps them: right after every (re)connect and
+then every C{dead_letter_check} seconds (the heartbeat's, through
+L{magnet.connect}) it asks the broker (L{Transport.existing_queues}, a passive
+C{queue.declare}) whether the dead-letter queue of every worker queue it
+consumes is there, and declares the missing ones again; a dead-letter publish
+that finds its queue gone declares it again and publishes once more. Each
+such declaration is logged (one line) and counted
+(L{BusObserver.dead_letter_queue_redeclared}).
 """
 from __future__ import annotations
 
@@ -25,11 +38,13 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequenc
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from magnet import multicast as _multicast, rpc, stream
-from magnet.errors import BadMessage, ConnectionLost, MagnetError, NotConnected, Refusal, RemoteError, Timeout
+from magnet.errors import (BadMessage, ConnectionLost, MagnetError, NotConnected, Refusal, RemoteError, Timeout,
+                           Unroutable)
 from magnet.message import Message
 from magnet.observer import BusObserver
 from magnet.transport import DEFAULT_EXCHANGE, Delivery, Transport
@@ -207,6 +222,7 @@ class Bus(Service):
         queue_type: str = "classic",
         observer: Optional[BusObserver] = None,
         address_recheck: float = 10.0,
+        dead_letter_check: float = 30.0,
     ) -> None:
         self.transport = transport
         self.clock = clock
@@ -235,6 +251,12 @@ class Bus(Service):
         self._accepting = True
         #: which addresses exist at the broker, for L{multicast}
         self.addresses = _multicast.AddressBook(self, address_recheck)
+        #: seconds between two checks that the consumed worker queues' dead-letter queues exist (0: never)
+        self.dead_letter_check = dead_letter_check
+        self._dead_letter_loop: Optional[LoopingCall] = None
+        self._checking_dead_letters: Optional[Deferred] = None
+        #: dead-letter queues declared again because they were gone, since the start
+        self.dead_letter_queues_redeclared = 0
         transport.add_link_listener(self._link_changed)
 
     # lifecycle -------------------------------------------------------------
@@ -248,6 +270,7 @@ class Bus(Service):
         """Stop consuming, let in-flight handlers finish (bounded), close the link."""
         super().stopService()
         self._accepting = False
+        self._stop_dead_letter_checks()
         cancels = [s.cancel() for s in list(self._subscriptions)]
         d = DeferredList(cancels, consumeErrors=True)
         d.addCallback(lambda _: self._wait_inflight())
@@ -278,6 +301,10 @@ class Bus(Service):
                 d.callback(None)
 
     def _link_changed(self, up: bool) -> None:
+        if up:
+            if self._dead_letter_loop is not None:
+                self.check_dead_letter_queues()  # after every reconnect
+            return
         if not up:
             self._fail_pending(ConnectionLost("connection to the broker lost while waiting for a reply"))
             for listener in list(self._private_listeners):
@@ -441,6 +468,8 @@ class Bus(Service):
             subscription._consumer = consumer
             if subscription.cancelled:
                 consumer.cancel()
+            elif self._kinds.get(name) == WORKER:
+                self._start_dead_letter_checks()  # its dead-letter queue is kept from now on
             return subscription
 
         def failed(failure: Failure) -> Failure:
@@ -512,7 +541,78 @@ class Bus(Service):
         target = delivery.queue + DEAD_SUFFIX if self._kinds.get(delivery.queue) == WORKER else SHARED_DEAD_LETTERS
         d = self._ensure_shared_dead_letters() if target == SHARED_DEAD_LETTERS else succeed(None)
         d.addCallback(lambda _: self.transport.publish(DEFAULT_EXCHANGE, target, dead, mandatory=True))
+        if target != SHARED_DEAD_LETTERS:
+            d.addErrback(self._dead_letter_queue_gone, delivery.queue, dead)
         d.addCallbacks(lambda _: delivery.ack(), lambda f: self._settle_failed(delivery, f))
+        return d
+
+    def _dead_letter_queue_gone(self, failure: Failure, name: str, dead: Message) -> Deferred:
+        """A dead-letter publish found no queue: C{NAME.dead} was deleted. Declare it again, publish once more."""
+        failure.trap(Unroutable)
+        d = self._declare_dead_letter_queue(name, "a message to dead-letter found it gone")
+        d.addCallback(lambda _: self.transport.publish(DEFAULT_EXCHANGE, name + DEAD_SUFFIX, dead, mandatory=True))
+        return d
+
+    def _declare_dead_letter_queue(self, name: str, why: str) -> Deferred:
+        self.dead_letter_queues_redeclared += 1
+        self.log.warn("the dead-letter queue {queue!r} of worker queue {name!r} is gone at the broker ({why}); "
+                      "declaring it again", queue=name + DEAD_SUFFIX, name=name, why=why)
+        self.observer.dead_letter_queue_redeclared(name)
+        arguments = {"x-queue-type": "quorum"} if self.queue_type == "quorum" else None
+        return self.transport.declare_queue(name + DEAD_SUFFIX, durable=True, arguments=arguments)
+
+    # the dead-letter queues of the worker queues consumed ----------------------------
+
+    def _dead_letter_queues_wanted(self) -> Dict[str, str]:
+        """C{NAME.dead} -> NAME, for every worker queue consumed here."""
+        return {s.name + DEAD_SUFFIX: s.name for s in list(self._subscriptions)
+                if not s.cancelled and self._kinds.get(s.name) == WORKER}
+
+    def _start_dead_letter_checks(self) -> None:
+        if self._dead_letter_loop is not None or self.dead_letter_check <= 0 or not self.running:
+            return
+        loop = LoopingCall(self.check_dead_letter_queues)
+        loop.clock = self.clock
+        self._dead_letter_loop = loop
+        loop.start(self.dead_letter_check, now=False).addErrback(
+            lambda f: self.log.failure("the dead-letter queue check stopped", f))
+
+    def _stop_dead_letter_checks(self) -> None:
+        loop, self._dead_letter_loop = self._dead_letter_loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+
+    def check_dead_letter_queues(self) -> Deferred:
+        """Declare again the dead-letter queue of each worker queue consumed here
+        that the broker no longer has (one pass at a time; never fails). Fires
+        with the names of the worker queues whose dead-letter queue was declared again."""
+        if self._checking_dead_letters is not None:
+            return succeed([])
+        wanted = self._dead_letter_queues_wanted()
+        if not wanted or not getattr(self.transport, "connected", True) or self.blocked:
+            return succeed([])
+        redeclared: List[str] = []
+
+        def compare(existing: Any) -> Deferred:
+            missing = [dead for dead in sorted(wanted) if dead not in existing]
+            declarations = []
+            for dead in missing:
+                name = wanted[dead]
+                redeclared.append(name)
+                declarations.append(self._declare_dead_letter_queue(name, "found by the periodic check"))
+            return DeferredList(declarations, fireOnOneErrback=True, consumeErrors=True)
+
+        def done(result: Any) -> List[str]:
+            self._checking_dead_letters = None
+            if isinstance(result, Failure):
+                reason = result.value.subFailure if hasattr(result.value, "subFailure") else result
+                self.log.warn("could not check the dead-letter queues {queues}: {reason}", queues=sorted(wanted),
+                              reason=reason.getErrorMessage() if isinstance(reason, Failure) else reason)
+            return redeclared
+
+        d = self.transport.existing_queues(sorted(wanted)).addCallback(compare)
+        self._checking_dead_letters = d
+        d.addBoth(done)
         return d
 
     def _settle_failed(self, delivery: Delivery, failure: Failure) -> None:

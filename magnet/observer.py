@@ -28,8 +28,15 @@ class BusObserver:
     def rpc_latency(self, address: str, op: str, seconds: float, outcome: str) -> None:
         """A call finished (C{outcome} is 'ok' or 'error')."""
 
+    def dead_letter_queue_redeclared(self, name: str) -> None:
+        """The dead-letter queue of worker queue C{name} (C{NAME.dead}) was gone
+        at the broker and was declared again (L{magnet.bus}). Counted by default
+        as a restart of C{name} for the reason 'dead_letter_queue'."""
+        self.consumer_restarted(name, "dead_letter_queue")
+
     def consumer_restarted(self, queue: str, reason: str) -> None:
         """A consumer of C{queue} consumes again after it was lost; C{reason} is
         'reconnect', 'cancelled' (its queue deleted), 'channel_closed' (by the
-        broker: an error, consumer_timeout) or 'missing' (found by the liveness
-        check of L{magnet.amqp.liveness})."""
+        broker: an error, consumer_timeout), 'missing' (found by the liveness
+        check of L{magnet.amqp.liveness}) or 'dead_letter_queue' (its
+        dead-letter queue declared again, L{dead_letter_queue_redeclared})."""

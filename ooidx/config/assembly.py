@@ -86,7 +86,7 @@ def component_arguments(config: Config, name: str) -> Dict[str, Any]:
         return {"options": options or ProxyOptions(), "port": port, "interface": interface,
                 "allowed_hosts": config.http.allowed_hosts, "fetch_timeout": fetch_timeout(config),
                 "rpc_timeout": config.timeouts.rpc, "cache_max_age": cache_max_age(config),
-                "access_log": config.logging.access}
+                "access_log": config.logging.access, "shutdown_timeout": config.timeouts.shutdown}
     if name == "web":
         port, interface = listen_of(config, name)
         proxy_port, proxy_interface = listen_of(config, "proxyng")

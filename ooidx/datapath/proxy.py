@@ -84,7 +84,7 @@ import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -183,19 +183,23 @@ class Proxy(Listens, Component):
                  answer_timeout: Optional[float] = None, lookup_timeout: Optional[float] = None,
                  base_ttl: float = BASE_TTL, hot_ttl: Optional[float] = None, hot_bytes: int = HOT_BYTES,
                  record_interval: float = RECORD_INTERVAL, max_per_client: Optional[int] = None,
-                 stall_timeout: Optional[float] = None, access_log: bool = False) -> None:
+                 stall_timeout: Optional[float] = None, access_log: bool = False,
+                 shutdown_timeout: float = 10.0) -> None:
         """What the config gives it (L{ooidx.config.component_arguments}):
         C{options} (C{components.proxyng}), where it listens (C{port}: a number
         or an endpoint string, on C{interface}), the extra Host names it answers
         for (C{http.allowed_hosts}), the fetcher's timeout (an answer may take
         that long to start, and 15 s more), the RPC timeout (its lookups) and
-        the cache's C{max_age} (no answer is held here longer)."""
+        the cache's C{max_age} (no answer is held here longer), and
+        C{timeouts.shutdown} (C{shutdown_timeout}: at stop, requests already
+        read are served for at most so long; L{tearDown})."""
         super().__init__(name, bus, node=node, instances=instances, clock=clock, reactor=reactor)
         options = options if options is not None else ProxyOptions()
         self.edge = EdgePort(listen_spec(port, interface, default_port=8100))
         self._interface = self.edge.spec.interface
         self.allowed_hosts = tuple(allowed_hosts)
         self.access_log = access_log  # a line per request (logging.access)
+        self.shutdown_timeout = shutdown_timeout
         if answer_timeout is None:
             answer_timeout = max(DEFAULT_ANSWER_TIMEOUT, (fetch_timeout or 0) + 15.0)
         self.answer_timeout = answer_timeout
@@ -234,6 +238,9 @@ class Proxy(Listens, Component):
                             allowed_hosts=self.allowed_hosts, access_log=self.access_log)
         site.displayTracebacks = False
         site.noisy = False
+        # a request read while stopping: its 503 in the request's error dialect (DAP 2, DAP 4, text)
+        site.stopping_answer = lambda request, error: self._error_now(
+            request, ProxyError(error.status, error.kind, error.message, error.headers))
         return self.edge.listen(self.reactor, site).addCallback(lambda _: self._listening_now())
 
     def _listening_now(self) -> None:
@@ -255,6 +262,26 @@ class Proxy(Listens, Component):
             self._recorder.start(self.record_interval, now=False)
 
     def tearDown(self) -> Any:
+        """Stop as a well-run HTTP daemon does on SIGTERM (L{ooidx.http.edge}):
+        every request read from now on is answered 503 (C{Connection: close},
+        C{Retry-After}), the port stops listening (its backlog answered, not
+        reset), idle keep-alive connections close, and the requests in
+        progress are served for at most C{timeouts.shutdown} (the rest of the
+        node, the proxy's bus included, still runs meanwhile: the proxy stops
+        first); past it, one not answered yet gets its 503, one being relayed
+        is cut. Then what the hot answers need stops."""
+        d = maybeDeferred(self.edge.stop, self.shutdown_timeout, self.clock)
+        d.addCallback(self._stopped_serving)
+        return d
+
+    def _stopped_serving(self, ended: Optional[int]) -> None:
+        if ended:
+            self.log.warn("{component}: {count} request(s) still in progress after {bound:g} s (timeouts.shutdown) "
+                          "answered 503 or cut", component=self.name, count=ended, bound=self.shutdown_timeout)
+        # their clients are answered (or cut): nobody waits for these answers now, and each
+        # request's listen address is closed before the bus stops
+        for exchange in [e for e in self._exchanges if not e.answer.called]:
+            exchange._fail(ProxyError(503, "ShuttingDown", "the node stopped before the answer started"))
         if self._recorder is not None and self._recorder.running:
             self._recorder.stop()
         self._recorder = None
@@ -264,7 +291,6 @@ class Proxy(Listens, Component):
             subscription.cancel().addErrback(lambda _: None)
         if self.hot is not None:
             self.hot.clear()
-        return self.edge.stop()
 
     # HTTP ------------------------------------------------------------------------------
 

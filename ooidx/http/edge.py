@@ -8,6 +8,28 @@ A component that listens must be able to stop: stop listening, and close the
 connections still open (keep-alive clients, a person's event stream), or a
 daemon's stop waits on clients that never hang up.
 
+An edge may stop gracefully instead (L{EdgePort.stop} with a C{drain}
+bound; the proxy does, with C{timeouts.shutdown}), as nginx and
+twisted.web daemons do on SIGTERM, so that no request is answered by a
+silent close:
+
+  1. from then on every request the site reads is answered 503 with
+     C{Connection: close} and C{Retry-After} (L{TrackingSite.stopping}),
+     whether it came on a keep-alive connection or on a new one;
+  2. the port stops listening (a new client is refused, which it sees at
+     once), after accepting what the kernel had already accepted for it:
+     its backlog of connections is taken in just before the socket closes,
+     so none of them gets a reset, and their requests are answered 503;
+  3. idle keep-alive connections are closed between requests (a client
+     sees its idle connection closed, which HTTP clients retry: nothing it
+     sent is swallowed); a connection with a request in progress is marked
+     to close once that request is answered (C{Connection: close});
+  4. requests already read are served while they finish within C{drain}
+     seconds; past it, one whose answer has not started is answered 503
+     (C{Connection: close}, C{Retry-After}), one whose answer has started is
+     cut (the client sees a failed transfer, never a clean short body), and
+     every connection still open is closed.
+
 An edge whose URLs may carry a credential in the query (the web port's
 stream tickets, C{?ticket=}) logs its requests with
 L{masking_log_formatter}, so the access log shows C{ticket=***}.
@@ -30,14 +52,19 @@ import re
 from typing import Any, Callable, FrozenSet, Iterable, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from ooidx.http.answers import HTTPError, error_answer, prepare
 from ooidx.http.listen import LOOPBACK_NAMES, ListenSpec, parse_listen
+
+_log = Logger()
 
 #: Query parameters whose values never reach a log line.
 SECRET_QUERY = (b"ticket",)
@@ -118,6 +145,74 @@ class _Misdirected(Resource):
             "http.allowed_hosts")))
 
 
+#: Retry-After (seconds) of the 503 a stopping edge answers with.
+STOPPING_RETRY_AFTER = 5
+#: Seconds a connection accepted while the edge stops (its port's backlog) is
+#: given to send its request, which is then answered 503; then it is closed.
+FRESH_GRACE = 1.0
+#: Seconds between the looks of a graceful stop at the connections it waits for.
+DRAIN_TICK = 0.05
+
+
+def stopping_error() -> HTTPError:
+    """The 503 of a request a stopping edge does not serve."""
+    return HTTPError(503, "ShuttingDown", "this node is stopping; retry in a few seconds (another node, or "
+                     "this one once restarted, will answer)",
+                     {b"Retry-After": str(STOPPING_RETRY_AFTER).encode("ascii"), b"Connection": b"close"})
+
+
+def _inner(channel: Any) -> Any:
+    """The HTTPChannel of a Site's protocol (Site builds a _GenericHTTPChannelProtocol,
+    a wrapper whose transport and requests are its wrapped channel's)."""
+    return getattr(channel, "_channel", channel)
+
+
+def _requests(channel: Any) -> list:
+    """The requests read (or being read) on C{channel} and not yet answered whole."""
+    return list(getattr(_inner(channel), "requests", None) or ())
+
+
+def _no_keep_alive(request: Any) -> None:
+    """The connection of C{request} closes once it is answered, and says so."""
+    channel = getattr(request, "channel", None)
+    if channel is not None:
+        channel.persistent = False
+    if not getattr(request, "startedWriting", True):
+        request.setHeader(b"Connection", b"close")
+
+
+class _ShuttingDown(Resource):
+    """The answer to a request read after the edge began to stop: 503, Connection: close, Retry-After."""
+
+    isLeaf = True
+
+    def __init__(self, site: "TrackingSite") -> None:
+        super().__init__()
+        self.site = site
+
+    def render(self, request: server.Request) -> bytes:
+        self.site.refused_stopping += 1
+        _no_keep_alive(request)
+        error = stopping_error()
+        if self.site.stopping_answer is not None:
+            return self.site.stopping_answer(request, error)
+        return prepare(request, error_answer(error))
+
+
+def _raw_503(request: Any) -> bytes:
+    """A whole 503 (Connection: close, Retry-After) in bytes, for a request whose
+    answer has not started and whose owner still holds it (L{TrackingSite.end_stop})."""
+    error = stopping_error()
+    text = f"503 Service Unavailable: {error.kind}: {error.message}\n".encode("ascii")
+    length = len(text)
+    body = b"" if getattr(request, "method", b"GET") == b"HEAD" else text
+    head = [b"HTTP/1.1 503 Service Unavailable", b"Content-Type: text/plain; charset=utf-8",
+            b"Cache-Control: no-store", b"X-Ooidx-Error: " + error.kind.encode("ascii")]
+    head += [name + b": " + value for name, value in error.headers.items()]
+    head.append(b"Content-Length: %d" % length)
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
 class TrackingSite(server.Site):
     """A Site that remembers its open connections, so its owner can close them
     at stop, and that answers only for the hosts of its L{HostAllowList}
@@ -131,12 +226,23 @@ class TrackingSite(server.Site):
         self.open_channels: set = set()
         self.hosts = HostAllowList(allowed_hosts)
         self.access_log = access_log
+        #: true once a graceful stop began (L{begin_stop}): every request read now is answered 503
+        self.stopping = False
+        #: how the 503 of a stopping edge is written (request, error) -> body; None: a JSON error
+        self.stopping_answer: Optional[Callable[[server.Request, HTTPError], bytes]] = None
+        #: requests answered 503 because the edge was stopping; requests answered 503 or cut at the drain bound
+        self.refused_stopping = 0
+        self.cut_at_stop = 0
+        self._fresh: dict = {}  # channel -> when it was accepted, for the channels accepted while stopping
+        self._clock: Any = None
 
     def log(self, request: server.Request) -> None:
         if self.access_log:
             super().log(request)
 
     def getResourceFor(self, request: server.Request) -> Any:
+        if self.stopping:
+            return _ShuttingDown(self)
         refusal = self.misdirected(request)
         if refusal is not None:
             return refusal
@@ -170,10 +276,13 @@ class TrackingSite(server.Site):
 
             def connectionLost(reason: Failure) -> None:
                 site.open_channels.discard(channel)
+                site._fresh.pop(channel, None)
                 lost(reason)
 
             channel.connectionLost = connectionLost
             self.open_channels.add(channel)
+            if self.stopping and self._clock is not None:
+                self._fresh[channel] = self._clock.seconds()  # from the backlog: given a moment to ask
         return channel
 
     def close_connections(self) -> None:
@@ -181,9 +290,97 @@ class TrackingSite(server.Site):
         for channel in list(self.open_channels):
             # Site builds a _GenericHTTPChannelProtocol, a wrapper without a
             # transport of its own: the transport is its wrapped channel's.
-            transport = getattr(getattr(channel, "_channel", channel), "transport", None)
+            transport = getattr(_inner(channel), "transport", None)
             if transport is not None:
                 transport.loseConnection()
+
+    # a graceful stop (the module's docstring) ---------------------------------------
+
+    def begin_stop(self, clock: Any) -> None:
+        """From now on every request read is answered 503 (Connection: close);
+        idle connections are closed, those with a request in progress close
+        once it is answered."""
+        self.stopping = True
+        self._clock = clock
+        self._close_idle()
+        for channel in list(self.open_channels):
+            for request in _requests(channel):
+                _no_keep_alive(request)
+
+    def _close_idle(self) -> None:
+        now = self._clock.seconds() if self._clock is not None else 0.0
+        for channel in list(self.open_channels):
+            if _requests(channel):
+                continue
+            accepted = self._fresh.get(channel)
+            if accepted is not None and now - accepted < FRESH_GRACE:
+                continue  # accepted from the backlog while stopping: its request may be on its way
+            transport = getattr(_inner(channel), "transport", None)
+            if transport is not None and not getattr(transport, "disconnecting", False):
+                transport.loseConnection()
+
+    def waiting_on(self) -> int:
+        """Connections a graceful stop still waits for: a request in progress, or
+        accepted from the backlog a moment ago (its request may be on its way)."""
+        now = self._clock.seconds() if self._clock is not None else 0.0
+        count = 0
+        for channel in list(self.open_channels):
+            transport = getattr(_inner(channel), "transport", None)
+            if transport is None or getattr(transport, "disconnected", False):
+                continue
+            if _requests(channel):
+                count += 1
+            elif channel in self._fresh and now - self._fresh[channel] < FRESH_GRACE:
+                count += 1
+        return count
+
+    def end_stop(self) -> int:
+        """The drain bound is reached: a request whose answer has not started is
+        answered 503 here (its owner sees its client gone), one whose answer has
+        started is cut; every connection is closed. Returns how many requests
+        were answered so or cut."""
+        ended = 0
+        for channel in list(self.open_channels):
+            inner = _inner(channel)
+            transport = getattr(inner, "transport", None)
+            requests = _requests(channel)
+            if transport is None:
+                continue
+            if not requests:
+                transport.loseConnection()
+                continue
+            ended += 1
+            first = requests[0]
+            if getattr(first, "startedWriting", False):
+                transport.abortConnection()  # a visibly failed transfer, never a clean short body
+                continue
+            transport.write(_raw_503(first))
+            for request in requests:
+                # its owner must write nothing more: it sees its client gone (notifyFinish's errback)
+                request.connectionLost(Failure(ConnectionDone("the edge stopped before the answer started")))
+            transport.loseConnection()
+        self.cut_at_stop += ended
+        return ended
+
+    def drained(self, deadline: float, clock: Any) -> Deferred:
+        """Fires (with the count of requests L{end_stop} had to end) once no
+        connection is waited on, or at C{deadline} (C{clock}'s time); then
+        every connection is closed."""
+        done: Deferred = Deferred()
+
+        def look() -> None:
+            self._close_idle()
+            if self.waiting_on() and clock.seconds() < deadline:
+                return
+            loop.stop()
+            ended = self.end_stop() if self.waiting_on() else 0
+            self.close_connections()
+            done.callback(ended)
+
+        loop = LoopingCall(look)
+        loop.clock = clock
+        loop.start(DRAIN_TICK, now=True).addErrback(lambda f: None if done.called else done.errback(f))
+        return done
 
 
 def listen_spec(port: Any, interface: Optional[str], *, default_port: int) -> ListenSpec:
@@ -259,15 +456,53 @@ class EdgePort:
             address = f"[{address}]"
         return f"{self.spec.scheme}://{address}:{self.port}"
 
-    def stop(self) -> Optional[Deferred]:
-        """Close the open connections, then stop listening."""
+    def stop(self, drain: float = 0.0, clock: Any = None) -> Optional[Deferred]:
+        """Stop. With no C{drain} (the web port, whose event streams never end):
+        close the open connections, then stop listening. With C{drain} seconds
+        and a C{clock}: the graceful stop of the module's docstring (503 for
+        every request read from now on, the backlog taken in before the port
+        closes, idle connections closed, requests in progress served for at
+        most C{drain} seconds); fires once the port is closed and every
+        connection closed or closing."""
         listening, self.listening = self.listening, None
         site, self.site = self.site, None
-        if site is not None:
-            site.close_connections()
-        if listening is not None:
-            return listening.stopListening()
-        return None
+        if drain <= 0 or clock is None or site is None:
+            if site is not None:
+                site.close_connections()
+            if listening is not None:
+                return listening.stopListening()
+            return None
+        deadline = clock.seconds() + drain
+        site.begin_stop(clock)
+        closed = _stop_listening_after_backlog(listening) if listening is not None else succeed(None)
+        # the drain counts the connections taken from the backlog too: it starts once the port is closed
+        closed.addErrback(lambda f: _log.failure("stopping listening on {spec}", f, spec=self.spec.description))
+        return closed.addCallback(lambda _: site.drained(deadline, clock))
+
+
+def _stop_listening_after_backlog(listening: Any) -> Deferred:
+    """Stop listening; the connections the kernel completed for the port and
+    the node had not accepted yet (its backlog) are accepted just before the
+    socket closes, so that they are answered (503) instead of reset.
+
+    A Twisted port stops reading at once and closes its socket in its
+    C{connectionLost}, a reactor turn later: the backlog is taken there,
+    right before the close, so a client that connected meanwhile is answered
+    too. (A port without C{doRead}, a test's fake, just stops.)"""
+    accept = getattr(listening, "doRead", None)
+    lost = getattr(listening, "connectionLost", None)
+    if callable(accept) and callable(lost):
+        def connectionLost(reason: Any) -> Any:
+            try:
+                # accept() until the kernel has no more (EAGAIN ends the loop first)
+                listening.numberAccepts = 1_000_000  # tcp.Port's accept() calls per doRead
+                accept()
+            except Exception:  # noqa: BLE001 - the socket closes all the same
+                _log.failure("accepting the backlog of a port that stops")
+            return lost(reason)
+
+        listening.connectionLost = connectionLost
+    return maybeDeferred(listening.stopListening)
 
 
 def mask_query(uri: bytes, names: Iterable[bytes] = SECRET_QUERY) -> bytes:

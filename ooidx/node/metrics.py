@@ -209,6 +209,11 @@ class PrometheusObserver(BusObserver):
     def consumer_restarted(self, queue: str, reason: str) -> None:
         self.consumer_restarts.labels(metric_label(queue), reason).inc()
 
+    @_guarded
+    def dead_letter_queue_redeclared(self, name: str) -> None:
+        # NAME.dead was gone and declared again: counted with the restarts of NAME's consumers
+        self.consumer_restarts.labels(metric_label(name), "dead_letter_queue").inc()
+
     # the daemon's own ----------------------------------------------------------
 
     def component_up(self, component: str, up: bool) -> None:

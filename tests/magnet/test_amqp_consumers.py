@@ -68,6 +68,42 @@ def test_a_consumer_channel_the_broker_closes_comes_back_and_is_counted(broker_u
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_dead_letter_queue_deleted_alone_comes_back_and_takes_dead_letters(broker_url: str, buses: Any) -> Any:
+    """Issue 17, scenario 3: the dead-letter queue of a consumed worker queue
+    deleted at the broker (from another connection, as `rabbitmqctl
+    delete_queue` would) while its queue stays: nothing cancels a consumer,
+    yet the bus's check (every dead_letter_check, 1 s here) finds it gone and
+    declares it again, once; a poison message sent afterwards lands in it."""
+    queue = f"test.dlq.{uuid.uuid4().hex[:10]}"
+    dead = queue + ".dead"
+    worker = buses(broker_url, retry_limit=0, dead_letter_check=1.0)
+    other = buses(broker_url)
+
+    def poison(message: Message) -> None:
+        raise ValueError("cannot digest this")
+
+    yield worker.declare_worker_queue(queue)
+    yield worker.consume(queue, poison)
+    try:
+        yield other.transport.delete_queue(dead)
+        assert (yield other.transport.existing_queues([queue, dead])) == {queue}
+        yield until(lambda: worker.dead_letter_queues_redeclared >= 1, "the dead-letter queue declared again",
+                    timeout=10)
+        assert (yield other.transport.existing_queues([queue, dead])) == {queue, dead}
+        yield settle(2.5)  # two more checks: it is there, nothing more is declared
+        assert worker.dead_letter_queues_redeclared == 1
+        yield other.send(queue, Message.of_json("poison"), timeout=10)
+        got: List[Message] = []
+        yield other.consume(dead, got.append)
+        yield until(lambda: len(got) == 1, "the poison message dead-lettered into the queue declared again")
+        assert got[0].json() == "poison" and got[0].headers["x-magnet-origin"] == queue
+        assert "cannot digest this" in got[0].headers["x-magnet-error"]
+    finally:
+        yield worker.transport.delete_queue(queue)
+        yield worker.transport.delete_queue(dead)
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_consumer_gone_at_the_broker_unnoticed_is_found_by_the_liveness_check(broker_url: str,
                                                                                   buses: Any) -> Any:
     """The consumer is cancelled at the broker behind the client's back (a raw

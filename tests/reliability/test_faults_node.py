@@ -144,4 +144,6 @@ async def test_sigterm_under_load_stops_cleanly_and_loses_nothing(tmp_path: Path
     assert stop_seconds < shutdown + 5, notes
     assert clean, node.describe()
     assert figures["lost"] == 0, (figures, [line for line in node.log().splitlines() if "statistic" in line])
-    assert http_outcomes["wrong"] == 0, [r for r in load.results if not r["ok"]]
+    assert http_outcomes["wrong"] == 0, [
+        (r["url"], r["status"], r["bytes"], r["error"], f"began {r['started'] - t_term:+.3f} s from SIGTERM, "
+         f"ended {r['started'] + r['elapsed'] - t_term:+.3f} s") for r in load.results if classify([r])["wrong"]]

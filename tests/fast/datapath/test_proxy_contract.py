@@ -40,6 +40,7 @@ class FakeController:
         self.body = b"Dataset { Int32 x; } sst;\n"
         self.registry = {"sst": UP}
         self.routes = 0
+        self.later: List[Any] = []  # mode "later": (address, request_id), for the test to answer
 
     @operation
     def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
@@ -54,7 +55,19 @@ class FakeController:
                         "headers": [["Content-Type", "text/plain"], ["Connection", "close"],
                                     ["Set-Cookie", "a=b"]]}
             self.bus.send_stream(address, metadata, [self.body], correlation_id=request_id)
+        if self.mode == "later":
+            self.later.append((address, request_id))
         return {"via": self.via}  # "silent": no stream ever comes
+
+    def answer_later(self) -> List[Any]:
+        """Stream the answers held in mode "later"; returns the sends' failures (an address closed meanwhile)."""
+        later, self.later = self.later, []
+        failed: List[Any] = []
+        for address, request_id in later:
+            self.bus.send_stream(address, {"status": 200, "reason": "OK", "source": self.via,
+                                           "length": len(self.body), "headers": [["Content-Type", "text/plain"]]},
+                                 [self.body], correlation_id=request_id).addErrback(failed.append)
+        return failed
 
     @operation
     def route(self, url: Optional[str] = None, dataset: Optional[str] = None, suffix: str = "",
@@ -145,6 +158,72 @@ class ProxyTests(FastCase):
             self.clock.advance(0.05)
             settle(self.clock)
             waited += 0.05
+
+    def stop_now(self) -> List[Any]:
+        """Begin the proxy's stop (SIGTERM) without waiting for it; what it fires with is appended."""
+        stopped: List[Any] = []
+        self.proxy.stopService().addBoth(stopped.append)
+        settle(self.clock)
+        return stopped
+
+    def test_stop_serves_the_requests_read_and_answers_later_ones_503(self) -> None:
+        """SIGTERM: a request already read is served whole; an idle keep-alive
+        connection is closed; a request read after the stop began is answered
+        503 ShuttingDown, Connection: close, Retry-After, as a DAP 2 error."""
+        self.start(shutdown_timeout=5.0)
+        self.controller.mode = "later"
+        idle = Connection(self.site)
+        reading = self.open(UP + ".dds")
+        settle(self.clock)
+        self.assertEqual(len(self.controller.later), 1)
+        stopped = self.stop_now()
+        self.assertTrue(idle.transport.disconnecting)
+        self.assertEqual(idle.transport.value(), b"")
+        self.assertFalse(reading.transport.disconnecting)
+        late = Connection(self.site)  # one the port had accepted (its backlog) before it closed
+        late.send(request_bytes("GET", UP + ".das", None, {"Host": "127.0.0.1:8080"}))
+        settle(self.clock)
+        refused = late.response()
+        self.assertEqual((refused.status, refused.header("X-Ooidx-Error")), (503, "ShuttingDown"))
+        self.assertEqual(refused.header("Retry-After"), "5")
+        self.assertEqual(refused.header("Connection"), "close")
+        self.assertEqual(refused.header("Content-Description"), "dods_error")
+        self.assertTrue(late.transport.disconnecting)
+        self.assertEqual(stopped, [])  # waits for the request in progress
+        self.controller.answer_later()
+        settle(self.clock)
+        served = reading.response()
+        self.assertEqual((served.status, served.body), (200, self.controller.body))
+        for connection in (idle, reading, late):
+            connection.close()
+        self.clock.advance(0.1)
+        settle(self.clock)
+        self.assertEqual(stopped, [None])
+        self.assertEqual(self.proxy.active, 0)
+
+    def test_stop_bound_answers_what_is_still_waiting_503(self) -> None:
+        """A request whose answer has not started within timeouts.shutdown is
+        answered 503 then (not closed silently), and its exchange ends."""
+        self.start(shutdown_timeout=3.0)
+        self.controller.mode = "later"
+        waiting = self.open(UP + ".dds")
+        settle(self.clock)
+        stopped = self.stop_now()
+        self.clock.advance(2.9)
+        settle(self.clock)
+        self.assertEqual((stopped, waiting.transport.value()), ([], b""))
+        self.clock.advance(0.2)
+        settle(self.clock)
+        response = waiting.response()
+        self.assertEqual((response.status, response.header("X-Ooidx-Error")), (503, "ShuttingDown"))
+        self.assertEqual(response.header("Connection"), "close")
+        self.assertTrue(waiting.transport.disconnecting)
+        self.assertEqual(stopped, [None])
+        self.assertEqual(self.proxy.active, 0)
+        failed = self.controller.answer_later()  # too late: its address is closed, nothing more is written
+        settle(self.clock)
+        self.assertEqual([f.type.__name__ for f in failed], ["Unroutable"])
+        self.assertEqual(waiting.response().status, 503)
 
     def test_forward_proxy(self) -> None:
         self.start()

@@ -354,10 +354,18 @@ class RetryAndDeadLetterTests(BusCase):
         self.assertEqual([m.headers[ORIGIN_HEADER] for m in shared], ["plain"])
 
     def test_when_dead_lettering_fails_the_message_goes_back(self) -> None:
-        self.result(self.bus_.transport.delete_queue("q" + DEAD_SUFFIX))
         bus = self.bus(retry_limit=0)
         bus.declare_worker_queue("q")
-        self.result(bus.transport.delete_queue("q" + DEAD_SUFFIX))
+        publish = bus.transport.publish
+        refused: List[str] = []
+
+        def refusing(exchange: str, routing_key: str, message: Message, **kw: Any) -> Any:
+            if routing_key.endswith(DEAD_SUFFIX) and not refused:
+                refused.append(routing_key)
+                return fail(magnet.NotConfirmed("the broker nacked it"))
+            return publish(exchange, routing_key, message, **kw)
+
+        bus.transport.publish = refusing  # type: ignore[method-assign]
         calls: List[bool] = []
 
         def handle(m: Message) -> Any:
@@ -367,11 +375,24 @@ class RetryAndDeadLetterTests(BusCase):
         bus.consume("q", handle)
         bus.send_json("q", "keep me")
         self.flush()
-        # the dead-letter queue is gone: the message is given back to the
+        # the dead-letter publish failed: the message is given back to the
         # broker and comes round again instead of being lost
         self.assertEqual(calls, ["keep me", "keep me"])
         self.assertEqual((self.broker.ready("q"), self.broker.unacked("q")), ([], 0))
         self.assertTrue(any("giving it back" in t for t in self.log_texts()))
+
+    def test_a_dead_letter_queue_deleted_alone_is_declared_again_by_the_dead_letter(self) -> None:
+        """(It used to be given back to the broker and come round for ever:
+        tests/fast/magnet/test_dead_letter_queue_kept.py has the rest.)"""
+        bus = self.bus(retry_limit=0)
+        bus.declare_worker_queue("q")
+        self.result(bus.transport.delete_queue("q" + DEAD_SUFFIX))
+        bus.consume("q", lambda m: fail(ValueError("x")))
+        bus.send_json("q", "keep me")
+        self.flush()
+        self.assertEqual([m.json() for m in self.dead], [])  # the consumer of the old one went with it
+        self.assertEqual([entry[0].json() for entry in self.broker.queues["q" + DEAD_SUFFIX].ready], ["keep me"])
+        self.assertEqual((self.broker.ready("q"), self.broker.unacked("q")), ([], 0))
 
 
 class CancelTests(BusCase):
