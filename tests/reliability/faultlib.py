@@ -174,15 +174,18 @@ def http_fetch(proxy_port: int, url: str, *, timeout: float = 60.0, pause_after:
 
     Returns {"url", "status", "length" (declared), "bytes", "complete" (the whole
     declared body arrived), "ok" (a 200 that is complete, and equal to C{expect}
-    when given), "error", "started", "elapsed"}. With C{pause_after}, reading
-    stops after that many body bytes until C{pause} is set (a slow client)."""
+    when given), "error", "sent" (the request was handed to the socket whole:
+    an error before it means the node never had it), "started", "elapsed"}.
+    With C{pause_after}, reading stops after that many body bytes until C{pause}
+    is set (a slow client)."""
     out: Dict[str, Any] = {"url": url, "status": None, "length": None, "bytes": 0, "complete": False,
                            "ok": False, "error": None, "started": time.monotonic(), "elapsed": None,
-                           "body_ok": None}
+                           "body_ok": None, "sent": False}
     conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=timeout)
     body = bytearray()
     try:
         conn.request("GET", url)
+        out["sent"] = True
         r = conn.getresponse()
         out["status"] = r.status
         declared = r.getheader("Content-Length")
@@ -253,13 +256,23 @@ class HttpLoad:
         assert not any(t.is_alive() for t in self._threads), "an HTTP client hangs"
 
 
+#: errors of a connection the node's side reset or closed (what a client sees of a socket gone)
+_RESET = ("ConnectionReset", "BrokenPipe", "ConnectionAborted")
+
+
 def classify(results: List[Dict[str, Any]]) -> Dict[str, int]:
     """Counts of outcomes: ok, 5xx (502/503/504), failed transfer (cut short),
-    refused (no node listening), wrong (anything else: a hang, a bad body, a 4xx)."""
+    refused (no node listening; or the connection reset before the request was
+    even handed to the socket, so the node never had it), wrong (anything
+    else: a hang, a bad body, a 4xx, a request sent and then answered by a
+    close or a reset with no response)."""
     out = {"ok": 0, "5xx": 0, "cut": 0, "refused": 0, "wrong": 0}
     for r in results:
-        if r["status"] is None and "ConnectionRefused" in (r["error"] or ""):
+        error = r["error"] or ""
+        if r["status"] is None and "ConnectionRefused" in error:
             out["refused"] += 1  # nothing listens (the node is stopped): the client knows at once
+        elif r["status"] is None and r.get("sent") is False and any(e in error for e in _RESET):
+            out["refused"] += 1  # reset before the request left the client: never sent, known at once
         elif r["ok"]:
             out["ok"] += 1
         elif r["status"] in (502, 503, 504) and not (r["complete"] and r["error"] is None and r["status"] == 200):

@@ -11,6 +11,11 @@ done) and proxied requests (hits and misses that cross the bus to a fetcher).
   - the fetcher's queue deleted while work flows: declared again with its
     dead-letter queue, consumed again within seconds, /healthz names it
     meanwhile;
+  - the fetcher's dead-letter queue alone deleted while work flows: the
+    node's bus declares it again within its check interval (the heartbeat),
+    counted in /metrics, and a poison message sent afterwards is found
+    dead-lettered in it (it used to stay gone, and a dead letter to go round
+    for ever);
   - the daemon's connection closed by the broker (rabbitmqctl
     close_connection), five times in a row: each time the consumers are
     restarted within seconds, counted in /metrics;
@@ -234,8 +239,8 @@ async def test_fetcher_queue_deleted_while_work_flows(tmp_path: Path, private_ra
         await sleep(3)
         t_delete = time.monotonic()
         # the dead-letter queue first: deleted after the queue, it could go after magnet had declared
-        # both again (the queue's cancel comes at once), and a dead-letter queue alone has no consumer
-        # whose cancel would tell (a gap of its own: the liveness check looks at consumed queues only)
+        # both again (the queue's cancel comes at once); a dead-letter queue deleted alone is the next
+        # row's (the bus's own check declares it again, within its interval)
         await deferToThread(ctl, broker, "delete_queue", "fetcher.dead")
         await deferToThread(ctl, broker, "delete_queue", "fetcher")
 
@@ -276,6 +281,72 @@ async def test_fetcher_queue_deleted_while_work_flows(tmp_path: Path, private_ra
     assert outcomes["wrong"] == 0, wrong(load.results)
     assert after["ok"] == sum(after.values()) > 0, after
     assert t_back < 10 and restarts >= 2 and shown, (t_back, restarts, shown)
+
+
+#: seconds from deleting fetcher.dead to its being declared again: the node's bus checks every
+#: timeouts.heartbeat (2 s here), and rabbitmqctl's own time on a loaded machine is in it
+DEAD_LETTER_BOUND = 10.0
+
+
+def queue_rows(broker: Any) -> Dict[str, int]:
+    """rabbitmqctl list_queues: name -> messages ready."""
+    out = ctl(broker, "list_queues", "name", "messages")
+    rows = [line.split("\t") for line in out.splitlines() if "\t" in line]
+    return {row[0]: int(row[1]) for row in rows if len(row) >= 2 and row[1].isdigit()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_fetcher_dead_letter_queue_deleted_alone(tmp_path: Path, private_rabbitmq: Any, upstream: Any,
+                                                      nodes: list, buses: Any, record: Any) -> None:
+    """`rabbitmqctl delete_queue fetcher.dead` while work flows (the queue
+    itself stays, so no consumer is cancelled and nothing else tells): the
+    node declares it again, counted as magnet_consumer_restarts_total
+    {name="fetcher", reason="dead_letter_queue"}; an undecodable message sent
+    to the fetcher afterwards (a poison message: dead-lettered at once) is
+    found in fetcher.dead, and the work goes on."""
+    import magnet
+    broker = private_rabbitmq
+    node = await data_node(tmp_path, broker, upstream, nodes)
+    bus = buses(broker.url)
+    await bus.when_connected(20)
+    producer = TaskProducer(bus, rate=100, concurrency=10).start()
+    load = load_on(node, upstream)
+    try:
+        await sleep(3)
+        assert "fetcher.dead" in await deferToThread(queue_rows, broker)
+        before = (await deferToThread(queue_rows, broker)).get("fetcher.dead", 0)
+        t_delete = time.monotonic()
+        await deferToThread(ctl, broker, "delete_queue", "fetcher.dead")
+        await eventually(lambda: deferToThread(lambda: "fetcher.dead" in queue_rows(broker)), DEAD_LETTER_BOUND + 20,
+                         "fetcher.dead declared again", interval=0.2)
+        t_back = time.monotonic() - t_delete
+        counted = metric_value(node.metrics(), "magnet_consumer_restarts_total", name="fetcher",
+                               reason="dead_letter_queue")
+        await bus.send("fetcher", magnet.Message(body=b"{not json", content_type="application/json"), timeout=10)
+        await eventually(lambda: deferToThread(lambda: queue_rows(broker).get("fetcher.dead", 0) >= 1), 30,
+                         "the poison message dead-lettered into fetcher.dead", interval=0.2)
+        dead_now = (await deferToThread(queue_rows, broker)).get("fetcher.dead", 0)
+        recovered = time.monotonic()
+        await sleep(3)
+    finally:
+        load.stop()
+        await producer.stop()
+    figures = await producer.settle(bus, timeout=60)
+    outcomes = classify(load.results)
+    after = classify([r for r in load.results if r["started"] >= recovered])
+    lines = [line for line in node.log().splitlines() if "dead-letter queue 'fetcher.dead'" in line]
+    record("fetcher's dead-letter queue deleted alone, then a poison message", faults_injected=2,
+           sent=figures["sent"], confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
+           duplicated=figures["duplicated"], errors=outcomes["wrong"],
+           notes=f"fetcher.dead ({before} message(s) in it) deleted; declared again {t_back:.1f} s later (heartbeat "
+                 f"2 s), counted {counted:.0f} (magnet_consumer_restarts_total reason dead_letter_queue), logged "
+                 f"{len(lines)} time(s); a poison message sent afterwards found in it ({dead_now} message(s)); "
+                 f"HTTP {outcomes}, after {after}")
+    assert figures["lost"] == 0, figures
+    assert outcomes["wrong"] == 0, wrong(load.results)
+    assert after["ok"] == sum(after.values()) > 0, after
+    assert t_back < DEAD_LETTER_BOUND and counted >= 1 and len(lines) >= 1, (t_back, counted, lines)
+    assert dead_now >= 1
 
 
 #: seconds from `rabbitmqctl close_connection` to the controller's consumer counted back (rabbitmqctl's own
