@@ -173,7 +173,8 @@ class ProxyTests(FastCase):
         self.start(shutdown_timeout=5.0)
         self.controller.mode = "later"
         idle = Connection(self.site)
-        reading = self.open(UP + ".dds")
+        reading = Connection(self.site)  # keep-alive: the stop must close it after its answer, and say so
+        reading.send(request_bytes("GET", UP + ".dds", None, {"Host": "127.0.0.1:8080"}))
         settle(self.clock)
         self.assertEqual(len(self.controller.later), 1)
         stopped = self.stop_now()
@@ -194,6 +195,8 @@ class ProxyTests(FastCase):
         settle(self.clock)
         served = reading.response()
         self.assertEqual((served.status, served.body), (200, self.controller.body))
+        self.assertEqual(served.header("Connection"), "close")
+        self.assertTrue(reading.transport.disconnecting)
         for connection in (idle, reading, late):
             connection.close()
         self.clock.advance(0.1)
