@@ -174,6 +174,8 @@ class Proxy(Listens, Component):
     """The HTTP edge for DAP clients: forward proxy and datasets by name."""
 
     log = Logger()
+    #: the daemon stops it before its other components: the requests it drains at stop need them
+    stop_first = True
 
     def __init__(self, name: str, bus: Any, *, node: str, instances: int = 1, clock: Any = None,
                  reactor: Any = None, options: Optional[ProxyOptions] = None, port: Any = None,

@@ -18,7 +18,10 @@ process to exit non-zero (C{on_fatal}): it never runs half-started.
 
 Stop (SIGTERM under twistd): components stop taking messages, in-flight work
 finishes (bounded by C{timeouts.shutdown}), child processes get SIGTERM
-(SIGKILL after the same bound), then the bus closes.
+(SIGKILL after the same bound), then the bus closes. The components stop one
+at a time in the reverse of the config's order, but one that says
+C{stop_first} (the proxy: it drains its HTTP requests, whose answers need the
+rest of the node) stops before all the others wherever it is listed.
 
 With a web component in the daemon, the children's metrics are in its
 /metrics too: they count in files under C{DATA_DIR/child-metrics/PID} that
@@ -480,7 +483,11 @@ class Daemon(MultiService):
         statistics in the attribute store) still finds the components it started
         after. (MultiService stops them all at once.)"""
         Service.stopService(self)
-        for service in reversed(list(self)):
+        services = list(reversed(list(self)))
+        # an HTTP edge whose requests need the others (the proxy: its answers come from the cache,
+        # the fetchers, the controller) stops first, so what it serves while it drains can still be answered
+        services.sort(key=lambda service: not getattr(service, "stop_first", False))
+        for service in services:
             try:
                 yield maybeDeferred(service.stopService)
             except Exception:  # noqa: BLE001 - the others must stop all the same

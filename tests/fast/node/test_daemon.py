@@ -82,6 +82,25 @@ class DaemonTests(FastCase):
         assert not any(c.started for c in node.components.values())
         assert node.health()["ok"] is False and node.health()["broker"] == "down"
 
+    def test_components_stop_in_reverse_order_but_stop_first_ones_first(self) -> None:
+        """The proxy (stop_first) drains its HTTP requests while the components
+        that answer them still run, wherever the config lists it."""
+        from ooidx.datapath.proxy import Proxy
+        self.assertTrue(Proxy.stop_first)
+        clock = threadless(self)
+        node = Daemon(memory_config(self.tmp_path()), reactor=clock, on_fatal=lambda code: None)
+        node.startService()
+        stopped: List[str] = []
+        try:
+            until(self, clock, lambda: node.started)
+            for name, component in node.components.items():
+                stop = component.stopService
+                component.stopService = lambda stop=stop, name=name: (stopped.append(name), stop())[1]
+            node.components["cache"].stop_first = True  # listed between fetcher and notification
+        finally:
+            drive(self, clock, node.stopService())
+        self.assertEqual(stopped, ["cache", "notification", "fetcher"])
+
     def test_cluster_status_lists_every_node_on_the_bus(self) -> None:
         clock = threadless(self)
         tmp_path = self.tmp_path()
