@@ -23,7 +23,9 @@ silent close:
   3. idle keep-alive connections are closed between requests (a client
      sees its idle connection closed, which HTTP clients retry: nothing it
      sent is swallowed); a connection with a request in progress is marked
-     to close once that request is answered (C{Connection: close});
+     to close once that request is answered (C{Connection: close}); one that
+     has not sent its first request yet (just accepted: the request may be in
+     the kernel's buffers, unread) is given a moment for it, then answered 503;
   4. requests already read are served while they finish within C{drain}
      seconds; past it, one whose answer has not started is answered 503
      (C{Connection: close}, C{Retry-After}), one whose answer has started is
@@ -147,8 +149,9 @@ class _Misdirected(Resource):
 
 #: Retry-After (seconds) of the 503 a stopping edge answers with.
 STOPPING_RETRY_AFTER = 5
-#: Seconds a connection accepted while the edge stops (its port's backlog) is
-#: given to send its request, which is then answered 503; then it is closed.
+#: Seconds a connection with no request yet (accepted just before the stop, or
+#: from the port's backlog) is given to send it, when the edge stops; the
+#: request is then answered 503; a connection that sends none is closed.
 FRESH_GRACE = 1.0
 #: Seconds between the looks of a graceful stop at the connections it waits for.
 DRAIN_TICK = 0.05
@@ -233,7 +236,8 @@ class TrackingSite(server.Site):
         #: requests answered 503 because the edge was stopping; requests answered 503 or cut at the drain bound
         self.refused_stopping = 0
         self.cut_at_stop = 0
-        self._fresh: dict = {}  # channel -> when it was accepted, for the channels accepted while stopping
+        self._fresh: dict = {}  # channel -> since when it is given a moment to send its first request
+        self._used: set = set()  # the HTTPChannels that have read a request (idle ones are keep-alive)
         self._clock: Any = None
 
     def log(self, request: server.Request) -> None:
@@ -241,6 +245,9 @@ class TrackingSite(server.Site):
             super().log(request)
 
     def getResourceFor(self, request: server.Request) -> Any:
+        channel = getattr(request, "channel", None)
+        if channel is not None:
+            self._used.add(channel)
         if self.stopping:
             return _ShuttingDown(self)
         refusal = self.misdirected(request)
@@ -277,6 +284,7 @@ class TrackingSite(server.Site):
             def connectionLost(reason: Failure) -> None:
                 site.open_channels.discard(channel)
                 site._fresh.pop(channel, None)
+                site._used.discard(_inner(channel))
                 lost(reason)
 
             channel.connectionLost = connectionLost
@@ -298,10 +306,18 @@ class TrackingSite(server.Site):
 
     def begin_stop(self, clock: Any) -> None:
         """From now on every request read is answered 503 (Connection: close);
-        idle connections are closed, those with a request in progress close
-        once it is answered."""
+        idle keep-alive connections are closed, those with a request in
+        progress close once it is answered. A connection that has not sent a
+        request yet is no idle one: its client connected to send one, which
+        may be on its way (in the kernel's buffers, not read yet); closing it
+        would reset it unanswered. It is given L{FRESH_GRACE} to arrive (then
+        answered 503), as the connections taken from the backlog are."""
         self.stopping = True
         self._clock = clock
+        now = clock.seconds()
+        for channel in list(self.open_channels):
+            if not _requests(channel) and _inner(channel) not in self._used:
+                self._fresh.setdefault(channel, now)
         self._close_idle()
         for channel in list(self.open_channels):
             for request in _requests(channel):

@@ -171,15 +171,19 @@ class ProxyTests(FastCase):
         connection is closed; a request read after the stop began is answered
         503 ShuttingDown, Connection: close, Retry-After, as a DAP 2 error."""
         self.start(shutdown_timeout=5.0)
+        idle = Connection(self.site)  # a keep-alive connection, idle after its first answer
+        idle.send(request_bytes("GET", UP + ".das", None, {"Host": "127.0.0.1:8080"}))
+        settle(self.clock)
+        self.assertEqual(idle.response().status, 200)
+        answered = idle.transport.value()
         self.controller.mode = "later"
-        idle = Connection(self.site)
         reading = Connection(self.site)  # keep-alive: the stop must close it after its answer, and say so
         reading.send(request_bytes("GET", UP + ".dds", None, {"Host": "127.0.0.1:8080"}))
         settle(self.clock)
         self.assertEqual(len(self.controller.later), 1)
         stopped = self.stop_now()
         self.assertTrue(idle.transport.disconnecting)
-        self.assertEqual(idle.transport.value(), b"")
+        self.assertEqual(idle.transport.value(), answered)  # closed between requests, nothing more written
         self.assertFalse(reading.transport.disconnecting)
         late = Connection(self.site)  # one the port had accepted (its backlog) before it closed
         late.send(request_bytes("GET", UP + ".das", None, {"Host": "127.0.0.1:8080"}))

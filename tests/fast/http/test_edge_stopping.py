@@ -164,6 +164,23 @@ class StoppingTests(SynchronousTestCase):
         self.clock.advance(edge.DRAIN_TICK)
         self.assertEqual(fired, [0])
 
+    def test_a_connection_whose_first_request_is_not_read_yet_is_answered_not_closed(self) -> None:
+        """Accepted just before the stop, its request still in the kernel's
+        buffers: closing it as idle would reset it unanswered (2 requests of
+        the reliability SIGTERM row did so: reset 20 ms after the SIGTERM)."""
+        channel, transport = self.connect()
+        keep_alive, keep_alive_transport = self.connect(GET)
+        answer(self.resource.held.pop())
+        self.stop()
+        self.assertTrue(keep_alive_transport.disconnecting)  # idle after a request: closed at once
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(edge.FRESH_GRACE / 2)
+        channel.dataReceived(GET)
+        response = transport.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 503 "), response)
+        self.assertIn(b"Connection: close", response)
+        self.assertTrue(transport.disconnecting)
+
     def test_a_backlog_connection_that_sends_nothing_is_closed_after_a_grace(self) -> None:
         self.port.backlog = [b""]
         fired = self.stop()
