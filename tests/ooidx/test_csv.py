@@ -35,15 +35,17 @@ from dap_upstream import Upstream, make_files  # noqa: E402
 
 
 class StandInController:
-    """get_url: fetch with treq, stream the answer to the address."""
+    """route (by URL, as csv asks): fetch with treq, stream the answer to the address."""
 
     def __init__(self, bus: magnet.Bus) -> None:
         self.bus = bus
         self.urls: List[str] = []
 
     @operation
-    def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
-                request_id: Optional[str] = None) -> Any:
+    def route(self, url: Optional[str] = None, dataset: Optional[str] = None, suffix: str = "",
+              query: Optional[str] = None, method: str = "GET", *, address: str,
+              request_id: Optional[str] = None) -> Any:
+        assert url is not None and dataset is None, "csv routes by URL"
         self.urls.append(url)
         if "nosuch" in url:
             raise UnknownDataset("no dataset nosuch")

@@ -29,7 +29,7 @@ UP = "http://data.example.org/opendap/sst.nc"
 
 
 class FakeController:
-    """get_url: answers at the request's address as the cache or a fetcher would."""
+    """route: answers at the request's address as the cache or a fetcher would."""
 
     def __init__(self, bus: Any) -> None:
         self.bus = bus
@@ -41,8 +41,7 @@ class FakeController:
         self.registry = {"sst": UP}
         self.routes = 0
 
-    @operation
-    def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
+    def _routed(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
                 request_id: Optional[str] = None) -> Any:
         self.asked.append({"url": url, "method": method, "dataset": dataset})
         if self.mode == "forbidden":
@@ -66,7 +65,7 @@ class FakeController:
             if dataset not in self.registry:
                 raise UnknownDataset(f"no dataset {dataset!r} is registered")
             url = self.registry[dataset] + suffix + ("?" + query if query is not None else "")
-        return self.get_url(url, method, dataset, address=address, request_id=request_id)
+        return self._routed(url, method, dataset, address=address, request_id=request_id)
 
     @operation
     def record(self, **kwargs: Any) -> None:
