@@ -23,7 +23,8 @@ from ooidx.errors import Forbidden, UnknownDataset, UpstreamError
 from ooidx.node.bootstrap import declare_topology
 
 from tests.fast.core.support import FastCase, cases, drive, expand, settle
-from tests.fast.web.edge_support import Connection, FakeStore, Response, edge_reactor, request_bytes
+from tests.fast.web.edge_support import Connection, Response, edge_reactor, request_bytes
+from tests.support.doubles import FakeStore
 
 UP = "http://data.example.org/opendap/sst.nc"
 

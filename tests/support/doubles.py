@@ -1,0 +1,84 @@
+"""Components' operations in memory, to serve on a bus in a test (fast tier
+and broker tiers alike): written once here, not once per test module.
+
+- L{FakeStore}: the attribute store's four operations (C{get}, C{set},
+  C{query}, C{delete}) over a dict, C{data};
+- L{FakePubSub}: pub_sub's C{subscribe} / C{unsubscribe}, a durable address per
+  subscription name (the regex C{"("} is refused, as pub_sub refuses it);
+- L{EchoStore}: a service on the C{attribute_store} queue for clients of the
+  web port's /api/call (C{get} of key C{"a"}, C{echo}, C{raw} bytes).
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Dict
+
+from twisted.internet import defer
+
+import magnet
+from magnet import operation
+
+
+class FakeStore:
+    """The attribute store's four operations, in memory (JSON-copied values)."""
+
+    def __init__(self) -> None:
+        self.data: Dict[str, Any] = {}
+
+    @operation
+    def get(self, key: str) -> Any:
+        return self.data[key]
+
+    @operation
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = json.loads(json.dumps(value))
+
+    @operation
+    def query(self, regex: str) -> Dict[str, Any]:
+        return {k: v for k, v in self.data.items() if re.search(regex, k)}
+
+    @operation
+    def delete(self, key: str) -> bool:
+        return self.data.pop(key, None) is not None
+
+
+class FakePubSub:
+    """pub_sub's subscribe/unsubscribe: a durable address per name."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        self.subscriptions: Dict[str, str] = {}
+
+    @operation
+    @defer.inlineCallbacks
+    def subscribe(self, regex: str, name: str) -> Any:
+        if regex == "(":
+            raise magnet.RemoteError("InvalidRegex", "missing )")
+        address = f"pubsub.sub.{name}"
+        yield self.bus.transport.declare_queue(address, durable=True)
+        self.subscriptions[name] = regex
+        return {"name": name, "regex": regex, "address": address}
+
+    @operation
+    @defer.inlineCallbacks
+    def unsubscribe(self, name: str) -> Any:
+        self.subscriptions.pop(name, None)
+        yield self.bus.transport.delete_queue(f"pubsub.sub.{name}")
+        return True
+
+
+class EchoStore:
+    """What `ooidx call` and /api/call are tried on: a value, the arguments back, bytes."""
+
+    @operation
+    def get(self, key: str) -> Any:
+        return {"a": [1, 2]}[key]
+
+    @operation
+    def echo(self, **kwargs: Any) -> Any:
+        return kwargs
+
+    @operation
+    def raw(self) -> bytes:
+        return b"\x00raw\xff"
