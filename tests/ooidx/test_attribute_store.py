@@ -12,12 +12,10 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 import magnet
-from magnet import RemoteError
 
-from ooidx.attribute_store import (MAX_KEY_BYTES, MAX_PATTERN_LENGTH, AttributeStore, InvalidKey, InvalidPattern,
-                                   InvalidValue)
+from ooidx.attribute_store import MAX_KEY_BYTES, MAX_PATTERN_LENGTH, AttributeStore, InvalidKey, InvalidPattern, InvalidValue
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+from tests.support.attribute_store import POSTGRES, VALUES, Stack, error_of
 
 
 def drop_table(table: str) -> None:
@@ -37,29 +35,9 @@ def backend(request: Any) -> Any:
     drop_table(table)
 
 
-class Stack:
-    def __init__(self, url: str, table: str) -> None:
-        self.url, self.table = url, table
-        self.bus = magnet.connect(f"memory://attrs-{uuid.uuid4().hex}", reactor, rpc_timeout=10)
-        self.store = self.make_store()
-
-    def make_store(self) -> AttributeStore:
-        return AttributeStore("attribute_store", self.bus, node="n1", url=self.url, table=self.table, clock=reactor)
-
-    @defer.inlineCallbacks
-    def start(self) -> Any:
-        self.bus.startService()
-        yield self.store.start()
-
-    @defer.inlineCallbacks
-    def stop(self) -> Any:
-        yield self.store.stopService()
-        yield self.bus.stopService()
-
-
 @pytest_twisted.async_yield_fixture
 async def stack(backend: Tuple[str, str]) -> Any:
-    s = Stack(*backend)
+    s = Stack(reactor, *backend)
     await s.start()
     yield s
     await s.stop()
@@ -68,41 +46,7 @@ async def stack(backend: Tuple[str, str]) -> Any:
 @pytest.fixture(params=["bus", "direct"])
 def client(request: Any, stack: Stack) -> Callable[..., defer.Deferred]:
     """op(name, **kwargs) -> Deferred, over the bus or straight to the component."""
-    if request.param == "bus":
-        def over_bus(op: str, **kwargs: Any) -> defer.Deferred:
-            return stack.bus.call("attribute_store", op, **kwargs)
-        over_bus.via = "bus"  # type: ignore[attr-defined]
-        return over_bus
-
-    def direct(op: str, **kwargs: Any) -> defer.Deferred:
-        return defer.maybeDeferred(getattr(stack.store, op), **kwargs)
-    direct.via = "direct"  # type: ignore[attr-defined]
-    return direct
-
-
-async def error_of(d: defer.Deferred) -> Tuple[str, str]:
-    """(type name, message) of the failure, whether it crossed the bus or not."""
-    try:
-        result = await d
-    except RemoteError as e:
-        return e.remote_type, e.message
-    except Exception as e:
-        return type(e).__name__, str(e)
-    raise AssertionError(f"expected a failure, got {result!r}")
-
-
-VALUES = [
-    {"name": "sst", "url": "http://host/opendap/sst.nc", "status": "registered", "size": 0, "refresh": None},
-    [1, 2.5, "three", None, True, {"x": []}],
-    "plain text",
-    "ünïcødé ✓ 海",
-    42,
-    -1.5e300,
-    True,
-    None,
-    {},
-    {"nested": {"deep": {"deeper": [[[]]]}}},
-]
+    return stack.client(request.param)
 
 
 @pytest.mark.parametrize("value", VALUES, ids=range(len(VALUES)))
@@ -299,7 +243,7 @@ async def test_two_instances_compete_on_one_queue(backend: Tuple[str, str]) -> N
 async def test_two_nodes_share_one_postgresql_table() -> None:
     """Several nodes: each its own bus and store component, one PostgreSQL table."""
     table = f"attrs_{uuid.uuid4().hex[:16]}"
-    stacks = [Stack(POSTGRES, table), Stack(POSTGRES, table)]
+    stacks = [Stack(reactor, POSTGRES, table), Stack(reactor, POSTGRES, table)]
     try:
         await defer.gatherResults([s.start() for s in stacks])  # both create the table at once
         await stacks[0].bus.call("attribute_store", "set", key="dataset:a", value={"from": 0})

@@ -10,60 +10,13 @@ from typing import Any, Callable, Dict, Tuple
 from twisted.internet import defer
 
 import magnet
-from magnet import RemoteError
 
 from ooidx.attribute_store import (MAX_KEY_BYTES, MAX_PATTERN_LENGTH, AttributeStore, InvalidKey, InvalidPattern,
                                    InvalidValue, literal_prefix, prefix_range)
 from ooidx.config import parse
 
 from tests.fast.core.support import ClockCase, cases, expand, on_clock
-
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-class Stack:
-    def __init__(self, clock: Any, url: str, table: str) -> None:
-        self.url, self.table, self.clock = url, table, clock
-        self.bus = magnet.connect(f"memory://attrs-{uuid.uuid4().hex}", clock, rpc_timeout=10)
-        self.store = self.make_store()
-
-    def make_store(self) -> AttributeStore:
-        return AttributeStore("attribute_store", self.bus, node="n1", url=self.url, table=self.table, clock=self.clock)
-
-    @defer.inlineCallbacks
-    def start(self) -> Any:
-        self.bus.startService()
-        yield self.store.start()
-
-    @defer.inlineCallbacks
-    def stop(self) -> Any:
-        yield self.store.stopService()
-        yield self.bus.stopService()
-
-
-async def error_of(d: defer.Deferred) -> Tuple[str, str]:
-    """(type name, message) of the failure, whether it crossed the bus or not."""
-    try:
-        result = await d
-    except RemoteError as e:
-        return e.remote_type, e.message
-    except Exception as e:
-        return type(e).__name__, str(e)
-    raise AssertionError(f"expected a failure, got {result!r}")
-
-
-VALUES = [
-    {"name": "sst", "url": "http://host/opendap/sst.nc", "status": "registered", "size": 0, "refresh": None},
-    [1, 2.5, "three", None, True, {"x": []}],
-    "plain text",
-    "ünïcødé ✓ 海",
-    42,
-    -1.5e300,
-    True,
-    None,
-    {},
-    {"nested": {"deep": {"deeper": [[[]]]}}},
-]
+from tests.support.attribute_store import POSTGRES, VALUES, Stack, error_of
 
 
 @expand
@@ -82,7 +35,7 @@ class AttributeStoreTests(ClockCase):
             self.__dict__["_tmp"] = self.tmp_path()
         return self.__dict__["_tmp"]
 
-    async def stack(self) -> "Stack":
+    async def stack(self) -> Stack:
         if "_stack" not in self.__dict__:
             s = Stack(self.clock, *self.backend())
             await s.start()
@@ -92,15 +45,7 @@ class AttributeStoreTests(ClockCase):
 
     async def client(self, via: str) -> Callable[..., defer.Deferred]:
         """op(name, **kwargs) -> Deferred, over the bus or straight to the component."""
-        stack = await self.stack()
-        if via == "bus":
-            def over_bus(op: str, **kwargs: Any) -> defer.Deferred:
-                return stack.bus.call("attribute_store", op, **kwargs)
-            return over_bus
-
-        def direct(op: str, **kwargs: Any) -> defer.Deferred:
-            return defer.maybeDeferred(getattr(stack.store, op), **kwargs)
-        return direct
+        return (await self.stack()).client(via)
 
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     @cases("value", VALUES, ids=range(len(VALUES)))
