@@ -18,9 +18,8 @@ from ooidx import events
 from ooidx.config import SecurityConfig
 from ooidx.datapath.controller import Controller, check_base_url, check_name
 from ooidx.errors import Forbidden, InvalidName, InvalidURL
-from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.core.support import FastCase, cases, drive, expand, settle, threadless
+from tests.fast.core.support import FastCase, bus_down, bus_up, cases, drive, expand, settle, threadless
 
 BASE = "http://data.example.org/opendap/sst.nc"
 
@@ -97,9 +96,7 @@ class ControllerCase(FastCase):
 
         @defer.inlineCallbacks
         def go() -> Any:
-            self.bus.startService()
-            yield self.bus.when_connected()
-            yield declare_topology(self.bus)
+            yield bus_up(self.bus)
             yield self.bus.serve("attribute_store", self.store)
             if cache:
                 yield self.bus.serve("cache", self.cache)
@@ -113,12 +110,7 @@ class ControllerCase(FastCase):
         return controller
 
     def stop(self, controller: Controller) -> None:
-        @defer.inlineCallbacks
-        def go() -> Any:
-            if controller.running or controller.started:
-                yield controller.stopService()
-            yield self.bus.stopService()
-        self.wait(go())
+        self.wait(bus_down(self.bus, controller))
 
     def wait(self, d: Any) -> Any:
         return drive(self, self.clock, d, seconds=30)

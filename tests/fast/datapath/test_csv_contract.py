@@ -16,9 +16,8 @@ from magnet.rpc import decode_reply
 
 from ooidx.datapath.csv import CSV
 from ooidx.errors import Forbidden
-from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.core.support import FastCase, cases, drive, expand, settle, threadless
+from tests.fast.core.support import FastCase, bus_down, bus_up, cases, drive, expand, settle, threadless
 from tests.fast.datapath.dods_bytes import dods
 
 URL = "http://data.example.org/opendap/sst.nc.dods?x"
@@ -58,9 +57,7 @@ class RenderTests(FastCase):
 
         @defer.inlineCallbacks
         def go() -> Any:
-            self.bus.startService()
-            yield self.bus.when_connected()
-            yield declare_topology(self.bus)
+            yield bus_up(self.bus)
             yield self.bus.serve("controller", self.controller)
             self.listener = yield self.bus.listen(self.messages.append, on_stream=self.on_stream)
             yield csv.start()
@@ -70,11 +67,7 @@ class RenderTests(FastCase):
         return csv
 
     def stop(self, csv: CSV) -> None:
-        @defer.inlineCallbacks
-        def go() -> Any:
-            yield csv.stopService()
-            yield self.bus.stopService()
-        drive(self, self.clock, go())
+        drive(self, self.clock, bus_down(self.bus, csv))
 
     def on_stream(self, stream: Any) -> None:
         chunks: List[bytes] = []

@@ -20,9 +20,8 @@ from ooidx import events
 from ooidx.datapath.cache import PURGE_FANOUT
 from ooidx.datapath.proxy import Proxy
 from ooidx.errors import Forbidden, UnknownDataset, UpstreamError
-from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.core.support import FastCase, cases, drive, expand, settle
+from tests.fast.core.support import FastCase, bus_down, bus_up, cases, drive, expand, settle
 from tests.fast.web.edge_support import Connection, Response, edge_reactor, request_bytes
 from tests.support.doubles import FakeStore
 
@@ -101,9 +100,7 @@ class ProxyTests(FastCase):
 
         @defer.inlineCallbacks
         def go() -> Any:
-            self.bus.startService()
-            yield self.bus.when_connected()
-            yield declare_topology(self.bus)
+            yield bus_up(self.bus)
             yield self.bus.serve("attribute_store", self.store)
             yield self.bus.serve("csv", self.csv)
             if controller:
@@ -119,12 +116,7 @@ class ProxyTests(FastCase):
         return proxy
 
     def stop(self) -> None:
-        @defer.inlineCallbacks
-        def go() -> Any:
-            if self.proxy.running or self.proxy.started:
-                yield self.proxy.stopService()
-            yield self.bus.stopService()
-        drive(self, self.clock, go())
+        drive(self, self.clock, bus_down(self.bus, self.proxy))
 
     def open(self, target: str, method: str = "GET", peer: str = "127.0.0.1") -> Connection:
         connection = Connection(self.site, peer=peer)
