@@ -6,18 +6,22 @@ and broker tiers alike): written once here, not once per test module.
 - L{FakePubSub}: pub_sub's C{subscribe} / C{unsubscribe}, a durable address per
   subscription name (the regex C{"("} is refused, as pub_sub refuses it);
 - L{EchoStore}: a service on the C{attribute_store} queue for clients of the
-  web port's /api/call (C{get} of key C{"a"}, C{echo}, C{raw} bytes).
+  web port's /api/call (C{get} of key C{"a"}, C{echo}, C{raw} bytes);
+- L{PubSubListing}: pub_sub's C{list} (two subscriptions), for the web page;
+- L{FakeNotificationApi}: notification's C{recent} (one event).
 """
 from __future__ import annotations
 
 import json
 import re
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 from twisted.internet import defer
 
 import magnet
 from magnet import operation
+
+from ooidx.errors import InvalidRegex
 
 
 class FakeStore:
@@ -82,3 +86,29 @@ class EchoStore:
     @operation
     def raw(self) -> bytes:
         return b"\x00raw\xff"
+
+
+class PubSubListing:
+    """pub_sub's C{list}: two subscriptions, the persister's and one of a person's."""
+
+    @operation
+    def list(self) -> List[Dict[str, Any]]:
+        return [{"name": "persister", "regex": "^dataset\\.", "address": "pubsub.sub.persister"},
+                {"name": "user.ann.0123456789ab", "regex": "^dataset\\.secret-project",
+                 "address": "pubsub.sub.user.ann.0123456789ab"}]
+
+
+class FakeNotificationApi:
+    """notification's C{recent} on C{notification.api}: one event, the questions kept in C{asked};
+    the regex C{"("} is refused as notification refuses it."""
+
+    def __init__(self) -> None:
+        self.asked: List[Dict[str, Any]] = []
+
+    @operation
+    def recent(self, regex: Optional[str] = None, limit: int = 100) -> List[Dict[str, Any]]:
+        self.asked.append({"regex": regex, "limit": limit})
+        if regex == "(":
+            raise InvalidRegex("missing ): (")
+        return [{"topic": "event.registered.sst", "kind": "registered", "dataset": "sst", "time": 1.0,
+                 "node": "n1"}][:limit]
