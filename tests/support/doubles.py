@@ -8,7 +8,8 @@ and broker tiers alike): written once here, not once per test module.
 - L{EchoStore}: a service on the C{attribute_store} queue for clients of the
   web port's /api/call (C{get} of key C{"a"}, C{echo}, C{raw} bytes);
 - L{PubSubListing}: pub_sub's C{list} (two subscriptions), for the web page;
-- L{FakeNotificationApi}: notification's C{recent} (one event).
+- L{FakeNotificationApi}: notification's C{recent} (one event);
+- L{CallTarget}: every way a call through /api/call can end.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import json
 import re
 from typing import Any, Dict, List, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 import magnet
 from magnet import operation
 
-from ooidx.errors import InvalidRegex
+from ooidx.errors import Forbidden, InvalidRegex
 
 
 class FakeStore:
@@ -112,3 +113,32 @@ class FakeNotificationApi:
             raise InvalidRegex("missing ): (")
         return [{"topic": "event.registered.sst", "kind": "registered", "dataset": "sst", "time": 1.0,
                  "node": "n1"}][:limit]
+
+
+class CallTarget:
+    """Every way a call through the web port's /api/call can end, served on a
+    queue (C{attribute_store} in the tests): a value, the arguments back, a
+    refusal (C{Forbidden}), bytes, and an answer 5 s late on C{clock}."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+
+    @operation
+    def get(self, key: str) -> Any:
+        return {"a": 1}[key]
+
+    @operation
+    def echo(self, **kwargs: Any) -> Any:
+        return kwargs
+
+    @operation
+    def refuse(self) -> Any:
+        raise Forbidden("127.0.0.1: loopback address refused")
+
+    @operation
+    def raw(self) -> bytes:
+        return b"\x00\x01binary\xff"
+
+    @operation
+    def slow(self) -> defer.Deferred:
+        return task.deferLater(self.clock, 5, lambda: "late")
