@@ -289,16 +289,22 @@ class Controller(FollowsEvents, Statistics, Component):
         record = self.datasets.get(name)
         if record is not None:
             return record
+        record = yield self._stored(name)
+        if isinstance(record, dict):
+            self.datasets[name] = record
+            return record
+        return None
+
+    @inlineCallbacks
+    def _stored(self, name: str) -> Any:
+        """The store's record of C{name}, None if it has none (not this controller's memory)."""
         try:
             record = yield self._store("get", key=dataset_key(name))
         except RemoteError as e:
             if e.remote_type != "KeyError":
                 raise
             return None
-        if isinstance(record, dict):
-            self.datasets[name] = record
-            return record
-        return None
+        return record
 
     @inlineCallbacks
     def _live(self, name: str) -> Any:
@@ -620,12 +626,7 @@ class Controller(FollowsEvents, Statistics, Component):
     @inlineCallbacks
     def _claim_refresh(self, name: str, interval: float) -> Any:
         now = self._now()
-        try:
-            record = yield self._store("get", key=dataset_key(name))
-        except RemoteError as e:
-            if e.remote_type != "KeyError":
-                raise
-            return None
+        record = yield self._stored(name)
         if not isinstance(record, dict) or record.get("status") == "purged" or record.get("refresh") != interval:
             return None  # purged or changed elsewhere; the next reload fixes the timers
         refreshed = record.get("refreshed")
