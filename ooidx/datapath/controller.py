@@ -13,14 +13,11 @@ Operations (docs/data-path.md is the contract):
 - C{list(pattern=None)} -> records (sorted by name); C{pattern} a regex on names
 - C{get(name)} -> one record
 - C{route(url=None, dataset=None, suffix="", query=None, method="GET", address=, request_id=)}:
-  the proxy's one call (issue 15): the name resolved from the registry in memory, the URL
-  checked, and one post to the cache (C{cache.answer}), which streams or fetches it.
-- C{get_url(url, method="GET", dataset=None, address=, request_id=)} (csv's): sent with
-  L{magnet.Bus.tell} by the proxy. Checks the URL, asks the cache, and posts
-  C{serve} to the cache node (fresh) or C{fetch} to the fetchers (stale, miss)
-  with the proxy's address; its own return value, C{{"via": ...}}, reaches the
-  proxy as a reply, and its errors (C{UnknownDataset}, C{Forbidden},
-  C{InvalidURL}, C{InvalidName}) as an error reply.
+  the data path's one call (issue 15), the proxy's and csv's, sent with L{magnet.Bus.tell}:
+  the name resolved from the registry in memory, the URL checked, and one post to the cache
+  (C{cache.answer}) with the caller's address, which streams or fetches it. Its return value,
+  C{{"via", "dataset", "url"}}, reaches the caller as a reply, and its errors
+  (C{UnknownDataset}, C{Forbidden}, C{InvalidURL}, C{InvalidName}) as an error reply.
 - C{record(dataset, url, hit, bytes, status)}: counts what the cache and fetchers served
 - C{get_dataset(name, to=None)}: has a fetcher fetch the dataset's .das/.dds/.dods for
   pub_sub's subscribers (or, with C{to}, for those addresses only)
@@ -42,7 +39,7 @@ C{stale} event says so, and the next version clears the mark. The controllers
 look every C{freshness_interval} seconds.
 
 The registry lives in the attribute store (C{dataset:NAME}); each controller
-keeps it in memory too, so that C{get_url} needs no store round trip. Several
+keeps it in memory too, so that C{route} needs no store round trip. Several
 controllers (several nodes) see each other's registrations: a name the
 memory copy lacks is looked up in the store before the answer is "unknown",
 and a URL under no known base URL reloads the registry (at most once per
@@ -142,8 +139,8 @@ class Controller(FollowsEvents, Statistics, Component):
     stats_interval = 60.0
     #: seconds between two reloads of the whole registry (purges made by other controllers)
     registry_interval = 10.0
-    #: how long get_url waits for the cache's lookup before it goes to a fetcher without one
-    lookup_timeout = 5.0
+    #: how long the statistics' save at stop may take (seconds)
+    stop_timeout = 5.0
     #: seconds between two looks for datasets that stopped updating (expect_every)
     freshness_interval = 60.0
     #: a registration's check: seconds and bytes for each of the .dds and .das
@@ -238,7 +235,7 @@ class Controller(FollowsEvents, Statistics, Component):
                 self.log.debug("{component}: cancelling the event subscription: {reason}", component=self.name,
                                reason=e)
         try:
-            yield self.save_stats(timeout=self.lookup_timeout)
+            yield self.save_stats(timeout=self.stop_timeout)
         except Exception as e:
             self.log.warn("{component}: statistics not saved at stop: {reason}", component=self.name, reason=e)
 
@@ -292,16 +289,22 @@ class Controller(FollowsEvents, Statistics, Component):
         record = self.datasets.get(name)
         if record is not None:
             return record
+        record = yield self._stored(name)
+        if isinstance(record, dict):
+            self.datasets[name] = record
+            return record
+        return None
+
+    @inlineCallbacks
+    def _stored(self, name: str) -> Any:
+        """The store's record of C{name}, None if it has none (not this controller's memory)."""
         try:
             record = yield self._store("get", key=dataset_key(name))
         except RemoteError as e:
             if e.remote_type != "KeyError":
                 raise
             return None
-        if isinstance(record, dict):
-            self.datasets[name] = record
-            return record
-        return None
+        return record
 
     @inlineCallbacks
     def _live(self, name: str) -> Any:
@@ -499,29 +502,6 @@ class Controller(FollowsEvents, Statistics, Component):
 
     @operation
     @inlineCallbacks
-    def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
-                request_id: Optional[str] = None) -> Any:
-        """Route one proxied request: the cache serves it (fresh) or a fetcher
-        fetches it (stale, miss), either way to C{address} with C{request_id}."""
-        try:
-            if method not in METHODS:
-                raise InvalidURL(f"method {str(method)[:16]!r} is not supported (GET or HEAD)")
-            if not isinstance(address, str) or not address:
-                raise ValueError("get_url needs the address to answer at")
-            name = yield self._route(url, dataset)
-        except Exception:
-            self._count(None, errors=1)
-            raise
-        self._count(name, requests=1)
-        try:
-            via = yield self._deliver(url, method, address, request_id, name)
-        except Exception:
-            self._count(name, errors=1)
-            raise
-        return {"via": via, "dataset": name}
-
-    @operation
-    @inlineCallbacks
     def route(self, url: Optional[str] = None, dataset: Optional[str] = None, suffix: str = "",
               query: Optional[str] = None, method: str = "GET", *, address: str,
               request_id: Optional[str] = None) -> Any:
@@ -590,34 +570,6 @@ class Controller(FollowsEvents, Statistics, Component):
         return {name: record.get("url") for name, record in self.datasets.items()
                 if record.get("status") != "purged" and isinstance(record.get("url"), str)}
 
-    @inlineCallbacks
-    def _deliver(self, url: str, method: str, address: str, request_id: Optional[str], name: Optional[str]) -> Any:
-        try:
-            found = yield self.bus.call(self.peers["cache"], "lookup", url=url, dataset=name,
-                                        timeout=self.lookup_timeout)
-        except MagnetError as e:
-            self.log.warn("{component}: cache lookup failed ({reason}); fetching {url} without the cache",
-                          component=self.name, reason=e, url=url)
-            found = {"state": "miss", "node": None, "validators": None}
-        if not isinstance(found, dict):
-            found = {"state": "miss", "node": None, "validators": None}
-        node = found.get("node")
-        if found.get("state") == "fresh" and isinstance(node, str) and node:
-            try:
-                yield self.bus.post(node, "serve", url=url, method=method, address=address, request_id=request_id,
-                                    dataset=name)
-                return "cache"
-            except MagnetError as e:
-                self.log.warn("{component}: cache node {node} did not take {url} ({reason}); fetching it",
-                              component=self.name, node=node, url=url, reason=e)
-                node = None
-        store = node if isinstance(node, str) and node else None
-        limit = found.get("max_entry_bytes")
-        extra = {"store_limit": limit} if store and isinstance(limit, int) and not isinstance(limit, bool) else {}
-        yield self.bus.post(self.peers["fetcher"], "fetch", url=url, method=method, address=address,
-                            request_id=request_id, store=store, validators=found.get("validators") or None, **extra)
-        return "fetcher"
-
     @operation
     @inlineCallbacks
     def get_dataset(self, name: str, to: Optional[List[str]] = None) -> Any:
@@ -674,12 +626,7 @@ class Controller(FollowsEvents, Statistics, Component):
     @inlineCallbacks
     def _claim_refresh(self, name: str, interval: float) -> Any:
         now = self._now()
-        try:
-            record = yield self._store("get", key=dataset_key(name))
-        except RemoteError as e:
-            if e.remote_type != "KeyError":
-                raise
-            return None
+        record = yield self._stored(name)
         if not isinstance(record, dict) or record.get("status") == "purged" or record.get("refresh") != interval:
             return None  # purged or changed elsewhere; the next reload fixes the timers
         refreshed = record.get("refreshed")

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 from twisted.internet.defer import inlineCallbacks
 
-from magnet import MagnetError, RemoteError
+from magnet import MagnetError
 
 from ooidx import dap, events
 from ooidx import wire
@@ -41,12 +41,7 @@ class FollowsEvents:
                 continue
             if now - since <= STALE_FACTOR * period:
                 continue
-            try:
-                current = yield self._store("get", key=wire.dataset_key(name))
-            except RemoteError as e:
-                if e.remote_type != "KeyError":
-                    raise
-                continue
+            current = yield self._stored(name)
             if not isinstance(current, dict) or current.get("stale") or current.get("status") == "purged" or \
                     current.get("fresh_since") != since:
                 if isinstance(current, dict):
@@ -88,12 +83,7 @@ class FollowsEvents:
 
     @inlineCallbacks
     def _apply_event(self, kind: str, name: str, event: Dict[str, Any]) -> Any:
-        try:
-            record = yield self._store("get", key=wire.dataset_key(name))
-        except RemoteError as e:
-            if e.remote_type == "KeyError":
-                return None
-            raise
+        record = yield self._stored(name)
         if not isinstance(record, dict) or record.get("status") == "purged":
             return None
         if isinstance(event.get("url"), str) and record.get("url") not in (None, event["url"]):

@@ -38,7 +38,7 @@ class Statistics:
         Without a dataset name, the dataset is the one whose base URL C{url} is under.
         C{count}: how many answered requests this stands for (the proxy posts its
         held answers once a second); C{requests}: how many of them to add to the
-        routed requests too (they never reached get_url)."""
+        routed requests too (they never reached route)."""
         name = dataset if dap.valid_name(dataset) else None
         if name is None and isinstance(url, str):
             try:

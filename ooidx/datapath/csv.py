@@ -2,8 +2,8 @@
 
 proxyng posts C{render(url=BASE.dods?CE, dataset=NAME, address=L,
 request_id=RID)} for C{GET /datasets/NAME.csv?CE}. The csv component gets
-the C{.dods} through the data path like any client (C{controller.get_url}
-to a listen address of its own, so cache hits count), decodes it with
+the C{.dods} through the data path like the proxy (C{controller.route} by
+URL, to a listen address of its own, so cache hits count), decodes it with
 pydap's own parsers (C{pydap.parsers.dds.dds_to_dataset},
 C{pydap.handlers.dap.unpack_dap2_data}), and streams CSV to C{L}: status
 200, C{Content-Type: text/csv; charset=utf-8}, a header row of variable
@@ -255,7 +255,7 @@ class CSV(Component):
             raise InvalidURL(f"csv renders .dods URLs, got {url!r}")
         spool = tempfile.SpooledTemporaryFile(max_size=4 * 1024 * 1024)
         try:
-            status, size = yield self._fetch(url, dataset, spool)
+            status, size = yield self._fetch(url, spool)
             if status != 200:
                 spool.seek(0)
                 first = spool.read(200).decode("utf-8", "replace").strip().splitlines()
@@ -295,14 +295,15 @@ class CSV(Component):
         return maybeDeferred(decode_dods, spool)
 
     @inlineCallbacks
-    def _fetch(self, url: str, dataset: Optional[str], spool: Any) -> Any:
+    def _fetch(self, url: str, spool: Any) -> Any:
         """Get C{url} through the data path into C{spool}; (status, bytes)."""
         request_id = uuid.uuid4().hex
         answer = StreamAnswer(request_id)
         listener = yield self.bus.listen(answer.on_message, on_stream=answer.on_stream)
         try:
-            yield self.bus.tell("controller", "get_url", listener.address, correlation_id=request_id, url=url,
-                                method="GET", dataset=dataset, address=listener.address, request_id=request_id)
+            # by URL: the controller finds the dataset the URL is under (route takes a url or a name)
+            yield self.bus.tell("controller", "route", listener.address, correlation_id=request_id, url=url,
+                                method="GET", address=listener.address, request_id=request_id)
             def timed_out(result: Any, t: float) -> None:
                 raise UpstreamTimeout(f"no .dods answer within {t:g} s")
 

@@ -10,54 +10,31 @@ files saved on disk; an unknown version is a DAP error ncdump prints, and a
 constraint on a saved .dods (what C{ncdump -v} asks for) is refused with one."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dap_upstream import Upstream  # noqa: E402
-from twistd_helpers import Daemon, environment, free_port, write_config  # noqa: E402
+from twistd_helpers import Daemon, direct_environment, free_port, write_config  # noqa: E402
 
 from tests.fast.dissemination.pydap_answers import make_typed  # noqa: E402
+from tests.support.node import api_call, http_get  # noqa: E402
 
 TOKEN = "at-version-" + uuid.uuid4().hex
 NCDUMP = shutil.which("ncdump") or "/usr/bin/ncdump"
 UNSAVED = "20000101T000000Z-0123456789ab"
 
 
-def http_get(url: str, timeout: float = 30) -> Tuple[int, Dict[str, str], bytes]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(urllib.request.Request(url), timeout=timeout) as r:
-            return r.status, dict(r.headers.items()), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers.items()), e.read()
-
-
-def api_call(web: str, service: str, op: str, **kwargs: Any) -> Any:
-    request = urllib.request.Request(f"{web}/api/call/{service}/{op}", data=json.dumps(kwargs).encode(),
-                                     headers={"Authorization": f"Bearer {TOKEN}",
-                                              "Content-Type": "application/json"}, method="POST")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=30) as r:
-        return json.loads(r.read())["result"]
-
-
 def ncdump(*args: str, home: str) -> subprocess.CompletedProcess:
-    env = environment(HOME=home)
-    for k in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
-        env.pop(k, None)
-    return subprocess.run([NCDUMP, *args], capture_output=True, timeout=60, env=env)
+    return subprocess.run([NCDUMP, *args], capture_output=True, timeout=60, env=direct_environment(HOME=home))
 
 
 def publish(directory: Path, **options: Any) -> None:
@@ -68,12 +45,12 @@ def publish(directory: Path, **options: Any) -> None:
 
 
 def saved_versions(web: str) -> List[str]:
-    return [m["version"] for m in api_call(web, "persister", "versions", name="typed")]
+    return [m["version"] for m in api_call(web, TOKEN, "persister", "versions", name="typed")]
 
 
 def refresh(web: str, count: int, daemon: Daemon) -> List[str]:
     """Ask for the dataset; the saved versions once there are C{count} (bounded wait)."""
-    api_call(web, "controller", "get_dataset", name="typed")
+    api_call(web, TOKEN, "controller", "get_dataset", name="typed")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         versions = saved_versions(web)
@@ -100,7 +77,7 @@ def node(tmp_path: Path) -> Any:
         try:
             daemon.wait_log("node dx started", 60)
             web = f"http://127.0.0.1:{web_port}"
-            api_call(web, "controller", "register", name="typed", url=upstream.url("typed.nc"))
+            api_call(web, TOKEN, "controller", "register", name="typed", url=upstream.url("typed.nc"))
             yield {"proxy": f"http://127.0.0.1:{proxy_port}", "web": web, "daemon": daemon,
                    "upstream": directory, "data": tmp_path / "data" / "datasets" / "typed"}
         finally:

@@ -4,7 +4,7 @@ SQLite run in the fast tier, tests/fast/core/test_attribute_store.py."""
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Tuple
 
 import psycopg2
 import pytest
@@ -12,12 +12,11 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 import magnet
-from magnet import RemoteError
 
-from ooidx.attribute_store import (MAX_KEY_BYTES, MAX_PATTERN_LENGTH, AttributeStore, InvalidKey, InvalidPattern,
-                                   InvalidValue)
+from ooidx.attribute_store import AttributeStore, InvalidKey, InvalidPattern, InvalidValue
 
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+from tests.support import attribute_store as checks
+from tests.support.attribute_store import POSTGRES, Stack
 
 
 def drop_table(table: str) -> None:
@@ -37,29 +36,9 @@ def backend(request: Any) -> Any:
     drop_table(table)
 
 
-class Stack:
-    def __init__(self, url: str, table: str) -> None:
-        self.url, self.table = url, table
-        self.bus = magnet.connect(f"memory://attrs-{uuid.uuid4().hex}", reactor, rpc_timeout=10)
-        self.store = self.make_store()
-
-    def make_store(self) -> AttributeStore:
-        return AttributeStore("attribute_store", self.bus, node="n1", url=self.url, table=self.table, clock=reactor)
-
-    @defer.inlineCallbacks
-    def start(self) -> Any:
-        self.bus.startService()
-        yield self.store.start()
-
-    @defer.inlineCallbacks
-    def stop(self) -> Any:
-        yield self.store.stopService()
-        yield self.bus.stopService()
-
-
 @pytest_twisted.async_yield_fixture
 async def stack(backend: Tuple[str, str]) -> Any:
-    s = Stack(*backend)
+    s = Stack(reactor, *backend)
     await s.start()
     yield s
     await s.stop()
@@ -68,151 +47,61 @@ async def stack(backend: Tuple[str, str]) -> Any:
 @pytest.fixture(params=["bus", "direct"])
 def client(request: Any, stack: Stack) -> Callable[..., defer.Deferred]:
     """op(name, **kwargs) -> Deferred, over the bus or straight to the component."""
-    if request.param == "bus":
-        def over_bus(op: str, **kwargs: Any) -> defer.Deferred:
-            return stack.bus.call("attribute_store", op, **kwargs)
-        over_bus.via = "bus"  # type: ignore[attr-defined]
-        return over_bus
-
-    def direct(op: str, **kwargs: Any) -> defer.Deferred:
-        return defer.maybeDeferred(getattr(stack.store, op), **kwargs)
-    direct.via = "direct"  # type: ignore[attr-defined]
-    return direct
+    return stack.client(request.param)
 
 
-async def error_of(d: defer.Deferred) -> Tuple[str, str]:
-    """(type name, message) of the failure, whether it crossed the bus or not."""
-    try:
-        result = await d
-    except RemoteError as e:
-        return e.remote_type, e.message
-    except Exception as e:
-        return type(e).__name__, str(e)
-    raise AssertionError(f"expected a failure, got {result!r}")
-
-
-VALUES = [
-    {"name": "sst", "url": "http://host/opendap/sst.nc", "status": "registered", "size": 0, "refresh": None},
-    [1, 2.5, "three", None, True, {"x": []}],
-    "plain text",
-    "ünïcødé ✓ 海",
-    42,
-    -1.5e300,
-    True,
-    None,
-    {},
-    {"nested": {"deep": {"deeper": [[[]]]}}},
-]
-
-
-@pytest.mark.parametrize("value", VALUES, ids=range(len(VALUES)))
+@pytest.mark.parametrize("value", checks.VALUES, ids=range(len(checks.VALUES)))
 @pytest_twisted.ensureDeferred
 async def test_set_then_get(client: Any, value: Any) -> None:
-    assert await client("set", key="k", value=value) is None
-    assert await client("get", key="k") == value
+    await checks.set_then_get(client, value)
 
 
 @pytest_twisted.ensureDeferred
 async def test_get_missing_is_key_error(client: Any) -> None:
-    kind, message = await error_of(client("get", key="dataset:nope"))
-    assert kind == "KeyError"
-    assert "dataset:nope" in message
+    await checks.get_missing_is_key_error(client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_set_replaces(client: Any) -> None:
-    await client("set", key="a", value=1)
-    await client("set", key="a", value={"two": 2})
-    assert await client("get", key="a") == {"two": 2}
-    assert await client("query", regex="^a$") == {"a": {"two": 2}}
+    await checks.set_replaces(client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_delete(client: Any) -> None:
-    await client("set", key="gone", value="soon")
-    assert await client("delete", key="gone") is True
-    assert await client("delete", key="gone") is False
-    assert (await error_of(client("get", key="gone")))[0] == "KeyError"
+    await checks.delete(client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_query(client: Any) -> None:
-    data = {"dataset:a": {"n": 1}, "dataset:b.nc": {"n": 2}, "datasets": 3, "stats:a": 4, "dataset;x": 5,
-            "Dataset:c": 6, "other:dataset:d": 7}
-    for key, value in data.items():
-        await client("set", key=key, value=value)
-    assert await client("query", regex="^dataset:") == {"dataset:a": {"n": 1}, "dataset:b.nc": {"n": 2}}
-    assert await client("query", regex="dataset:") == {k: v for k, v in data.items() if "dataset:" in k}
-    assert await client("query", regex="") == data
-    assert await client("query", regex=".*") == data
-    assert await client("query", regex="^(dataset|stats):a$") == {"dataset:a": {"n": 1}, "stats:a": 4}
-    assert await client("query", regex="^datasets?:") == {"dataset:a": {"n": 1}, "dataset:b.nc": {"n": 2}}
-    assert await client("query", regex="^dataset:b\\.nc$") == {"dataset:b.nc": {"n": 2}}
-    assert await client("query", regex="^dataset:a|^stats") == {"dataset:a": {"n": 1}, "stats:a": 4}
-    assert await client("query", regex="(?i)^dataset:[ac]$") == {"dataset:a": {"n": 1}, "Dataset:c": 6}
-    assert await client("query", regex="^nothing") == {}
+    await checks.query(client)
 
 
-@pytest.mark.parametrize("regex, why", [
-    ("(", "not a valid regular expression"),
-    ("[a-", "not a valid regular expression"),
-    ("*x", "not a valid regular expression"),
-    ("a" * (MAX_PATTERN_LENGTH + 1), "at most"),
-    (5, "must be a string"),
-    (None, "must be a string"),
-])
+@pytest.mark.parametrize("regex, why", checks.BAD_PATTERNS)
 @pytest_twisted.ensureDeferred
 async def test_query_refuses_bad_patterns(client: Any, regex: Any, why: str) -> None:
-    kind, message = await error_of(client("query", regex=regex))
-    assert kind == "InvalidPattern"
-    assert why in message
+    await checks.query_refuses_a_bad_pattern(client, regex, why)
 
 
 @pytest_twisted.ensureDeferred
 async def test_pattern_at_the_length_limit_is_fine(client: Any) -> None:
-    await client("set", key="x", value=1)
-    assert await client("query", regex="x?" * (MAX_PATTERN_LENGTH // 2)) == {"x": 1}
+    await checks.pattern_at_the_length_limit_is_fine(client)
 
 
-@pytest.mark.parametrize("key, why", [
-    (5, "must be a string"),
-    (None, "must be a string"),
-    (["a"], "must be a string"),
-    ("", "must not be empty"),
-    ("a\x00b", "NUL"),
-    ("k" * (MAX_KEY_BYTES + 1), "at most 1024 bytes"),
-    ("я" * 513, "at most 1024 bytes"),  # 1026 bytes in UTF-8
-    ("huge" * 100_000, "at most 1024 bytes"),
-])
+@pytest.mark.parametrize("key, why", checks.BAD_KEYS)
 @pytest.mark.parametrize("op", ["get", "set", "delete"])
 @pytest_twisted.ensureDeferred
 async def test_bad_keys_are_refused(client: Any, key: Any, why: str, op: str) -> None:
-    kwargs: Dict[str, Any] = {"key": key}
-    if op == "set":
-        kwargs["value"] = 1
-    kind, message = await error_of(client(op, **kwargs))
-    assert kind == "InvalidKey"
-    assert why in message
+    await checks.bad_key_is_refused(client, key, why, op)
 
 
 @pytest_twisted.ensureDeferred
 async def test_keys_at_the_limit_and_unicode_keys(client: Any) -> None:
-    longest = "k" * MAX_KEY_BYTES
-    await client("set", key=longest, value="long")
-    await client("set", key="я" * 512, value="wide")
-    await client("set", key="dataset:海", value="sea")
-    assert await client("get", key=longest) == "long"
-    assert await client("get", key="я" * 512) == "wide"
-    assert await client("query", regex="^dataset:") == {"dataset:海": "sea"}
+    await checks.keys_at_the_limit_and_unicode_keys(client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_nan_is_not_json(client: Any) -> None:
-    # the bus's JSON lets NaN through; the store does not keep it
-    kind, message = await error_of(client("set", key="n", value=float("nan")))
-    assert kind == "InvalidValue"
-    assert "not JSON" in message
-    assert (await error_of(client("get", key="n")))[0] == "KeyError"
+    await checks.nan_is_not_json(client)
 
 
 @pytest_twisted.ensureDeferred
@@ -238,45 +127,27 @@ async def test_missing_and_unknown_arguments_over_the_bus(stack: Stack) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_large_value(client: Any) -> None:
-    value = {"blob": "x" * 1_000_000, "list": list(range(10_000))}
-    await client("set", key="big", value=value)
-    assert await client("get", key="big") == value
+    await checks.large_value(client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_many_concurrent_writes(client: Any) -> None:
-    await defer.gatherResults([client("set", key=f"c:{i:03d}", value=i) for i in range(100)], consumeErrors=True)
-    found = await client("query", regex="^c:")
-    assert found == {f"c:{i:03d}": i for i in range(100)}
+    await checks.many_concurrent_writes(client)
 
 
 @pytest_twisted.ensureDeferred
 async def test_restart_keeps_the_data(stack: Stack) -> None:
-    await stack.bus.call("attribute_store", "set", key="dataset:sst", value={"url": "http://h/sst.nc"})
-    await stack.bus.call("attribute_store", "set", key="gone", value=1)
-    await stack.bus.call("attribute_store", "delete", key="gone")
-    await stack.store.stopService()
-    assert stack.store.backend is None
-    await stack.store.start()
-    assert await stack.bus.call("attribute_store", "get", key="dataset:sst") == {"url": "http://h/sst.nc"}
-    assert await stack.bus.call("attribute_store", "query", regex="") == {"dataset:sst": {"url": "http://h/sst.nc"}}
+    await checks.restart_keeps_the_data(stack)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_new_component_on_the_same_store_sees_the_data(stack: Stack) -> None:
-    await stack.bus.call("attribute_store", "set", key="dataset:sst", value=[1])
-    await stack.store.stopService()
-    stack.store = stack.make_store()
-    await stack.store.start()
-    assert await stack.bus.call("attribute_store", "get", key="dataset:sst") == [1]
+    await checks.a_new_component_on_the_same_store_sees_the_data(stack)
 
 
 @pytest_twisted.ensureDeferred
 async def test_stopped_store_refuses_direct_calls(stack: Stack) -> None:
-    await stack.store.stopService()
-    with pytest.raises(RuntimeError, match="not started"):
-        await defer.maybeDeferred(stack.store.get, key="x")
-    await stack.store.start()
+    await checks.stopped_store_refuses_direct_calls(stack)
 
 
 @pytest_twisted.ensureDeferred
@@ -299,7 +170,7 @@ async def test_two_instances_compete_on_one_queue(backend: Tuple[str, str]) -> N
 async def test_two_nodes_share_one_postgresql_table() -> None:
     """Several nodes: each its own bus and store component, one PostgreSQL table."""
     table = f"attrs_{uuid.uuid4().hex[:16]}"
-    stacks = [Stack(POSTGRES, table), Stack(POSTGRES, table)]
+    stacks = [Stack(reactor, POSTGRES, table), Stack(reactor, POSTGRES, table)]
     try:
         await defer.gatherResults([s.start() for s in stacks])  # both create the table at once
         await stacks[0].bus.call("attribute_store", "set", key="dataset:a", value={"from": 0})

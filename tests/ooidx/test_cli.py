@@ -16,7 +16,6 @@ import pytest_twisted
 from twisted.internet import defer, reactor, threads, utils
 
 import magnet
-from magnet import operation
 
 from ooidx import cli
 from ooidx.node.bootstrap import declare_topology
@@ -24,22 +23,10 @@ from ooidx.component import Component
 from ooidx.node.token import TOKEN_FILE
 from ooidx.web.app import Web
 
+from tests.support.doubles import EchoStore
+
 TOKEN = "cli-test-token-" + "y" * 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class Store:
-    @operation
-    def get(self, key: str) -> Any:
-        return {"a": [1, 2]}[key]
-
-    @operation
-    def echo(self, **kwargs: Any) -> Any:
-        return kwargs
-
-    @operation
-    def raw(self) -> bytes:
-        return b"\x00raw\xff"
 
 
 class FakeDaemon:
@@ -71,7 +58,7 @@ class Daemonish:
         self.bus.startService()
         yield declare_topology(self.bus)
         yield self.fetcher.start()
-        yield self.bus.serve("attribute_store", Store())
+        yield self.bus.serve("attribute_store", EchoStore())
         yield self.web.start()
 
     @defer.inlineCallbacks

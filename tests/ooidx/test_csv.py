@@ -12,7 +12,7 @@ import io
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import netCDF4
 import numpy as np
@@ -33,17 +33,21 @@ from ooidx.datapath.proxy import Proxy
 sys.path.insert(0, str(Path(__file__).parent))
 from dap_upstream import Upstream, make_files  # noqa: E402
 
+from tests.support.doubles import FakeStore  # noqa: E402
+
 
 class StandInController:
-    """get_url: fetch with treq, stream the answer to the address."""
+    """route (by URL, as csv asks): fetch with treq, stream the answer to the address."""
 
     def __init__(self, bus: magnet.Bus) -> None:
         self.bus = bus
         self.urls: List[str] = []
 
     @operation
-    def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
-                request_id: Optional[str] = None) -> Any:
+    def route(self, url: Optional[str] = None, dataset: Optional[str] = None, suffix: str = "",
+              query: Optional[str] = None, method: str = "GET", *, address: str,
+              request_id: Optional[str] = None) -> Any:
+        assert url is not None and dataset is None, "csv routes by URL"
         self.urls.append(url)
         if "nosuch" in url:
             raise UnknownDataset("no dataset nosuch")
@@ -67,15 +71,6 @@ class StandInController:
         yield writer.finish()
 
 
-class Store:
-    def __init__(self, records: Dict[str, Any]) -> None:
-        self.records = records
-
-    @operation
-    def get(self, key: str) -> Any:
-        return self.records[key]
-
-
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: Any) -> Any:
     directory = tmp_path_factory.mktemp("dap")
@@ -89,9 +84,10 @@ class Stack:
     def __init__(self, upstream: Upstream) -> None:
         self.bus = magnet.connect(f"memory://csv-{uuid.uuid4().hex}", reactor, rpc_timeout=10)
         self.controller = StandInController(self.bus)
-        self.store = Store({f"dataset:{name}": {"name": name, "url": upstream.url(f"{name}.nc"),
-                                                "status": "registered"} for name in ("sst", "series")})
-        self.store.records["dataset:broken"] = {"name": "broken", "url": upstream.url("broken/sst.nc"),
+        self.store = FakeStore()
+        self.store.data.update({f"dataset:{name}": {"name": name, "url": upstream.url(f"{name}.nc"),
+                                                    "status": "registered"} for name in ("sst", "series")})
+        self.store.data["dataset:broken"] = {"name": "broken", "url": upstream.url("broken/sst.nc"),
                                                 "status": "registered"}
         self.csv = CSV("csv", self.bus, node="n", answer_timeout=10)
         self.proxy = Proxy("proxyng", self.bus, node="n", port=0, interface="127.0.0.1", answer_timeout=10)
@@ -181,7 +177,7 @@ async def test_variables_without_shared_dimensions_are_400(stack: Stack) -> None
 async def test_errors_reach_the_client(stack: Stack) -> None:
     code, headers, body = await stack.get("/datasets/nosuch.csv")
     assert code == 404  # unknown to the attribute store
-    stack.store.records["dataset:nosuch"] = {"name": "nosuch", "url": "http://127.0.0.1:1/nosuch",
+    stack.store.data["dataset:nosuch"] = {"name": "nosuch", "url": "http://127.0.0.1:1/nosuch",
                                              "status": "registered"}
     code, headers, body = await stack.get("/datasets/nosuch.csv")
     assert code == 404 and headers.getRawHeaders("X-Ooidx-Error") == ["UnknownDataset"]
@@ -218,7 +214,7 @@ async def test_formula_cells_are_escaped_through_the_csv_component(stack: Stack)
     root.putChild(b"cells.nc.dods", Data(dods(), "application/octet-stream"))
     port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
     try:
-        stack.store.records["dataset:cells"] = {"name": "cells", "url": f"http://127.0.0.1:{port.getHost().port}/cells.nc",
+        stack.store.data["dataset:cells"] = {"name": "cells", "url": f"http://127.0.0.1:{port.getHost().port}/cells.nc",
                                                 "status": "registered"}
         assert stack.csv.formula_escape is True  # the default
         code, _, body = await stack.get("/datasets/cells.csv")

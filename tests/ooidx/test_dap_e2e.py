@@ -14,18 +14,13 @@ urllib as a forward-proxy client, and `ooidx get`.
 """
 from __future__ import annotations
 
-import io
-import json
-import os
 import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 import netCDF4
 import numpy as np
@@ -33,7 +28,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dap_upstream import Upstream, make_files  # noqa: E402
-from twistd_helpers import ROOT, Daemon, environment, free_port, write_config  # noqa: E402
+from twistd_helpers import ROOT, Daemon, direct_environment, environment, free_port, write_config  # noqa: E402
+
+from tests.support.node import api_call, http_get  # noqa: E402
 
 TOKEN = "e2e-token-" + uuid.uuid4().hex
 NCDUMP = shutil.which("ncdump") or "/usr/bin/ncdump"
@@ -44,45 +41,17 @@ CURL = shutil.which("curl") or "/usr/bin/curl"
 # helpers
 
 
-def http_get(url: str, proxy: Optional[str] = None, method: str = "GET",
-             timeout: float = 30) -> Tuple[int, Dict[str, str], bytes]:
-    handler = urllib.request.ProxyHandler({"http": proxy} if proxy else {})
-    opener = urllib.request.build_opener(handler)
-    request = urllib.request.Request(url, method=method)
-    try:
-        with opener.open(request, timeout=timeout) as r:
-            return r.status, dict(r.headers.items()), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers.items()), e.read()
-
-
-def api_call(web: str, service: str, op: str, **kwargs: Any) -> Any:
-    request = urllib.request.Request(f"{web}/api/call/{service}/{op}", data=json.dumps(kwargs).encode(),
-                                     headers={"Authorization": f"Bearer {TOKEN}",
-                                              "Content-Type": "application/json"}, method="POST")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=30) as r:
-        return json.loads(r.read())["result"]
-
-
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ooidx.cli", *args], capture_output=True, timeout=timeout,
-                          cwd=ROOT, env=clean_env())
-
-
-def clean_env(**extra: str) -> Dict[str, str]:
-    env = environment(**extra)
-    for k in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "https_proxy", "HTTPS_PROXY"):
-        env.pop(k, None)
-    return env
+                          cwd=ROOT, env=direct_environment())
 
 
 def run(args: List[str], timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, timeout=timeout, env=clean_env(**env))
+    return subprocess.run(args, capture_output=True, timeout=timeout, env=direct_environment(**env))
 
 
 def stats(web: str) -> Dict[str, Any]:
-    return api_call(web, "controller", "get_stats")
+    return api_call(web, TOKEN, "controller", "get_stats")
 
 
 class Exchange:

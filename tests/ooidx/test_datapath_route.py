@@ -33,7 +33,7 @@ from ooidx.datapath.controller import Controller
 from ooidx.datapath.proxy import Proxy
 from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.web.edge_support import FakeStore
+from tests.support.doubles import FakeStore
 from tests.ooidx.waiting import eventually
 
 DDS = b"Dataset {\n    Float64 time[time = 3];\n} sst;\n"

@@ -36,7 +36,7 @@ def body_of(size: int) -> bytes:
 
 
 class FakeController:
-    """get_url as the real controller answers it (docs/data-path.md), from a table."""
+    """route as the real controller answers it (docs/data-path.md), from a table."""
 
     def __init__(self, bus: magnet.Bus) -> None:
         self.bus = bus
@@ -61,10 +61,9 @@ class FakeController:
             if record is None or record.get("status") == "purged":
                 raise UnknownDataset(f"no dataset {dataset!r} is registered")
             url = record["url"] + suffix + ("?" + query if query is not None else "")
-        return self.get_url(url, method, dataset, address, request_id)
+        return self._routed(url, method, dataset, address, request_id)
 
-    @operation
-    def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None,
+    def _routed(self, url: str, method: str = "GET", dataset: Optional[str] = None,
                 address: Optional[str] = None, request_id: Optional[str] = None) -> Any:
         self.calls.append(dict(url=url, method=method, dataset=dataset, address=address, request_id=request_id))
         path = url.split("/data", 1)[1] if "/data" in url else url

@@ -27,8 +27,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dap_upstream import Upstream, make_files  # noqa: E402
-from test_dap_e2e import Exchange, clean_env, http_get, register, start, stats  # noqa: E402
-from twistd_helpers import free_port  # noqa: E402
+from test_dap_e2e import Exchange, register, start, stats  # noqa: E402
+from twistd_helpers import direct_environment, free_port  # noqa: E402
+
+from tests.support.node import http_get  # noqa: E402
 
 siphon_catalog = pytest.importorskip("siphon.catalog")
 NCDUMP = shutil.which("ncdump") or "/usr/bin/ncdump"
@@ -140,7 +142,7 @@ def test_the_catalog_s_opendap_url_opens_with_netcdf4_and_ncdump(exchange: Excha
     with netCDF4.Dataset(url) as through, netCDF4.Dataset(upstream.url("sst.nc")) as direct:
         assert through.variables["sst"][:].tolist() == direct.variables["sst"][:].tolist()
         assert through.variables["sst"].units == "degC"
-    done = subprocess.run([NCDUMP, "-h", url], capture_output=True, timeout=60, env=clean_env(),
+    done = subprocess.run([NCDUMP, "-h", url], capture_output=True, timeout=60, env=direct_environment(),
                           cwd=os.path.dirname(__file__))
     assert done.returncode == 0, (done.stdout, done.stderr)
     assert b"float sst(time, lat)" in done.stdout

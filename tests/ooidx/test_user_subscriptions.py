@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 import socket
 import uuid
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -25,7 +23,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 import magnet
-from magnet import operation
 
 from ooidx import cli, events
 from ooidx.node.bootstrap import declare_topology
@@ -40,55 +37,10 @@ from ooidx.people.webhooks import WebhookDelivery
 from ooidx.config import SecurityConfig
 from ooidx.web.app import Web
 
+from tests.support.doubles import FakePubSub, FakeStore
 from tests.support.waiting import eventually, sleep
 
 TOKEN = "operator-token-" + "y" * 20
-
-
-class FakeStore:
-    """The attribute store's four operations, in memory."""
-
-    def __init__(self) -> None:
-        self.data: Dict[str, Any] = {}
-
-    @operation
-    def get(self, key: str) -> Any:
-        return self.data[key]
-
-    @operation
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = json.loads(json.dumps(value))
-
-    @operation
-    def query(self, regex: str) -> Dict[str, Any]:
-        return {k: v for k, v in self.data.items() if re.search(regex, k)}
-
-    @operation
-    def delete(self, key: str) -> bool:
-        return self.data.pop(key, None) is not None
-
-
-class FakePubSub:
-    """pub_sub's subscribe/unsubscribe: a durable address per name."""
-
-    def __init__(self, bus: Any) -> None:
-        self.bus = bus
-        self.subscriptions: Dict[str, str] = {}
-
-    @operation
-    @defer.inlineCallbacks
-    def subscribe(self, regex: str, name: str) -> Any:
-        address = f"pubsub.sub.{name}"
-        yield self.bus.transport.declare_queue(address, durable=True)
-        self.subscriptions[name] = regex
-        return {"name": name, "regex": regex, "address": address}
-
-    @operation
-    @defer.inlineCallbacks
-    def unsubscribe(self, name: str) -> Any:
-        self.subscriptions.pop(name, None)
-        yield self.bus.transport.delete_queue(f"pubsub.sub.{name}")
-        return True
 
 
 class Receiver(Resource):

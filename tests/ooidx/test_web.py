@@ -18,15 +18,15 @@ from twisted.internet.error import ConnectError
 from twisted.web.client import HTTPConnectionPool
 
 import magnet
-from magnet import operation
 
 from ooidx.node.bootstrap import declare_topology, make_component
 from ooidx.component import Component
 from ooidx.config import load
 from ooidx.node.metrics import PrometheusObserver, renderer_for
 from ooidx.node.token import TOKEN_FILE
-from ooidx.errors import Forbidden
 from ooidx.web.app import MAX_BODY, Web, ping_components
+
+from tests.support.doubles import CallTarget
 
 TOKEN = "test-token-" + "x" * 20
 
@@ -51,30 +51,6 @@ class FakeDaemon(MultiService):
         ])
 
 
-class Store:
-    """Served on the attribute_store queue: every way a call can end."""
-
-    @operation
-    def get(self, key: str) -> Any:
-        return {"a": 1}[key]
-
-    @operation
-    def echo(self, **kwargs: Any) -> Any:
-        return kwargs
-
-    @operation
-    def refuse(self) -> Any:
-        raise Forbidden("127.0.0.1: loopback address refused")
-
-    @operation
-    def raw(self) -> bytes:
-        return b"\x00\x01binary\xff"
-
-    @operation
-    def slow(self) -> defer.Deferred:
-        return task.deferLater(reactor, 5, lambda: "late")
-
-
 class Stack:
     def __init__(self) -> None:
         self.observer = PrometheusObserver()
@@ -92,7 +68,7 @@ class Stack:
         self.bus.startService()
         yield declare_topology(self.bus)
         yield self.fetcher.start()
-        yield self.bus.serve("attribute_store", Store())
+        yield self.bus.serve("attribute_store", CallTarget(reactor))
         yield self.web.start()
 
     @defer.inlineCallbacks

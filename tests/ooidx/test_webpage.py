@@ -21,9 +21,10 @@ from ooidx.attribute_store import AttributeStore
 from ooidx.node.bootstrap import declare_topology
 from ooidx.config import parse
 from ooidx.datapath.controller import Controller
-from ooidx.errors import InvalidRegex
 from ooidx.web.app import Web
 from ooidx.web.page import STATIC_FILES
+
+from tests.support.doubles import FakeNotificationApi, PubSubListing
 
 TOKEN = "webpage-test-token-" + "q" * 16
 BASE = "http://data.example.org/opendap/sst.nc"
@@ -36,26 +37,6 @@ class FakeFetcher:
     @operation
     def fetch_dataset(self, **kwargs: Any) -> None:
         self.datasets.append(kwargs)
-
-
-class FakePubSub:
-    @operation
-    def list(self) -> List[Dict[str, Any]]:
-        return [{"name": "persister", "regex": "^dataset\\.", "address": "pubsub.sub.persister"},
-                {"name": "user.ann.0123456789ab", "regex": "^dataset\\.secret-project", "address": "pubsub.sub.user.ann.0123456789ab"}]
-
-
-class FakeNotificationApi:
-    def __init__(self) -> None:
-        self.asked: List[Dict[str, Any]] = []
-
-    @operation
-    def recent(self, regex: Optional[str] = None, limit: int = 100) -> List[Dict[str, Any]]:
-        self.asked.append({"regex": regex, "limit": limit})
-        if regex == "(":
-            raise InvalidRegex("missing ): (")
-        return [{"topic": "event.registered.sst", "kind": "registered", "dataset": "sst", "time": 1.0,
-                 "node": "n1"}][:limit]
 
 
 class FakeUserPubSub:
@@ -330,7 +311,7 @@ async def test_people_unavailable(stack: Stack) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_subscriptions_when_served(stack: Stack) -> None:
-    await stack.serve("pub_sub", FakePubSub())
+    await stack.serve("pub_sub", PubSubListing())
     await stack.serve("user_pub_sub", FakeUserPubSub())
     code, answer = await stack.request("GET", "/api/pub_sub/subscriptions")
     assert code == 200 and answer["subscriptions"][0]["name"] == "persister"
@@ -346,7 +327,7 @@ async def test_subscriptions_when_served(stack: Stack) -> None:
 async def test_peoples_pub_sub_subscriptions_only_with_the_token(stack: Stack) -> None:
     """The attack: anyone reads GET /api/pub_sub/subscriptions and learns every
     person's name and regex (their pub_sub subscriptions are user.PERSON.ID)."""
-    await stack.serve("pub_sub", FakePubSub())
+    await stack.serve("pub_sub", PubSubListing())
     code, answer = await stack.request("GET", "/api/pub_sub/subscriptions")
     assert code == 200 and "ann" not in json.dumps(answer) and "secret-project" not in json.dumps(answer)
     assert [r["name"] for r in answer["subscriptions"]] == ["persister"] and answer["people"] == 1

@@ -31,7 +31,7 @@ OOIDX_TESTS = HERE.parent / "ooidx"
 if str(OOIDX_TESTS) not in sys.path:
     sys.path.insert(0, str(OOIDX_TESTS))
 
-from twistd_helpers import Daemon, environment, eventually, free_port, write_config  # noqa: E402
+from twistd_helpers import Daemon, direct_environment, eventually, free_port, write_config  # noqa: E402
 
 __all__ = ["Daemon", "Node", "start_node", "TcpFaultProxy", "DistPartition", "partition_unavailable", "TaskProducer", "HttpLoad", "http_fetch",
            "sleep", "eventually", "free_port", "TOKEN", "metric_value"]
@@ -126,9 +126,7 @@ def start_node(tmp: Path, name: str, broker: Union[str, Sequence[str]], componen
     urls = [broker] if isinstance(broker, str) else list(broker)
     config = write_config(tmp / f"{name}.yaml", node=name, broker="amqp://guest@127.0.0.1:5672/",
                           components=components, **settings)
-    env = environment(OOIDX_BROKER=",".join(urls))
-    for k in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY", "https_proxy", "HTTPS_PROXY"):
-        env.pop(k, None)
+    env = direct_environment(OOIDX_BROKER=",".join(urls))
     return Node(Daemon(config, env=env, name=name), name, config, env, web_port, proxy_port)
 
 

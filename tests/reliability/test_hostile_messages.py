@@ -32,8 +32,8 @@ COMPONENT_QUEUES = ["attribute_store", "cache", "controller", "csv", "fetcher", 
 FANOUTS = ["notification", "dx.control", "cache.purge"]
 PINGED = ["attribute_store", "cache", "controller", "csv", "fetcher", "persister", "proxyng", "pub_sub",
           "user_notification", "user_pub_sub"]
-OPS = ["ping", "fetch", "fetch_dataset", "lookup", "purge", "stats", "serve", "register", "list", "get", "get_url",
-       "get_dataset", "record", "get_stats", "subscribe", "unsubscribe", "publish", "render", "set", "query",
+OPS = ["ping", "fetch", "fetch_dataset", "lookup", "purge", "stats", "serve", "register", "list", "get", "route",
+       "answer", "get_dataset", "record", "get_stats", "subscribe", "unsubscribe", "publish", "render", "set", "query",
        "delete", "recent", "refresh", "status", "_private", "__init__", "reload"]
 
 

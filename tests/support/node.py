@@ -86,14 +86,26 @@ def http_request(host: str, port: Optional[int], method: str, path: str, data: O
         conn.close()
 
 
-def _opener() -> urllib.request.OpenerDirector:
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def _opener(proxy: Optional[str] = None) -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy} if proxy else {}))
 
 
-def http_get(url: str, timeout: float = 30) -> Tuple[int, Dict[str, str], bytes]:
-    """(status, headers, body) of a GET; an HTTP error status is an answer, not an exception."""
+def http_get(url: str, timeout: float = 30, *, proxy: Optional[str] = None,
+             method: str = "GET") -> Tuple[int, Dict[str, str], bytes]:
+    """(status, headers, body) of a GET (or C{method}), straight or through the
+    forward proxy C{proxy}; an HTTP error status is an answer, not an exception."""
     try:
-        with _opener().open(url, timeout=timeout) as r:
+        with _opener(proxy).open(urllib.request.Request(url, method=method), timeout=timeout) as r:
             return r.status, dict(r.headers.items()), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers.items()), e.read()
+
+
+def api_call(web: str, token: str, service: str, op: str, **kwargs: Any) -> Any:
+    """The result of C{POST WEB/api/call/SERVICE/OP} with C{kwargs} as its JSON
+    body and C{token} as the bearer token; an HTTP error raises."""
+    request = urllib.request.Request(f"{web}/api/call/{service}/{op}", data=json.dumps(kwargs).encode(),
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"}, method="POST")
+    with _opener().open(request, timeout=30) as r:
+        return json.loads(r.read())["result"]

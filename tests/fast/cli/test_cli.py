@@ -18,7 +18,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from twisted.internet import defer, task
 
 import magnet
-from magnet import operation
 
 from ooidx import cli
 from ooidx.component import Component
@@ -26,23 +25,10 @@ from ooidx.node.bootstrap import declare_topology
 from ooidx.node.token import TOKEN_FILE
 
 from tests.fast.core.support import FastCase, cases, drive, expand
+from tests.support.doubles import EchoStore
 
 TOKEN = "cli-test-token-" + "y" * 20
 URL = "http://dx.test:8080"
-
-
-class Store:
-    @operation
-    def get(self, key: str) -> Any:
-        return {"a": [1, 2]}[key]
-
-    @operation
-    def echo(self, **kwargs: Any) -> Any:
-        return kwargs
-
-    @operation
-    def raw(self) -> bytes:
-        return b"\x00raw\xff"
 
 
 NODES = [
@@ -492,7 +478,7 @@ class Bus:
         self.bus.startService()
         yield declare_topology(self.bus)
         yield self.fetcher.start()
-        yield self.bus.serve("attribute_store", Store())
+        yield self.bus.serve("attribute_store", EchoStore())
 
     @defer.inlineCallbacks
     def stop(self) -> Any:

@@ -17,6 +17,8 @@ The fast tier runs under both ``python -m twisted.trial tests.fast`` and
   every ThreadPool made meanwhile a L{SyncPool} (work runs at once, in the
   test's thread): memory:// buses, the cache's and persister's disk work and
   the attribute store's SQLite (adbapi) then all run inside the test.
+- L{bus_up} and L{bus_down}: a memory:// bus's start (the topology
+  declared) and its stop, with the services on it.
 - L{ClockCase} and L{on_clock}: an C{async def} test method run on such a
   clock, with C{await self.advance(s)} and C{await self.advance_until(p)} in
   place of real waits.
@@ -186,6 +188,28 @@ def drive(case: SynchronousTestCase, clock: Any, d: Any, step: float = 0.01, sec
     if isinstance(result, Failure):
         result.raiseException()
     return result
+
+
+def bus_up(bus: Any) -> Any:
+    """A memory:// bus's start as every component test makes it: started,
+    linked, and the exchange's topology declared (ooidx.node.bootstrap). A Deferred."""
+    from ooidx.node.bootstrap import declare_topology
+
+    bus.startService()
+    return bus.when_connected().addCallback(lambda _: declare_topology(bus))
+
+
+def bus_down(bus: Any, *services: Any) -> Any:
+    """Stop C{services} that started (in that order), then C{bus}. A Deferred."""
+    from twisted.internet import defer
+
+    @defer.inlineCallbacks
+    def go() -> Any:
+        for service in services:
+            if service.running or getattr(service, "started", False):
+                yield service.stopService()
+        yield bus.stopService()
+    return go()
 
 
 class SyncPool:

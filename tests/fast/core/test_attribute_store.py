@@ -5,65 +5,18 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Tuple
 
 from twisted.internet import defer
 
 import magnet
-from magnet import RemoteError
 
-from ooidx.attribute_store import (MAX_KEY_BYTES, MAX_PATTERN_LENGTH, AttributeStore, InvalidKey, InvalidPattern,
-                                   InvalidValue, literal_prefix, prefix_range)
+from ooidx.attribute_store import AttributeStore, InvalidKey, InvalidPattern, InvalidValue, literal_prefix, prefix_range
 from ooidx.config import parse
 
 from tests.fast.core.support import ClockCase, cases, expand, on_clock
-
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-class Stack:
-    def __init__(self, clock: Any, url: str, table: str) -> None:
-        self.url, self.table, self.clock = url, table, clock
-        self.bus = magnet.connect(f"memory://attrs-{uuid.uuid4().hex}", clock, rpc_timeout=10)
-        self.store = self.make_store()
-
-    def make_store(self) -> AttributeStore:
-        return AttributeStore("attribute_store", self.bus, node="n1", url=self.url, table=self.table, clock=self.clock)
-
-    @defer.inlineCallbacks
-    def start(self) -> Any:
-        self.bus.startService()
-        yield self.store.start()
-
-    @defer.inlineCallbacks
-    def stop(self) -> Any:
-        yield self.store.stopService()
-        yield self.bus.stopService()
-
-
-async def error_of(d: defer.Deferred) -> Tuple[str, str]:
-    """(type name, message) of the failure, whether it crossed the bus or not."""
-    try:
-        result = await d
-    except RemoteError as e:
-        return e.remote_type, e.message
-    except Exception as e:
-        return type(e).__name__, str(e)
-    raise AssertionError(f"expected a failure, got {result!r}")
-
-
-VALUES = [
-    {"name": "sst", "url": "http://host/opendap/sst.nc", "status": "registered", "size": 0, "refresh": None},
-    [1, 2.5, "three", None, True, {"x": []}],
-    "plain text",
-    "ünïcødé ✓ 海",
-    42,
-    -1.5e300,
-    True,
-    None,
-    {},
-    {"nested": {"deep": {"deeper": [[[]]]}}},
-]
+from tests.support import attribute_store as checks
+from tests.support.attribute_store import POSTGRES, Stack
 
 
 @expand
@@ -82,7 +35,7 @@ class AttributeStoreTests(ClockCase):
             self.__dict__["_tmp"] = self.tmp_path()
         return self.__dict__["_tmp"]
 
-    async def stack(self) -> "Stack":
+    async def stack(self) -> Stack:
         if "_stack" not in self.__dict__:
             s = Stack(self.clock, *self.backend())
             await s.start()
@@ -92,134 +45,61 @@ class AttributeStoreTests(ClockCase):
 
     async def client(self, via: str) -> Callable[..., defer.Deferred]:
         """op(name, **kwargs) -> Deferred, over the bus or straight to the component."""
-        stack = await self.stack()
-        if via == "bus":
-            def over_bus(op: str, **kwargs: Any) -> defer.Deferred:
-                return stack.bus.call("attribute_store", op, **kwargs)
-            return over_bus
-
-        def direct(op: str, **kwargs: Any) -> defer.Deferred:
-            return defer.maybeDeferred(getattr(stack.store, op), **kwargs)
-        return direct
+        return (await self.stack()).client(via)
 
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
-    @cases("value", VALUES, ids=range(len(VALUES)))
+    @cases("value", checks.VALUES, ids=range(len(checks.VALUES)))
     @on_clock
     async def test_set_then_get(self, via, value) -> None:
-        client = await self.client(via)
-        assert await client("set", key="k", value=value) is None
-        assert await client("get", key="k") == value
+        await checks.set_then_get(await self.client(via), value)
 
     @on_clock
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     async def test_get_missing_is_key_error(self, via) -> None:
-        client = await self.client(via)
-        kind, message = await error_of(client("get", key="dataset:nope"))
-        assert kind == "KeyError"
-        assert "dataset:nope" in message
+        await checks.get_missing_is_key_error(await self.client(via))
 
     @on_clock
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     async def test_set_replaces(self, via) -> None:
-        client = await self.client(via)
-        await client("set", key="a", value=1)
-        await client("set", key="a", value={"two": 2})
-        assert await client("get", key="a") == {"two": 2}
-        assert await client("query", regex="^a$") == {"a": {"two": 2}}
+        await checks.set_replaces(await self.client(via))
 
     @on_clock
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     async def test_delete(self, via) -> None:
-        client = await self.client(via)
-        await client("set", key="gone", value="soon")
-        assert await client("delete", key="gone") is True
-        assert await client("delete", key="gone") is False
-        assert (await error_of(client("get", key="gone")))[0] == "KeyError"
+        await checks.delete(await self.client(via))
 
     @on_clock
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     async def test_query(self, via) -> None:
-        client = await self.client(via)
-        data = {"dataset:a": {"n": 1}, "dataset:b.nc": {"n": 2}, "datasets": 3, "stats:a": 4, "dataset;x": 5,
-                "Dataset:c": 6, "other:dataset:d": 7}
-        for key, value in data.items():
-            await client("set", key=key, value=value)
-        assert await client("query", regex="^dataset:") == {"dataset:a": {"n": 1}, "dataset:b.nc": {"n": 2}}
-        assert await client("query", regex="dataset:") == {k: v for k, v in data.items() if "dataset:" in k}
-        assert await client("query", regex="") == data
-        assert await client("query", regex=".*") == data
-        assert await client("query", regex="^(dataset|stats):a$") == {"dataset:a": {"n": 1}, "stats:a": 4}
-        assert await client("query", regex="^datasets?:") == {"dataset:a": {"n": 1}, "dataset:b.nc": {"n": 2}}
-        assert await client("query", regex="^dataset:b\\.nc$") == {"dataset:b.nc": {"n": 2}}
-        assert await client("query", regex="^dataset:a|^stats") == {"dataset:a": {"n": 1}, "stats:a": 4}
-        assert await client("query", regex="(?i)^dataset:[ac]$") == {"dataset:a": {"n": 1}, "Dataset:c": 6}
-        assert await client("query", regex="^nothing") == {}
+        await checks.query(await self.client(via))
 
-    @cases("regex, why", [
-        ("(", "not a valid regular expression"),
-        ("[a-", "not a valid regular expression"),
-        ("*x", "not a valid regular expression"),
-        ("a" * (MAX_PATTERN_LENGTH + 1), "at most"),
-        (5, "must be a string"),
-        (None, "must be a string"),
-    ])
+    @cases("regex, why", checks.BAD_PATTERNS)
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     @on_clock
     async def test_query_refuses_bad_patterns(self, via, regex, why) -> None:
-        client = await self.client(via)
-        kind, message = await error_of(client("query", regex=regex))
-        assert kind == "InvalidPattern"
-        assert why in message
+        await checks.query_refuses_a_bad_pattern(await self.client(via), regex, why)
 
     @on_clock
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     async def test_pattern_at_the_length_limit_is_fine(self, via) -> None:
-        client = await self.client(via)
-        await client("set", key="x", value=1)
-        assert await client("query", regex="x?" * (MAX_PATTERN_LENGTH // 2)) == {"x": 1}
+        await checks.pattern_at_the_length_limit_is_fine(await self.client(via))
 
-    @cases("key, why", [
-        (5, "must be a string"),
-        (None, "must be a string"),
-        (["a"], "must be a string"),
-        ("", "must not be empty"),
-        ("a\x00b", "NUL"),
-        ("k" * (MAX_KEY_BYTES + 1), "at most 1024 bytes"),
-        ("я" * 513, "at most 1024 bytes"),  # 1026 bytes in UTF-8
-        ("huge" * 100_000, "at most 1024 bytes"),
-    ])
+    @cases("key, why", checks.BAD_KEYS)
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     @cases("op", ["get", "set", "delete"])
     @on_clock
     async def test_bad_keys_are_refused(self, via, key, why, op) -> None:
-        client = await self.client(via)
-        kwargs: Dict[str, Any] = {"key": key}
-        if op == "set":
-            kwargs["value"] = 1
-        kind, message = await error_of(client(op, **kwargs))
-        assert kind == "InvalidKey"
-        assert why in message
+        await checks.bad_key_is_refused(await self.client(via), key, why, op)
 
     @on_clock
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     async def test_keys_at_the_limit_and_unicode_keys(self, via) -> None:
-        client = await self.client(via)
-        longest = "k" * MAX_KEY_BYTES
-        await client("set", key=longest, value="long")
-        await client("set", key="я" * 512, value="wide")
-        await client("set", key="dataset:海", value="sea")
-        assert await client("get", key=longest) == "long"
-        assert await client("get", key="я" * 512) == "wide"
-        assert await client("query", regex="^dataset:") == {"dataset:海": "sea"}
+        await checks.keys_at_the_limit_and_unicode_keys(await self.client(via))
 
     @on_clock
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     async def test_nan_is_not_json(self, via) -> None:
-        client = await self.client(via)
-        kind, message = await error_of(client("set", key="n", value=float("nan")))
-        assert kind == "InvalidValue"
-        assert "not JSON" in message
-        assert (await error_of(client("get", key="n")))[0] == "KeyError"
+        await checks.nan_is_not_json(await self.client(via))
 
     @on_clock
     async def test_direct_call_with_a_non_json_value(self) -> None:
@@ -245,47 +125,24 @@ class AttributeStoreTests(ClockCase):
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     @on_clock
     async def test_large_value(self, via) -> None:
-        client = await self.client(via)
-        value = {"blob": "x" * 1_000_000, "list": list(range(10_000))}
-        await client("set", key="big", value=value)
-        assert await client("get", key="big") == value
+        await checks.large_value(await self.client(via))
 
     @on_clock
     @cases("via", ["bus", "direct"], ids=["bus", "direct"])
     async def test_many_concurrent_writes(self, via) -> None:
-        client = await self.client(via)
-        await defer.gatherResults([client("set", key=f"c:{i:03d}", value=i) for i in range(100)], consumeErrors=True)
-        found = await client("query", regex="^c:")
-        assert found == {f"c:{i:03d}": i for i in range(100)}
+        await checks.many_concurrent_writes(await self.client(via))
 
     @on_clock
     async def test_restart_keeps_the_data(self) -> None:
-        stack = await self.stack()
-        await stack.bus.call("attribute_store", "set", key="dataset:sst", value={"url": "http://h/sst.nc"})
-        await stack.bus.call("attribute_store", "set", key="gone", value=1)
-        await stack.bus.call("attribute_store", "delete", key="gone")
-        await stack.store.stopService()
-        assert stack.store.backend is None
-        await stack.store.start()
-        assert await stack.bus.call("attribute_store", "get", key="dataset:sst") == {"url": "http://h/sst.nc"}
-        assert await stack.bus.call("attribute_store", "query", regex="") == {"dataset:sst": {"url": "http://h/sst.nc"}}
+        await checks.restart_keeps_the_data(await self.stack())
 
     @on_clock
     async def test_a_new_component_on_the_same_store_sees_the_data(self) -> None:
-        stack = await self.stack()
-        await stack.bus.call("attribute_store", "set", key="dataset:sst", value=[1])
-        await stack.store.stopService()
-        stack.store = stack.make_store()
-        await stack.store.start()
-        assert await stack.bus.call("attribute_store", "get", key="dataset:sst") == [1]
+        await checks.a_new_component_on_the_same_store_sees_the_data(await self.stack())
 
     @on_clock
     async def test_stopped_store_refuses_direct_calls(self) -> None:
-        stack = await self.stack()
-        await stack.store.stopService()
-        with self.assertRaisesRegex(RuntimeError, "not started"):
-            await defer.maybeDeferred(stack.store.get, key="x")
-        await stack.store.start()
+        await checks.stopped_store_refuses_direct_calls(await self.stack())
 
     @on_clock
     async def test_two_instances_compete_on_one_queue(self) -> None:

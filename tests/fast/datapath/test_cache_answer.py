@@ -23,9 +23,8 @@ from magnet.rpc import decode_reply
 from ooidx import events
 from ooidx.config import CacheOptions, FetcherOptions, SecurityConfig
 from ooidx.datapath.cache import Cache, _write_all
-from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.core.support import FastCase, LogEvents, drive, expand, settle, threadless
+from tests.fast.core.support import FastCase, LogEvents, bus_down, bus_up, drive, expand, settle, threadless
 from tests.fast.datapath.test_cache_contract import FakeStore, Recorder
 from tests.fast.datapath.test_fetcher_contract import HOST, FakeAgent, FakeResponse
 
@@ -55,9 +54,7 @@ class CacheAnswerTests(FastCase):
 
         @defer.inlineCallbacks
         def go() -> Any:
-            self.bus.startService()
-            yield self.bus.when_connected()
-            yield declare_topology(self.bus)
+            yield bus_up(self.bus)
             yield self.bus.serve("attribute_store", FakeStore())
             yield self.bus.serve("controller", self.controller)
             yield events.subscribe(self.bus, ".", self.events.append)
@@ -70,12 +67,7 @@ class CacheAnswerTests(FastCase):
         return cache
 
     def stop(self, cache: Cache) -> None:
-        @defer.inlineCallbacks
-        def go() -> Any:
-            if cache.running or cache.started:
-                yield cache.stopService()
-            yield self.bus.stopService()
-        self.wait(go())
+        self.wait(bus_down(self.bus, cache))
 
     def on_stream(self, stream: Any) -> None:
         chunks: List[bytes] = []

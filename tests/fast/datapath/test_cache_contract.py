@@ -17,9 +17,8 @@ from magnet.rpc import decode_reply
 from ooidx import events
 from ooidx.config import CacheOptions
 from ooidx.datapath.cache import PURGE_FANOUT, Cache
-from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.core.support import FastCase, drive, expand, cases, settle, threadless
+from tests.fast.core.support import FastCase, bus_down, bus_up, cases, drive, expand, settle, threadless
 
 URL = "http://data.example.org/opendap/sst.nc.dods?time"
 BASE = "http://data.example.org/opendap/sst.nc"
@@ -66,9 +65,7 @@ class CacheTests(FastCase):
 
         @defer.inlineCallbacks
         def go() -> Any:
-            self.bus.startService()
-            yield self.bus.when_connected()
-            yield declare_topology(self.bus)
+            yield bus_up(self.bus)
             yield self.bus.serve("attribute_store", FakeStore())
             yield self.bus.serve("controller", self.controller)
             if fetcher:
@@ -91,12 +88,7 @@ class CacheTests(FastCase):
         stream.deliver(chunks.append).addBoth(lambda r: got.setdefault("end", r))
 
     def stop(self, cache: Cache) -> None:
-        @defer.inlineCallbacks
-        def go() -> Any:
-            if cache.running or cache.started:
-                yield cache.stopService()
-            yield self.bus.stopService()
-        self.wait(go())
+        self.wait(bus_down(self.bus, cache))
 
     def store(self, url: str = URL, body: bytes = b"0123456789" * 10, **metadata: Any) -> None:
         meta = {"store": True, "url": url, "status": 200, "reason": "OK", "length": len(body),

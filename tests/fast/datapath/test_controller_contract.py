@@ -1,6 +1,6 @@
 """The controller (ooidx.datapath.controller) on a memory:// bus on a Clock,
 with a fake attribute store, cache and fetcher served on the bus: register,
-get, list, purge, get_url's routing (cache node, fetcher, refusals),
+get, list, purge, route (by URL and by name: the cache, a fetcher, refusals),
 get_dataset, periodic refresh, the dataset events, record and the
 statistics. The RabbitMQ version stays in tests/ooidx/test_controller.py."""
 from __future__ import annotations
@@ -18,9 +18,8 @@ from ooidx import events
 from ooidx.config import SecurityConfig
 from ooidx.datapath.controller import Controller, check_base_url, check_name
 from ooidx.errors import Forbidden, InvalidName, InvalidURL
-from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.core.support import FastCase, cases, drive, expand, settle, threadless
+from tests.fast.core.support import FastCase, bus_down, bus_up, cases, drive, expand, settle, threadless
 
 BASE = "http://data.example.org/opendap/sst.nc"
 
@@ -62,18 +61,6 @@ class Recorder:
 
 
 class FakeCache(Recorder):
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: Any = {"state": "miss", "node": "cachenode", "validators": None, "max_entry_bytes": 1000}
-        self.failing = False
-
-    @operation
-    def lookup(self, url: str, dataset: Optional[str] = None) -> Any:
-        self.calls.append(("lookup", {"url": url, "dataset": dataset}))
-        if self.failing:
-            raise RuntimeError("lookup broke")
-        return self.found
-
     @operation
     def purge(self, name: str, base_url: Optional[str] = None) -> int:
         self.calls.append(("purge", {"name": name, "base_url": base_url}))
@@ -82,12 +69,6 @@ class FakeCache(Recorder):
     @operation
     def answer(self, **kwargs: Any) -> None:
         self.calls.append(("answer", kwargs))
-
-
-class FakeNode(Recorder):
-    @operation
-    def serve(self, **kwargs: Any) -> None:
-        self.calls.append(("serve", kwargs))
 
 
 class FakeFetcher(Recorder):
@@ -106,7 +87,7 @@ class ControllerCase(FastCase):
     def setUp(self) -> None:
         self.clock = threadless(self)
         self.bus = magnet.connect(f"memory://controller-{uuid.uuid4().hex}", self.clock, node="n", rpc_timeout=5)
-        self.store, self.cache, self.node, self.fetcher = FakeStore(), FakeCache(), FakeNode(), FakeFetcher()
+        self.store, self.cache, self.fetcher = FakeStore(), FakeCache(), FakeFetcher()
         self.events: List[Dict[str, Any]] = []
 
     def start(self, *, cache: bool = True, fetcher: bool = True, allow_hosts: Any = ()) -> Controller:
@@ -115,14 +96,10 @@ class ControllerCase(FastCase):
 
         @defer.inlineCallbacks
         def go() -> Any:
-            self.bus.startService()
-            yield self.bus.when_connected()
-            yield declare_topology(self.bus)
+            yield bus_up(self.bus)
             yield self.bus.serve("attribute_store", self.store)
             if cache:
                 yield self.bus.serve("cache", self.cache)
-                yield self.bus.declare_worker_queue("cachenode")
-                yield self.bus.serve("cachenode", self.node)
             if fetcher:
                 yield self.bus.serve("fetcher", self.fetcher)
             yield events.subscribe(self.bus, ".", self.events.append)
@@ -133,12 +110,7 @@ class ControllerCase(FastCase):
         return controller
 
     def stop(self, controller: Controller) -> None:
-        @defer.inlineCallbacks
-        def go() -> Any:
-            if controller.running or controller.started:
-                yield controller.stopService()
-            yield self.bus.stopService()
-        self.wait(go())
+        self.wait(bus_down(self.bus, controller))
 
     def wait(self, d: Any) -> Any:
         return drive(self, self.clock, d, seconds=30)
@@ -155,10 +127,10 @@ class ControllerCase(FastCase):
             return e
         self.fail(f"{op} was not refused")
 
-    def get_url(self, url: str, **kwargs: Any) -> Any:
+    def route(self, **kwargs: Any) -> Any:
         kwargs.setdefault("address", "proxy.reply")
         kwargs.setdefault("request_id", "r1")
-        return self.call("get_url", url=url, **kwargs)
+        return self.call("route", **kwargs)
 
 
 
@@ -180,7 +152,7 @@ class ControllerTests(ControllerCase):
         settle(self.clock)
         self.assertEqual(self.cache.of("purge"), [{"name": "sst", "base_url": BASE}])
         self.assertEqual(self.refused("purge", name="sst").remote_type, "UnknownDataset")
-        self.assertEqual(self.refused("get_url", url=BASE + ".dds", address="a").remote_type, "Forbidden")
+        self.assertEqual(self.refused("route", url=BASE + ".dds", address="a").remote_type, "Forbidden")
         kinds = [(e["kind"], e["dataset"]) for e in self.events]
         self.assertIn(("registered", "sst"), kinds)
         self.assertIn(("purged", "sst"), kinds)
@@ -228,72 +200,9 @@ class ControllerTests(ControllerCase):
         self.assertEqual(self.call("get", name="sst")["url"], BASE)
         controller.datasets.clear()
         controller._last_reload = -1e9
-        self.assertEqual(self.get_url(BASE + ".dds")["dataset"], "sst")  # reloaded, then routed
-
-    # routing -------------------------------------------------------------------------
-
-    def test_fresh_goes_to_the_cache_node(self) -> None:
-        self.start()
-        self.call("register", name="sst", url=BASE)
-        self.cache.found = {"state": "fresh", "node": "cachenode"}
-        self.assertEqual(self.get_url(BASE + ".dds?time"), {"via": "cache", "dataset": "sst"})
-        settle(self.clock)
-        self.assertEqual(self.node.of("serve"), [{"url": BASE + ".dds?time", "method": "GET",
-                                                  "address": "proxy.reply", "request_id": "r1", "dataset": "sst"}])
-        self.assertEqual(self.fetcher.of("fetch"), [])
-        self.assertEqual(self.cache.of("lookup"), [{"url": BASE + ".dds?time", "dataset": "sst"}])
-
-    @cases("state", ["stale", "miss"])
-    def test_stale_and_miss_go_to_a_fetcher_with_the_store(self, state: str) -> None:
-        self.start()
-        self.call("register", name="sst", url=BASE)
-        validators = {"etag": '"abc"'} if state == "stale" else None
-        self.cache.found = {"state": state, "node": "cachenode", "validators": validators, "max_entry_bytes": 77}
-        self.assertEqual(self.get_url(BASE + ".das", method="HEAD"), {"via": "fetcher", "dataset": "sst"})
-        settle(self.clock)
-        self.assertEqual(self.fetcher.of("fetch"), [{
-            "url": BASE + ".das", "method": "HEAD", "address": "proxy.reply", "request_id": "r1",
-            "store": "cachenode", "validators": validators, "store_limit": 77}])
-
-    def test_a_cache_node_gone_or_a_broken_lookup_falls_back_to_a_fetcher(self) -> None:
-        self.start()
-        self.call("register", name="sst", url=BASE)
-        self.cache.found = {"state": "fresh", "node": "nobody.here"}
-        self.assertEqual(self.get_url(BASE + ".dds")["via"], "fetcher")
-        self.cache.failing = True
-        self.assertEqual(self.get_url(BASE + ".dds")["via"], "fetcher")
-        self.cache.failing, self.cache.found = False, "not a dict"
-        self.assertEqual(self.get_url(BASE + ".dds")["via"], "fetcher")
-        settle(self.clock)
-        self.assertEqual([f["store"] for f in self.fetcher.of("fetch")], [None, None, None])
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # the cache's broken lookup
-
-    def test_by_dataset_name_and_allowed_hosts(self) -> None:
-        self.start(allow_hosts=("open.example.org",))
-        self.call("register", name="sst", url=BASE)
-        self.assertEqual(self.get_url(BASE + ".dds", dataset="sst")["dataset"], "sst")
-        self.assertEqual(self.get_url("http://open.example.org/any.dds"), {"via": "fetcher", "dataset": None})
-
-    @cases("kwargs, kind", [
-        ({"url": "http://elsewhere.example.org/x.dds"}, "Forbidden"),
-        ({"url": BASE + ".dds", "method": "POST"}, "InvalidURL"),
-        ({"url": BASE + ".dds", "address": ""}, "ValueError"),
-        ({"url": "not a url"}, "InvalidURL"),
-        ({"url": BASE + ".dds", "dataset": "nope"}, "UnknownDataset"),
-    ])
-    def test_get_url_refusals(self, kwargs: Dict[str, Any], kind: str) -> None:
-        controller = self.start()
-        self.call("register", name="sst", url=BASE)
-        kwargs.setdefault("address", "proxy.reply")
-        self.assertEqual(self.refused("get_url", **kwargs).remote_type, kind)
-        self.assertEqual(controller.totals["errors"], 1)
+        self.assertEqual(self.route(url=BASE + ".dds")["dataset"], "sst")  # reloaded, then routed
 
     # route: the proxy's one call (issue 15) ------------------------------------------
-
-    def route(self, **kwargs: Any) -> Any:
-        kwargs.setdefault("address", "proxy.reply")
-        kwargs.setdefault("request_id", "r1")
-        return self.call("route", **kwargs)
 
     def test_route_by_name_is_one_post_to_the_cache(self) -> None:
         """The controller resolves the name from memory (no store read) and hands
@@ -312,13 +221,24 @@ class ControllerTests(ControllerCase):
                                                     "dataset": "sst"}])
         # the request was the test's call; the controller sent one post (and its reply)
         self.assertEqual([a for a in sent if a not in ("controller",) and not a.startswith("magnet.")], ["cache"])
-        self.assertEqual(self.cache.of("lookup"), [])
         self.assertEqual(self.fetcher.of("fetch"), [])
         self.assertEqual(controller.per_dataset["sst"]["requests"], 1)
         # no "?": no query; an empty "?" is kept
         self.assertEqual(self.route(dataset="sst", suffix=".das")["url"], BASE + ".das")
         self.assertEqual(self.route(dataset="sst", suffix=".dds", query="")["url"], BASE + ".dds?")
         self.assertEqual(self.route(url=BASE + ".dods?x")["dataset"], "sst")
+
+    def test_route_by_url_and_allowed_hosts(self) -> None:
+        """A URL (csv's request, a forward proxy's) is resolved to the dataset it is
+        under; HEAD is passed on as it is; an allowed host is routed with no dataset."""
+        self.start(allow_hosts=("open.example.org",))
+        self.call("register", name="sst", url=BASE)
+        self.assertEqual(self.route(url=BASE + ".das", method="HEAD"),
+                         {"via": "cache", "dataset": "sst", "url": BASE + ".das"})
+        self.assertEqual(self.route(url="http://open.example.org/any.dds")["dataset"], None)
+        settle(self.clock)
+        self.assertEqual([(a["url"], a["method"], a["dataset"]) for a in self.cache.of("answer")],
+                         [(BASE + ".das", "HEAD", "sst"), ("http://open.example.org/any.dds", "GET", None)])
 
     def test_route_without_a_cache_goes_to_a_fetcher_unstored(self) -> None:
         self.start(cache=False)
@@ -338,9 +258,12 @@ class ControllerTests(ControllerCase):
         ({}, "InvalidURL"),
         ({"url": "http://elsewhere.example.org/x.dds"}, "Forbidden"),
         ({"url": BASE + "/../../etc/passwd"}, "InvalidURL"),
+        ({"url": "not a url"}, "InvalidURL"),
+        ({"url": BASE + ".dds", "method": "POST"}, "InvalidURL"),
+        ({"url": BASE + ".dds", "address": ""}, "ValueError"),
     ])
     def test_route_refusals(self, kwargs: Dict[str, Any], kind: str) -> None:
-        self.start()
+        controller = self.start()
         self.call("register", name="sst", url=BASE)
         try:
             self.route(**kwargs)
@@ -349,6 +272,7 @@ class ControllerTests(ControllerCase):
         else:
             self.fail("not refused")
         self.assertEqual(self.cache.of("answer"), [])
+        self.assertEqual(controller.totals["errors"], 1)
 
     def test_route_of_a_purged_dataset_is_unknown(self) -> None:
         self.start()
@@ -358,11 +282,12 @@ class ControllerTests(ControllerCase):
             self.route(dataset="sst", suffix=".dds")
         self.assertEqual(caught.exception.remote_type, "UnknownDataset")
 
-    def test_no_fetcher_is_an_error(self) -> None:
-        controller = self.start(fetcher=False)
+    def test_no_cache_and_no_fetcher_is_an_error(self) -> None:
+        controller = self.start(cache=False, fetcher=False)
+        self.wait(self.bus.transport.delete_queue("cache"))
         self.wait(self.bus.transport.delete_queue("fetcher"))
         self.call("register", name="sst", url=BASE)
-        self.assertEqual(self.refused("get_url", url=BASE + ".dds", address="a").remote_type, "Unroutable")
+        self.assertEqual(self.refused("route", url=BASE + ".dds", address="a").remote_type, "Unroutable")
         self.assertEqual(controller.per_dataset["sst"]["errors"], 1)
         self.flushLoggedErrors(magnet.Unroutable)  # the bus logs an operation's unexpected failure
 
@@ -452,7 +377,7 @@ class ControllerTests(ControllerCase):
     def test_record_and_stats(self) -> None:
         controller = self.start()
         self.call("register", name="sst", url=BASE)
-        self.get_url(BASE + ".dds")
+        self.route(url=BASE + ".dds")
         self.call("record", dataset="sst", url=BASE + ".dds", hit=True, bytes=100, status=200)
         self.call("record", url=BASE + ".das", hit=False, bytes=5, status=502)  # dataset found by its URL
         self.call("record", url="http://elsewhere.example.org/x", bytes=True, count=3, requests=3, hit=True)

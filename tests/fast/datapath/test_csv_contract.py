@@ -16,9 +16,8 @@ from magnet.rpc import decode_reply
 
 from ooidx.datapath.csv import CSV
 from ooidx.errors import Forbidden
-from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.core.support import FastCase, cases, drive, expand, settle, threadless
+from tests.fast.core.support import FastCase, bus_down, bus_up, cases, drive, expand, settle, threadless
 from tests.fast.datapath.dods_bytes import dods
 
 URL = "http://data.example.org/opendap/sst.nc.dods?x"
@@ -33,8 +32,9 @@ class FakeController:
         self.asked: List[Dict[str, Any]] = []
 
     @operation
-    def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
-                request_id: Optional[str] = None) -> Any:
+    def route(self, url: Optional[str] = None, dataset: Optional[str] = None, suffix: str = "",
+              query: Optional[str] = None, method: str = "GET", *, address: str,
+              request_id: Optional[str] = None) -> Any:
         self.asked.append({"url": url, "dataset": dataset})
         if self.mode == "forbidden":
             raise Forbidden("not registered")
@@ -57,9 +57,7 @@ class RenderTests(FastCase):
 
         @defer.inlineCallbacks
         def go() -> Any:
-            self.bus.startService()
-            yield self.bus.when_connected()
-            yield declare_topology(self.bus)
+            yield bus_up(self.bus)
             yield self.bus.serve("controller", self.controller)
             self.listener = yield self.bus.listen(self.messages.append, on_stream=self.on_stream)
             yield csv.start()
@@ -69,11 +67,7 @@ class RenderTests(FastCase):
         return csv
 
     def stop(self, csv: CSV) -> None:
-        @defer.inlineCallbacks
-        def go() -> Any:
-            yield csv.stopService()
-            yield self.bus.stopService()
-        drive(self, self.clock, go())
+        drive(self, self.clock, bus_down(self.bus, csv))
 
     def on_stream(self, stream: Any) -> None:
         chunks: List[bytes] = []
@@ -100,7 +94,8 @@ class RenderTests(FastCase):
     def test_rendered(self) -> None:
         csv = self.start()
         self.render(dataset="sst")
-        self.assertEqual(self.controller.asked, [{"url": URL, "dataset": "sst"}])
+        # by URL only: the controller finds the dataset (route takes a url or a name, not both)
+        self.assertEqual(self.controller.asked, [{"url": URL, "dataset": None}])
         got = self.streams[0]
         self.assertEqual(got["id"], "r1")
         self.assertIn(["Content-Type", "text/csv; charset=utf-8"], got["metadata"]["headers"])

@@ -20,16 +20,16 @@ from ooidx import events
 from ooidx.datapath.cache import PURGE_FANOUT
 from ooidx.datapath.proxy import Proxy
 from ooidx.errors import Forbidden, UnknownDataset, UpstreamError
-from ooidx.node.bootstrap import declare_topology
 
-from tests.fast.core.support import FastCase, cases, drive, expand, settle
-from tests.fast.web.edge_support import Connection, FakeStore, Response, edge_reactor, request_bytes
+from tests.fast.core.support import FastCase, bus_down, bus_up, cases, drive, expand, settle
+from tests.fast.web.edge_support import Connection, Response, edge_reactor, request_bytes
+from tests.support.doubles import FakeStore
 
 UP = "http://data.example.org/opendap/sst.nc"
 
 
 class FakeController:
-    """get_url: answers at the request's address as the cache or a fetcher would."""
+    """route: answers at the request's address as the cache or a fetcher would."""
 
     def __init__(self, bus: Any) -> None:
         self.bus = bus
@@ -42,8 +42,7 @@ class FakeController:
         self.routes = 0
         self.later: List[Any] = []  # mode "later": (address, request_id), for the test to answer
 
-    @operation
-    def get_url(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
+    def _routed(self, url: str, method: str = "GET", dataset: Optional[str] = None, *, address: str,
                 request_id: Optional[str] = None) -> Any:
         self.asked.append({"url": url, "method": method, "dataset": dataset})
         if self.mode == "forbidden":
@@ -79,7 +78,7 @@ class FakeController:
             if dataset not in self.registry:
                 raise UnknownDataset(f"no dataset {dataset!r} is registered")
             url = self.registry[dataset] + suffix + ("?" + query if query is not None else "")
-        return self.get_url(url, method, dataset, address=address, request_id=request_id)
+        return self._routed(url, method, dataset, address=address, request_id=request_id)
 
     @operation
     def record(self, **kwargs: Any) -> None:
@@ -114,9 +113,7 @@ class ProxyTests(FastCase):
 
         @defer.inlineCallbacks
         def go() -> Any:
-            self.bus.startService()
-            yield self.bus.when_connected()
-            yield declare_topology(self.bus)
+            yield bus_up(self.bus)
             yield self.bus.serve("attribute_store", self.store)
             yield self.bus.serve("csv", self.csv)
             if controller:
@@ -132,12 +129,7 @@ class ProxyTests(FastCase):
         return proxy
 
     def stop(self) -> None:
-        @defer.inlineCallbacks
-        def go() -> Any:
-            if self.proxy.running or self.proxy.started:
-                yield self.proxy.stopService()
-            yield self.bus.stopService()
-        drive(self, self.clock, go())
+        drive(self, self.clock, bus_down(self.bus, self.proxy))
 
     def open(self, target: str, method: str = "GET", peer: str = "127.0.0.1") -> Connection:
         connection = Connection(self.site, peer=peer)

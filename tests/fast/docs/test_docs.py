@@ -265,7 +265,7 @@ class LinksAndPathsTests(SynchronousTestCase):
         self.assertEqual(slug("TLS to the broker: `amqps://`"), "tls-to-the-broker-amqps")
         self.assertEqual(slug("Hot answers held at the proxy (issue 8)"), "hot-answers-held-at-the-proxy-issue-8")
         self.assertEqual(slug("How `twistd` finds `ooidx`"), "how-twistd-finds-ooidx")
-        self.assertEqual(slug("get_url: proxy -> controller"), "get_url-proxy---controller")
+        self.assertEqual(slug("route: proxy -> controller"), "route-proxy---controller")
 
 
 class InsideTheRepositoryTests(SynchronousTestCase):

@@ -10,51 +10,30 @@ naming the alarm.
 from __future__ import annotations
 
 import struct
-from typing import Tuple
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from magnet import Blocked, Message, NotConfirmed, NotConnected
-from magnet.amqp import CLIENT_PROPERTIES, AMQPTransport, _AMQPProtocol, _PublishChannel
+from magnet.amqp import CLIENT_PROPERTIES
 from magnet.errors import BadFrame
 
+from tests.support.amqp_link import frame, linked
 
-def _frame(ftype: int, channel: int, payload: bytes) -> bytes:
-    return struct.pack(">BHI", ftype, channel, len(payload)) + payload + b"\xce"
-
-
-BLOCKED = _frame(1, 0, struct.pack(">HHB", 10, 60, 13) + b"low on memory")
-UNBLOCKED = _frame(1, 0, struct.pack(">HH", 10, 61))
+BLOCKED = frame(0, struct.pack(">HHB", 10, 60, 13) + b"low on memory")
+UNBLOCKED = frame(0, struct.pack(">HH", 10, 61))
 
 
 def _ack(tag: int) -> bytes:
-    return _frame(1, 1, struct.pack(">HHQB", 60, 80, tag, 0))
-
-
-def _linked(clock: Clock, operation_timeout: float = 5.0) -> Tuple[AMQPTransport, _AMQPProtocol, StringTransport]:
-    """A transport whose link is up (a protocol over a StringTransport, publishing on channel 1)."""
-    transport = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=clock, operation_timeout=operation_timeout)
-    proto = _AMQPProtocol(transport, transport.urls[0], transport.spec, clock, 0)
-    wire = StringTransport()
-    proto.makeConnection(wire)
-    wire.clear()
-    proto.frame_max = 131072
-    publisher = _PublishChannel(proto, 1)
-    proto.fast[1] = publisher
-    transport._protocol = proto
-    transport._publisher = publisher
-    transport.connected = True
-    return transport, proto, wire
+    return frame(1, struct.pack(">HHQB", 60, 80, tag, 0))
 
 
 class BlockedTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.transport, self.proto, self.wire = _linked(self.clock)
+        self.transport, self.proto, self.wire = linked(self.clock, operation_timeout=5.0)
 
     def test_the_capability_is_advertised(self) -> None:
         self.assertIs(CLIENT_PROPERTIES["capabilities"]["connection.blocked"], True)
@@ -67,7 +46,7 @@ class BlockedTests(SynchronousTestCase):
         self.assertFalse(self.wire.disconnecting)
 
     def test_a_blocked_frame_whose_reason_runs_past_its_end_drops_the_link(self) -> None:
-        self.proto.dataReceived(_frame(1, 0, struct.pack(">HHB", 10, 60, 40) + b"low") + b"\x00" * 40)
+        self.proto.dataReceived(frame(0, struct.pack(">HHB", 10, 60, 40) + b"low") + b"\x00" * 40)
         self.assertTrue(self.wire.disconnecting)
         self.assertIsNone(self.proto.blocked)
         self.assertEqual(len(self.flushLoggedErrors(BadFrame)), 1)  # logged: "bad data from broker"
@@ -129,7 +108,7 @@ class BlockListenerTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.transport, self.proto, self.wire = _linked(self.clock)
+        self.transport, self.proto, self.wire = linked(self.clock, operation_timeout=5.0)
         self.told: list = []
         self.transport.add_block_listener(self.told.append)
 

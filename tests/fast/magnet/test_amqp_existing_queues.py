@@ -9,13 +9,14 @@ from typing import Any, List
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from txamqp.client import Closed
 
-from magnet.amqp import AMQPTransport, _AMQPProtocol
+from magnet.amqp import AMQPTransport
 from magnet.amqp.protocol import ChannelError
+
 from tests.fast.magnet.test_amqp_liveness import FakeControlChannel, not_found
+from tests.support.amqp_link import URL, link
 
 
 def refused(code: int, text: str) -> Closed:
@@ -25,11 +26,8 @@ def refused(code: int, text: str) -> Closed:
 class ExistingQueuesTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.transport = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=self.clock, heartbeat=0)
-        self.proto = _AMQPProtocol(self.transport, self.transport.urls[0], self.transport.spec, self.clock, 0)
-        self.proto.makeConnection(StringTransport())
-        self.transport._protocol = self.proto
-        self.transport.connected = True
+        self.transport = AMQPTransport(URL, reactor=self.clock, heartbeat=0)
+        self.proto, _ = link(self.transport, self.clock)
         self.control = FakeControlChannel()
         self.drop_link: List[bool] = []
         self.transport._control_call = self._control_call  # type: ignore[method-assign]

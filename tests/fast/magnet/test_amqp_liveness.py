@@ -15,12 +15,13 @@ from typing import Any, List, Tuple
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from txamqp.client import Closed
 
-from magnet.amqp import AMQPConsumer, AMQPTransport, _AMQPProtocol, _ConsumerChannel
+from magnet.amqp import AMQPConsumer, AMQPTransport, _ConsumerChannel
 from magnet.observer import BusObserver
+
+from tests.support.amqp_link import URL, link
 
 
 class Observer(BusObserver):
@@ -54,12 +55,8 @@ class LivenessTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.observer = Observer()
-        self.transport = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=self.clock,
-                                       heartbeat=self.INTERVAL, observer=self.observer)
-        self.proto = _AMQPProtocol(self.transport, self.transport.urls[0], self.transport.spec, self.clock, 0)
-        self.proto.makeConnection(StringTransport())
-        self.transport._protocol = self.proto
-        self.transport.connected = True
+        self.transport = AMQPTransport(URL, reactor=self.clock, heartbeat=self.INTERVAL, observer=self.observer)
+        self.proto, _ = link(self.transport, self.clock)
         self.control = FakeControlChannel()
         self.drop_link: List[bool] = []
         self.transport._control_call = self._control_call  # type: ignore[method-assign]
@@ -261,10 +258,8 @@ class LivenessTests(SynchronousTestCase):
 class UnansweredCheckTests(SynchronousTestCase):
     def test_an_unanswered_check_gives_up_its_channel_not_the_link(self) -> None:
         clock = Clock()
-        transport = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=clock, operation_timeout=5)
-        proto = _AMQPProtocol(transport, transport.urls[0], transport.spec, clock, 0)
-        tcp = StringTransport()
-        proto.makeConnection(tcp)
+        transport = AMQPTransport(URL, reactor=clock, operation_timeout=5)
+        proto, tcp = link(transport, clock)
         control = FakeControlChannel()
         control.closed, control.client = False, proto  # type: ignore[attr-defined]
         transport._control = control

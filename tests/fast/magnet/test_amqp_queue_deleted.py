@@ -12,26 +12,22 @@ from typing import Any, List
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from magnet.amqp import AMQPConsumer, AMQPTransport, _AMQPProtocol, _ConsumerChannel
+from magnet.amqp import AMQPConsumer, AMQPTransport, _ConsumerChannel
+
+from tests.support.amqp_link import URL, frame, link
 
 
 def _cancel_frame(channel: int, tag: bytes) -> bytes:
-    payload = struct.pack(">HH", 60, 30) + bytes([len(tag)]) + tag + b"\x00"
-    return struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce"
+    return frame(channel, struct.pack(">HH", 60, 30) + bytes([len(tag)]) + tag + b"\x00")
 
 
 class QueueDeletedTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.transport = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=self.clock)
-        self.proto = _AMQPProtocol(self.transport, self.transport.urls[0], self.transport.spec, self.clock, 0)
-        self.proto.makeConnection(StringTransport())
-        self.proto.frame_max = 131072
-        self.transport._protocol = self.proto
-        self.transport.connected = True
+        self.transport = AMQPTransport(URL, reactor=self.clock)
+        self.proto, _ = link(self.transport, self.clock)
         self.passes: List[Deferred] = []
         self.resumed: List[str] = []
         self.transport._replay_topology = self._replay  # type: ignore[method-assign]

@@ -18,63 +18,29 @@ of 11 closes; with only the opening of a channel bounded, 33-35 s: 3 of 12).
 from __future__ import annotations
 
 import struct
-from typing import Tuple
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from magnet import NotConnected
-from magnet.amqp import AMQPTransport, _AMQPProtocol, _PublishChannel
 
-
-def _frame(channel: int, payload: bytes) -> bytes:
-    return struct.pack(">BHI", 1, channel, len(payload)) + payload + b"\xce"
+from tests.support.amqp_link import frame, link, linked
 
 
 def _connection_close(code: int, text: bytes) -> bytes:
-    return _frame(0, struct.pack(">HHH", 10, 50, code) + bytes([len(text)]) + text + struct.pack(">HH", 0, 0))
+    return frame(0, struct.pack(">HHH", 10, 50, code) + bytes([len(text)]) + text + struct.pack(">HH", 0, 0))
 
 
 def _channel_open_ok(channel: int) -> bytes:
-    return _frame(channel, struct.pack(">HHI", 20, 11, 0))
-
-
-def _linked(clock: Clock) -> Tuple[AMQPTransport, _AMQPProtocol, StringTransport]:
-    """A transport whose link is up (publishing on channel 1); it does not reconnect (not running)."""
-    transport = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=clock, operation_timeout=30.0)
-    proto = _AMQPProtocol(transport, transport.urls[0], transport.spec, clock, 0)
-    wire = StringTransport()
-    proto.makeConnection(wire)
-    wire.clear()
-    proto.frame_max = 131072
-    publisher = _PublishChannel(proto, 1)
-    proto.fast[1] = publisher
-    proto._next_channel = 1
-    transport._protocol = proto
-    transport._publisher = publisher
-    transport.connected = True
-    return transport, proto, wire
-
-
-def _relinked(transport: AMQPTransport, clock: Clock) -> Tuple[AMQPTransport, _AMQPProtocol, StringTransport]:
-    """The next link of C{transport}, up."""
-    proto = _AMQPProtocol(transport, transport.urls[0], transport.spec, clock, 0)
-    wire = StringTransport()
-    proto.makeConnection(wire)
-    wire.clear()
-    proto.frame_max = 131072
-    transport._protocol = proto
-    transport.connected = True
-    return transport, proto, wire
+    return frame(channel, struct.pack(">HHI", 20, 11, 0))
 
 
 class DeclarationsLockTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.transport, self.proto, self.wire = _linked(self.clock)
+        self.transport, self.proto, self.wire = linked(self.clock, operation_timeout=30.0)
 
     def test_a_channel_made_after_the_brokers_close_does_not_hold_the_lock(self) -> None:
         # txAMQP's channel lock is busy (a channel being made) when the broker's connection.close
@@ -102,7 +68,7 @@ class DeclarationsLockTests(SynchronousTestCase):
         self.proto.channelLock.release()
         self.proto.connectionLost(Failure(ConnectionDone()))
         # the next link's first declaration (its topology replay) gets the lock within the same turn
-        _, new_proto, new_wire = _relinked(self.transport, self.clock)
+        new_proto, new_wire = link(self.transport, self.clock)
         d = self.transport._declare_queue_on(new_proto, "fetcher", {"durable": True, "exclusive": False,
                                                                      "auto_delete": False, "arguments": {}})
         self.clock.advance(0)
@@ -138,7 +104,7 @@ class CloseReentryTests(SynchronousTestCase):
 
     def test_a_declaration_run_while_the_broker_closes_the_connection_frees_the_lock(self) -> None:
         clock = Clock()
-        transport, proto, wire = _linked(clock)
+        transport, proto, wire = linked(clock, operation_timeout=30.0)
         first = transport.declare_queue("magnet.listen.n.1")
         proto.dataReceived(_channel_open_ok(2))  # the declarations channel: queue.declare sent, no answer yet
         second = transport.delete_queue("magnet.listen.n.2")  # queued behind it

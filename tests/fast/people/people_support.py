@@ -15,7 +15,8 @@ from ooidx.dissemination.notification import Notification
 from ooidx.people.user_notification import UserNotification
 from ooidx.people.user_pub_sub import UserPubSub
 
-from tests.fast.web.edge_support import TOKEN, Connection, Edge, FakePubSub, FakeStore, Response, sse_events
+from tests.fast.web.edge_support import TOKEN, Connection, Edge, Response, sse_events
+from tests.support.doubles import FakePubSub, FakeStore
 
 #: Names the fake resolver knows: a public address, and one that is loopback.
 ADDRESSES = {"hooks.example": ["93.184.216.34"], "localhost": ["127.0.0.1"], "sneaky.example": ["10.0.0.1"],

@@ -9,13 +9,12 @@ until a whole response is back, so every layer the real port has
 (TrackingSite's host check, the body-limiting request, HTTPChannel's parsing,
 chunked encoding) is in the test; nothing listens, nothing sleeps.
 
-L{FakeStore}, L{FakePubSub}: the attribute store's and pub_sub's operations
-in memory, served on the bus by the tests that need them.
+The attribute store's and pub_sub's operations in memory (C{FakeStore},
+C{FakePubSub}) are in tests/support/doubles.py.
 """
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -27,7 +26,6 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 import magnet
-from magnet import operation
 
 from ooidx.node.bootstrap import declare_topology
 from ooidx.web.app import Web
@@ -139,54 +137,6 @@ def request_bytes(method: str, path: str, body: Optional[bytes], headers: Dict[s
     if body is not None and not any(n.lower() in ("content-length", "transfer-encoding") for n in headers):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
-
-
-class FakeStore:
-    """The attribute store's four operations, in memory (JSON-copied values)."""
-
-    def __init__(self) -> None:
-        self.data: Dict[str, Any] = {}
-
-    @operation
-    def get(self, key: str) -> Any:
-        return self.data[key]
-
-    @operation
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = json.loads(json.dumps(value))
-
-    @operation
-    def query(self, regex: str) -> Dict[str, Any]:
-        return {k: v for k, v in self.data.items() if re.search(regex, k)}
-
-    @operation
-    def delete(self, key: str) -> bool:
-        return self.data.pop(key, None) is not None
-
-
-class FakePubSub:
-    """pub_sub's subscribe/unsubscribe: a durable address per name."""
-
-    def __init__(self, bus: Any) -> None:
-        self.bus = bus
-        self.subscriptions: Dict[str, str] = {}
-
-    @operation
-    @defer.inlineCallbacks
-    def subscribe(self, regex: str, name: str) -> Any:
-        if regex == "(":
-            raise magnet.RemoteError("InvalidRegex", "missing )")
-        address = f"pubsub.sub.{name}"
-        yield self.bus.transport.declare_queue(address, durable=True)
-        self.subscriptions[name] = regex
-        return {"name": name, "regex": regex, "address": address}
-
-    @operation
-    @defer.inlineCallbacks
-    def unsubscribe(self, name: str) -> Any:
-        self.subscriptions.pop(name, None)
-        yield self.bus.transport.delete_queue(f"pubsub.sub.{name}")
-        return True
 
 
 class Edge:

@@ -10,12 +10,11 @@ import json
 from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Tuple
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError
 from twisted.logger import LogLevel
 
 import magnet
-from magnet import operation
 
 from ooidx.component import Component
 from ooidx.web import app
@@ -23,29 +22,7 @@ from ooidx.web.app import Web, callable_services, ping_components
 
 from tests.fast.core.support import FastCase, LogEvents, cases, expand
 from tests.fast.web.edge_support import TOKEN, Edge, parse_response, request_bytes
-
-
-class Store:
-    """Served on the attribute_store queue: every way a call can end."""
-
-    def __init__(self, clock: Any) -> None:
-        self.clock = clock
-
-    @operation
-    def get(self, key: str) -> Any:
-        return {"a": 1}[key]
-
-    @operation
-    def echo(self, **kwargs: Any) -> Any:
-        return kwargs
-
-    @operation
-    def raw(self) -> bytes:
-        return b"\x00\x01binary\xff"
-
-    @operation
-    def slow(self) -> defer.Deferred:
-        return task.deferLater(self.clock, 5, lambda: "late")
+from tests.support.doubles import CallTarget
 
 
 class Daemon:
@@ -89,7 +66,7 @@ class Case(FastCase):
         options.setdefault("metrics", metrics_of(self.seen))
         edge = Edge(self, **options)
         self.fetcher = Component("fetcher", edge.bus, node="n", clock=edge.clock)
-        return edge.start(self.fetcher, served={"attribute_store": Store(edge.clock)})
+        return edge.start(self.fetcher, served={"attribute_store": CallTarget(edge.clock)})
 
     def call(self, edge: Edge, service: str, op: str, body: Any = None, **options: Any) -> Tuple[int, Any]:
         response = edge.request("POST", f"/api/call/{service}/{op}", body if body is not None else {}, **options)

@@ -17,12 +17,13 @@ from twisted.internet import defer
 import magnet
 from magnet import operation
 
-from ooidx.errors import Forbidden, InvalidRegex, UnknownDataset, UpstreamError
+from ooidx.errors import Forbidden, UnknownDataset, UpstreamError
 from ooidx.web import page
 from ooidx.web.page import STATIC_FILES, ManagementPage, check_refresh
 
 from tests.fast.core.support import FastCase, cases, expand
 from tests.fast.web.edge_support import TOKEN, Edge
+from tests.support.doubles import FakeNotificationApi, PubSubListing
 
 BASE = "http://data.example.org/opendap/sst.nc"
 
@@ -68,26 +69,6 @@ class FakeController:
     @operation
     def get_stats(self) -> Dict[str, Any]:
         return {"requests": 3, "hits": 1, "since": 1.0}
-
-
-class FakePubSub:
-    @operation
-    def list(self) -> List[Dict[str, Any]]:
-        return [{"name": "persister", "regex": "^dataset\\.", "address": "pubsub.sub.persister"},
-                {"name": "user.ann.0123456789ab", "regex": "^dataset\\.secret-project",
-                 "address": "pubsub.sub.user.ann.0123456789ab"}]
-
-
-class FakeNotificationApi:
-    def __init__(self) -> None:
-        self.asked: List[Dict[str, Any]] = []
-
-    @operation
-    def recent(self, regex: Optional[str] = None, limit: int = 100) -> List[Dict[str, Any]]:
-        self.asked.append({"regex": regex, "limit": limit})
-        if regex == "(":
-            raise InvalidRegex("missing ): (")
-        return [{"topic": "event.registered.sst", "kind": "registered", "dataset": "sst", "time": 1.0}][:limit]
 
 
 class FakePeople:
@@ -349,7 +330,7 @@ class StatsAndEventsTests(Case):
         self.assertIn("People's subscriptions are not available on this node", r.error()[1])
 
     def test_subscriptions_when_served(self) -> None:
-        edge = self.edge(served={"pub_sub": FakePubSub(), "user_pub_sub": FakePeople("datasets", [ANN])})
+        edge = self.edge(served={"pub_sub": PubSubListing(), "user_pub_sub": FakePeople("datasets", [ANN])})
         r = edge.request("GET", "/api/pub_sub/subscriptions")
         self.assertEqual((r.status, r.json()["subscriptions"][0]["name"]), (200, "persister"))
         r = edge.request("GET", "/api/user_subscriptions")
@@ -378,7 +359,7 @@ class StatsAndEventsTests(Case):
     def test_peoples_pub_sub_subscriptions_only_with_the_token(self) -> None:
         """The attack: anyone reads GET /api/pub_sub/subscriptions and learns every
         person's name and regex (their pub_sub subscriptions are user.PERSON.ID)."""
-        edge = self.edge(served={"pub_sub": FakePubSub()})
+        edge = self.edge(served={"pub_sub": PubSubListing()})
         r = edge.request("GET", "/api/pub_sub/subscriptions", token=None)
         text = json.dumps(r.json())
         self.assertEqual(r.status, 200)
