@@ -108,8 +108,8 @@ class Transport(Protocol):
         broker keeps itself, reconciled by their owner)."""
 
     def unbind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
-        """Remove a binding and forget it. No error when it was not there (as
-        RabbitMQ); NOT_FOUND when the queue or the exchange does not exist."""
+        """Remove a binding and forget it. No error when it was not there, even
+        when the queue or the exchange does not exist (as RabbitMQ answers)."""
 
     def bind_exchange(self, destination: str, source: str, routing_key: str = "", *,
                       remember: bool = True) -> Deferred:
@@ -119,7 +119,8 @@ class Transport(Protocol):
         Remembered for replay unless not C{remember}."""
 
     def unbind_exchange(self, destination: str, source: str, routing_key: str = "") -> Deferred:
-        """Remove an exchange-to-exchange binding and forget it; no error when it was not there."""
+        """Remove an exchange-to-exchange binding and forget it; no error when it was not
+        there, even when an exchange does not exist (as RabbitMQ answers)."""
 
     def delete_queue(self, name: str) -> Deferred:
         """Delete a queue and forget it (no replay)."""

@@ -306,8 +306,8 @@ class AMQPTransport(Publishing):
         return d.addCallback(done)
 
     def unbind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
-        """Remove a binding (and forget it): no error if there was none, as RabbitMQ
-        answers; NOT_FOUND if the queue or the exchange does not exist."""
+        """Remove a binding (and forget it): no error if there was none, even when the
+        queue or the exchange does not exist, as RabbitMQ answers."""
         self._topology.pop(("bind", queue, exchange, routing_key), None)
         return self._operation(f"unbind queue {queue!r} from {exchange!r}", lambda p: self._control_call(
             p, lambda ch: ch.queue_unbind(queue=queue, exchange=exchange, routing_key=routing_key)))
@@ -327,7 +327,8 @@ class AMQPTransport(Publishing):
         return d.addCallback(done)
 
     def unbind_exchange(self, destination: str, source: str, routing_key: str = "") -> Deferred:
-        """Remove an exchange-to-exchange binding (and forget it); no error if there was none."""
+        """Remove an exchange-to-exchange binding (and forget it); no error if there was none
+        (even when an exchange does not exist)."""
         self._topology.pop(("xbind", destination, source, routing_key), None)
         return self._operation(f"unbind exchange {destination!r} from {source!r}", lambda p: self._control_call(
             p, lambda ch: ch.exchange_unbind(destination=destination, source=source, routing_key=routing_key)))
