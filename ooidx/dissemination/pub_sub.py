@@ -587,7 +587,12 @@ class PubSub(Component):
                 name = address[len(ADDRESS_PREFIX):]
                 record = self.records.get(name)
                 if record is not None:
-                    self._logged(self._sync_bindings(address, None, record["regex"]), f"binding {address}")
+                    try:  # before this publication goes out, so that it reaches them too
+                        yield self._sync_bindings(address, None, record["regex"])
+                    except Exception as e:
+                        self.log.warn("{component}: could not bind {address} again ({error}); the next "
+                                      "publication tries again", component=self.name, address=address, error=e)
+                        self._missing.add(address)
         if gone:
             self._missing.update(gone)
             self._gone(gone, out)
