@@ -493,7 +493,9 @@ class PubSub(Component):
         if old != record:
             yield self.bus.call(self.store, "set", key=key, value=record, timeout=self.store_timeout)
         # bound to every known topic it matches before the answer: from then on it gets them all
-        yield self._apply(name, record)
+        # (again when nothing changed: a subscriber subscribing at its start repairs its bindings)
+        binding = self._apply(name, record)
+        yield binding if binding is not None else self._sync_bindings(address, None, regex)
         yield self._announce(name)
         self.log.info("{component}: subscription {name} -> {address} for {regex!r}", component=self.name,
                       name=name, address=address, regex=regex)

@@ -255,3 +255,17 @@ class BindingTests(ClockCase):
             await publisher.publish("x", {"big": "y" * (1 << 20)})
         with self.assertRaises(ValueError):
             Node(self.clock, node.url, self.shared_tmp(), store=False, pubsub_options={"max_topics": 0})
+
+    @on_clock
+    async def test_subscribing_again_unchanged_binds_again(self) -> None:
+        node = await self.node()
+        sub = await node.call("subscribe", regex="x", name="s")
+        await node.call("publish", topic="x", message=0)
+        # deleted and made again unnoticed (no publication in between): its bindings are gone
+        await node.bus.transport.delete_queue(sub["address"])
+        inbox = await consume(node.bus, sub["address"])
+        assert bound_addresses(node, "x") == set()
+        await node.call("subscribe", regex="x", name="s")  # the subscriber's start
+        assert bound_addresses(node, "x") == {sub["address"]}
+        assert (await Publisher(node.bus).publish("x", 1))["via"] == "exchange"
+        await self.advance_until(lambda: len(inbox.messages) == 1)
