@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from magnet import Bus, Unroutable
@@ -71,25 +71,40 @@ class Publisher:
             else:
                 d.callback(None)
 
-    @inlineCallbacks
-    def publish(self, topic: str, message: Any = None) -> Any:
+    def publish(self, topic: str, message: Any = None) -> Deferred:
         """Deliver C{message} under C{topic} to every matching subscription;
         fires once the broker (or pub_sub's queue) has it, with C{{"topic", "via"}}.
         L{ooidx.dissemination.pub_sub.InvalidTopic} / C{MessageTooLarge} for
-        bad input; the bus's errors (L{magnet.Timeout}, ...) when not confirmed."""
-        check_topic(topic)
-        out = publication(topic, message)
-        if bindable(topic):
-            if not self._ready:
-                yield self._declare()
-            try:
-                yield self.bus.send_to(TOPICS, topic, out, mandatory=True, timeout=self.timeout)
-            except Unroutable:
-                pass  # returned whole: delivered nowhere
-            else:
-                self.counts["exchange"] += 1
-                return {"topic": topic, "via": "exchange"}
-        yield self.bus.post(self.service, "publish", topic=topic, message=message)
+        bad input; the bus's errors (L{magnet.Timeout}, ...) when not confirmed.
+        (Plain callbacks, not inlineCallbacks: it is on every publication's path.)"""
+        try:
+            check_topic(topic)
+            out = publication(topic, message)
+        except Exception:
+            return fail()
+        if not bindable(topic):
+            return self._post(topic, message)
+        if not self._ready:
+            return self._declare().addCallback(lambda _: self._one_hop(topic, message, out))
+        return self._one_hop(topic, message, out)
+
+    def _one_hop(self, topic: str, message: Any, out: Any) -> Deferred:
+        d = self.bus.send_to(TOPICS, topic, out, mandatory=True, timeout=self.timeout)
+        return d.addCallbacks(self._sent, self._returned, callbackArgs=(topic,), errbackArgs=(topic, message))
+
+    def _sent(self, _: Any, topic: str) -> Dict[str, str]:
+        self.counts["exchange"] += 1
+        return {"topic": topic, "via": "exchange"}
+
+    def _returned(self, failure: Failure, topic: str, message: Any) -> Any:
+        failure.trap(Unroutable)  # returned whole: delivered nowhere; anything else is the caller's
+        return self._post(topic, message)
+
+    def _post(self, topic: str, message: Any) -> Deferred:
+        d = self.bus.post(self.service, "publish", topic=topic, message=message)
+        return d.addCallback(self._posted, topic)
+
+    def _posted(self, _: Any, topic: str) -> Dict[str, str]:
         self.counts["pub_sub"] += 1
         return {"topic": topic, "via": "pub_sub"}
 
