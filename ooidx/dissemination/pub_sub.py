@@ -68,6 +68,9 @@ MAX_TOPICS = 10_000
 #: A routing key is an AMQP short string: a longer topic is never bound
 #: (its publications always go through pub_sub, in one multicast).
 MAX_ROUTING_KEY_BYTES = 255
+#: Above this many (subscription, topic) pairs to look at, a reload binds
+#: changed subscriptions with one Router pass per topic instead.
+RECONCILE_PER_SUBSCRIPTION = 200_000
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 MAX_TOPIC_BYTES = 1024
 MAX_MESSAGE_BYTES = 1 << 20
@@ -264,11 +267,18 @@ class PubSub(Component):
                 records[name] = self.records[name]
         before, self.records = self.records, records
         self.router.replace({name: r["regex"] for name, r in records.items()})
-        for name, record in records.items():
-            old = before.get(name)
-            if old is None or old["regex"] != record["regex"]:  # changed while this instance did not hear
-                self._logged(self._sync_bindings(record["address"], old and old["regex"], record["regex"]),
-                             f"binding subscription {name}")
+        # new or changed while this instance did not hear (at start: all of them, which repairs what a
+        # stopped instance left half done): bound to the known topics they match
+        changed = [name for name, record in records.items()
+                   if name not in before or before[name]["regex"] != record["regex"]]
+        if changed and self.bindings and self.topics:
+            if len(changed) * len(self.topics) <= RECONCILE_PER_SUBSCRIPTION:
+                for name in changed:
+                    old = before.get(name)
+                    self._logged(self._sync_bindings(records[name]["address"], old and old["regex"],
+                                                     records[name]["regex"]), f"binding subscription {name}")
+            else:  # one RE2 Set pass per topic rather than every topic through every regex
+                self._logged(self._bind_all(set(changed)), f"binding {len(changed)} subscription(s)")
         first = not self._is_loaded
         self._is_loaded = True
         if first:
@@ -381,6 +391,28 @@ class PubSub(Component):
                 yield transport.bind_queue(address, exchange, "", remember=False)
             elif before is not None and before(topic):
                 yield transport.unbind_queue(address, topic_exchange(topic), "")
+        return None
+
+    @inlineCallbacks
+    def _bind_all(self, names: Set[str]) -> Any:
+        """Bind the addresses of the subscriptions C{names} to every known topic they match."""
+        failed = 0
+        transport = self.bus.transport
+        for topic in list(self.topics):
+            addresses = sorted({self.records[n]["address"] for n in self.router.match(topic)
+                                if n in names and n in self.records})
+            if not addresses:
+                continue
+            exchange = topic_exchange(topic)
+            try:
+                yield transport.declare_exchange(exchange, "fanout", durable=True)
+                for address in addresses:
+                    yield transport.bind_queue(address, exchange, "", remember=False)
+            except Exception as e:  # a queue gone meanwhile: the others are still bound
+                failed += 1
+                if failed <= 3:
+                    self.log.warn("{component}: binding topic {topic!r}: {error}", component=self.name,
+                                  topic=topic, error=e)
         return None
 
     def _ensure(self, topic: str) -> Deferred:

@@ -269,3 +269,23 @@ class BindingTests(ClockCase):
         assert bound_addresses(node, "x") == {sub["address"]}
         assert (await Publisher(node.bus).publish("x", 1))["via"] == "exchange"
         await self.advance_until(lambda: len(inbox.messages) == 1)
+
+    @on_clock
+    async def test_a_start_binds_what_a_stopped_instance_left_unbound(self) -> None:
+        from ooidx.dissemination import pub_sub as module
+
+        node = await self.node()
+        subs = [await node.call("subscribe", regex=regex, name=f"s{i}")
+                for i, regex in enumerate(["^a", "^b", "."])]
+        for topic in ("a1", "b1", "c1"):
+            await node.call("publish", topic=topic, message=0)
+        for s in subs:  # bindings lost behind pub_sub's back
+            for topic in ("a1", "b1", "c1"):
+                await node.bus.transport.unbind_queue(s["address"], topic_exchange(topic), "")
+        self.patch(module, "RECONCILE_PER_SUBSCRIPTION", 1)  # the Router pass per topic
+        await node.restart_pubsub()
+        await node.pubsub.loaded()
+        await self.advance(0.1)
+        assert bound_addresses(node, "a1") == {subs[0]["address"], subs[2]["address"]}
+        assert bound_addresses(node, "b1") == {subs[1]["address"], subs[2]["address"]}
+        assert bound_addresses(node, "c1") == {subs[2]["address"]}
