@@ -27,22 +27,30 @@ Rows:
        and worst operation of the whole run, compactions included.
        Since a compile holds the GIL, an operation's time is how long it
        stalls the reactor.
-  5-7. end to end over RabbitMQ: events per second from C{publish} (posted to
-       pub_sub) to delivery at 1, 10 and 100 subscriber addresses, pub_sub
-       delivering each in one multicast (the subject: magnet's
-       C{Bus.multicast}, one publish with the other addresses in C{BCC}),
-       against a plain magnet fanout of the same (persistent) publications
-       to as many subscribers (the baseline): durable addresses, as
-       pub_sub's, bound to the fanout. At most 100 events outstanding.
-       Unit: deliveries per second (events x subscribers), as the magnet
-       group's fanout row.
-  8.   row 6 against the fanout the distributor was measured against: each
+  5-7. end to end over RabbitMQ, C{publish} posted to pub_sub: events per
+       second from the post to delivery at 1, 10 and 100 subscriber
+       addresses. pub_sub binds the topic on its first publication
+       (C{pubsub.topics} -> the topic's fanout -> every matching address),
+       then publishes each to C{pubsub.topics}: one publish reaching every
+       address. Every publication still goes through pub_sub's worker queue
+       first (a persistent post, its delivery and ack). Baseline: a plain
+       magnet fanout of the same (persistent) publications to as many
+       subscribers, durable addresses as pub_sub's bound to it. At most 100
+       events outstanding. Unit: deliveries per second (events x
+       subscribers), as the magnet group's fanout row.
+  8-10. the same publications from the one-hop publisher
+       (L{ooidx.dissemination.publisher.Publisher}, on a bus of its own):
+       straight to C{pubsub.topics}, persistent, mandatory, confirmed; its
+       first publication is returned (the topic not bound yet) and posted
+       to pub_sub, which binds the topic (during the warm-up). The same
+       baseline.
+  11.  row 6 against the fanout the distributor was measured against: each
        subscriber its own exclusive, non-durable queue (C{bus.subscribe}),
        where the broker keeps nothing on disk.
-  9.   magnet's C{Bus.multicast} alone (no pub_sub in front: the publisher
+  12.  magnet's C{Bus.multicast} alone (no pub_sub in front: the publisher
        multicasts the publication itself) to 10 durable addresses, against
-       the fanout of row 6: what the one-publish delivery costs, apart from
-       the hop through pub_sub's queue.
+       the fanout of row 6: what the one-publish delivery with C{BCC} costs
+       (pub_sub's path for a topic it cannot bind).
 
 Everything runs in this one process (one reactor): publisher, pub_sub, the
 attribute store (SQLite in a temporary directory) and the

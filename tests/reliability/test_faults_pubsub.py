@@ -2,8 +2,10 @@
 real `twistd -n ooidx` daemon (attribute_store, pub_sub) on a private
 RabbitMQ node.
 
-pub_sub delivers each publication to its subscribers in one multicast
-(magnet's Bus.multicast: one publish, the other addresses in BCC). RabbitMQ
+pub_sub delivers each publication to its subscribers in one publish: to the
+`pubsub.topics` exchange, through the topic's fanout bound to every matching
+address (before it bound the topic, and for a topic it cannot bind, in one
+multicast: magnet's Bus.multicast, the other addresses in BCC). RabbitMQ
 returns such a publish only when it reached no queue at all, so a deleted
 queue among five is never returned: the bus's address book notices it at
 its next check (within `address_recheck`, 10 s). What must hold:
