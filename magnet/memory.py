@@ -478,7 +478,8 @@ class MemoryTransport:
                       auto_delete: bool = False, arguments: Optional[Mapping[str, Any]] = None) -> Deferred:
         return self._do(lambda: self.broker.declare_queue(name, self, durable, exclusive, auto_delete, arguments or {}))
 
-    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> Deferred:
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True,
+                         remember: bool = True) -> Deferred:
         return self._do(lambda: self.broker.declare_exchange(name, kind))
 
     def bind_queue(self, queue: str, exchange: str, routing_key: str = "", *, remember: bool = True) -> Deferred:

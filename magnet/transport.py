@@ -100,8 +100,9 @@ class Transport(Protocol):
     ) -> Deferred:
         """Fires with None once the queue exists. Remembered for replay."""
 
-    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> Deferred:
-        """C{kind} is 'fanout' or 'direct'. Remembered for replay."""
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True,
+                         remember: bool = True) -> Deferred:
+        """C{kind} is 'fanout' or 'direct'. Remembered for replay, unless not C{remember}."""
 
     def bind_queue(self, queue: str, exchange: str, routing_key: str = "", *, remember: bool = True) -> Deferred:
         """Remembered for replay, unless not C{remember} (durable bindings the

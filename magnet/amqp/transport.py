@@ -281,13 +281,16 @@ class AMQPTransport(Publishing):
         d = self._operation(f"declare queue {name!r}", lambda p: self._declare_queue_on(p, name, options))
         return d.addCallback(done)
 
-    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> Deferred:
-        """C{kind} is 'fanout', 'direct' or 'topic'. Remembered for replay."""
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True,
+                         remember: bool = True) -> Deferred:
+        """C{kind} is 'fanout', 'direct' or 'topic'. Remembered for replay, unless not
+        C{remember} (a durable exchange the broker keeps, reconciled by its owner)."""
         if kind not in ("fanout", "direct", "topic", "headers"):
             return defer.fail(ValueError(f"unknown exchange kind {kind!r}"))
 
         def done(_: Any) -> None:
-            self._topology[("exchange", name)] = ("exchange", name, kind, durable)
+            if remember:
+                self._topology[("exchange", name)] = ("exchange", name, kind, durable)
 
         d = self._operation(f"declare exchange {name!r}",
                             lambda p: self._declare_exchange_on(p, name, kind, durable))

@@ -387,7 +387,7 @@ class PubSub(Component):
             if matches is not None and matches(topic):
                 exchange = topic_exchange(topic)
                 # declared too: the topic may be half bound by an instance that stopped
-                yield transport.declare_exchange(exchange, "fanout", durable=True)
+                yield transport.declare_exchange(exchange, "fanout", durable=True, remember=False)
                 yield transport.bind_queue(address, exchange, "", remember=False)
             elif before is not None and before(topic):
                 yield transport.unbind_queue(address, topic_exchange(topic), "")
@@ -405,7 +405,7 @@ class PubSub(Component):
                 continue
             exchange = topic_exchange(topic)
             try:
-                yield transport.declare_exchange(exchange, "fanout", durable=True)
+                yield transport.declare_exchange(exchange, "fanout", durable=True, remember=False)
                 for address in addresses:
                     yield transport.bind_queue(address, exchange, "", remember=False)
             except Exception as e:  # a queue gone meanwhile: the others are still bound
@@ -448,7 +448,7 @@ class PubSub(Component):
                                 timeout=self.store_timeout)
             exchange = topic_exchange(topic)
             transport = self.bus.transport
-            yield transport.declare_exchange(exchange, "fanout", durable=True)
+            yield transport.declare_exchange(exchange, "fanout", durable=True, remember=False)
             addresses = self.addresses_for(topic)
             existing = (yield self.bus.addresses.known(addresses)) if addresses else set()
             for address in addresses:

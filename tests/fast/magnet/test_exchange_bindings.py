@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from magnet import Message, Unroutable
@@ -118,3 +119,28 @@ class ExchangeBindingTests(SynchronousTestCase):
         self.failureResultOf(self.bus.send_to("topics", 5, msg), TypeError)  # type: ignore[arg-type]
         self.failureResultOf(self.bus.send_to("topics", "é" * 128, msg), ValueError)
         self.assertEqual(self.bus.kind_of("topics"), "direct")
+
+
+class NotRememberedTests(SynchronousTestCase):
+    """What is declared or bound with C{remember=False} is not replayed after a reconnect (AMQP transport)."""
+
+    def test_not_in_the_topology(self) -> None:
+        from twisted.internet.task import Clock
+        from magnet.amqp.transport import AMQPTransport
+
+        t = AMQPTransport("amqp://guest:guest@127.0.0.1:1/", reactor=Clock())
+        t._operation = lambda what, f: succeed(None)  # type: ignore[method-assign]  # the broker said ok
+        self.successResultOf(t.declare_exchange("kept", "fanout"))
+        self.successResultOf(t.declare_exchange("not.kept", "fanout", remember=False))
+        self.successResultOf(t.bind_queue("q", "kept", "k"))
+        self.successResultOf(t.bind_queue("q", "not.kept", "k", remember=False))
+        self.successResultOf(t.bind_exchange("kept", "topics", "a"))
+        self.successResultOf(t.bind_exchange("not.kept", "topics", "b", remember=False))
+        self.assertEqual(set(t._topology), {("exchange", "kept"), ("bind", "q", "kept", "k"),
+                                            ("xbind", "kept", "topics", "a")})
+        self.successResultOf(t.unbind_exchange("kept", "topics", "a"))
+        self.successResultOf(t.unbind_queue("q", "kept", "k"))
+        self.assertEqual(set(t._topology), {("exchange", "kept")})
+        self.successResultOf(t.bind_exchange("kept", "topics", "a"))
+        self.successResultOf(t.delete_exchange("kept"))
+        self.assertEqual(set(t._topology), set())
