@@ -440,7 +440,11 @@ class PubSub(Component):
         them or (returned) none. Recorded in the store first, so an instance
         started later binds its new subscriptions to it too."""
         while len(self.topics) >= self.max_topics:
-            yield self._unbind_topic(next(iter(self.topics)))
+            # the least recently published, not one being bound right now
+            oldest = next((t for t in self.topics if t not in self._ensuring and t != topic), None)
+            if oldest is None:
+                break
+            yield self._unbind_topic(oldest)
         self.topics[topic] = None
         self.topics.move_to_end(topic)
         try:
@@ -454,6 +458,8 @@ class PubSub(Component):
             for address in addresses:
                 if address in existing:
                     yield transport.bind_queue(address, exchange, "", remember=False)
+                else:  # bound when it is found back
+                    self._missing.add(address)
             yield transport.bind_exchange(exchange, TOPICS, topic, remember=False)
         except BaseException:
             self.topics.pop(topic, None)
