@@ -20,13 +20,23 @@ them all every C{reload_interval} seconds (to catch changes sent while its
 link was down).
 
 C{publish} delivers a publication to every matching subscription in one
-multicast (L{magnet.Bus.multicast}: on RabbitMQ one publish with the other
-addresses in its C{BCC} header, confirmed). A subscription whose address is
-gone (its queue deleted) gets nothing: it is counted, logged (once a minute
-per address) and named in the answer, and never retried. Addresses whose
-publish the broker did not confirm are multicast to again, alone, up to the
-bus's retry limit, then the publication is dead-lettered to C{pub_sub.dead}
-with the addresses it did not reach in its C{addresses} header.
+publish to the direct exchange C{pubsub.topics} (L{TOPICS}), routing key the
+topic: pub_sub binds each topic on its first publication (the topic's own
+fanout, L{topic_exchange}, bound to every matching address, then to
+C{pubsub.topics}), binds a new subscription to the bound topics it matches
+before C{subscribe} answers, and unbinds the least recently published topic
+beyond C{max_topics}. So outside publishers reach the subscribers in one hop
+(L{ooidx.dissemination.publisher}), falling back to C{publish} when the topic
+is not bound (the broker returns the publication whole). A topic too long
+for a routing key, or one that could not be bound, goes in one multicast
+(L{magnet.Bus.multicast}: on RabbitMQ one publish with the other addresses in
+its C{BCC} header, confirmed). A subscription whose address is gone (its
+queue deleted) gets nothing: it is counted, logged (once a minute per
+address) and named in the answer, and never retried. A publication the
+broker did not confirm is published again (by multicast: to the addresses
+concerned, alone) up to the bus's retry limit, then dead-lettered to
+C{pub_sub.dead} with the addresses it did not reach in its C{addresses}
+header. docs/dissemination.md says it all.
 """
 from __future__ import annotations
 
@@ -36,7 +46,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall, deferLater
