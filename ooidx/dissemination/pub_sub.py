@@ -256,11 +256,13 @@ class PubSub(Component):
     def _apply_all(self, both: Any) -> Optional[Deferred]:
         found, topics = both
         self._loading = False
+        learned: Set[str] = set()  # bound topics this instance did not know (a missed pubsub.changed)
         for key, value in sorted(topics.items()):
             topic = value.get("topic") if isinstance(value, dict) else None
             if (isinstance(topic, str) and topic and bindable(topic) and key == TOPIC_KEY + _digest(topic)
                     and topic not in self.topics):
                 self.topics[topic] = None
+                learned.add(topic)
         records: Dict[str, dict] = {}
         for key, record in found.items():
             name = key[len(KEY_PREFIX):]
@@ -289,6 +291,9 @@ class PubSub(Component):
                                                      records[name]["regex"]), f"binding subscription {name}")
             else:  # one RE2 Set pass per topic rather than every topic through every regex
                 self._logged(self._bind_all(set(changed)), f"binding {len(changed)} subscription(s)")
+        learned.difference_update(self.topics if len(changed) == len(records) else ())  # all bound just now
+        if learned and self.bindings and records:
+            self._logged(self._bind_all(set(records), learned), f"binding {len(learned)} topic(s) learned")
         first = not self._is_loaded
         self._is_loaded = True
         if first:
@@ -321,7 +326,7 @@ class PubSub(Component):
             body = message.json()
             if isinstance(body, dict) and isinstance(body.get("topic"), str) and "name" not in body:
                 topic = body["topic"]
-                if self.bindings and topic not in self._ensuring and bindable(topic):
+                if self.bindings and topic and topic not in self._ensuring and bindable(topic):
                     if body.get("bound") is True:
                         self.topics.setdefault(topic, None)
                     elif body.get("bound") is False:
@@ -404,11 +409,12 @@ class PubSub(Component):
         return None
 
     @inlineCallbacks
-    def _bind_all(self, names: Set[str]) -> Any:
-        """Bind the addresses of the subscriptions C{names} to every known topic they match."""
+    def _bind_all(self, names: Set[str], topics: Optional[Set[str]] = None) -> Any:
+        """Bind the addresses of the subscriptions C{names} to every known topic
+        (of C{topics}, if given) they match."""
         failed = 0
         transport = self.bus.transport
-        for topic in list(self.topics):
+        for topic in [t for t in self.topics if topics is None or t in topics]:
             addresses = sorted({self.records[n]["address"] for n in self.router.match(topic)
                                 if n in names and n in self.records})
             if not addresses:

@@ -320,3 +320,21 @@ class BindingTests(ClockCase):
         await node.call("publish", topic="t3", message=0)  # the next binding makes room: both oldest go
         assert list(node.pubsub.topics) == ["t3"]
         assert bound_addresses(node, "t1") == bound_addresses(node, "t2") == set()
+
+    @on_clock
+    async def test_a_topic_learned_at_a_reload_gets_the_matching_subscriptions(self) -> None:
+        node = await self.node()
+        sub = await node.call("subscribe", regex="^t", name="s")
+        # another instance bound t9 (with no subscriber of its own) and its pubsub.changed was missed
+        await node.bus.call("attribute_store", "set", key=TOPIC_KEY + _digest("t9"), value={"topic": "t9"})
+        transport = node.bus.transport
+        await transport.declare_exchange(topic_exchange("t9"), "fanout")
+        await transport.bind_exchange(topic_exchange("t9"), TOPICS, "t9")
+        assert "t9" not in node.pubsub.topics
+        await node.pubsub._reload()  # what the periodic reload (every 60 s) does
+        assert "t9" in node.pubsub.topics
+        await self.advance_until(lambda: bound_addresses(node, "t9") == {sub["address"]})
+        # a malformed topic announcement changes nothing
+        await node.bus.send("pubsub.changed", Message.of_json({"topic": "", "bound": True}, persistent=False))
+        await self.advance(0.1)
+        assert "" not in node.pubsub.topics
