@@ -27,22 +27,30 @@ Rows:
        and worst operation of the whole run, compactions included.
        Since a compile holds the GIL, an operation's time is how long it
        stalls the reactor.
-  5-7. end to end over RabbitMQ: events per second from C{publish} (posted to
-       pub_sub) to delivery at 1, 10 and 100 subscriber addresses, pub_sub
-       delivering each in one multicast (the subject: magnet's
-       C{Bus.multicast}, one publish with the other addresses in C{BCC}),
-       against a plain magnet fanout of the same (persistent) publications
-       to as many subscribers (the baseline): durable addresses, as
-       pub_sub's, bound to the fanout. At most 100 events outstanding.
-       Unit: deliveries per second (events x subscribers), as the magnet
-       group's fanout row.
-  8.   row 6 against the fanout the distributor was measured against: each
+  5-7. end to end over RabbitMQ, C{publish} posted to pub_sub: events per
+       second from the post to delivery at 1, 10 and 100 subscriber
+       addresses. pub_sub binds the topic on its first publication
+       (C{pubsub.topics} -> the topic's fanout -> every matching address),
+       then publishes each to C{pubsub.topics}: one publish reaching every
+       address. Every publication still goes through pub_sub's worker queue
+       first (a persistent post, its delivery and ack). Baseline: a plain
+       magnet fanout of the same (persistent) publications to as many
+       subscribers, durable addresses as pub_sub's bound to it. At most 100
+       events outstanding. Unit: deliveries per second (events x
+       subscribers), as the magnet group's fanout row.
+  8-10. the same publications from the one-hop publisher
+       (L{ooidx.dissemination.publisher.Publisher}, on a bus of its own):
+       straight to C{pubsub.topics}, persistent, mandatory, confirmed; its
+       first publication is returned (the topic not bound yet) and posted
+       to pub_sub, which binds the topic (during the warm-up). The same
+       baseline.
+  11.  row 6 against the fanout the distributor was measured against: each
        subscriber its own exclusive, non-durable queue (C{bus.subscribe}),
        where the broker keeps nothing on disk.
-  9.   magnet's C{Bus.multicast} alone (no pub_sub in front: the publisher
+  12.  magnet's C{Bus.multicast} alone (no pub_sub in front: the publisher
        multicasts the publication itself) to 10 durable addresses, against
-       the fanout of row 6: what the one-publish delivery costs, apart from
-       the hop through pub_sub's queue.
+       the fanout of row 6: what the one-publish delivery with C{BCC} costs
+       (pub_sub's path for a topic it cannot bind).
 
 Everything runs in this one process (one reactor): publisher, pub_sub, the
 attribute store (SQLite in a temporary directory) and the
@@ -328,9 +336,16 @@ class PubSubSide(_Side):
         return self._changes_load(router, n, "Router", TIMED_SUBSCRIBES)
 
     @inlineCallbacks
-    def end_to_end(self, subscribers: int = 10, window: int = 100, transient: bool = False) -> Any:
+    def end_to_end(self, subscribers: int = 10, window: int = 100, transient: bool = False,
+                   one_hop: bool = False) -> Any:
+        """C{publish} posted to pub_sub (which binds the topic on its first
+        publication, then publishes each to C{pubsub.topics}), or, C{one_hop},
+        an outside L{ooidx.dissemination.publisher.Publisher} on a bus of its
+        own publishing straight to C{pubsub.topics} (its first publication is
+        returned, posted to pub_sub, which binds the topic: in the warm-up)."""
         from ooidx.attribute_store import AttributeStore
-        from ooidx.dissemination.pub_sub import PubSub
+        from ooidx.dissemination.pub_sub import PubSub, topic_exchange
+        from ooidx.dissemination.publisher import Publisher
 
         tag = uuid.uuid4().hex[:10]
         service, store_queue = f"bench.pub_sub.{tag}", f"bench.attrs.{tag}"
@@ -353,8 +368,21 @@ class PubSubSide(_Side):
         def publish() -> Deferred:
             return bus.post(service, "publish", topic=topic, message=message)
 
+        if one_hop:
+            publisher = Publisher((yield self._bus(f"bench-publisher-{tag}")), service=service)
+
+            def publish() -> Deferred:  # noqa: F811
+                return publisher.publish(topic, message)
+
+            def report() -> None:
+                from bench.harness import log
+                log(f"  Publisher: {publisher.counts['exchange']:,} publications in one hop, "
+                    f"{publisher.counts['pub_sub']:,} posted to pub_sub")
+
         load = Pipeline(self.reactor, publish, copies=subscribers, window=window,
                         drain_timeout=self.settings.drain_timeout)
+        if one_hop:
+            load.on_close(report)
         listeners = []
         for i, name in enumerate(names):
             sub = yield bus.call(service, "subscribe", regex=regexes[i % len(regexes)], name=name)
@@ -372,7 +400,8 @@ class PubSubSide(_Side):
             yield pubsub.tearDown()
             yield store.tearDown()
             yield delete(self.reactor, self.settings.broker,
-                         queues=[service, service + ".dead", store_queue, store_queue + ".dead"])
+                         queues=[service, service + ".dead", store_queue, store_queue + ".dead"],
+                         exchanges=[topic_exchange(topic)])
             shutil.rmtree(directory, ignore_errors=True)
 
         load.on_close(cleanup)
@@ -430,7 +459,8 @@ class NaiveSide(_Side):
         return self.end_to_end(subscribers, window)
 
     @inlineCallbacks
-    def end_to_end(self, subscribers: int = 10, window: int = 100, transient: bool = False) -> Any:
+    def end_to_end(self, subscribers: int = 10, window: int = 100, transient: bool = False,
+                   one_hop: bool = False) -> Any:
         """A plain fanout of the same publications (persistent) to as many
         subscribers: durable addresses as pub_sub's (C{bus.declare_address})
         bound to the fanout, or, C{transient}, each subscriber's own
@@ -486,14 +516,21 @@ def group() -> Group:
             Benchmark("route, 100,000 subscriptions", "topics/s", lambda side: side.routing(100_000)),
             Benchmark("(un)subscribe + route, 100,000 subscriptions", "changes/s",
                       lambda side: side.changes(100_000)),
-            Benchmark("publish -> 1 subscriber address (RabbitMQ)", "deliveries/s",
+            Benchmark("publish op posted to pub_sub -> 1 subscriber address (RabbitMQ)", "deliveries/s",
                       lambda side: side.end_to_end(subscribers=1, window=100)),
-            Benchmark("publish -> 10 subscriber addresses (RabbitMQ)", "deliveries/s",
+            Benchmark("publish op posted to pub_sub -> 10 subscriber addresses (RabbitMQ)", "deliveries/s",
                       lambda side: side.end_to_end(subscribers=10, window=100)),
-            Benchmark("publish -> 100 subscriber addresses (RabbitMQ)", "deliveries/s",
+            Benchmark("publish op posted to pub_sub -> 100 subscriber addresses (RabbitMQ)", "deliveries/s",
                       lambda side: side.end_to_end(subscribers=100, window=100)),
-            Benchmark("publish -> 10 subscriber addresses, baseline's queues transient (RabbitMQ)",
-                      "deliveries/s", lambda side: side.end_to_end(subscribers=10, window=100, transient=True)),
+            Benchmark("publish one hop (Publisher) -> 1 subscriber address (RabbitMQ)", "deliveries/s",
+                      lambda side: side.end_to_end(subscribers=1, window=100, one_hop=True)),
+            Benchmark("publish one hop (Publisher) -> 10 subscriber addresses (RabbitMQ)", "deliveries/s",
+                      lambda side: side.end_to_end(subscribers=10, window=100, one_hop=True)),
+            Benchmark("publish one hop (Publisher) -> 100 subscriber addresses (RabbitMQ)", "deliveries/s",
+                      lambda side: side.end_to_end(subscribers=100, window=100, one_hop=True)),
+            Benchmark("publish op posted to pub_sub -> 10 subscriber addresses, baseline's queues transient "
+                      "(RabbitMQ)", "deliveries/s",
+                      lambda side: side.end_to_end(subscribers=10, window=100, transient=True)),
             Benchmark("Bus.multicast alone -> 10 addresses (RabbitMQ)", "deliveries/s",
                       lambda side: side.multicast_alone(subscribers=10, window=100)),
         ],

@@ -53,6 +53,7 @@ Handler = Callable[[Message], Any]
 
 WORKER = "worker"
 FANOUT = "fanout"
+DIRECT = "direct"
 ATTEMPT_HEADER = "x-magnet-attempt"
 ERROR_HEADER = "x-magnet-error"
 ORIGIN_HEADER = "x-magnet-origin"
@@ -370,6 +371,13 @@ class Bus(Service):
         self._kinds[name] = FANOUT
         return self.transport.declare_exchange(name, "fanout", durable=True)
 
+    def declare_direct(self, name: str) -> Deferred:
+        """A durable direct exchange C{name}: what is sent to it with a routing
+        key (L{send_to}) goes to whatever is bound with that key (queues, other
+        exchanges: L{Transport.bind_queue}, L{Transport.bind_exchange})."""
+        self._kinds[name] = DIRECT
+        return self.transport.declare_exchange(name, "direct", durable=True)
+
     def kind_of(self, name: str) -> Optional[str]:
         return self._kinds.get(name)
 
@@ -382,6 +390,24 @@ class Bus(Service):
             exchange, key = address, ""
         else:
             exchange, key = DEFAULT_EXCHANGE, address
+        return self._publish(exchange, key, address, message, mandatory, timeout)
+
+    def send_to(self, exchange: str, routing_key: str, message: Message, *, mandatory: bool = True,
+                timeout: Optional[float] = None) -> Deferred:
+        """Publish to the exchange C{exchange} (a direct exchange: L{declare_direct})
+        with C{routing_key}, confirmed as L{send}: fails with L{Unroutable} if
+        C{mandatory} and the broker returned it (no queue reached through any
+        binding), with L{Timeout} if not confirmed within C{timeout}."""
+        if not isinstance(exchange, str) or not exchange:
+            return fail(ValueError(f"send_to needs an exchange name, got {exchange!r}"))
+        if not isinstance(routing_key, str):
+            return fail(TypeError(f"a routing key is a string, got {type(routing_key).__name__}"))
+        if len(routing_key.encode("utf-8", "surrogatepass")) > 255:
+            return fail(ValueError(f"a routing key is at most 255 UTF-8 bytes, got {routing_key[:40]!r}..."))
+        return self._publish(exchange, routing_key, exchange, message, mandatory, timeout)
+
+    def _publish(self, exchange: str, key: str, address: str, message: Message, mandatory: bool,
+                 timeout: Optional[float]) -> Deferred:
         d = self.transport.publish(exchange, key, message, mandatory=mandatory)
         self.observer.message_out(address)
         if d.called:  # the in-process broker confirms at once

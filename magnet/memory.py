@@ -4,8 +4,10 @@ The whole exchange can run in one process with no broker installed, and the
 fast test tier runs every pattern here. It keeps to what magnet relies on in
 RabbitMQ: durable queues with competing consumers and round-robin delivery,
 per-consumer prefetch, manual acks, requeue on nack or cancel (redelivered
-flag set), fanout and direct exchanges, mandatory publishes that fail when
-nothing routes, exclusive and auto-delete queues, publisher confirms, and
+flag set), fanout and direct exchanges, exchange-to-exchange bindings
+(RabbitMQ's C{exchange.bind}: the routing key kept, each exchange visited
+once; deleting an exchange removes the bindings it is the source or the
+destination of), mandatory publishes that fail when nothing routes, exclusive and auto-delete queues, publisher confirms, and
 sender-selected distribution (the C{CC} and C{BCC} headers: more routing
 keys on a direct exchange; C{BCC} removed before delivery; a mandatory
 publish fails only when no queue at all took it).
@@ -236,6 +238,8 @@ class MemoryBroker:
         self.clock = clock
         self.queues: Dict[str, _Queue] = {}
         self.exchanges: Dict[str, Tuple[str, set]] = {}
+        #: source exchange -> {(destination exchange, routing key)} (RabbitMQ's exchange.bind)
+        self.exchange_bindings: Dict[str, set] = {}
         #: the connections started on this broker (told when it blocks publishers)
         self.transports: List["MemoryTransport"] = []
         #: why the broker blocks publishers (as RabbitMQ's connection.blocked says), None when it does not
@@ -292,15 +296,47 @@ class MemoryBroker:
             raise ChannelError(f"NOT_FOUND: no exchange {exchange!r}")
         self.exchanges[exchange][1].add((queue, routing_key))
 
+    def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
+        """As RabbitMQ: no error for a binding that is not there, even when its queue or exchange is not."""
+        if exchange in self.exchanges:
+            self.exchanges[exchange][1].discard((queue, routing_key))
+
+    def bind_exchange(self, destination: str, source: str, routing_key: str) -> None:
+        for name in (destination, source):
+            if name not in self.exchanges:
+                raise ChannelError(f"NOT_FOUND: no exchange {name!r}")
+        self.exchange_bindings.setdefault(source, set()).add((destination, routing_key))
+
+    def unbind_exchange(self, destination: str, source: str, routing_key: str) -> None:
+        """As RabbitMQ: no error for a binding that is not there, even when its exchanges are not."""
+        self.exchange_bindings.get(source, set()).discard((destination, routing_key))
+
+    def delete_exchange(self, name: str) -> None:
+        """The exchange and every binding it is the source or the destination of."""
+        self.exchanges.pop(name, None)
+        self.exchange_bindings.pop(name, None)
+        for bindings in self.exchange_bindings.values():
+            for binding in [b for b in bindings if b[0] == name]:
+                bindings.discard(binding)
+
     def route(self, exchange: str, routing_key: str) -> List[_Queue]:
         if exchange == DEFAULT_EXCHANGE:
             queue = self.queues.get(routing_key)
             return [queue] if queue is not None else []
-        try:
-            kind, bindings = self.exchanges[exchange]
-        except KeyError:
-            raise ChannelError(f"NOT_FOUND: no exchange {exchange!r}") from None
-        names = {q for q, key in bindings if kind == "fanout" or key == routing_key}
+        if exchange not in self.exchanges:
+            raise ChannelError(f"NOT_FOUND: no exchange {exchange!r}")
+        # through exchange-to-exchange bindings too (each exchange once), the routing key kept
+        names: set = set()
+        seen = {exchange}
+        todo = [exchange]
+        while todo:
+            current = todo.pop()
+            kind, bindings = self.exchanges.get(current, ("", set()))
+            names.update(q for q, key in bindings if kind == "fanout" or key == routing_key)
+            for destination, key in self.exchange_bindings.get(current, ()):
+                if (kind == "fanout" or key == routing_key) and destination not in seen:
+                    seen.add(destination)
+                    todo.append(destination)
         return [self.queues[n] for n in sorted(names) if n in self.queues]
 
     def route_message(self, exchange: str, routing_key: str, message: Message) -> Tuple[List[_Queue], Message]:
@@ -442,17 +478,28 @@ class MemoryTransport:
                       auto_delete: bool = False, arguments: Optional[Mapping[str, Any]] = None) -> Deferred:
         return self._do(lambda: self.broker.declare_queue(name, self, durable, exclusive, auto_delete, arguments or {}))
 
-    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> Deferred:
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True,
+                         remember: bool = True) -> Deferred:
         return self._do(lambda: self.broker.declare_exchange(name, kind))
 
-    def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
+    def bind_queue(self, queue: str, exchange: str, routing_key: str = "", *, remember: bool = True) -> Deferred:
         return self._do(lambda: self.broker.bind(queue, exchange, routing_key))
 
     def delete_queue(self, name: str) -> Deferred:
         return self._do(lambda: self.broker.delete_queue(name))
 
     def delete_exchange(self, name: str) -> Deferred:
-        return self._do(lambda: self.broker.exchanges.pop(name, None) and None)
+        return self._do(lambda: self.broker.delete_exchange(name))
+
+    def unbind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
+        return self._do(lambda: self.broker.unbind(queue, exchange, routing_key))
+
+    def bind_exchange(self, destination: str, source: str, routing_key: str = "", *,
+                      remember: bool = True) -> Deferred:
+        return self._do(lambda: self.broker.bind_exchange(destination, source, routing_key))
+
+    def unbind_exchange(self, destination: str, source: str, routing_key: str = "") -> Deferred:
+        return self._do(lambda: self.broker.unbind_exchange(destination, source, routing_key))
 
     # messages -----------------------------------------------------------
 

@@ -100,17 +100,35 @@ class Transport(Protocol):
     ) -> Deferred:
         """Fires with None once the queue exists. Remembered for replay."""
 
-    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> Deferred:
-        """C{kind} is 'fanout' or 'direct'. Remembered for replay."""
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True,
+                         remember: bool = True) -> Deferred:
+        """C{kind} is 'fanout' or 'direct'. Remembered for replay, unless not C{remember}."""
 
-    def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
-        """Remembered for replay."""
+    def bind_queue(self, queue: str, exchange: str, routing_key: str = "", *, remember: bool = True) -> Deferred:
+        """Remembered for replay, unless not C{remember} (durable bindings the
+        broker keeps itself, reconciled by their owner)."""
+
+    def unbind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
+        """Remove a binding and forget it. No error when it was not there, even
+        when the queue or the exchange does not exist (as RabbitMQ answers)."""
+
+    def bind_exchange(self, destination: str, source: str, routing_key: str = "", *,
+                      remember: bool = True) -> Deferred:
+        """What C{source} routes with C{routing_key} goes through C{destination}
+        as well (RabbitMQ's C{exchange.bind}, the routing key kept; a mandatory
+        publish is returned only when no queue is reached through any of them).
+        Remembered for replay unless not C{remember}."""
+
+    def unbind_exchange(self, destination: str, source: str, routing_key: str = "") -> Deferred:
+        """Remove an exchange-to-exchange binding and forget it; no error when it was not
+        there, even when an exchange does not exist (as RabbitMQ answers)."""
 
     def delete_queue(self, name: str) -> Deferred:
         """Delete a queue and forget it (no replay)."""
 
     def delete_exchange(self, name: str) -> Deferred:
-        """Delete an exchange and forget it (no replay)."""
+        """Delete an exchange and forget it (no replay), with every binding it is
+        the source or the destination of."""
 
     def publish(
         self,

@@ -18,6 +18,7 @@ __all__ = [
     "ComponentSpec", "COMPONENTS", "COMPONENT_NAMES", "LISTENING", "BUS_TABLE", "OPERATIONS_SUFFIX",
     "operations_address",
     "CONTROL_FANOUT", "CACHE_PURGE_FANOUT", "NOTIFICATION", "NOTIFICATION_API", "PUBSUB_CHANGED",
+    "PUBSUB_TOPICS", "PUBSUB_TOPIC_PREFIX", "TOPIC_BINDING_KEY",
     "SUBSCRIBER_PREFIX", "USER_EVENTS_QUEUE", "USER_SUBSCRIPTIONS_CHANGED",
     "STATUS", "STATUS_REPLY", "PUBLICATION", "EVENT",
     "TOPIC_HEADER", "ADDRESSES_HEADER", "ID_HEADER", "RETIRED_COMPONENTS",
@@ -105,6 +106,13 @@ NOTIFICATION_API = "notification.api"
 PUBSUB_CHANGED = "pubsub.changed"
 #: The prefix of a pub_sub subscriber's own queue.
 SUBSCRIBER_PREFIX = "pubsub.sub."
+#: The direct exchange publications go to with their topic as routing key
+#: (ooidx.dissemination.publisher, and pub_sub's own publish): each topic
+#: pub_sub has bound routes to its own fanout (PUBSUB_TOPIC_PREFIX + hash),
+#: bound to the address of every subscription matching the topic.
+PUBSUB_TOPICS = "pubsub.topics"
+#: The prefix of a bound topic's own fanout exchange (then the SHA-1 of the topic, hex).
+PUBSUB_TOPIC_PREFIX = "pubsub.topic."
 #: The queue user_notification takes events from.
 USER_EVENTS_QUEUE = "user_notification.events"
 #: The fanout people's subscription changes go out on.
@@ -137,6 +145,8 @@ ID_HEADER = "x-ooidx-id"
 DATASET_KEY = "dataset:"
 STATS_KEY = "stats:"
 SUBSCRIPTION_KEY = "subscription:"
+#: A topic pub_sub has bound on PUBSUB_TOPICS: TOPIC_BINDING_KEY + SHA-1 of the topic (hex), {"topic"}.
+TOPIC_BINDING_KEY = "pubsub_topic:"
 PERSON_KEY = "person:"
 USER_SUBSCRIPTION_KEY = "user_subscription:"
 #: A webhook subscription's delivery log: WEBHOOK_LOG_KEY + PERSON:ID (ooidx.people.component).

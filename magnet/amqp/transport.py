@@ -281,27 +281,60 @@ class AMQPTransport(Publishing):
         d = self._operation(f"declare queue {name!r}", lambda p: self._declare_queue_on(p, name, options))
         return d.addCallback(done)
 
-    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True) -> Deferred:
-        """C{kind} is 'fanout', 'direct' or 'topic'. Remembered for replay."""
+    def declare_exchange(self, name: str, kind: str = "fanout", *, durable: bool = True,
+                         remember: bool = True) -> Deferred:
+        """C{kind} is 'fanout', 'direct' or 'topic'. Remembered for replay, unless not
+        C{remember} (a durable exchange the broker keeps, reconciled by its owner)."""
         if kind not in ("fanout", "direct", "topic", "headers"):
             return defer.fail(ValueError(f"unknown exchange kind {kind!r}"))
 
         def done(_: Any) -> None:
-            self._topology[("exchange", name)] = ("exchange", name, kind, durable)
+            if remember:
+                self._topology[("exchange", name)] = ("exchange", name, kind, durable)
 
         d = self._operation(f"declare exchange {name!r}",
                             lambda p: self._declare_exchange_on(p, name, kind, durable))
         return d.addCallback(done)
 
-    def bind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
-        """Remembered for replay."""
+    def bind_queue(self, queue: str, exchange: str, routing_key: str = "", *, remember: bool = True) -> Deferred:
+        """Remembered for replay, unless not C{remember} (a binding of durable
+        things the broker keeps, which its owner reconciles itself)."""
 
         def done(_: Any) -> None:
-            self._topology[("bind", queue, exchange, routing_key)] = ("bind", queue, exchange, routing_key)
+            if remember:
+                self._topology[("bind", queue, exchange, routing_key)] = ("bind", queue, exchange, routing_key)
 
         d = self._operation(f"bind queue {queue!r} to {exchange!r}",
                             lambda p: self._bind_on(p, queue, exchange, routing_key))
         return d.addCallback(done)
+
+    def unbind_queue(self, queue: str, exchange: str, routing_key: str = "") -> Deferred:
+        """Remove a binding (and forget it): no error if there was none, even when the
+        queue or the exchange does not exist, as RabbitMQ answers."""
+        self._topology.pop(("bind", queue, exchange, routing_key), None)
+        return self._operation(f"unbind queue {queue!r} from {exchange!r}", lambda p: self._control_call(
+            p, lambda ch: ch.queue_unbind(queue=queue, exchange=exchange, routing_key=routing_key)))
+
+    def bind_exchange(self, destination: str, source: str, routing_key: str = "", *,
+                      remember: bool = True) -> Deferred:
+        """Route what C{source} routes with C{routing_key} to the exchange C{destination}
+        too (RabbitMQ's C{exchange.bind}). Remembered for replay unless not C{remember}."""
+
+        def done(_: Any) -> None:
+            if remember:
+                self._topology[("xbind", destination, source, routing_key)] = (
+                    "xbind", destination, source, routing_key)
+
+        d = self._operation(f"bind exchange {destination!r} to {source!r}", lambda p: self._control_call(
+            p, lambda ch: ch.exchange_bind(destination=destination, source=source, routing_key=routing_key)))
+        return d.addCallback(done)
+
+    def unbind_exchange(self, destination: str, source: str, routing_key: str = "") -> Deferred:
+        """Remove an exchange-to-exchange binding (and forget it); no error if there was none
+        (even when an exchange does not exist)."""
+        self._topology.pop(("xbind", destination, source, routing_key), None)
+        return self._operation(f"unbind exchange {destination!r} from {source!r}", lambda p: self._control_call(
+            p, lambda ch: ch.exchange_unbind(destination=destination, source=source, routing_key=routing_key)))
 
     def delete_queue(self, name: str) -> Deferred:
         """Delete a queue and forget it (no replay); its consumers are dropped."""
@@ -319,7 +352,7 @@ class AMQPTransport(Publishing):
 
         def forget(_: Any = None) -> None:
             for key in [k for k in self._topology if (k[0] == "exchange" and k[1] == name)
-                        or (k[0] == "bind" and k[2] == name)]:
+                        or (k[0] == "bind" and k[2] == name) or (k[0] == "xbind" and name in k[1:3])]:
                 del self._topology[key]
 
         forget()
@@ -581,6 +614,9 @@ class AMQPTransport(Publishing):
                 step = functools.partial(self._declare_queue_on, protocol, entry[1], entry[2])
             elif entry[0] == "exchange":
                 step = functools.partial(self._declare_exchange_on, protocol, entry[1], entry[2], entry[3])
+            elif entry[0] == "xbind":
+                step = functools.partial(self._control_call, protocol, functools.partial(
+                    _exchange_bind, destination=entry[1], source=entry[2], routing_key=entry[3]))
             else:
                 step = functools.partial(self._bind_on, protocol, entry[1], entry[2], entry[3])
             yield self._replay_step(protocol, step, f"{entry[0]} {entry[1]!r}")
@@ -614,6 +650,10 @@ class AMQPTransport(Publishing):
             self.log.error("after reconnecting, the broker refused the {what}: {reason}", what=what,
                            reason=error)
             return
+
+
+def _exchange_bind(ch: Any, **fields: Any) -> Deferred:
+    return ch.exchange_bind(**fields)
 
 
 def from_url(url: Union[str, Sequence[str]], reactor: Any, **options: Any) -> AMQPTransport:

@@ -2,8 +2,10 @@
 real `twistd -n ooidx` daemon (attribute_store, pub_sub) on a private
 RabbitMQ node.
 
-pub_sub delivers each publication to its subscribers in one multicast
-(magnet's Bus.multicast: one publish, the other addresses in BCC). RabbitMQ
+pub_sub delivers each publication to its subscribers in one publish: to the
+`pubsub.topics` exchange, through the topic's fanout bound to every matching
+address (before it bound the topic, and for a topic it cannot bind, in one
+multicast: magnet's Bus.multicast, the other addresses in BCC). RabbitMQ
 returns such a publish only when it reached no queue at all, so a deleted
 queue among five is never returned: the bus's address book notices it at
 its next check (within `address_recheck`, 10 s). What must hold:
@@ -161,3 +163,85 @@ async def test_a_subscriber_queue_deleted_while_publications_flow(tmp_path: Path
     assert after_end == counters, (after_end, counters)
     assert metric == len(reported), (metric, len(reported))  # nothing goes on after the flow: no retries
     assert 1 <= said <= 2 + int((time.monotonic() - t_delete) / 60), said
+
+
+class OneHopFlow(Flow):
+    """Publications from the one-hop Publisher (straight to pubsub.topics), a few in flight, until stopped."""
+
+    def __init__(self, bus: Any, topic: str, **options: Any) -> None:
+        super().__init__(bus, topic, **options)
+        from ooidx.dissemination.publisher import Publisher
+        self.publisher = Publisher(bus)
+
+    async def _run(self) -> None:
+        while not self.stopped:
+            await self.semaphore.acquire()
+            self.sent += 1
+            i = self.sent
+            started = time.monotonic()
+            self.at[i] = started
+            d = self.publisher.publish(self.topic, {"i": i})
+            d.addCallbacks(self._answered, self._failed, callbackArgs=(i, started), errbackArgs=(i,))
+            d.addBoth(lambda _: self.semaphore.release())
+            self._pending.append(d)
+            await sleep(self.pause)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_hop_publications_go_on_while_pub_sub_is_killed_and_a_queue_deleted(
+        tmp_path: Path, private_rabbitmq: Any, nodes: list, buses: Any, record: Any) -> None:
+    """The one-hop Publisher on a bound topic needs no pub_sub: kill -9 the daemon and delete a
+    subscriber's queue while it publishes; the living subscribers get every confirmed publication,
+    exactly once, and after the restart publications of unbound topics go through pub_sub again."""
+    broker = private_rabbitmq
+    node = start_node(tmp_path, "dx", broker.url, {"attribute_store": {"url": str(tmp_path / "attrs.sqlite3")},
+                                                    "pub_sub": None})
+    nodes.append(node)
+    await wait_started(node)
+    bus = buses(broker.url)
+    await bus.when_connected(20)
+    names = [f"hop{i}" for i in range(5)]
+    victim = "hop2"
+    subs = {n: await bus.call("pub_sub", "subscribe", regex=r"^dataset\.hop", name=n, timeout=20) for n in names}
+    got: Dict[str, Counter] = {n: Counter() for n in names if n != victim}
+
+    def take(name: str) -> Any:
+        def on(message: Message) -> None:
+            got[name][message.json()["message"]["i"]] += 1
+        return on
+
+    for n in got:
+        await bus.consume(subs[n]["address"], take(n), prefetch=100)
+    flow = OneHopFlow(bus, "dataset.hop").start()
+    try:
+        await eventually(lambda: flow.publisher.counts["exchange"] > 50, 30, "publications in one hop")
+        await deferToThread(node.kill9)
+        killed_at = flow.sent
+        await deferToThread(ctl, broker, "delete_queue", subs[victim]["address"])
+        await sleep(3)
+        during = flow.publisher.counts["exchange"]
+        await sleep(2)
+        assert flow.publisher.counts["exchange"] > during, "one-hop publications stopped with pub_sub"
+        await deferToThread(node.restart)
+        await wait_started(node)
+        await sleep(2)
+    finally:
+        await flow.stop()
+    # a topic never published: returned, posted to pub_sub, which binds it
+    late = await flow.publisher.publish("dataset.hop.late", {"i": -1})
+    confirmed = sorted(flow.answered)
+    await eventually(lambda: all(set(confirmed) <= set(c) for c in got.values()), 60,
+                     "every living subscriber has every confirmed publication")
+    await eventually(lambda: all(c[-1] == 1 for c in got.values()), 60, "the late topic through pub_sub")
+    await sleep(1)
+    lost = sum(len(set(confirmed) - set(c)) for c in got.values())
+    duplicated = sum(n - 1 for c in got.values() for n in c.values() if n > 1)
+    record("one-hop publications while pub_sub is killed and a queue deleted", faults_injected=2,
+           sent=flow.sent, confirmed=len(confirmed), processed=len(confirmed) * len(got), lost=lost,
+           duplicated=duplicated, errors=len(flow.failed), p50_ms=percentile(flow.latencies, 50),
+           p99_ms=percentile(flow.latencies, 99),
+           notes=f"5 subscribers; pub_sub killed (kill -9) after publication {killed_at}, then one queue "
+                 f"deleted; {flow.publisher.counts} (exchange: one hop, pub_sub: posted); late topic {late}")
+    assert flow.failed == {}, list(flow.failed.items())[:5]
+    assert lost == 0 and duplicated == 0, (lost, duplicated)
+    assert late["via"] == "pub_sub"
