@@ -68,7 +68,7 @@ except (ValueError, OSError, AttributeError):
 #: miss": on a VM whose free memory the host takes back, filling the page cache
 #: with a new body cost 1-2 CPU seconds a GiB, O_DIRECT from a reused buffer 0.1).
 #: The last piece (under a block) is written the ordinary way at the commit.
-DIRECT_STAGE = 4 * 1024 * 1024
+DIRECT_STAGE = 2 * 1024 * 1024
 #: Staging buffers kept for the next writer (each one DIRECT_STAGE of memory).
 DIRECT_SPARE = 1
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
