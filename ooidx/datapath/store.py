@@ -16,7 +16,7 @@ Layout (one flat directory)::
 a client sends, so no URL can place a file outside the directory.
 
 Atomicity: a body is written to a temporary file chunk by chunk (bounded
-memory), fsync'd, renamed to ``KEY-TOKEN.body``; then the metadata is written
+memory; a large one with O_DIRECT, a staging buffer at a time: L{DIRECT_STAGE}), fsync'd, renamed to ``KEY-TOKEN.body``; then the metadata is written
 the same way and renamed over ``KEY.json``. The rename of the metadata is the
 moment the entry (or its new version) becomes visible; readers open the body
 the metadata names, so a reader never pairs one write's metadata with
@@ -69,8 +69,9 @@ except (ValueError, OSError, AttributeError):
 #: with a new body cost 1-2 CPU seconds a GiB, O_DIRECT from a reused buffer 0.1).
 #: The last piece (under a block) is written the ordinary way at the commit.
 DIRECT_STAGE = 2 * 1024 * 1024
-#: Staging buffers kept for the next writer (each one DIRECT_STAGE of memory).
-DIRECT_SPARE = 1
+#: Staging buffers kept for the next writer (each one DIRECT_STAGE of resident
+#: memory for good). None by default: a new one costs a few milliseconds a body.
+DIRECT_SPARE = 0
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _BODY_LENGTH = _KEY_LENGTH + 1 + 32 + len(BODY_SUFFIX)  # KEY-TOKEN.body, TOKEN a uuid4 in hex
 _TOKEN = re.compile("[0-9a-f]{32}")
@@ -559,7 +560,10 @@ class DiskStore:
             if len(self._spare_stages) < DIRECT_SPARE:
                 self._spare_stages.append(stage)
                 return
-        stage.close()
+        try:
+            stage.close()
+        except BufferError:  # still exported somewhere: unmapped when that goes
+            pass
 
 
 class Writer:
@@ -608,20 +612,23 @@ class Writer:
         stage, staged = self._stage, self._staged
         assert stage is not None
         view = memoryview(stage)[:staged]
-        if final:
-            self._buffered()
-        while view:
-            try:
-                n = os.write(self._fd, view)
-            except OSError as e:
-                if e.errno != errno.EINVAL or final:
-                    raise
-                # a direct write refused (an alignment this file system will not
-                # take): the rest of this body goes through the page cache
+        try:
+            if final:
                 self._buffered()
-                final = True
-                continue
-            view = view[n:]
+            while view:
+                try:
+                    n = os.write(self._fd, view)
+                except OSError as e:
+                    if e.errno != errno.EINVAL or final:
+                        raise
+                    # a direct write refused (an alignment this file system will not
+                    # take): the rest of this body goes through the page cache
+                    self._buffered()
+                    final = True
+                    continue
+                view = view[n:]
+        finally:
+            view.release()  # (a failure's traceback must not keep the stage exported)
         self._staged = 0
 
     def _release_stage(self) -> None:

@@ -591,7 +591,18 @@ class DirectWriteTests(FastCase):
         self.assertEqual(self.writes, [(self.STAGE, False)] * 3 + [(5, False)])
         self.assertEqual(body_of(s, URL), b"a" * self.STAGE + b"b" * self.STAGE + b"c" * (self.STAGE + 5))
 
+    def test_no_staging_buffer_stays_after_a_write_by_default(self) -> None:
+        s = make(self.tmp_path())
+        w = self.writer(s, None)
+        self.direct_or_skip(w)
+        stage = w._stage
+        w.write(b"d" * (self.STAGE + 1))
+        w.commit()
+        self.assertTrue(stage.closed)  # its memory is given back to the system
+        self.assertEqual(s._spare_stages, [])
+
     def test_staging_buffers_are_reused_and_at_most_direct_spare_are_kept(self) -> None:
+        self.monkeypatch().setattr(store_module, "DIRECT_SPARE", 1)
         s = make(self.tmp_path())
         first, second = self.writer(s, None), self.writer(s, None)
         self.direct_or_skip(first)
@@ -606,3 +617,25 @@ class DirectWriteTests(FastCase):
         self.assertIn(id(third._stage), stages)
         third.abort()
         self.assertEqual([n for n in files(s) if n.startswith(".tmp-")], [])
+
+    def test_a_full_disk_during_a_direct_write_refuses_cleanly(self) -> None:
+        s = make(self.tmp_path())
+        w = self.writer(s, 4 * self.STAGE)
+        self.direct_or_skip(w)
+        stage = w._stage
+        real_write = os.write
+
+        def full(fd: int, data: Any) -> int:
+            if os.readlink(f"/proc/self/fd/{fd}") == self.watched:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        self.monkeypatch().setattr(os, "write", full)
+        w.write(b"f" * 10)  # staged: the disk has not seen it yet
+        with self.assertRaisesRegex(StoreError, "No space left"):
+            w.write_many([b"f" * self.STAGE])
+        self.assertTrue(stage.closed)
+        self.assertEqual([n for n in files(s) if n.startswith(".tmp-")], [])
+        with self.assertRaises(StoreError):
+            w.write(b"more")  # a finished writer
+        self.assertIsNone(s.get(URL))
