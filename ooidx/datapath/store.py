@@ -16,8 +16,9 @@ Layout (one flat directory)::
 a client sends, so no URL can place a file outside the directory.
 
 Atomicity: a body is written to a temporary file chunk by chunk (bounded
-memory; a large one with O_DIRECT, a staging buffer at a time: L{DIRECT_STAGE}), fsync'd, renamed to ``KEY-TOKEN.body``; then the metadata is written
-the same way and renamed over ``KEY.json``. The rename of the metadata is the
+memory; a large one with O_DIRECT, a staging buffer at a time:
+L{DIRECT_STAGE}), fsync'd, renamed to ``KEY-TOKEN.body``; then the metadata
+is written the same way and renamed over ``KEY.json``. The rename of the metadata is the
 moment the entry (or its new version) becomes visible; readers open the body
 the metadata names, so a reader never pairs one write's metadata with
 another's body, and a reader that has the body open keeps reading it even if
@@ -64,8 +65,8 @@ except (ValueError, OSError, AttributeError):
     _IOV_MAX = 16
 #: A body of at least this many bytes (or of unknown length) is written with
 #: O_DIRECT, through a staging buffer of this size: the bytes go from the buffer
-#: to the disk, not into the page cache first (docs/benchmarks.md, "The shorter
-#: miss": on a VM whose free memory the host takes back, filling the page cache
+#: to the disk, not into the page cache first (docs/benchmarks.md, "The stored copy
+#: without the page cache": on a VM whose free memory the host takes back, filling the page cache
 #: with a new body cost 1-2 CPU seconds a GiB, O_DIRECT from a reused buffer 0.1).
 #: The last piece (under a block) is written the ordinary way at the commit.
 DIRECT_STAGE = 2 * 1024 * 1024
@@ -693,7 +694,7 @@ class Writer:
         """Copy the chunks into the staging buffer, writing it out each time it is full."""
         stage = self._stage
         assert stage is not None
-        room = DIRECT_STAGE
+        room = len(stage)
         for chunk in chunks:
             data = memoryview(chunk)
             while data:
