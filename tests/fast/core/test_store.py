@@ -326,6 +326,7 @@ class DiskStoreTests(FastCase):
         w = s.writer("http://h/new", status=200, reason="OK", headers=[])
         with self.assertRaisesRegex(StoreError, "No space left"):
             w.write(b"data")
+            w.commit()  # (a direct write stages what is written: the disk sees it at the commit)
         assert s.get("http://h/new") is None
         assert not any(n.startswith(".tmp-") for n in files(s))
         assert body_of(s, URL) == b"existing"
@@ -484,3 +485,157 @@ class IndexMemoryTests(FastCase):
         again.open()  # reopened under a smaller bound: trimmed at once
         self.assertEqual(again.stats()["entries"], 2)
         again.close()
+
+
+@expand
+class DirectWriteTests(FastCase):
+    """A large body goes to the disk with O_DIRECT through a reused staging buffer
+    (store.DIRECT_STAGE), its last piece through the page cache; where the file
+    system refuses O_DIRECT, all of it goes through the page cache, whole."""
+
+    STAGE = 8192
+
+    def setUp(self) -> None:
+        self.monkeypatch().setattr(store_module, "DIRECT_STAGE", self.STAGE)
+        self.writes: List[Any] = []
+        real_write = os.write
+
+        def spy(fd: int, data: Any) -> int:
+            import fcntl
+            if os.readlink(f"/proc/self/fd/{fd}") != self.watched:  # the body's file only
+                return real_write(fd, data)
+            direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & store_module._O_DIRECT)
+            if direct and self.refuse_direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            self.writes.append((len(data), direct))
+            return real_write(fd, data)
+
+        self.refuse_direct = False
+        self.watched = None
+        self.monkeypatch().setattr(os, "write", spy)
+
+    def writer(self, s: DiskStore, length: Any) -> Any:
+        w = s.writer(URL, status=200, reason="OK", headers=[], length=length)
+        self.watched = w.path
+        return w
+
+    def direct_or_skip(self, w: Any) -> None:
+        if not w.direct:
+            w.abort()
+            self.skipTest("this file system refuses O_DIRECT")
+
+    def test_a_large_body_goes_direct_in_whole_stages_and_its_tail_through_the_page_cache(self) -> None:
+        s = make(self.tmp_path(), max_bytes=1 << 20)
+        body = bytes(range(251)) * 100 + b"tail"  # 3 stages and 1,004 bytes
+        w = self.writer(s, len(body))
+        self.direct_or_skip(w)
+        w.write_many([body[i:i + 1000] for i in range(0, 12000, 1000)])
+        self.assertEqual(self.writes, [(self.STAGE, True)])
+        w.write(body[12000:20000])
+        w.write_many([body[20000:]])
+        self.assertEqual(self.writes, [(self.STAGE, True)] * 3)
+        entry = w.commit()
+        self.assertEqual(self.writes, [(self.STAGE, True)] * 3 + [(len(body) - 3 * self.STAGE, False)])
+        self.assertEqual((entry.size, body_of(s, URL)), (len(body), body))
+
+    def test_a_body_of_unknown_length_goes_direct_too(self) -> None:
+        s = make(self.tmp_path(), max_bytes=1 << 20)
+        w = self.writer(s, None)
+        self.direct_or_skip(w)
+        w.write(b"x" * (2 * self.STAGE))
+        w.commit()
+        self.assertEqual(self.writes, [(self.STAGE, True)] * 2)
+        self.assertEqual(body_of(s, URL), b"x" * (2 * self.STAGE))
+
+    def test_a_small_body_and_a_store_without_direct_writes_use_the_page_cache(self) -> None:
+        s = make(self.tmp_path())
+        w = self.writer(s, self.STAGE - 1)
+        self.assertFalse(w.direct)
+        w.write(b"s" * (self.STAGE - 1))
+        w.commit()
+        plain = DiskStore(str(self.tmp_path() / "plain"), 1 << 20, direct=False)
+        plain.open()
+        w = self.writer(plain, 3 * self.STAGE)
+        self.assertFalse(w.direct)
+        w.write_many([b"p" * self.STAGE] * 3)
+        w.commit()
+        self.assertTrue(all(not direct for _, direct in self.writes))
+        self.assertEqual(body_of(plain, URL), b"p" * (3 * self.STAGE))
+        self.assertEqual(plain._spare_stages, [])
+
+    def test_a_file_system_without_o_direct_gets_the_body_through_the_page_cache(self) -> None:
+        import fcntl
+        real_fcntl = fcntl.fcntl
+
+        def no_direct(fd: int, cmd: int, arg: int = 0) -> int:
+            if cmd == fcntl.F_SETFL and arg & store_module._O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_fcntl(fd, cmd, arg)
+
+        self.monkeypatch().setattr(fcntl, "fcntl", no_direct)
+        s = make(self.tmp_path())
+        w = self.writer(s, 2 * self.STAGE)
+        self.assertFalse(w.direct)
+        w.write_many([b"n" * self.STAGE, b"m" * self.STAGE])
+        w.commit()
+        self.assertEqual(body_of(s, URL), b"n" * self.STAGE + b"m" * self.STAGE)
+
+    def test_a_refused_direct_write_goes_on_through_the_page_cache(self) -> None:
+        s = make(self.tmp_path())
+        w = self.writer(s, 3 * self.STAGE + 5)
+        self.direct_or_skip(w)
+        self.refuse_direct = True  # as a file system whose alignment the stage does not meet
+        w.write_many([b"a" * self.STAGE, b"b" * self.STAGE])
+        w.write(b"c" * (self.STAGE + 5))
+        w.commit()
+        self.assertEqual(self.writes, [(self.STAGE, False)] * 3 + [(5, False)])
+        self.assertEqual(body_of(s, URL), b"a" * self.STAGE + b"b" * self.STAGE + b"c" * (self.STAGE + 5))
+
+    def test_no_staging_buffer_stays_after_a_write_by_default(self) -> None:
+        s = make(self.tmp_path())
+        w = self.writer(s, None)
+        self.direct_or_skip(w)
+        stage = w._stage
+        w.write(b"d" * (self.STAGE + 1))
+        w.commit()
+        self.assertTrue(stage.closed)  # its memory is given back to the system
+        self.assertEqual(s._spare_stages, [])
+
+    def test_staging_buffers_are_reused_and_at_most_direct_spare_are_kept(self) -> None:
+        self.monkeypatch().setattr(store_module, "DIRECT_SPARE", 1)
+        s = make(self.tmp_path())
+        first, second = self.writer(s, None), self.writer(s, None)
+        self.direct_or_skip(first)
+        stages = {id(first._stage), id(second._stage)}
+        self.assertEqual(len(stages), 2)
+        first.write(b"1" * 10)
+        first.commit()
+        second.write(b"2" * (self.STAGE + 1))
+        second.abort()  # an abort gives its stage back too
+        self.assertEqual(len(s._spare_stages), store_module.DIRECT_SPARE)
+        third = self.writer(s, None)
+        self.assertIn(id(third._stage), stages)
+        third.abort()
+        self.assertEqual([n for n in files(s) if n.startswith(".tmp-")], [])
+
+    def test_a_full_disk_during_a_direct_write_refuses_cleanly(self) -> None:
+        s = make(self.tmp_path())
+        w = self.writer(s, 4 * self.STAGE)
+        self.direct_or_skip(w)
+        stage = w._stage
+        real_write = os.write
+
+        def full(fd: int, data: Any) -> int:
+            if os.readlink(f"/proc/self/fd/{fd}") == self.watched:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        self.monkeypatch().setattr(os, "write", full)
+        w.write(b"f" * 10)  # staged: the disk has not seen it yet
+        with self.assertRaisesRegex(StoreError, "No space left"):
+            w.write_many([b"f" * self.STAGE])
+        self.assertTrue(stage.closed)
+        self.assertEqual([n for n in files(s) if n.startswith(".tmp-")], [])
+        with self.assertRaises(StoreError):
+            w.write(b"more")  # a finished writer
+        self.assertIsNone(s.get(URL))
