@@ -157,6 +157,43 @@ async def _all_counted(producer: TaskProducer, bus: Any) -> bool:
     return producer.confirmed <= set(counts)
 
 
+class _MagnetLog:
+    """The test process's magnet log lines (its buses'), with their time."""
+
+    def __init__(self) -> None:
+        from twisted.logger import globalLogPublisher
+        self.lines: list = []
+        self._publisher = globalLogPublisher
+        self._publisher.addObserver(self)
+
+    def __call__(self, event: dict) -> None:
+        if str(event.get("log_namespace", "")).startswith("magnet.amqp"):
+            from twisted.logger import formatEvent
+            self.lines.append((time.monotonic(), formatEvent(event)))
+
+    def stop(self) -> None:
+        self._publisher.removeObserver(self)
+
+
+def _magnet_log() -> _MagnetLog:
+    return _MagnetLog()
+
+
+_SAID = re.compile(r"fresh channel|connected to broker|lost \(|did not|unreachable|no data|closed the connection")
+
+
+def _said_since(said: _MagnetLog, t0: float) -> str:
+    """The link and publishing-channel lines logged since C{t0}, each with its time after it."""
+    lines = [f"{t - t0:+.1f} s {text[:110]}" for t, text in said.lines if t >= t0 and _SAID.search(text)]
+    return "; ".join(lines[:12]) or "nothing logged"
+
+
+def _link_port(bus: Any) -> Any:
+    """The port of the broker node C{bus} is linked to now (None while it has no link)."""
+    protocol = bus.transport._protocol
+    return protocol.url.port if protocol is not None else None
+
+
 def _cluster_view(node: Any) -> dict:
     """C{node}'s cluster_status as JSON (C{{"error": ...}} when it cannot say: paused)."""
     import json
@@ -170,6 +207,11 @@ def _cluster_view(node: Any) -> dict:
 def _diagnose(cluster: Any, cut: Any) -> str:
     """What the running nodes say of their queues and of the channels that wait (where each one is stuck)."""
     out = []
+    for n in cluster.nodes:
+        if n is not cut:  # the channels that wait for confirms, per node
+            out.append(f"{n.nodename} (:{n.port}) channels: " + n.ctl(
+                "list_channels", "name", "messages_unconfirmed", "--timeout", "20",
+                timeout=40).stdout.decode(errors="replace")[-1500:])
     for n in cluster.nodes[:1]:
         if n is cut:
             continue
@@ -281,6 +323,7 @@ async def test_cluster_partition_minority_node_pauses_daemon_fails_over(
         ", its clients' links silent too" if clients_cut else "")
 
     partition = DistPartition()
+    said = _magnet_log()  # what the test's producer bus logs (its links, its fresh publishing channels)
     t_cut = time.monotonic()
     try:
         partition.isolate(c, [a, b], silence_ports=[c.port] if clients_cut else [], target=dist_cut)
@@ -319,9 +362,12 @@ async def test_cluster_partition_minority_node_pauses_daemon_fails_over(
         except AssertionError as e:
             # no work while cut: heal, then count what was confirmed, and say so
             first = str(e).splitlines()[0][:200]
-            bus_state = (f"producer: sent {producer.sent}, failed {len(producer.failed)} {producer.failed[-3:]}; "
-                         f"bus {bus.transport!r}, last error {bus.transport.last_error!r}, "
-                         f"probe sent {probe.sent if 'probe' in locals() else '-'}")
+            bus_state = (f"producer bus: {_said_since(said, t_cut)}\n"
+                         f"producer: sent {producer.sent}, failed {len(producer.failed)} {producer.failed[-3:]}; "
+                         f"bus {bus.transport!r} on :{_link_port(bus)}, last error {bus.transport.last_error!r}, "
+                         f"pending {bus.transport.pending()}, publishing channels replaced "
+                         f"{bus.transport.publishers_replaced} ({bus.transport.confirms_given_up} after a send "
+                         f"timed out); probe sent {probe.sent if 'probe' in locals() else '-'}")
             stalled = f"{e}\n{bus_state}\n{await deferToThread(_diagnose, cluster, c)}\n{node.describe()}"
             await deferToThread(partition.heal)
             await _stalled_then_healed(record, scenario, node, bus, producer, load, t_paused, first,
@@ -332,6 +378,7 @@ async def test_cluster_partition_minority_node_pauses_daemon_fails_over(
         await sleep(3)
     finally:
         await deferToThread(partition.heal)
+        said.stop()
     t_heal = time.monotonic()
     everyone = sorted(x.nodename for x in cluster.nodes)
 
@@ -357,9 +404,10 @@ async def test_cluster_partition_minority_node_pauses_daemon_fails_over(
              f"it not running; daemon linked to :{new_port} {t_link:.1f} s after the cut; first send confirmed "
              f"{(min(after) if after else float('nan')):.1f} s after the cut; a new task done and a new request "
              f"served {t_work:.1f} s after the cut; links restored: three running nodes and no partitions "
-             f"{t_healed:.1f} s later; producer {bus.transport.nacked} nacked and sent again; HTTP {outcomes}; "
+             f"{t_healed:.1f} s later; producer {bus.transport.nacked} nacked and sent again, "
+             f"{bus.transport.confirms_given_up} publishing channels replaced after a send timed out; HTTP {outcomes}; "
              f"failed sends {figures['failed_sends']} {figures['failed_examples'][:2]}; critical log lines "
-             f"{len(critical)}")
+             f"{len(critical)}; producer bus: {_said_since(said, t_cut)}")
     record(scenario, faults_injected=1, sent=figures["sent"], confirmed=figures["confirmed"],
            processed=figures["processed"], lost=figures["lost"], duplicated=figures["duplicated"],
            errors=outcomes["wrong"], notes=notes)
