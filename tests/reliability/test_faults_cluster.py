@@ -235,7 +235,8 @@ def _paused(node: Any) -> bool:
 REFUSED = ("REJECT", "--reject-with", "tcp-reset")
 SILENT = ("DROP",)
 #: Found by this scenario (RabbitMQ 3.10.8, Erlang 25), when the cut is silent
-#: (8 runs of 10; the other two passed): the majority side stalls. Its processes wait in calls to C (a channel's
+#: (8 runs of 10 in an earlier session; the other two passed): the majority
+#: side stalls. Its processes wait in calls to C (a channel's
 #: first publish to a quorum queue, in rabbit_fifo_client:enqueue's rpc:call
 #: to the leader's node; the quorum queues' rpc:multicall ticks; the node
 #: monitor's net_adm:ping): each auto-connects to C and waits net_setuptime
@@ -243,18 +244,25 @@ SILENT = ("DROP",)
 #: C as the leader a minute after the cut. The daemon's link setup on A
 #: (confirm mode, about 20 quorum queue declarations, its consumers) did not
 #: finish within its 32 s bound, nor on B after it, while the cut lasted; in
-#: another run it did, but no send on A was confirmed within 40 s.
-SILENT_STALLS = ("RabbitMQ 3.10.8: with a silent cut, the majority side waits in calls to the paused node, and "
-                 "no work is done while the cut lasts (the daemon's link setup on A and B, or the sends there, "
-                 "time out)")
+#: another run it did, but no send on A was confirmed within 40 s: that part
+#: was a publishing channel RabbitMQ never confirms on again, which magnet now
+#: replaces after a send timed out (docs/reliability.md); with it the silent
+#: cut passed in 2 runs of 2 here. Kept xfail until it has passed as often as
+#: the default run.
+SILENT_STALLS = ("RabbitMQ 3.10.8: with a silent cut, the majority side may wait in calls to the paused node, and "
+                 "no work is done while the cut lasts (the daemon's link setup on A and B times out): "
+                 "docs/reliability.md")
 
 
-#: Refused cuts passed in 2 runs of 3, and with C's AMQP port silent too in 3
-#: of 7 (this machine: five test suites on two cores); see docs/reliability.md
-#: for how the others failed (a daemon that never linked to A or B; the test's
-#: producer bus making no send for 40 s after its link to C went silent).
-REFUSED_STALLS = ("under load, some runs with a refused cut did no work during it (a daemon that never linked to "
-                  "A or B; the test's producer bus stuck after its link to C went silent): docs/reliability.md")
+#: A refused cut with C's AMQP port silent too passed in 3 runs of 7 in an
+#: earlier session (the test's producer bus confirmed nothing for 40 s on A: the
+#: publishing channel that never confirms again, now replaced by magnet), and
+#: in 4 of 5 here after that fix; in the fifth the work went on during the
+#: cut, but the cluster was not healed (three running nodes, no partitions)
+#: 120 s after the restore: not diagnosed (the test now says what each node
+#: said then, and records the row).
+REFUSED_SILENT_CLIENTS = ("with C's AMQP port silent too, 1 run of 5 saw the cluster not healed 120 s after the "
+                          "restore (not diagnosed yet): docs/reliability.md")
 
 
 #: The variants that run by default (CI: its 90 minutes cannot take three
@@ -275,7 +283,7 @@ def _variant(dist_cut: tuple, clients_cut: bool, id: str, reason: Optional[str] 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("dist_cut, clients_cut", [
     _variant(REFUSED, False, "refused-cluster-links"),
-    _variant(REFUSED, True, "refused-cluster-links-silent-client-links", REFUSED_STALLS),
+    _variant(REFUSED, True, "refused-cluster-links-silent-client-links", REFUSED_SILENT_CLIENTS),
     _variant(SILENT, False, "silent-cluster-links", SILENT_STALLS),
 ])
 @pytest_twisted.ensureDeferred
@@ -373,7 +381,8 @@ async def test_cluster_partition_minority_node_pauses_daemon_fails_over(
             stalled = f"{e}\n{bus_state}\n{await deferToThread(_diagnose, cluster, c)}\n{node.describe()}"
             await deferToThread(partition.heal)
             await _stalled_then_healed(record, scenario, node, bus, producer, load, t_paused, first,
-                                       SILENT_STALLS if how == "silent" else REFUSED_STALLS, stalled)
+                                       SILENT_STALLS if how == "silent" else
+                                       "the refused cut did no work during it", stalled)
         t_work = time.monotonic() - t_cut
         dropped = await deferToThread(partition.dropped)
         assert dropped > 0, "the rules dropped nothing: no partition happened"
@@ -384,12 +393,31 @@ async def test_cluster_partition_minority_node_pauses_daemon_fails_over(
     t_heal = time.monotonic()
     everyone = sorted(x.nodename for x in cluster.nodes)
 
+    views: list = []
+
     def healed() -> bool:
-        views = [_cluster_view(n_) for n_ in cluster.nodes]
+        views[:] = [_cluster_view(n_) for n_ in cluster.nodes]
         return all(sorted(v.get("running_nodes", [])) == everyone and not v.get("partitions") for v in views)
 
-    await eventually(lambda: deferToThread(healed), 120, "the cluster healed (three running nodes, no partitions)",
-                     interval=1.0)
+    try:
+        await eventually(lambda: deferToThread(healed), 120,
+                         "the cluster healed (three running nodes, no partitions)", interval=1.0)
+    except AssertionError as e:
+        # work was done during the cut; the cluster did not come back: count, record, and say what each node said
+        seen = "; ".join(f"{n_.nodename}: " + (f"running {sorted(v.get('running_nodes', []))}, partitions "
+                                               f"{v.get('partitions')}" if "error" not in v else v["error"][-200:])
+                         for n_, v in zip(cluster.nodes, views))
+        load.stop()
+        await producer.stop()
+        figures = await producer.settle(bus, timeout=90)
+        outcomes = classify(load.results)
+        record(scenario, faults_injected=1, sent=figures["sent"], confirmed=figures["confirmed"],
+               processed=figures["processed"], lost=figures["lost"], duplicated=figures["duplicated"],
+               errors=outcomes["wrong"] + 1,
+               notes=f"C paused {t_paused:.1f} s after the cut; daemon linked to :{new_port} {t_link:.1f} s after it; "
+                     f"work done during the cut; but the cluster not healed 120 s after the restore: {seen}; "
+                     f"HTTP {outcomes}")
+        raise AssertionError(f"{e}: {seen}\n--- {c.nodename}:\n{c.log_tail(40)}") from None
     t_healed = time.monotonic() - t_heal
     await sleep(3)
     load.stop()
