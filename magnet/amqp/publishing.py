@@ -230,19 +230,21 @@ class Publishing(Link):
         link is up and the broker does not block publishers.
 
         The broker did not confirm in the sender's time. On a slow broker the
-        confirm is merely late; but RabbitMQ 3.10 can leave a channel that
-        will never confirm again: a channel whose first publish to a quorum
-        queue went to a leader on a node that was then cut off (a partition:
-        the node paused under C{pause_minority}) waits for that leader for
-        ever, no basic.nack, nothing (seen in the cluster partition scenario:
-        40 s of sends not confirmed on a link that was otherwise fine, while
-        fresh links to the same node published). So the current publishing
+        confirm is merely late; but RabbitMQ 3.10.8 left channels that never
+        confirmed again in the cluster partition scenario (the node holding
+        the quorum queues' leaders cut off and paused under
+        C{pause_minority}): a client linked again to a majority node right
+        after the pause sent for 40 s on a link otherwise fine, every send
+        timing out, no basic.nack, nothing, while links made a few seconds
+        later to the same node published; a fresh channel on the same link
+        was confirmed within about a second (most likely the channel's
+        publishes went to the old leader, as after a node's kill, where
+        3.10 refuses them instead: L{_nacked}). So the current publishing
         channel is replaced by a fresh one, as after a refusal: the sends
-        after it go there (a fresh channel finds the queue's new leader). The
-        old channel is closed once no sender waits on it any more; a late
-        confirm there still settles whoever waits. At most one replacement is
-        in progress at a time, so a slow broker costs a channel per send
-        timeout at most.
+        after it go there. The old channel is closed once no sender waits on
+        it any more; a late confirm there still settles whoever waits. At
+        most one replacement is in progress at a time, so a slow broker
+        costs a channel per send timeout at most.
         """
         if channel.retired:
             if channel.open and not channel.waiting(given_up):
