@@ -247,8 +247,8 @@ SILENT = ("DROP",)
 #: another run it did, but no send on A was confirmed within 40 s: that part
 #: was a publishing channel RabbitMQ never confirms on again, which magnet now
 #: replaces after a send timed out (docs/reliability.md); with it the silent
-#: cut passed in 2 runs of 2 here. Kept xfail until it has passed as often as
-#: the default run.
+#: cut passed in 5 runs of 5, the stall above not seen, so it must pass too.
+#: When no work is done during a cut the failure says so:
 SILENT_STALLS = ("RabbitMQ 3.10.8: with a silent cut, the majority side may wait in calls to the paused node, and "
                  "no work is done while the cut lasts (the daemon's link setup on A and B times out): "
                  "docs/reliability.md")
@@ -284,7 +284,7 @@ def _variant(dist_cut: tuple, clients_cut: bool, id: str, reason: Optional[str] 
 @pytest.mark.parametrize("dist_cut, clients_cut", [
     _variant(REFUSED, False, "refused-cluster-links"),
     _variant(REFUSED, True, "refused-cluster-links-silent-client-links", REFUSED_SILENT_CLIENTS),
-    _variant(SILENT, False, "silent-cluster-links", SILENT_STALLS),
+    _variant(SILENT, False, "silent-cluster-links"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_cluster_partition_minority_node_pauses_daemon_fails_over(
