@@ -311,6 +311,13 @@ class _PublishChannel:
         if reason is not None:
             d.errback(Timeout(f"no confirm from the broker: it blocks publishers ({reason}; connection.blocked); "
                               f"it may still take the message when the block lifts"))
+            return
+        # No confirm in the sender's time on a link that is up and not blocked:
+        # the channel may never confirm again (RabbitMQ 3.10: a channel whose
+        # publishes to a quorum queue went to a leader that was cut off waits
+        # for it for ever), so the transport publishes on a fresh channel.
+        if not self.protocol.going:
+            self.protocol.owner._confirm_given_up(self, d)
 
     def send(self, p: _Pending) -> None:
         """Write C{p}'s message (basic.publish + content) under the next sequence number."""
@@ -403,14 +410,18 @@ class _PublishChannel:
                 nacked.append(p)
         if nacked:
             self.protocol.owner._nacked(self, nacked)
-        if self.retired and not pending and self.open:
+        if self.retired and self.open and not self.waiting():
             self.release()
 
     def retire(self) -> None:
         """A fresh channel publishes from now on: close this one once nothing waits for a confirm."""
         self.retired = True
-        if not self.pending:
+        if not self.waiting():
             self.release()
+
+    def waiting(self, given_up: Optional[Deferred] = None) -> bool:
+        """Whether a sender still waits for a confirm on this channel (besides C{given_up}'s)."""
+        return any(not p.deferred.called and p.deferred is not given_up for p in self.pending.values())
 
     def release(self) -> None:
         self.open = False

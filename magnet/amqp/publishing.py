@@ -44,6 +44,9 @@ class Publishing(Link):
         #: messages the broker refused (basic.nack), and publishing channels replaced for it
         self.nacked = 0
         self.publishers_replaced = 0
+        #: publishing channels replaced because a sender gave up waiting for a confirm there, on a
+        #: link up and not blocked (L{_confirm_given_up}); counted in C{publishers_replaced} too
+        self.confirms_given_up = 0
         self._publisher: Optional[_PublishChannel] = None
         #: publishes held while the broker blocks publishers (L{_publish_when_unblocked})
         self._held: List[Deferred] = []
@@ -149,8 +152,8 @@ class Publishing(Link):
     @defer.inlineCallbacks
     def _reopen_publisher(self, protocol: _AMQPProtocol) -> Any:
         try:
-            ch = yield protocol.open_channel()
-            yield ch.confirm_select(nowait=False)
+            ch = yield answer_within(protocol.open_channel(), self.operation_timeout, self.reactor, protocol)
+            yield answer_within(ch.confirm_select(nowait=False), self.operation_timeout, self.reactor, protocol)
         except Exception as e:
             self.log.warn("could not reopen the publishing channel ({reason}); dropping the link", reason=e)
             if not protocol.lost:
@@ -175,7 +178,7 @@ class Publishing(Link):
         """
         self.nacked += len(nacked)
         if channel is self._publisher and not channel.replacing and not channel.retired:
-            self._replace_publisher(channel)
+            self._replace_publisher(channel, "the broker refused (basic.nack) a message")
         now = self.reactor.seconds()
         for p in nacked:
             if p.deferred.called:
@@ -221,13 +224,45 @@ class Publishing(Link):
         # the fresh channel is being opened (or the link is down): wait for it
         self.reactor.callLater(0.05, self._republish, p, refused_on)
 
+    def _confirm_given_up(self, channel: _PublishChannel, given_up: Deferred) -> None:
+        """Called by a publishing channel: a sender gave up waiting for the
+        confirm of C{given_up} (the bus's send timeout cancels it) while the
+        link is up and the broker does not block publishers.
+
+        The broker did not confirm in the sender's time. On a slow broker the
+        confirm is merely late; but RabbitMQ 3.10.8 left channels that never
+        confirmed again in the cluster partition scenario (the node holding
+        the quorum queues' leaders cut off and paused under
+        C{pause_minority}): a client linked again to a majority node right
+        after the pause sent for 40 s on a link otherwise fine, every send
+        timing out, no basic.nack, nothing, while links made a few seconds
+        later to the same node published; a fresh channel on the same link
+        was confirmed within about a second (most likely the channel's
+        publishes went to the old leader, as after a node's kill, where
+        3.10 refuses them instead: L{_nacked}). So the current publishing
+        channel is replaced by a fresh one, as after a refusal: the sends
+        after it go there. The old channel is closed once no sender waits on
+        it any more; a late confirm there still settles whoever waits. At
+        most one replacement is in progress at a time, so a slow broker
+        costs a channel per send timeout at most.
+        """
+        if channel.retired:
+            if channel.open and not channel.waiting(given_up):
+                channel.release()  # its last sender gave up: nothing to wait for there
+            return
+        if (self._stopping or not self._running or channel is not self._publisher or channel.replacing
+                or not self.connected):
+            return
+        self.confirms_given_up += 1
+        self._replace_publisher(channel, "a sender gave up waiting for a confirm")
+
     @defer.inlineCallbacks
-    def _replace_publisher(self, old: _PublishChannel) -> Any:
-        """Open a fresh publishing channel; C{old} is closed once its last publish is settled."""
+    def _replace_publisher(self, old: _PublishChannel, why: str) -> Any:
+        """Open a fresh publishing channel; C{old} is closed once no sender waits on it."""
         old.replacing = True
         protocol = old.protocol
         try:
-            ch = yield protocol.open_channel()
+            ch = yield answer_within(protocol.open_channel(), self.operation_timeout, self.reactor, protocol)
             yield answer_within(ch.confirm_select(nowait=False), self.operation_timeout, self.reactor, protocol)
         except Exception as e:
             old.replacing = False
@@ -245,6 +280,6 @@ class Publishing(Link):
         protocol.fast[ch.id] = publisher
         self._publisher = publisher
         self.publishers_replaced += 1
-        self.log.info("the broker refused (basic.nack) a message on publishing channel {old}; "
-                      "publishing on a fresh channel {new} from now on", old=old.id, new=ch.id)
+        self.log.info("{why} on publishing channel {old}; publishing on a fresh channel {new} from now on",
+                      why=why, old=old.id, new=ch.id)
         old.retire()

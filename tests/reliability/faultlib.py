@@ -508,7 +508,9 @@ def partition_unavailable() -> Optional[str]:
     import shutil
     import subprocess
     if shutil.which("iptables") is None:
-        return "iptables is not installed"
+        installed = _install_iptables()
+        if installed:
+            return installed
     try:
         done = subprocess.run(["iptables", "-S", "INPUT"], capture_output=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -516,6 +518,26 @@ def partition_unavailable() -> Optional[str]:
     if done.returncode != 0:
         return f"iptables -S INPUT exited {done.returncode}: {done.stderr.decode(errors='replace')[-300:]}"
     return None
+
+
+def _install_iptables() -> Optional[str]:
+    """Install Debian's iptables when run as root on Debian (as tests/rabbitmq.py
+    installs rabbitmq-server): a clean CI machine has none. None once it is
+    there, else why not."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or not os.path.exists("/etc/debian_version") or shutil.which("apt-get") is None:
+        return "iptables is not installed (as root on Debian the test installs it: apt-get install iptables)"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "iptables"]):
+        try:
+            done = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"iptables is not installed, and {' '.join(cmd)} failed: {e}"
+        if done.returncode != 0 and cmd[1] == "install":
+            return (f"iptables is not installed, and {' '.join(cmd)} exited {done.returncode}: "
+                    f"{done.stdout.decode(errors='replace')[-500:]}")
+    return None if shutil.which("iptables") else "iptables is not installed (apt-get install iptables put none on PATH)"
 
 
 class DistPartition:
