@@ -241,6 +241,7 @@ class _ConsumerChannel:
                 self.protocol.write_nack(self.id, self._delivery_tag, True)
             return
         self.unsettled += 1
+        self.protocol._delivered = True  # this read's acks go out at its end (see _AMQPProtocol._hold_acks)
         message, _ = decode_properties(buf, pos, body, end=end)
         consumer = self.consumer
         delivery = AMQPDelivery(message, consumer.queue, self._redelivered, self._exchange,
