@@ -225,3 +225,44 @@ class HeldAckTests(SynchronousTestCase):
         self.broker.drop()
         self.h.clock.advance(ACK_HOLD)
         self.assertEqual(self._acked(), [])  # the broker gives the request back: at least once
+
+
+class NoAckConsumerTests(SynchronousTestCase):
+    """A consumer with no_ack: the broker settles each message as it sends it,
+    so nothing is ever acked or nacked on its channel (RabbitMQ would close
+    the channel, 406 unknown delivery tag)."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.broker = self.h.up()
+        self.got: List[AMQPDelivery] = []
+        d = self.h.transport.consume("replies", self.got.append, prefetch=0, no_ack=True)
+        self.h.pump()
+        self.consumer = self.successResultOf(d)
+
+    def test_basic_consume_asks_for_no_ack(self) -> None:
+        self.assertEqual([f["no_ack"] for f in self.h.sent("basic.consume")], [True])
+        self.assertTrue(self.consumer.no_ack)
+
+    def test_its_deliveries_are_never_acked_or_nacked(self) -> None:
+        self.broker.feed(deliver(2, 1, Message(body=b"a")) + deliver(2, 2, Message(body=b"b")))
+        self.got[0].ack()
+        self.got[1].nack(requeue=True)
+        self.h.clock.advance(ACK_HOLD)
+        self.h.pump()
+        self.assertEqual([d.message.body for d in self.got], [b"a", b"b"])
+        self.assertEqual([n for n in self.broker.names(2) if n in ("basic.ack", "basic.nack")], [])
+        self.assertEqual(self.consumer._channel.unsettled, 0)
+
+    def test_a_delivery_after_the_cancel_is_dropped_and_the_channel_closes_at_once(self) -> None:
+        self.broker.hold.add("basic.cancel")
+        state = self.consumer._channel
+        d = self.consumer.cancel()
+        self.h.pump()
+        self.broker.feed(deliver(2, 3, Message(body=b"late")))  # crossed the cancel on the wire
+        self.assertEqual(self.got, [])
+        self.assertNotIn("basic.nack", self.broker.names(2))
+        self.broker.feed(self.broker.answer(*self.broker.held.pop()))
+        self.successResultOf(d)
+        self.assertFalse(state.open)  # nothing unsettled to wait for
+        self.assertIn("channel.close", self.broker.names(2))
