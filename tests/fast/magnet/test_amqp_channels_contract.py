@@ -209,6 +209,25 @@ class HeldAckTests(SynchronousTestCase):
         self.assertEqual([(f["delivery_tag"], f["multiple"]) for c, n, f in self.broker.received
                           if c == 2 and n == "basic.ack"], [(10, True)])  # at the end of the read
 
+    def test_an_ack_while_another_request_is_unsettled_is_not_held(self) -> None:
+        self._answered(1)
+        self._answered(2)  # its reply not yet confirmed: the channel is busy
+        self.broker.feed(ack(1, 1))
+        self.assertEqual(self._acked(), [1])  # at the end of the read: it frees a place of the window now
+
+    def test_two_acks_of_one_read_are_not_held(self) -> None:
+        self._answered(1)
+        self._answered(2)
+        self.broker.feed(ack(1, 2, multiple=True))
+        self.assertEqual([(f["delivery_tag"], f["multiple"]) for c, n, f in self.broker.received
+                          if c == 2 and n == "basic.ack"], [(2, True)])
+
+    def test_a_consumer_with_prefetch_1_never_holds_its_ack(self) -> None:
+        self.consumer.prefetch = 1  # one held ack would stop the broker's deliveries to it
+        self._answered(1)
+        self.broker.feed(ack(1, 1))
+        self.assertEqual(self._acked(), [1])
+
     def test_held_acks_go_before_a_cancel(self) -> None:
         self._answered(1)
         self.broker.feed(ack(1, 1))
