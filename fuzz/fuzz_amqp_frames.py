@@ -70,6 +70,8 @@ class Transport(StringTransport):
 
 class Consumer:
     queue = "q"
+    prefetch = 10
+    no_ack = False
 
     def __init__(self):
         self.deliveries = []

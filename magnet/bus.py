@@ -481,14 +481,19 @@ class Bus(Service):
         d.addCallback(lambda _: self.consume(queue, handler, prefetch=prefetch))
         return d
 
-    def _consume(self, name: str, handle: Callable[[Message, Delivery], Any], prefetch: Optional[int]) -> Deferred:
+    def _consume(self, name: str, handle: Callable[[Message, Delivery], Any], prefetch: Optional[int],
+                 no_ack: bool = False) -> Deferred:
         subscription = Subscription(self, name)
         self._subscriptions.add(subscription)
 
         def on_delivery(delivery: Delivery) -> None:
             self._handle(subscription, delivery, handle)
 
-        d = self.transport.consume(name, on_delivery, prefetch=self.prefetch if prefetch is None else prefetch)
+        prefetch = self.prefetch if prefetch is None else prefetch
+        if no_ack:
+            d = self.transport.consume(name, on_delivery, prefetch=prefetch, no_ack=True)
+        else:  # transports written before no_ack need not know it
+            d = self.transport.consume(name, on_delivery, prefetch=prefetch)
 
         def started(consumer: Any) -> Subscription:
             subscription._consumer = consumer
@@ -800,7 +805,10 @@ class Bus(Service):
 
     def _reply_address(self) -> Deferred:
         if self._reply_listener is None:
-            self._reply_listener = self.listen(self._on_reply, prefetch=0)
+            # Replies are consumed without acks (no-ack): the reply queue is this link's own
+            # (exclusive, auto-delete), so a reply the link loses dies with the queue whether
+            # acked or not, and an ack per call would only be one more frame for the broker.
+            self._reply_listener = self._listen(self._on_reply, prefetch=0, no_ack=True)
             self._reply_listener.addCallback(self._reply_listener_ready)
             self._reply_listener.addErrback(self._forget_reply_listener)
         return _observe(self._reply_listener)
@@ -842,13 +850,23 @@ class Bus(Service):
         as a single active consumer, so streams arrive whole. C{on_stream} is called
         with each stream as it starts; without it, take streams with
         L{Listener.next_stream}."""
+        return self._listen(handler, name=name, shared=shared, durable=durable, prefetch=prefetch,
+                            on_stream=on_stream)
+
+    def _listen(self, handler: Optional[Handler] = None, *, name: Optional[str] = None, shared: bool = False,
+                durable: bool = False, prefetch: Optional[int] = None,
+                on_stream: Optional[Callable[[stream.Stream], Any]] = None, no_ack: bool = False) -> Deferred:
+        """L{listen}; C{no_ack} (a private address only): its messages are not
+        acked (see L{magnet.transport.Transport.consume})."""
+        if no_ack and (shared or durable):
+            raise ValueError("no_ack is for a private address only")
         address = name or f"magnet.listen.{self.node}.{uuid.uuid4().hex}"
         listener = Listener(self, address, handler, self.stream_idle_timeout, on_stream)
         if durable:
             d = self.declare_address(address)
         else:
             d = self.transport.declare_queue(address, durable=False, exclusive=not shared, auto_delete=True)
-        d.addCallback(lambda _: self._consume(address, listener._on_message, prefetch))
+        d.addCallback(lambda _: self._consume(address, listener._on_message, prefetch, no_ack))
 
         def ready(subscription: Subscription) -> Listener:
             listener.subscription = subscription

@@ -71,11 +71,14 @@ class MemoryDelivery:
 
 
 class MemoryConsumer:
-    def __init__(self, queue: "_Queue", on_delivery: OnDelivery, prefetch: int, owner: "MemoryTransport") -> None:
+    def __init__(self, queue: "_Queue", on_delivery: OnDelivery, prefetch: int, owner: "MemoryTransport",
+                 no_ack: bool = False) -> None:
         self.queue = queue.name
         self._queue = queue
         self._on_delivery = on_delivery
-        self.prefetch = prefetch
+        #: the broker counts a delivery done once sent (see L{magnet.transport.Transport.consume})
+        self.no_ack = no_ack
+        self.prefetch = 0 if no_ack else prefetch
         self.owner = owner
         self.unacked: Dict[int, Tuple[Message, int]] = {}
         self.active = True
@@ -86,8 +89,11 @@ class MemoryConsumer:
 
     def _deliver(self, message: Message, redelivered: bool, size: int) -> None:
         tag = next(self._tags)
-        self.unacked[tag] = (message, size)
         delivery = MemoryDelivery(message, self.queue, redelivered, self, tag)
+        if self.no_ack:
+            delivery._done = True  # settled as it leaves the queue: ack() and nack() do nothing
+        else:
+            self.unacked[tag] = (message, size)
         try:
             self._on_delivery(delivery)
         except Exception:
@@ -552,7 +558,7 @@ class MemoryTransport:
         queues = self.broker.queues
         return succeed({name for name in names if name in queues})
 
-    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10) -> Deferred:
+    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10, no_ack: bool = False) -> Deferred:
         if not self.connected:
             return fail(NotConnected("memory transport is not started"))
         q = self.broker.queues.get(queue)
@@ -560,7 +566,7 @@ class MemoryTransport:
             return fail(ChannelError(f"NOT_FOUND: no queue {queue!r}"))
         if q.exclusive_owner is not None and q.exclusive_owner is not self:
             return fail(ChannelError(f"RESOURCE_LOCKED: queue {queue!r} is exclusive to another connection"))
-        consumer = MemoryConsumer(q, on_delivery, prefetch, self)
+        consumer = MemoryConsumer(q, on_delivery, prefetch, self, no_ack=no_ack)
         self.consumers.append(consumer)
         q.add_consumer(consumer)
         return succeed(consumer)

@@ -150,6 +150,12 @@ class Transport(Protocol):
         (a queue exclusive to another connection counts: it takes publishes).
         Declares nothing and remembers nothing."""
 
-    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10) -> Deferred:
+    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10, no_ack: bool = False) -> Deferred:
         """Fires with a L{Consumer}. C{on_delivery} is called synchronously for
-        every delivery, in order; at most C{prefetch} are unacknowledged at once."""
+        every delivery, in order; at most C{prefetch} are unacknowledged at once.
+
+        C{no_ack}: the broker counts a message as delivered once it has sent
+        it (no ack from this side; C{ack()} and C{nack()} of its deliveries
+        do nothing, and what arrives after the consumer is cancelled is
+        dropped). Only for a queue whose messages die with the link anyway,
+        such as a caller's private reply queue (exclusive, auto-delete)."""

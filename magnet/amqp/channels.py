@@ -88,10 +88,13 @@ class AMQPConsumer:
 
     log = Logger()
 
-    def __init__(self, transport: Any, queue: str, on_delivery: OnDelivery, prefetch: int) -> None:
+    def __init__(self, transport: Any, queue: str, on_delivery: OnDelivery, prefetch: int,
+                 no_ack: bool = False) -> None:
         self.queue = queue
         self.on_delivery = on_delivery
-        self.prefetch = prefetch
+        #: basic.consume with no-ack: the broker takes a message as settled once sent
+        self.no_ack = no_ack
+        self.prefetch = 0 if no_ack else prefetch
         self.cancelled = False
         #: True while the broker is delivering to it (False while the link is
         #: down, or after the broker cancelled it because its queue was deleted).
@@ -235,16 +238,20 @@ class _ConsumerChannel:
     def _deliver(self, buf: bytes, pos: int, body: bytes, end: Optional[int] = None) -> None:
         """A whole message: its content header's properties at C{pos} of C{buf},
         ending by C{end} (the header frame's end; default the end of C{buf})."""
+        consumer = self.consumer
         if not self.delivering:
-            # arrived after basic.cancel was sent: straight back to the queue
-            if self.open:
+            # arrived after basic.cancel was sent: straight back to the queue (no-ack: it is gone)
+            if self.open and not consumer.no_ack:
                 self.protocol.write_nack(self.id, self._delivery_tag, True)
             return
-        self.unsettled += 1
+        self.protocol._delivered = True  # this read's acks go out at its end (see _AMQPProtocol._hold_acks)
         message, _ = decode_properties(buf, pos, body, end=end)
-        consumer = self.consumer
         delivery = AMQPDelivery(message, consumer.queue, self._redelivered, self._exchange,
                                 self._routing_key, self, self._delivery_tag)
+        if consumer.no_ack:
+            delivery._settled = True  # the broker settled it as it sent it: ack() and nack() do nothing
+        else:
+            self.unsettled += 1
         try:
             consumer.on_delivery(delivery)
         except Exception:

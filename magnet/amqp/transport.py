@@ -400,11 +400,12 @@ class AMQPTransport(Publishing):
 
     # -- consuming
 
-    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10) -> Deferred:
-        """Fires with an L{AMQPConsumer} once the broker delivers to it."""
+    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 10, no_ack: bool = False) -> Deferred:
+        """Fires with an L{AMQPConsumer} once the broker delivers to it (C{no_ack}:
+        see L{magnet.transport.Transport.consume})."""
         if not 0 <= prefetch <= 65535:
             return defer.fail(ValueError(f"prefetch must be 0..65535, got {prefetch}"))
-        consumer = AMQPConsumer(self, queue, on_delivery, prefetch)
+        consumer = AMQPConsumer(self, queue, on_delivery, prefetch, no_ack)
 
         def registered(_: Any) -> AMQPConsumer:
             if consumer.cancelled:
@@ -425,7 +426,7 @@ class AMQPTransport(Publishing):
             state = _ConsumerChannel(protocol, ch.id, consumer, tag)
             state.txchannel = ch
             protocol.fast[ch.id] = state
-            yield answer_within(ch.basic_consume(queue=consumer.queue, consumer_tag=tag, no_ack=False),
+            yield answer_within(ch.basic_consume(queue=consumer.queue, consumer_tag=tag, no_ack=consumer.no_ack),
                            self.operation_timeout, self.reactor, protocol)
         except Exception:
             protocol.fast.pop(ch.id, None)

@@ -769,6 +769,8 @@ class _Owner:
 
 class _Consumer:
     queue = "q"
+    prefetch = 10
+    no_ack = False
 
     def __init__(self) -> None:
         self.deliveries: list = []

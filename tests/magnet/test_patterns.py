@@ -236,6 +236,29 @@ def test_rpc_timeout_and_unroutable(make_bus: Any, names: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_rpc_replies_without_acks_and_requests_acked_after_their_replies(make_bus: Any, names: Any) -> Any:
+    """Replies are consumed no-ack and a server's request acks ride with its next reply:
+    a reply that comes after its call timed out leaves the reply consumer working (an ack
+    or nack of a no-ack delivery would make RabbitMQ close its channel), and every request
+    answered is acked once the server stops (none comes back to the queue)."""
+    q = names("seq")
+    server, client = make_bus(), make_bus()
+    subscription = yield server.serve(q, Store())
+    for i in range(50):
+        assert (yield client.call(q, "get", key="a")) == 1
+    with pytest.raises(magnet.Timeout):
+        yield client.call(q, "slow", seconds=0.5, timeout=0.1)
+    yield settle(0.8)  # the late reply has arrived meanwhile, and was dropped
+    assert (yield client.call(q, "get", key="a")) == 1
+    yield subscription.cancel()
+    leftover: List[Message] = []
+    other = make_bus()
+    yield other.consume(q, leftover.append)
+    yield settle(0.5)
+    assert leftover == []
+
+
+@pytest_twisted.inlineCallbacks
 def test_rpc_malformed_request_gets_error_reply(make_bus: Any, names: Any) -> Any:
     q = names("strict")
     server, client = make_bus(), make_bus()

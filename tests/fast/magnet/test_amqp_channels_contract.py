@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from magnet.amqp import AMQPDelivery
 from magnet.amqp.channels import _PublishChannel
+from magnet.amqp.protocol import ACK_HOLD
 from magnet.amqp.wire import PUBLISH_SEQ_HEADER, _content_frames, encode_table
 from magnet.errors import ConnectionLost, Unroutable
 from magnet.message import Message
@@ -131,4 +132,156 @@ class ConsumerChannelTests(SynchronousTestCase):
         self.h.clock.advance(self.h.transport.close_timeout)
         self.h.pump()
         self.successResultOf(d)
+        self.assertIn("channel.close", self.broker.names(2))
+
+
+class HeldAckTests(SynchronousTestCase):
+    """An ack made in a read that delivered nothing (an RPC server's request,
+    acked once the confirm of its reply came) waits for the link's next write,
+    bounded in time and by the prefetch; other acks go at the end of their read."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.broker = self.h.up()
+        self.got: List[AMQPDelivery] = []
+        d = self.h.transport.consume("q", self.got.append, prefetch=10)
+        self.h.pump()
+        self.consumer = self.successResultOf(d)
+        self.h.pump()
+
+    def _writes(self) -> List[bytes]:
+        """Record every write to the link's transport from now on."""
+        writes: List[bytes] = []
+        wire = self.broker.wire
+        write = wire.write
+        wire.write = lambda data: (writes.append(data), write(data))  # type: ignore[method-assign]
+        return writes
+
+    def _answered(self, tag: int) -> AMQPDelivery:
+        """Deliver request C{tag}; the consumer publishes its reply while the
+        delivery is read and acks the request once the reply is confirmed (as
+        an RPC server on the bus does)."""
+
+        def answer(delivery: AMQPDelivery) -> None:
+            self.got.append(delivery)
+            d = self.h.transport.publish("", "reply-to", Message(body=b"reply"))
+            d.addCallback(lambda _: delivery.ack())
+
+        self.consumer.on_delivery = answer
+        self.broker.feed(deliver(2, tag, Message(body=b"request")))
+        return self.got[-1]
+
+    def _acked(self) -> List[int]:
+        return [f["delivery_tag"] for c, n, f in self.broker.received if c == 2 and n == "basic.ack"]
+
+    def test_an_ack_after_a_confirm_goes_out_with_the_next_write(self) -> None:
+        self._answered(1)
+        writes = self._writes()
+        self.broker.feed(ack(1, 1))  # the reply's confirm: the request is done
+        self.assertEqual(writes, [])  # no write of its own
+        self.assertEqual(self._acked(), [])
+        self._answered(2)  # the next reply's publish takes the ack along, in one write
+        self.assertEqual(len(writes), 1)
+        self.assertEqual(self._acked(), [1])
+        self.assertEqual(self.broker.publishes[-1][0], 1)
+
+    def test_a_held_ack_goes_out_within_ack_hold_when_nothing_else_is_written(self) -> None:
+        self._answered(1)
+        self.broker.feed(ack(1, 1))
+        self.h.clock.advance(ACK_HOLD * 0.9)
+        self.h.pump()
+        self.assertEqual(self._acked(), [])
+        self.h.clock.advance(ACK_HOLD * 0.1)
+        self.h.pump()
+        self.assertEqual(self._acked(), [1])
+        self.assertIsNone(self.h.transport._protocol._ack_timer)  # no timer keeps going while idle
+
+    def test_acks_of_a_read_that_delivered_go_out_at_its_end(self) -> None:
+        self.consumer.on_delivery = lambda delivery: delivery.ack()  # a worker-queue consumer, synchronous
+        self.broker.feed(deliver(2, 1, Message(body=b"a")) + deliver(2, 2, Message(body=b"b")))
+        self.assertEqual([(n, f["delivery_tag"], f["multiple"]) for c, n, f in self.broker.received
+                          if c == 2 and n == "basic.ack"], [("basic.ack", 2, True)])
+
+    def test_an_ack_that_would_fill_the_prefetch_is_not_held(self) -> None:
+        deliveries = [self._answered(tag) for tag in range(1, 11)]  # 10 unsettled: the prefetch
+        self.assertEqual(len(deliveries), 10)
+        self.broker.feed(ack(1, 10, multiple=True))  # every reply confirmed
+        self.assertEqual([(f["delivery_tag"], f["multiple"]) for c, n, f in self.broker.received
+                          if c == 2 and n == "basic.ack"], [(10, True)])  # at the end of the read
+
+    def test_an_ack_while_another_request_is_unsettled_is_not_held(self) -> None:
+        self._answered(1)
+        self._answered(2)  # its reply not yet confirmed: the channel is busy
+        self.broker.feed(ack(1, 1))
+        self.assertEqual(self._acked(), [1])  # at the end of the read: it frees a place of the window now
+
+    def test_two_acks_of_one_read_are_not_held(self) -> None:
+        self._answered(1)
+        self._answered(2)
+        self.broker.feed(ack(1, 2, multiple=True))
+        self.assertEqual([(f["delivery_tag"], f["multiple"]) for c, n, f in self.broker.received
+                          if c == 2 and n == "basic.ack"], [(2, True)])
+
+    def test_a_consumer_with_prefetch_1_never_holds_its_ack(self) -> None:
+        self.consumer.prefetch = 1  # one held ack would stop the broker's deliveries to it
+        self._answered(1)
+        self.broker.feed(ack(1, 1))
+        self.assertEqual(self._acked(), [1])
+
+    def test_held_acks_go_before_a_cancel(self) -> None:
+        self._answered(1)
+        self.broker.feed(ack(1, 1))
+        d = self.consumer.cancel()
+        self.h.pump()
+        self.successResultOf(d)
+        names = self.broker.names(2)
+        self.assertLess(names.index("basic.ack"), names.index("basic.cancel"))
+        self.assertEqual(self._acked(), [1])
+
+    def test_held_acks_die_with_the_link(self) -> None:
+        self._answered(1)
+        self.broker.feed(ack(1, 1))
+        self.broker.drop()
+        self.h.clock.advance(ACK_HOLD)
+        self.assertEqual(self._acked(), [])  # the broker gives the request back: at least once
+
+
+class NoAckConsumerTests(SynchronousTestCase):
+    """A consumer with no_ack: the broker settles each message as it sends it,
+    so nothing is ever acked or nacked on its channel (RabbitMQ would close
+    the channel, 406 unknown delivery tag)."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.broker = self.h.up()
+        self.got: List[AMQPDelivery] = []
+        d = self.h.transport.consume("replies", self.got.append, prefetch=0, no_ack=True)
+        self.h.pump()
+        self.consumer = self.successResultOf(d)
+
+    def test_basic_consume_asks_for_no_ack(self) -> None:
+        self.assertEqual([f["no_ack"] for f in self.h.sent("basic.consume")], [True])
+        self.assertTrue(self.consumer.no_ack)
+
+    def test_its_deliveries_are_never_acked_or_nacked(self) -> None:
+        self.broker.feed(deliver(2, 1, Message(body=b"a")) + deliver(2, 2, Message(body=b"b")))
+        self.got[0].ack()
+        self.got[1].nack(requeue=True)
+        self.h.clock.advance(ACK_HOLD)
+        self.h.pump()
+        self.assertEqual([d.message.body for d in self.got], [b"a", b"b"])
+        self.assertEqual([n for n in self.broker.names(2) if n in ("basic.ack", "basic.nack")], [])
+        self.assertEqual(self.consumer._channel.unsettled, 0)
+
+    def test_a_delivery_after_the_cancel_is_dropped_and_the_channel_closes_at_once(self) -> None:
+        self.broker.hold.add("basic.cancel")
+        state = self.consumer._channel
+        d = self.consumer.cancel()
+        self.h.pump()
+        self.broker.feed(deliver(2, 3, Message(body=b"late")))  # crossed the cancel on the wire
+        self.assertEqual(self.got, [])
+        self.assertNotIn("basic.nack", self.broker.names(2))
+        self.broker.feed(self.broker.answer(*self.broker.held.pop()))
+        self.successResultOf(d)
+        self.assertFalse(state.open)  # nothing unsettled to wait for
         self.assertIn("channel.close", self.broker.names(2))

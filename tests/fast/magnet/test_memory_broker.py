@@ -272,3 +272,20 @@ class URLTests(SynchronousTestCase):
     def test_transport_options_do_not_reach_the_bus(self) -> None:
         bus = magnet.connect("memory://opts", reactor=Clock(), rpc_timeout=3)
         self.assertEqual(bus.rpc_timeout, 3)
+
+
+class NoAckTests(TransportCase):
+    def test_a_no_ack_consumer_holds_nothing(self) -> None:
+        self.a.declare_queue("replies", durable=False, exclusive=True)
+        got: List[Any] = []
+        consumer = self.successResultOf(self.a.consume("replies", got.append, prefetch=1, no_ack=True))
+        self.publish("replies", b"0", b"1", b"2")
+        self.broker.flush()
+        self.assertEqual([d.message.body for d in got], [b"0", b"1", b"2"])  # no prefetch: nothing to ack
+        self.assertEqual(consumer.unacked, {})
+        got[0].nack(requeue=True)  # does nothing: it left the queue settled
+        self.successResultOf(consumer.cancel())
+        again: List[Any] = []
+        self.a.consume("replies", again.append)
+        self.broker.flush()
+        self.assertEqual(again, [])

@@ -77,6 +77,16 @@ class CallTests(BusCase):
     def test_a_call_returns_its_result(self) -> None:
         self.assertEqual(self.call("store", "get", key="a"), 1)
 
+    def test_replies_are_consumed_without_acks(self) -> None:
+        self.assertEqual(self.call("store", "get", key="a"), 1)
+        replies = [c for c in self.client.transport.consumers if c.queue == self.client._reply_to]
+        self.assertEqual([c.no_ack for c in replies], [True])
+        self.assertEqual(self.call("store", "get", key="a"), 1)
+
+    def test_a_private_address_only_may_go_without_acks(self) -> None:
+        self.assertRaises(ValueError, self.client._listen, shared=True, no_ack=True)
+        self.assertRaises(ValueError, self.client._listen, durable=True, no_ack=True)
+
     def test_a_call_has_no_result_before_delivery(self) -> None:
         d = self.client.call("store", "get", key="a")
         self.assertNoResult(d)
