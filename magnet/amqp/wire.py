@@ -457,7 +457,7 @@ def encode_properties(message: Message, seq: Optional[int] = None) -> bytes:
     if message.reply_to is not None:
         flags |= _P_REPLY_TO
         # not cached: a listen address (magnet.listen.NODE.UUID) is new for every request,
-        # and 2,048 of them in the cache (about 0.6 MB) would push out the names that repeat
+        # and 2,048 of them in the cache (0.4-0.6 MB) would push out the names that repeat
         out.append(_shortstr(message.reply_to))
     if message.expiration is not None:
         flags |= _P_EXPIRATION

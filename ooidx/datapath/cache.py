@@ -72,8 +72,8 @@ WRITE_THREADS = 2
 #: Seconds the cache waits at stop for running serves and writes to finish their disk work.
 STOP_WAIT = 10.0
 #: URL -> dataset pairs a cache process remembers from the lookups (the last ones): a serve
-#: or a stored copy that does not name its dataset is filed under it. About 200 bytes a
-#: pair (the URL's string and the dict's slot; the name is interned): about 2 MB at the bound.
+#: or a stored copy that does not name its dataset is filed under it. About 120 bytes a
+#: pair (the URL's string and the dict's slot; the name interned): about 1.2 MB at the bound.
 RECENT_DATASETS = 10_000
 #: Seconds a purge waits for the attribute store's record of the dataset.
 ATTRIBUTE_TIMEOUT = 5.0
@@ -362,7 +362,7 @@ class Cache(Component):
     def _remember_dataset(self, url: str, dataset: str) -> None:
         """Remember that C{url} belongs to C{dataset} (the last L{RECENT_DATASETS} lookups).
         The name is interned: every lookup decodes its own copy of it from JSON, and
-        10,000 copies of a few names cost about 0.5 MB (the soak, docs/reliability.md#soak)."""
+        10,000 copies of a few names cost about 0.5 MB more (the soak, docs/reliability.md#soak)."""
         self._recent_datasets.pop(url, None)
         self._recent_datasets[url] = sys.intern(dataset)
         while len(self._recent_datasets) > RECENT_DATASETS:

@@ -322,7 +322,7 @@ class PropertiesTests(SynchronousTestCase):
 
     def test_a_reply_address_is_not_kept_in_the_names_cache(self) -> None:
         # a listen address is new for every proxied request: cached, 2,048 of them (about
-        # 0.6 MB) pushed out the names that repeat (the soak, docs/reliability.md#soak)
+        # 0.4-0.6 MB) pushed out the names that repeat (the soak, docs/reliability.md#soak)
         before = wire._shortstr_cached.cache_info().currsize
         for i in range(20):
             message = Message(body=b"", reply_to=f"magnet.listen.n.{i:032x}", type="call", content_type="a/b")
