@@ -456,7 +456,9 @@ def encode_properties(message: Message, seq: Optional[int] = None) -> bytes:
         out.append(_shortstr(message.correlation_id))
     if message.reply_to is not None:
         flags |= _P_REPLY_TO
-        out.append(_shortstr_cached(message.reply_to))
+        # not cached: a listen address (magnet.listen.NODE.UUID) is new for every request,
+        # and 2,048 of them in the cache (0.4-0.6 MB) would push out the names that repeat
+        out.append(_shortstr(message.reply_to))
     if message.expiration is not None:
         flags |= _P_EXPIRATION
         out.append(_shortstr(str(message.expiration)))

@@ -82,7 +82,8 @@ from magnet.observer import BusObserver
 from ooidx.node.dataset_metrics import DATASET_CAP, DATASET_TIMEOUT, DATASET_TTL, OTHER, DatasetMetrics
 from ooidx.people.records import QUEUE_PREFIX
 
-__all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "ChildMetrics", "MULTIPROC_ENV", "renderer_for",
+__all__ = ["PrometheusObserver", "CONTENT_TYPE", "metric_label", "MAX_NAME_LABELS", "OTHER_NAMES",
+           "ChildMetrics", "MULTIPROC_ENV", "renderer_for",
            "DatasetMetrics", "DATASET_CAP", "DATASET_TTL", "DATASET_TIMEOUT", "OTHER",
            "CHILD_METRICS_DIR", "prepare_directory", "share_with_daemon", "pending_families"]
 
@@ -113,6 +114,13 @@ _PERSON_QUEUE = re.compile(re.escape(QUEUE_PREFIX) + r".*\Z", re.S)
 #: The label value every person's queue is counted under.
 PEOPLE_LABEL = QUEUE_PREFIX + "*"
 _FANOUT_SUB = re.compile(r"(?P<fanout>.+?)\.sub\..+\.[0-9a-f]{12}\Z", re.S)
+#: Distinct bus-name label values one observer gives (after the folding of L{metric_label}); the
+#: names first seen after that are all counted under L{OTHER_NAMES}. A pub_sub subscription keeps
+#: its own label (C{pubsub.sub.NAME}: which one is unroutable), so without a bound every name ever
+#: subscribed stayed a series in memory (about 640 bytes each, per metric) and on /metrics: the
+#: soak makes a new one every 20 s (docs/reliability.md#soak).
+MAX_NAME_LABELS = 1000
+OTHER_NAMES = "other"  # as the datasets past their cap (dataset_metrics.OTHER)
 
 
 def metric_label(name: str) -> str:
@@ -153,6 +161,7 @@ class PrometheusObserver(BusObserver):
         self._sources: List[Any] = []
         self._failed = False
         self._conflicts: Set[str] = set()
+        self._names: Set[str] = set()  # the bus-name label values given so far (at most MAX_NAME_LABELS)
         r = self.registry
         self.messages_in = Counter("magnet_messages_in", "Messages delivered to a consumer, by name",
                                    ["name"], registry=r)
@@ -177,37 +186,50 @@ class PrometheusObserver(BusObserver):
 
     # BusObserver ---------------------------------------------------------------
 
+    def _label(self, name: str) -> str:
+        """The label value for bus name C{name}: L{metric_label}'s, while fewer than
+        L{MAX_NAME_LABELS} were given; past it only those given already, and
+        L{OTHER_NAMES} for every new one (a name keeps the value it got first)."""
+        label = metric_label(name)
+        names = self._names
+        if label in names:
+            return label
+        if len(names) >= MAX_NAME_LABELS:
+            return OTHER_NAMES
+        names.add(label)
+        return label
+
     @_guarded
     def message_in(self, name: str) -> None:
-        self.messages_in.labels(metric_label(name)).inc()
+        self.messages_in.labels(self._label(name)).inc()
 
     @_guarded
     def message_out(self, name: str) -> None:
-        self.messages_out.labels(metric_label(name)).inc()
+        self.messages_out.labels(self._label(name)).inc()
 
     @_guarded
     def handler_error(self, name: str) -> None:
-        self.handler_errors.labels(metric_label(name)).inc()
+        self.handler_errors.labels(self._label(name)).inc()
 
     @_guarded
     def dead_letter(self, name: str) -> None:
-        self.dead_letters.labels(metric_label(name)).inc()
+        self.dead_letters.labels(self._label(name)).inc()
 
     @_guarded
     def unroutable(self, name: str) -> None:
-        self.unroutable_copies.labels(metric_label(name)).inc()
+        self.unroutable_copies.labels(self._label(name)).inc()
 
     @_guarded
     def inflight(self, name: str, delta: int) -> None:
-        self.inflight_gauge.labels(metric_label(name)).inc(delta)
+        self.inflight_gauge.labels(self._label(name)).inc(delta)
 
     @_guarded
     def rpc_latency(self, address: str, op: str, seconds: float, outcome: str) -> None:
-        self.rpc_latency_seconds.labels(metric_label(address), op, outcome).observe(max(0.0, seconds))
+        self.rpc_latency_seconds.labels(self._label(address), op, outcome).observe(max(0.0, seconds))
 
     @_guarded
     def consumer_restarted(self, queue: str, reason: str) -> None:
-        self.consumer_restarts.labels(metric_label(queue), reason).inc()
+        self.consumer_restarts.labels(self._label(queue), reason).inc()
 
     @_guarded
     def dead_letter_queue_redeclared(self, name: str) -> None:

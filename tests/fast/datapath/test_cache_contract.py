@@ -210,6 +210,19 @@ class CacheTests(FastCase):
             decode_reply(self.messages[0])
         self.assertEqual((caught.exception.remote_type, self.messages[0].correlation_id), (kind, "r9"))
 
+    def test_the_recent_dataset_names_are_one_string_each_and_bounded(self) -> None:
+        # every lookup decodes its own copy of the name from JSON; the soak's 10,000
+        # remembered pairs kept 10,000 copies of a few names (docs/reliability.md#soak)
+        from ooidx.datapath import cache as cache_module
+        self.patch(cache_module, "RECENT_DATASETS", 5)
+        cache = self.start()
+        urls = [f"{BASE}.dods?time[{i}]" for i in range(7)]
+        for url in urls:
+            self.assertEqual(self.call("lookup", url=url, dataset="sst")["state"], "miss")
+        remembered = cache._recent_datasets
+        self.assertEqual(list(remembered), urls[2:])  # the last five
+        self.assertEqual({id(name) for name in remembered.values()}, {id(remembered[urls[-1]])})
+
     def test_a_serve_without_an_address_is_dead_lettered(self) -> None:
         cache = self.start()
         self.wait(self.bus.post("cache.node.n", "serve", url=URL, address=""))

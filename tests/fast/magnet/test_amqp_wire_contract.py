@@ -320,6 +320,16 @@ class PropertiesTests(SynchronousTestCase):
             with self.assertRaises(BadFrame, msg=f"end at {cut}"):
                 decode_properties(full, 0, b"", end=cut)
 
+    def test_a_reply_address_is_not_kept_in_the_names_cache(self) -> None:
+        # a listen address is new for every proxied request: cached, 2,048 of them (about
+        # 0.4-0.6 MB) pushed out the names that repeat (the soak, docs/reliability.md#soak)
+        before = wire._shortstr_cached.cache_info().currsize
+        for i in range(20):
+            message = Message(body=b"", reply_to=f"magnet.listen.n.{i:032x}", type="call", content_type="a/b")
+            decoded, _ = decode_properties(encode_properties(message), 0, b"")
+            self.assertEqual(decoded.reply_to, message.reply_to)
+        self.assertLessEqual(wire._shortstr_cached.cache_info().currsize, before + 2)  # the type, the content type
+
     def test_read_shortstr(self) -> None:
         self.assertEqual(_read_shortstr(b"\x02ab!", 0), ("ab", 3))
         self.assertRaises(BadFrame, _read_shortstr, b"\x05ab", 0)

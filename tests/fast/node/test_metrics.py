@@ -59,6 +59,28 @@ class MetricsTests(FastCase):
             obs.message_in(f"magnet.listen.n.{uuid.uuid4().hex}")
         assert samples(obs.generate().decode())[("magnet_messages_in_total", frozenset({("name", "magnet.listen")}))] == 5
 
+    def test_bus_name_labels_are_bounded(self) -> None:
+        # a pub_sub subscription keeps its own label; the soak subscribes a new name every
+        # 20 s, and every name stayed a series for good (docs/reliability.md#soak)
+        from ooidx.node import metrics
+        self.patch(metrics, "MAX_NAME_LABELS", 3)
+        obs = PrometheusObserver()
+        obs.message_out("fetcher")
+        for i in range(3):
+            obs.message_out(f"magnet.listen.n.{uuid.uuid4().hex}")  # folded: one value
+        for i in range(5):
+            obs.message_out(f"pubsub.sub.soak-{i}")
+        obs.message_out("fetcher")  # given before the bound: keeps its value
+        obs.inflight("pubsub.sub.soak-9", 1)
+        obs.inflight("pubsub.sub.soak-9", -1)
+        obs.unroutable("pubsub.sub.soak-0")
+        s = samples(obs.generate().decode())
+        out = {dict(labels)["name"]: v for (name, labels), v in s.items() if name == "magnet_messages_out_total"}
+        assert out == {"fetcher": 2, "magnet.listen": 3, "pubsub.sub.soak-0": 1, metrics.OTHER_NAMES: 4}
+        assert s[("magnet_inflight", frozenset({("name", metrics.OTHER_NAMES)}))] == 0
+        assert s[("magnet_unroutable_total", frozenset({("name", "pubsub.sub.soak-0")}))] == 1
+        assert len(obs._names) == 3
+
     def test_multicast_copies_for_missing_addresses_are_counted(self) -> None:
         from magnet.testing import MemoryBroker
 
