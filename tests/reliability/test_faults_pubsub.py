@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import pytest_twisted
@@ -46,6 +46,32 @@ def ctl(broker: Any, *args: str) -> str:
     done = broker.ctl(*args)
     assert done.returncode == 0, (args, done.stdout)
     return done.stdout.decode(errors="replace")
+
+
+async def five_subscribers(tmp_path: Path, broker: Any, nodes: list, buses: Any, prefix: str,
+                           regex: str) -> Tuple[Any, Any, Dict[str, dict], Dict[str, Counter], str]:
+    """A daemon with attribute_store and pub_sub on C{broker}, and five subscriptions
+    C{prefix}0-4 to C{regex}; all but the victim (C{prefix}2) consumed, each counting
+    the publications it gets by their "i". Returns (node, bus, subs, got, victim)."""
+    node = start_node(tmp_path, "dx", broker.url, {"attribute_store": {"url": str(tmp_path / "attrs.sqlite3")},
+                                                    "pub_sub": None})
+    nodes.append(node)
+    await wait_started(node)
+    bus = buses(broker.url)
+    await bus.when_connected(20)
+    names = [f"{prefix}{i}" for i in range(5)]
+    victim = f"{prefix}2"
+    subs = {n: await bus.call("pub_sub", "subscribe", regex=regex, name=n, timeout=20) for n in names}
+    got: Dict[str, Counter] = {n: Counter() for n in names if n != victim}
+
+    def take(name: str) -> Any:
+        def on(message: Message) -> None:
+            got[name][message.json()["message"]["i"]] += 1
+        return on
+
+    for n in got:
+        await bus.consume(subs[n]["address"], take(n), prefetch=100)
+    return node, bus, subs, got, victim
 
 
 class Flow:
@@ -99,24 +125,8 @@ class Flow:
 async def test_a_subscriber_queue_deleted_while_publications_flow(tmp_path: Path, private_rabbitmq: Any,
                                                                   nodes: list, buses: Any, record: Any) -> None:
     broker = private_rabbitmq
-    node = start_node(tmp_path, "dx", broker.url, {"attribute_store": {"url": str(tmp_path / "attrs.sqlite3")},
-                                                    "pub_sub": None})
-    nodes.append(node)
-    await wait_started(node)
-    bus = buses(broker.url)
-    await bus.when_connected(20)
-    names = [f"flow{i}" for i in range(5)]
-    victim = "flow2"
-    subs = {n: await bus.call("pub_sub", "subscribe", regex=r"^dataset\.flow$", name=n, timeout=20) for n in names}
-    got: Dict[str, Counter] = {n: Counter() for n in names if n != victim}
-
-    def take(name: str) -> Any:
-        def on(message: Message) -> None:
-            got[name][message.json()["message"]["i"]] += 1
-        return on
-
-    for n in got:
-        await bus.consume(subs[n]["address"], take(n), prefetch=100)
+    node, bus, subs, got, victim = await five_subscribers(tmp_path, broker, nodes, buses, "flow",
+                                                          r"^dataset\.flow$")
     flow = Flow(bus, "dataset.flow").start()
     try:
         await sleep(4)
@@ -194,24 +204,8 @@ async def test_one_hop_publications_go_on_while_pub_sub_is_killed_and_a_queue_de
     subscriber's queue while it publishes; the living subscribers get every confirmed publication,
     exactly once, and after the restart publications of unbound topics go through pub_sub again."""
     broker = private_rabbitmq
-    node = start_node(tmp_path, "dx", broker.url, {"attribute_store": {"url": str(tmp_path / "attrs.sqlite3")},
-                                                    "pub_sub": None})
-    nodes.append(node)
-    await wait_started(node)
-    bus = buses(broker.url)
-    await bus.when_connected(20)
-    names = [f"hop{i}" for i in range(5)]
-    victim = "hop2"
-    subs = {n: await bus.call("pub_sub", "subscribe", regex=r"^dataset\.hop", name=n, timeout=20) for n in names}
-    got: Dict[str, Counter] = {n: Counter() for n in names if n != victim}
-
-    def take(name: str) -> Any:
-        def on(message: Message) -> None:
-            got[name][message.json()["message"]["i"]] += 1
-        return on
-
-    for n in got:
-        await bus.consume(subs[n]["address"], take(n), prefetch=100)
+    node, bus, subs, got, victim = await five_subscribers(tmp_path, broker, nodes, buses, "hop",
+                                                          r"^dataset\.hop")
     flow = OneHopFlow(bus, "dataset.hop").start()
     try:
         await eventually(lambda: flow.publisher.counts["exchange"] > 50, 30, "publications in one hop")
