@@ -102,11 +102,15 @@ class Flow:
             i = self.sent
             started = time.monotonic()
             self.at[i] = started
-            d = self.bus.call("pub_sub", "publish", topic=self.topic, message={"i": i}, timeout=30)
+            d = self.publish(i)
             d.addCallbacks(self._answered, self._failed, callbackArgs=(i, started), errbackArgs=(i,))
             d.addBoth(lambda _: self.semaphore.release())
             self._pending.append(d)
             await sleep(self.pause)
+
+    def publish(self, i: int) -> defer.Deferred:
+        """Publication C{i}: a call of pub_sub's C{publish}, answered with what it reached."""
+        return self.bus.call("pub_sub", "publish", topic=self.topic, message={"i": i}, timeout=30)
 
     def _answered(self, answer: dict, i: int, started: float) -> None:
         self.answered[i] = answer
@@ -183,18 +187,8 @@ class OneHopFlow(Flow):
         from ooidx.dissemination.publisher import Publisher
         self.publisher = Publisher(bus)
 
-    async def _run(self) -> None:
-        while not self.stopped:
-            await self.semaphore.acquire()
-            self.sent += 1
-            i = self.sent
-            started = time.monotonic()
-            self.at[i] = started
-            d = self.publisher.publish(self.topic, {"i": i})
-            d.addCallbacks(self._answered, self._failed, callbackArgs=(i, started), errbackArgs=(i,))
-            d.addBoth(lambda _: self.semaphore.release())
-            self._pending.append(d)
-            await sleep(self.pause)
+    def publish(self, i: int) -> defer.Deferred:
+        return self.publisher.publish(self.topic, {"i": i})
 
 
 @pytest_twisted.ensureDeferred
