@@ -32,7 +32,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Tuple
 
 import pytest
 import pytest_twisted
@@ -135,6 +135,16 @@ def ctl(broker: Any, *args: str) -> str:
     return done.stdout.decode(errors="replace")
 
 
+async def settled(producer: Any, bus: Any, load: Any, since: float,
+                  also: Sequence[dict] = ()) -> Tuple[dict, dict, dict]:
+    """After a row's load stopped: the producer's tasks settled (sent, confirmed,
+    processed, lost, duplicated), the outcomes of every HTTP request (the load's
+    and C{also}), and those of the load's requests started at C{since} or later."""
+    figures = await producer.settle(bus, timeout=60)
+    recent = [r for r in load.results if r["started"] >= since]
+    return figures, classify(list(load.results) + list(also)), classify(recent)
+
+
 @pytest_twisted.ensureDeferred
 async def test_memory_then_disk_alarm_under_load(tmp_path: Path, private_rabbitmq: Any, upstream: Any,
                                                  nodes: list, buses: Any, record: Any) -> None:
@@ -193,9 +203,7 @@ async def test_memory_then_disk_alarm_under_load(tmp_path: Path, private_rabbitm
         watch.stop()
         load.stop()
         await producer.stop()
-    figures = await producer.settle(bus, timeout=60)
-    outcomes = classify(load.results)
-    late = classify([r for r in load.results if r["started"] >= after])
+    figures, outcomes, late = await settled(producer, bus, load, after)
     blocked_said = sorted({h["broker_blocked"] for h in watch.seen if h.get("broker_blocked")})
     slowest = max(load.results, key=lambda r: r["elapsed"])
     refused = [r for r in load.results if r["status"] in (502, 503, 504)]
@@ -266,9 +274,7 @@ async def test_fetcher_queue_deleted_while_work_flows(tmp_path: Path, private_ra
         watch.stop()
         load.stop()
         await producer.stop()
-    figures = await producer.settle(bus, timeout=60)
-    outcomes = classify(load.results)
-    after = classify([r for r in load.results if r["started"] >= recovered])
+    figures, outcomes, after = await settled(producer, bus, load, recovered)
     shown = [h["consumers"] for h in watch.seen if "fetcher" in (h.get("consumers") or {}).get("down", [])]
     restarts = metric_value(node.metrics(), "magnet_consumer_restarts_total", name="fetcher", reason="cancelled")
     record("fetcher queue deleted under its consumers while work flows", faults_injected=1, sent=figures["sent"],
@@ -336,9 +342,7 @@ async def test_fetcher_dead_letter_queue_deleted_alone(tmp_path: Path, private_r
     finally:
         load.stop()
         await producer.stop()
-    figures = await producer.settle(bus, timeout=60)
-    outcomes = classify(load.results)
-    after = classify([r for r in load.results if r["started"] >= recovered])
+    figures, outcomes, after = await settled(producer, bus, load, recovered)
     lines = [line for line in node.log().splitlines() if "dead-letter queue 'fetcher.dead'" in line]
     record("fetcher's dead-letter queue deleted alone, then a poison message", faults_injected=2,
            sent=figures["sent"], confirmed=figures["confirmed"], processed=figures["processed"], lost=figures["lost"],
@@ -407,9 +411,7 @@ async def test_daemon_connection_closed_by_the_broker(tmp_path: Path, private_ra
     finally:
         load.stop()
         await producer.stop()
-    figures = await producer.settle(bus, timeout=60)
-    outcomes = classify(load.results)
-    after = classify([r for r in load.results if r["started"] >= recovered])
+    figures, outcomes, after = await settled(producer, bus, load, recovered)
     metrics = node.metrics()
     restarts = sum(float(line.rpartition(" ")[2]) for line in metrics.splitlines()
                    if line.startswith("magnet_consumer_restarts_total{") and 'reason="reconnect"' in line)
@@ -473,9 +475,7 @@ async def test_consumer_timeout_on_a_slow_fetch(tmp_path: Path, private_rabbitmq
     finally:
         load.stop()
         await producer.stop()
-    figures = await producer.settle(bus, timeout=60)
-    outcomes = classify(load.results + slow_results)
-    after = classify([r for r in load.results if r["started"] >= recovered])
+    figures, outcomes, after = await settled(producer, bus, load, recovered, also=slow_results)
     metrics = node.metrics()
     restarts = metric_value(metrics, "magnet_consumer_restarts_total", name=HOLDER, reason="channel_closed")
     record("consumer_timeout closes the channel holding a slow miss", faults_injected=1, sent=figures["sent"],
