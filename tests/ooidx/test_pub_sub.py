@@ -3,7 +3,7 @@ memory:// tests are in the fast tier, tests/fast/dissemination/test_pub_sub.py."
 from __future__ import annotations
 
 import uuid
-from typing import Any, List
+from typing import Any, List, Optional, Tuple
 
 import pytest
 import pytest_twisted
@@ -88,23 +88,36 @@ def consume(bus: magnet.Bus, address: str) -> Any:
 # over RabbitMQ ---------------------------------------------------------------------------
 
 
+async def own_pub_sub(broker_url: str, tmp_path: Any, tag: str, prefetch: Optional[int] = None,
+                      **options: Any) -> Tuple["Node", str]:
+    """A started Node whose attribute store and pub_sub (with C{options}) serve
+    queues of this test's own (C{test.attrs.TAG}, C{test.pub_sub.TAG}), so that
+    no other instance on the broker answers; returns it and pub_sub's queue."""
+    service = own_queues(tag)[0]
+    n = Node(broker_url, tmp_path, store=False, pubsub=False, node=f"test-{tag}", table=f"attrs_{tag}",
+             address_recheck=0.5)
+    await n.start()
+    store_queue = own_queues(tag)[2]
+    n.store = n.make_store()
+    await n.store.setUp()
+    await n.bus.serve(store_queue, n.store)
+    n.pubsub = PubSub(service, n.bus, node=n.node, clock=reactor, store=store_queue, **options)
+    await n.pubsub.setUp()
+    await n.bus.serve(service, n.pubsub, **({} if prefetch is None else {"prefetch": prefetch}))
+    n.pubsub.started = n.store.started = True
+    return n, service
+
+
+def own_queues(tag: str) -> List[str]:
+    """The queues L{own_pub_sub} made for C{tag} (with their dead-letter queues), to delete after."""
+    return [f"{name}.{tag}{dead}" for name in ("test.pub_sub", "test.attrs") for dead in ("", ".dead")]
+
+
 @pytest.mark.rabbitmq
 @pytest_twisted.ensureDeferred
 async def test_subscribe_publish_over_rabbitmq(tmp_path: Any, broker_url: str) -> None:
     tag = uuid.uuid4().hex[:10]
-    service = f"test.pub_sub.{tag}"  # a queue of this test's own, so that no other pub_sub answers
-    # the store and pub_sub on queues of this test's own, so that no other instance on the broker answers
-    n = Node(broker_url, tmp_path, store=False, pubsub=False, node=f"test-{tag}", table=f"attrs_{tag}",
-             address_recheck=0.5)
-    await n.start()
-    store_queue = f"test.attrs.{tag}"
-    n.store = n.make_store()
-    await n.store.setUp()
-    await n.bus.serve(store_queue, n.store)
-    n.pubsub = PubSub(service, n.bus, node=n.node, clock=reactor, store=store_queue)
-    await n.pubsub.setUp()
-    await n.bus.serve(service, n.pubsub)
-    n.pubsub.started = n.store.started = True
+    n, service = await own_pub_sub(broker_url, tmp_path, tag)
     names = [f"t{tag}-{i}" for i in range(3)]
     try:
         await n.pubsub.loaded()
@@ -144,7 +157,7 @@ async def test_subscribe_publish_over_rabbitmq(tmp_path: Any, broker_url: str) -
     finally:
         for name in names:
             await n.bus.call(service, "unsubscribe", name=name)
-        for queue in (service, service + ".dead", store_queue, store_queue + ".dead"):
+        for queue in own_queues(tag):
             await n.bus.transport.delete_queue(queue).addErrback(lambda _: None)
         await n.pubsub.stopService()
         await n.stop()

@@ -12,12 +12,11 @@ from typing import Any, List
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 
 from ooidx.dissemination.pub_sub import PubSub, topic_exchange
 from ooidx.dissemination.publisher import Publisher
 
-from tests.ooidx.test_pub_sub import Node, consume
+from tests.ooidx.test_pub_sub import consume, own_pub_sub, own_queues
 from tests.ooidx.waiting import eventually, sleep
 
 
@@ -29,18 +28,7 @@ def messages(inbox: Any) -> List[Any]:
 @pytest_twisted.ensureDeferred
 async def test_bindings_and_the_one_hop_publisher_over_rabbitmq(tmp_path: Any, broker_url: str) -> None:
     tag = uuid.uuid4().hex[:10]
-    service = f"test.pub_sub.{tag}"
-    n = Node(broker_url, tmp_path, store=False, pubsub=False, node=f"test-{tag}", table=f"attrs_{tag}",
-             address_recheck=0.5)
-    await n.start()
-    store_queue = f"test.attrs.{tag}"
-    n.store = n.make_store()
-    await n.store.setUp()
-    await n.bus.serve(store_queue, n.store)
-    n.pubsub = PubSub(service, n.bus, node=n.node, clock=reactor, store=store_queue, max_topics=2)
-    await n.pubsub.setUp()
-    await n.bus.serve(service, n.pubsub, prefetch=n.pubsub.prefetch)
-    n.pubsub.started = n.store.started = True
+    n, service = await own_pub_sub(broker_url, tmp_path, tag, prefetch=PubSub.prefetch, max_topics=2)
     names = [f"b{tag}-{i}" for i in range(3)]
     topics = [f"dataset.{tag}.{i}" for i in range(3)]
     publisher = Publisher(n.bus, service=service)
@@ -88,7 +76,7 @@ async def test_bindings_and_the_one_hop_publisher_over_rabbitmq(tmp_path: Any, b
             await n.bus.call(service, "unsubscribe", name=name).addErrback(lambda _: None)
         for topic in topics:
             await n.bus.transport.delete_exchange(topic_exchange(topic)).addErrback(lambda _: None)
-        for queue in (service, service + ".dead", store_queue, store_queue + ".dead"):
+        for queue in own_queues(tag):
             await n.bus.transport.delete_queue(queue).addErrback(lambda _: None)
         await n.pubsub.stopService()
         await n.stop()
