@@ -23,7 +23,7 @@ __all__ = [
     "STATUS", "STATUS_REPLY", "PUBLICATION", "EVENT",
     "TOPIC_HEADER", "ADDRESSES_HEADER", "ID_HEADER", "RETIRED_COMPONENTS",
     "DATASET_KEY", "STATS_KEY", "SUBSCRIPTION_KEY", "PERSON_KEY", "USER_SUBSCRIPTION_KEY",
-    "WEBHOOK_LOG_KEY", "dataset_key", "stats_key", "HOP_BY_HOP", "HOP_BY_HOP_BYTES",
+    "WEBHOOK_LOG_KEY", "dataset_key", "stats_key", "HOP_BY_HOP", "HOP_BY_HOP_BYTES", "SPLICED",
 ]
 
 
@@ -167,6 +167,10 @@ def stats_key(name: str) -> str:
 
 #: Headers that concern one connection only, never passed on (RFC 9110 section
 #: 7.6.1, with the legacy Proxy-Connection and the misspelled Trailers).
+#: In an answer stream's start metadata: the body does not follow as chunks; the
+#: fetch moves it to the client's socket itself (ooidx.datapath.splice, one process).
+SPLICED = "spliced"
+
 HOP_BY_HOP: FrozenSet[str] = frozenset((
     "connection", "keep-alive", "transfer-encoding", "te", "trailer", "trailers", "upgrade",
     "proxy-connection", "proxy-authenticate", "proxy-authorization"))

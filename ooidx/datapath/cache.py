@@ -50,7 +50,7 @@ from ooidx.component import Component
 from ooidx.config import CacheOptions, FetcherOptions, SecurityConfig
 from ooidx.errors import DXError, InvalidName, InvalidURL, UpstreamError
 from ooidx.datapath.fetcher import Fetcher
-from ooidx.datapath.store import DiskStore, Entry, EntryTooLarge, StoreError, Writer
+from ooidx.datapath.store import Body, DiskStore, Entry, EntryTooLarge, FromPipe, StoreError, Writer
 from ooidx.datapath.transfer import Transfer
 from ooidx.datapath.stopping import ended_within
 from ooidx import wire
@@ -807,7 +807,7 @@ class _Tee:
         self.problem: Optional[str] = None
         self.pending = 0  # bytes queued or being written
         self.writer: Optional[Writer] = None
-        self._queue: List[bytes] = []
+        self._queue: List[Body] = []
         self._ended = False  # the commit (or abort) has begun
         self._held: Optional[Deferred] = None  # the transfer's wait while the disk is far behind
         self._stall: Any = None
@@ -829,13 +829,16 @@ class _Tee:
     def cancel(self, reason: str) -> None:
         if self.problem is None:
             self.problem = reason
-        self._queue = []
+        queued, self._queue = self._queue, []
+        _released(queued)
         self._release()
         if self._ending is not None:
             self._settle()
 
-    def write(self, data: bytes) -> Deferred:
+    def write(self, data: Body) -> Deferred:
+        """Queue C{data} (bytes, or a L{FromPipe} piece the write thread reads itself)."""
         if self.problem is not None:
+            _released([data])
             return succeed(None)
         self.pending += len(data)
         self._queue.append(data)
@@ -866,6 +869,7 @@ class _Tee:
             batch, self._queue = self._queue, []
             self._busy = True
             d = self.cache._write_io(_write_all, self.writer, batch)
+            d.addBoth(_release_after, batch)
             d.addCallback(self._written, sum(len(b) for b in batch))
             d.addErrback(self._failed)
             d.addBoth(self._idle)
@@ -936,9 +940,21 @@ class _Tee:
         return succeed(None)
 
 
-def _write_all(writer: Writer, batch: List[bytes]) -> None:
+def _write_all(writer: Writer, batch: List[Body]) -> None:
     """(In a write thread.) Write a batch of a copy's chunks, in order."""
     writer.write_many(batch)
+
+
+def _released(pieces: List[Body]) -> None:
+    """Give back the pipes of the pieces that wait in one (L{FromPipe})."""
+    for piece in pieces:
+        if isinstance(piece, FromPipe):
+            piece.release()
+
+
+def _release_after(result: Any, batch: List[Body]) -> Any:
+    _released(batch)
+    return result
 
 
 def _check_url(url: Any) -> None:

@@ -43,6 +43,8 @@ class Exchange:
         self.via: Optional[str] = None
         self.error: Optional[ProxyError] = None  # why it ended before its answer (L{_fail})
         self._racing: List[Deferred] = []
+        #: this request's client, offered to a fetch in this process (ooidx.datapath.splice)
+        self.end: Any = None
 
     def unless_failed(self, d: Deferred) -> Deferred:
         """C{d}'s result, or this exchange's error if it fails first (the broker

@@ -103,6 +103,7 @@ class Fetcher(Component):
         self._agent: Optional[Agent] = None
         self.active = 0  # transfers in progress
         self.pauses = 0  # times an upstream was paused for want of room downstream
+        self.spliced = 0  # bodies moved socket to socket by the kernel (ooidx.datapath.splice)
         #: transfers run at once (max_transfers), apart from the bus's message slots
         self.room = DeferredSemaphore(self.options.max_transfers)
         #: as many requests taken at once as transfers run (each is settled when its transfer ends)
@@ -136,6 +137,12 @@ class Fetcher(Component):
         if pool is not None:
             return pool.closeCachedConnections()
         return None
+
+    @property
+    def network(self) -> Any:
+        """The reactor the fetches connect with (the agent's): a spliced body is read on it."""
+        self._make_agent()
+        return self._reactor
 
     def _make_agent(self) -> Agent:
         if self._agent is None:

@@ -95,6 +95,7 @@ from ooidx import events
 from ooidx import wire
 from ooidx.component import Component
 from ooidx.config import CacheOptions, ProxyOptions
+from ooidx.datapath import splice
 from ooidx.datapath.bases import BASE_TTL, BaseURLs
 from ooidx.datapath.exchange import Exchange, as_http_error, blocked_error
 from ooidx.datapath.hot import (HOT_BYTES, HOT_TTL, AnsweredCounts, Held, HotResponses, answer_held, drop_on_event,
@@ -399,6 +400,11 @@ class Proxy(Listens, Component):
                 exchange.listener = yield self.bus.listen(exchange.on_message, on_stream=exchange.on_stream) \
                     .addTimeout(self.lookup_timeout, self.clock, _gateway_timeout("making a listen address"))
                 address = exchange.listener.address
+                if target.version is None and not target.csv:
+                    # a large body answered in this process may go socket to socket (splice)
+                    exchange.end = splice.client_end(request_id, request)
+                    if exchange.end is not None:
+                        splice.HANDOFFS.expect(exchange.end)
                 if target.version is not None:
                     # a saved version: any persister of the node's data directory streams it from disk
                     asked = self.bus.tell("persister", "open_version", address, correlation_id=request_id,
@@ -441,10 +447,12 @@ class Proxy(Listens, Component):
                 return
             if url is None and target.version is None:
                 url = self._asked_url(target, stream)
-            yield self._relay(request, stream, method, exchange.via, started, url, target.name)
+            yield self._relay(request, stream, method, exchange.via, started, url, target.name, exchange.end)
         finally:
             self.active -= 1
             self._exchanges.discard(exchange)
+            if exchange.end is not None:
+                exchange.end.close()
             # failed while a step before it ran (a block, a lost link): nobody waits for the answer now
             exchange.answer.addErrback(lambda _: None)
             if exchange.listener is not None:
@@ -551,8 +559,9 @@ class Proxy(Listens, Component):
     # relaying an answer -------------------------------------------------------------
 
     def _relay(self, request: server.Request, stream: Any, method: str, via: Optional[str], started: float,
-               url: Optional[str] = None, dataset: Optional[str] = None) -> Deferred:
-        return relay(self, request, stream, method, via, started, url, dataset)
+               url: Optional[str] = None, dataset: Optional[str] = None,
+               end: Optional[splice.ClientEnd] = None) -> Deferred:
+        return relay(self, request, stream, method, via, started, url, dataset, end)
 
 
 def _gateway_timeout(what: str) -> Callable[[Any, float], Any]:

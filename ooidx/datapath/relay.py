@@ -134,7 +134,7 @@ class Pump:
 
 @inlineCallbacks
 def relay(proxy: Any, request: server.Request, stream: Any, method: str, via: Optional[str], started: float,
-          url: Optional[str] = None, dataset: Optional[str] = None) -> Any:
+          url: Optional[str] = None, dataset: Optional[str] = None, end: Any = None) -> Any:
     meta = stream.metadata if isinstance(stream.metadata, dict) else {}
     status = meta.get("status")
     if not isinstance(status, int) or not 100 <= status <= 599:
@@ -171,6 +171,15 @@ def relay(proxy: Any, request: server.Request, stream: Any, method: str, via: Op
     source = meta.get("source") or via
     if source:
         request.setHeader(b"X-Ooidx-Source", str(source).encode("ascii", "replace"))
+    if meta.get(wire.SPLICED):
+        job = end.splice if end is not None else None
+        if job is None or method != "GET" or declared is None:
+            stream.deliver(lambda data: None).addErrback(lambda _: None)
+            request.responseHeaders = Headers()
+            proxy._send_error(request, ProxyError(502, "BadAnswer", "a spliced answer for a client not offered"))
+            return
+        yield relay_spliced(proxy, request, stream, end, declared, source, started)
+        return
     pump = Pump(request, proxy)
     keep = (proxy.hot is not None and url is not None and status == 200 and meta.get("source") == "cache"
             and (declared is None or declared <= HOT_ENTRY_BYTES or method == "HEAD"))
@@ -219,6 +228,43 @@ def relay(proxy: Any, request: server.Request, stream: Any, method: str, via: Op
                       component=proxy.name, method=method, uri=printable(request.uri), bytes=pump.written,
                       why=why)
 
+
+
+@inlineCallbacks
+def relay_spliced(proxy: Any, request: server.Request, stream: Any, end: Any, declared: int,
+                  source: Optional[str], started: float) -> Any:
+    """The body goes from the upstream's socket to the client's by the kernel
+    (L{ooidx.datapath.splice}); here only the head is written and the outcome
+    told. The stream brought the start; its end is the fetch's to send, and
+    the outcome is known here already, so what still arrives on it is dropped."""
+    job = end.splice
+    request.write(b"")  # the head, into the transport's buffer: the splice sends it first
+    ok = False
+    count = 0
+    why = ""
+    try:
+        count = yield job.attach(end, proxy.stall_timeout)
+        ok = True
+    except Exception as e:  # noqa: BLE001 - every failure cuts the transfer short
+        why = f"{type(e).__name__}: {e}"
+    stream.deliver(lambda data: None).addErrback(lambda _: None)
+    proxy.relayed += job.sent
+    if job.stalled:
+        proxy.stalled += 1
+    if ok and count != declared:
+        ok, why = False, f"the body has {count} bytes, {declared} were declared"
+    elapsed = time.monotonic() - started
+    if ok:
+        if not request.finished and request.channel is not None:
+            request.finish()
+        proxy.log.info("{component} GET {uri} -> 200 ({bytes} bytes, {source}, spliced, {elapsed:.3f} s)",
+                       component=proxy.name, uri=printable(request.uri), bytes=job.sent, source=source or "?",
+                       elapsed=elapsed)
+        return
+    if not job.stalled:
+        abort(request)
+    proxy.log.warn("{component} GET {uri}: spliced transfer failed after {bytes} bytes: {why}",
+                   component=proxy.name, uri=printable(request.uri), bytes=job.sent, why=why)
 
 
 def widen_writes(request: server.Request) -> None:

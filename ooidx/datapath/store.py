@@ -47,11 +47,11 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 from twisted.logger import Logger
 
-__all__ = ["DiskStore", "Entry", "Writer", "StoreError", "EntryTooLarge", "key_for"]
+__all__ = ["Body", "DiskStore", "Entry", "FromPipe", "Writer", "StoreError", "EntryTooLarge", "key_for"]
 
 TEMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
@@ -567,6 +567,44 @@ class DiskStore:
             pass
 
 
+class FromPipe:
+    """A piece of a body that waits in a pipe (a spliced body's copy, duplicated
+    there by the kernel, L{ooidx.datapath.splice}): the writer's thread reads it
+    straight into its staging buffer, so the reactor's thread never holds the
+    bytes. C{release} is for the owner of the pipe, called on the reactor's
+    thread once the piece has been read or will not be."""
+
+    __slots__ = ("fd", "size", "release")
+
+    def __init__(self, fd: int, size: int, release: Callable[[], None]) -> None:
+        self.fd = fd
+        self.size = size
+        self.release = release
+
+    def __len__(self) -> int:
+        return self.size
+
+    def into(self, view: memoryview) -> None:
+        """(In a write thread.) Fill C{view} from the pipe, exactly."""
+        while view:
+            try:
+                n = os.readv(self.fd, [view])
+            except BlockingIOError:
+                raise StoreError("the pipe holds fewer bytes than announced") from None
+            if n == 0:
+                raise StoreError("the pipe was closed")
+            view = view[n:]
+
+    def read(self) -> bytes:
+        """(In a write thread.) The piece, as bytes."""
+        data = bytearray(self.size)
+        self.into(memoryview(data))
+        return bytes(data)
+
+
+Body = Union[bytes, FromPipe]
+
+
 class Writer:
     """One response being stored. Not thread-safe: one thread at a time, in order."""
 
@@ -656,7 +694,7 @@ class Writer:
             raise StoreError(f"cannot store {self.entry.url}: {e.strerror or e}") from e
         self.size += len(data)
 
-    def write_many(self, chunks: List[bytes]) -> None:
+    def write_many(self, chunks: List[Body]) -> None:
         """Write several chunks, in order, with as few system calls as the OS allows
         (C{writev}): a writer thread then takes Python's lock back once per batch,
         not once per chunk, while the reactor thread is busy streaming."""
@@ -669,13 +707,16 @@ class Writer:
         if self._stage is not None:
             try:
                 self._stage_chunks(chunks)
+            except StoreError:
+                self.abort()
+                raise
             except OSError as e:
                 self.abort()
                 raise StoreError(f"cannot store {self.entry.url}: {e.strerror or e}") from e
             self.size += total
             return
-        views = [memoryview(c) for c in chunks if c]
         try:
+            views = [memoryview(c.read() if isinstance(c, FromPipe) else c) for c in chunks if len(c)]
             while views:
                 n = os.writev(self._fd, views[:_IOV_MAX])
                 while n and views:
@@ -685,17 +726,31 @@ class Writer:
                     else:
                         views[0] = views[0][n:]
                         n = 0
-        except OSError as e:
+        except (OSError, StoreError) as e:
             self.abort()
+            if isinstance(e, StoreError):
+                raise
             raise StoreError(f"cannot store {self.entry.url}: {e.strerror or e}") from e
         self.size += total
 
-    def _stage_chunks(self, chunks: List[bytes]) -> None:
-        """Copy the chunks into the staging buffer, writing it out each time it is full."""
+    def _stage_chunks(self, chunks: List[Body]) -> None:
+        """Copy the chunks into the staging buffer (a piece in a pipe is read
+        straight into it), writing it out each time it is full."""
         stage = self._stage
         assert stage is not None
         room = len(stage)
         for chunk in chunks:
+            if isinstance(chunk, FromPipe):
+                left = chunk.size
+                while left:
+                    n = min(left, room - self._staged)
+                    with memoryview(stage) as view:
+                        chunk.into(view[self._staged:self._staged + n])
+                    self._staged += n
+                    left -= n
+                    if self._staged == room:
+                        self._write_stage(final=False)
+                continue
             data = memoryview(chunk)
             while data:
                 n = min(len(data), room - self._staged)

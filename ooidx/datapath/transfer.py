@@ -17,8 +17,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from ooidx import urlpolicy
+from ooidx import urlpolicy, wire
 from ooidx.errors import Forbidden, InvalidURL, UpstreamError, UpstreamTimeout
+from ooidx.datapath import splice
 from ooidx.datapath.upstream import (REDIRECTS, UPSTREAM_READ_SIZE, USER_AGENT, ascii_url, classify,
                                      connection_header, content_length, discard, end_to_end, failure_reason,
                                      last_header, widen_reads)
@@ -194,6 +195,9 @@ class Transfer:
         metadata = {"status": status, "reason": response.phrase.decode("latin-1", "replace"),
                     "headers": headers, "url": self.url, "source": "fetcher", "length": length, **self.extra}
         bus = self.fetcher.bus
+        spliced = self._splice(response, status, length)
+        if spliced is not None:
+            metadata[wire.SPLICED] = True
         sinks = [Sink(bus.open_stream(self.address, metadata, correlation_id=self.request_id,
                                        chunk_size=STREAM_CHUNK_SIZE, window=STREAM_WINDOW), "client")]
         storing = self.store or self.tee is not None
@@ -212,9 +216,82 @@ class Transfer:
         elif storing and self.method == "GET" and status == 200:
             self.log.debug("{component}: {url}: {length} bytes, over the cache's limit of {limit}; not stored",
                            component=self.name, url=self.url, length=length, limit=self.store_limit)
+        if spliced is not None:
+            return self._spliced(response, spliced, sinks, status)
         pump = BodyPump(self, sinks, status, store_limit=self.store_limit)
         response.deliverBody(pump)
         return pump.done
+
+    def _splice(self, response: Any, status: int, length: Optional[int]) -> Optional[splice.Splice]:
+        """A L{splice.Splice} for this answer if its body can go from socket to
+        socket in this process (see L{ooidx.datapath.splice}), else None. The
+        proxy's end is taken (and the splice hung on it) before the stream's
+        start goes out, so the proxy finds it when the start arrives."""
+        if (self.method != "GET" or status != 200 or length is None or length < splice.SPLICE_MIN
+                or not splice.available()):
+            return None
+        if self.store is not None and self.tee is None:
+            return None  # a copy for a store elsewhere goes as a second stream: bytes, in Python
+        upstream = splice.upstream_connection(response)
+        if upstream is None:
+            return None
+        end = splice.HANDOFFS.take(self.request_id)
+        if end is None:
+            return None
+        job = splice.Splice(self.fetcher.network, upstream, length, idle_timeout=self.options.timeout,
+                            log=self.log)
+        end.splice = job
+        return job
+
+    def _spliced(self, response: Any, job: splice.Splice, sinks: List[Sink], status: int) -> Deferred:
+        """The body moved by the kernel; the client's stream carries its start
+        (sent already) and its end, or an abort if the transfer failed."""
+        client = sinks[0]
+        if len(sinks) > 1:
+            job.store = sinks[1]
+        self.fetcher.spliced += 1
+        response.deliverBody(_Handoff(job))
+        job.upstream_ready()
+
+        def ended(sent: int) -> Deferred:
+            return client.finish().addCallback(lambda _: {"status": status, "bytes": job.received})
+
+        def failed(failure: Failure) -> Deferred:
+            exc = failure.value
+            if isinstance(exc, splice.ClientGone):
+                exc = UpstreamError(f"stream to the client broke: {exc}")
+            kind = type(exc).__name__
+            self.log.info("{component}: {url}: {kind}: {message}", component=self.name, url=self.url,
+                          kind=kind, message=str(exc))
+            return client.abort(exc).addBoth(lambda _: {"error": kind, "message": str(exc),
+                                                         "status": ERROR_STATUS.get(kind, 502),
+                                                         "bytes": job.received})
+
+        return job.outcome().addCallbacks(ended, failed)
+
+
+class _Handoff(Protocol):
+    """Receives a spliced body from Twisted's client: stops its reading at
+    once and hands the bytes it had read already to the splice."""
+
+    def __init__(self, job: splice.Splice) -> None:
+        self.job = job
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.job.feed(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.job.finished:
+            return  # the splice closed the connection itself
+        if reason is None or reason.check(ResponseDone):
+            self.job.upstream_done = True  # the whole body came with the head: nothing to splice
+            return
+        if not self.job.attached or self.job.received < self.job.length:
+            self.job.cancel(UpstreamError(f"upstream broke off the body after {self.job.received} bytes: "
+                                          f"{failure_reason(reason)}"))
 
 
 class BodyPump(Protocol):

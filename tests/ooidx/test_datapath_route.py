@@ -187,6 +187,8 @@ async def test_a_miss_is_stored_as_it_passes_and_equals_the_body(stack: Stack) -
     code, source, body = await stack.get("/datasets/sst.dods?big")
     assert (code, source) == (200, "fetcher")
     assert body == stack.upstream.big
+    # the proxy and the cache are in this process: the 2 MiB body went socket to socket (splice)
+    assert stack.cache.fetcher.spliced == 1
     await eventually(lambda: stack.cache.counters["stores"] == 1, what="stored")
     entry = stack.cache.store.get(stack.base + ".dods?big", touch=False)
     with stack.cache.store.open_body(entry) as f:
