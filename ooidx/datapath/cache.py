@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import uuid
 from typing import Any, Dict, List, Optional, Set
 
@@ -808,6 +809,8 @@ class _Tee:
         self.pending = 0  # bytes queued or being written
         self.writer: Optional[Writer] = None
         self._queue: List[Body] = []
+        #: the queue is shared with the write thread, which takes what queued while it wrote
+        self._lock = threading.Lock()
         self._ended = False  # the commit (or abort) has begun
         self._held: Optional[Deferred] = None  # the transfer's wait while the disk is far behind
         self._stall: Any = None
@@ -829,7 +832,8 @@ class _Tee:
     def cancel(self, reason: str) -> None:
         if self.problem is None:
             self.problem = reason
-        queued, self._queue = self._queue, []
+        with self._lock:
+            queued, self._queue = self._queue, []
         _released(queued)
         self._release()
         if self._ending is not None:
@@ -841,7 +845,8 @@ class _Tee:
             _released([data])
             return succeed(None)
         self.pending += len(data)
-        self._queue.append(data)
+        with self._lock:
+            self._queue.append(data)
         if not self._busy:
             self._next()
         if self.pending <= TEE_BUFFER:
@@ -866,11 +871,8 @@ class _Tee:
     def _next(self) -> None:
         """Write what queued, in one thread call; or, at the end, commit or abort."""
         if self._queue and self.problem is None and self.writer is not None:
-            batch, self._queue = self._queue, []
             self._busy = True
-            d = self.cache._write_io(_write_all, self.writer, batch)
-            d.addBoth(_release_after, batch)
-            d.addCallback(self._written, sum(len(b) for b in batch))
+            d = self.cache._write_io(self._write_queued, self.writer, self.cache._reactor)
             d.addErrback(self._failed)
             d.addBoth(self._idle)
         elif self._ending is not None and not self._ended:
@@ -880,6 +882,21 @@ class _Tee:
             d.addErrback(lambda f: self.cache.log.failure("storing {url}", f, url=self.url,
                                                           component=self.cache.name))
             d.addBoth(lambda _: self._settle())
+
+    def _write_queued(self, writer: Writer, reactor: Any) -> None:
+        """(In a write thread.) Write what queued, batch after batch, until
+        nothing more has: the thread is not handed back to the reactor (and
+        called again) between batches, so a fast body keeps it busy."""
+        while True:
+            with self._lock:
+                if not self._queue or self.problem is not None:
+                    return
+                batch, self._queue = self._queue, []
+            try:
+                writer.write_many(batch)
+            finally:
+                reactor.callFromThread(_released, batch)
+            reactor.callFromThread(self._written, None, sum(len(b) for b in batch))
 
     def _written(self, _: Any, size: int) -> None:
         self.pending -= size
@@ -940,21 +957,12 @@ class _Tee:
         return succeed(None)
 
 
-def _write_all(writer: Writer, batch: List[Body]) -> None:
-    """(In a write thread.) Write a batch of a copy's chunks, in order."""
-    writer.write_many(batch)
-
-
 def _released(pieces: List[Body]) -> None:
     """Give back the pipes of the pieces that wait in one (L{FromPipe})."""
     for piece in pieces:
         if isinstance(piece, FromPipe):
             piece.release()
 
-
-def _release_after(result: Any, batch: List[Body]) -> Any:
-    _released(batch)
-    return result
 
 
 def _check_url(url: Any) -> None:

@@ -80,6 +80,8 @@ STORE_STALL = 2.0
 FAIR_SHARE = 8 * 1024 * 1024
 
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+#: "more is coming": TCP may fill whole segments (the client's socket has TCP_NODELAY)
+_MORE = getattr(os, "SPLICE_F_MORE", 4)
 _GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.EBADF)
 
 
@@ -584,7 +586,8 @@ class Splice:
         while self._queue:
             head = self._queue[0]
             try:
-                n = os.splice(head.r, fd, head.n, flags=_FLAGS)
+                more = self.received < self.length or len(self._queue) > 1 or self._tail is not None
+                n = os.splice(head.r, fd, head.n, flags=_FLAGS | _MORE if more else _FLAGS)
             except BlockingIOError:
                 self._writable = False
                 self._last_write = self.reactor.seconds()  # the client's time starts now
