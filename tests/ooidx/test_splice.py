@@ -336,3 +336,33 @@ async def test_without_splice_the_body_streams_as_before(stack: Stack, monkeypat
     [(status, _, body)] = responses(data)
     assert (status, body == pattern(SIZE)) == (200, True)
     assert stack.cache.fetcher.spliced == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disk_that_keeps_the_copy_behind_loses_the_copy_not_the_client(stack: Stack) -> None:
+    """The write thread never gets to the copy: past the tee's bounds the client
+    is held at most 2 s, then the copy is dropped and the body goes on whole."""
+    fds = open_fds()
+    held: List[Any] = []
+    io = stack.cache._write_io
+
+    def stuck(f: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(f, "__name__", "") == "_write_queued":
+            d: defer.Deferred = defer.Deferred()
+            held.append(lambda: io(f, *args, **kwargs).chainDeferred(d))
+            return d
+        return io(f, *args, **kwargs)
+
+    stack.cache._write_io = stuck  # type: ignore[method-assign]
+    size = 40 * 1024 * 1024  # more than the tee's 8 MiB and the store's 16 pipes
+    started = reactor.seconds()
+    data = await talk(stack, [get(stack, f"/whole/{size}", close=True)])
+    [(status, _, body)] = responses(data)
+    assert (status, len(body), body == pattern(size)) == (200, size, True)
+    assert reactor.seconds() - started < 10
+    assert stack.cache.fetcher.spliced == 1
+    for run in held:  # the disk comes back: nothing is left to write
+        run()
+    await eventually(lambda: stack.cache.counters["store_failures"] >= 1, what="the copy dropped")
+    assert stack.stored(f"/whole/{size}") is None
+    await eventually(lambda: open_fds() <= fds + 2, what="the pipes closed")
