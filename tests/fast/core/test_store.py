@@ -497,6 +497,9 @@ class DirectWriteTests(FastCase):
 
     def setUp(self) -> None:
         self.monkeypatch().setattr(store_module, "DIRECT_STAGE", self.STAGE)
+        # each stage written in the writer's thread, where the spy sees it in order
+        # (the direct writes in flight, in threads of their own: DirectWritesInFlightTests)
+        self.monkeypatch().setattr(store_module, "DIRECT_INFLIGHT", 0)
         self.writes: List[Any] = []
         real_write = os.write
 
@@ -682,3 +685,99 @@ class DirectWriteTests(FastCase):
         with self.assertRaises(StoreError):
             w.write(b"more")  # a finished writer
         self.assertIsNone(s.get(URL))
+
+
+class DirectWritesInFlightTests(FastCase):
+    """Full stages go to the disk in threads of the store's own, at most
+    DIRECT_INFLIGHT of one body at once, each at its own offset: the body is
+    whole and in order whatever order they land in; a write that fails is the
+    body's failure (nothing stays); one the file system refuses (EINVAL) is
+    written again through the page cache."""
+
+    STAGE = 8192
+
+    def setUp(self) -> None:
+        self.monkeypatch().setattr(store_module, "DIRECT_STAGE", self.STAGE)
+        self.monkeypatch().setattr(store_module, "DIRECT_INFLIGHT", 2)
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+        self.offsets: List[int] = []
+        self.fail_at: Any = None  # (offset, errno)
+        real_pwrite = os.pwrite
+
+        def spy(fd: int, data: Any, offset: int) -> int:
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+                self.offsets.append(offset)
+            try:
+                if self.fail_at is not None and self.fail_at[0] == offset:
+                    raise OSError(self.fail_at[1], os.strerror(self.fail_at[1]))
+                return real_pwrite(fd, data, offset)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+        self.monkeypatch().setattr(os, "pwrite", spy)
+
+    def store(self) -> DiskStore:
+        s = make(self.tmp_path(), max_bytes=1 << 20)
+        self.addCleanup(s.close)
+        return s
+
+    def body(self) -> bytes:
+        return bytes(range(251)) * 400 + b"tail"  # 12 stages and 2,804 bytes
+
+    def test_a_body_of_many_stages_is_whole_and_in_order(self) -> None:
+        s = self.store()
+        body = self.body()
+        w = s.writer(URL, status=200, reason="OK", headers=[], length=len(body))
+        if not w.direct:
+            w.abort()
+            self.skipTest("this file system refuses O_DIRECT")
+        w.write_many([body[i:i + 3000] for i in range(0, len(body), 3000)])
+        entry = w.commit()
+        self.assertEqual((entry.size, body_of(s, URL)), (len(body), body))
+        self.assertEqual(sorted(self.offsets), [i * self.STAGE for i in range(12)])
+        self.assertLessEqual(self.most, 2)
+
+    def test_a_direct_write_that_fails_fails_the_body_and_nothing_stays(self) -> None:
+        s = self.store()
+        body = self.body()
+        self.fail_at = (3 * self.STAGE, errno.ENOSPC)
+        w = s.writer(URL, status=200, reason="OK", headers=[], length=len(body))
+        if not w.direct:
+            w.abort()
+            self.skipTest("this file system refuses O_DIRECT")
+        with self.assertRaises(StoreError):
+            w.write_many([body[i:i + 3000] for i in range(0, len(body), 3000)])
+            w.commit()
+        self.assertTrue(w.done)
+        self.assertIsNone(s.get(URL, touch=False))
+        self.assertEqual([n for n in os.listdir(s.root) if n.startswith(".tmp-")], [])
+
+    def test_a_direct_write_refused_is_written_again_through_the_page_cache(self) -> None:
+        s = self.store()
+        body = self.body()
+        self.fail_at = (2 * self.STAGE, errno.EINVAL)
+        w = s.writer(URL, status=200, reason="OK", headers=[], length=len(body))
+        if not w.direct:
+            w.abort()
+            self.skipTest("this file system refuses O_DIRECT")
+        self.fail_at = (2 * self.STAGE, errno.EINVAL)
+        calls = {"n": 0}
+        real = os.pwrite
+
+        def once(fd: int, data: Any, offset: int) -> int:  # refused the first time only
+            if offset == 2 * self.STAGE and calls["n"] == 0:
+                calls["n"] += 1
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, data, offset)
+
+        self.fail_at = None
+        self.monkeypatch().setattr(os, "pwrite", once)
+        w.write_many([body[i:i + 3000] for i in range(0, len(body), 3000)])
+        self.assertFalse(w.direct)  # the rest of the body went through the page cache
+        entry = w.commit()
+        self.assertEqual((entry.size, body_of(s, URL)), (len(body), body))
