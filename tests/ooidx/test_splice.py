@@ -328,6 +328,8 @@ async def test_head_and_small_bodies_take_the_stream_path(stack: Stack) -> None:
     assert (status, small) == (200, pattern(10240))
     assert stack.cache.fetcher.spliced == 0
     assert len(splice.HANDOFFS) == 0
+    # (the stored copy's commit done before the stack stops: else it fails, logged)
+    await eventually(lambda: stack.cache.counters["stores"] >= 1, what="/small stored")
 
 
 @pytest_twisted.ensureDeferred
@@ -337,6 +339,7 @@ async def test_without_splice_the_body_streams_as_before(stack: Stack, monkeypat
     [(status, _, body)] = responses(data)
     assert (status, body == pattern(SIZE)) == (200, True)
     assert stack.cache.fetcher.spliced == 0
+    await eventually(lambda: stack.cache.counters["stores"] >= 1, what="stored")  # (before the stack stops)
 
 
 # hits: the stored body's file -> pipe -> the client's socket ------------------------------
