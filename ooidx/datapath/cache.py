@@ -23,6 +23,10 @@ A dataset's change events (fetched, saved, refreshed, registered) on the
 notification fanout drop its entries, so a new version is not hidden behind
 the old one's for max_age.
 
+A large stored body asked for by a proxy of this process goes from its file
+to the client's socket in the kernel (L{ooidx.datapath.splice.FileSplice}),
+not through the stream: the stream then carries only its start and its end.
+
 Disk work runs in small thread pools of its own (reads; stored copies' writes),
 never on the reactor thread; the store module (L{ooidx.datapath.store}) knows nothing of the bus.
 """

@@ -28,6 +28,10 @@ How the two sides meet, in one process and without the bus learning of it:
 Anything else (TLS on either side, an unknown length, HEAD, the proxy in
 another process, not Linux) takes the stream path, unchanged.
 
+A hit goes the same way from the stored body's file (L{FileSplice}, taken by
+the cache's serve in step 2): the pipes are filled from the file in the
+cache's disk threads, one pipe a call, and drained to the client as here.
+
 The transfer keeps the stream path's rules: exactly C{length} bytes or the
 client's connection is closed short of them (never a truncated body passed
 as whole); an upstream silent for the fetch timeout is an L{UpstreamTimeout};
