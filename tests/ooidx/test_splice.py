@@ -443,3 +443,26 @@ async def test_without_splice_a_hit_streams_as_before(stack: Stack, monkeypatch:
     assert (status, headers[b"x-ooidx-source"], body == pattern(SIZE)) == (200, b"cache", True)
     assert stack.cache.counters["spliced_hits"] == 0
     assert stack.cache.counters["hits"] >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_reading_nothing_of_a_hit_is_cut_off_after_the_stall_timeout(tmp_path: Any) -> None:
+    s = Stack(tmp_path, stall_timeout=1.0)
+    await s.start()
+    try:
+        path = f"/whole/{BIG}"
+        await store_first(s, path)
+        fds = open_fds()
+        client = Raw([get(s, path)], stall=True)
+        factory = protocol.ClientFactory()
+        factory.protocol = lambda: client
+        reactor.connectTCP("127.0.0.1", s.proxy.port, factory)
+        await eventually(lambda: s.proxy.stalled == 1, what="the client cut off", timeout=15)
+        client.transport.resumeProducing()  # (a paused transport does not see the reset)
+        data = await client.closed.addTimeout(30, reactor)
+        assert len(data) < BIG
+        assert s.cache.counters["spliced_hits"] == 0
+        await eventually(lambda: open_fds() <= fds, what="the pipes and the body closed")
+        assert s.stored(path) == pattern(BIG)  # the entry is untouched
+    finally:
+        await s.stop()
