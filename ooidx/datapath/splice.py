@@ -705,7 +705,6 @@ class Splice:
             self.upstream.abortConnection()
 
 
-
 def _file_to_pipe(fd: int, pipe_w: int, offset: int, want: int) -> int:
     """(In a disk thread) up to C{want} bytes of the file from C{offset} into an
     empty pipe: the bytes moved, fewer at the file's end or when the pipe is
