@@ -23,6 +23,10 @@ A dataset's change events (fetched, saved, refreshed, registered) on the
 notification fanout drop its entries, so a new version is not hidden behind
 the old one's for max_age.
 
+A large stored body asked for by a proxy of this process goes from its file
+to the client's socket in the kernel (L{ooidx.datapath.splice.FileSplice}),
+not through the stream: the stream then carries only its start and its end.
+
 Disk work runs in small thread pools of its own (reads; stored copies' writes),
 never on the reactor thread; the store module (L{ooidx.datapath.store}) knows nothing of the bus.
 """
@@ -50,7 +54,9 @@ from ooidx import events
 from ooidx.component import Component
 from ooidx.config import CacheOptions, FetcherOptions, SecurityConfig
 from ooidx.errors import DXError, InvalidName, InvalidURL, UpstreamError
+from ooidx.datapath import splice
 from ooidx.datapath.fetcher import Fetcher
+from ooidx.datapath.splice import FileSplice
 from ooidx.datapath.store import Body, DiskStore, Entry, EntryTooLarge, FromPipe, StoreError, Writer
 from ooidx.datapath.transfer import Transfer
 from ooidx.datapath.stopping import ended_within
@@ -152,7 +158,7 @@ class Cache(Component):
                                now=self.clock.seconds)
         self.counters: Dict[str, int] = {"lookups": 0, "hits": 0, "misses": 0, "stale": 0, "served_bytes": 0,
                                          "stores": 0, "store_failures": 0, "gone": 0, "waited": 0,
-                                         "invalidated": 0}
+                                         "invalidated": 0, "spliced_hits": 0}
         self._id = uuid.uuid4().hex
         self._pool: Optional[ThreadPool] = None
         self._write_pool: Optional[ThreadPool] = None
@@ -440,10 +446,21 @@ class Cache(Component):
             return False
         metadata = {"status": entry.status, "reason": entry.reason, "headers": entry.headers, "url": entry.url,
                     "source": "cache", "length": entry.size}
+        job = self._splice(entry, method, request_id, body)
+        if job is not None:
+            metadata[wire.SPLICED] = True
         writer = self.bus.open_stream(address, metadata, correlation_id=request_id)
         sent = 0
         try:
-            if method != "HEAD":
+            if job is not None:
+                try:
+                    sent = yield job.outcome()
+                finally:
+                    yield job.quiet()  # no disk thread reads the body any more: it may close
+                if sent != entry.size:
+                    raise StoreError(f"spliced {sent} bytes of {url}, not {entry.size}")
+                self.counters["spliced_hits"] += 1
+            elif method != "HEAD":
                 while True:
                     data = yield self._io(body.read, READ_SIZE)
                     if not data:
@@ -454,6 +471,8 @@ class Cache(Component):
                     raise StoreError(f"stored body of {url} is {sent} bytes, not {entry.size}")
             yield writer.finish()
         except Exception as e:
+            if job is not None:
+                sent = job.sent
             self.log.warn("serving {url} to {address} failed after {bytes} bytes: {error}", url=url,
                           address=address, bytes=sent, error=e, component=self.name)
             writer.abort(e)
@@ -466,6 +485,22 @@ class Cache(Component):
                        component=self.name)
         self._record(url, entry.dataset or dataset, sent, entry.status)
         return True
+
+    def _splice(self, entry: Entry, method: str, request_id: Optional[str], body: Any) -> Optional[FileSplice]:
+        """A L{FileSplice} of the body's file to the client's socket, if the
+        proxy that asked is in this process and the body is large enough (see
+        L{ooidx.datapath.splice}); else None (the stream path). The proxy's end
+        is taken, and the splice hung on it, before the stream's start goes out."""
+        if (method != "GET" or entry.status != 200 or entry.size < splice.SPLICE_MIN
+                or not splice.available()):
+            return None
+        end = splice.HANDOFFS.take(request_id)
+        if end is None:
+            return None
+        job = FileSplice(self._reactor, body.fileno(), entry.size, self._io, idle_timeout=self.fetcher.options.timeout,
+                         log=self.log)
+        end.splice = job
+        return job
 
     # the worker queue: a request answered here, from the store or upstream ---------------
 

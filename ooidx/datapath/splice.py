@@ -28,6 +28,10 @@ How the two sides meet, in one process and without the bus learning of it:
 Anything else (TLS on either side, an unknown length, HEAD, the proxy in
 another process, not Linux) takes the stream path, unchanged.
 
+A hit goes the same way from the stored body's file (L{FileSplice}, taken by
+the cache's serve in step 2): the pipes are filled from the file in the
+cache's disk threads, one pipe a call, and drained to the client as here.
+
 The transfer keeps the stream path's rules: exactly C{length} bytes or the
 client's connection is closed short of them (never a truncated body passed
 as whole); an upstream silent for the fetch timeout is an L{UpstreamTimeout};
@@ -53,11 +57,11 @@ from twisted.internet.interfaces import IPullProducer, IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ooidx.datapath.store import FromPipe
+from ooidx.datapath.store import FromPipe, StoreError
 from ooidx.errors import UpstreamError, UpstreamTimeout
 
-__all__ = ["ClientEnd", "ClientGone", "HANDOFFS", "Handoffs", "PIPE_SIZE", "SPLICE_MIN", "Splice", "available",
-           "client_end", "upstream_connection"]
+__all__ = ["ClientEnd", "ClientGone", "FileSplice", "HANDOFFS", "Handoffs", "PIPE_SIZE", "SPLICE_MIN", "Splice",
+           "available", "client_end", "upstream_connection"]
 
 #: Bodies shorter than this take the stream path: the handoff's setup (two
 #: pipes, a producer swap, a new upstream connection next time) is not worth it.
@@ -385,15 +389,19 @@ class Splice:
         self._started = True
         if self._watch.active():
             self._watch.cancel()
+        self._take_source()
+        now = self.reactor.seconds()
+        self._last_read = self._last_write = now
+        self._watch = self.reactor.callLater(min(self.idle_timeout, self.stall_timeout) / 2, self._check)
+        self._pump()
+
+    def _take_source(self) -> None:
+        """The body's source is the splice's from now on."""
         if self.received < self.length:
             # Twisted's connection off the reactor: the splice reads its socket now
             self.upstream.stopReading()
             self.upstream.stopWriting()
             self._reader = _UpstreamReader(self, self.upstream.fileno())
-        now = self.reactor.seconds()
-        self._last_read = self._last_write = now
-        self._watch = self.reactor.callLater(min(self.idle_timeout, self.stall_timeout) / 2, self._check)
-        self._pump()
 
     def _pump(self) -> None:
         """Move what can be moved now; then wait for the upstream (a reader on
@@ -688,6 +696,132 @@ class Splice:
         if wait is not None and wait.active():
             wait.cancel()
         self._prefix = []
+        self._close_source()
+
+    def _close_source(self) -> None:
+        """The transfer is over: the upstream's connection is closed (its
+        parser was bypassed), unless Twisted's client read the body itself."""
         if not self.upstream.disconnected and not self.upstream_done:
             self.upstream.abortConnection()
 
+
+def _file_to_pipe(fd: int, pipe_w: int, offset: int, want: int) -> int:
+    """(In a disk thread) up to C{want} bytes of the file from C{offset} into an
+    empty pipe: the bytes moved, fewer at the file's end or when the pipe is
+    full (its capacity may be the default 64 KiB). The file's position is not
+    used (C{offset_src}): threads never share it."""
+    moved = 0
+    while moved < want:
+        try:
+            n = os.splice(fd, pipe_w, want - moved, offset_src=offset + moved, flags=_FLAGS)
+        except BlockingIOError:
+            break  # the pipe is full
+        if n == 0:
+            break  # the file's end
+        moved += n
+    return moved
+
+
+class FileSplice(Splice):
+    """A stored body moved by the kernel from its file to the client's socket
+    (a hit, L{ooidx.datapath.cache}): the pipes are filled from the file in the
+    cache's disk threads (C{in_thread}, as its C{_io}: a read never blocks the
+    reactor), one pipe a call, and drained to the client on the reactor thread
+    as L{Splice} drains them. The file (C{fd}) stays the caller's: it is read
+    until L{quiet} fires, which is after the outcome, once no thread holds it
+    or a pipe. C{idle_timeout}: seconds a pipe's fill may take before the
+    transfer fails (a disk that stopped answering), as an upstream's silence."""
+
+    def __init__(self, reactor: Any, fd: int, length: int, in_thread: Callable[..., Deferred], *,
+                 idle_timeout: float = 30.0, attach_timeout: float = ATTACH_TIMEOUT, log: Any = None) -> None:
+        super().__init__(reactor, None, length, idle_timeout=idle_timeout,  # type: ignore[arg-type]
+                         attach_timeout=attach_timeout, log=log)
+        self.fd = fd
+        self._in_thread = in_thread
+        self._ready = True  # no prefix: the file is read from its start
+        #: the pipe a disk thread is filling (none of the others), and since when
+        self._filling: Optional[_Pipe] = None
+        self._fill_started = 0.0
+        self._quiet: List[Deferred] = []
+
+    def quiet(self) -> Deferred:
+        """Fires once the transfer is over and no disk thread reads the file
+        any more: then (only) may the caller close it."""
+        d: Deferred = Deferred()
+        if self.finished and self._filling is None:
+            d.callback(None)
+        else:
+            self._quiet.append(d)
+        return d
+
+    def _take_source(self) -> None:
+        pass  # the file is read by the disk threads, from _fill
+
+    def _close_source(self) -> None:
+        self._wake_quiet()
+
+    def _fill(self) -> int:
+        """Hand a free pipe to a disk thread to be filled (one at a time): 0,
+        nothing moved yet; the pipe is queued for the client in L{_filled}."""
+        if self._filling is not None:
+            return 0
+        tail = self._tail_or_new()
+        if tail is None:
+            return 0
+        self._tail = None
+        self._filling = tail
+        self._fill_started = self.reactor.seconds()
+        want = min(self.length - self.received, PIPE_SIZE)
+        try:
+            d = self._in_thread(_file_to_pipe, self.fd, tail.w, self.received, want)
+        except Exception as e:  # noqa: BLE001 - the pool refused the call: the transfer fails
+            d = _failed(e)
+        d.addCallbacks(self._filled, self._fill_failed, callbackArgs=(tail,), errbackArgs=(tail,))
+        d.addErrback(lambda f: self.log.failure("spliced body: after a fill", f) if self.log is not None else None)
+        return 0
+
+    def _filled(self, n: int, pipe: _Pipe) -> None:
+        self._filling = None
+        if self.finished:
+            pipe.close()
+            self._wake_quiet()
+            return
+        if n <= 0:
+            pipe.close()
+            self._fail(StoreError(f"the stored body ends after {self.received} bytes, not {self.length}"))
+            return
+        pipe.n = n
+        self.received += n
+        self._last_read = self.reactor.seconds()
+        self._queue.append(pipe)
+        self._pump()
+
+    def _fill_failed(self, failure: Failure, pipe: _Pipe) -> None:
+        self._filling = None
+        pipe.close()
+        if self.finished:
+            self._wake_quiet()
+            return
+        self._fail(StoreError(f"reading the stored body after {self.received} bytes: "
+                              f"{failure.getErrorMessage()}"))
+
+    def _check(self) -> None:
+        if not self.finished and self._filling is not None and \
+                self.reactor.seconds() - self._fill_started >= self.idle_timeout:
+            self._fail(StoreError(f"the disk gave nothing for {self.idle_timeout:g} s after "
+                                  f"{self.received} bytes"))
+            return
+        super()._check()
+
+    def _wake_quiet(self) -> None:
+        if not self.finished or self._filling is not None:
+            return
+        waiting, self._quiet = self._quiet, []
+        for d in waiting:
+            d.callback(None)
+
+
+def _failed(exc: BaseException) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(Failure(exc))
+    return d

@@ -210,6 +210,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+
 @pytest.fixture(autouse=True)
 def no_errors_logged() -> Any:
     """Nothing of a splice ends in an unhandled error or a logged failure."""
@@ -327,6 +328,8 @@ async def test_head_and_small_bodies_take_the_stream_path(stack: Stack) -> None:
     assert (status, small) == (200, pattern(10240))
     assert stack.cache.fetcher.spliced == 0
     assert len(splice.HANDOFFS) == 0
+    # (the stored copy's commit done before the stack stops: else it fails, logged)
+    await eventually(lambda: stack.cache.counters["stores"] >= 1, what="/small stored")
 
 
 @pytest_twisted.ensureDeferred
@@ -336,6 +339,7 @@ async def test_without_splice_the_body_streams_as_before(stack: Stack, monkeypat
     [(status, _, body)] = responses(data)
     assert (status, body == pattern(SIZE)) == (200, True)
     assert stack.cache.fetcher.spliced == 0
+    await eventually(lambda: stack.cache.counters["stores"] >= 1, what="stored")  # (before the stack stops)
 
 
 @pytest_twisted.ensureDeferred
@@ -366,3 +370,130 @@ async def test_a_disk_that_keeps_the_copy_behind_loses_the_copy_not_the_client(s
     await eventually(lambda: stack.cache.counters["store_failures"] >= 1, what="the copy dropped")
     assert stack.stored(f"/whole/{size}") is None
     await eventually(lambda: open_fds() <= fds + 2, what="the pipes closed")
+
+
+
+# hits: the stored body's file -> pipe -> the client's socket ------------------------------
+
+BIG = 32 * 1024 * 1024 + 4321  # more than the pipes and the sockets' buffers hold
+
+
+async def store_first(stack: Stack, path: str) -> None:
+    """A miss for C{path}, stored (the hits below are of it)."""
+    data = await talk(stack, [get(stack, path, close=True)])
+    [(status, _, _body)] = responses(data)
+    assert status == 200
+    await eventually(lambda: stack.stored(path) is not None, what="stored", timeout=20)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hit_is_spliced_whole_and_the_connection_serves_again(stack: Stack) -> None:
+    path = f"/whole/{SIZE}"
+    await store_first(stack, path)
+    hits, served = stack.cache.counters["hits"], stack.cache.counters["served_bytes"]
+    fds = open_fds()
+    data = await talk(stack, [get(stack, path), get(stack, "/small", close=True)])
+    (status, headers, body), (status2, _, small) = responses(data)
+    assert (status, headers[b"x-ooidx-source"], int(headers[b"content-length"])) == (200, b"cache", SIZE)
+    assert hashlib.sha256(body).digest() == hashlib.sha256(pattern(SIZE)).digest()
+    assert stack.cache.counters["spliced_hits"] == 1
+    assert (stack.cache.counters["hits"], stack.cache.counters["served_bytes"]) == (hits + 1, served + SIZE)
+    # the same connection served the next request (the splice gave it back to twisted.web)
+    assert (status2, small) == (200, pattern(10240))
+    assert len(splice.HANDOFFS) == 0
+    # (+ the pooled upstream connection of /small: both its ends are in this process)
+    await eventually(lambda: open_fds() <= fds + 2, what="the pipes and the body closed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_hit_ends_it_and_leaks_nothing(stack: Stack) -> None:
+    path = f"/whole/{BIG}"
+    await store_first(stack, path)
+    fds = open_fds()
+    data = await talk(stack, [get(stack, path)], leave_after=1024 * 1024)
+    assert len(data) < BIG
+    await eventually(lambda: open_fds() <= fds, what="the pipes and the body closed")
+    assert stack.cache.counters["spliced_hits"] == 0  # not counted as a hit served whole
+    assert len(splice.HANDOFFS) == 0
+    # the entry is untouched, and served again whole
+    data = await talk(stack, [get(stack, path, close=True)])
+    [(status, headers, body)] = responses(data)
+    assert (status, headers[b"x-ooidx-source"], body == pattern(BIG)) == (200, b"cache", True)
+    assert stack.cache.counters["spliced_hits"] == 1
+    await eventually(lambda: open_fds() <= fds, what="the pipes and the body closed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_entry_replaced_and_evicted_mid_hit_still_serves_the_old_body_whole(stack: Stack) -> None:
+    path = f"/whole/{BIG}"
+    await store_first(stack, path)
+    url = stack.base + path
+    fds = open_fds()
+    client = Raw([get(stack, path, close=True)], stall=True)  # the head, then nothing read for a while
+    factory = protocol.ClientFactory()
+    factory.protocol = lambda: client
+    reactor.connectTCP("127.0.0.1", stack.proxy.port, factory)
+    await eventually(lambda: b"\r\n\r\n" in client.data, what="the head")
+    store = stack.cache.store
+    old = store.get(url, touch=False)
+    # a new version replaces it (the old body's file is unlinked), then the new one is evicted
+    writer = store.writer(url, status=200, reason="OK", headers=old.headers, length=10)
+    writer.write(b"B" * 10)
+    writer.commit()
+    assert stack.stored(path) == b"B" * 10
+    assert store.remove(url)
+    client.transport.resumeProducing()
+    data = await client.closed.addTimeout(30, reactor)
+    [(status, headers, body)] = responses(data)
+    assert (status, headers[b"x-ooidx-source"], len(body)) == (200, b"cache", BIG)
+    assert hashlib.sha256(body).digest() == hashlib.sha256(pattern(BIG)).digest()
+    assert stack.cache.counters["spliced_hits"] == 1
+    await eventually(lambda: open_fds() <= fds, what="the pipes and the (unlinked) body closed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_small_hit_and_a_head_hit_stream_as_before(stack: Stack) -> None:
+    await store_first(stack, "/small")
+    await store_first(stack, f"/whole/{SIZE}")
+    data = await talk(stack, [get(stack, "/small"), get(stack, f"/whole/{SIZE}", method="HEAD"),
+                              get(stack, "/small", close=True)])
+    head_at = data.find(b"HTTP/1.1", data.find(b"\r\n\r\n") + 4 + 10240)
+    [(status, headers, small)] = responses(data[:head_at])
+    assert (status, headers[b"x-ooidx-source"], small) == (200, b"cache", pattern(10240))
+    assert stack.cache.counters["spliced_hits"] == 0
+    assert len(splice.HANDOFFS) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_splice_a_hit_streams_as_before(stack: Stack, monkeypatch: Any) -> None:
+    path = f"/whole/{SIZE}"
+    await store_first(stack, path)
+    monkeypatch.setenv("OOIDX_NO_SPLICE", "1")
+    data = await talk(stack, [get(stack, path, close=True)])
+    [(status, headers, body)] = responses(data)
+    assert (status, headers[b"x-ooidx-source"], body == pattern(SIZE)) == (200, b"cache", True)
+    assert stack.cache.counters["spliced_hits"] == 0
+    assert stack.cache.counters["hits"] >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_reading_nothing_of_a_hit_is_cut_off_after_the_stall_timeout(tmp_path: Any) -> None:
+    s = Stack(tmp_path, stall_timeout=1.0)
+    await s.start()
+    try:
+        path = f"/whole/{BIG}"
+        await store_first(s, path)
+        fds = open_fds()
+        client = Raw([get(s, path)], stall=True)
+        factory = protocol.ClientFactory()
+        factory.protocol = lambda: client
+        reactor.connectTCP("127.0.0.1", s.proxy.port, factory)
+        await eventually(lambda: s.proxy.stalled == 1, what="the client cut off", timeout=15)
+        client.transport.resumeProducing()  # (a paused transport does not see the reset)
+        data = await client.closed.addTimeout(30, reactor)
+        assert len(data) < BIG
+        assert s.cache.counters["spliced_hits"] == 0
+        await eventually(lambda: open_fds() <= fds, what="the pipes and the body closed")
+        assert s.stored(path) == pattern(BIG)  # the entry is untouched
+    finally:
+        await s.stop()
