@@ -245,9 +245,10 @@ class Bus(Service):
         self._timed_out_sends: set = set()
         self._call_ids = itertools.count(1)
         self._call_prefix = uuid.uuid4().hex[:16] + "."
-        self._reply_listener: Optional[Deferred] = None
+        self._reply_listener = _Shared(self._make_reply_address)
         self._reply_to: Optional[str] = None
-        self._dead_letters_declared: Optional[Deferred] = None
+        self._dead_letters_declared = _Shared(
+            lambda: self.transport.declare_queue(SHARED_DEAD_LETTERS, durable=True))
         self._private_listeners: set = set()  # listen addresses that die with the link
         self._accepting = True
         #: which addresses exist at the broker, for L{multicast}
@@ -652,14 +653,7 @@ class Bus(Service):
         delivery.nack(requeue=True)
 
     def _ensure_shared_dead_letters(self) -> Deferred:
-        if self._dead_letters_declared is None:
-            self._dead_letters_declared = self.transport.declare_queue(SHARED_DEAD_LETTERS, durable=True)
-            self._dead_letters_declared.addErrback(self._forget_dead_letters)
-        return _observe(self._dead_letters_declared)
-
-    def _forget_dead_letters(self, failure: Failure) -> Failure:
-        self._dead_letters_declared = None
-        return failure
+        return self._dead_letters_declared.wait()
 
     # RPC -------------------------------------------------------------------
 
@@ -804,23 +798,20 @@ class Bus(Service):
         return self.send(address, rpc.request(op, kwargs, persistent=True))
 
     def _reply_address(self) -> Deferred:
-        if self._reply_listener is None:
-            # Replies are consumed without acks (no-ack): the reply queue is this link's own
-            # (exclusive, auto-delete), so a reply the link loses dies with the queue whether
-            # acked or not, and an ack per call would only be one more frame for the broker.
-            self._reply_listener = self._listen(self._on_reply, prefetch=0, no_ack=True)
-            self._reply_listener.addCallback(self._reply_listener_ready)
-            self._reply_listener.addErrback(self._forget_reply_listener)
-        return _observe(self._reply_listener)
+        """The reply address, once made: the calls made meanwhile wait for the
+        one being made; if it cannot be made, each fails with why and the next
+        call tries again (L{_Shared})."""
+        return self._reply_listener.wait()
+
+    def _make_reply_address(self) -> Deferred:
+        # Replies are consumed without acks (no-ack): the reply queue is this link's own
+        # (exclusive, auto-delete), so a reply the link loses dies with the queue whether
+        # acked or not, and an ack per call would only be one more frame for the broker.
+        return self._listen(self._on_reply, prefetch=0, no_ack=True).addCallback(self._reply_listener_ready)
 
     def _reply_listener_ready(self, listener: Listener) -> str:
         self._reply_to = listener.address
         return listener.address
-
-    def _forget_reply_listener(self, failure: Failure) -> Failure:
-        self._reply_listener = None
-        self._reply_to = None
-        return failure
 
     def _on_reply(self, message: Message) -> None:
         cid = message.correlation_id or ""
@@ -988,19 +979,43 @@ def _run(handler: Handler, message: Message) -> Any:
     return result
 
 
-def _observe(d: Deferred) -> Deferred:
-    """A new Deferred with C{d}'s result, leaving C{d} as it is for others."""
-    out: Deferred = Deferred()
+class _Shared:
+    """One piece of setup that many wait for (the reply address, the shared
+    dead-letter queue): the first L{wait} starts it, every wait gets its
+    result; a failure fails every waiter (none is left unhandled) and the
+    next wait starts it again."""
 
-    def both(result: Any) -> Any:
-        if isinstance(result, Failure):
-            out.errback(result)
-        else:
-            out.callback(result)
-        return result
+    def __init__(self, start: Callable[[], Deferred]) -> None:
+        self._start = start
+        self._done = False
+        self._value: Any = None
+        self._running = False
+        self._waiters: List[Deferred] = []
 
-    d.addBoth(both)
-    return out
+    def wait(self) -> Deferred:
+        if self._done:
+            return succeed(self._value)
+        waiter: Deferred = Deferred()
+        self._waiters.append(waiter)
+        if not self._running:
+            self._running = True
+            try:
+                started = self._start()
+            except Exception:  # noqa: BLE001 - a failure to start is the setup's failure
+                started = fail()
+            started.addBoth(self._settled)  # (at once, if it is done or failed already)
+        return waiter
+
+    def _settled(self, result: Any) -> None:
+        self._running = False
+        if not isinstance(result, Failure):
+            self._done, self._value = True, result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
 
 def _raise(exc: Exception) -> None:

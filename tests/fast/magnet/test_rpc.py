@@ -77,6 +77,26 @@ class CallTests(BusCase):
     def test_a_call_returns_its_result(self) -> None:
         self.assertEqual(self.call("store", "get", key="a"), 1)
 
+    def test_calls_waiting_for_a_reply_address_that_cannot_be_made_fail_and_the_next_tries_again(self) -> None:
+        import gc
+        made = self.client._listen
+        waiting: List[Deferred] = []
+
+        def not_yet(*args: Any, **kwargs: Any) -> Deferred:
+            d: Deferred = Deferred()
+            waiting.append(d)
+            return d
+
+        self.client._listen = not_yet  # type: ignore[method-assign]
+        calls = [self.client.call("store", "get", key="a") for _ in range(3)]  # all wait for the one address
+        self.assertEqual(len(waiting), 1)
+        waiting[0].errback(ConnectionLost("the link went while the reply queue was declared"))
+        for d in calls:
+            self.failure(d, ConnectionLost)
+        gc.collect()  # an unhandled failure left behind would be logged now, failing the test
+        self.client._listen = made  # type: ignore[method-assign]
+        self.assertEqual(self.call("store", "get", key="a"), 1)
+
     def test_replies_are_consumed_without_acks(self) -> None:
         self.assertEqual(self.call("store", "get", key="a"), 1)
         replies = [c for c in self.client.transport.consumers if c.queue == self.client._reply_to]
