@@ -2,7 +2,9 @@
 
     python bench/miss_cpu.py MODES [DOWNLOADS [REPEATS]]
 
-MODES: a comma-separated list of C{direct} (pydap asked directly), C{nostore}
+MODES: a comma-separated list of C{direct} (pydap asked directly), C{floor}
+(pydap through the cheapest HTTP hop there is: C{bench.relay_floor.forwarder},
+the body spliced, no Python per byte; "node" is that hop), C{nostore}
 (row 7: the node whose cache cannot keep the body), C{stored} (row 5: a miss
 kept by the cache) and C{hit} (row 8). Each mode downloads DOWNLOADS (default 8)
 bodies, checked as the rows check them, one after another, and prints the MB/s,
@@ -16,6 +18,7 @@ each mode (into C{perf_TAG_MODE.data} here); C{PYSPY=TAG} runs C{py-spy record
 --native} (C{pyspy_TAG_MODE.raw}); C{PAUSE=SECONDS} prints the node's pid and
 waits before the first mode. Run it from the repository's root.
 """
+import atexit
 import os
 import signal
 import subprocess
@@ -50,6 +53,15 @@ def run(env: "pb.Environment", large: "pb.Large", mode: str, n: int) -> None:
         argv, node = pb.large_argv(large.hit_url, env.proxy, "cache", fresh=False), env.node.pid
     elif mode == "direct":
         argv, node = pb.large_argv(large.url, None, None, fresh=True), env.upstream.proc.pid
+    elif mode == "floor":
+        # pydap through the cheapest hop there is (bench/relay_floor.py): what any proxy's miss could reach
+        from urllib.parse import urlsplit
+        from bench import relay_floor
+        parts = urlsplit(large.url)
+        hop, port = relay_floor.forwarder(parts.hostname, parts.port)
+        atexit.register(os.kill, hop, signal.SIGKILL)
+        argv = pb.large_argv(f"http://127.0.0.1:{port}{parts.path}", None, None, fresh=True)
+        node = hop
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     up = env.upstream.proc.pid
