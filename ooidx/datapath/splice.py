@@ -342,7 +342,7 @@ class Splice:
     # the proxy's side -------------------------------------------------------------
 
     def attach(self, end: ClientEnd, stall_timeout: float) -> Deferred:
-        """The client's connection is the splice's until C{done} fires: its
+        """The client's connection is the splice's until its outcome: its
         head (status and headers) is already in the transport's buffer."""
         if self.finished or self.attached:
             return self.outcome()

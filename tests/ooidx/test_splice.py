@@ -16,6 +16,7 @@ and that the splice gave back what it took (pipes, the client's connection).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -196,12 +197,17 @@ def get(stack: Stack, path: str, close: bool = False, method: str = "GET") -> by
             + "\r\n").encode()
 
 
-@defer.inlineCallbacks
-def talk(stack: Stack, requests: List[bytes], **kwargs: Any) -> Any:
-    client = Raw(requests, **kwargs)
+def connect(stack: Stack, client: "Raw") -> "Raw":
+    """C{client} connected to the stack's proxy."""
     factory = protocol.ClientFactory()
     factory.protocol = lambda: client
     reactor.connectTCP("127.0.0.1", stack.proxy.port, factory)
+    return client
+
+
+@defer.inlineCallbacks
+def talk(stack: Stack, requests: List[bytes], **kwargs: Any) -> Any:
+    client = connect(stack, Raw(requests, **kwargs))
     data = yield client.closed.addTimeout(30, reactor)
     return data
 
@@ -228,14 +234,21 @@ def no_errors_logged() -> Any:
     assert not errors, errors
 
 
-@pytest_twisted.async_yield_fixture
-async def stack(tmp_path: Any) -> Any:
-    s = Stack(tmp_path)
+@contextlib.asynccontextmanager
+async def running(tmp_path: Any, **options: Any) -> Any:
+    """A L{Stack} started with C{options}, stopped at the end."""
+    s = Stack(tmp_path, **options)
     try:
         await s.start()
         yield s
     finally:
         await s.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def stack(tmp_path: Any) -> Any:
+    async with running(tmp_path) as s:
+        yield s
 
 
 @pytest_twisted.ensureDeferred
@@ -275,16 +288,12 @@ async def test_an_upstream_that_breaks_off_cuts_the_client_short_and_nothing_is_
 
 @pytest_twisted.ensureDeferred
 async def test_a_silent_upstream_times_out_and_the_client_is_cut_short(tmp_path: Any) -> None:
-    s = Stack(tmp_path, fetch_timeout=1.0)
-    await s.start()
-    try:
+    async with running(tmp_path, fetch_timeout=1.0) as s:
         data = await talk(s, [get(s, f"/silent/{SIZE}")])
         [(status, _, body)] = responses(data)
         assert status == 200 and 2 * 1024 * 1024 <= len(body) < SIZE
         assert s.stored(f"/silent/{SIZE}") is None
         assert s.cache.fetcher.spliced == 1
-    finally:
-        await s.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -301,21 +310,14 @@ async def test_a_client_that_leaves_closes_the_upstream_and_nothing_is_kept(stac
 
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_reads_nothing_is_cut_off_after_the_stall_timeout(tmp_path: Any) -> None:
-    s = Stack(tmp_path, stall_timeout=1.0)
-    await s.start()
-    try:
+    async with running(tmp_path, stall_timeout=1.0) as s:
         big = 64 * 1024 * 1024  # more than the sockets' buffers hold
-        client = Raw([get(s, f"/whole/{big}")], stall=True)
-        factory = protocol.ClientFactory()
-        factory.protocol = lambda: client
-        reactor.connectTCP("127.0.0.1", s.proxy.port, factory)
+        client = connect(s, Raw([get(s, f"/whole/{big}")], stall=True))
         await eventually(lambda: s.proxy.stalled == 1, what="the client cut off", timeout=15)
         assert s.cache.fetcher.spliced == 1
         client.transport.resumeProducing()  # (a paused transport does not see the reset)
         data = await client.closed.addTimeout(30, reactor)
         assert len(data) < big
-    finally:
-        await s.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -429,10 +431,7 @@ async def test_an_entry_replaced_and_evicted_mid_hit_still_serves_the_old_body_w
     await store_first(stack, path)
     url = stack.base + path
     fds = open_fds()
-    client = Raw([get(stack, path, close=True)], stall=True)  # the head, then nothing read for a while
-    factory = protocol.ClientFactory()
-    factory.protocol = lambda: client
-    reactor.connectTCP("127.0.0.1", stack.proxy.port, factory)
+    client = connect(stack, Raw([get(stack, path, close=True)], stall=True))  # the head, then nothing read a while
     await eventually(lambda: b"\r\n\r\n" in client.data, what="the head")
     store = stack.cache.store
     old = store.get(url, touch=False)
@@ -478,16 +477,11 @@ async def test_without_splice_a_hit_streams_as_before(stack: Stack, monkeypatch:
 
 @pytest_twisted.ensureDeferred
 async def test_a_client_reading_nothing_of_a_hit_is_cut_off_after_the_stall_timeout(tmp_path: Any) -> None:
-    s = Stack(tmp_path, stall_timeout=1.0)
-    await s.start()
-    try:
+    async with running(tmp_path, stall_timeout=1.0) as s:
         path = f"/whole/{BIG}"
         await store_first(s, path)
         fds = open_fds()
-        client = Raw([get(s, path)], stall=True)
-        factory = protocol.ClientFactory()
-        factory.protocol = lambda: client
-        reactor.connectTCP("127.0.0.1", s.proxy.port, factory)
+        client = connect(s, Raw([get(s, path)], stall=True))
         await eventually(lambda: s.proxy.stalled == 1, what="the client cut off", timeout=15)
         client.transport.resumeProducing()  # (a paused transport does not see the reset)
         data = await client.closed.addTimeout(30, reactor)
@@ -495,5 +489,3 @@ async def test_a_client_reading_nothing_of_a_hit_is_cut_off_after_the_stall_time
         assert s.cache.counters["spliced_hits"] == 0
         await eventually(lambda: open_fds() <= fds, what="the pipes and the body closed")
         assert s.stored(path) == pattern(BIG)  # the entry is untouched
-    finally:
-        await s.stop()
